@@ -1,0 +1,97 @@
+//! Quantization of f32 activations into the formats the dot products consume.
+//!
+//! The rounding follows ggml's x86 path exactly (scale from the block's largest magnitude,
+//! round half to even), because a different rounding of the activations shifts logits enough
+//! to flip near-tied greedy choices against llama.cpp.
+
+use crate::blocks::*;
+use crate::dtype::QK_K;
+
+fn max_abs(x: &[f32]) -> f32 {
+    x.iter().fold(0.0f32, |m, v| m.max(v.abs()))
+}
+
+/// Quantizes one block of 32 values: returns (scale, quants).
+#[inline]
+fn q8_block(x: &[f32]) -> (f32, [i8; 32]) {
+    let amax = max_abs(x);
+    let d = amax / 127.0;
+    let inv = if amax != 0.0 { 127.0 / amax } else { 0.0 };
+    let mut qs = [0i8; 32];
+    for (q, v) in qs.iter_mut().zip(x) {
+        *q = (v * inv).round_ties_even() as i8;
+    }
+    (d, qs)
+}
+
+/// `x.len()` must be a multiple of 32 and `out.len() == x.len() / 32`.
+pub fn quantize_q8_0(x: &[f32], out: &mut [BlockQ8_0]) {
+    debug_assert_eq!(x.len(), out.len() * 32);
+    for (chunk, b) in x.chunks_exact(32).zip(out.iter_mut()) {
+        let (d, qs) = q8_block(chunk);
+        b.d = f32_to_f16_bits(d);
+        b.qs = qs;
+    }
+}
+
+/// `x.len()` must be a multiple of 32 and `out.len() == x.len() / 32`.
+pub fn quantize_q8_1(x: &[f32], out: &mut [BlockQ8_1]) {
+    debug_assert_eq!(x.len(), out.len() * 32);
+    for (chunk, b) in x.chunks_exact(32).zip(out.iter_mut()) {
+        let (d, qs) = q8_block(chunk);
+        let sum: i32 = qs.iter().map(|&q| q as i32).sum();
+        b.d = f32_to_f16_bits(d);
+        b.s = f32_to_f16_bits(d * sum as f32);
+        b.qs = qs;
+    }
+}
+
+/// `x.len()` must be a multiple of 256 and `out.len() == x.len() / 256`.
+pub fn quantize_q8k(x: &[f32], out: &mut [BlockQ8K]) {
+    debug_assert_eq!(x.len(), out.len() * QK_K);
+    for (chunk, b) in x.chunks_exact(QK_K).zip(out.iter_mut()) {
+        // The scale keeps the sign of the largest-magnitude value so that it maps to -127
+        // exactly, as ggml does.
+        let mut amax = 0.0f32;
+        let mut max = 0.0f32;
+        for &v in chunk {
+            if v.abs() > amax {
+                amax = v.abs();
+                max = v;
+            }
+        }
+        if amax == 0.0 {
+            b.d = 0.0;
+            b.qs = [0; QK_K];
+            b.bsums = [0; 16];
+            continue;
+        }
+        let iscale = -127.0 / max;
+        for (q, v) in b.qs.iter_mut().zip(chunk) {
+            *q = ((iscale * v).round_ties_even() as i32).min(127) as i8;
+        }
+        for (s, group) in b.bsums.iter_mut().zip(b.qs.chunks_exact(16)) {
+            *s = group.iter().map(|&q| q as i16).sum();
+        }
+        b.d = 1.0 / iscale;
+    }
+}
+
+/// Round-to-nearest-even conversion to IEEE half, as F16C does it.
+pub fn convert_f16(x: &[f32], out: &mut [u16]) {
+    for (o, v) in out.iter_mut().zip(x) {
+        *o = f32_to_f16_bits(*v);
+    }
+}
+
+/// Round-to-nearest-even conversion to bfloat16; NaNs stay quiet NaNs.
+pub fn convert_bf16(x: &[f32], out: &mut [u16]) {
+    for (o, v) in out.iter_mut().zip(x) {
+        let bits = v.to_bits();
+        *o = if v.is_nan() {
+            ((bits >> 16) | 64) as u16
+        } else {
+            ((bits + (0x7fff + ((bits >> 16) & 1))) >> 16) as u16
+        };
+    }
+}

@@ -1,0 +1,109 @@
+//! Run-time choice of dot-product kernels for each weight format.
+
+use crate::dtype::DType;
+use std::sync::OnceLock;
+
+/// Dot product of one weight row with one activation row of `n` values.
+///
+/// # Safety
+/// `w` must point to a row of `n` values in the weight format the function was chosen for,
+/// and `a` to `n` values in that format's `activation_type()`, both valid for reads.
+pub type DotFn = unsafe fn(w: *const u8, a: *const u8, n: usize) -> f32;
+
+/// Instruction sets kiln has kernels for, best last.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Isa {
+    Scalar,
+    Avx2,
+    Avx512Vnni,
+}
+
+impl Isa {
+    pub fn detect() -> Isa {
+        static DETECTED: OnceLock<Isa> = OnceLock::new();
+        *DETECTED.get_or_init(|| {
+            #[cfg(target_arch = "x86_64")]
+            {
+                let avx2 = is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") && is_x86_feature_detected!("f16c");
+                let vnni = is_x86_feature_detected!("avx512f")
+                    && is_x86_feature_detected!("avx512bw")
+                    && is_x86_feature_detected!("avx512vl")
+                    && is_x86_feature_detected!("avx512vnni");
+                if avx2 && vnni {
+                    return Isa::Avx512Vnni;
+                }
+                if avx2 {
+                    return Isa::Avx2;
+                }
+            }
+            Isa::Scalar
+        })
+    }
+
+    /// All instruction sets this CPU can run, for tests that compare them.
+    pub fn available() -> Vec<Isa> {
+        [Isa::Scalar, Isa::Avx2, Isa::Avx512Vnni].into_iter().filter(|&i| i <= Isa::detect()).collect()
+    }
+}
+
+unsafe fn scalar_dot<const ID: u32>(w: *const u8, a: *const u8, n: usize) -> f32 {
+    let wt = DType::from_ggml_id(ID).expect("kernel table only holds known ids");
+    let at = wt.activation_type();
+    let w_len = wt.row_bytes(n).expect("row length validated by caller");
+    let a_len = at.row_bytes(n).expect("row length validated by caller");
+    // SAFETY: the caller guarantees both rows are readable for their full length.
+    let (w, a) = unsafe { (std::slice::from_raw_parts(w, w_len), std::slice::from_raw_parts(a, a_len)) };
+    crate::dot_ref::dot(wt, w, a)
+}
+
+/// The dot-product kernel for rows of `wt` on `isa`. `isa` must be one of `Isa::available()`.
+pub fn kernel(wt: DType, isa: Isa) -> DotFn {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use crate::x86::{avx2, vnni};
+        macro_rules! pick {
+            ($f:ident) => {
+                if isa == Isa::Avx512Vnni {
+                    vnni::$f as DotFn
+                } else {
+                    avx2::$f as DotFn
+                }
+            };
+        }
+        if isa >= Isa::Avx2 {
+            return match wt {
+                DType::F32 => pick!(f32),
+                DType::F16 => pick!(f16),
+                DType::BF16 => pick!(bf16),
+                DType::Q4_0 => pick!(q4_0),
+                DType::Q4_1 => pick!(q4_1),
+                DType::Q5_0 => pick!(q5_0),
+                DType::Q5_1 => pick!(q5_1),
+                DType::Q8_0 => pick!(q8_0),
+                DType::Q2K => pick!(q2k),
+                DType::Q3K => pick!(q3k),
+                DType::Q4K => pick!(q4k),
+                DType::Q5K => pick!(q5k),
+                DType::Q6K => pick!(q6k),
+                DType::Q8_1 | DType::Q8K => panic!("{wt} is an activation format"),
+            };
+        }
+    }
+    let _ = isa;
+    match wt {
+        DType::F32 => scalar_dot::<0>,
+        DType::F16 => scalar_dot::<1>,
+        DType::Q4_0 => scalar_dot::<2>,
+        DType::Q4_1 => scalar_dot::<3>,
+        DType::Q5_0 => scalar_dot::<6>,
+        DType::Q5_1 => scalar_dot::<7>,
+        DType::Q8_0 => scalar_dot::<8>,
+        DType::Q2K => scalar_dot::<10>,
+        DType::Q3K => scalar_dot::<11>,
+        DType::Q4K => scalar_dot::<12>,
+        DType::Q5K => scalar_dot::<13>,
+        DType::Q6K => scalar_dot::<14>,
+        DType::BF16 => scalar_dot::<30>,
+        DType::Q8_1 | DType::Q8K => panic!("{wt} is an activation format"),
+    }
+}

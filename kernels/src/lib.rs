@@ -1,0 +1,33 @@
+//! kiln's CPU compute kernels.
+//!
+//! Weights stay in their ggml block formats (viewed in place over a memory-mapped file);
+//! activations are quantized per product the way ggml does it, so results track llama.cpp
+//! closely. Every SIMD kernel has a scalar reference in `dot_ref`/`dequant` that the tests
+//! hold it to.
+
+pub mod activation;
+pub mod attention;
+pub mod blocks;
+pub mod dequant;
+pub mod dot;
+pub mod dot_ref;
+pub mod dtype;
+pub mod matmul;
+pub mod ops;
+pub mod pool;
+pub mod unpack;
+#[cfg(target_arch = "x86_64")]
+pub mod x86;
+
+pub use dot::Isa;
+pub use dtype::DType;
+
+#[derive(Debug, thiserror::Error)]
+pub enum KernelError {
+    #[error("shape mismatch: {0}")]
+    Shape(String),
+    #[error("bad data layout: {0}")]
+    Layout(&'static str),
+    #[error("unsupported: {0}")]
+    Unsupported(String),
+}

@@ -1,0 +1,183 @@
+//! Element-wise and row-wise operations of a transformer layer.
+//!
+//! Where llama.cpp's arithmetic has a particular shape (a double-precision sum in RMSNorm,
+//! GELU read from a table of half floats, RoPE angles built by repeated multiplication) the
+//! same shape is kept here, so that kiln and llama.cpp agree token for token.
+
+use crate::blocks::{f16_bits_to_f32, f32_to_f16_bits};
+use std::sync::OnceLock;
+
+/// `y = x / rms(x) * weight` over one row. The sum of squares runs in f64.
+pub fn rms_norm(x: &[f32], weight: &[f32], eps: f32, y: &mut [f32]) {
+    let sum: f64 = x.iter().map(|&v| (v * v) as f64).sum();
+    let mean = (sum / x.len() as f64) as f32;
+    let scale = 1.0 / (mean + eps).sqrt();
+    for ((o, &v), &w) in y.iter_mut().zip(x).zip(weight) {
+        *o = (v * scale) * w;
+    }
+}
+
+/// In-place `rms_norm` for rows that are normalized where they live (per-head q/k norms).
+pub fn rms_norm_in_place(x: &mut [f32], weight: &[f32], eps: f32) {
+    let sum: f64 = x.iter().map(|&v| (v * v) as f64).sum();
+    let mean = (sum / x.len() as f64) as f32;
+    let scale = 1.0 / (mean + eps).sqrt();
+    for (v, &w) in x.iter_mut().zip(weight) {
+        *v = (*v * scale) * w;
+    }
+}
+
+pub fn add_in_place(acc: &mut [f32], x: &[f32]) {
+    for (a, &v) in acc.iter_mut().zip(x) {
+        *a += v;
+    }
+}
+
+pub fn scale_in_place(x: &mut [f32], s: f32) {
+    for v in x {
+        *v *= s;
+    }
+}
+
+/// SwiGLU: `gate = silu(gate) * up`, written into `gate`.
+pub fn silu_mul(gate: &mut [f32], up: &[f32]) {
+    for (g, &u) in gate.iter_mut().zip(up) {
+        *g = *g / (1.0 + (-*g).exp()) * u;
+    }
+}
+
+fn gelu_tanh(x: f32) -> f32 {
+    const SQRT_2_OVER_PI: f32 = 0.797_884_6;
+    const COEF_A: f32 = 0.044715;
+    0.5 * x * (1.0 + (SQRT_2_OVER_PI * x * (1.0 + COEF_A * x * x)).tanh())
+}
+
+/// GELU (tanh form) of every half-float input, rounded to half, as llama.cpp tabulates it.
+fn gelu_table() -> &'static [u16] {
+    static TABLE: OnceLock<Vec<u16>> = OnceLock::new();
+    TABLE.get_or_init(|| (0..=u16::MAX).map(|bits| f32_to_f16_bits(gelu_tanh(f16_bits_to_f32(bits)))).collect())
+}
+
+/// GeGLU: `gate = gelu(gate) * up`, written into `gate`. Inputs are rounded to half floats
+/// and looked up, except in the tails where GELU is 0 or the identity.
+pub fn gelu_mul(gate: &mut [f32], up: &[f32]) {
+    let table = gelu_table();
+    for (g, &u) in gate.iter_mut().zip(up) {
+        let x = *g;
+        *g = if x <= -10.0 {
+            0.0
+        } else if x >= 10.0 {
+            x * u
+        } else {
+            f16_bits_to_f32(table[f32_to_f16_bits(x) as usize]) * u
+        };
+    }
+}
+
+/// Softmax of `x` in place; returns nothing, `x` sums to 1 afterwards (unless all -inf).
+pub fn softmax_in_place(x: &mut [f32]) {
+    let max = x.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+    let mut sum = 0.0f64;
+    for v in x.iter_mut() {
+        *v = (*v - max).exp();
+        sum += *v as f64;
+    }
+    let inv = (1.0 / sum) as f32;
+    for v in x.iter_mut() {
+        *v *= inv;
+    }
+}
+
+/// How RoPE pairs the dimensions of a head.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RopeStyle {
+    /// Adjacent pairs (x[2i], x[2i+1]); GGUF llama weights are permuted for this.
+    Interleaved,
+    /// Halves (x[i], x[i + d/2]), as in GPT-NeoX and Gemma.
+    SplitHalf,
+}
+
+/// Cosines and sines of one position's rotation angles, `rotary_dims / 2` of each.
+pub fn rope_angles(position: usize, rotary_dims: usize, freq_base: f32, cos: &mut [f32], sin: &mut [f32]) {
+    // Repeated multiplication in f32 rather than powf per index: llama.cpp builds its angle
+    // cache this way, and the rounding differences are visible in late positions.
+    let theta_scale = freq_base.powf(-2.0 / rotary_dims as f32);
+    let mut theta = position as f32;
+    for i in 0..rotary_dims / 2 {
+        cos[i] = theta.cos();
+        sin[i] = theta.sin();
+        theta *= theta_scale;
+    }
+}
+
+/// Rotates one head vector by precomputed angles; dims past `2 * cos.len()` stay as they are.
+pub fn rope_apply(x: &mut [f32], cos: &[f32], sin: &[f32], style: RopeStyle) {
+    let half = cos.len();
+    match style {
+        RopeStyle::Interleaved => {
+            for i in 0..half {
+                let (a, b) = (x[2 * i], x[2 * i + 1]);
+                x[2 * i] = a * cos[i] - b * sin[i];
+                x[2 * i + 1] = a * sin[i] + b * cos[i];
+            }
+        }
+        RopeStyle::SplitHalf => {
+            for i in 0..half {
+                let (a, b) = (x[i], x[i + half]);
+                x[i] = a * cos[i] - b * sin[i];
+                x[i + half] = a * sin[i] + b * cos[i];
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rms_norm_gives_unit_rms() {
+        let x = [3.0f32, -4.0, 0.0, 5.0];
+        let mut y = [0.0; 4];
+        rms_norm(&x, &[1.0; 4], 0.0, &mut y);
+        let rms = (y.iter().map(|v| v * v).sum::<f32>() / 4.0).sqrt();
+        assert!((rms - 1.0).abs() < 1e-6);
+    }
+
+    #[test]
+    fn softmax_sums_to_one_and_orders() {
+        let mut x = [1.0f32, 2.0, 3.0, f32::NEG_INFINITY];
+        softmax_in_place(&mut x);
+        assert!((x.iter().sum::<f32>() - 1.0).abs() < 1e-6);
+        assert!(x[2] > x[1] && x[1] > x[0] && x[3] == 0.0);
+    }
+
+    #[test]
+    fn rope_preserves_norm_and_position_zero_is_identity() {
+        let mut cos = [0.0; 4];
+        let mut sin = [0.0; 4];
+        let orig = [1.0f32, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0];
+        for style in [RopeStyle::Interleaved, RopeStyle::SplitHalf] {
+            rope_angles(0, 8, 10000.0, &mut cos, &mut sin);
+            let mut x = orig;
+            rope_apply(&mut x, &cos, &sin, style);
+            assert_eq!(x, orig);
+            rope_angles(17, 8, 10000.0, &mut cos, &mut sin);
+            rope_apply(&mut x, &cos, &sin, style);
+            let n0: f32 = orig.iter().map(|v| v * v).sum();
+            let n1: f32 = x.iter().map(|v| v * v).sum();
+            assert!((n0 - n1).abs() < 1e-3);
+        }
+    }
+
+    #[test]
+    fn gelu_table_matches_formula_within_half_precision() {
+        let mut g = [-3.0f32, -0.5, 0.0, 0.7, 2.0, 12.0, -12.0];
+        let up = [1.0f32; 7];
+        let expect: Vec<f32> = g.iter().map(|&x| if x <= -10.0 { 0.0 } else if x >= 10.0 { x } else { gelu_tanh(x) }).collect();
+        gelu_mul(&mut g, &up);
+        for (a, b) in g.iter().zip(expect) {
+            assert!((a - b).abs() <= 2e-3 * b.abs().max(1.0), "{a} vs {b}");
+        }
+    }
+}

@@ -1,0 +1,368 @@
+//! AVX2 dot products, compiled twice: once with plain AVX2 byte multiplies and once with the
+//! AVX-512 VNNI `vpdpbusd` instruction on 256-bit registers. Which copy runs is decided at
+//! start-up from the CPU's features (see `dot::best`).
+//!
+//! Every kernel returns the same value as `dot_ref::dot` up to f32 summation order.
+
+#![allow(unsafe_op_in_unsafe_fn)]
+
+use crate::blocks::*;
+use crate::dtype::QK_K;
+use std::arch::x86_64::*;
+
+macro_rules! x86_kernels {
+    ($name:ident, $features:literal, $us8_dot:ident) => {
+        pub mod $name {
+            use super::*;
+
+            /// u8 × i8 products summed in groups of four into eight i32 lanes.
+            #[inline]
+            #[target_feature(enable = $features)]
+            unsafe fn us8(ax: __m256i, sy: __m256i) -> __m256i {
+                $us8_dot(ax, sy)
+            }
+
+            #[inline]
+            #[target_feature(enable = $features)]
+            unsafe fn is8(x: __m256i, y: __m256i) -> __m256i {
+                us8(_mm256_sign_epi8(x, x), _mm256_sign_epi8(y, x))
+            }
+
+            #[inline]
+            #[target_feature(enable = $features)]
+            unsafe fn load(p: *const i8) -> __m256i {
+                _mm256_loadu_si256(p as *const __m256i)
+            }
+
+            #[target_feature(enable = $features)]
+            pub unsafe fn q4_0(w: *const u8, a: *const u8, n: usize) -> f32 {
+                let (w, a) = (w as *const BlockQ4_0, a as *const BlockQ8_0);
+                let mut acc = _mm256_setzero_ps();
+                let eight = _mm256_set1_epi8(8);
+                for i in 0..n / 32 {
+                    let (x, y) = (&*w.add(i), &*a.add(i));
+                    let q = _mm256_sub_epi8(nibbles(x.qs.as_ptr()), eight);
+                    let d = f16_bits_to_f32(x.d) * f16_bits_to_f32(y.d);
+                    acc = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(is8(q, load(y.qs.as_ptr()))), acc);
+                }
+                hsum_f32(acc)
+            }
+
+            #[target_feature(enable = $features)]
+            pub unsafe fn q4_1(w: *const u8, a: *const u8, n: usize) -> f32 {
+                let (w, a) = (w as *const BlockQ4_1, a as *const BlockQ8_1);
+                let mut acc = _mm256_setzero_ps();
+                let mut offsets = 0.0f32;
+                for i in 0..n / 32 {
+                    let (x, y) = (&*w.add(i), &*a.add(i));
+                    let d = f16_bits_to_f32(x.d) * f16_bits_to_f32(y.d);
+                    offsets += f16_bits_to_f32(x.m) * f16_bits_to_f32(y.s);
+                    let p = us8(nibbles(x.qs.as_ptr()), load(y.qs.as_ptr()));
+                    acc = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(p), acc);
+                }
+                hsum_f32(acc) + offsets
+            }
+
+            #[target_feature(enable = $features)]
+            pub unsafe fn q5_0(w: *const u8, a: *const u8, n: usize) -> f32 {
+                let (w, a) = (w as *const BlockQ5_0, a as *const BlockQ8_0);
+                let mut acc = _mm256_setzero_ps();
+                let sixteen = _mm256_set1_epi8(16);
+                for i in 0..n / 32 {
+                    let (x, y) = (&*w.add(i), &*a.add(i));
+                    let high = _mm256_and_si256(bytes_from_bits(u32::from_le_bytes(x.qh)), sixteen);
+                    let q = _mm256_sub_epi8(_mm256_or_si256(nibbles(x.qs.as_ptr()), high), sixteen);
+                    let d = f16_bits_to_f32(x.d) * f16_bits_to_f32(y.d);
+                    acc = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(is8(q, load(y.qs.as_ptr()))), acc);
+                }
+                hsum_f32(acc)
+            }
+
+            #[target_feature(enable = $features)]
+            pub unsafe fn q5_1(w: *const u8, a: *const u8, n: usize) -> f32 {
+                let (w, a) = (w as *const BlockQ5_1, a as *const BlockQ8_1);
+                let mut acc = _mm256_setzero_ps();
+                let mut offsets = 0.0f32;
+                let sixteen = _mm256_set1_epi8(16);
+                for i in 0..n / 32 {
+                    let (x, y) = (&*w.add(i), &*a.add(i));
+                    let high = _mm256_and_si256(bytes_from_bits(u32::from_le_bytes(x.qh)), sixteen);
+                    let q = _mm256_or_si256(nibbles(x.qs.as_ptr()), high);
+                    let d = f16_bits_to_f32(x.d) * f16_bits_to_f32(y.d);
+                    offsets += f16_bits_to_f32(x.m) * f16_bits_to_f32(y.s);
+                    acc = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(us8(q, load(y.qs.as_ptr()))), acc);
+                }
+                hsum_f32(acc) + offsets
+            }
+
+            #[target_feature(enable = $features)]
+            pub unsafe fn q8_0(w: *const u8, a: *const u8, n: usize) -> f32 {
+                let (w, a) = (w as *const BlockQ8_0, a as *const BlockQ8_0);
+                let mut acc = _mm256_setzero_ps();
+                for i in 0..n / 32 {
+                    let (x, y) = (&*w.add(i), &*a.add(i));
+                    let d = f16_bits_to_f32(x.d) * f16_bits_to_f32(y.d);
+                    let p = is8(load(x.qs.as_ptr()), load(y.qs.as_ptr()));
+                    acc = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(p), acc);
+                }
+                hsum_f32(acc)
+            }
+
+            /// Scales for two consecutive 16-value sub-blocks, one per half of a 32-byte vector.
+            #[inline]
+            #[target_feature(enable = $features)]
+            unsafe fn pair_scales(lo: i32, hi: i32) -> __m256i {
+                _mm256_set_m128i(_mm_set1_epi32(hi), _mm_set1_epi32(lo))
+            }
+
+            #[target_feature(enable = $features)]
+            pub unsafe fn q4k(w: *const u8, a: *const u8, n: usize) -> f32 {
+                let (w, a) = (w as *const BlockQ4K, a as *const BlockQ8K);
+                let mut acc = _mm256_setzero_ps();
+                let mut mins_total = 0.0f32;
+                let low_mask = _mm256_set1_epi8(0xF);
+                for i in 0..n / QK_K {
+                    let (x, y) = (&*w.add(i), &*a.add(i));
+                    let mut sumi = _mm256_setzero_si256();
+                    let mut summ = 0i32;
+                    for c in 0..4 {
+                        let (sc_lo, m_lo) = k4_scale_min(2 * c, &x.scales);
+                        let (sc_hi, m_hi) = k4_scale_min(2 * c + 1, &x.scales);
+                        summ += m_lo as i32 * (y.bsums[4 * c] as i32 + y.bsums[4 * c + 1] as i32);
+                        summ += m_hi as i32 * (y.bsums[4 * c + 2] as i32 + y.bsums[4 * c + 3] as i32);
+                        let q = _mm256_loadu_si256(x.qs.as_ptr().add(32 * c) as *const __m256i);
+                        let lo = _mm256_and_si256(q, low_mask);
+                        let hi = _mm256_and_si256(_mm256_srli_epi16(q, 4), low_mask);
+                        let p_lo = us8(lo, load(y.qs.as_ptr().add(64 * c)));
+                        let p_hi = us8(hi, load(y.qs.as_ptr().add(64 * c + 32)));
+                        sumi = _mm256_add_epi32(sumi, _mm256_mullo_epi32(p_lo, _mm256_set1_epi32(sc_lo as i32)));
+                        sumi = _mm256_add_epi32(sumi, _mm256_mullo_epi32(p_hi, _mm256_set1_epi32(sc_hi as i32)));
+                    }
+                    let d = y.d * f16_bits_to_f32(x.d);
+                    acc = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(sumi), acc);
+                    mins_total += y.d * f16_bits_to_f32(x.dmin) * summ as f32;
+                }
+                hsum_f32(acc) - mins_total
+            }
+
+            #[target_feature(enable = $features)]
+            pub unsafe fn q6k(w: *const u8, a: *const u8, n: usize) -> f32 {
+                let (w, a) = (w as *const BlockQ6K, a as *const BlockQ8K);
+                let mut acc = _mm256_setzero_ps();
+                let mut offsets = 0.0f32;
+                let low_mask = _mm256_set1_epi8(0xF);
+                let two_bits = _mm256_set1_epi8(3);
+                for i in 0..n / QK_K {
+                    let (x, y) = (&*w.add(i), &*a.add(i));
+                    let mut sumi = _mm256_setzero_si256();
+                    // The stored quants are offset by 32: sum(q - 32) * y = sum(q * y) - 32 * sum(y).
+                    let mut offset = 0i32;
+                    for s in 0..16 {
+                        offset += x.scales[s] as i32 * y.bsums[s] as i32;
+                    }
+                    for h in 0..2 {
+                        let ql0 = _mm256_loadu_si256(x.ql.as_ptr().add(64 * h) as *const __m256i);
+                        let ql1 = _mm256_loadu_si256(x.ql.as_ptr().add(64 * h + 32) as *const __m256i);
+                        let qh = _mm256_loadu_si256(x.qh.as_ptr().add(32 * h) as *const __m256i);
+                        let high = [
+                            _mm256_slli_epi16(_mm256_and_si256(qh, two_bits), 4),
+                            _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 2), two_bits), 4),
+                            _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 4), two_bits), 4),
+                            _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 6), two_bits), 4),
+                        ];
+                        let quants = [
+                            _mm256_or_si256(_mm256_and_si256(ql0, low_mask), high[0]),
+                            _mm256_or_si256(_mm256_and_si256(ql1, low_mask), high[1]),
+                            _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(ql0, 4), low_mask), high[2]),
+                            _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(ql1, 4), low_mask), high[3]),
+                        ];
+                        for (k, q) in quants.into_iter().enumerate() {
+                            let s = 8 * h + 2 * k;
+                            let p = us8(q, load(y.qs.as_ptr().add(128 * h + 32 * k)));
+                            let scales = pair_scales(x.scales[s] as i32, x.scales[s + 1] as i32);
+                            sumi = _mm256_add_epi32(sumi, _mm256_mullo_epi32(p, scales));
+                        }
+                    }
+                    let d = y.d * f16_bits_to_f32(x.d);
+                    acc = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(sumi), acc);
+                    offsets += d * (32 * offset) as f32;
+                }
+                hsum_f32(acc) - offsets
+            }
+
+            /// K-quants without a dedicated kernel: unpack in scalar code, multiply in SIMD.
+            #[target_feature(enable = $features)]
+            pub unsafe fn kgeneric<B: Block>(w: *const u8, a: *const u8, n: usize, unpack: fn(&B) -> crate::unpack::KBlock) -> f32 {
+                let (w, a) = (w as *const B, a as *const BlockQ8K);
+                let mut acc = _mm256_setzero_ps();
+                let mut mins_total = 0.0f32;
+                for i in 0..n / QK_K {
+                    let (x, y) = (unpack(&*w.add(i)), &*a.add(i));
+                    let mut sumi = _mm256_setzero_si256();
+                    let mut summ = 0i32;
+                    for s in (0..16).step_by(2) {
+                        let p = is8(load(x.q.as_ptr().add(16 * s)), load(y.qs.as_ptr().add(16 * s)));
+                        sumi = _mm256_add_epi32(sumi, _mm256_mullo_epi32(p, pair_scales(x.scales[s], x.scales[s + 1])));
+                        summ += x.mins[s] * y.bsums[s] as i32 + x.mins[s + 1] * y.bsums[s + 1] as i32;
+                    }
+                    acc = _mm256_fmadd_ps(_mm256_set1_ps(y.d * x.d), _mm256_cvtepi32_ps(sumi), acc);
+                    mins_total += y.d * x.dmin * summ as f32;
+                }
+                hsum_f32(acc) - mins_total
+            }
+
+            #[target_feature(enable = $features)]
+            pub unsafe fn q2k(w: *const u8, a: *const u8, n: usize) -> f32 {
+                kgeneric::<BlockQ2K>(w, a, n, crate::unpack::q2k)
+            }
+
+            #[target_feature(enable = $features)]
+            pub unsafe fn q3k(w: *const u8, a: *const u8, n: usize) -> f32 {
+                kgeneric::<BlockQ3K>(w, a, n, crate::unpack::q3k)
+            }
+
+            #[target_feature(enable = $features)]
+            pub unsafe fn q5k(w: *const u8, a: *const u8, n: usize) -> f32 {
+                kgeneric::<BlockQ5K>(w, a, n, crate::unpack::q5k)
+            }
+
+            #[target_feature(enable = $features)]
+            pub unsafe fn f32(w: *const u8, a: *const u8, n: usize) -> f32 {
+                f32_dot(w as *const f32, a as *const f32, n)
+            }
+
+            #[target_feature(enable = $features)]
+            pub unsafe fn f16(w: *const u8, a: *const u8, n: usize) -> f32 {
+                f16_dot(w as *const u16, a as *const u16, n)
+            }
+
+            #[target_feature(enable = $features)]
+            pub unsafe fn bf16(w: *const u8, a: *const u8, n: usize) -> f32 {
+                let (w, a) = (w as *const u16, a as *const u16);
+                let mut acc = _mm256_setzero_ps();
+                let mut i = 0;
+                while i + 8 <= n {
+                    let x = _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(w.add(i) as *const __m128i)), 16);
+                    let y = _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(a.add(i) as *const __m128i)), 16);
+                    acc = _mm256_fmadd_ps(_mm256_castsi256_ps(x), _mm256_castsi256_ps(y), acc);
+                    i += 8;
+                }
+                let mut tail = 0.0f32;
+                while i < n {
+                    tail += f32::from_bits((*w.add(i) as u32) << 16) * f32::from_bits((*a.add(i) as u32) << 16);
+                    i += 1;
+                }
+                hsum_f32(acc) + tail
+            }
+        }
+    };
+}
+
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn us8_dot_avx2(ax: __m256i, sy: __m256i) -> __m256i {
+    _mm256_madd_epi16(_mm256_maddubs_epi16(ax, sy), _mm256_set1_epi16(1))
+}
+
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+unsafe fn us8_dot_vnni(ax: __m256i, sy: __m256i) -> __m256i {
+    _mm256_dpbusd_epi32(_mm256_setzero_si256(), ax, sy)
+}
+
+x86_kernels!(avx2, "avx2,fma,f16c", us8_dot_avx2);
+x86_kernels!(vnni, "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni", us8_dot_vnni);
+
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn hsum_f32(v: __m256) -> f32 {
+    let s = _mm_add_ps(_mm256_extractf128_ps(v, 1), _mm256_castps256_ps128(v));
+    let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    let s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    _mm_cvtss_f32(s)
+}
+
+/// The 32 quants of a 16-byte nibble array: low nibbles first, then high nibbles.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn nibbles(p: *const u8) -> __m256i {
+    let b = _mm_loadu_si128(p as *const __m128i);
+    let both = _mm256_set_m128i(_mm_srli_epi16(b, 4), b);
+    _mm256_and_si256(both, _mm256_set1_epi8(0xF))
+}
+
+/// Byte i is 0xFF when bit i of `bits` is set, else 0.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn bytes_from_bits(bits: u32) -> __m256i {
+    let spread = _mm256_set_epi64x(0x0303030303030303, 0x0202020202020202, 0x0101010101010101, 0);
+    let bytes = _mm256_shuffle_epi8(_mm256_set1_epi32(bits as i32), spread);
+    let others = _mm256_set1_epi64x(0x7fbfdfeff7fbfdfe_u64 as i64);
+    _mm256_cmpeq_epi8(_mm256_or_si256(bytes, others), _mm256_set1_epi64x(-1))
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn f32_dot(x: *const f32, y: *const f32, n: usize) -> f32 {
+    let mut acc = [_mm256_setzero_ps(); 4];
+    let mut i = 0;
+    while i + 32 <= n {
+        for (k, a) in acc.iter_mut().enumerate() {
+            *a = _mm256_fmadd_ps(_mm256_loadu_ps(x.add(i + 8 * k)), _mm256_loadu_ps(y.add(i + 8 * k)), *a);
+        }
+        i += 32;
+    }
+    while i + 8 <= n {
+        acc[0] = _mm256_fmadd_ps(_mm256_loadu_ps(x.add(i)), _mm256_loadu_ps(y.add(i)), acc[0]);
+        i += 8;
+    }
+    let mut tail = 0.0f32;
+    while i < n {
+        tail += *x.add(i) * *y.add(i);
+        i += 1;
+    }
+    hsum_f32(_mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]))) + tail
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn f16_dot(x: *const u16, y: *const u16, n: usize) -> f32 {
+    let mut acc = [_mm256_setzero_ps(); 2];
+    let mut i = 0;
+    while i + 16 <= n {
+        acc[0] = _mm256_fmadd_ps(load_f16(x.add(i)), load_f16(y.add(i)), acc[0]);
+        acc[1] = _mm256_fmadd_ps(load_f16(x.add(i + 8)), load_f16(y.add(i + 8)), acc[1]);
+        i += 16;
+    }
+    while i + 8 <= n {
+        acc[0] = _mm256_fmadd_ps(load_f16(x.add(i)), load_f16(y.add(i)), acc[0]);
+        i += 8;
+    }
+    let mut tail = 0.0f32;
+    while i < n {
+        tail += f16_bits_to_f32(*x.add(i)) * f16_bits_to_f32(*y.add(i));
+        i += 1;
+    }
+    hsum_f32(_mm256_add_ps(acc[0], acc[1])) + tail
+}
+
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn load_f16(p: *const u16) -> __m256 {
+    _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i))
+}
+
+/// `acc += w * v` with `v` in half precision.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn axpy_f16(acc: &mut [f32], w: f32, v: &[u16]) {
+    let n = acc.len().min(v.len());
+    let wv = _mm256_set1_ps(w);
+    let mut i = 0;
+    while i + 8 <= n {
+        let a = _mm256_loadu_ps(acc.as_ptr().add(i));
+        _mm256_storeu_ps(acc.as_mut_ptr().add(i), _mm256_fmadd_ps(wv, load_f16(v.as_ptr().add(i)), a));
+        i += 8;
+    }
+    while i < n {
+        acc[i] += w * f16_bits_to_f32(v[i]);
+        i += 1;
+    }
+}

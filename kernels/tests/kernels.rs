@@ -1,0 +1,309 @@
+//! Every kernel against its scalar reference, on random blocks of every format.
+
+use kiln_kernels::activation;
+use kiln_kernels::attention::{attention, AttentionParams, AttentionScratch, KvStore, SeqSpan};
+use kiln_kernels::blocks::*;
+use kiln_kernels::dequant::dequantize_row;
+use kiln_kernels::dot::{kernel, Isa};
+use kiln_kernels::dot_ref;
+use kiln_kernels::matmul::{matmul, Activations, AlignedBuf, WeightView};
+use kiln_kernels::pool::ThreadPool;
+use kiln_kernels::DType;
+
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E3779B97F4A7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58476D1CE4E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D049BB133111EB);
+        z ^ (z >> 31)
+    }
+    fn f32(&mut self) -> f32 {
+        (self.next() >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0
+    }
+    fn scale(&mut self) -> u16 {
+        f32_to_f16_bits(self.f32() * 0.05)
+    }
+}
+
+const WEIGHT_TYPES: [DType; 13] = [
+    DType::F32,
+    DType::F16,
+    DType::BF16,
+    DType::Q4_0,
+    DType::Q4_1,
+    DType::Q5_0,
+    DType::Q5_1,
+    DType::Q8_0,
+    DType::Q2K,
+    DType::Q3K,
+    DType::Q4K,
+    DType::Q5K,
+    DType::Q6K,
+];
+
+/// A row of `n` random values of `dtype`: random quant bits, finite random scales.
+fn random_row(dtype: DType, n: usize, rng: &mut Rng) -> AlignedBuf {
+    let mut buf = AlignedBuf::default();
+    buf.resize(dtype.row_bytes(n).unwrap());
+    let bytes = buf.bytes_mut();
+    match dtype {
+        DType::F32 => {
+            for c in bytes.chunks_exact_mut(4) {
+                c.copy_from_slice(&rng.f32().to_le_bytes());
+            }
+            return buf;
+        }
+        DType::F16 => {
+            for c in bytes.chunks_exact_mut(2) {
+                c.copy_from_slice(&f32_to_f16_bits(rng.f32()).to_le_bytes());
+            }
+            return buf;
+        }
+        DType::BF16 => {
+            for c in bytes.chunks_exact_mut(2) {
+                c.copy_from_slice(&((rng.f32().to_bits() >> 16) as u16).to_le_bytes());
+            }
+            return buf;
+        }
+        _ => {}
+    }
+    for b in bytes.iter_mut() {
+        *b = rng.next() as u8;
+    }
+    macro_rules! fix {
+        ($t:ty, |$b:ident| $body:expr) => {
+            for $b in cast_blocks_mut::<$t>(bytes).unwrap() {
+                $body;
+            }
+        };
+    }
+    match dtype {
+        DType::Q4_0 => fix!(BlockQ4_0, |b| b.d = rng.scale()),
+        DType::Q4_1 => fix!(BlockQ4_1, |b| {
+            b.d = rng.scale();
+            b.m = rng.scale()
+        }),
+        DType::Q5_0 => fix!(BlockQ5_0, |b| b.d = rng.scale()),
+        DType::Q5_1 => fix!(BlockQ5_1, |b| {
+            b.d = rng.scale();
+            b.m = rng.scale()
+        }),
+        DType::Q8_0 => fix!(BlockQ8_0, |b| b.d = rng.scale()),
+        DType::Q2K => fix!(BlockQ2K, |b| {
+            b.d = rng.scale();
+            b.dmin = rng.scale()
+        }),
+        DType::Q3K => fix!(BlockQ3K, |b| b.d = rng.scale()),
+        DType::Q4K => fix!(BlockQ4K, |b| {
+            b.d = rng.scale();
+            b.dmin = rng.scale()
+        }),
+        DType::Q5K => fix!(BlockQ5K, |b| {
+            b.d = rng.scale();
+            b.dmin = rng.scale()
+        }),
+        DType::Q6K => fix!(BlockQ6K, |b| b.d = rng.scale()),
+        _ => unreachable!(),
+    }
+    buf
+}
+
+fn random_f32(n: usize, rng: &mut Rng) -> Vec<f32> {
+    (0..n).map(|_| rng.f32() * 3.0).collect()
+}
+
+fn lengths(dtype: DType) -> Vec<usize> {
+    let b = dtype.block_len().max(32);
+    if dtype.block_len() == 1 {
+        vec![1, 7, 8, 31, 64, 100, 576]
+    } else {
+        vec![b, 2 * b, 3 * b, 18 * 32 / b * b + b, 2560 / b * b]
+    }
+}
+
+fn prepared(x: &[f32], dtype: DType) -> Activations {
+    let mut act = Activations::default();
+    act.prepare(x, 1, x.len(), dtype).unwrap();
+    act
+}
+
+#[test]
+fn reference_dot_matches_dequantized_product() {
+    let mut rng = Rng(1);
+    for dtype in WEIGHT_TYPES {
+        for n in lengths(dtype) {
+            let w = random_row(dtype, n, &mut rng);
+            let x = random_f32(n, &mut rng);
+            let act = prepared(&x, dtype);
+            let mut wf = vec![0.0; n];
+            let mut af = vec![0.0; n];
+            dequantize_row(dtype, w.bytes(), &mut wf).unwrap();
+            dequantize_row(dtype.activation_type(), act.row(0), &mut af).unwrap();
+            let exact: f64 = wf.iter().zip(&af).map(|(a, b)| *a as f64 * *b as f64).sum();
+            let got = dot_ref::dot(dtype, w.bytes(), act.row(0)) as f64;
+            let mag: f64 = wf.iter().zip(&af).map(|(a, b)| (*a as f64 * *b as f64).abs()).sum();
+            // Q8_1's precomputed block sum `s` is stored as f16, hence the looser bound there.
+            let tol = if dtype.activation_type() == DType::Q8_1 { 2e-3 } else { 1e-5 } * mag + 1e-6;
+            assert!((exact - got).abs() <= tol, "{dtype} n={n}: dequantized {exact} vs reference {got}");
+        }
+    }
+}
+
+#[test]
+fn simd_dot_matches_reference_on_every_isa() {
+    let mut rng = Rng(2);
+    for isa in Isa::available() {
+        for dtype in WEIGHT_TYPES {
+            for n in lengths(dtype) {
+                let w = random_row(dtype, n, &mut rng);
+                let x = random_f32(n, &mut rng);
+                let act = prepared(&x, dtype);
+                let reference = dot_ref::dot(dtype, w.bytes(), act.row(0));
+                let got = unsafe { kernel(dtype, isa)(w.bytes().as_ptr(), act.row(0).as_ptr(), n) };
+                let tol = 1e-5 * (reference.abs() + n as f32 * 0.05);
+                assert!((reference - got).abs() <= tol, "{isa:?} {dtype} n={n}: {reference} vs {got}");
+            }
+        }
+    }
+}
+
+#[test]
+fn activation_quantization_error_is_bounded() {
+    let mut rng = Rng(3);
+    let x = random_f32(512, &mut rng);
+    let mut b0 = vec![BlockQ8_0 { d: 0, qs: [0; 32] }; 16];
+    activation::quantize_q8_0(&x, &mut b0);
+    let mut bk = vec![BlockQ8K { d: 0.0, qs: [0; 256], bsums: [0; 16] }; 2];
+    activation::quantize_q8k(&x, &mut bk);
+    for (i, &v) in x.iter().enumerate() {
+        let b = &b0[i / 32];
+        let d = f16_bits_to_f32(b.d);
+        assert!((d * b.qs[i % 32] as f32 - v).abs() <= d * 0.51 + 1e-3 * v.abs());
+        let k = &bk[i / 256];
+        assert!((k.d * k.qs[i % 256] as f32 - v).abs() <= k.d.abs() * 0.51);
+    }
+    for k in &bk {
+        for (s, chunk) in k.bsums.iter().zip(k.qs.chunks(16)) {
+            assert_eq!(*s as i32, chunk.iter().map(|&q| q as i32).sum::<i32>());
+        }
+    }
+    let zeros = [0.0f32; 256];
+    activation::quantize_q8k(&zeros, &mut bk[..1]);
+    assert_eq!(bk[0].d, 0.0);
+}
+
+#[test]
+fn matmul_matches_row_by_row_reference_for_any_thread_count() {
+    let mut rng = Rng(4);
+    for threads in [1, 2, 3] {
+        let pool = ThreadPool::new(threads);
+        for dtype in [DType::Q4_1, DType::Q8_0, DType::Q4K, DType::Q6K, DType::F32] {
+            let (rows, cols, tokens) = (37, 512, 5);
+            let mut w = AlignedBuf::default();
+            w.resize(dtype.row_bytes(cols).unwrap() * rows);
+            for r in 0..rows {
+                let row = random_row(dtype, cols, &mut rng);
+                let n = row.bytes().len();
+                w.bytes_mut()[r * n..(r + 1) * n].copy_from_slice(row.bytes());
+            }
+            let view = WeightView::new(dtype, rows, cols, w.bytes()).unwrap();
+            let x = random_f32(cols * tokens, &mut rng);
+            let mut act = Activations::default();
+            let mut out = vec![0.0; rows * tokens];
+            matmul(&pool, Isa::detect(), view, &x, tokens, &mut act, &mut out).unwrap();
+            for t in 0..tokens {
+                let single = prepared(&x[t * cols..(t + 1) * cols], dtype);
+                for r in 0..rows {
+                    let reference = dot_ref::dot(dtype, view.row(r), single.row(0));
+                    let got = out[t * rows + r];
+                    assert!((reference - got).abs() <= 1e-4 * (1.0 + reference.abs()), "{dtype} t{t} r{r}: {reference} vs {got}");
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn wrong_shapes_are_errors_not_panics() {
+    let bytes = vec![0u8; 20 * 3];
+    assert!(WeightView::new(DType::Q4_1, 2, 32, &bytes).is_err());
+    assert!(WeightView::new(DType::Q4_1, 3, 33, &bytes).is_err());
+    assert!(WeightView::new(DType::Q8K, 3, 32, &bytes).is_err());
+    let mut act = Activations::default();
+    assert!(act.prepare(&[0.0; 10], 1, 10, DType::Q4_0).is_err());
+    assert!(act.prepare(&[0.0; 32], 2, 32, DType::Q4_0).is_err());
+}
+
+/// Plain f32 attention over a contiguous history, for comparison with the paged f16 kernel.
+fn naive_attention(q: &[f32], keys: &[Vec<f32>], values: &[Vec<f32>], p: &AttentionParams, pos: usize, head: usize) -> Vec<f32> {
+    let kvh = head / (p.num_heads / p.num_kv_heads);
+    let d = p.head_dim;
+    let first = p.window.map(|w| (pos + 1).saturating_sub(w)).unwrap_or(0);
+    let qh = &q[head * d..(head + 1) * d];
+    let mut s: Vec<f32> = (first..=pos)
+        .map(|j| qh.iter().zip(&keys[j][kvh * d..(kvh + 1) * d]).map(|(a, b)| a * b).sum::<f32>() * p.scale)
+        .collect();
+    let max = s.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+    let sum: f32 = s.iter_mut().map(|v| {
+        *v = (*v - max).exp();
+        *v
+    }).sum();
+    let mut out = vec![0.0; d];
+    for (j, w) in (first..=pos).zip(&s) {
+        for (o, v) in out.iter_mut().zip(&values[j][kvh * d..(kvh + 1) * d]) {
+            *o += w / sum * v;
+        }
+    }
+    out
+}
+
+#[test]
+fn paged_attention_matches_contiguous_attention() {
+    let mut rng = Rng(5);
+    let pool = ThreadPool::new(2);
+    for window in [None, Some(5)] {
+        let p = AttentionParams { num_heads: 4, num_kv_heads: 2, head_dim: 16, scale: 0.25, window, softcap: None, block_size: 4 };
+        let row = p.num_kv_heads * p.head_dim;
+        let mut kv = KvStore::new(64, p.num_kv_heads, p.head_dim);
+        // Two sequences with scattered blocks: 11 tokens and 6 tokens.
+        let tables: [Vec<u32>; 2] = [vec![7, 2, 9], vec![4, 12]];
+        let lens = [11usize, 6];
+        let mut history: Vec<(Vec<Vec<f32>>, Vec<Vec<f32>>)> = vec![];
+        for (table, &len) in tables.iter().zip(&lens) {
+            let mut ks = vec![];
+            let mut vs = vec![];
+            for pos in 0..len {
+                let k = random_f32(row, &mut rng);
+                let v = random_f32(row, &mut rng);
+                let slot = table[pos / p.block_size] as usize * p.block_size + pos % p.block_size;
+                kv.write(slot, &k, &v);
+                let round = |x: &Vec<f32>| x.iter().map(|&v| f16_bits_to_f32(f32_to_f16_bits(v))).collect::<Vec<_>>();
+                ks.push(round(&k));
+                vs.push(round(&v));
+            }
+            history.push((ks, vs));
+        }
+        // The last 3 tokens of sequence 0 and the last 1 of sequence 1 are "new" rows.
+        let spans = [
+            SeqSpan { rows: 0..3, first_pos: 8, block_table: &tables[0] },
+            SeqSpan { rows: 3..4, first_pos: 5, block_table: &tables[1] },
+        ];
+        let q = random_f32(4 * p.num_heads * p.head_dim, &mut rng);
+        let mut out = vec![0.0; q.len()];
+        attention(&pool, Isa::detect(), &p, &kv, &spans, &q, &mut out, &mut AttentionScratch::default());
+        for (si, span) in spans.iter().enumerate() {
+            for (i, r) in span.rows.clone().enumerate() {
+                for h in 0..p.num_heads {
+                    let qrow = &q[r * p.num_heads * p.head_dim..(r + 1) * p.num_heads * p.head_dim];
+                    let expect = naive_attention(qrow, &history[si].0, &history[si].1, &p, span.first_pos + i, h);
+                    let got = &out[(r * p.num_heads + h) * p.head_dim..][..p.head_dim];
+                    for (a, b) in got.iter().zip(&expect) {
+                        assert!((a - b).abs() < 2e-2, "window {window:?} seq {si} row {r} head {h}: {a} vs {b}");
+                    }
+                }
+            }
+        }
+    }
+}
