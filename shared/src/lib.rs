@@ -1,1 +1,6 @@
-pub fn placeholder() {}
+//! What kiln's router and workers share: the tokenizer, chat templates and sampling
+//! parameters, so both sides tokenize, render and validate with one implementation.
+
+pub mod chat;
+pub mod sampling;
+pub mod tokenizer;

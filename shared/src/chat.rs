@@ -1,0 +1,204 @@
+//! Chat templates: Jinja templates as shipped in model files, rendered with minijinja in
+//! the same mode Hugging Face uses (`trim_blocks`, `lstrip_blocks`, Python string methods),
+//! plus built-in templates for architectures whose files carry none.
+
+use minijinja::{Environment, ErrorKind, Value};
+use serde::{Deserialize, Serialize};
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChatMessage {
+    pub role: String,
+    pub content: String,
+}
+
+impl ChatMessage {
+    pub fn new(role: impl Into<String>, content: impl Into<String>) -> ChatMessage {
+        ChatMessage { role: role.into(), content: content.into() }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ChatTemplateError {
+    #[error("chat template does not parse: {0}")]
+    Syntax(String),
+    #[error("chat template failed to render: {0}")]
+    Render(String),
+}
+
+/// Gemma's turn format: system text leads the first user turn, the assistant is "model",
+/// and message text is trimmed.
+const GEMMA: &str = r#"{{- bos_token -}}
+{%- set state = namespace(system="") -%}
+{%- for message in messages -%}
+{%- if message.role == "system" -%}
+{%- set state.system = state.system + (message.content | trim) -%}
+{%- else -%}
+{%- set role = "model" if message.role == "assistant" else message.role -%}
+{{- "<start_of_turn>" ~ role ~ "\n" -}}
+{%- if state.system and role != "model" -%}
+{{- state.system ~ "\n\n" -}}
+{%- set state.system = "" -%}
+{%- endif -%}
+{{- (message.content | trim) ~ "<end_of_turn>\n" -}}
+{%- endif -%}
+{%- endfor -%}
+{%- if add_generation_prompt -%}
+{{- "<start_of_turn>model\n" -}}
+{%- endif -%}"#;
+
+/// ChatML, the fallback for files without a template.
+const CHATML: &str = r#"{%- for message in messages -%}
+{{- "<|im_start|>" ~ message.role ~ "\n" ~ message.content ~ "<|im_end|>\n" -}}
+{%- endfor -%}
+{%- if add_generation_prompt -%}
+{{- "<|im_start|>assistant\n" -}}
+{%- endif -%}"#;
+
+/// The template kiln uses for an architecture whose model file has none.
+pub fn builtin_template(architecture: &str) -> &'static str {
+    match architecture {
+        "gemma" | "gemma2" | "gemma3" => GEMMA,
+        _ => CHATML,
+    }
+}
+
+pub struct ChatTemplate {
+    env: Environment<'static>,
+    bos_token: String,
+    eos_token: String,
+}
+
+impl ChatTemplate {
+    pub fn new(source: &str, bos_token: &str, eos_token: &str) -> Result<ChatTemplate, ChatTemplateError> {
+        let mut env = Environment::new();
+        env.set_trim_blocks(true);
+        env.set_lstrip_blocks(true);
+        env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+        env.add_function("raise_exception", |msg: String| -> Result<Value, minijinja::Error> {
+            Err(minijinja::Error::new(ErrorKind::InvalidOperation, msg))
+        });
+        env.add_function("strftime_now", |format: String| -> String { strftime_utc_now(&format) });
+        env.add_template_owned("chat", source.to_string()).map_err(|e| ChatTemplateError::Syntax(e.to_string()))?;
+        Ok(ChatTemplate { env, bos_token: bos_token.to_string(), eos_token: eos_token.to_string() })
+    }
+
+    pub fn render(&self, messages: &[ChatMessage], add_generation_prompt: bool) -> Result<String, ChatTemplateError> {
+        let template = self.env.get_template("chat").map_err(|e| ChatTemplateError::Render(e.to_string()))?;
+        template
+            .render(minijinja::context! {
+                messages => messages,
+                add_generation_prompt => add_generation_prompt,
+                bos_token => self.bos_token.as_str(),
+                eos_token => self.eos_token.as_str(),
+            })
+            .map_err(|e| ChatTemplateError::Render(describe(&e)))
+    }
+}
+
+fn describe(e: &minijinja::Error) -> String {
+    match e.detail() {
+        Some(detail) if e.kind() == ErrorKind::InvalidOperation => detail.to_string(),
+        _ => e.to_string(),
+    }
+}
+
+/// A small strftime for templates that stamp the date (`%Y %m %d %b %B %H %M %S %%`).
+fn strftime_utc_now(format: &str) -> String {
+    let secs = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    format_utc(secs, format)
+}
+
+fn format_utc(secs: u64, format: &str) -> String {
+    const MONTHS: [&str; 12] =
+        ["January", "February", "March", "April", "May", "June", "July", "August", "September", "October", "November", "December"];
+    let days = (secs / 86_400) as i64;
+    let rem = secs % 86_400;
+    // Civil date from days since 1970-01-01 (proleptic Gregorian).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    let mut out = String::new();
+    let mut chars = format.chars();
+    while let Some(c) = chars.next() {
+        if c != '%' {
+            out.push(c);
+            continue;
+        }
+        match chars.next() {
+            Some('Y') => out.push_str(&year.to_string()),
+            Some('m') => out.push_str(&format!("{month:02}")),
+            Some('d') => out.push_str(&format!("{day:02}")),
+            Some('b') => out.push_str(&MONTHS[month as usize - 1][..3]),
+            Some('B') => out.push_str(MONTHS[month as usize - 1]),
+            Some('H') => out.push_str(&format!("{:02}", rem / 3600)),
+            Some('M') => out.push_str(&format!("{:02}", rem % 3600 / 60)),
+            Some('S') => out.push_str(&format!("{:02}", rem % 60)),
+            Some('%') => out.push('%'),
+            Some(other) => {
+                out.push('%');
+                out.push(other);
+            }
+            None => out.push('%'),
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn conversation() -> Vec<ChatMessage> {
+        vec![
+            ChatMessage::new("system", "Be brief."),
+            ChatMessage::new("user", " Hi! "),
+            ChatMessage::new("assistant", "Hello."),
+            ChatMessage::new("user", "Bye"),
+        ]
+    }
+
+    #[test]
+    fn gemma_template_folds_system_into_first_user_turn() {
+        let t = ChatTemplate::new(builtin_template("gemma3"), "<bos>", "<eos>").unwrap();
+        let out = t.render(&conversation(), true).unwrap();
+        assert_eq!(
+            out,
+            "<bos><start_of_turn>user\nBe brief.\n\nHi!<end_of_turn>\n<start_of_turn>model\nHello.<end_of_turn>\n\
+             <start_of_turn>user\nBye<end_of_turn>\n<start_of_turn>model\n"
+        );
+    }
+
+    #[test]
+    fn chatml_fallback_and_generation_prompt() {
+        let t = ChatTemplate::new(builtin_template("llama"), "", "").unwrap();
+        let out = t.render(&conversation()[1..2], false).unwrap();
+        assert_eq!(out, "<|im_start|>user\n Hi! <|im_end|>\n");
+    }
+
+    #[test]
+    fn python_string_methods_and_raise_exception_work() {
+        let src = "{% if messages[0]['role'] != 'user' %}{{ raise_exception('first must be user') }}{% endif %}\
+                   {{ messages[0]['content'].strip().upper() }}";
+        let t = ChatTemplate::new(src, "", "").unwrap();
+        assert_eq!(t.render(&[ChatMessage::new("user", "  x ")], false).unwrap(), "X");
+        let err = t.render(&[ChatMessage::new("system", "x")], false).unwrap_err();
+        assert!(err.to_string().contains("first must be user"), "{err}");
+    }
+
+    #[test]
+    fn bad_template_is_a_syntax_error() {
+        assert!(matches!(ChatTemplate::new("{% for %}", "", ""), Err(ChatTemplateError::Syntax(_))));
+    }
+
+    #[test]
+    fn strftime_formats_known_dates() {
+        // 2024-02-29 13:05:09 UTC
+        assert_eq!(format_utc(1_709_211_909, "%d %b %Y %H:%M:%S %B %%"), "29 Feb 2024 13:05:09 February %");
+    }
+}
