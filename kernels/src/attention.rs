@@ -9,7 +9,7 @@
 
 use crate::blocks::{f16_bits_to_f32, f32_to_f16_bits};
 use crate::dot::Isa;
-use crate::ops::softmax_in_place;
+use crate::numerics::{self, exp_poly, tree16};
 use crate::pool::{split_range, SharedMut, ThreadPool};
 use std::ops::Range;
 
@@ -87,10 +87,18 @@ pub struct SeqSpan<'a> {
     pub block_table: &'a [u32],
 }
 
-/// Per-thread score buffers, kept between calls.
+/// Per-thread buffers, kept between calls.
 #[derive(Default)]
 pub struct AttentionScratch {
-    scores: Vec<Vec<f32>>,
+    threads: Vec<ThreadScratch>,
+}
+
+#[derive(Default)]
+struct ThreadScratch {
+    scores: Vec<f32>,
+    /// Value accumulators, `[64 buckets, head_dim]`; key position p goes to bucket p % 64.
+    buckets: Vec<f32>,
+    q16: Vec<u16>,
 }
 
 /// Writes `out[row, head, :]` for every row of every span. `q` and `out` are
@@ -106,13 +114,7 @@ pub fn attention(
     scratch: &mut AttentionScratch,
 ) {
     let n_threads = pool.num_threads();
-    let max_ctx = spans.iter().map(|s| s.first_pos + s.rows.len()).max().unwrap_or(0);
-    scratch.scores.resize_with(n_threads, Vec::new);
-    for s in &mut scratch.scores {
-        if s.len() < max_ctx {
-            s.resize(max_ctx, 0.0);
-        }
-    }
+    scratch.threads.resize_with(n_threads, ThreadScratch::default);
     // Work items are (span, row, head) triples, numbered in that order.
     let mut starts = Vec::with_capacity(spans.len() + 1);
     let mut total = 0usize;
@@ -121,60 +123,136 @@ pub fn attention(
         total += s.rows.len() * p.num_heads;
     }
     starts.push(total);
-    let scores = SharedMut::new(&mut scratch.scores);
+    let scratch_ptr = SharedMut::new(&mut scratch.threads);
     let out_ptr = SharedMut::new(out);
     let row_len = p.num_heads * p.head_dim;
     let group = p.num_heads / p.num_kv_heads.max(1);
     let work = |thread: usize| {
-        // SAFETY: each thread uses only its own scratch buffer.
-        let scores = unsafe { &mut scores.slice(thread..thread + 1)[0] };
-        let mut q16 = vec![0u16; p.head_dim];
-        let mut acc = vec![0.0f32; p.head_dim];
+        // SAFETY: each thread uses only its own scratch.
+        let ts = unsafe { &mut scratch_ptr.slice(thread..thread + 1)[0] };
         for item in split_range(total, 1, n_threads, thread) {
             let si = starts.partition_point(|&s| s <= item) - 1;
             let span = &spans[si];
             let local = item - starts[si];
             let (i, head) = (local / p.num_heads, local % p.num_heads);
             let row = span.rows.start + i;
-            let pos = span.first_pos + i;
-            let kv_head = head / group;
             let q_row = &q[row * row_len + head * p.head_dim..][..p.head_dim];
-            for (d, &x) in q16.iter_mut().zip(q_row) {
-                *d = f32_to_f16_bits(x);
-            }
-            let first = match p.window {
-                Some(w) => (pos + 1).saturating_sub(w),
-                None => 0,
-            };
-            let n_keys = pos + 1 - first;
-            let s = &mut scores[..n_keys];
-            for (j, sc) in s.iter_mut().enumerate() {
-                let slot = slot_of(span.block_table, p.block_size, first + j);
-                let mut v = dot_f16(isa, &q16, kv.key(slot, kv_head)) * p.scale;
-                if let Some(cap) = p.softcap {
-                    v = cap * (v / cap).tanh();
-                }
-                *sc = v;
-            }
-            softmax_in_place(s);
-            acc.iter_mut().for_each(|a| *a = 0.0);
-            for (j, &w) in s.iter().enumerate() {
-                let slot = slot_of(span.block_table, p.block_size, first + j);
-                let w = f16_bits_to_f32(f32_to_f16_bits(w));
-                axpy_f16(isa, &mut acc, w, kv.value(slot, kv_head));
-            }
             // SAFETY: every (row, head) pair is written by exactly one thread.
             let dst = unsafe { out_ptr.slice(row * row_len + head * p.head_dim..row * row_len + (head + 1) * p.head_dim) };
-            dst.copy_from_slice(&acc);
+            attend(isa, p, kv, span, span.first_pos + i, q_row, head / group, ts, dst);
         }
     };
-    if total <= 1 {
-        work(0);
-        for t in 1..n_threads {
-            work(t);
-        }
+    if total <= 1 || n_threads == 1 {
+        (0..n_threads).for_each(work);
     } else {
         pool.run(&work);
+    }
+}
+
+/// One query head at position `pos` against its sequence's keys `first..=pos`.
+#[allow(clippy::too_many_arguments)]
+fn attend(isa: Isa, p: &AttentionParams, kv: &KvStore, span: &SeqSpan, pos: usize, q: &[f32], kv_head: usize, ts: &mut ThreadScratch, out: &mut [f32]) {
+    let d = p.head_dim;
+    let first = match p.window {
+        Some(w) => (pos + 1).saturating_sub(w),
+        None => 0,
+    };
+    let n_keys = pos + 1 - first;
+    ts.q16.resize(d, 0);
+    for (h, &x) in ts.q16.iter_mut().zip(q) {
+        *h = f32_to_f16_bits(x);
+    }
+    ts.scores.resize(n_keys, 0.0);
+    for (j, sc) in ts.scores.iter_mut().enumerate() {
+        let slot = slot_of(span.block_table, p.block_size, first + j);
+        let mut v = dot_f16(isa, &ts.q16, kv.key(slot, kv_head)) * p.scale;
+        if let Some(cap) = p.softcap {
+            v = cap * (v / cap).tanh();
+        }
+        *sc = v;
+    }
+    softmax_by_position(isa, &mut ts.scores, first);
+    // Probabilities are rounded to half precision before weighting the values.
+    for s in ts.scores.iter_mut() {
+        *s = f16_bits_to_f32(f32_to_f16_bits(*s));
+    }
+    ts.buckets.resize(64 * d, 0.0);
+    let used = n_keys.min(64);
+    let mut touched = [false; 64];
+    for j in 0..used {
+        let b = (first + j) % 64;
+        touched[b] = true;
+        ts.buckets[b * d..(b + 1) * d].iter_mut().for_each(|x| *x = 0.0);
+    }
+    for (j, &w) in ts.scores.iter().enumerate() {
+        let b = (first + j) % 64;
+        let slot = slot_of(span.block_table, p.block_size, first + j);
+        fma_f16(isa, &mut ts.buckets[b * d..(b + 1) * d], w, kv.value(slot, kv_head));
+    }
+    fold_buckets(isa, &ts.buckets, &touched, d, out);
+}
+
+/// Softmax over scores of consecutive positions starting at `first`: exponentials and
+/// their sum grouped 16 at a time by absolute position (see `numerics`).
+fn softmax_by_position(isa: Isa, s: &mut [f32], first: usize) {
+    let max = s.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+    let mut sum = 0.0f64;
+    let mut lanes = [0f32; 16];
+    let mut pos = first - first % 16;
+    let end = first + s.len();
+    while pos < end {
+        for (l, lane) in lanes.iter_mut().enumerate() {
+            let p = pos + l;
+            *lane = if p >= first && p < end { s[p - first] - max } else { f32::NEG_INFINITY };
+        }
+        exp16(isa, &mut lanes);
+        sum += tree16(&lanes) as f64;
+        for (l, lane) in lanes.iter().enumerate() {
+            let p = pos + l;
+            if p >= first && p < end {
+                s[p - first] = *lane;
+            }
+        }
+        pos += 16;
+    }
+    let inv = (1.0 / sum) as f32;
+    for v in s.iter_mut() {
+        *v *= inv;
+    }
+}
+
+fn exp16(isa: Isa, lanes: &mut [f32; 16]) {
+    #[cfg(target_arch = "x86_64")]
+    if isa >= Isa::Avx2 {
+        // SAFETY: AVX2/FMA presence is implied by `isa`.
+        unsafe {
+            use std::arch::x86_64::*;
+            let lo = crate::x86::exp_poly8(_mm256_loadu_ps(lanes.as_ptr()));
+            let hi = crate::x86::exp_poly8(_mm256_loadu_ps(lanes.as_ptr().add(8)));
+            _mm256_storeu_ps(lanes.as_mut_ptr(), lo);
+            _mm256_storeu_ps(lanes.as_mut_ptr().add(8), hi);
+        }
+        return;
+    }
+    let _ = isa;
+    for l in lanes.iter_mut() {
+        *l = exp_poly(*l);
+    }
+}
+
+/// `out[d] = tree16 over lanes l of (b[l] + b[32+l]) + (b[16+l] + b[48+l])` at each `d`.
+fn fold_buckets(isa: Isa, buckets: &[f32], touched: &[bool; 64], d: usize, out: &mut [f32]) {
+    let at = |b: usize, i: usize| if touched[b] { buckets[b * d + i] } else { 0.0 };
+    #[cfg(target_arch = "x86_64")]
+    if isa >= Isa::Avx2 && d % 8 == 0 {
+        // SAFETY: AVX2 implied by `isa`; every index stays below 64 * d.
+        unsafe { crate::x86::fold_buckets(buckets, touched, d, out) };
+        return;
+    }
+    let _ = isa;
+    for (i, o) in out.iter_mut().enumerate().take(d) {
+        let lanes: [f32; 16] = std::array::from_fn(|l| (at(l, i) + at(32 + l, i)) + (at(16 + l, i) + at(48 + l, i)));
+        *o = tree16(&lanes);
     }
 }
 
@@ -187,13 +265,14 @@ fn dot_f16(isa: Isa, a: &[u16], b: &[u16]) -> f32 {
     #[cfg(target_arch = "x86_64")]
     if isa >= Isa::Avx2 {
         // SAFETY: AVX2/F16C presence is implied by `isa`; both slices have the same length.
-        return unsafe { crate::x86::f16_dot(a.as_ptr(), b.as_ptr(), a.len().min(b.len())) };
+        return unsafe { crate::x86::dot_f16_ordered(a.as_ptr(), b.as_ptr(), a.len().min(b.len())) };
     }
     let _ = isa;
-    a.iter().zip(b).map(|(&x, &y)| f16_bits_to_f32(x) * f16_bits_to_f32(y)).sum()
+    numerics::dot_f16(a, b)
 }
 
-fn axpy_f16(isa: Isa, acc: &mut [f32], w: f32, v: &[u16]) {
+/// `acc = fma(v, w, acc)` elementwise, `v` in half precision.
+fn fma_f16(isa: Isa, acc: &mut [f32], w: f32, v: &[u16]) {
     #[cfg(target_arch = "x86_64")]
     if isa >= Isa::Avx2 {
         // SAFETY: as in `dot_f16`.
@@ -202,6 +281,6 @@ fn axpy_f16(isa: Isa, acc: &mut [f32], w: f32, v: &[u16]) {
     }
     let _ = isa;
     for (a, &x) in acc.iter_mut().zip(v) {
-        *a += w * f16_bits_to_f32(x);
+        *a = f16_bits_to_f32(x).mul_add(w, *a);
     }
 }

@@ -56,6 +56,18 @@ unsafe fn scalar_dot<const ID: u32>(w: *const u8, a: *const u8, n: usize) -> f32
     crate::dot_ref::dot(wt, w, a)
 }
 
+/// The kernel for a `rows`-row matrix of `wt`: as `kernel`, except that Q4_K matrices whose
+/// row count is a multiple of 8 sum their blocks in the order of llama.cpp's interleaved
+/// 8-row kernels, which it uses for exactly those matrices on AVX2 machines.
+pub fn kernel_for_matrix(wt: DType, rows: usize, isa: Isa) -> DotFn {
+    #[cfg(target_arch = "x86_64")]
+    if wt == DType::Q4K && rows % 8 == 0 && isa >= Isa::Avx2 {
+        return if isa == Isa::Avx512Vnni { crate::x86::vnni::q4k_interleaved } else { crate::x86::avx2::q4k_interleaved };
+    }
+    let _ = rows;
+    kernel(wt, isa)
+}
+
 /// The dot-product kernel for rows of `wt` on `isa`. `isa` must be one of `Isa::available()`.
 pub fn kernel(wt: DType, isa: Isa) -> DotFn {
     #[cfg(target_arch = "x86_64")]

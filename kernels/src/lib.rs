@@ -13,6 +13,7 @@ pub mod dot;
 pub mod dot_ref;
 pub mod dtype;
 pub mod matmul;
+pub mod numerics;
 pub mod ops;
 pub mod pool;
 pub mod unpack;

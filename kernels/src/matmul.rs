@@ -6,7 +6,7 @@
 
 use crate::activation;
 use crate::blocks::{cast_blocks_mut, BlockQ8K, BlockQ8_0, BlockQ8_1};
-use crate::dot::{kernel, DotFn, Isa};
+use crate::dot::{kernel_for_matrix, DotFn, Isa};
 use crate::dtype::DType;
 use crate::pool::{split_range, SharedMut, ThreadPool};
 use crate::KernelError;
@@ -179,7 +179,7 @@ pub fn matmul_group(pool: &ThreadPool, isa: Isa, act: &Activations, jobs: &mut [
         if job.out.len() != num_rows * w.rows {
             return Err(KernelError::Shape(format!("output has {} values, expected {}x{}", job.out.len(), num_rows, w.rows)));
         }
-        plans.push(Plan { weight: w, dot: kernel(w.dtype, isa), out: SharedMut::new(job.out), first_global_row: total_rows });
+        plans.push(Plan { weight: w, dot: kernel_for_matrix(w.dtype, w.rows, isa), out: SharedMut::new(job.out), first_global_row: total_rows });
         total_rows += w.rows;
     }
     let n_threads = pool.num_threads();

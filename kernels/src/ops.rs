@@ -39,10 +39,31 @@ pub fn scale_in_place(x: &mut [f32], s: f32) {
     }
 }
 
-/// SwiGLU: `gate = silu(gate) * up`, written into `gate`.
-pub fn silu_mul(gate: &mut [f32], up: &[f32]) {
-    for (g, &u) in gate.iter_mut().zip(up) {
+/// SwiGLU: `gate = silu(gate) * up`, written into `gate`. Whole groups of 16 use the
+/// polynomial exponential, the remainder the C library's, as llama.cpp does.
+pub fn silu_mul(isa: crate::Isa, gate: &mut [f32], up: &[f32]) {
+    let n = gate.len().min(up.len());
+    let groups = n & !15;
+    #[cfg(target_arch = "x86_64")]
+    if isa >= crate::Isa::Avx2 {
+        // SAFETY: AVX2/FMA presence is implied by `isa`.
+        unsafe { crate::x86::silu_mul_groups(&mut gate[..groups], &up[..groups]) };
+    } else {
+        silu_mul_scalar(&mut gate[..groups], &up[..groups]);
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = isa;
+        silu_mul_scalar(&mut gate[..groups], &up[..groups]);
+    }
+    for (g, &u) in gate[groups..n].iter_mut().zip(&up[groups..n]) {
         *g = *g / (1.0 + (-*g).exp()) * u;
+    }
+}
+
+fn silu_mul_scalar(gate: &mut [f32], up: &[f32]) {
+    for (g, &u) in gate.iter_mut().zip(up) {
+        *g = *g / (1.0 + crate::numerics::exp_poly(0.0 - *g)) * u;
     }
 }
 
@@ -111,21 +132,22 @@ pub fn rope_angles(position: usize, rotary_dims: usize, freq_base: f32, cos: &mu
 }
 
 /// Rotates one head vector by precomputed angles; dims past `2 * cos.len()` stay as they are.
+/// The products are fused as a contracting C compiler fuses llama.cpp's expression.
 pub fn rope_apply(x: &mut [f32], cos: &[f32], sin: &[f32], style: RopeStyle) {
     let half = cos.len();
     match style {
         RopeStyle::Interleaved => {
             for i in 0..half {
                 let (a, b) = (x[2 * i], x[2 * i + 1]);
-                x[2 * i] = a * cos[i] - b * sin[i];
-                x[2 * i + 1] = a * sin[i] + b * cos[i];
+                x[2 * i] = a.mul_add(cos[i], -(b * sin[i]));
+                x[2 * i + 1] = a.mul_add(sin[i], b * cos[i]);
             }
         }
         RopeStyle::SplitHalf => {
             for i in 0..half {
                 let (a, b) = (x[i], x[i + half]);
-                x[i] = a * cos[i] - b * sin[i];
-                x[i + half] = a * sin[i] + b * cos[i];
+                x[i] = a.mul_add(cos[i], -(b * sin[i]));
+                x[i + half] = a.mul_add(sin[i], b * cos[i]);
             }
         }
     }

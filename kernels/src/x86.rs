@@ -115,51 +115,81 @@ macro_rules! x86_kernels {
                 _mm256_set_m128i(_mm_set1_epi32(hi), _mm_set1_epi32(lo))
             }
 
+            /// Integer sums of one Q4_K super-block: eight lanes of scaled products, and the
+            /// four pairwise sums of (min x activation block sum).
+            #[inline]
+            #[target_feature(enable = $features)]
+            unsafe fn q4k_block(x: &BlockQ4K, y: &BlockQ8K) -> (__m256i, [i32; 4]) {
+                let low_mask = _mm256_set1_epi8(0xF);
+                let mut sumi = _mm256_setzero_si256();
+                let mut mins = [0i32; 4];
+                for c in 0..4 {
+                    let (sc_lo, m_lo) = k4_scale_min(2 * c, &x.scales);
+                    let (sc_hi, m_hi) = k4_scale_min(2 * c + 1, &x.scales);
+                    mins[c] = m_lo as i32 * (y.bsums[4 * c] as i32 + y.bsums[4 * c + 1] as i32)
+                        + m_hi as i32 * (y.bsums[4 * c + 2] as i32 + y.bsums[4 * c + 3] as i32);
+                    let q = _mm256_loadu_si256(x.qs.as_ptr().add(32 * c) as *const __m256i);
+                    let lo = _mm256_and_si256(q, low_mask);
+                    let hi = _mm256_and_si256(_mm256_srli_epi16(q, 4), low_mask);
+                    let p_lo = us8(lo, load(y.qs.as_ptr().add(64 * c)));
+                    let p_hi = us8(hi, load(y.qs.as_ptr().add(64 * c + 32)));
+                    sumi = _mm256_add_epi32(sumi, _mm256_mullo_epi32(p_lo, _mm256_set1_epi32(sc_lo as i32)));
+                    sumi = _mm256_add_epi32(sumi, _mm256_mullo_epi32(p_hi, _mm256_set1_epi32(sc_hi as i32)));
+                }
+                (sumi, mins)
+            }
+
+            /// Q4_K rows summed as ggml's `vec_dot_q4_K_q8_K` sums them: block results in eight
+            /// lanes, the minimums in four lanes, each folded at the end.
             #[target_feature(enable = $features)]
             pub unsafe fn q4k(w: *const u8, a: *const u8, n: usize) -> f32 {
                 let (w, a) = (w as *const BlockQ4K, a as *const BlockQ8K);
                 let mut acc = _mm256_setzero_ps();
-                let mut mins_total = 0.0f32;
-                let low_mask = _mm256_set1_epi8(0xF);
+                let mut acc_m = _mm_setzero_ps();
                 for i in 0..n / QK_K {
                     let (x, y) = (&*w.add(i), &*a.add(i));
-                    let mut sumi = _mm256_setzero_si256();
-                    let mut summ = 0i32;
-                    for c in 0..4 {
-                        let (sc_lo, m_lo) = k4_scale_min(2 * c, &x.scales);
-                        let (sc_hi, m_hi) = k4_scale_min(2 * c + 1, &x.scales);
-                        summ += m_lo as i32 * (y.bsums[4 * c] as i32 + y.bsums[4 * c + 1] as i32);
-                        summ += m_hi as i32 * (y.bsums[4 * c + 2] as i32 + y.bsums[4 * c + 3] as i32);
-                        let q = _mm256_loadu_si256(x.qs.as_ptr().add(32 * c) as *const __m256i);
-                        let lo = _mm256_and_si256(q, low_mask);
-                        let hi = _mm256_and_si256(_mm256_srli_epi16(q, 4), low_mask);
-                        let p_lo = us8(lo, load(y.qs.as_ptr().add(64 * c)));
-                        let p_hi = us8(hi, load(y.qs.as_ptr().add(64 * c + 32)));
-                        sumi = _mm256_add_epi32(sumi, _mm256_mullo_epi32(p_lo, _mm256_set1_epi32(sc_lo as i32)));
-                        sumi = _mm256_add_epi32(sumi, _mm256_mullo_epi32(p_hi, _mm256_set1_epi32(sc_hi as i32)));
-                    }
+                    let (sumi, mins) = q4k_block(x, y);
                     let d = y.d * f16_bits_to_f32(x.d);
+                    let dmin = -y.d * f16_bits_to_f32(x.dmin);
+                    let prod = _mm_cvtepi32_ps(_mm_loadu_si128(mins.as_ptr() as *const __m128i));
+                    acc_m = _mm_fmadd_ps(_mm_set1_ps(dmin), prod, acc_m);
                     acc = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(sumi), acc);
-                    mins_total += y.d * f16_bits_to_f32(x.dmin) * summ as f32;
                 }
-                hsum_f32(acc) - mins_total
+                let m = _mm_add_ps(acc_m, _mm_movehl_ps(acc_m, acc_m));
+                let m = _mm_add_ss(m, _mm_movehdup_ps(m));
+                hsum_f32(acc) + _mm_cvtss_f32(m)
             }
 
+            /// Q4_K rows summed in the order of ggml's 8-row interleaved kernels, which
+            /// llama.cpp uses on AVX2 machines for matrices whose row count is a multiple of 8:
+            /// whole-block integer sums scaled and accumulated one block at a time.
+            #[target_feature(enable = $features)]
+            pub unsafe fn q4k_interleaved(w: *const u8, a: *const u8, n: usize) -> f32 {
+                let (w, a) = (w as *const BlockQ4K, a as *const BlockQ8K);
+                let mut acc = 0.0f32;
+                let mut acc_min = 0.0f32;
+                for i in 0..n / QK_K {
+                    let (x, y) = (&*w.add(i), &*a.add(i));
+                    let (sumi, mins) = q4k_block(x, y);
+                    let total = hsum_i32(sumi);
+                    let total_min: i32 = mins.iter().sum();
+                    acc = (total as f32).mul_add(f16_bits_to_f32(x.d) * y.d, acc);
+                    acc_min = (total_min as f32).mul_add(f16_bits_to_f32(x.dmin) * y.d, acc_min);
+                }
+                acc - acc_min
+            }
+
+            /// Q6_K as ggml sums it: the -32 offset of the stored quants is taken off the
+            /// integer lanes (as 32 x scale x activation block sums) before scaling.
             #[target_feature(enable = $features)]
             pub unsafe fn q6k(w: *const u8, a: *const u8, n: usize) -> f32 {
                 let (w, a) = (w as *const BlockQ6K, a as *const BlockQ8K);
                 let mut acc = _mm256_setzero_ps();
-                let mut offsets = 0.0f32;
                 let low_mask = _mm256_set1_epi8(0xF);
                 let two_bits = _mm256_set1_epi8(3);
                 for i in 0..n / QK_K {
                     let (x, y) = (&*w.add(i), &*a.add(i));
                     let mut sumi = _mm256_setzero_si256();
-                    // The stored quants are offset by 32: sum(q - 32) * y = sum(q * y) - 32 * sum(y).
-                    let mut offset = 0i32;
-                    for s in 0..16 {
-                        offset += x.scales[s] as i32 * y.bsums[s] as i32;
-                    }
                     for h in 0..2 {
                         let ql0 = _mm256_loadu_si256(x.ql.as_ptr().add(64 * h) as *const __m256i);
                         let ql1 = _mm256_loadu_si256(x.ql.as_ptr().add(64 * h + 32) as *const __m256i);
@@ -183,11 +213,14 @@ macro_rules! x86_kernels {
                             sumi = _mm256_add_epi32(sumi, _mm256_mullo_epi32(p, scales));
                         }
                     }
+                    let bsums = _mm256_loadu_si256(y.bsums.as_ptr() as *const __m256i);
+                    let scales16 = _mm256_cvtepi8_epi16(_mm_loadu_si128(x.scales.as_ptr() as *const __m128i));
+                    let offset = _mm256_slli_epi32(_mm256_madd_epi16(bsums, scales16), 5);
+                    sumi = _mm256_sub_epi32(sumi, offset);
                     let d = y.d * f16_bits_to_f32(x.d);
                     acc = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(sumi), acc);
-                    offsets += d * (32 * offset) as f32;
                 }
-                hsum_f32(acc) - offsets
+                hsum_f32(acc)
             }
 
             /// K-quants without a dedicated kernel: unpack in scalar code, multiply in SIMD.
@@ -365,4 +398,107 @@ pub unsafe fn axpy_f16(acc: &mut [f32], w: f32, v: &[u16]) {
         acc[i] += w * f16_bits_to_f32(v[i]);
         i += 1;
     }
+}
+
+/// Eight lanes of `numerics::exp_poly`, bit for bit; lanes whose scaling leaves the normal
+/// range are recomputed in scalar code.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn exp_poly8(x: __m256) -> __m256 {
+    let shift = _mm256_set1_ps(12_582_912.0);
+    let z = _mm256_fmadd_ps(x, _mm256_set1_ps(f32::from_bits(0x3FB8_AA3B)), shift);
+    let n = _mm256_sub_ps(z, shift);
+    let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(f32::from_bits(0x3F31_7200)), x);
+    let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(f32::from_bits(0x35BF_BE8E)), r);
+    let r2 = _mm256_mul_ps(r, r);
+    let c = |bits: u32| _mm256_set1_ps(f32::from_bits(bits));
+    let p = _mm256_fmadd_ps(
+        _mm256_fmadd_ps(_mm256_fmadd_ps(c(0x3C07_2010), r, c(0x3D2B_9F17)), r2, _mm256_fmadd_ps(c(0x3E2A_AF33), r, c(0x3EFF_FEDB))),
+        r2,
+        _mm256_fmadd_ps(c(0x3F7F_FFF6), r, _mm256_set1_ps(1.0)),
+    );
+    // Lanes with n in [-126, 127] scale by building 2^n in the exponent field.
+    let lo = _mm256_cmp_ps(n, _mm256_set1_ps(-126.0), _CMP_GE_OQ);
+    let hi = _mm256_cmp_ps(n, _mm256_set1_ps(127.0), _CMP_LE_OQ);
+    let in_range = _mm256_and_ps(lo, hi);
+    if _mm256_movemask_ps(in_range) == 0xFF {
+        let e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+        return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+    }
+    let mut xs = [0f32; 8];
+    _mm256_storeu_ps(xs.as_mut_ptr(), x);
+    _mm256_loadu_ps(xs.map(crate::numerics::exp_poly).as_ptr())
+}
+
+/// Sum of 16 lanes held as (lanes 0-7, lanes 8-15), in `numerics::tree16` order.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn tree16(lo: __m256, hi: __m256) -> f32 {
+    hsum_f32(_mm256_add_ps(hi, lo))
+}
+
+/// `numerics::dot_f16`, bit for bit.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn dot_f16_ordered(x: *const u16, y: *const u16, n: usize) -> f32 {
+    let main = n & !63;
+    let mut acc = [_mm256_setzero_ps(); 8];
+    let mut i = 0;
+    while i < main {
+        for (k, a) in acc.iter_mut().enumerate() {
+            *a = _mm256_fmadd_ps(load_f16(x.add(i + 8 * k)), load_f16(y.add(i + 8 * k)), *a);
+        }
+        i += 64;
+    }
+    // acc[2j] holds lanes 0-7 of accumulator j, acc[2j+1] lanes 8-15.
+    let lo = _mm256_add_ps(_mm256_add_ps(acc[0], acc[4]), _mm256_add_ps(acc[2], acc[6]));
+    let hi = _mm256_add_ps(_mm256_add_ps(acc[1], acc[5]), _mm256_add_ps(acc[3], acc[7]));
+    let mut sum = tree16(lo, hi) as f64;
+    while i < n {
+        sum += (f16_bits_to_f32(*x.add(i)) * f16_bits_to_f32(*y.add(i))) as f64;
+        i += 1;
+    }
+    sum as f32
+}
+
+/// SwiGLU over whole groups of 16 with `exp_poly8`: `gate = gate / (1 + e^-gate) * up`.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn silu_mul_groups(gate: &mut [f32], up: &[f32]) {
+    let n = gate.len().min(up.len()) & !15;
+    let one = _mm256_set1_ps(1.0);
+    let mut i = 0;
+    while i < n {
+        let x = _mm256_loadu_ps(gate.as_ptr().add(i));
+        let e = exp_poly8(_mm256_sub_ps(_mm256_setzero_ps(), x));
+        let s = _mm256_div_ps(x, _mm256_add_ps(one, e));
+        _mm256_storeu_ps(gate.as_mut_ptr().add(i), _mm256_mul_ps(s, _mm256_loadu_ps(up.as_ptr().add(i))));
+        i += 8;
+    }
+}
+
+/// `attention::fold_buckets` for head dimensions that are multiples of 8.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn fold_buckets(buckets: &[f32], touched: &[bool; 64], d: usize, out: &mut [f32]) {
+    let load = |b: usize, i: usize| if touched[b] { _mm256_loadu_ps(buckets.as_ptr().add(b * d + i)) } else { _mm256_setzero_ps() };
+    let mut i = 0;
+    while i < d {
+        let mut f = [_mm256_setzero_ps(); 16];
+        for (l, v) in f.iter_mut().enumerate() {
+            *v = _mm256_add_ps(_mm256_add_ps(load(l, i), load(32 + l, i)), _mm256_add_ps(load(16 + l, i), load(48 + l, i)));
+        }
+        // tree16 across the 16 lane vectors, for 8 output dimensions at once.
+        let b: [__m256; 8] = std::array::from_fn(|k| _mm256_add_ps(f[k + 8], f[k]));
+        let c: [__m256; 4] = std::array::from_fn(|k| _mm256_add_ps(b[k + 4], b[k]));
+        let r = _mm256_add_ps(_mm256_add_ps(c[0], c[2]), _mm256_add_ps(c[1], c[3]));
+        _mm256_storeu_ps(out.as_mut_ptr().add(i), r);
+        i += 8;
+    }
+}
+
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn hsum_i32(v: __m256i) -> i32 {
+    let s = _mm_add_epi32(_mm256_extracti128_si256(v, 1), _mm256_castsi256_si128(v));
+    let s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0b01_00_11_10));
+    let s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0b10_11_00_01));
+    _mm_cvtsi128_si32(s)
 }

@@ -1,1 +1,42 @@
-fn main() {}
+//! `kiln-worker`: run, benchmark and fetch models on this machine.
+
+mod cli;
+
+use clap::{Parser, Subcommand};
+use std::process::ExitCode;
+
+#[derive(Parser)]
+#[command(name = "kiln-worker", version, about = "kiln worker: run GGUF language models on this machine")]
+struct Args {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Chat with a model, or complete one prompt (-i)
+    Run(cli::run::RunArgs),
+    /// Fetch a known model (smollm2, gemma3) and print its path
+    Pull(cli::pull::PullArgs),
+    /// Measure prefill and decode speed (like llama-bench)
+    Bench(cli::bench::BenchArgs),
+    /// Show a model file's metadata, tensors and chat template
+    Info(cli::info::InfoArgs),
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    let result = match args.command {
+        Command::Run(a) => cli::run::main(a),
+        Command::Pull(a) => cli::pull::main(a),
+        Command::Bench(a) => cli::bench::main(a),
+        Command::Info(a) => cli::info::main(a),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {}", cli::describe(&e));
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,119 @@
+//! `kiln-worker bench`: prompt processing (ppN) and generation (tgN) speed, measured the
+//! way llama-bench measures them, so the two can be compared side by side.
+
+use kiln_worker::engine::Session;
+use kiln_worker::sampler::Rng;
+use serde::Serialize;
+use std::sync::Arc;
+use std::time::Instant;
+
+#[derive(clap::Args)]
+pub struct BenchArgs {
+    #[arg(short, long, default_value = "smollm2")]
+    pub model: String,
+    /// Prompt tokens of the prefill test (0 skips it)
+    #[arg(short = 'p', long, default_value_t = 512)]
+    pub n_prompt: usize,
+    /// Generated tokens of the decode test (0 skips it)
+    #[arg(short = 'n', long, default_value_t = 128)]
+    pub n_gen: usize,
+    /// Repetitions
+    #[arg(short = 'r', long, default_value_t = 5)]
+    pub repetitions: usize,
+    #[arg(short = 't', long)]
+    pub threads: Option<usize>,
+    /// Print a JSON array (llama-bench's key names)
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Serialize)]
+struct TestResult {
+    model_filename: String,
+    model_type: String,
+    n_threads: usize,
+    n_prompt: usize,
+    n_gen: usize,
+    avg_ns: u64,
+    stddev_ns: u64,
+    avg_ts: f64,
+    stddev_ts: f64,
+    samples_ns: Vec<u64>,
+    samples_ts: Vec<f64>,
+}
+
+fn mean_sd(xs: &[f64]) -> (f64, f64) {
+    let n = xs.len() as f64;
+    let mean = xs.iter().sum::<f64>() / n;
+    let var = if xs.len() > 1 { xs.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (n - 1.0) } else { 0.0 };
+    (mean, var.sqrt())
+}
+
+pub fn main(args: BenchArgs) -> anyhow::Result<()> {
+    if args.repetitions == 0 {
+        anyhow::bail!("--repetitions must be at least 1");
+    }
+    let model = super::load_model(&args.model, args.json)?;
+    let threads = args.threads.unwrap_or_else(super::default_threads);
+    let compute = super::compute(Some(threads));
+    let ctx = (args.n_prompt.max(args.n_gen) + 1).max(16);
+    let mut session = Session::new(Arc::clone(&model), compute, ctx);
+    let cfg = model.model.config().clone();
+    let vocab = cfg.vocab_size as u64;
+    let mut rng = Rng::seeded(1234);
+    let mut random_tokens = |n: usize| -> Vec<u32> { (0..n).map(|_| (rng.next_u64() % vocab) as u32).collect() };
+
+    let mut tests = Vec::new();
+    if args.n_prompt > 0 {
+        tests.push((args.n_prompt, 0));
+    }
+    if args.n_gen > 0 {
+        tests.push((0, args.n_gen));
+    }
+    let mut results = Vec::new();
+    for (n_prompt, n_gen) in tests {
+        let mut run = || -> anyhow::Result<u64> {
+            session.reset();
+            let t = Instant::now();
+            if n_prompt > 0 {
+                session.eval(&random_tokens(n_prompt), 0)?;
+            } else {
+                for (pos, tok) in random_tokens(n_gen).into_iter().enumerate() {
+                    session.eval(&[tok], pos)?;
+                }
+            }
+            Ok(t.elapsed().as_nanos() as u64)
+        };
+        run()?; // warm-up, as llama-bench does
+        let samples_ns: Vec<u64> = (0..args.repetitions).map(|_| run()).collect::<anyhow::Result<_>>()?;
+        let n = (n_prompt + n_gen) as f64;
+        let samples_ts: Vec<f64> = samples_ns.iter().map(|&ns| n / (ns as f64 / 1e9)).collect();
+        let (avg_ts, stddev_ts) = mean_sd(&samples_ts);
+        let (avg_ns, stddev_ns) = mean_sd(&samples_ns.iter().map(|&x| x as f64).collect::<Vec<_>>());
+        results.push(TestResult {
+            model_filename: model.path.display().to_string(),
+            model_type: format!("{} {}", cfg.architecture, cfg.name),
+            n_threads: threads,
+            n_prompt,
+            n_gen,
+            avg_ns: avg_ns as u64,
+            stddev_ns: stddev_ns as u64,
+            avg_ts,
+            stddev_ts,
+            samples_ns,
+            samples_ts,
+        });
+    }
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&results)?);
+    } else {
+        let size_mib = std::fs::metadata(&model.path).map(|m| m.len()).unwrap_or(0) as f64 / (1 << 20) as f64;
+        println!("| model | size | threads | test | t/s |");
+        println!("| --- | ---: | ---: | ---: | ---: |");
+        for r in &results {
+            let test = if r.n_prompt > 0 { format!("pp{}", r.n_prompt) } else { format!("tg{}", r.n_gen) };
+            println!("| {} | {:.2} MiB | {} | {} | {:.2} ± {:.2} |", r.model_type, size_mib, r.n_threads, test, r.avg_ts, r.stddev_ts);
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,55 @@
+//! Command-line front ends over the worker library.
+
+pub mod bench;
+pub mod info;
+pub mod pull;
+pub mod run;
+
+use kiln_worker::layers::Compute;
+use kiln_worker::loader::LoadedModel;
+use std::sync::Arc;
+use std::time::Instant;
+
+/// One line for an error and its causes, without a backtrace.
+pub fn describe(e: &anyhow::Error) -> String {
+    let mut s = e.to_string();
+    for cause in e.chain().skip(1) {
+        let c = cause.to_string();
+        if !s.contains(&c) {
+            s.push_str(": ");
+            s.push_str(&c);
+        }
+    }
+    s
+}
+
+pub fn default_threads() -> usize {
+    std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+}
+
+/// Resolves a model argument (path or known name, fetched on first use) and loads it.
+pub fn load_model(arg: &str, quiet: bool) -> anyhow::Result<Arc<LoadedModel>> {
+    let path = kiln_worker::assets::resolve(arg, &mut |msg| eprintln!("kiln: {msg}"))?;
+    let t = Instant::now();
+    let model = LoadedModel::load(&path)?;
+    if !model.unused_tensors.is_empty() {
+        eprintln!("kiln: warning: {} tensors in the file were not used: {}", model.unused_tensors.len(), model.unused_tensors.join(", "));
+    }
+    if !quiet {
+        let cfg = model.model.config();
+        eprintln!(
+            "kiln: loaded {} ({}, {} layers, vocab {}) from {} in {:.0} ms",
+            cfg.name,
+            cfg.architecture,
+            cfg.num_layers,
+            cfg.vocab_size,
+            path.display(),
+            t.elapsed().as_secs_f64() * 1e3
+        );
+    }
+    Ok(Arc::new(model))
+}
+
+pub fn compute(threads: Option<usize>) -> Arc<Compute> {
+    Arc::new(Compute::new(threads.unwrap_or_else(default_threads)))
+}

@@ -1,0 +1,229 @@
+//! `kiln-worker run`: an interactive chat, or one completion with `-i`.
+
+use kiln_shared::chat::ChatMessage;
+use kiln_shared::sampling::SamplingParams;
+use kiln_worker::engine::{FinishReason, GenerationRequest, Session};
+use std::io::{BufRead, Write};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+#[derive(clap::Args)]
+pub struct RunArgs {
+    /// Model file, or a known model name (smollm2, gemma3) fetched on first use
+    #[arg(short, long, default_value = "smollm2")]
+    pub model: String,
+    /// Answer this one prompt and exit; only the answer goes to stdout
+    #[arg(short = 'i', long = "input")]
+    pub input: Option<String>,
+    /// Complete the text as is, without the chat template
+    #[arg(long)]
+    pub raw: bool,
+    /// System prompt for chat
+    #[arg(long)]
+    pub system: Option<String>,
+    /// Most tokens to generate (default: until the model stops or the context is full)
+    #[arg(short = 'n', long)]
+    pub max_tokens: Option<usize>,
+    /// 0 means greedy
+    #[arg(long, default_value_t = 0.8)]
+    pub temperature: f32,
+    /// 0 disables
+    #[arg(long, default_value_t = 40)]
+    pub top_k: usize,
+    /// 1 disables
+    #[arg(long, default_value_t = 0.95)]
+    pub top_p: f32,
+    /// 0 disables
+    #[arg(long, default_value_t = 0.05)]
+    pub min_p: f32,
+    /// 1 disables
+    #[arg(long, default_value_t = 1.0)]
+    pub repeat_penalty: f32,
+    /// Tokens the repetition penalty looks back over
+    #[arg(long, default_value_t = 64)]
+    pub repeat_last_n: usize,
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Stop when this text appears (repeatable)
+    #[arg(long = "stop")]
+    pub stop: Vec<String>,
+    /// Context window in tokens (default: the model's, at most 4096)
+    #[arg(short = 'c', long)]
+    pub ctx_size: Option<usize>,
+    /// Compute threads (default: all cores)
+    #[arg(short = 't', long)]
+    pub threads: Option<usize>,
+    /// Keep generating past end-of-generation tokens
+    #[arg(long)]
+    pub ignore_eos: bool,
+    /// Print timings after each answer
+    #[arg(short, long)]
+    pub verbose: bool,
+}
+
+impl RunArgs {
+    fn sampling(&self) -> SamplingParams {
+        SamplingParams {
+            temperature: self.temperature,
+            top_k: self.top_k,
+            top_p: self.top_p,
+            min_p: self.min_p,
+            repeat_penalty: self.repeat_penalty,
+            repeat_last_n: self.repeat_last_n,
+            seed: self.seed,
+            ..SamplingParams::default()
+        }
+    }
+}
+
+/// Set by Ctrl-C while an answer is streaming; the answer stops, the program does not.
+static CANCEL: AtomicBool = AtomicBool::new(false);
+static GENERATING: AtomicBool = AtomicBool::new(false);
+
+pub fn main(args: RunArgs) -> anyhow::Result<()> {
+    args.sampling().validate()?;
+    if args.ctx_size == Some(0) {
+        anyhow::bail!("--ctx-size must be positive");
+    }
+    let model = super::load_model(&args.model, args.input.is_some() && !args.verbose)?;
+    let compute = super::compute(args.threads);
+    let ctx = args.ctx_size.unwrap_or(model.model.config().max_context_len.min(4096));
+    let mut session = Session::new(Arc::clone(&model), compute, ctx);
+    ctrlc::set_handler(|| {
+        if GENERATING.load(Ordering::SeqCst) {
+            CANCEL.store(true, Ordering::SeqCst);
+        } else {
+            eprint!("\n(type /exit or press Ctrl-D to quit)\n> ");
+        }
+    })?;
+    match &args.input {
+        Some(text) => one_shot(&args, &mut session, text),
+        None => chat(&args, &mut session),
+    }
+}
+
+fn request(args: &RunArgs, prompt: Vec<u32>) -> GenerationRequest {
+    GenerationRequest { prompt, sampling: args.sampling(), max_tokens: args.max_tokens, stop: args.stop.clone(), ignore_eos: args.ignore_eos }
+}
+
+fn stream(args: &RunArgs, session: &mut Session, prompt: Vec<u32>) -> anyhow::Result<kiln_worker::engine::Completion> {
+    let stdout = std::io::stdout();
+    CANCEL.store(false, Ordering::SeqCst);
+    GENERATING.store(true, Ordering::SeqCst);
+    let result = session.generate(&request(args, prompt), &CANCEL, |piece| {
+        let mut out = stdout.lock();
+        let _ = out.write_all(piece.as_bytes());
+        let _ = out.flush();
+    });
+    GENERATING.store(false, Ordering::SeqCst);
+    let completion = result?;
+    if args.verbose {
+        let u = &completion.usage;
+        eprintln!(
+            "\nkiln: prompt {} tokens ({} cached) in {:.0} ms, {} tokens in {:.0} ms ({:.1} t/s), finish: {:?}",
+            u.prompt_tokens,
+            u.cached_tokens,
+            u.prefill_ms,
+            u.completion_tokens,
+            u.decode_ms,
+            u.completion_tokens as f64 / (u.decode_ms / 1e3).max(1e-9),
+            completion.finish
+        );
+    }
+    Ok(completion)
+}
+
+fn one_shot(args: &RunArgs, session: &mut Session, text: &str) -> anyhow::Result<()> {
+    let model = session_model(session);
+    let prompt = if args.raw {
+        model.encode_raw(text)
+    } else {
+        let mut messages = Vec::new();
+        if let Some(system) = &args.system {
+            messages.push(ChatMessage::new("system", system.clone()));
+        }
+        messages.push(ChatMessage::new("user", text));
+        model.encode_chat(&messages)?
+    };
+    let completion = stream(args, session, prompt)?;
+    println!();
+    if completion.finish == FinishReason::ContextFull {
+        eprintln!("kiln: stopped: the context window ({} tokens) is full", session.context_len());
+    }
+    Ok(())
+}
+
+fn session_model(session: &Session) -> Arc<kiln_worker::loader::LoadedModel> {
+    session.model()
+}
+
+fn chat(args: &RunArgs, session: &mut Session) -> anyhow::Result<()> {
+    let model = session_model(session);
+    let cfg = model.model.config();
+    eprintln!(
+        "kiln chat · {} · context {} tokens · /help for commands, Ctrl-C stops an answer, Ctrl-D quits",
+        cfg.name,
+        session.context_len()
+    );
+    let mut system = args.system.clone();
+    let mut history: Vec<ChatMessage> = Vec::new();
+    let stdin = std::io::stdin();
+    let mut line = String::new();
+    loop {
+        eprint!("> ");
+        line.clear();
+        if stdin.lock().read_line(&mut line)? == 0 {
+            eprintln!();
+            return Ok(());
+        }
+        let input = line.trim_end_matches(['\n', '\r']);
+        if input.trim().is_empty() {
+            continue;
+        }
+        if let Some(command) = input.strip_prefix('/') {
+            let (name, rest) = command.split_once(' ').unwrap_or((command, ""));
+            match name {
+                "exit" | "quit" => return Ok(()),
+                "clear" => {
+                    history.clear();
+                    eprintln!("(conversation cleared)");
+                }
+                "system" => {
+                    system = Some(rest.trim().to_string()).filter(|s| !s.is_empty());
+                    history.clear();
+                    eprintln!("(system prompt {}; conversation cleared)", if system.is_some() { "set" } else { "removed" });
+                }
+                "help" => eprintln!("/clear  forget the conversation\n/system TEXT  set the system prompt (empty removes it)\n/exit  quit"),
+                _ => eprintln!("unknown command /{name} (try /help)"),
+            }
+            continue;
+        }
+        history.push(ChatMessage::new("user", input));
+        let mut messages: Vec<ChatMessage> = system.iter().map(|s| ChatMessage::new("system", s.clone())).collect();
+        messages.extend(history.iter().cloned());
+        let prompt = match model.encode_chat(&messages) {
+            Ok(p) => p,
+            Err(e) => {
+                eprintln!("error: {e}");
+                history.pop();
+                continue;
+            }
+        };
+        match stream(args, session, prompt) {
+            Ok(c) => {
+                println!();
+                match c.finish {
+                    FinishReason::Cancelled => eprintln!("(stopped)"),
+                    FinishReason::ContextFull => eprintln!("(the context window is full; /clear to start over)"),
+                    FinishReason::Length => eprintln!("(token limit reached)"),
+                    FinishReason::Stop => {}
+                }
+                history.push(ChatMessage::new("assistant", c.text));
+            }
+            Err(e) => {
+                eprintln!("error: {e}");
+                history.pop();
+            }
+        }
+    }
+}

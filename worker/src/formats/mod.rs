@@ -1,0 +1,6 @@
+//! Model file formats.
+
+pub mod gguf;
+pub mod gguf_value;
+pub mod gguf_vocab;
+pub mod names;

@@ -1,0 +1,53 @@
+//! The one table between Hugging Face tensor names (which model code uses) and GGUF names.
+
+/// GGUF name of a Hugging Face tensor name, for architecture `arch`.
+pub fn gguf_name(arch: &str, hf: &str) -> Option<String> {
+    let global = [
+        ("model.embed_tokens.weight", "token_embd.weight"),
+        ("model.norm.weight", "output_norm.weight"),
+        ("lm_head.weight", "output.weight"),
+    ];
+    if let Some((_, g)) = global.iter().find(|(h, _)| *h == hf) {
+        return Some(g.to_string());
+    }
+    let rest = hf.strip_prefix("model.layers.")?;
+    let (index, suffix) = rest.split_once('.')?;
+    let layer: usize = index.parse().ok()?;
+    // Gemma 2/3 put a norm after attention and a pair around the MLP; in Llama-style models
+    // `post_attention_layernorm` is the norm *before* the MLP.
+    let sandwich = matches!(arch, "gemma2" | "gemma3");
+    let part = match suffix {
+        "input_layernorm.weight" => "attn_norm.weight",
+        "post_attention_layernorm.weight" if sandwich => "post_attention_norm.weight",
+        "post_attention_layernorm.weight" => "ffn_norm.weight",
+        "pre_feedforward_layernorm.weight" => "ffn_norm.weight",
+        "post_feedforward_layernorm.weight" => "post_ffw_norm.weight",
+        "self_attn.q_proj.weight" => "attn_q.weight",
+        "self_attn.k_proj.weight" => "attn_k.weight",
+        "self_attn.v_proj.weight" => "attn_v.weight",
+        "self_attn.o_proj.weight" => "attn_output.weight",
+        "self_attn.q_norm.weight" => "attn_q_norm.weight",
+        "self_attn.k_norm.weight" => "attn_k_norm.weight",
+        "mlp.gate_proj.weight" => "ffn_gate.weight",
+        "mlp.up_proj.weight" => "ffn_up.weight",
+        "mlp.down_proj.weight" => "ffn_down.weight",
+        _ => return None,
+    };
+    Some(format!("blk.{layer}.{part}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::gguf_name;
+
+    #[test]
+    fn maps_llama_and_gemma_names() {
+        assert_eq!(gguf_name("llama", "model.layers.3.self_attn.q_proj.weight").unwrap(), "blk.3.attn_q.weight");
+        assert_eq!(gguf_name("llama", "model.layers.0.post_attention_layernorm.weight").unwrap(), "blk.0.ffn_norm.weight");
+        assert_eq!(gguf_name("gemma3", "model.layers.0.post_attention_layernorm.weight").unwrap(), "blk.0.post_attention_norm.weight");
+        assert_eq!(gguf_name("gemma3", "model.layers.1.pre_feedforward_layernorm.weight").unwrap(), "blk.1.ffn_norm.weight");
+        assert_eq!(gguf_name("llama", "model.embed_tokens.weight").unwrap(), "token_embd.weight");
+        assert_eq!(gguf_name("llama", "model.layers.x.mlp.up_proj.weight"), None);
+        assert_eq!(gguf_name("llama", "model.layers.2.mystery.weight"), None);
+    }
+}

@@ -1,0 +1,101 @@
+//! Self-attention: q/k/v projections, optional per-head q/k RMSNorm, rotary embeddings,
+//! the write of new keys and values into the paged cache, attention over each sequence's
+//! history, and the output projection.
+
+use super::linear::{project, Linear, Projection};
+use super::norm::RmsNorm;
+use super::rope::{Rope, RopeTable};
+use super::Compute;
+use crate::error::Result;
+use crate::models::batch::Batch;
+use crate::models::scratch::LayerScratch;
+use kiln_kernels::attention::{attention, AttentionParams, KvStore, SeqSpan};
+
+#[derive(Clone, Copy, Debug)]
+pub struct AttentionConfig {
+    pub num_heads: usize,
+    pub num_kv_heads: usize,
+    pub head_dim: usize,
+    /// Multiplies raw q·k scores (1/sqrt(head_dim) for most models).
+    pub score_scale: f32,
+    /// Multiplies queries before the product instead (Gemma's query_pre_attn_scalar).
+    pub query_scale: Option<f32>,
+    pub sliding_window: Option<usize>,
+    pub softcap: Option<f32>,
+    pub rope: Rope,
+}
+
+pub struct Attention {
+    pub q_proj: Linear,
+    pub k_proj: Linear,
+    pub v_proj: Linear,
+    pub o_proj: Linear,
+    pub q_norm: Option<RmsNorm>,
+    pub k_norm: Option<RmsNorm>,
+    pub cfg: AttentionConfig,
+}
+
+impl Attention {
+    /// `x` is the normed input `[rows, hidden]`; the result goes to `out` `[rows, hidden]`.
+    pub fn forward(
+        &self,
+        compute: &Compute,
+        x: &[f32],
+        batch: &Batch,
+        rope: &RopeTable,
+        kv: &mut KvStore,
+        s: &mut LayerScratch,
+        out: &mut [f32],
+    ) -> Result<()> {
+        let c = &self.cfg;
+        let rows = batch.num_rows();
+        let (q_len, kv_len) = (c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim);
+        s.q.resize(rows * q_len, 0.0);
+        s.k.resize(rows * kv_len, 0.0);
+        s.v.resize(rows * kv_len, 0.0);
+        s.attn.resize(rows * q_len, 0.0);
+        project(
+            compute,
+            x,
+            rows,
+            &mut s.acts,
+            &mut [
+                Projection { linear: &self.q_proj, out: &mut s.q },
+                Projection { linear: &self.k_proj, out: &mut s.k },
+                Projection { linear: &self.v_proj, out: &mut s.v },
+            ],
+        )?;
+        for r in 0..rows {
+            let q = &mut s.q[r * q_len..(r + 1) * q_len];
+            let k = &mut s.k[r * kv_len..(r + 1) * kv_len];
+            if let Some(n) = &self.q_norm {
+                n.forward_in_place(q);
+            }
+            if let Some(n) = &self.k_norm {
+                n.forward_in_place(k);
+            }
+            rope.apply(&c.rope, r, q, c.head_dim);
+            rope.apply(&c.rope, r, k, c.head_dim);
+            if let Some(scale) = c.query_scale {
+                kiln_kernels::ops::scale_in_place(q, scale);
+            }
+            kv.write(batch.slots[r] as usize, k, &s.v[r * kv_len..(r + 1) * kv_len]);
+        }
+        let spans: Vec<SeqSpan> = batch
+            .seqs
+            .iter()
+            .map(|seq| SeqSpan { rows: seq.rows.clone(), first_pos: seq.first_pos, block_table: &seq.block_table })
+            .collect();
+        let params = AttentionParams {
+            num_heads: c.num_heads,
+            num_kv_heads: c.num_kv_heads,
+            head_dim: c.head_dim,
+            scale: c.score_scale,
+            window: c.sliding_window,
+            softcap: c.softcap,
+            block_size: batch.block_size,
+        };
+        attention(&compute.pool, compute.isa, &params, kv, &spans, &s.q, &mut s.attn, &mut s.attention);
+        project(compute, &s.attn, rows, &mut s.acts, &mut [Projection { linear: &self.o_proj, out }])
+    }
+}

@@ -1,0 +1,50 @@
+//! Linear layers over any ggml weight format. Quantization is a property of the weight,
+//! not of the model: the kernels pick the product for whatever format the file holds.
+
+use super::weights::MatrixRef;
+use super::Compute;
+use crate::error::Result;
+use kiln_kernels::matmul::{matmul_group, Activations, MatMulJob};
+use kiln_kernels::DType;
+
+pub struct Linear {
+    pub weight: MatrixRef,
+}
+
+impl Linear {
+    pub fn rows(&self) -> usize {
+        self.weight.rows
+    }
+
+    pub fn cols(&self) -> usize {
+        self.weight.cols
+    }
+}
+
+/// One linear layer of a grouped projection and where its output goes (`[num_rows, rows]`).
+pub struct Projection<'a, 'b> {
+    pub linear: &'a Linear,
+    pub out: &'b mut [f32],
+}
+
+/// Computes several linear layers that read the same input (`[num_rows, cols]`): the input
+/// is converted once per activation format, and layers sharing a format run in one dispatch.
+pub fn project(compute: &Compute, input: &[f32], num_rows: usize, acts: &mut Activations, projections: &mut [Projection]) -> Result<()> {
+    let mut done = vec![false; projections.len()];
+    for i in 0..projections.len() {
+        if done[i] {
+            continue;
+        }
+        let act_type: DType = projections[i].linear.weight.dtype.activation_type();
+        acts.prepare(input, num_rows, projections[i].linear.cols(), projections[i].linear.weight.dtype)?;
+        let mut jobs = Vec::new();
+        for (j, p) in projections.iter_mut().enumerate().skip(i) {
+            if !done[j] && p.linear.weight.dtype.activation_type() == act_type {
+                done[j] = true;
+                jobs.push(MatMulJob { weight: p.linear.weight.view(), out: &mut *p.out });
+            }
+        }
+        matmul_group(&compute.pool, compute.isa, acts, &mut jobs)?;
+    }
+    Ok(())
+}

@@ -1,0 +1,25 @@
+//! RMSNorm over rows. Gemma's `1 + weight` convention is already folded into GGUF weights.
+
+use kiln_kernels::ops;
+
+pub struct RmsNorm {
+    pub weight: Vec<f32>,
+    pub eps: f32,
+}
+
+impl RmsNorm {
+    /// Normalizes each row of `x` (`[rows, dim]`) into `out`.
+    pub fn forward(&self, x: &[f32], out: &mut [f32]) {
+        let dim = self.weight.len();
+        for (src, dst) in x.chunks_exact(dim).zip(out.chunks_exact_mut(dim)) {
+            ops::rms_norm(src, &self.weight, self.eps, dst);
+        }
+    }
+
+    /// Normalizes each `dim`-long piece of `x` in place (per-head q/k norms).
+    pub fn forward_in_place(&self, x: &mut [f32]) {
+        for piece in x.chunks_exact_mut(self.weight.len()) {
+            ops::rms_norm_in_place(piece, &self.weight, self.eps);
+        }
+    }
+}

@@ -1,0 +1,13 @@
+//! kiln's worker: everything between model bytes on disk and sampled tokens.
+
+pub mod assets;
+pub mod engine;
+pub mod error;
+pub mod formats;
+pub mod kv_cache;
+pub mod layers;
+pub mod loader;
+pub mod models;
+pub mod sampler;
+
+pub use error::{Error, Result};

@@ -1,0 +1,120 @@
+//! Gemma 3 text decoder. Follows transformers' modeling_gemma3: embeddings scaled by
+//! sqrt(hidden), RMSNorm before and after both attention and MLP, per-head q/k RMSNorm,
+//! GeGLU, and interleaved sliding-window (local RoPE base) and global layers.
+
+use super::batch::Batch;
+use super::config::ModelConfig;
+use super::scratch::{tap, Scratch};
+use super::{CausalLm, LmHead};
+use crate::error::Result;
+use crate::kv_cache::KvCache;
+use crate::layers::attention::AttentionConfig;
+use crate::layers::mlp::{Activation, GatedMlp};
+use crate::layers::rope::Rope;
+use crate::layers::{Attention, Compute, Embedding, Linear, RmsNorm, WeightSource};
+
+struct DecoderLayer {
+    input_layernorm: RmsNorm,
+    self_attn: Attention,
+    post_attention_layernorm: RmsNorm,
+    pre_feedforward_layernorm: RmsNorm,
+    mlp: GatedMlp,
+    post_feedforward_layernorm: RmsNorm,
+    /// Index into the model's RoPE tables: 0 global, 1 local.
+    rope_table: usize,
+}
+
+pub struct Gemma3 {
+    cfg: ModelConfig,
+    embed_tokens: Embedding,
+    layers: Vec<DecoderLayer>,
+    head: LmHead,
+    /// Global and local rotary settings.
+    ropes: [Rope; 2],
+}
+
+pub fn load(cfg: &ModelConfig, w: &WeightSource) -> Result<Box<dyn CausalLm>> {
+    let (h, hd) = (cfg.hidden_size, cfg.head_dim);
+    let global = Rope { base: cfg.rope_base, rotary_dims: cfg.rope_dims, style: cfg.rope_style };
+    let local = Rope { base: cfg.rope_base_local.unwrap_or(cfg.rope_base), ..global };
+    let norm = |name: String, len: usize| -> Result<RmsNorm> { Ok(RmsNorm { weight: w.vector(&name, len)?, eps: cfg.rms_eps }) };
+    let linear = |name: String, rows: usize, cols: usize| -> Result<Linear> { Ok(Linear { weight: w.matrix(&name, rows, cols)? }) };
+    let mut layers = Vec::with_capacity(cfg.num_layers);
+    for i in 0..cfg.num_layers {
+        let p = format!("model.layers.{i}");
+        let sliding = cfg.is_sliding[i];
+        layers.push(DecoderLayer {
+            input_layernorm: norm(format!("{p}.input_layernorm.weight"), h)?,
+            self_attn: Attention {
+                q_proj: linear(format!("{p}.self_attn.q_proj.weight"), cfg.num_heads * hd, h)?,
+                k_proj: linear(format!("{p}.self_attn.k_proj.weight"), cfg.num_kv_heads * hd, h)?,
+                v_proj: linear(format!("{p}.self_attn.v_proj.weight"), cfg.num_kv_heads * hd, h)?,
+                o_proj: linear(format!("{p}.self_attn.o_proj.weight"), h, cfg.num_heads * hd)?,
+                q_norm: Some(norm(format!("{p}.self_attn.q_norm.weight"), hd)?),
+                k_norm: Some(norm(format!("{p}.self_attn.k_norm.weight"), hd)?),
+                cfg: AttentionConfig {
+                    num_heads: cfg.num_heads,
+                    num_kv_heads: cfg.num_kv_heads,
+                    head_dim: hd,
+                    score_scale: 1.0,
+                    // query_pre_attn_scalar = head_dim for the released text models.
+                    query_scale: Some(1.0 / (hd as f32).sqrt()),
+                    sliding_window: cfg.sliding_window.filter(|_| sliding),
+                    softcap: None,
+                    rope: if sliding { local } else { global },
+                },
+            },
+            post_attention_layernorm: norm(format!("{p}.post_attention_layernorm.weight"), h)?,
+            pre_feedforward_layernorm: norm(format!("{p}.pre_feedforward_layernorm.weight"), h)?,
+            mlp: GatedMlp {
+                gate_proj: linear(format!("{p}.mlp.gate_proj.weight"), cfg.intermediate_size, h)?,
+                up_proj: linear(format!("{p}.mlp.up_proj.weight"), cfg.intermediate_size, h)?,
+                down_proj: linear(format!("{p}.mlp.down_proj.weight"), h, cfg.intermediate_size)?,
+                activation: Activation::GeluTanh,
+            },
+            post_feedforward_layernorm: norm(format!("{p}.post_feedforward_layernorm.weight"), h)?,
+            rope_table: usize::from(sliding),
+        });
+    }
+    let embed_tokens = Embedding { table: linear("model.embed_tokens.weight".into(), cfg.vocab_size, h)?, scale: Some((h as f32).sqrt()) };
+    let head = LmHead::load(w, cfg)?;
+    Ok(Box::new(Gemma3 { cfg: cfg.clone(), embed_tokens, layers, head, ropes: [global, local] }))
+}
+
+impl CausalLm for Gemma3 {
+    fn config(&self) -> &ModelConfig {
+        &self.cfg
+    }
+
+    fn forward(&self, compute: &Compute, batch: &Batch, kv: &mut KvCache, s: &mut Scratch, logits: &mut Vec<f32>) -> Result<()> {
+        let rows = batch.num_rows();
+        s.prepare(rows, self.cfg.hidden_size);
+        self.embed_tokens.forward(&batch.tokens, &mut s.x)?;
+        tap(&mut s.tap, || "inp_scaled".into(), &s.x);
+        s.rope.resize_with(2, Default::default);
+        for (table, rope) in s.rope.iter_mut().zip(&self.ropes) {
+            table.fill(rope, &batch.positions);
+        }
+        for (i, (layer, kv_layer)) in self.layers.iter().zip(kv.layers.iter_mut()).enumerate() {
+            layer.input_layernorm.forward(&s.x, &mut s.xn);
+            layer.self_attn.forward(compute, &s.xn, batch, &s.rope[layer.rope_table], kv_layer, &mut s.layer, &mut s.y)?;
+            tap(&mut s.tap, || format!("Qcur-{i}"), &s.layer.q);
+            tap(&mut s.tap, || format!("kqv_out-{i}"), &s.layer.attn);
+            tap(&mut s.tap, || format!("attn_out-{i}"), &s.y);
+            layer.post_attention_layernorm.forward(&s.y, &mut s.xn);
+            tap(&mut s.tap, || format!("attn_post_norm-{i}"), &s.xn);
+            kiln_kernels::ops::add_in_place(&mut s.x, &s.xn);
+            tap(&mut s.tap, || format!("sa_out-{i}"), &s.x);
+            layer.pre_feedforward_layernorm.forward(&s.x, &mut s.xn);
+            tap(&mut s.tap, || format!("ffn_norm-{i}"), &s.xn);
+            layer.mlp.forward(compute, &s.xn, rows, &mut s.layer, &mut s.y)?;
+            tap(&mut s.tap, || format!("ffn_up-{i}"), &s.layer.up);
+            tap(&mut s.tap, || format!("ffn_geglu-{i}"), &s.layer.gate);
+            tap(&mut s.tap, || format!("ffn_out-{i}"), &s.y);
+            layer.post_feedforward_layernorm.forward(&s.y, &mut s.xn);
+            kiln_kernels::ops::add_in_place(&mut s.x, &s.xn);
+            tap(&mut s.tap, || format!("l_out-{i}"), &s.x);
+        }
+        self.head.forward(compute, batch, s, logits)
+    }
+}

@@ -1,0 +1,99 @@
+//! Llama-family decoder (Llama 2/3, SmolLM2 and other checkpoints of the same shape).
+//! Follows transformers' modeling_llama: pre-norm attention and SwiGLU MLP blocks.
+
+use super::batch::Batch;
+use super::config::ModelConfig;
+use super::scratch::{tap, Scratch};
+use super::{CausalLm, LmHead};
+use crate::error::Result;
+use crate::kv_cache::KvCache;
+use crate::layers::attention::AttentionConfig;
+use crate::layers::mlp::{Activation, GatedMlp};
+use crate::layers::rope::Rope;
+use crate::layers::{Attention, Compute, Embedding, Linear, RmsNorm, WeightSource};
+
+struct DecoderLayer {
+    input_layernorm: RmsNorm,
+    self_attn: Attention,
+    post_attention_layernorm: RmsNorm,
+    mlp: GatedMlp,
+}
+
+pub struct Llama {
+    cfg: ModelConfig,
+    embed_tokens: Embedding,
+    layers: Vec<DecoderLayer>,
+    head: LmHead,
+    rope: Rope,
+}
+
+pub fn load(cfg: &ModelConfig, w: &WeightSource) -> Result<Box<dyn CausalLm>> {
+    let (h, hd) = (cfg.hidden_size, cfg.head_dim);
+    let rope = Rope { base: cfg.rope_base, rotary_dims: cfg.rope_dims, style: cfg.rope_style };
+    let norm = |name: &str| -> Result<RmsNorm> { Ok(RmsNorm { weight: w.vector(name, h)?, eps: cfg.rms_eps }) };
+    let linear = |name: String, rows: usize, cols: usize| -> Result<Linear> { Ok(Linear { weight: w.matrix(&name, rows, cols)? }) };
+    let mut layers = Vec::with_capacity(cfg.num_layers);
+    for i in 0..cfg.num_layers {
+        let p = format!("model.layers.{i}");
+        layers.push(DecoderLayer {
+            input_layernorm: norm(&format!("{p}.input_layernorm.weight"))?,
+            self_attn: Attention {
+                q_proj: linear(format!("{p}.self_attn.q_proj.weight"), cfg.num_heads * hd, h)?,
+                k_proj: linear(format!("{p}.self_attn.k_proj.weight"), cfg.num_kv_heads * hd, h)?,
+                v_proj: linear(format!("{p}.self_attn.v_proj.weight"), cfg.num_kv_heads * hd, h)?,
+                o_proj: linear(format!("{p}.self_attn.o_proj.weight"), h, cfg.num_heads * hd)?,
+                q_norm: None,
+                k_norm: None,
+                cfg: AttentionConfig {
+                    num_heads: cfg.num_heads,
+                    num_kv_heads: cfg.num_kv_heads,
+                    head_dim: hd,
+                    score_scale: 1.0 / (hd as f32).sqrt(),
+                    query_scale: None,
+                    sliding_window: cfg.sliding_window.filter(|_| cfg.is_sliding[i]),
+                    softcap: None,
+                    rope,
+                },
+            },
+            post_attention_layernorm: norm(&format!("{p}.post_attention_layernorm.weight"))?,
+            mlp: GatedMlp {
+                gate_proj: linear(format!("{p}.mlp.gate_proj.weight"), cfg.intermediate_size, h)?,
+                up_proj: linear(format!("{p}.mlp.up_proj.weight"), cfg.intermediate_size, h)?,
+                down_proj: linear(format!("{p}.mlp.down_proj.weight"), h, cfg.intermediate_size)?,
+                activation: Activation::Silu,
+            },
+        });
+    }
+    let embed_tokens = Embedding { table: linear("model.embed_tokens.weight".into(), cfg.vocab_size, h)?, scale: None };
+    let head = LmHead::load(w, cfg)?;
+    Ok(Box::new(Llama { cfg: cfg.clone(), embed_tokens, layers, head, rope }))
+}
+
+impl CausalLm for Llama {
+    fn config(&self) -> &ModelConfig {
+        &self.cfg
+    }
+
+    fn forward(&self, compute: &Compute, batch: &Batch, kv: &mut KvCache, s: &mut Scratch, logits: &mut Vec<f32>) -> Result<()> {
+        let rows = batch.num_rows();
+        s.prepare(rows, self.cfg.hidden_size);
+        self.embed_tokens.forward(&batch.tokens, &mut s.x)?;
+        s.rope.resize_with(1, Default::default);
+        s.rope[0].fill(&self.rope, &batch.positions);
+        for (i, (layer, kv_layer)) in self.layers.iter().zip(kv.layers.iter_mut()).enumerate() {
+            layer.input_layernorm.forward(&s.x, &mut s.xn);
+            tap(&mut s.tap, || format!("attn_norm-{i}"), &s.xn);
+            layer.self_attn.forward(compute, &s.xn, batch, &s.rope[0], kv_layer, &mut s.layer, &mut s.y)?;
+            tap(&mut s.tap, || format!("Qcur-{i}"), &s.layer.q);
+            tap(&mut s.tap, || format!("kqv_out-{i}"), &s.layer.attn);
+            tap(&mut s.tap, || format!("attn_out-{i}"), &s.y);
+            kiln_kernels::ops::add_in_place(&mut s.x, &s.y);
+            layer.post_attention_layernorm.forward(&s.x, &mut s.xn);
+            layer.mlp.forward(compute, &s.xn, rows, &mut s.layer, &mut s.y)?;
+            tap(&mut s.tap, || format!("ffn_out-{i}"), &s.y);
+            kiln_kernels::ops::add_in_place(&mut s.x, &s.y);
+            tap(&mut s.tap, || format!("l_out-{i}"), &s.x);
+        }
+        self.head.forward(compute, batch, s, logits)
+    }
+}

@@ -1,0 +1,61 @@
+//! Model architectures, each assembled from `layers`, and the registry that picks one by
+//! the architecture name in the file.
+
+pub mod batch;
+pub mod config;
+pub mod gemma3;
+pub mod llama;
+pub mod registry;
+pub mod scratch;
+
+use crate::error::Result;
+use crate::kv_cache::KvCache;
+use crate::layers::{Compute, Linear, Projection, RmsNorm, WeightSource};
+use batch::Batch;
+use config::ModelConfig;
+use scratch::Scratch;
+
+/// A decoder-only language model.
+pub trait CausalLm: Send + Sync {
+    fn config(&self) -> &ModelConfig;
+
+    /// Runs `batch`, storing its keys and values in `kv`, and writes the logits of
+    /// `batch.logit_rows` to `logits` (`[logit_rows, vocab_size]`).
+    fn forward(&self, compute: &Compute, batch: &Batch, kv: &mut KvCache, scratch: &mut Scratch, logits: &mut Vec<f32>) -> Result<()>;
+}
+
+/// Final norm and output projection, shared by every architecture.
+pub struct LmHead {
+    pub norm: RmsNorm,
+    pub lm_head: Linear,
+    pub softcap: Option<f32>,
+}
+
+impl LmHead {
+    /// The output projection is `lm_head.weight`, or the embedding table when tied.
+    pub fn load(w: &WeightSource, cfg: &ModelConfig) -> Result<LmHead> {
+        let name = if w.has("lm_head.weight") { "lm_head.weight" } else { "model.embed_tokens.weight" };
+        Ok(LmHead {
+            norm: RmsNorm { weight: w.vector("model.norm.weight", cfg.hidden_size)?, eps: cfg.rms_eps },
+            lm_head: Linear { weight: w.matrix(name, cfg.vocab_size, cfg.hidden_size)? },
+            softcap: cfg.final_logit_softcap,
+        })
+    }
+
+    pub fn forward(&self, compute: &Compute, batch: &Batch, s: &mut Scratch, logits: &mut Vec<f32>) -> Result<()> {
+        let hidden = self.norm.weight.len();
+        let n = batch.logit_rows.len();
+        s.head_in.resize(n * hidden, 0.0);
+        for (i, &row) in batch.logit_rows.iter().enumerate() {
+            self.norm.forward(&s.x[row * hidden..(row + 1) * hidden], &mut s.head_in[i * hidden..(i + 1) * hidden]);
+        }
+        logits.resize(n * self.lm_head.rows(), 0.0);
+        crate::layers::project(compute, &s.head_in, n, &mut s.layer.acts, &mut [Projection { linear: &self.lm_head, out: logits }])?;
+        if let Some(cap) = self.softcap {
+            for v in logits.iter_mut() {
+                *v = cap * (*v / cap).tanh();
+            }
+        }
+        Ok(())
+    }
+}
