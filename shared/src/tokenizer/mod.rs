@@ -88,10 +88,66 @@ pub enum TokenizerError {
     Empty,
 }
 
-/// Text that end-of-generation tokens of common chat formats carry; marked as such even
-/// when a file's metadata forgets them, as llama.cpp does.
-const END_OF_TURN_TEXTS: [&str; 8] =
-    ["<|eot_id|>", "<|im_end|>", "<|end|>", "<end_of_turn>", "<|endoftext|>", "<|eom_id|>", "<|end_of_text|>", "<EOT>"];
+/// Text of end-of-generation tokens across common chat formats; marked as such (and as
+/// control tokens) even when a file's metadata forgets them, as llama.cpp does.
+const END_OF_TURN_TEXTS: [&str; 22] = [
+    "<|eot_id|>",
+    "<|im_end|>",
+    "<|end|>",
+    "<|return|>",
+    "<|call|>",
+    "<|flush|>",
+    "<|calls|>",
+    "<end_of_turn>",
+    "<|endoftext|>",
+    "</s>",
+    "<|eom_id|>",
+    "<EOT>",
+    "_<EOT>",
+    "[EOT]",
+    "[EOS]",
+    "<|end_of_text|>",
+    "<end_of_utterance>",
+    "<eos>",
+    "<turn|>",
+    "<|tool_response>",
+    "<｜end▁of▁sentence｜>",
+    "[e~[",
+];
+
+/// End-of-generation ids and kind fixes for `spec`, following llama.cpp's rules: tokens
+/// named above end generation; in formats that have `<|return|>` and `<|call|>` (or `<|calls|>`
+/// and `<|flush|>`), `<|end|>` only separates messages; where `<|tool_response>` or
+/// `<|plamo:eos|>` exists, `</s>` is ordinary text.
+fn end_of_generation(spec: &mut TokenizerSpec, token_to_id: &HashMap<String, u32>) -> Vec<u32> {
+    let mut eog: Vec<u32> = spec.eog_ids.clone();
+    eog.extend(spec.eos_id);
+    for text in END_OF_TURN_TEXTS {
+        if let Some(&id) = token_to_id.get(text) {
+            eog.push(id);
+            if !spec.kinds[id as usize].is_control() {
+                spec.kinds[id as usize] = TokenKind::Control;
+            }
+        }
+    }
+    let has = |eog: &[u32], t: &str| token_to_id.get(t).is_some_and(|id| eog.contains(id));
+    let mut demote = |text: &str, kind: TokenKind, eog: &mut Vec<u32>| {
+        if let Some(&id) = token_to_id.get(text) {
+            eog.retain(|&e| e != id);
+            spec.kinds[id as usize] = kind;
+        }
+    };
+    let separates_messages = (has(&eog, "<|return|>") && has(&eog, "<|call|>")) || (has(&eog, "<|calls|>") && has(&eog, "<|flush|>"));
+    if has(&eog, "<|end|>") && separates_messages {
+        demote("<|end|>", TokenKind::UserDefined, &mut eog);
+    }
+    if has(&eog, "</s>") && (has(&eog, "<|tool_response>") || token_to_id.contains_key("<|plamo:eos|>")) {
+        demote("</s>", TokenKind::Normal, &mut eog);
+    }
+    eog.sort_unstable();
+    eog.dedup();
+    eog
+}
 
 pub struct Tokenizer {
     spec: TokenizerSpec,
@@ -136,19 +192,7 @@ impl Tokenizer {
             // A later duplicate wins, as when the list is loaded into a map in order.
             token_to_id.insert(t.clone(), i as u32);
         }
-        let mut eog: Vec<u32> = spec.eog_ids.clone();
-        eog.extend(spec.eos_id);
-        for text in END_OF_TURN_TEXTS {
-            if let Some(&id) = token_to_id.get(text) {
-                eog.push(id);
-                if !spec.kinds[id as usize].is_control() {
-                    spec.kinds[id as usize] = TokenKind::Control;
-                }
-            }
-        }
-        eog.sort_unstable();
-        eog.dedup();
-        spec.eog_ids = eog;
+        spec.eog_ids = end_of_generation(&mut spec, &token_to_id);
 
         let mut special_by_length: Vec<u32> = (0..n as u32).filter(|&i| spec.kinds[i as usize].is_special_text()).collect();
         special_by_length.sort_by_key(|&i| std::cmp::Reverse(spec.tokens[i as usize].len()));
