@@ -25,7 +25,12 @@ pub struct LoadedModel {
 
 impl LoadedModel {
     pub fn load(path: &Path) -> Result<LoadedModel> {
-        let gguf = Arc::new(GgufFile::open(path)?);
+        Self::from_gguf(Arc::new(GgufFile::open(path)?))
+    }
+
+    /// Builds the model from an opened (or in-memory) GGUF file.
+    pub fn from_gguf(gguf: Arc<GgufFile>) -> Result<LoadedModel> {
+        let path = gguf.path().to_path_buf();
         let arch = gguf.string("general.architecture")?.to_string();
         registry::check_supported(&arch)?;
         let spec = tokenizer_spec(&gguf)?;
@@ -45,7 +50,7 @@ impl LoadedModel {
         };
         let chat_template = ChatTemplate::new(&source, tokenizer.bos_text().unwrap_or(""), tokenizer.eos_text().unwrap_or(""))?;
         Ok(LoadedModel {
-            path: path.to_path_buf(),
+            path,
             model,
             tokenizer,
             chat_template,

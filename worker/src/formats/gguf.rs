@@ -46,6 +46,17 @@ pub struct GgufFile {
     by_name: HashMap<String, usize>,
 }
 
+impl std::fmt::Debug for GgufFile {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GgufFile")
+            .field("path", &self.path)
+            .field("version", &self.version)
+            .field("metadata_keys", &self.metadata.len())
+            .field("tensors", &self.tensors.len())
+            .finish()
+    }
+}
+
 impl GgufFile {
     pub fn open(path: &Path) -> Result<GgufFile> {
         let io = |source| Error::Io { path: path.to_path_buf(), source };
@@ -57,6 +68,19 @@ impl GgufFile {
         // is outside what any reader can defend against.
         let mmap = unsafe { Mmap::map(&file) }.map_err(io)?;
         Self::parse(path, Arc::new(mmap))
+    }
+
+    /// Parses an in-memory image of a GGUF file; `label` stands in for the path in errors.
+    pub fn from_bytes(label: &str, bytes: &[u8]) -> Result<GgufFile> {
+        let io = |source| Error::Io { path: PathBuf::from(label), source };
+        let mut anon = memmap2::MmapMut::map_anon(bytes.len().max(1)).map_err(io)?;
+        anon[..bytes.len()].copy_from_slice(bytes);
+        let mmap = anon.make_read_only().map_err(io)?;
+        // An empty image still maps one page; parse exactly the bytes given.
+        if bytes.is_empty() {
+            return Err(Error::NotGguf { path: PathBuf::from(label), found: vec![] });
+        }
+        Self::parse(Path::new(label), Arc::new(mmap))
     }
 
     fn parse(path: &Path, mmap: Arc<Mmap>) -> Result<GgufFile> {
@@ -133,9 +157,10 @@ impl GgufFile {
             }
             let elements = dims.iter().try_fold(1u64, |acc, &d| acc.checked_mul(d));
             let row_len = usize::try_from(dims[0]).map_err(|_| terr(format!("row length {} is too large", dims[0])))?;
-            let row_bytes = dtype
-                .row_bytes(row_len)
-                .ok_or_else(|| terr(format!("row length {} is not a multiple of the {dtype} block size {}", dims[0], dtype.block_len())))?;
+            if row_len % dtype.block_len() != 0 {
+                return Err(terr(format!("row length {} is not a multiple of the {dtype} block size {}", dims[0], dtype.block_len())));
+            }
+            let row_bytes = dtype.row_bytes(row_len).ok_or_else(|| terr(format!("row length {} is too large", dims[0])))?;
             let num_bytes = elements
                 .and_then(|e| (e / dims[0]).checked_mul(row_bytes as u64))
                 .ok_or_else(|| terr(format!("dimensions {dims:?} overflow")))?;

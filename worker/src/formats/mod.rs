@@ -2,5 +2,6 @@
 
 pub mod gguf;
 pub mod gguf_value;
+pub mod gguf_write;
 pub mod gguf_vocab;
 pub mod names;

@@ -3,6 +3,8 @@
 
 #![allow(dead_code)]
 
+pub mod tiny;
+
 use kiln_worker::engine::Session;
 use kiln_worker::layers::Compute;
 use kiln_worker::loader::LoadedModel;
