@@ -15,7 +15,9 @@ Each file records, for one model:
   greedy     the first 32 greedy tokens after each prompt (raw completion)
   logits     teacher-forced over a long text: per position the ten highest logits and the
              log-probability of the best token
-  chat       a multi-turn conversation rendered by the reference template engine and tokenized
+  chat       a multi-turn conversation rendered by the reference template engine and tokenized,
+             and the greedy answer (up to 24 tokens, ending at an end-of-generation token) to a
+             single question rendered the same way
 """
 import ctypes, json, os, sys
 import numpy as np
@@ -56,6 +58,8 @@ TEACHER_TEXT = (
     "power the cell's biochemical reactions. Chemical energy produced by the mitochondria is stored in a "
     "small molecule called adenosine triphosphate (ATP)."
 )
+
+QUESTION = "What is the capital of France?"
 
 CHAT = [
     {"role": "system", "content": "You are a concise assistant."},
@@ -101,21 +105,21 @@ class Model:
         return rows
 
 
-def reference_chat_smollm(template):
+def reference_chat_smollm(template, messages):
     import jinja2
     env = jinja2.Environment(trim_blocks=True, lstrip_blocks=True)
-    return env.from_string(template).render(messages=CHAT, add_generation_prompt=True, bos_token="", eos_token="")
+    return env.from_string(template).render(messages=messages, add_generation_prompt=True, bos_token="", eos_token="")
 
 
-def reference_chat_llama_cpp(tmpl_name):
-    msgs = (L.llama_chat_message * len(CHAT))()
+def reference_chat_llama_cpp(tmpl_name, messages):
+    msgs = (L.llama_chat_message * len(messages))()
     keep = []
-    for m, src in zip(msgs, CHAT):
+    for m, src in zip(msgs, messages):
         role, content = src["role"].encode(), src["content"].encode()
         keep += [role, content]
         m.role, m.content = role, content
     buf = ctypes.create_string_buffer(8192)
-    n = L.llama_chat_apply_template(tmpl_name.encode(), msgs, len(CHAT), True, buf, len(buf))
+    n = L.llama_chat_apply_template(tmpl_name.encode(), msgs, len(messages), True, buf, len(buf))
     return buf.raw[:n].decode()
 
 
@@ -154,8 +158,27 @@ def make(name, file_name, chat_renderer):
             "top1_logprob": float(row[top[0]]) - logsum,
         })
 
-    rendered = chat_renderer(m)
-    chat = {"messages": CHAT, "rendered": rendered, "ids": m.tokenize(rendered, False, True)}
+    rendered = chat_renderer(m, CHAT)
+    question = [{"role": "user", "content": QUESTION}]
+    q_ids = m.tokenize(chat_renderer(m, question), False, True)
+    ctx = m.context(256)
+    logits = m.run(ctx, q_ids)[-1]
+    answer = []
+    for _ in range(24):
+        t = int(np.argmax(logits))
+        if L.llama_vocab_is_eog(m.vocab, t):
+            break
+        answer.append(t)
+        logits = m.run(ctx, [t])[-1]
+    L.llama_free(ctx)
+    chat = {
+        "messages": CHAT,
+        "rendered": rendered,
+        "ids": m.tokenize(rendered, False, True),
+        "question": QUESTION,
+        "question_ids": q_ids,
+        "answer": answer,
+    }
     doc = {
         "model": name,
         "file": file_name,
@@ -171,10 +194,10 @@ def make(name, file_name, chat_renderer):
     print(f"{name}: wrote {len(tok)} tokenizer cases, {len(greedy)} prompts, {len(positions)} positions")
 
 
-def smollm_chat(m):
+def smollm_chat(m, messages):
     buf = ctypes.create_string_buffer(1 << 16)
-    n = L.llama_model_meta_val_str(m.model, b"tokenizer.chat_template", buf, len(buf))
-    return reference_chat_smollm(buf.value.decode())
+    L.llama_model_meta_val_str(m.model, b"tokenizer.chat_template", buf, len(buf))
+    return reference_chat_smollm(buf.value.decode(), messages)
 
 
 if __name__ == "__main__":
@@ -184,4 +207,4 @@ if __name__ == "__main__":
     if "gemma3" in which:
         # The file has no template; the reference is llama.cpp's built-in Gemma format, which
         # leaves BOS to the tokenizer.
-        make("gemma3", "gemma-3-270m-q4_k_m.gguf", lambda m: "<bos>" + reference_chat_llama_cpp("gemma"))
+        make("gemma3", "gemma-3-270m-q4_k_m.gguf", lambda m, msgs: "<bos>" + reference_chat_llama_cpp("gemma", msgs))

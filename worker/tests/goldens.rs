@@ -80,6 +80,8 @@ fn chat_matches(name: &str) {
     let messages: Vec<ChatMessage> = serde_json::from_value(g["chat"]["messages"].clone()).unwrap();
     assert_eq!(m.render_chat(&messages).unwrap(), g["chat"]["rendered"].as_str().unwrap());
     assert_eq!(m.encode_chat(&messages).unwrap(), ids(&g["chat"]["ids"]));
+    let question = [ChatMessage::new("user", g["chat"]["question"].as_str().unwrap())];
+    assert_eq!(m.encode_chat(&question).unwrap(), ids(&g["chat"]["question_ids"]));
 }
 
 #[test]

