@@ -7,6 +7,14 @@
 use crate::blocks::*;
 use crate::dtype::QK_K;
 
+/// Round half to even for |v| < 2^22: adding 1.5 * 2^23 leaves no fraction bits, so the
+/// hardware's default rounding does the work (ggml's `nearest_int`), with no libm call.
+#[inline(always)]
+fn round_even(v: f32) -> f32 {
+    const MAGIC: f32 = 12_582_912.0;
+    (v + MAGIC) - MAGIC
+}
+
 fn max_abs(x: &[f32]) -> f32 {
     x.iter().fold(0.0f32, |m, v| m.max(v.abs()))
 }
@@ -19,7 +27,7 @@ fn q8_block(x: &[f32]) -> (f32, [i8; 32]) {
     let inv = if amax != 0.0 { 127.0 / amax } else { 0.0 };
     let mut qs = [0i8; 32];
     for (q, v) in qs.iter_mut().zip(x) {
-        *q = (v * inv).round_ties_even() as i8;
+        *q = round_even(v * inv) as i8;
     }
     (d, qs)
 }
@@ -68,7 +76,7 @@ pub fn quantize_q8k(x: &[f32], out: &mut [BlockQ8K]) {
         }
         let iscale = -127.0 / max;
         for (q, v) in b.qs.iter_mut().zip(chunk) {
-            *q = ((iscale * v).round_ties_even() as i32).min(127) as i8;
+            *q = (round_even(iscale * v) as i32).min(127) as i8;
         }
         for (s, group) in b.bsums.iter_mut().zip(b.qs.chunks_exact(16)) {
             *s = group.iter().map(|&q| q as i16).sum();
