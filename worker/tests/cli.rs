@@ -134,3 +134,20 @@ fn pull_prints_the_path_of_a_verified_model() {
         kiln_worker::assets::known("smollm2").unwrap().sha256
     );
 }
+
+/// Fetches both models into an empty KILN_HOME, as on a fresh machine (slow: `make test-full`).
+#[test]
+#[ignore]
+fn pull_into_an_empty_home_fetches_and_verifies() {
+    let home = std::env::temp_dir().join(format!("kiln-home-{}", std::process::id()));
+    for name in ["smollm2", "gemma3"] {
+        let out = Command::new(env!("CARGO_BIN_EXE_kiln-worker")).args(["pull", name]).env("KILN_HOME", &home).output().unwrap();
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        let path = text(&out.stdout).trim().to_string();
+        assert!(path.starts_with(home.to_str().unwrap()), "only the path goes to stdout: {path:?}");
+        assert!(text(&out.stderr).contains("sha256 verified"));
+        let m = kiln_worker::assets::known(name).unwrap();
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), m.size_bytes);
+    }
+    std::fs::remove_dir_all(&home).ok();
+}
