@@ -10,7 +10,8 @@
 use crate::blocks::{f16_bits_to_f32, f32_to_f16_bits};
 use crate::dot::Isa;
 use crate::numerics::{self, exp_poly, tree16};
-use crate::pool::{split_range, SharedMut, ThreadPool};
+use crate::pool::{split_range, SharedMut};
+use crate::Compute;
 use std::ops::Range;
 
 /// K and V of one layer for every slot of the pool.
@@ -104,8 +105,7 @@ struct ThreadScratch {
 /// Writes `out[row, head, :]` for every row of every span. `q` and `out` are
 /// `[rows, num_heads * head_dim]`; the keys of the new tokens must already be in `kv`.
 pub fn attention(
-    pool: &ThreadPool,
-    isa: Isa,
+    compute: &Compute,
     p: &AttentionParams,
     kv: &KvStore,
     spans: &[SeqSpan],
@@ -113,6 +113,7 @@ pub fn attention(
     out: &mut [f32],
     scratch: &mut AttentionScratch,
 ) {
+    let (pool, isa) = (&compute.pool, compute.isa);
     let n_threads = pool.num_threads();
     scratch.threads.resize_with(n_threads, ThreadScratch::default);
     // Work items are (span, row, head) triples, numbered in that order.
@@ -139,7 +140,8 @@ pub fn attention(
             let q_row = &q[row * row_len + head * p.head_dim..][..p.head_dim];
             // SAFETY: every (row, head) pair is written by exactly one thread.
             let dst = unsafe { out_ptr.slice(row * row_len + head * p.head_dim..row * row_len + (head + 1) * p.head_dim) };
-            attend(isa, p, kv, span, span.first_pos + i, q_row, head / group, ts, dst);
+            let query = Query { pos: span.first_pos + i, q: q_row, kv_head: head / group };
+            attend(isa, p, kv, span, &query, ts, dst);
         }
     };
     if total <= 1 || n_threads == 1 {
@@ -149,9 +151,16 @@ pub fn attention(
     }
 }
 
-/// One query head at position `pos` against its sequence's keys `first..=pos`.
-#[allow(clippy::too_many_arguments)]
-fn attend(isa: Isa, p: &AttentionParams, kv: &KvStore, span: &SeqSpan, pos: usize, q: &[f32], kv_head: usize, ts: &mut ThreadScratch, out: &mut [f32]) {
+/// One query head: its position, its values and the key/value head it reads.
+struct Query<'a> {
+    pos: usize,
+    q: &'a [f32],
+    kv_head: usize,
+}
+
+/// One query head against its sequence's keys `first..=pos`.
+fn attend(isa: Isa, p: &AttentionParams, kv: &KvStore, span: &SeqSpan, query: &Query, ts: &mut ThreadScratch, out: &mut [f32]) {
+    let Query { pos, q, kv_head } = *query;
     let d = p.head_dim;
     let first = match p.window {
         Some(w) => (pos + 1).saturating_sub(w),
@@ -244,7 +253,7 @@ fn exp16(isa: Isa, lanes: &mut [f32; 16]) {
 fn fold_buckets(isa: Isa, buckets: &[f32], touched: &[bool; 64], d: usize, out: &mut [f32]) {
     let at = |b: usize, i: usize| if touched[b] { buckets[b * d + i] } else { 0.0 };
     #[cfg(target_arch = "x86_64")]
-    if isa >= Isa::Avx2 && d % 8 == 0 {
+    if isa >= Isa::Avx2 && d.is_multiple_of(8) {
         // SAFETY: AVX2 implied by `isa`; every index stays below 64 * d.
         unsafe { crate::x86::fold_buckets(buckets, touched, d, out) };
         return;

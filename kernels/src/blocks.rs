@@ -155,7 +155,7 @@ block_impl! {
 /// the start is not aligned for `B`.
 pub fn cast_blocks<B: Block>(bytes: &[u8]) -> Option<&[B]> {
     let size = std::mem::size_of::<B>();
-    if bytes.len() % size != 0 || (bytes.as_ptr() as usize) % std::mem::align_of::<B>() != 0 {
+    if !bytes.len().is_multiple_of(size) || !(bytes.as_ptr() as usize).is_multiple_of(std::mem::align_of::<B>()) {
         return None;
     }
     // SAFETY: length and alignment checked above; B is plain data valid for any bits.
@@ -164,7 +164,7 @@ pub fn cast_blocks<B: Block>(bytes: &[u8]) -> Option<&[B]> {
 
 pub fn cast_blocks_mut<B: Block>(bytes: &mut [u8]) -> Option<&mut [B]> {
     let size = std::mem::size_of::<B>();
-    if bytes.len() % size != 0 || (bytes.as_ptr() as usize) % std::mem::align_of::<B>() != 0 {
+    if !bytes.len().is_multiple_of(size) || !(bytes.as_ptr() as usize).is_multiple_of(std::mem::align_of::<B>()) {
         return None;
     }
     // SAFETY: as in `cast_blocks`, and the borrow is exclusive.

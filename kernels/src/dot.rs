@@ -61,7 +61,7 @@ unsafe fn scalar_dot<const ID: u32>(w: *const u8, a: *const u8, n: usize) -> f32
 /// 8-row kernels, which it uses for exactly those matrices on AVX2 machines.
 pub fn kernel_for_matrix(wt: DType, rows: usize, isa: Isa) -> DotFn {
     #[cfg(target_arch = "x86_64")]
-    if wt == DType::Q4K && rows % 8 == 0 && isa >= Isa::Avx2 {
+    if wt == DType::Q4K && rows.is_multiple_of(8) && isa >= Isa::Avx2 {
         return if isa == Isa::Avx512Vnni { crate::x86::vnni::q4k_interleaved } else { crate::x86::avx2::q4k_interleaved };
     }
     let _ = rows;

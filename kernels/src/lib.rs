@@ -23,6 +23,18 @@ pub mod x86;
 pub use dot::Isa;
 pub use dtype::DType;
 
+/// Where arithmetic runs: the compute threads and the instruction set chosen for this CPU.
+pub struct Compute {
+    pub pool: pool::ThreadPool,
+    pub isa: Isa,
+}
+
+impl Compute {
+    pub fn new(num_threads: usize) -> Compute {
+        Compute { pool: pool::ThreadPool::new(num_threads.max(1)), isa: Isa::detect() }
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum KernelError {
     #[error("shape mismatch: {0}")]

@@ -6,10 +6,10 @@
 
 use crate::activation;
 use crate::blocks::{cast_blocks_mut, BlockQ8K, BlockQ8_0, BlockQ8_1};
-use crate::dot::{kernel_for_matrix, DotFn, Isa};
+use crate::dot::{kernel_for_matrix, DotFn};
 use crate::dtype::DType;
-use crate::pool::{split_range, SharedMut, ThreadPool};
-use crate::KernelError;
+use crate::pool::{split_range, SharedMut};
+use crate::{Compute, KernelError};
 
 /// A row-major `[rows, cols]` weight matrix viewed in place.
 #[derive(Clone, Copy)]
@@ -36,7 +36,7 @@ impl<'a> WeightView<'a> {
                 bytes.len()
             )));
         }
-        if dtype != DType::F32 && bytes.as_ptr() as usize % 2 != 0 {
+        if dtype != DType::F32 && !(bytes.as_ptr() as usize).is_multiple_of(2) {
             return Err(KernelError::Layout("weight data is not aligned for its format"));
         }
         Ok(WeightView { dtype, rows, cols, bytes })
@@ -158,7 +158,8 @@ const ROW_TILE: usize = 8;
 
 /// Multiplies every matrix in `jobs` with the same prepared activations, in one pool dispatch.
 /// All weights must share the activation format `act` was prepared for.
-pub fn matmul_group(pool: &ThreadPool, isa: Isa, act: &Activations, jobs: &mut [MatMulJob]) -> Result<(), KernelError> {
+pub fn matmul_group(compute: &Compute, act: &Activations, jobs: &mut [MatMulJob]) -> Result<(), KernelError> {
+    let (pool, isa) = (&compute.pool, compute.isa);
     let num_rows = act.num_rows;
     struct Plan<'a> {
         weight: WeightView<'a>,
@@ -215,8 +216,7 @@ pub fn matmul_group(pool: &ThreadPool, isa: Isa, act: &Activations, jobs: &mut [
 
 /// `out = x · weightᵀ` for `num_rows` input rows; convenience for a single matrix.
 pub fn matmul(
-    pool: &ThreadPool,
-    isa: Isa,
+    compute: &Compute,
     weight: WeightView,
     x: &[f32],
     num_rows: usize,
@@ -224,5 +224,5 @@ pub fn matmul(
     out: &mut [f32],
 ) -> Result<(), KernelError> {
     act.prepare(x, num_rows, weight.cols, weight.dtype)?;
-    matmul_group(pool, isa, act, &mut [MatMulJob { weight, out }])
+    matmul_group(compute, act, &mut [MatMulJob { weight, out }])
 }

@@ -4,7 +4,13 @@
 //!
 //! Every kernel returns the same value as `dot_ref::dot` up to f32 summation order.
 
-#![allow(unsafe_op_in_unsafe_fn)]
+//!
+//! # Safety
+//! Every function here requires the CPU features named in its `target_feature` attribute
+//! (callers choose them through `Isa::detect`), and pointer arguments valid for the number of
+//! values given, in the formats the function's name says.
+
+#![allow(unsafe_op_in_unsafe_fn, clippy::missing_safety_doc)]
 
 use crate::blocks::*;
 use crate::dtype::QK_K;

@@ -201,7 +201,7 @@ fn activation_quantization_error_is_bounded() {
 fn matmul_matches_row_by_row_reference_for_any_thread_count() {
     let mut rng = Rng(4);
     for threads in [1, 2, 3] {
-        let pool = ThreadPool::new(threads);
+        let compute = kiln_kernels::Compute { pool: ThreadPool::new(threads), isa: Isa::detect() };
         for dtype in [DType::Q4_1, DType::Q8_0, DType::Q4K, DType::Q6K, DType::F32] {
             let (rows, cols, tokens) = (37, 512, 5);
             let mut w = AlignedBuf::default();
@@ -215,7 +215,7 @@ fn matmul_matches_row_by_row_reference_for_any_thread_count() {
             let x = random_f32(cols * tokens, &mut rng);
             let mut act = Activations::default();
             let mut out = vec![0.0; rows * tokens];
-            matmul(&pool, Isa::detect(), view, &x, tokens, &mut act, &mut out).unwrap();
+            matmul(&compute, view, &x, tokens, &mut act, &mut out).unwrap();
             for t in 0..tokens {
                 let single = prepared(&x[t * cols..(t + 1) * cols], dtype);
                 for r in 0..rows {
@@ -265,7 +265,7 @@ fn naive_attention(q: &[f32], keys: &[Vec<f32>], values: &[Vec<f32>], p: &Attent
 #[test]
 fn paged_attention_matches_contiguous_attention() {
     let mut rng = Rng(5);
-    let pool = ThreadPool::new(2);
+    let compute = kiln_kernels::Compute { pool: ThreadPool::new(2), isa: Isa::detect() };
     for window in [None, Some(5)] {
         let p = AttentionParams { num_heads: 4, num_kv_heads: 2, head_dim: 16, scale: 0.25, window, softcap: None, block_size: 4 };
         let row = p.num_kv_heads * p.head_dim;
@@ -273,7 +273,9 @@ fn paged_attention_matches_contiguous_attention() {
         // Two sequences with scattered blocks: 11 tokens and 6 tokens.
         let tables: [Vec<u32>; 2] = [vec![7, 2, 9], vec![4, 12]];
         let lens = [11usize, 6];
-        let mut history: Vec<(Vec<Vec<f32>>, Vec<Vec<f32>>)> = vec![];
+        // Per sequence: the (keys, values) of every position, rounded as the cache stores them.
+        type History = (Vec<Vec<f32>>, Vec<Vec<f32>>);
+        let mut history: Vec<History> = vec![];
         for (table, &len) in tables.iter().zip(&lens) {
             let mut ks = vec![];
             let mut vs = vec![];
@@ -295,7 +297,7 @@ fn paged_attention_matches_contiguous_attention() {
         ];
         let q = random_f32(4 * p.num_heads * p.head_dim, &mut rng);
         let mut out = vec![0.0; q.len()];
-        attention(&pool, Isa::detect(), &p, &kv, &spans, &q, &mut out, &mut AttentionScratch::default());
+        attention(&compute, &p, &kv, &spans, &q, &mut out, &mut AttentionScratch::default());
         for (si, span) in spans.iter().enumerate() {
             for (i, r) in span.rows.clone().enumerate() {
                 for h in 0..p.num_heads {

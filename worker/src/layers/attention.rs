@@ -25,6 +25,14 @@ pub struct AttentionConfig {
     pub rope: Rope,
 }
 
+/// What an attention block reads: the normed rows `[rows, hidden]`, the batch they belong to
+/// and the rotary angles of their positions.
+pub struct AttentionInput<'a> {
+    pub x: &'a [f32],
+    pub batch: &'a Batch,
+    pub rope: &'a RopeTable,
+}
+
 pub struct Attention {
     pub q_proj: Linear,
     pub k_proj: Linear,
@@ -36,17 +44,9 @@ pub struct Attention {
 }
 
 impl Attention {
-    /// `x` is the normed input `[rows, hidden]`; the result goes to `out` `[rows, hidden]`.
-    pub fn forward(
-        &self,
-        compute: &Compute,
-        x: &[f32],
-        batch: &Batch,
-        rope: &RopeTable,
-        kv: &mut KvStore,
-        s: &mut LayerScratch,
-        out: &mut [f32],
-    ) -> Result<()> {
+    /// Writes the block's output `[rows, hidden]` to `out`.
+    pub fn forward(&self, compute: &Compute, input: &AttentionInput, kv: &mut KvStore, s: &mut LayerScratch, out: &mut [f32]) -> Result<()> {
+        let AttentionInput { x, batch, rope } = *input;
         let c = &self.cfg;
         let rows = batch.num_rows();
         let (q_len, kv_len) = (c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim);
@@ -95,7 +95,7 @@ impl Attention {
             softcap: c.softcap,
             block_size: batch.block_size,
         };
-        attention(&compute.pool, compute.isa, &params, kv, &spans, &s.q, &mut s.attn, &mut s.attention);
+        attention(compute, &params, kv, &spans, &s.q, &mut s.attn, &mut s.attention);
         project(compute, &s.attn, rows, &mut s.acts, &mut [Projection { linear: &self.o_proj, out }])
     }
 }

@@ -44,7 +44,7 @@ pub fn project(compute: &Compute, input: &[f32], num_rows: usize, acts: &mut Act
                 jobs.push(MatMulJob { weight: p.linear.weight.view(), out: &mut *p.out });
             }
         }
-        matmul_group(&compute.pool, compute.isa, acts, &mut jobs)?;
+        matmul_group(compute, acts, &mut jobs)?;
     }
     Ok(())
 }

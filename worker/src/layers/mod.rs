@@ -15,17 +15,4 @@ pub use linear::{project, Linear, Projection};
 pub use norm::RmsNorm;
 pub use weights::WeightSource;
 
-use kiln_kernels::pool::ThreadPool;
-use kiln_kernels::Isa;
-
-/// Where arithmetic runs: the compute threads and the instruction set chosen for this CPU.
-pub struct Compute {
-    pub pool: ThreadPool,
-    pub isa: Isa,
-}
-
-impl Compute {
-    pub fn new(num_threads: usize) -> Compute {
-        Compute { pool: ThreadPool::new(num_threads.max(1)), isa: Isa::detect() }
-    }
-}
+pub use kiln_kernels::Compute;

@@ -8,7 +8,7 @@ use super::scratch::{tap, Scratch};
 use super::{CausalLm, LmHead};
 use crate::error::Result;
 use crate::kv_cache::KvCache;
-use crate::layers::attention::AttentionConfig;
+use crate::layers::attention::{AttentionConfig, AttentionInput};
 use crate::layers::mlp::{Activation, GatedMlp};
 use crate::layers::rope::Rope;
 use crate::layers::{Attention, Compute, Embedding, Linear, RmsNorm, WeightSource};
@@ -97,7 +97,8 @@ impl CausalLm for Gemma3 {
         }
         for (i, (layer, kv_layer)) in self.layers.iter().zip(kv.layers.iter_mut()).enumerate() {
             layer.input_layernorm.forward(&s.x, &mut s.xn);
-            layer.self_attn.forward(compute, &s.xn, batch, &s.rope[layer.rope_table], kv_layer, &mut s.layer, &mut s.y)?;
+            let input = AttentionInput { x: &s.xn, batch, rope: &s.rope[layer.rope_table] };
+            layer.self_attn.forward(compute, &input, kv_layer, &mut s.layer, &mut s.y)?;
             tap(&mut s.tap, || format!("Qcur-{i}"), &s.layer.q);
             tap(&mut s.tap, || format!("kqv_out-{i}"), &s.layer.attn);
             tap(&mut s.tap, || format!("attn_out-{i}"), &s.y);
