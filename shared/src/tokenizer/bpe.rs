@@ -1,7 +1,7 @@
 //! Byte-level BPE (GPT-2 family): words are mapped byte by byte to printable characters,
 //! then adjacent symbols are merged lowest-rank first, ties going to the leftmost pair.
 
-use std::collections::{BinaryHeap, HashMap};
+use std::collections::HashMap;
 
 /// GPT-2's reversible map from bytes to printable characters.
 pub fn byte_to_char_table() -> [char; 256] {
@@ -45,70 +45,8 @@ impl Merges {
 
     /// Merges one byte-encoded word; returns the byte ranges of the final symbols.
     pub fn apply(&self, word: &str) -> Vec<(usize, usize)> {
-        // Symbols form a linked list over char boundaries; `len == 0` marks a merged-away one.
-        struct Sym {
-            start: usize,
-            len: usize,
-            prev: Option<usize>,
-            next: Option<usize>,
-        }
-        let mut syms: Vec<Sym> = Vec::new();
-        for (i, (start, c)) in word.char_indices().enumerate() {
-            syms.push(Sym { start, len: c.len_utf8(), prev: i.checked_sub(1), next: None });
-            if i > 0 {
-                syms[i - 1].next = Some(i);
-            }
-        }
-        #[derive(PartialEq, Eq)]
-        struct Candidate {
-            rank: u32,
-            left: usize,
-            right: usize,
-            len: usize,
-        }
-        impl Ord for Candidate {
-            fn cmp(&self, other: &Self) -> std::cmp::Ordering {
-                // BinaryHeap is a max-heap: lowest rank, then leftmost, comes out first.
-                other.rank.cmp(&self.rank).then(other.left.cmp(&self.left))
-            }
-        }
-        impl PartialOrd for Candidate {
-            fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
-                Some(self.cmp(other))
-            }
-        }
         let mut buf = String::new();
-        let mut heap = BinaryHeap::new();
-        let text = |s: &Sym| &word[s.start..s.start + s.len];
-        let push = |heap: &mut BinaryHeap<Candidate>, buf: &mut String, syms: &[Sym], left: usize, right: usize| {
-            if let Some(rank) = self.rank(buf, text(&syms[left]), text(&syms[right])) {
-                heap.push(Candidate { rank, left, right, len: syms[left].len + syms[right].len });
-            }
-        };
-        for i in 1..syms.len() {
-            push(&mut heap, &mut buf, &syms, i - 1, i);
-        }
-        while let Some(c) = heap.pop() {
-            let (l, r) = (&syms[c.left], &syms[c.right]);
-            // Skip candidates made stale by an earlier merge.
-            if l.len == 0 || r.len == 0 || l.next != Some(c.right) || l.len + r.len != c.len {
-                continue;
-            }
-            let right_next = r.next;
-            syms[c.left].len = c.len;
-            syms[c.right].len = 0;
-            syms[c.left].next = right_next;
-            if let Some(n) = right_next {
-                syms[n].prev = Some(c.left);
-            }
-            if let Some(p) = syms[c.left].prev {
-                push(&mut heap, &mut buf, &syms, p, c.left);
-            }
-            if let Some(n) = right_next {
-                push(&mut heap, &mut buf, &syms, c.left, n);
-            }
-        }
-        syms.iter().filter(|s| s.len > 0).map(|s| (s.start, s.start + s.len)).collect()
+        super::merge::merge(word, |l, r| self.rank(&mut buf, l, r).map(std::cmp::Reverse))
     }
 }
 

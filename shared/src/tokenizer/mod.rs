@@ -7,6 +7,7 @@
 //! model's pre-tokenizer and BPE, so ids match llama.cpp's exactly.
 
 mod bpe;
+mod merge;
 mod pretokenize;
 mod spm;
 mod stream;
