@@ -7,7 +7,7 @@ use crate::error::{Error, Result};
 use crate::kv_cache::KvCache;
 use crate::layers::Compute;
 use crate::loader::LoadedModel;
-use crate::models::batch::Batch;
+use crate::models::batch::{Batch, Logits};
 use crate::models::scratch::Scratch;
 use crate::sampler::{apply_penalties, sample, Candidates, Rng, StopMatch, StopMatcher};
 use kiln_shared::sampling::SamplingParams;
@@ -75,8 +75,9 @@ impl Session {
     pub fn new(model: Arc<LoadedModel>, compute: Arc<Compute>, context_len: usize) -> Session {
         let cfg = model.model.config();
         let num_blocks = context_len.div_ceil(BLOCK_SIZE);
+        let groups = crate::kv_cache::group_layouts(cfg).len();
         Session {
-            kv: KvCache::new(cfg.num_layers, num_blocks, BLOCK_SIZE, cfg.num_kv_heads, cfg.head_dim),
+            kv: KvCache::new(cfg, BLOCK_SIZE, &vec![num_blocks; groups]),
             block_table: (0..num_blocks as u32).collect(),
             model,
             compute,
@@ -110,7 +111,9 @@ impl Session {
     fn forward(&mut self, tokens: &[u32], start: usize, all_logits: bool) -> Result<()> {
         let mut batch = Batch::new(BLOCK_SIZE);
         let blocks = (start + tokens.len()).div_ceil(BLOCK_SIZE);
-        batch.push_seq(tokens, start, self.block_table[..blocks].to_vec(), all_logits);
+        // One sequence owns the whole cache: block i of every group is block i.
+        let tables = vec![self.block_table[..blocks].to_vec(); self.kv.groups.len()];
+        batch.push_seq(tokens, start, tables, if all_logits { Logits::All } else { Logits::Last });
         self.model.model.forward(&self.compute, &batch, &mut self.kv, &mut self.scratch, &mut self.logits)?;
         self.cached.truncate(start);
         self.cached.extend_from_slice(tokens);

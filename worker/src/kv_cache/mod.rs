@@ -1,21 +1,82 @@
-//! The paged key/value cache: per-layer storage of fixed-size blocks of token slots.
+//! The paged key/value cache.
+//!
+//! Storage is organized in blocks of `block_size` token slots. Layers that attend alike share
+//! block tables and form a group: all layers of most models are one group, while Gemma 3's
+//! sliding-window layers form a second group whose blocks can be released once they fall out
+//! of the window. Each group has its own `BlockPool`.
 
+pub mod block_pool;
+pub mod prefix;
+
+pub use block_pool::{BlockId, BlockPool, NO_BLOCK};
+
+use crate::models::config::ModelConfig;
 use kiln_kernels::attention::KvStore;
 
-pub struct KvCache {
-    pub layers: Vec<KvStore>,
-    pub block_size: usize,
+/// One group's layers, and how much of each sequence's history they attend to.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GroupLayout {
+    pub layers: Vec<usize>,
+    /// Sliding window of every layer in the group, or None for full attention.
+    pub window: Option<usize>,
+}
+
+/// Splits a model's layers into groups: full-attention layers, then sliding-window ones.
+pub fn group_layouts(cfg: &ModelConfig) -> Vec<GroupLayout> {
+    let global: Vec<usize> = (0..cfg.num_layers).filter(|&i| !cfg.is_sliding[i] || cfg.sliding_window.is_none()).collect();
+    let sliding: Vec<usize> = (0..cfg.num_layers).filter(|&i| cfg.is_sliding[i] && cfg.sliding_window.is_some()).collect();
+    let mut out = Vec::new();
+    if !global.is_empty() {
+        out.push(GroupLayout { layers: global, window: None });
+    }
+    if !sliding.is_empty() {
+        out.push(GroupLayout { layers: sliding, window: cfg.sliding_window });
+    }
+    out
+}
+
+pub struct KvGroup {
+    pub layout: GroupLayout,
     pub num_blocks: usize,
+    stores: Vec<KvStore>,
+}
+
+pub struct KvCache {
+    pub block_size: usize,
+    pub groups: Vec<KvGroup>,
+    /// For each model layer: (group, index within the group).
+    layer_slot: Vec<(usize, usize)>,
 }
 
 impl KvCache {
-    pub fn new(num_layers: usize, num_blocks: usize, block_size: usize, num_kv_heads: usize, head_dim: usize) -> KvCache {
-        let slots = num_blocks * block_size;
-        KvCache { layers: (0..num_layers).map(|_| KvStore::new(slots, num_kv_heads, head_dim)).collect(), block_size, num_blocks }
+    /// A cache with `blocks[g]` blocks for group `g` of `group_layouts(cfg)`.
+    pub fn new(cfg: &ModelConfig, block_size: usize, blocks: &[usize]) -> KvCache {
+        let layouts = group_layouts(cfg);
+        assert_eq!(layouts.len(), blocks.len(), "one block count per group");
+        let mut layer_slot = vec![(0, 0); cfg.num_layers];
+        let groups = layouts
+            .into_iter()
+            .zip(blocks)
+            .enumerate()
+            .map(|(g, (layout, &num_blocks))| {
+                for (j, &l) in layout.layers.iter().enumerate() {
+                    layer_slot[l] = (g, j);
+                }
+                let stores = layout.layers.iter().map(|_| KvStore::new(num_blocks * block_size, cfg.num_kv_heads, cfg.head_dim)).collect();
+                KvGroup { layout, num_blocks, stores }
+            })
+            .collect();
+        KvCache { block_size, groups, layer_slot }
     }
 
-    /// Bytes of cache per token across all layers (keys and values in half precision).
-    pub fn bytes_per_token(num_layers: usize, num_kv_heads: usize, head_dim: usize) -> usize {
-        num_layers * num_kv_heads * head_dim * 2 * 2
+    /// The group of `layer` and its storage.
+    pub fn layer(&mut self, layer: usize) -> (usize, &mut KvStore) {
+        let (g, j) = self.layer_slot[layer];
+        (g, &mut self.groups[g].stores[j])
+    }
+
+    /// Bytes one block of each group occupies (keys and values in half precision).
+    pub fn block_bytes(cfg: &ModelConfig, block_size: usize) -> Vec<usize> {
+        group_layouts(cfg).iter().map(|g| g.layers.len() * cfg.num_kv_heads * cfg.head_dim * 2 * 2 * block_size).collect()
     }
 }

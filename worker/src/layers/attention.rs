@@ -31,6 +31,8 @@ pub struct AttentionInput<'a> {
     pub x: &'a [f32],
     pub batch: &'a Batch,
     pub rope: &'a RopeTable,
+    /// The cache group of this layer: which block tables and slots it uses.
+    pub group: usize,
 }
 
 pub struct Attention {
@@ -46,7 +48,7 @@ pub struct Attention {
 impl Attention {
     /// Writes the block's output `[rows, hidden]` to `out`.
     pub fn forward(&self, compute: &Compute, input: &AttentionInput, kv: &mut KvStore, s: &mut LayerScratch, out: &mut [f32]) -> Result<()> {
-        let AttentionInput { x, batch, rope } = *input;
+        let AttentionInput { x, batch, rope, group } = *input;
         let c = &self.cfg;
         let rows = batch.num_rows();
         let (q_len, kv_len) = (c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim);
@@ -79,12 +81,12 @@ impl Attention {
             if let Some(scale) = c.query_scale {
                 kiln_kernels::ops::scale_in_place(q, scale);
             }
-            kv.write(batch.slots[r] as usize, k, &s.v[r * kv_len..(r + 1) * kv_len]);
+            kv.write(batch.slots[group][r] as usize, k, &s.v[r * kv_len..(r + 1) * kv_len]);
         }
         let spans: Vec<SeqSpan> = batch
             .seqs
             .iter()
-            .map(|seq| SeqSpan { rows: seq.rows.clone(), first_pos: seq.first_pos, block_table: &seq.block_table })
+            .map(|seq| SeqSpan { rows: seq.rows.clone(), first_pos: seq.first_pos, block_table: &seq.block_tables[group] })
             .collect();
         let params = AttentionParams {
             num_heads: c.num_heads,

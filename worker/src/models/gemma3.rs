@@ -95,9 +95,10 @@ impl CausalLm for Gemma3 {
         for (table, rope) in s.rope.iter_mut().zip(&self.ropes) {
             table.fill(rope, &batch.positions);
         }
-        for (i, (layer, kv_layer)) in self.layers.iter().zip(kv.layers.iter_mut()).enumerate() {
+        for (i, layer) in self.layers.iter().enumerate() {
+            let (group, kv_layer) = kv.layer(i);
             layer.input_layernorm.forward(&s.x, &mut s.xn);
-            let input = AttentionInput { x: &s.xn, batch, rope: &s.rope[layer.rope_table] };
+            let input = AttentionInput { x: &s.xn, batch, rope: &s.rope[layer.rope_table], group };
             layer.self_attn.forward(compute, &input, kv_layer, &mut s.layer, &mut s.y)?;
             tap(&mut s.tap, || format!("Qcur-{i}"), &s.layer.q);
             tap(&mut s.tap, || format!("kqv_out-{i}"), &s.layer.attn);

@@ -80,10 +80,11 @@ impl CausalLm for Llama {
         self.embed_tokens.forward(&batch.tokens, &mut s.x)?;
         s.rope.resize_with(1, Default::default);
         s.rope[0].fill(&self.rope, &batch.positions);
-        for (i, (layer, kv_layer)) in self.layers.iter().zip(kv.layers.iter_mut()).enumerate() {
+        for (i, layer) in self.layers.iter().enumerate() {
+            let (group, kv_layer) = kv.layer(i);
             layer.input_layernorm.forward(&s.x, &mut s.xn);
             tap(&mut s.tap, || format!("attn_norm-{i}"), &s.xn);
-            let input = AttentionInput { x: &s.xn, batch, rope: &s.rope[0] };
+            let input = AttentionInput { x: &s.xn, batch, rope: &s.rope[0], group };
             layer.self_attn.forward(compute, &input, kv_layer, &mut s.layer, &mut s.y)?;
             tap(&mut s.tap, || format!("Qcur-{i}"), &s.layer.q);
             tap(&mut s.tap, || format!("kqv_out-{i}"), &s.layer.attn);
