@@ -9,5 +9,6 @@ pub mod layers;
 pub mod loader;
 pub mod models;
 pub mod sampler;
+pub mod scheduler;
 
 pub use error::{Error, Result};
