@@ -1,6 +1,11 @@
-//! Generation. `Session` runs one sequence at a time over the paged cache; the batching
-//! engine builds on the same model interface.
+//! Generation. `Engine` serves many requests at once with continuous batching over the paged
+//! KV cache; `Session` runs one sequence directly, for scoring and measurements.
 
+pub mod decoding;
+pub mod handle;
 pub mod session;
+pub mod step;
 
+pub use handle::{EngineHandle, EngineStats, Event, RequestStream};
 pub use session::{Completion, FinishReason, GenerationRequest, Session, Usage};
+pub use step::{Engine, EngineConfig};

@@ -9,9 +9,8 @@ use crate::layers::Compute;
 use crate::loader::LoadedModel;
 use crate::models::batch::{Batch, Logits};
 use crate::models::scratch::Scratch;
-use crate::sampler::{apply_penalties, sample, Candidates, Rng, StopMatch, StopMatcher};
+use super::decoding::Decoding;
 use kiln_shared::sampling::SamplingParams;
-use kiln_shared::tokenizer::StreamDecoder;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
@@ -41,7 +40,7 @@ pub enum FinishReason {
     Cancelled,
 }
 
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug, Default, PartialEq)]
 pub struct Usage {
     pub prompt_tokens: usize,
     /// Prompt tokens whose keys and values were already cached.
@@ -197,61 +196,44 @@ impl Session {
         let t1 = Instant::now();
 
         let vocab = self.model.model.config().vocab_size;
-        let mut rng = Rng::seeded(req.sampling.seed.unwrap_or_else(Rng::entropy_seed));
-        let mut cands = Candidates::default();
+        let mut decoding = Decoding::new(req);
         let mut history = req.prompt.clone();
-        let mut decoder = StreamDecoder::new();
-        let mut stops = StopMatcher::new(req.stop.clone());
         let mut generated = Vec::new();
-        let mut text = String::new();
-        let mut emit = |piece: &str, text: &mut String| {
-            if !piece.is_empty() {
-                on_text(piece);
-                text.push_str(piece);
-            }
-        };
-        let mut stopped_by_string = false;
         let finish = loop {
             if cancel.load(Ordering::Relaxed) {
                 break FinishReason::Cancelled;
             }
             let last = self.logits.len() - vocab;
-            let logits = &mut self.logits[last..];
-            apply_penalties(logits, &history, &req.sampling);
-            let token = sample(logits, &req.sampling, &mut rng, &mut cands);
-            if !req.ignore_eos && tokenizer.is_eog(token) {
+            let (token, _) = decoding.sample(req, &mut self.logits[last..], &history);
+            let accepted = decoding.accept(req, &tokenizer, token);
+            if !accepted.text.is_empty() {
+                on_text(&accepted.text);
+            }
+            if accepted.is_end_token {
                 break FinishReason::Stop;
             }
             generated.push(token);
             history.push(token);
-            let piece = decoder.push(&tokenizer, token, false);
-            match stops.push(&piece) {
-                StopMatch::Continue(safe) => emit(&safe, &mut text),
-                StopMatch::Stopped(before) => {
-                    emit(&before, &mut text);
-                    stopped_by_string = true;
-                    break FinishReason::Stop;
-                }
-            }
-            if req.max_tokens.is_some_and(|m| generated.len() >= m) {
-                break FinishReason::Length;
+            if let Some(reason) = accepted.finish {
+                break reason;
             }
             let pos = req.prompt.len() + generated.len() - 1;
             if pos + 1 >= self.context_len {
+                let tail = decoding.flush();
+                if !tail.is_empty() {
+                    on_text(&tail);
+                }
                 break FinishReason::ContextFull;
             }
             self.forward(&[token], pos, false)?;
         };
-        if !stopped_by_string {
-            // Release what was held back: a partial character, or text that only looked like
-            // the start of a stop string.
-            let tail = decoder.finish();
-            let rest = match stops.push(&tail) {
-                StopMatch::Continue(t) => t + &stops.finish(),
-                StopMatch::Stopped(t) => t,
-            };
-            emit(&rest, &mut text);
+        if finish == FinishReason::Cancelled {
+            let tail = decoding.flush();
+            if !tail.is_empty() {
+                on_text(&tail);
+            }
         }
+        let text = decoding.text.clone();
         Ok(Completion {
             usage: Usage {
                 prompt_tokens: req.prompt.len(),

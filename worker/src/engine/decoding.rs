@@ -1,0 +1,90 @@
+//! Per-sequence generation state: sampling, incremental detokenization, stop strings and
+//! token limits. Shared by the batching engine and the single-sequence session.
+
+use super::{FinishReason, GenerationRequest};
+use crate::sampler::select::log_prob;
+use crate::sampler::{apply_penalties, sample, Candidates, Rng, StopMatch, StopMatcher};
+use kiln_shared::tokenizer::{StreamDecoder, Tokenizer};
+
+pub struct Decoding {
+    rng: Rng,
+    candidates: Candidates,
+    decoder: StreamDecoder,
+    stops: StopMatcher,
+    stopped_by_string: bool,
+    pub generated: usize,
+    pub text: String,
+}
+
+/// What one accepted token produced.
+pub struct Accepted {
+    /// Text now final (may be empty while bytes or a possible stop string are held back).
+    pub text: String,
+    pub finish: Option<FinishReason>,
+    /// The token ended generation by itself (end-of-generation) and is not part of the output.
+    pub is_end_token: bool,
+}
+
+impl Decoding {
+    pub fn new(req: &GenerationRequest) -> Decoding {
+        Decoding {
+            rng: Rng::seeded(req.sampling.seed.unwrap_or_else(Rng::entropy_seed)),
+            candidates: Candidates::default(),
+            decoder: StreamDecoder::new(),
+            stops: StopMatcher::new(req.stop.clone()),
+            stopped_by_string: false,
+            generated: 0,
+            text: String::new(),
+        }
+    }
+
+    /// Picks the next token from `logits` after `history` (prompt and output so far);
+    /// returns it with its log-probability under the penalized logits.
+    pub fn sample(&mut self, req: &GenerationRequest, logits: &mut [f32], history: &[u32]) -> (u32, f32) {
+        apply_penalties(logits, history, &req.sampling);
+        let token = sample(logits, &req.sampling, &mut self.rng, &mut self.candidates);
+        (token, log_prob(logits, token))
+    }
+
+    /// Takes a sampled token: end-of-generation, stop strings and the token limit decide
+    /// whether generation ends.
+    pub fn accept(&mut self, req: &GenerationRequest, tokenizer: &Tokenizer, token: u32) -> Accepted {
+        if !req.ignore_eos && tokenizer.is_eog(token) {
+            return Accepted { text: self.flush(), finish: Some(FinishReason::Stop), is_end_token: true };
+        }
+        self.generated += 1;
+        let piece = self.decoder.push(tokenizer, token, false);
+        let (mut text, mut finish) = match self.stops.push(&piece) {
+            StopMatch::Continue(safe) => (safe, None),
+            StopMatch::Stopped(before) => {
+                self.stopped_by_string = true;
+                (before, Some(FinishReason::Stop))
+            }
+        };
+        if finish.is_none() && req.max_tokens.is_some_and(|m| self.generated >= m) {
+            finish = Some(FinishReason::Length);
+        }
+        if finish.is_some() {
+            text.push_str(&self.flush());
+        }
+        self.text.push_str(&text);
+        Accepted { text, finish, is_end_token: false }
+    }
+
+    /// Releases text held back at the end of generation (nothing after a stop string).
+    pub fn flush(&mut self) -> String {
+        if self.stopped_by_string {
+            return String::new();
+        }
+        let tail = self.decoder.finish();
+        let text = match self.stops.push(&tail) {
+            StopMatch::Continue(t) => t + &self.stops.finish(),
+            StopMatch::Stopped(t) => {
+                self.stopped_by_string = true;
+                t
+            }
+        };
+        self.text.push_str(&text);
+        text
+    }
+}

@@ -1,0 +1,182 @@
+//! The engine's public face: a cheap, cloneable handle to submit requests and cancel them,
+//! and a stream of events per request. Dropping a stream cancels its request.
+
+use super::{FinishReason, GenerationRequest, Usage};
+use crate::error::{Error, Result};
+use crate::scheduler::{SchedulerStats, SeqId};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{Receiver, Sender};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum Event {
+    /// A generated token and the text it completes; text may be empty while bytes of a
+    /// character or a possible stop string are held back.
+    Token { id: u32, text: String, logprob: f32 },
+    /// The request ended; no more events follow. `tail` is text held back until the end
+    /// (part of a character, or text that might have begun a stop string).
+    Done { finish: FinishReason, usage: Usage, tail: String },
+    /// The request failed; no more events follow.
+    Failed(String),
+}
+
+pub(super) enum Command {
+    Submit(Box<super::step::Admission>),
+    Cancel(SeqId),
+    Shutdown,
+}
+
+/// Cache capacity as the engine was built, for checking requests at submit.
+#[derive(Clone, Debug)]
+pub struct Capacity {
+    pub block_size: usize,
+    /// Per cache group: (blocks, sliding window).
+    pub groups: Vec<(usize, Option<usize>)>,
+    pub max_batch_tokens: usize,
+    pub max_context_len: usize,
+    pub vocab_size: usize,
+}
+
+impl Capacity {
+    /// Whether a sequence growing to `len` tokens fits the cache even when alone.
+    pub fn fits(&self, len: usize) -> bool {
+        self.groups.iter().all(|&(blocks, window)| {
+            let full = len.div_ceil(self.block_size);
+            let peak = match window {
+                Some(w) => full.min((w + self.max_batch_tokens).div_ceil(self.block_size) + 1),
+                None => full,
+            };
+            peak <= blocks
+        })
+    }
+}
+
+/// Counters the engine publishes after every step.
+#[derive(Clone, Debug, Default)]
+pub struct EngineStats {
+    pub scheduler: SchedulerStats,
+    /// Per cache group: (blocks in use, blocks holding cached prefixes, total blocks).
+    pub blocks: Vec<(usize, usize, usize)>,
+    pub steps: u64,
+    pub generated_tokens: u64,
+}
+
+pub(super) struct Shared {
+    pub next_id: AtomicU64,
+    pub stats: Mutex<EngineStats>,
+    pub capacity: Capacity,
+}
+
+#[derive(Clone)]
+pub struct EngineHandle {
+    pub(super) tx: Sender<Command>,
+    pub(super) shared: Arc<Shared>,
+}
+
+impl EngineHandle {
+    /// Checks and queues a request. Errors here (bad parameters, a prompt that can never fit)
+    /// mean nothing was queued.
+    pub fn submit(&self, req: GenerationRequest) -> Result<RequestStream> {
+        let cap = &self.shared.capacity;
+        req.sampling.validate().map_err(|e| Error::InvalidRequest(e.to_string()))?;
+        if req.prompt.is_empty() {
+            return Err(Error::InvalidRequest("the prompt is empty".into()));
+        }
+        if let Some(&bad) = req.prompt.iter().find(|&&t| t as usize >= cap.vocab_size) {
+            return Err(Error::InvalidRequest(format!("token id {bad} is outside the vocabulary of {}", cap.vocab_size)));
+        }
+        if req.prompt.len() >= cap.max_context_len {
+            return Err(Error::PromptTooLong { prompt_tokens: req.prompt.len(), context_len: cap.max_context_len });
+        }
+        if req.max_tokens == Some(0) {
+            return Err(Error::InvalidRequest("max_tokens must be at least 1".into()));
+        }
+        let max_len = req.max_tokens.map_or(cap.max_context_len, |m| (req.prompt.len() + m).min(cap.max_context_len));
+        if !cap.fits(max_len) {
+            return Err(Error::InvalidRequest(format!(
+                "a sequence of {max_len} tokens cannot fit in the KV cache ({} blocks of {} tokens); lower max_tokens or enlarge the cache",
+                cap.groups[0].0, cap.block_size
+            )));
+        }
+        let id = self.shared.next_id.fetch_add(1, Ordering::Relaxed);
+        let (events, rx) = std::sync::mpsc::channel();
+        let admission = super::step::Admission::new(id, req, max_len, events);
+        self.tx.send(Command::Submit(Box::new(admission))).map_err(|_| Error::InvalidRequest("the engine has stopped".into()))?;
+        Ok(RequestStream { id, rx, handle: self.clone(), done: false })
+    }
+
+    /// Cancels a request; its stream ends with `Done { finish: Cancelled }`.
+    pub fn cancel(&self, id: SeqId) {
+        let _ = self.tx.send(Command::Cancel(id));
+    }
+
+    pub fn stats(&self) -> EngineStats {
+        self.shared.stats.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    pub fn capacity(&self) -> &Capacity {
+        &self.shared.capacity
+    }
+
+    /// Asks the engine thread to stop; requests still running end with `Failed`.
+    pub fn shutdown(&self) {
+        let _ = self.tx.send(Command::Shutdown);
+    }
+}
+
+/// Events of one request, in order. Dropping it before `Done` cancels the request.
+pub struct RequestStream {
+    id: SeqId,
+    rx: Receiver<Event>,
+    handle: EngineHandle,
+    done: bool,
+}
+
+impl RequestStream {
+    pub fn id(&self) -> SeqId {
+        self.id
+    }
+
+    /// Waits up to `timeout` for the next event; None on timeout or after the last event.
+    pub fn next_timeout(&mut self, timeout: Duration) -> Option<Event> {
+        if self.done {
+            return None;
+        }
+        let e = self.rx.recv_timeout(timeout).ok()?;
+        self.done = matches!(e, Event::Done { .. } | Event::Failed(_));
+        Some(e)
+    }
+
+    pub fn cancel(&self) {
+        self.handle.cancel(self.id);
+    }
+}
+
+impl Iterator for RequestStream {
+    type Item = Event;
+
+    fn next(&mut self) -> Option<Event> {
+        if self.done {
+            return None;
+        }
+        match self.rx.recv() {
+            Ok(e) => {
+                self.done = matches!(e, Event::Done { .. } | Event::Failed(_));
+                Some(e)
+            }
+            Err(_) => {
+                self.done = true;
+                Some(Event::Failed("the engine stopped".into()))
+            }
+        }
+    }
+}
+
+impl Drop for RequestStream {
+    fn drop(&mut self) {
+        if !self.done {
+            self.handle.cancel(self.id);
+        }
+    }
+}

@@ -1,0 +1,323 @@
+//! The engine thread: owns the model, the KV cache and the scheduler, and loops
+//! commands → schedule → forward → sample → stream until shut down.
+
+use super::decoding::Decoding;
+use super::handle::{Capacity, Command, EngineHandle, EngineStats, Event, Shared};
+use super::{FinishReason, GenerationRequest, Usage};
+use crate::error::{Error, Result};
+use crate::kv_cache::{group_layouts, KvCache};
+use crate::layers::Compute;
+use crate::loader::LoadedModel;
+use crate::models::batch::{Batch, Logits};
+use crate::models::scratch::Scratch;
+use crate::scheduler::{Plan, Scheduler, SchedulerConfig, SeqId, SeqState};
+use std::collections::HashMap;
+use std::sync::atomic::AtomicU64;
+use std::sync::mpsc::{Receiver, Sender, TryRecvError};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+#[derive(Clone, Debug)]
+pub struct EngineConfig {
+    pub max_seqs: usize,
+    pub max_batch_tokens: usize,
+    pub block_size: usize,
+    /// KV cache budget; None picks one from the context length, `max_seqs` and free memory.
+    pub kv_cache_bytes: Option<usize>,
+    /// Longest sequence (prompt and output); None uses the model's, at most 4096.
+    pub max_context_len: Option<usize>,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        EngineConfig { max_seqs: 16, max_batch_tokens: 512, block_size: 16, kv_cache_bytes: None, max_context_len: None }
+    }
+}
+
+/// A request accepted by `EngineHandle::submit`, on its way to the engine thread.
+pub(super) struct Admission {
+    id: SeqId,
+    req: GenerationRequest,
+    max_len: usize,
+    events: Sender<Event>,
+    submitted: Instant,
+}
+
+impl Admission {
+    pub(super) fn new(id: SeqId, req: GenerationRequest, max_len: usize, events: Sender<Event>) -> Admission {
+        Admission { id, req, max_len, events, submitted: Instant::now() }
+    }
+}
+
+/// A request the engine is working on.
+struct Active {
+    req: GenerationRequest,
+    decoding: Decoding,
+    events: Sender<Event>,
+    max_len: usize,
+    submitted: Instant,
+    first_token: Option<Instant>,
+}
+
+pub struct Engine {
+    model: Arc<LoadedModel>,
+    compute: Arc<Compute>,
+    kv: KvCache,
+    scratch: Scratch,
+    logits: Vec<f32>,
+    scheduler: Scheduler,
+    active: HashMap<SeqId, Active>,
+    shared: Arc<Shared>,
+    stats: EngineStats,
+}
+
+/// Bytes of memory the system reports available, or None where it cannot tell.
+fn available_memory() -> Option<usize> {
+    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = info.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kib: usize = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
+/// Blocks per cache group for the budget: full-attention groups get as many as fit; sliding
+/// groups only what `max_seqs` sequences can hold inside their windows.
+fn size_cache(model: &LoadedModel, cfg: &EngineConfig, context_len: usize) -> Result<Vec<(usize, Option<usize>)>> {
+    let mcfg = model.model.config();
+    let layouts = group_layouts(mcfg);
+    let block_bytes = KvCache::block_bytes(mcfg, cfg.block_size);
+    let per_seq = context_len.div_ceil(cfg.block_size) + 1;
+    let window_cap = |w: usize| cfg.max_seqs * ((w + cfg.max_batch_tokens).div_ceil(cfg.block_size) + 2);
+    let bytes_for = |n: usize| -> usize {
+        layouts.iter().zip(&block_bytes).map(|(l, b)| b * l.window.map_or(n, |w| n.min(window_cap(w)))).sum()
+    };
+    let budget = match cfg.kv_cache_bytes {
+        Some(b) => b,
+        None => {
+            // Room for every sequence at full length, but at most a quarter of free memory.
+            let wanted = bytes_for(cfg.max_seqs * per_seq);
+            wanted.min(available_memory().map_or(wanted, |m| m / 4)).max(bytes_for(per_seq))
+        }
+    };
+    // The largest block count whose groups fit the budget (bytes_for is monotonic).
+    let (mut lo, mut hi) = (0usize, budget / block_bytes.iter().copied().min().unwrap_or(1).max(1) + 1);
+    while lo + 1 < hi {
+        let mid = (lo + hi) / 2;
+        if bytes_for(mid) <= budget {
+            lo = mid;
+        } else {
+            hi = mid;
+        }
+    }
+    // Less than a full-length sequence is allowed: each request is checked against what it
+    // could grow to when it is submitted.
+    if lo < 2 {
+        return Err(Error::InvalidRequest(format!(
+            "a KV cache of {} KiB holds {lo} blocks of {} tokens; it needs at least 2",
+            budget >> 10,
+            cfg.block_size
+        )));
+    }
+    Ok(layouts.iter().map(|l| (l.window.map_or(lo, |w| lo.min(window_cap(w))), l.window)).collect())
+}
+
+impl Engine {
+    /// Starts the engine thread and returns its handle.
+    pub fn start(model: Arc<LoadedModel>, compute: Arc<Compute>, cfg: EngineConfig) -> Result<EngineHandle> {
+        if cfg.max_seqs == 0 || cfg.max_batch_tokens == 0 || cfg.block_size == 0 {
+            return Err(Error::InvalidRequest("max_seqs, max_batch_tokens and block_size must be positive".into()));
+        }
+        let mcfg = model.model.config();
+        let context_len = cfg.max_context_len.unwrap_or(mcfg.max_context_len.min(4096)).min(mcfg.max_context_len).max(2);
+        let groups = size_cache(&model, &cfg, context_len)?;
+        let blocks: Vec<usize> = groups.iter().map(|g| g.0).collect();
+        let kv = KvCache::new(mcfg, cfg.block_size, &blocks);
+        let scheduler = Scheduler::new(
+            SchedulerConfig { max_batch_tokens: cfg.max_batch_tokens, max_seqs: cfg.max_seqs, block_size: cfg.block_size },
+            &groups,
+        );
+        let shared = Arc::new(Shared {
+            next_id: AtomicU64::new(1),
+            stats: Mutex::new(EngineStats::default()),
+            capacity: Capacity {
+                block_size: cfg.block_size,
+                groups,
+                max_batch_tokens: cfg.max_batch_tokens,
+                max_context_len: context_len,
+                vocab_size: mcfg.vocab_size,
+            },
+        });
+        let (tx, rx) = std::sync::mpsc::channel();
+        let engine = Engine {
+            model,
+            compute,
+            kv,
+            scratch: Scratch::default(),
+            logits: Vec::new(),
+            scheduler,
+            active: HashMap::new(),
+            shared: Arc::clone(&shared),
+            stats: EngineStats::default(),
+        };
+        std::thread::Builder::new()
+            .name("kiln-engine".into())
+            .spawn(move || engine.run(rx))
+            .map_err(|e| Error::InvalidRequest(format!("cannot start the engine thread: {e}")))?;
+        Ok(EngineHandle { tx, shared })
+    }
+
+    fn run(mut self, rx: Receiver<Command>) {
+        loop {
+            if self.scheduler.is_idle() {
+                self.publish_stats();
+                match rx.recv() {
+                    Ok(cmd) => {
+                        if !self.command(cmd) {
+                            return;
+                        }
+                    }
+                    Err(_) => return,
+                }
+            }
+            loop {
+                match rx.try_recv() {
+                    Ok(cmd) => {
+                        if !self.command(cmd) {
+                            return;
+                        }
+                    }
+                    Err(TryRecvError::Empty) => break,
+                    Err(TryRecvError::Disconnected) if self.scheduler.is_idle() => return,
+                    Err(TryRecvError::Disconnected) => break,
+                }
+            }
+            if !self.scheduler.is_idle() {
+                self.step();
+            }
+        }
+    }
+
+    /// Applies one command; false means stop.
+    fn command(&mut self, cmd: Command) -> bool {
+        match cmd {
+            Command::Submit(a) => {
+                let a = *a;
+                let seq = SeqState::new(a.id, a.req.prompt.clone(), self.kv.groups.len());
+                self.active.insert(
+                    a.id,
+                    Active { decoding: Decoding::new(&a.req), req: a.req, events: a.events, max_len: a.max_len, submitted: a.submitted, first_token: None },
+                );
+                self.scheduler.add(seq);
+            }
+            Command::Cancel(id) => self.finish(id, FinishReason::Cancelled),
+            Command::Shutdown => {
+                for (_, a) in self.active.drain() {
+                    let _ = a.events.send(Event::Failed("the engine is shutting down".into()));
+                }
+                return false;
+            }
+        }
+        true
+    }
+
+    fn step(&mut self) {
+        let plan = self.scheduler.schedule();
+        if plan.entries.is_empty() {
+            std::thread::yield_now();
+            return;
+        }
+        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.forward(&plan)));
+        match result {
+            Ok(Ok(())) => self.after_forward(&plan),
+            Ok(Err(e)) => self.fail_plan(&plan, &e.to_string()),
+            Err(_) => self.fail_plan(&plan, "internal error while running the model"),
+        }
+        self.stats.steps += 1;
+        self.publish_stats();
+    }
+
+    fn forward(&mut self, plan: &Plan) -> Result<()> {
+        let bs = self.kv.block_size;
+        let mut batch = Batch::new(bs);
+        for e in &plan.entries {
+            let seq = self.scheduler.get(e.id).expect("planned sequences are known to the scheduler");
+            let blocks = (e.start + e.len).div_ceil(bs);
+            let tables = seq.block_tables.iter().map(|t| t[..blocks].to_vec()).collect();
+            let logits = if e.wants_logits { Logits::Last } else { Logits::None };
+            batch.push_seq(&seq.tokens[e.start..e.start + e.len], e.start, tables, logits);
+        }
+        self.model.model.forward(&self.compute, &batch, &mut self.kv, &mut self.scratch, &mut self.logits)
+    }
+
+    fn after_forward(&mut self, plan: &Plan) {
+        self.scheduler.complete(plan);
+        let vocab = self.model.model.config().vocab_size;
+        let tokenizer = Arc::clone(&self.model.tokenizer);
+        let mut row = 0;
+        for e in plan.entries.iter().filter(|e| e.wants_logits) {
+            let logits = &mut self.logits[row * vocab..(row + 1) * vocab];
+            row += 1;
+            let (Some(a), Some(seq)) = (self.active.get_mut(&e.id), self.scheduler.get(e.id)) else { continue };
+            let (token, logprob) = a.decoding.sample(&a.req, logits, &seq.tokens);
+            let accepted = a.decoding.accept(&a.req, &tokenizer, token);
+            a.first_token.get_or_insert_with(Instant::now);
+            if accepted.is_end_token {
+                self.finish_with(e.id, FinishReason::Stop, accepted.text);
+                continue;
+            }
+            if a.events.send(Event::Token { id: token, text: accepted.text, logprob }).is_err() {
+                self.finish(e.id, FinishReason::Cancelled);
+                continue;
+            }
+            if let Some(reason) = accepted.finish {
+                self.finish(e.id, reason);
+                continue;
+            }
+            self.scheduler.push_token(e.id, token);
+            self.stats.generated_tokens += 1;
+            let len = self.scheduler.get(e.id).map_or(0, |s| s.tokens.len());
+            if len >= a.max_len {
+                self.finish(e.id, FinishReason::ContextFull);
+            }
+        }
+    }
+
+    /// Ends a request: releases its blocks and sends its final event.
+    fn finish(&mut self, id: SeqId, reason: FinishReason) {
+        self.finish_with(id, reason, String::new());
+    }
+
+    /// `finish`, with text already released by the last token placed before any held back.
+    fn finish_with(&mut self, id: SeqId, reason: FinishReason, mut tail: String) {
+        let seq = self.scheduler.remove(id);
+        let Some(mut a) = self.active.remove(&id) else { return };
+        tail.push_str(&a.decoding.flush());
+        let now = Instant::now();
+        let ttft = a.first_token.map_or(now, |t| t).duration_since(a.submitted);
+        let usage = Usage {
+            prompt_tokens: a.req.prompt.len(),
+            cached_tokens: seq.as_ref().map_or(0, |s| s.num_cached_prompt),
+            completion_tokens: a.decoding.generated,
+            prefill_ms: ttft.as_secs_f64() * 1e3,
+            decode_ms: a.first_token.map_or(0.0, |t| now.duration_since(t).as_secs_f64() * 1e3),
+        };
+        let _ = a.events.send(Event::Done { finish: reason, usage, tail });
+    }
+
+    fn fail_plan(&mut self, plan: &Plan, msg: &str) {
+        for e in &plan.entries {
+            self.scheduler.remove(e.id);
+            if let Some(a) = self.active.remove(&e.id) {
+                let _ = a.events.send(Event::Failed(msg.to_string()));
+            }
+        }
+    }
+
+    fn publish_stats(&mut self) {
+        self.stats.scheduler = self.scheduler.stats();
+        self.stats.blocks = self.scheduler.pools().iter().map(|p| {
+            let s = p.stats();
+            (s.in_use, s.cached, s.num_blocks)
+        }).collect();
+        *self.shared.stats.lock().unwrap_or_else(|e| e.into_inner()) = self.stats.clone();
+    }
+}
