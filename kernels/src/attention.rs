@@ -40,12 +40,8 @@ impl KvStore {
     pub fn write(&mut self, slot: usize, k: &[f32], v: &[f32]) {
         let n = self.row_len();
         let range = slot * n..(slot + 1) * n;
-        for (dst, &x) in self.k[range.clone()].iter_mut().zip(k) {
-            *dst = f32_to_f16_bits(x);
-        }
-        for (dst, &x) in self.v[range].iter_mut().zip(v) {
-            *dst = f32_to_f16_bits(x);
-        }
+        to_f16(&k[..n], &mut self.k[range.clone()]);
+        to_f16(&v[..n], &mut self.v[range]);
     }
 
     fn key(&self, slot: usize, kv_head: usize) -> &[u16] {
@@ -99,7 +95,9 @@ struct ThreadScratch {
     scores: Vec<f32>,
     /// Value accumulators, `[64 buckets, head_dim]`; key position p goes to bucket p % 64.
     buckets: Vec<f32>,
-    q16: Vec<u16>,
+    q: Vec<f32>,
+    /// Cache slot of each key position attended to.
+    slots: Vec<u32>,
 }
 
 /// Writes `out[row, head, :]` for every row of every span. `q` and `out` are
@@ -167,36 +165,39 @@ fn attend(isa: Isa, p: &AttentionParams, kv: &KvStore, span: &SeqSpan, query: &Q
         None => 0,
     };
     let n_keys = pos + 1 - first;
-    ts.q16.resize(d, 0);
-    for (h, &x) in ts.q16.iter_mut().zip(q) {
-        *h = f32_to_f16_bits(x);
+    // The query rounded to half precision, held as f32 for the products.
+    ts.q.clear();
+    ts.q.extend_from_slice(q);
+    round_f16(isa, &mut ts.q);
+    ts.slots.clear();
+    let bs = p.block_size;
+    let mut key = first;
+    while key <= pos {
+        let base = span.block_table[key / bs] as usize * bs;
+        let end = (key / bs + 1) * bs;
+        ts.slots.extend((key..end.min(pos + 1)).map(|k| (base + k % bs) as u32));
+        key = end;
     }
     ts.scores.resize(n_keys, 0.0);
-    for (j, sc) in ts.scores.iter_mut().enumerate() {
-        let slot = slot_of(span.block_table, p.block_size, first + j);
-        let mut v = dot_f16(isa, &ts.q16, kv.key(slot, kv_head)) * p.scale;
+    scores(isa, &ts.q, kv, &ts.slots, kv_head, &mut ts.scores);
+    for sc in ts.scores.iter_mut() {
+        *sc *= p.scale;
         if let Some(cap) = p.softcap {
-            v = cap * (v / cap).tanh();
+            *sc = cap * (*sc / cap).tanh();
         }
-        *sc = v;
     }
     softmax_by_position(isa, &mut ts.scores, first);
     // Probabilities are rounded to half precision before weighting the values.
-    for s in ts.scores.iter_mut() {
-        *s = f16_bits_to_f32(f32_to_f16_bits(*s));
-    }
+    round_f16(isa, &mut ts.scores);
     ts.buckets.resize(64 * d, 0.0);
-    let used = n_keys.min(64);
     let mut touched = [false; 64];
-    for j in 0..used {
+    for (j, (&w, &slot)) in ts.scores.iter().zip(&ts.slots).enumerate() {
         let b = (first + j) % 64;
+        let acc = &mut ts.buckets[b * d..(b + 1) * d];
+        // A bucket's first key starts it from zero: fma(v, w, 0), the same bits as
+        // accumulating onto zeroed memory.
+        fma_f16(isa, acc, w, kv.value(slot as usize, kv_head), !touched[b]);
         touched[b] = true;
-        ts.buckets[b * d..(b + 1) * d].iter_mut().for_each(|x| *x = 0.0);
-    }
-    for (j, &w) in ts.scores.iter().enumerate() {
-        let b = (first + j) % 64;
-        let slot = slot_of(span.block_table, p.block_size, first + j);
-        fma_f16(isa, &mut ts.buckets[b * d..(b + 1) * d], w, kv.value(slot, kv_head));
     }
     fold_buckets(isa, &ts.buckets, &touched, d, out);
 }
@@ -270,26 +271,71 @@ pub fn slot_of(block_table: &[u32], block_size: usize, pos: usize) -> usize {
     block_table[pos / block_size] as usize * block_size + pos % block_size
 }
 
-fn dot_f16(isa: Isa, a: &[u16], b: &[u16]) -> f32 {
+fn to_f16(src: &[f32], dst: &mut [u16]) {
+    #[cfg(target_arch = "x86_64")]
+    if Isa::detect() >= Isa::Avx2 {
+        // SAFETY: F16C presence checked just above.
+        unsafe { crate::x86::f32_to_f16_slice(src, dst) };
+        return;
+    }
+    for (d, &x) in dst.iter_mut().zip(src) {
+        *d = f32_to_f16_bits(x);
+    }
+}
+
+fn round_f16(isa: Isa, x: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if isa >= Isa::Avx2 {
+        // SAFETY: F16C presence is implied by `isa`.
+        unsafe { crate::x86::round_to_f16(x) };
+        return;
+    }
+    let _ = isa;
+    for v in x.iter_mut() {
+        *v = f16_bits_to_f32(f32_to_f16_bits(*v));
+    }
+}
+
+/// Raw scores q·k of the keys in `slots`.
+fn scores(isa: Isa, q: &[f32], kv: &KvStore, slots: &[u32], kv_head: usize, out: &mut [f32]) {
+    let mut j = 0;
+    #[cfg(target_arch = "x86_64")]
+    if isa >= Isa::Avx2 && q.len().is_multiple_of(64) {
+        while j + 8 <= slots.len() {
+            let keys: [*const u16; 8] = std::array::from_fn(|k| kv.key(slots[j + k] as usize, kv_head).as_ptr());
+            // SAFETY: AVX2 implied by `isa`; every key holds `q.len()` values.
+            let r = unsafe { crate::x86::dot8_f32_f16_ordered(q.as_ptr(), &keys, q.len()) };
+            out[j..j + 8].copy_from_slice(&r);
+            j += 8;
+        }
+    }
+    for (o, &slot) in out[j..].iter_mut().zip(&slots[j..]) {
+        *o = dot_q_f16(isa, q, kv.key(slot as usize, kv_head));
+    }
+}
+
+/// `numerics::dot_f16` with the first operand already widened from half precision.
+fn dot_q_f16(isa: Isa, q: &[f32], k: &[u16]) -> f32 {
     #[cfg(target_arch = "x86_64")]
     if isa >= Isa::Avx2 {
         // SAFETY: AVX2/F16C presence is implied by `isa`; both slices have the same length.
-        return unsafe { crate::x86::dot_f16_ordered(a.as_ptr(), b.as_ptr(), a.len().min(b.len())) };
+        return unsafe { crate::x86::dot_f32_f16_ordered(q.as_ptr(), k.as_ptr(), q.len().min(k.len())) };
     }
     let _ = isa;
-    numerics::dot_f16(a, b)
+    let q16: Vec<u16> = q.iter().map(|&x| f32_to_f16_bits(x)).collect();
+    numerics::dot_f16(&q16, k)
 }
 
-/// `acc = fma(v, w, acc)` elementwise, `v` in half precision.
-fn fma_f16(isa: Isa, acc: &mut [f32], w: f32, v: &[u16]) {
+/// `acc = fma(v, w, acc)` elementwise (or `fma(v, w, 0)` when `start`), `v` in half precision.
+fn fma_f16(isa: Isa, acc: &mut [f32], w: f32, v: &[u16], start: bool) {
     #[cfg(target_arch = "x86_64")]
     if isa >= Isa::Avx2 {
-        // SAFETY: as in `dot_f16`.
-        unsafe { crate::x86::axpy_f16(acc, w, v) };
+        // SAFETY: AVX2/F16C presence is implied by `isa`.
+        unsafe { crate::x86::axpy_f16(acc, w, v, start) };
         return;
     }
     let _ = isa;
     for (a, &x) in acc.iter_mut().zip(v) {
-        *a = f16_bits_to_f32(x).mul_add(w, *a);
+        *a = f16_bits_to_f32(x).mul_add(w, if start { 0.0 } else { *a });
     }
 }

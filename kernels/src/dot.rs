@@ -10,6 +10,58 @@ use std::sync::OnceLock;
 /// and `a` to `n` values in that format's `activation_type()`, both valid for reads.
 pub type DotFn = unsafe fn(w: *const u8, a: *const u8, n: usize) -> f32;
 
+/// Side tables of N activation rows for the many-row kernels. Block scales in single
+/// precision, four rows interleaved: the scale of block `i` of row `4c + k` is at
+/// `d[c * stride + 4 * i + k]`; `s` likewise holds block sums (Q8_1 rows only, else null).
+/// `pairs` holds the quants of rows `2j` and `2j + 1` side by side, 64 bytes per block:
+/// block `i` of pair `j` at `pairs[(j * blocks + i) * 64]`.
+pub struct ActScales<const N: usize> {
+    pub d: *const f32,
+    pub s: *const f32,
+    pub stride: usize,
+    pub pairs: *const i8,
+    /// For `pairs`: -128 times the sum of each 4-byte group, 16 per block (Q8_0 rows only).
+    pub pair_corr: *const i32,
+    pub blocks: usize,
+}
+
+/// Dot products of one weight row with N activation rows; each result equals the
+/// corresponding single-row `DotFn` result bit for bit.
+///
+/// # Safety
+/// As for `DotFn`, for every one of the N activation rows, and `scales` must point at that
+/// many block scales (and sums, for Q8_1 activations) of the same rows.
+pub type DotManyFn<const N: usize> = unsafe fn(w: *const u8, a: &[*const u8; N], scales: &ActScales<N>, n: usize, out: &mut [f32; N]);
+
+/// The N-row kernel (N = 4 or 8) for rows of `wt`, where one exists.
+pub fn kernel_xn<const N: usize>(wt: DType, isa: Isa) -> Option<DotManyFn<N>> {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use crate::x86::{avx2, vnni};
+        let vnni = isa == Isa::Avx512Vnni;
+        if vnni && N == 8 && matches!(wt, DType::Q4_1 | DType::Q8_0) {
+            let f: DotManyFn<8> = if wt == DType::Q4_1 { crate::x86::q4_1_x8_zmm } else { crate::x86::q8_0_x8_zmm };
+            // SAFETY: N == 8, so both are the same function pointer type.
+            return Some(unsafe { std::mem::transmute::<DotManyFn<8>, DotManyFn<N>>(f) });
+        }
+        if isa >= Isa::Avx2 {
+            return Some(match (wt, vnni) {
+                (DType::Q4_0, true) => vnni::q4_0_xn::<N>,
+                (DType::Q4_0, false) => avx2::q4_0_xn::<N>,
+                (DType::Q4_1, true) => vnni::q4_1_xn::<N>,
+                (DType::Q4_1, false) => avx2::q4_1_xn::<N>,
+                (DType::Q5_0, true) => vnni::q5_0_xn::<N>,
+                (DType::Q5_0, false) => avx2::q5_0_xn::<N>,
+                (DType::Q8_0, true) => vnni::q8_0_xn::<N>,
+                (DType::Q8_0, false) => avx2::q8_0_xn::<N>,
+                _ => return None,
+            });
+        }
+    }
+    let _ = (wt, isa);
+    None
+}
+
 /// Instruction sets kiln has kernels for, best last.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Isa {

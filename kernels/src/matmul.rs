@@ -5,8 +5,8 @@
 //! that read the same input (q/k/v, gate/up) run in one pool dispatch.
 
 use crate::activation;
-use crate::blocks::{cast_blocks_mut, BlockQ8K, BlockQ8_0, BlockQ8_1};
-use crate::dot::{kernel_for_matrix, DotFn};
+use crate::blocks::{cast_blocks, cast_blocks_mut, BlockQ8K, BlockQ8_0, BlockQ8_1};
+use crate::dot::{kernel_for_matrix, kernel_xn, ActScales, DotFn, DotManyFn};
 use crate::dtype::DType;
 use crate::pool::{split_range, SharedMut};
 use crate::{Compute, KernelError};
@@ -87,11 +87,24 @@ pub struct Activations {
     num_rows: usize,
     row_bytes: usize,
     buf: AlignedBuf,
+    /// Q8_0/Q8_1 block scales (and Q8_1 block sums) in single precision for the many-row
+    /// kernels, four rows interleaved: `[row / 4][block][row % 4]`.
+    scales: Vec<f32>,
+    sums: Vec<f32>,
+    /// Quants of row pairs side by side: `[row / 2][block][64]`.
+    pairs: Vec<i8>,
+    /// -128 x the sum of each 4-byte group of `pairs` (Q8_0 only): `[row / 2][block][16]`.
+    pair_corr: Vec<i32>,
 }
 
 impl Activations {
     /// Converts `x` (`num_rows` rows of `cols` values) for multiplication with `weight_type`.
     pub fn prepare(&mut self, x: &[f32], num_rows: usize, cols: usize, weight_type: DType) -> Result<(), KernelError> {
+        self.prepare_on(None, x, num_rows, cols, weight_type)
+    }
+
+    /// `prepare`, with the rows split across `compute`'s threads when given.
+    pub fn prepare_on(&mut self, compute: Option<&Compute>, x: &[f32], num_rows: usize, cols: usize, weight_type: DType) -> Result<(), KernelError> {
         let at = weight_type.activation_type();
         let row_bytes = at
             .row_bytes(cols)
@@ -99,16 +112,57 @@ impl Activations {
         if x.len() != num_rows * cols {
             return Err(KernelError::Shape(format!("input has {} values, expected {num_rows}x{cols}", x.len())));
         }
+        let blocks = cols / 32;
+        let (interleaved, pairs) = (num_rows.div_ceil(4) * 4 * blocks, num_rows.div_ceil(2) * blocks);
+        let (tables, with_sums, with_corr) = match at {
+            DType::Q8_0 => (true, false, true),
+            DType::Q8_1 => (true, true, false),
+            _ => (false, false, false),
+        };
         self.buf.resize(row_bytes * num_rows);
-        let bytes = self.buf.bytes_mut();
-        for (src, dst) in x.chunks_exact(cols.max(1)).zip(bytes.chunks_exact_mut(row_bytes.max(1))) {
-            convert_row(at, src, dst);
-        }
+        // Every entry a row owns is rewritten below, so stale contents need no clearing.
+        self.scales.resize(if tables { interleaved } else { 0 }, 0.0);
+        self.sums.resize(if with_sums { interleaved } else { 0 }, 0.0);
+        self.pairs.resize(if tables { pairs * 64 } else { 0 }, 0);
+        self.pair_corr.resize(if with_corr { pairs * 16 } else { 0 }, 0);
         self.dtype = Some(at);
         self.cols = cols;
         self.num_rows = num_rows;
         self.row_bytes = row_bytes;
+        let out = RowTables {
+            bytes: SharedMut::new(self.buf.bytes_mut()),
+            scales: SharedMut::new(&mut self.scales),
+            sums: SharedMut::new(&mut self.sums),
+            pairs: SharedMut::new(&mut self.pairs),
+            pair_corr: SharedMut::new(&mut self.pair_corr),
+        };
+        let fill = |rows: std::ops::Range<usize>| {
+            for row in rows {
+                // SAFETY: every row writes only the entries that belong to it.
+                unsafe { out.fill(at, &x[row * cols..(row + 1) * cols], row, row_bytes, blocks, (tables, with_sums, with_corr)) };
+            }
+        };
+        match compute {
+            Some(c) if num_rows >= 8 => c.pool.for_ranges(num_rows, 4, &fill),
+            _ => fill(0..num_rows),
+        }
         Ok(())
+    }
+
+    /// Pre-converted scales of N rows starting at `t`, for the N-row kernels.
+    /// `t` must be a multiple of 4.
+    pub fn scales<const N: usize>(&self, t: usize) -> ActScales<N> {
+        let blocks = self.cols / 32;
+        let stride = 4 * blocks;
+        let at = |v: &Vec<f32>| if v.is_empty() { std::ptr::null() } else { v[t / 4 * stride..].as_ptr() };
+        let pairs = if self.pairs.is_empty() { std::ptr::null() } else { self.pairs[t / 2 * blocks * 64..].as_ptr() };
+        let pair_corr = if self.pair_corr.is_empty() { std::ptr::null() } else { self.pair_corr[t / 2 * blocks * 16..].as_ptr() };
+        ActScales { d: at(&self.scales), s: at(&self.sums), stride, pairs, pair_corr, blocks }
+    }
+
+    /// Pointers to N rows starting at `t`.
+    fn rows<const N: usize>(&self, t: usize) -> [*const u8; N] {
+        std::array::from_fn(|k| self.row(t + k).as_ptr())
     }
 
     pub fn dtype(&self) -> Option<DType> {
@@ -121,6 +175,51 @@ impl Activations {
 
     pub fn row(&self, t: usize) -> &[u8] {
         &self.buf.bytes()[t * self.row_bytes..(t + 1) * self.row_bytes]
+    }
+}
+
+/// Where one row's converted values and side-table entries go.
+struct RowTables {
+    bytes: SharedMut<u8>,
+    scales: SharedMut<f32>,
+    sums: SharedMut<f32>,
+    pairs: SharedMut<i8>,
+    pair_corr: SharedMut<i32>,
+}
+
+impl RowTables {
+    /// # Safety
+    /// Rows filled concurrently must differ; the tables must be sized for the row.
+    unsafe fn fill(&self, at: DType, src: &[f32], row: usize, row_bytes: usize, blocks: usize, (tables, with_sums, with_corr): (bool, bool, bool)) {
+        let dst = self.bytes.slice(row * row_bytes..(row + 1) * row_bytes);
+        convert_row(at, src, dst);
+        if !tables {
+            return;
+        }
+        const WHY: &str = "activation buffers are allocated aligned and sized in whole blocks";
+        let place = |block: usize| (row / 4) * 4 * blocks + 4 * block + row % 4;
+        let pair_at = |block: usize| ((row / 2) * blocks + block) * 64 + (row % 2) * 32;
+        // Q8_0 and Q8_1 blocks both end in their 32 quants; only the header differs.
+        let (d_and_s, quants): (Vec<(u16, u16)>, Vec<&[i8; 32]>) = if at == DType::Q8_0 {
+            let b = cast_blocks::<BlockQ8_0>(dst).expect(WHY);
+            (b.iter().map(|b| (b.d, 0)).collect(), b.iter().map(|b| &b.qs).collect())
+        } else {
+            let b = cast_blocks::<BlockQ8_1>(dst).expect(WHY);
+            (b.iter().map(|b| (b.d, b.s)).collect(), b.iter().map(|b| &b.qs).collect())
+        };
+        for (block, (&(d, s), qs)) in d_and_s.iter().zip(quants).enumerate() {
+            self.scales.slice(place(block)..place(block) + 1)[0] = crate::blocks::f16_bits_to_f32(d);
+            if with_sums {
+                self.sums.slice(place(block)..place(block) + 1)[0] = crate::blocks::f16_bits_to_f32(s);
+            }
+            let at = pair_at(block);
+            self.pairs.slice(at..at + 32).copy_from_slice(qs);
+            if with_corr {
+                for (g, group) in qs.chunks_exact(4).enumerate() {
+                    self.pair_corr.slice(at / 4 + g..at / 4 + g + 1)[0] = -128 * group.iter().map(|&v| v as i32).sum::<i32>();
+                }
+            }
+        }
     }
 }
 
@@ -164,6 +263,10 @@ pub fn matmul_group(compute: &Compute, act: &Activations, jobs: &mut [MatMulJob]
     struct Plan<'a> {
         weight: WeightView<'a>,
         dot: DotFn,
+        /// Eight or four input rows per weight row at once, where the format has such
+        /// kernels and its single-row kernel is the plain one (so results are identical).
+        many8: Option<DotManyFn<8>>,
+        many4: Option<DotManyFn<4>>,
         out: SharedMut<f32>,
         first_global_row: usize,
     }
@@ -180,7 +283,14 @@ pub fn matmul_group(compute: &Compute, act: &Activations, jobs: &mut [MatMulJob]
         if job.out.len() != num_rows * w.rows {
             return Err(KernelError::Shape(format!("output has {} values, expected {}x{}", job.out.len(), num_rows, w.rows)));
         }
-        plans.push(Plan { weight: w, dot: kernel_for_matrix(w.dtype, w.rows, isa), out: SharedMut::new(job.out), first_global_row: total_rows });
+        plans.push(Plan {
+            weight: w,
+            dot: kernel_for_matrix(w.dtype, w.rows, isa),
+            many8: kernel_xn::<8>(w.dtype, isa),
+            many4: kernel_xn::<4>(w.dtype, isa),
+            out: SharedMut::new(job.out),
+            first_global_row: total_rows,
+        });
         total_rows += w.rows;
     }
     let n_threads = pool.num_threads();
@@ -189,17 +299,32 @@ pub fn matmul_group(compute: &Compute, act: &Activations, jobs: &mut [MatMulJob]
         for plan in &plans {
             let lo = range.start.max(plan.first_global_row);
             let hi = range.end.min(plan.first_global_row + plan.weight.rows);
+            let rows = plan.weight.rows;
+            let cols = plan.weight.cols;
             let mut r0 = lo;
             while r0 < hi {
                 let r1 = (r0 + ROW_TILE).min(hi);
-                for t in 0..num_rows {
+                let local = (r0 - plan.first_global_row)..(r1 - plan.first_global_row);
+                let mut t = 0;
+                if let Some(many) = plan.many8 {
+                    while t + 8 <= num_rows {
+                        run_many(many, &plan.weight, &plan.out, act, t, local.clone());
+                        t += 8;
+                    }
+                }
+                if let Some(many) = plan.many4 {
+                    while t + 4 <= num_rows {
+                        run_many(many, &plan.weight, &plan.out, act, t, local.clone());
+                        t += 4;
+                    }
+                }
+                for t in t..num_rows {
                     let a = act.row(t);
-                    let local = (r0 - plan.first_global_row)..(r1 - plan.first_global_row);
                     // SAFETY: each thread owns a disjoint range of rows of every output.
-                    let out = unsafe { plan.out.slice(t * plan.weight.rows + local.start..t * plan.weight.rows + local.end) };
-                    for (o, r) in out.iter_mut().zip(local) {
+                    let out = unsafe { plan.out.slice(t * rows + local.start..t * rows + local.end) };
+                    for (o, r) in out.iter_mut().zip(local.clone()) {
                         // SAFETY: row and activation lengths were validated against `cols` above.
-                        *o = unsafe { (plan.dot)(plan.weight.row(r).as_ptr(), a.as_ptr(), plan.weight.cols) };
+                        *o = unsafe { (plan.dot)(plan.weight.row(r).as_ptr(), a.as_ptr(), cols) };
                     }
                 }
                 r0 = r1;
@@ -214,6 +339,21 @@ pub fn matmul_group(compute: &Compute, act: &Activations, jobs: &mut [MatMulJob]
     Ok(())
 }
 
+/// Rows `local` of `weight` against input rows `t..t + N`, written to `out` (`[inputs, rows]`).
+fn run_many<const N: usize>(many: DotManyFn<N>, weight: &WeightView, out: &SharedMut<f32>, act: &Activations, t: usize, local: std::ops::Range<usize>) {
+    let a = act.rows::<N>(t);
+    let scales = act.scales::<N>(t);
+    for r in local {
+        let mut o = [0f32; N];
+        // SAFETY: rows, activations and scales were validated against the weight's columns.
+        unsafe { many(weight.row(r).as_ptr(), &a, &scales, weight.cols, &mut o) };
+        for (k, v) in o.into_iter().enumerate() {
+            // SAFETY: the calling thread owns row r of every output row.
+            unsafe { out.slice((t + k) * weight.rows + r..(t + k) * weight.rows + r + 1)[0] = v };
+        }
+    }
+}
+
 /// `out = x · weightᵀ` for `num_rows` input rows; convenience for a single matrix.
 pub fn matmul(
     compute: &Compute,
@@ -223,6 +363,6 @@ pub fn matmul(
     act: &mut Activations,
     out: &mut [f32],
 ) -> Result<(), KernelError> {
-    act.prepare(x, num_rows, weight.cols, weight.dtype)?;
+    act.prepare_on(Some(compute), x, num_rows, weight.cols, weight.dtype)?;
     matmul_group(compute, act, &mut [MatMulJob { weight, out }])
 }

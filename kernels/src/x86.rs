@@ -13,8 +13,36 @@
 #![allow(unsafe_op_in_unsafe_fn, clippy::missing_safety_doc)]
 
 use crate::blocks::*;
+use crate::dot::ActScales;
 use crate::dtype::QK_K;
 use std::arch::x86_64::*;
+
+/// Scales of block `i` of the N rows (N = 4 or 8) described by an `ActScales` table.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn scales_at<const N: usize>(base: *const f32, stride: usize, i: usize) -> __m256 {
+    let lo = _mm_loadu_ps(base.add(4 * i));
+    if N == 8 {
+        _mm256_set_m128(_mm_loadu_ps(base.add(stride + 4 * i)), lo)
+    } else {
+        _mm256_castps128_ps256(lo)
+    }
+}
+
+/// Lane `t` of `v` in all eight lanes.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn lane(v: __m256, t: usize) -> __m256 {
+    _mm256_permutevar8x32_ps(v, _mm256_set1_epi32(t as i32))
+}
+
+/// Half to single precision with F16C, inlined into the kernels (same value as
+/// `blocks::f16_bits_to_f32`).
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn h2f(bits: u16) -> f32 {
+    _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32)))
+}
 
 macro_rules! x86_kernels {
     ($name:ident, $features:literal, $us8_dot:ident) => {
@@ -48,7 +76,7 @@ macro_rules! x86_kernels {
                 for i in 0..n / 32 {
                     let (x, y) = (&*w.add(i), &*a.add(i));
                     let q = _mm256_sub_epi8(nibbles(x.qs.as_ptr()), eight);
-                    let d = f16_bits_to_f32(x.d) * f16_bits_to_f32(y.d);
+                    let d = h2f(x.d) * h2f(y.d);
                     acc = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(is8(q, load(y.qs.as_ptr()))), acc);
                 }
                 hsum_f32(acc)
@@ -61,8 +89,8 @@ macro_rules! x86_kernels {
                 let mut offsets = 0.0f32;
                 for i in 0..n / 32 {
                     let (x, y) = (&*w.add(i), &*a.add(i));
-                    let d = f16_bits_to_f32(x.d) * f16_bits_to_f32(y.d);
-                    offsets += f16_bits_to_f32(x.m) * f16_bits_to_f32(y.s);
+                    let d = h2f(x.d) * h2f(y.d);
+                    offsets += h2f(x.m) * h2f(y.s);
                     let p = us8(nibbles(x.qs.as_ptr()), load(y.qs.as_ptr()));
                     acc = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(p), acc);
                 }
@@ -78,7 +106,7 @@ macro_rules! x86_kernels {
                     let (x, y) = (&*w.add(i), &*a.add(i));
                     let high = _mm256_and_si256(bytes_from_bits(u32::from_le_bytes(x.qh)), sixteen);
                     let q = _mm256_sub_epi8(_mm256_or_si256(nibbles(x.qs.as_ptr()), high), sixteen);
-                    let d = f16_bits_to_f32(x.d) * f16_bits_to_f32(y.d);
+                    let d = h2f(x.d) * h2f(y.d);
                     acc = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(is8(q, load(y.qs.as_ptr()))), acc);
                 }
                 hsum_f32(acc)
@@ -94,8 +122,8 @@ macro_rules! x86_kernels {
                     let (x, y) = (&*w.add(i), &*a.add(i));
                     let high = _mm256_and_si256(bytes_from_bits(u32::from_le_bytes(x.qh)), sixteen);
                     let q = _mm256_or_si256(nibbles(x.qs.as_ptr()), high);
-                    let d = f16_bits_to_f32(x.d) * f16_bits_to_f32(y.d);
-                    offsets += f16_bits_to_f32(x.m) * f16_bits_to_f32(y.s);
+                    let d = h2f(x.d) * h2f(y.d);
+                    offsets += h2f(x.m) * h2f(y.s);
                     acc = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(us8(q, load(y.qs.as_ptr()))), acc);
                 }
                 hsum_f32(acc) + offsets
@@ -107,7 +135,7 @@ macro_rules! x86_kernels {
                 let mut acc = _mm256_setzero_ps();
                 for i in 0..n / 32 {
                     let (x, y) = (&*w.add(i), &*a.add(i));
-                    let d = f16_bits_to_f32(x.d) * f16_bits_to_f32(y.d);
+                    let d = h2f(x.d) * h2f(y.d);
                     let p = is8(load(x.qs.as_ptr()), load(y.qs.as_ptr()));
                     acc = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(p), acc);
                 }
@@ -155,8 +183,8 @@ macro_rules! x86_kernels {
                 for i in 0..n / QK_K {
                     let (x, y) = (&*w.add(i), &*a.add(i));
                     let (sumi, mins) = q4k_block(x, y);
-                    let d = y.d * f16_bits_to_f32(x.d);
-                    let dmin = -y.d * f16_bits_to_f32(x.dmin);
+                    let d = y.d * h2f(x.d);
+                    let dmin = -y.d * h2f(x.dmin);
                     let prod = _mm_cvtepi32_ps(_mm_loadu_si128(mins.as_ptr() as *const __m128i));
                     acc_m = _mm_fmadd_ps(_mm_set1_ps(dmin), prod, acc_m);
                     acc = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(sumi), acc);
@@ -179,8 +207,8 @@ macro_rules! x86_kernels {
                     let (sumi, mins) = q4k_block(x, y);
                     let total = hsum_i32(sumi);
                     let total_min: i32 = mins.iter().sum();
-                    acc = (total as f32).mul_add(f16_bits_to_f32(x.d) * y.d, acc);
-                    acc_min = (total_min as f32).mul_add(f16_bits_to_f32(x.dmin) * y.d, acc_min);
+                    acc = (total as f32).mul_add(h2f(x.d) * y.d, acc);
+                    acc_min = (total_min as f32).mul_add(h2f(x.dmin) * y.d, acc_min);
                 }
                 acc - acc_min
             }
@@ -223,7 +251,7 @@ macro_rules! x86_kernels {
                     let scales16 = _mm256_cvtepi8_epi16(_mm_loadu_si128(x.scales.as_ptr() as *const __m128i));
                     let offset = _mm256_slli_epi32(_mm256_madd_epi16(bsums, scales16), 5);
                     sumi = _mm256_sub_epi32(sumi, offset);
-                    let d = y.d * f16_bits_to_f32(x.d);
+                    let d = y.d * h2f(x.d);
                     acc = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(sumi), acc);
                 }
                 hsum_f32(acc)
@@ -263,6 +291,97 @@ macro_rules! x86_kernels {
             #[target_feature(enable = $features)]
             pub unsafe fn q5k(w: *const u8, a: *const u8, n: usize) -> f32 {
                 kgeneric::<BlockQ5K>(w, a, n, crate::unpack::q5k)
+            }
+
+            /// `q4_0` against N activation rows at once: each weight block is unpacked
+            /// once, and the activation scales come pre-converted (`ActScales`); the per-row
+            /// arithmetic is exactly that of `q4_0`.
+            #[target_feature(enable = $features)]
+            pub unsafe fn q4_0_xn<const N: usize>(w: *const u8, a: &[*const u8; N], sc: &ActScales<N>, n: usize, out: &mut [f32; N]) {
+                let w = w as *const BlockQ4_0;
+                let a = a.map(|p| p as *const BlockQ8_0);
+                let mut acc = [_mm256_setzero_ps(); N];
+                let eight = _mm256_set1_epi8(8);
+                for i in 0..n / 32 {
+                    let x = &*w.add(i);
+                    let q = _mm256_sub_epi8(nibbles(x.qs.as_ptr()), eight);
+                    let d = _mm256_mul_ps(_mm256_set1_ps(h2f(x.d)), scales_at::<N>(sc.d, sc.stride, i));
+                    for t in 0..N {
+                        let p = _mm256_cvtepi32_ps(is8(q, load((*a[t].add(i)).qs.as_ptr())));
+                        acc[t] = _mm256_fmadd_ps(lane(d, t), p, acc[t]);
+                    }
+                }
+                for t in 0..N {
+                    out[t] = hsum_f32(acc[t]);
+                }
+            }
+
+            #[target_feature(enable = $features)]
+            pub unsafe fn q4_1_xn<const N: usize>(w: *const u8, a: &[*const u8; N], sc: &ActScales<N>, n: usize, out: &mut [f32; N]) {
+                let w = w as *const BlockQ4_1;
+                let a = a.map(|p| p as *const BlockQ8_1);
+                let mut acc = [_mm256_setzero_ps(); N];
+                // Lane t holds row t's running sum of (min x block sum), added in block order
+                // with a separate multiply and add, as the single-row kernel does.
+                let mut offsets = _mm256_setzero_ps();
+                for i in 0..n / 32 {
+                    let x = &*w.add(i);
+                    let q = nibbles(x.qs.as_ptr());
+                    let d = _mm256_mul_ps(_mm256_set1_ps(h2f(x.d)), scales_at::<N>(sc.d, sc.stride, i));
+                    let m = _mm256_mul_ps(_mm256_set1_ps(h2f(x.m)), scales_at::<N>(sc.s, sc.stride, i));
+                    offsets = _mm256_add_ps(offsets, m);
+                    for t in 0..N {
+                        let p = _mm256_cvtepi32_ps(us8(q, load((*a[t].add(i)).qs.as_ptr())));
+                        acc[t] = _mm256_fmadd_ps(lane(d, t), p, acc[t]);
+                    }
+                }
+                let mut off = [0f32; 8];
+                _mm256_storeu_ps(off.as_mut_ptr(), offsets);
+                for t in 0..N {
+                    out[t] = hsum_f32(acc[t]) + off[t];
+                }
+            }
+
+            #[target_feature(enable = $features)]
+            pub unsafe fn q5_0_xn<const N: usize>(w: *const u8, a: &[*const u8; N], sc: &ActScales<N>, n: usize, out: &mut [f32; N]) {
+                let w = w as *const BlockQ5_0;
+                let a = a.map(|p| p as *const BlockQ8_0);
+                let mut acc = [_mm256_setzero_ps(); N];
+                let sixteen = _mm256_set1_epi8(16);
+                for i in 0..n / 32 {
+                    let x = &*w.add(i);
+                    let high = _mm256_and_si256(bytes_from_bits(u32::from_le_bytes(x.qh)), sixteen);
+                    let q = _mm256_sub_epi8(_mm256_or_si256(nibbles(x.qs.as_ptr()), high), sixteen);
+                    let d = _mm256_mul_ps(_mm256_set1_ps(h2f(x.d)), scales_at::<N>(sc.d, sc.stride, i));
+                    for t in 0..N {
+                        let p = _mm256_cvtepi32_ps(is8(q, load((*a[t].add(i)).qs.as_ptr())));
+                        acc[t] = _mm256_fmadd_ps(lane(d, t), p, acc[t]);
+                    }
+                }
+                for t in 0..N {
+                    out[t] = hsum_f32(acc[t]);
+                }
+            }
+
+            #[target_feature(enable = $features)]
+            pub unsafe fn q8_0_xn<const N: usize>(w: *const u8, a: &[*const u8; N], sc: &ActScales<N>, n: usize, out: &mut [f32; N]) {
+                let w = w as *const BlockQ8_0;
+                let a = a.map(|p| p as *const BlockQ8_0);
+                let mut acc = [_mm256_setzero_ps(); N];
+                for i in 0..n / 32 {
+                    let x = &*w.add(i);
+                    let q = load(x.qs.as_ptr());
+                    // The sign trick of `is8`, hoisted: |x| once, its signs applied per row.
+                    let ax = _mm256_sign_epi8(q, q);
+                    let d = _mm256_mul_ps(_mm256_set1_ps(h2f(x.d)), scales_at::<N>(sc.d, sc.stride, i));
+                    for t in 0..N {
+                        let p = _mm256_cvtepi32_ps(us8(ax, _mm256_sign_epi8(load((*a[t].add(i)).qs.as_ptr()), q)));
+                        acc[t] = _mm256_fmadd_ps(lane(d, t), p, acc[t]);
+                    }
+                }
+                for t in 0..N {
+                    out[t] = hsum_f32(acc[t]);
+                }
             }
 
             #[target_feature(enable = $features)]
@@ -389,21 +508,44 @@ pub unsafe fn load_f16(p: *const u16) -> __m256 {
     _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i))
 }
 
-/// `acc += w * v` with `v` in half precision.
+/// `acc = fma(w, v, acc)` with `v` in half precision; with `start`, `acc = fma(w, v, 0)`.
 #[target_feature(enable = "avx2,fma,f16c")]
-pub unsafe fn axpy_f16(acc: &mut [f32], w: f32, v: &[u16]) {
+pub unsafe fn axpy_f16(acc: &mut [f32], w: f32, v: &[u16], start: bool) {
     let n = acc.len().min(v.len());
     let wv = _mm256_set1_ps(w);
     let mut i = 0;
     while i + 8 <= n {
-        let a = _mm256_loadu_ps(acc.as_ptr().add(i));
+        let a = if start { _mm256_setzero_ps() } else { _mm256_loadu_ps(acc.as_ptr().add(i)) };
         _mm256_storeu_ps(acc.as_mut_ptr().add(i), _mm256_fmadd_ps(wv, load_f16(v.as_ptr().add(i)), a));
         i += 8;
     }
     while i < n {
-        acc[i] += w * f16_bits_to_f32(v[i]);
+        let a = if start { 0.0 } else { acc[i] };
+        acc[i] = w.mul_add(f16_bits_to_f32(v[i]), a);
         i += 1;
     }
+}
+
+/// `dot_f16_ordered` with the first operand already in single precision.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn dot_f32_f16_ordered(x: *const f32, y: *const u16, n: usize) -> f32 {
+    let main = n & !63;
+    let mut acc = [_mm256_setzero_ps(); 8];
+    let mut i = 0;
+    while i < main {
+        for (k, a) in acc.iter_mut().enumerate() {
+            *a = _mm256_fmadd_ps(_mm256_loadu_ps(x.add(i + 8 * k)), load_f16(y.add(i + 8 * k)), *a);
+        }
+        i += 64;
+    }
+    let lo = _mm256_add_ps(_mm256_add_ps(acc[0], acc[4]), _mm256_add_ps(acc[2], acc[6]));
+    let hi = _mm256_add_ps(_mm256_add_ps(acc[1], acc[5]), _mm256_add_ps(acc[3], acc[7]));
+    let mut sum = tree16(lo, hi) as f64;
+    while i < n {
+        sum += (*x.add(i) * f16_bits_to_f32(*y.add(i))) as f64;
+        i += 1;
+    }
+    sum as f32
 }
 
 /// Eight lanes of `numerics::exp_poly`, bit for bit; lanes whose scaling leaves the normal
@@ -507,4 +649,167 @@ unsafe fn hsum_i32(v: __m256i) -> i32 {
     let s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0b01_00_11_10));
     let s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0b10_11_00_01));
     _mm_cvtsi128_si32(s)
+}
+
+/// `vnni::q4_1_xn::<8>` with two rows per 512-bit register: the weight block is duplicated
+/// into both halves, and each half keeps exactly the lanes and operation order of the 256-bit
+/// kernel, so results are identical bit for bit.
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+pub unsafe fn q4_1_x8_zmm(w: *const u8, _a: &[*const u8; 8], sc: &ActScales<8>, n: usize, out: &mut [f32; 8]) {
+    let w = w as *const BlockQ4_1;
+    let mut acc = [_mm512_setzero_ps(); 4];
+    let mut offsets = _mm256_setzero_ps();
+    let pair_index: [__m512i; 4] = std::array::from_fn(|k| {
+        let (x, y) = (2 * k as i32, 2 * k as i32 + 1);
+        _mm512_set_epi32(y, y, y, y, y, y, y, y, x, x, x, x, x, x, x, x)
+    });
+    for i in 0..n / 32 {
+        let x = &*w.add(i);
+        let q = _mm512_broadcast_i64x4(nibbles(x.qs.as_ptr()));
+        let d = _mm512_castps256_ps512(_mm256_mul_ps(_mm256_set1_ps(h2f(x.d)), scales_at::<8>(sc.d, sc.stride, i)));
+        let m = _mm256_mul_ps(_mm256_set1_ps(h2f(x.m)), scales_at::<8>(sc.s, sc.stride, i));
+        offsets = _mm256_add_ps(offsets, m);
+        for (k, acc) in acc.iter_mut().enumerate() {
+            // Quants of rows 2k and 2k+1 for block i, side by side (`ActScales::pairs`).
+            let y = _mm512_loadu_si512(sc.pairs.add((k * sc.blocks + i) * 64) as *const __m512i);
+            let p = _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(_mm512_setzero_si512(), q, y));
+            *acc = _mm512_fmadd_ps(_mm512_permutexvar_ps(pair_index[k], d), p, *acc);
+        }
+    }
+    let mut off = [0f32; 8];
+    _mm256_storeu_ps(off.as_mut_ptr(), offsets);
+    for (k, acc) in acc.iter().enumerate() {
+        out[2 * k] = hsum_f32(_mm512_castps512_ps256(*acc)) + off[2 * k];
+        out[2 * k + 1] = hsum_f32(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(*acc), 1))) + off[2 * k + 1];
+    }
+}
+
+/// `vnni::q8_0_xn::<8>` with two rows per 512-bit register. AVX-512 has no byte sign
+/// instruction, so the signed weights are offset by 128 to be unsigned and the offset is
+/// taken back with precomputed activation sums (`ActScales::pair_corr`); the integer lanes
+/// are exactly those of the 256-bit kernel, and so are the results.
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+pub unsafe fn q8_0_x8_zmm(w: *const u8, _a: &[*const u8; 8], sc: &ActScales<8>, n: usize, out: &mut [f32; 8]) {
+    let w = w as *const BlockQ8_0;
+    let mut acc = [_mm512_setzero_ps(); 4];
+    let pair_index: [__m512i; 4] = std::array::from_fn(|k| {
+        let (x, y) = (2 * k as i32, 2 * k as i32 + 1);
+        _mm512_set_epi32(y, y, y, y, y, y, y, y, x, x, x, x, x, x, x, x)
+    });
+    let bias = _mm512_set1_epi8(-128);
+    for i in 0..n / 32 {
+        let x = &*w.add(i);
+        // x + 128 as unsigned bytes: flipping the top bit adds 128 modulo 256.
+        let q = _mm512_xor_si512(_mm512_broadcast_i64x4(_mm256_loadu_si256(x.qs.as_ptr() as *const __m256i)), bias);
+        let d = _mm512_castps256_ps512(_mm256_mul_ps(_mm256_set1_ps(h2f(x.d)), scales_at::<8>(sc.d, sc.stride, i)));
+        for (k, acc) in acc.iter_mut().enumerate() {
+            let at = k * sc.blocks + i;
+            let y = _mm512_loadu_si512(sc.pairs.add(at * 64) as *const __m512i);
+            let corr = _mm512_loadu_si512(sc.pair_corr.add(at * 16) as *const __m512i);
+            let p = _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(corr, q, y));
+            *acc = _mm512_fmadd_ps(_mm512_permutexvar_ps(pair_index[k], d), p, *acc);
+        }
+    }
+    for (k, acc) in acc.iter().enumerate() {
+        out[2 * k] = hsum_f32(_mm512_castps512_ps256(*acc));
+        out[2 * k + 1] = hsum_f32(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(*acc), 1)));
+    }
+}
+
+/// `dot_f32_f16_ordered` for eight keys at once, for lengths that are multiples of 64. The
+/// eight per-key 16-lane folds are transposed and reduced together; each lane sees exactly
+/// the additions `tree16` performs for its key, so every result is bit-identical.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn dot8_f32_f16_ordered(x: *const f32, keys: &[*const u16; 8], n: usize) -> [f32; 8] {
+    debug_assert_eq!(n % 64, 0);
+    let mut folded = [_mm256_setzero_ps(); 8];
+    for (k, f) in folded.iter_mut().enumerate() {
+        let y = keys[k];
+        let mut acc = [_mm256_setzero_ps(); 8];
+        let mut i = 0;
+        while i < n {
+            for (j, a) in acc.iter_mut().enumerate() {
+                *a = _mm256_fmadd_ps(_mm256_loadu_ps(x.add(i + 8 * j)), load_f16(y.add(i + 8 * j)), *a);
+            }
+            i += 64;
+        }
+        let lo = _mm256_add_ps(_mm256_add_ps(acc[0], acc[4]), _mm256_add_ps(acc[2], acc[6]));
+        let hi = _mm256_add_ps(_mm256_add_ps(acc[1], acc[5]), _mm256_add_ps(acc[3], acc[7]));
+        // tree16's first step: lanes 8..16 onto lanes 0..8.
+        *f = _mm256_add_ps(hi, lo);
+    }
+    // Transpose: t[i] holds lane i of every key's folded vector.
+    let t = transpose8(folded);
+    // tree16's remaining steps, lane-wise: (b4 + b0), (b6 + b2), (b5 + b1), (b7 + b3), ...
+    let c0 = _mm256_add_ps(t[4], t[0]);
+    let c1 = _mm256_add_ps(t[5], t[1]);
+    let c2 = _mm256_add_ps(t[6], t[2]);
+    let c3 = _mm256_add_ps(t[7], t[3]);
+    let r = _mm256_add_ps(_mm256_add_ps(c0, c2), _mm256_add_ps(c1, c3));
+    let mut out = [0f32; 8];
+    _mm256_storeu_ps(out.as_mut_ptr(), r);
+    out
+}
+
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn transpose8(r: [__m256; 8]) -> [__m256; 8] {
+    let t0 = _mm256_unpacklo_ps(r[0], r[1]);
+    let t1 = _mm256_unpackhi_ps(r[0], r[1]);
+    let t2 = _mm256_unpacklo_ps(r[2], r[3]);
+    let t3 = _mm256_unpackhi_ps(r[2], r[3]);
+    let t4 = _mm256_unpacklo_ps(r[4], r[5]);
+    let t5 = _mm256_unpackhi_ps(r[4], r[5]);
+    let t6 = _mm256_unpacklo_ps(r[6], r[7]);
+    let t7 = _mm256_unpackhi_ps(r[6], r[7]);
+    let s0 = _mm256_shuffle_ps(t0, t2, 0x44);
+    let s1 = _mm256_shuffle_ps(t0, t2, 0xEE);
+    let s2 = _mm256_shuffle_ps(t1, t3, 0x44);
+    let s3 = _mm256_shuffle_ps(t1, t3, 0xEE);
+    let s4 = _mm256_shuffle_ps(t4, t6, 0x44);
+    let s5 = _mm256_shuffle_ps(t4, t6, 0xEE);
+    let s6 = _mm256_shuffle_ps(t5, t7, 0x44);
+    let s7 = _mm256_shuffle_ps(t5, t7, 0xEE);
+    [
+        _mm256_permute2f128_ps(s0, s4, 0x20),
+        _mm256_permute2f128_ps(s1, s5, 0x20),
+        _mm256_permute2f128_ps(s2, s6, 0x20),
+        _mm256_permute2f128_ps(s3, s7, 0x20),
+        _mm256_permute2f128_ps(s0, s4, 0x31),
+        _mm256_permute2f128_ps(s1, s5, 0x31),
+        _mm256_permute2f128_ps(s2, s6, 0x31),
+        _mm256_permute2f128_ps(s3, s7, 0x31),
+    ]
+}
+
+/// Rounds each value to half precision (round to nearest even) and writes the bits.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn f32_to_f16_slice(src: &[f32], dst: &mut [u16]) {
+    let n = src.len().min(dst.len());
+    let mut i = 0;
+    while i + 8 <= n {
+        let h = _mm256_cvtps_ph(_mm256_loadu_ps(src.as_ptr().add(i)), _MM_FROUND_TO_NEAREST_INT);
+        _mm_storeu_si128(dst.as_mut_ptr().add(i) as *mut __m128i, h);
+        i += 8;
+    }
+    while i < n {
+        dst[i] = f32_to_f16_bits(src[i]);
+        i += 1;
+    }
+}
+
+/// Rounds each value to the nearest half-precision value, in place.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn round_to_f16(x: &mut [f32]) {
+    let n = x.len();
+    let mut i = 0;
+    while i + 8 <= n {
+        let h = _mm256_cvtps_ph(_mm256_loadu_ps(x.as_ptr().add(i)), _MM_FROUND_TO_NEAREST_INT);
+        _mm256_storeu_ps(x.as_mut_ptr().add(i), _mm256_cvtph_ps(h));
+        i += 8;
+    }
+    while i < n {
+        x[i] = f16_bits_to_f32(f32_to_f16_bits(x[i]));
+        i += 1;
+    }
 }

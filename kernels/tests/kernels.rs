@@ -312,3 +312,32 @@ fn paged_attention_matches_contiguous_attention() {
         }
     }
 }
+
+fn many_row_kernel_matches<const N: usize>() {
+    let mut rng = Rng(6 + N as u64);
+    for isa in Isa::available() {
+        for dtype in WEIGHT_TYPES {
+            let Some(many) = kiln_kernels::dot::kernel_xn::<N>(dtype, isa) else { continue };
+            let single = kernel(dtype, isa);
+            for n in lengths(dtype) {
+                let w = random_row(dtype, n, &mut rng);
+                let x = random_f32(N * n, &mut rng);
+                let mut acts = Activations::default();
+                acts.prepare(&x, N, n, dtype).unwrap();
+                let ptrs: [*const u8; N] = std::array::from_fn(|t| acts.row(t).as_ptr());
+                let mut out = [0f32; N];
+                unsafe { many(w.bytes().as_ptr(), &ptrs, &acts.scales::<N>(0), n, &mut out) };
+                for t in 0..N {
+                    let one = unsafe { single(w.bytes().as_ptr(), ptrs[t], n) };
+                    assert_eq!(out[t].to_bits(), one.to_bits(), "{isa:?} {dtype} n={n} row {t} of {N}");
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn many_row_kernels_equal_single_row_kernels_bit_for_bit() {
+    many_row_kernel_matches::<4>();
+    many_row_kernel_matches::<8>();
+}

@@ -39,7 +39,7 @@ fn collect(stream: RequestStream) -> Outcome {
 }
 
 fn greedy(prompt: Vec<u32>, max_tokens: usize) -> GenerationRequest {
-    GenerationRequest { prompt, sampling: SamplingParams::greedy(), max_tokens: Some(max_tokens), stop: vec![], ignore_eos: true }
+    GenerationRequest { prompt, sampling: SamplingParams::greedy(), max_tokens: Some(max_tokens), stop: vec![], ignore_eos: true, logprobs: false }
 }
 
 fn engine(model: Arc<LoadedModel>, cfg: EngineConfig) -> EngineHandle {

@@ -41,6 +41,7 @@ fn greedy_matches(name: &str) {
             max_tokens: Some(32),
             stop: vec![],
             ignore_eos: true,
+            logprobs: false,
         };
         let out = s.generate(&req, &AtomicBool::new(false), |_| {}).unwrap();
         assert_eq!(out.tokens, ids(&case["generated"]), "greedy continuation of {prompt:?}");

@@ -18,8 +18,12 @@ pub struct BenchArgs {
     #[arg(short = 'n', long, default_value_t = 128)]
     pub n_gen: usize,
     /// Repetitions
-    #[arg(short = 'r', long, default_value_t = 5)]
+    #[arg(short = 'r', long, default_value_t = 3)]
     pub repetitions: usize,
+    /// Run N requests at once through the batching engine, for each N given (e.g. 1,4,16);
+    /// reports aggregate decode speed and time to first token
+    #[arg(long, value_delimiter = ',')]
+    pub concurrency: Vec<usize>,
     #[arg(short = 't', long)]
     pub threads: Option<usize>,
     /// Print a JSON array (llama-bench's key names)
@@ -42,7 +46,7 @@ struct TestResult {
     samples_ts: Vec<f64>,
 }
 
-fn mean_sd(xs: &[f64]) -> (f64, f64) {
+pub(super) fn mean_sd(xs: &[f64]) -> (f64, f64) {
     let n = xs.len() as f64;
     let mean = xs.iter().sum::<f64>() / n;
     let var = if xs.len() > 1 { xs.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (n - 1.0) } else { 0.0 };
@@ -52,6 +56,9 @@ fn mean_sd(xs: &[f64]) -> (f64, f64) {
 pub fn main(args: BenchArgs) -> anyhow::Result<()> {
     if args.repetitions == 0 {
         anyhow::bail!("--repetitions must be at least 1");
+    }
+    if !args.concurrency.is_empty() {
+        return super::bench_parallel::main(&args);
     }
     let model = super::load_model(&args.model, args.json)?;
     let threads = args.threads.unwrap_or_else(super::default_threads);

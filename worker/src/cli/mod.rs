@@ -1,6 +1,7 @@
 //! Command-line front ends over the worker library.
 
 pub mod bench;
+pub mod bench_parallel;
 pub mod info;
 pub mod pull;
 pub mod run;

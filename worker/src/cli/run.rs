@@ -2,10 +2,12 @@
 
 use kiln_shared::chat::ChatMessage;
 use kiln_shared::sampling::SamplingParams;
-use kiln_worker::engine::{FinishReason, GenerationRequest, Session};
+use kiln_worker::engine::{Engine, EngineConfig, EngineHandle, Event, FinishReason, GenerationRequest, Usage};
+use kiln_worker::loader::LoadedModel;
 use std::io::{BufRead, Write};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 #[derive(clap::Args)]
 pub struct RunArgs {
@@ -50,6 +52,9 @@ pub struct RunArgs {
     /// Context window in tokens (default: the model's, at most 4096)
     #[arg(short = 'c', long)]
     pub ctx_size: Option<usize>,
+    /// KV cache size in MiB (default: one full context)
+    #[arg(long)]
+    pub kv_cache_mb: Option<usize>,
     /// Compute threads (default: all cores)
     #[arg(short = 't', long)]
     pub threads: Option<usize>,
@@ -87,8 +92,14 @@ pub fn main(args: RunArgs) -> anyhow::Result<()> {
     }
     let model = super::load_model(&args.model, args.input.is_some() && !args.verbose)?;
     let compute = super::compute(args.threads);
-    let ctx = args.ctx_size.unwrap_or(model.model.config().max_context_len.min(4096));
-    let mut session = Session::new(Arc::clone(&model), compute, ctx);
+    // One conversation at a time; its earlier turns stay in the prefix cache.
+    let cfg = EngineConfig {
+        max_seqs: 1,
+        max_context_len: args.ctx_size,
+        kv_cache_bytes: args.kv_cache_mb.map(|mb| mb << 20),
+        ..EngineConfig::default()
+    };
+    let engine = Engine::start(Arc::clone(&model), compute, cfg)?;
     ctrlc::set_handler(|| {
         if GENERATING.load(Ordering::SeqCst) {
             CANCEL.store(true, Ordering::SeqCst);
@@ -96,45 +107,69 @@ pub fn main(args: RunArgs) -> anyhow::Result<()> {
             eprint!("\n(type /exit or press Ctrl-D to quit)\n> ");
         }
     })?;
-    match &args.input {
-        Some(text) => one_shot(&args, &mut session, text),
-        None => chat(&args, &mut session),
-    }
+    let result = match &args.input {
+        Some(text) => one_shot(&args, &model, &engine, text),
+        None => chat(&args, &model, &engine),
+    };
+    engine.shutdown();
+    result
 }
 
 fn request(args: &RunArgs, prompt: Vec<u32>) -> GenerationRequest {
-    GenerationRequest { prompt, sampling: args.sampling(), max_tokens: args.max_tokens, stop: args.stop.clone(), ignore_eos: args.ignore_eos }
+    GenerationRequest { prompt, sampling: args.sampling(), max_tokens: args.max_tokens, stop: args.stop.clone(), ignore_eos: args.ignore_eos, logprobs: false }
 }
 
-fn stream(args: &RunArgs, session: &mut Session, prompt: Vec<u32>) -> anyhow::Result<kiln_worker::engine::Completion> {
-    let stdout = std::io::stdout();
+/// Streams one answer to stdout; returns its text and why it ended.
+fn stream(args: &RunArgs, engine: &EngineHandle, prompt: Vec<u32>) -> anyhow::Result<(String, FinishReason)> {
+    let mut out = std::io::stdout();
+    let mut write = |t: &str, text: &mut String| {
+        let _ = out.write_all(t.as_bytes());
+        let _ = out.flush();
+        text.push_str(t);
+    };
     CANCEL.store(false, Ordering::SeqCst);
     GENERATING.store(true, Ordering::SeqCst);
-    let result = session.generate(&request(args, prompt), &CANCEL, |piece| {
-        let mut out = stdout.lock();
-        let _ = out.write_all(piece.as_bytes());
-        let _ = out.flush();
-    });
+    let mut events = engine.submit(request(args, prompt));
+    let mut text = String::new();
+    let result = loop {
+        let stream = match events.as_mut() {
+            Ok(s) => s,
+            Err(e) => break Err(anyhow::anyhow!("{e}")),
+        };
+        if CANCEL.swap(false, Ordering::SeqCst) {
+            stream.cancel();
+        }
+        match stream.next_timeout(Duration::from_millis(50)) {
+            None => continue,
+            Some(Event::Token { text: t, .. }) => write(&t, &mut text),
+            Some(Event::Done { finish, usage, tail }) => {
+                write(&tail, &mut text);
+                if args.verbose {
+                    report(&usage, finish);
+                }
+                break Ok((text, finish));
+            }
+            Some(Event::Failed(msg)) => break Err(anyhow::anyhow!("{msg}")),
+        }
+    };
     GENERATING.store(false, Ordering::SeqCst);
-    let completion = result?;
-    if args.verbose {
-        let u = &completion.usage;
-        eprintln!(
-            "\nkiln: prompt {} tokens ({} cached) in {:.0} ms, {} tokens in {:.0} ms ({:.1} t/s), finish: {:?}",
-            u.prompt_tokens,
-            u.cached_tokens,
-            u.prefill_ms,
-            u.completion_tokens,
-            u.decode_ms,
-            u.completion_tokens as f64 / (u.decode_ms / 1e3).max(1e-9),
-            completion.finish
-        );
-    }
-    Ok(completion)
+    result
 }
 
-fn one_shot(args: &RunArgs, session: &mut Session, text: &str) -> anyhow::Result<()> {
-    let model = session_model(session);
+fn report(u: &Usage, finish: FinishReason) {
+    eprintln!(
+        "\nkiln: prompt {} tokens ({} cached), first token after {:.0} ms, {} tokens in {:.0} ms ({:.1} t/s), finish: {:?}",
+        u.prompt_tokens,
+        u.cached_tokens,
+        u.prefill_ms,
+        u.completion_tokens,
+        u.decode_ms,
+        u.completion_tokens.saturating_sub(1) as f64 / (u.decode_ms / 1e3).max(1e-9),
+        finish
+    );
+}
+
+fn one_shot(args: &RunArgs, model: &LoadedModel, engine: &EngineHandle, text: &str) -> anyhow::Result<()> {
     let prompt = if args.raw {
         model.encode_raw(text)
     } else {
@@ -145,25 +180,20 @@ fn one_shot(args: &RunArgs, session: &mut Session, text: &str) -> anyhow::Result
         messages.push(ChatMessage::new("user", text));
         model.encode_chat(&messages)?
     };
-    let completion = stream(args, session, prompt)?;
+    let (_, finish) = stream(args, engine, prompt)?;
     println!();
-    if completion.finish == FinishReason::ContextFull {
-        eprintln!("kiln: stopped: the context window ({} tokens) is full", session.context_len());
+    if finish == FinishReason::ContextFull {
+        eprintln!("kiln: stopped: the context window ({} tokens) is full", engine.capacity().max_context_len);
     }
     Ok(())
 }
 
-fn session_model(session: &Session) -> Arc<kiln_worker::loader::LoadedModel> {
-    session.model()
-}
-
-fn chat(args: &RunArgs, session: &mut Session) -> anyhow::Result<()> {
-    let model = session_model(session);
+fn chat(args: &RunArgs, model: &LoadedModel, engine: &EngineHandle) -> anyhow::Result<()> {
     let cfg = model.model.config();
     eprintln!(
         "kiln chat · {} · context {} tokens · /help for commands, Ctrl-C stops an answer, Ctrl-D quits",
         cfg.name,
-        session.context_len()
+        engine.capacity().max_context_len
     );
     let mut system = args.system.clone();
     let mut history: Vec<ChatMessage> = Vec::new();
@@ -209,16 +239,16 @@ fn chat(args: &RunArgs, session: &mut Session) -> anyhow::Result<()> {
                 continue;
             }
         };
-        match stream(args, session, prompt) {
-            Ok(c) => {
+        match stream(args, engine, prompt) {
+            Ok((text, finish)) => {
                 println!();
-                match c.finish {
+                match finish {
                     FinishReason::Cancelled => eprintln!("(stopped)"),
                     FinishReason::ContextFull => eprintln!("(the context window is full; /clear to start over)"),
                     FinishReason::Length => eprintln!("(token limit reached)"),
                     FinishReason::Stop => {}
                 }
-                history.push(ChatMessage::new("assistant", c.text));
+                history.push(ChatMessage::new("assistant", text));
             }
             Err(e) => {
                 eprintln!("error: {e}");

@@ -39,11 +39,11 @@ impl Decoding {
     }
 
     /// Picks the next token from `logits` after `history` (prompt and output so far);
-    /// returns it with its log-probability under the penalized logits.
-    pub fn sample(&mut self, req: &GenerationRequest, logits: &mut [f32], history: &[u32]) -> (u32, f32) {
+    /// returns it with its log-probability under the penalized logits if the request asks.
+    pub fn sample(&mut self, req: &GenerationRequest, logits: &mut [f32], history: &[u32]) -> (u32, Option<f32>) {
         apply_penalties(logits, history, &req.sampling);
         let token = sample(logits, &req.sampling, &mut self.rng, &mut self.candidates);
-        (token, log_prob(logits, token))
+        (token, req.logprobs.then(|| log_prob(logits, token)))
     }
 
     /// Takes a sampled token: end-of-generation, stop strings and the token limit decide

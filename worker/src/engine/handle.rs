@@ -12,8 +12,9 @@ use std::time::Duration;
 #[derive(Clone, Debug, PartialEq)]
 pub enum Event {
     /// A generated token and the text it completes; text may be empty while bytes of a
-    /// character or a possible stop string are held back.
-    Token { id: u32, text: String, logprob: f32 },
+    /// character or a possible stop string are held back. `logprob` is set when the request
+    /// asked for log-probabilities.
+    Token { id: u32, text: String, logprob: Option<f32> },
     /// The request ended; no more events follow. `tail` is text held back until the end
     /// (part of a character, or text that might have begun a stop string).
     Done { finish: FinishReason, usage: Usage, tail: String },

@@ -20,13 +20,15 @@ pub const BLOCK_SIZE: usize = 32;
 /// Most prompt tokens run in one forward pass.
 pub const PREFILL_CHUNK: usize = 512;
 
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Default)]
 pub struct GenerationRequest {
     pub prompt: Vec<u32>,
     pub sampling: SamplingParams,
     pub max_tokens: Option<usize>,
     pub stop: Vec<String>,
     pub ignore_eos: bool,
+    /// Report each token's log-probability (costs a pass over the vocabulary per token).
+    pub logprobs: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -204,7 +206,7 @@ impl Session {
                 break FinishReason::Cancelled;
             }
             let last = self.logits.len() - vocab;
-            let (token, _) = decoding.sample(req, &mut self.logits[last..], &history);
+            let token = decoding.sample(req, &mut self.logits[last..], &history).0;
             let accepted = decoding.accept(req, &tokenizer, token);
             if !accepted.text.is_empty() {
                 on_text(&accepted.text);

@@ -36,7 +36,7 @@ pub fn project(compute: &Compute, input: &[f32], num_rows: usize, acts: &mut Act
             continue;
         }
         let act_type: DType = projections[i].linear.weight.dtype.activation_type();
-        acts.prepare(input, num_rows, projections[i].linear.cols(), projections[i].linear.weight.dtype)?;
+        acts.prepare_on(Some(compute), input, num_rows, projections[i].linear.cols(), projections[i].linear.weight.dtype)?;
         let mut jobs = Vec::new();
         for (j, p) in projections.iter_mut().enumerate().skip(i) {
             if !done[j] && p.linear.weight.dtype.activation_type() == act_type {
