@@ -1,13 +1,16 @@
 #!/usr/bin/env bash
-# Prefill (pp512) and decode (tg128) speed of kiln on both known models, and of llama.cpp's
-# llama-bench on the same files when `llama-bench` is on PATH (or LLAMA_BENCH points at it),
-# with the ratios kiln/llama.cpp.
+# Speed of kiln next to llama.cpp on the same files, as ratios kiln/llama.cpp:
+#  - prefill (pp512) and decode (tg128) of both known models, against `llama-bench`;
+#  - aggregate decode with 1, 4 and 16 parallel sequences on SmolLM2 (128 prompt and 128
+#    generated tokens each), against `llama-batched-bench`.
+# The llama.cpp tools are used when on PATH (or given by LLAMA_BENCH / LLAMA_BATCHED_BENCH).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 KILN=./target/release/kiln-worker
 THREADS=${THREADS:-$(nproc)}
 REPS=${REPS:-3}
 LLAMA_BENCH=${LLAMA_BENCH:-$(command -v llama-bench || true)}
+LLAMA_BATCHED_BENCH=${LLAMA_BATCHED_BENCH:-$(command -v llama-batched-bench || true)}
 
 printf '| model | test | kiln t/s | llama.cpp t/s | ratio |\n|---|---|---:|---:|---:|\n'
 for model in smollm2 gemma3; do
@@ -32,3 +35,27 @@ for p, g, name in [(512, 0, "pp512"), (0, 128, "tg128")]:
     print(f"| {model} | {name} | {kt} | {lt} | {ratio} |")
 PY
 done
+
+echo
+printf '| smollm2, 128+128 tokens each | kiln decode t/s | kiln mean TTFT ms | llama.cpp decode t/s | ratio |\n|---:|---:|---:|---:|---:|\n'
+path=$($KILN pull smollm2 2>/dev/null)
+kiln_json=$($KILN bench -m "$path" --concurrency 1,4,16 -p 128 -n 128 -r "$REPS" -t "$THREADS" --json 2>/dev/null)
+llama_out=''
+if [ -n "$LLAMA_BATCHED_BENCH" ]; then
+  llama_out=$("$LLAMA_BATCHED_BENCH" -m "$path" -npp 128 -ntg 128 -npl 1,4,16 -t "$THREADS" -c 4096 2>/dev/null | grep '^|' || true)
+fi
+python3 - "$kiln_json" "$llama_out" <<'PY'
+import json, sys
+kiln, llama = json.loads(sys.argv[1]), sys.argv[2]
+tg = {}
+for line in llama.splitlines():
+    cells = [c.strip() for c in line.strip("|").split("|")]
+    if len(cells) >= 8 and cells[2].isdigit():
+        tg[int(cells[2])] = float(cells[7])  # B column, S_TG t/s column
+for r in kiln:
+    n = r["n_parallel"]
+    l = tg.get(n)
+    lt = f"{l:.1f}" if l else "-"
+    ratio = f'{r["avg_ts"] / l:.2f}x' if l else "-"
+    print(f'| {n} sequences | {r["avg_ts"]:.1f} ± {r["stddev_ts"]:.1f} | {r["ttft_ms"]:.0f} | {lt} | {ratio} |')
+PY

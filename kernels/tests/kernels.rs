@@ -341,3 +341,22 @@ fn many_row_kernels_equal_single_row_kernels_bit_for_bit() {
     many_row_kernel_matches::<4>();
     many_row_kernel_matches::<8>();
 }
+
+#[test]
+fn batched_attention_scores_equal_single_scores_bit_for_bit() {
+    let mut rng = Rng(8);
+    if Isa::detect() < Isa::Avx2 {
+        return;
+    }
+    for n in [64usize, 128, 256] {
+        let q: Vec<f32> = random_f32(n, &mut rng).iter().map(|&v| f16_bits_to_f32(f32_to_f16_bits(v))).collect();
+        let keys: Vec<Vec<u16>> = (0..8).map(|_| random_f32(n, &mut rng).iter().map(|&v| f32_to_f16_bits(v)).collect()).collect();
+        let ptrs: [*const u16; 8] = std::array::from_fn(|k| keys[k].as_ptr());
+        let eight = unsafe { kiln_kernels::x86::dot8_f32_f16_ordered(q.as_ptr(), &ptrs, n) };
+        let q16: Vec<u16> = q.iter().map(|&v| f32_to_f16_bits(v)).collect();
+        for k in 0..8 {
+            let one = kiln_kernels::numerics::dot_f16(&q16, &keys[k]);
+            assert_eq!(eight[k].to_bits(), one.to_bits(), "n={n} key {k}");
+        }
+    }
+}

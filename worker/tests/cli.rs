@@ -124,6 +124,19 @@ fn bench_json_uses_llama_bench_keys() {
 }
 
 #[test]
+fn concurrency_bench_reports_aggregate_decode_per_level() {
+    let out = run(&["bench", "-m", "smollm2", "--concurrency", "1,3", "-p", "8", "-n", "6", "-r", "1", "--json"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let levels: Vec<u64> = v.as_array().unwrap().iter().map(|t| t["n_parallel"].as_u64().unwrap()).collect();
+    assert_eq!(levels, [1, 3]);
+    for t in v.as_array().unwrap() {
+        assert_eq!((t["n_prompt"].as_u64(), t["n_gen"].as_u64()), (Some(8), Some(6)));
+        assert!(t["avg_ts"].as_f64().unwrap() > 0.0 && t["ttft_ms"].as_f64().unwrap() > 0.0);
+    }
+}
+
+#[test]
 fn pull_prints_the_path_of_a_verified_model() {
     let out = run(&["pull", "smollm2"]);
     assert!(out.status.success(), "{}", text(&out.stderr));

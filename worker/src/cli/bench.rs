@@ -24,6 +24,8 @@ pub struct BenchArgs {
     /// reports aggregate decode speed and time to first token
     #[arg(long, value_delimiter = ',')]
     pub concurrency: Vec<usize>,
+    #[command(flatten)]
+    pub engine: super::EngineArgs,
     #[arg(short = 't', long)]
     pub threads: Option<usize>,
     /// Print a JSON array (llama-bench's key names)

@@ -4,7 +4,7 @@
 
 use super::bench::{mean_sd, BenchArgs};
 use kiln_shared::sampling::SamplingParams;
-use kiln_worker::engine::{Engine, EngineConfig, Event, GenerationRequest};
+use kiln_worker::engine::{Engine, Event, GenerationRequest};
 use kiln_worker::sampler::Rng;
 use serde::Serialize;
 use std::sync::Arc;
@@ -82,7 +82,7 @@ pub fn main(args: &BenchArgs) -> anyhow::Result<()> {
         if n == 0 {
             anyhow::bail!("concurrency levels must be positive");
         }
-        let cfg = EngineConfig { max_seqs: n, max_context_len: Some(args.n_prompt + args.n_gen + 1), ..EngineConfig::default() };
+        let cfg = args.engine.config(n, Some(args.n_prompt + args.n_gen + 1));
         let engine = Engine::start(Arc::clone(&model), Arc::clone(&compute), cfg)?;
         run_once(&engine, n, args.n_prompt.min(16), 4, vocab, &mut rng)?; // warm-up
         let samples: Vec<Sample> = (0..args.repetitions).map(|_| run_once(&engine, n, args.n_prompt, args.n_gen, vocab, &mut rng)).collect::<anyhow::Result<_>>()?;

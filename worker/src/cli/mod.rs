@@ -51,6 +51,33 @@ pub fn load_model(arg: &str, quiet: bool) -> anyhow::Result<Arc<LoadedModel>> {
     Ok(Arc::new(model))
 }
 
+/// Engine settings shared by the commands that run one.
+#[derive(clap::Args, Clone, Debug)]
+pub struct EngineArgs {
+    /// KV cache size in MiB (default: room for every sequence at full context, at most a
+    /// quarter of free memory)
+    #[arg(long)]
+    pub kv_cache_mb: Option<usize>,
+    /// Token slots per KV cache block
+    #[arg(long, default_value_t = 16)]
+    pub block_size: usize,
+    /// Most tokens computed in one engine step (prompt chunks and decodes together)
+    #[arg(long, default_value_t = 512)]
+    pub max_batch_tokens: usize,
+}
+
+impl EngineArgs {
+    pub fn config(&self, max_seqs: usize, max_context_len: Option<usize>) -> kiln_worker::engine::EngineConfig {
+        kiln_worker::engine::EngineConfig {
+            max_seqs,
+            max_batch_tokens: self.max_batch_tokens,
+            block_size: self.block_size,
+            kv_cache_bytes: self.kv_cache_mb.map(|mb| mb << 20),
+            max_context_len,
+        }
+    }
+}
+
 pub fn compute(threads: Option<usize>) -> Arc<Compute> {
     Arc::new(Compute::new(threads.unwrap_or_else(default_threads)))
 }

@@ -2,7 +2,7 @@
 
 use kiln_shared::chat::ChatMessage;
 use kiln_shared::sampling::SamplingParams;
-use kiln_worker::engine::{Engine, EngineConfig, EngineHandle, Event, FinishReason, GenerationRequest, Usage};
+use kiln_worker::engine::{Engine, EngineHandle, Event, FinishReason, GenerationRequest, Usage};
 use kiln_worker::loader::LoadedModel;
 use std::io::{BufRead, Write};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -52,9 +52,8 @@ pub struct RunArgs {
     /// Context window in tokens (default: the model's, at most 4096)
     #[arg(short = 'c', long)]
     pub ctx_size: Option<usize>,
-    /// KV cache size in MiB (default: one full context)
-    #[arg(long)]
-    pub kv_cache_mb: Option<usize>,
+    #[command(flatten)]
+    pub engine: super::EngineArgs,
     /// Compute threads (default: all cores)
     #[arg(short = 't', long)]
     pub threads: Option<usize>,
@@ -93,13 +92,7 @@ pub fn main(args: RunArgs) -> anyhow::Result<()> {
     let model = super::load_model(&args.model, args.input.is_some() && !args.verbose)?;
     let compute = super::compute(args.threads);
     // One conversation at a time; its earlier turns stay in the prefix cache.
-    let cfg = EngineConfig {
-        max_seqs: 1,
-        max_context_len: args.ctx_size,
-        kv_cache_bytes: args.kv_cache_mb.map(|mb| mb << 20),
-        ..EngineConfig::default()
-    };
-    let engine = Engine::start(Arc::clone(&model), compute, cfg)?;
+    let engine = Engine::start(Arc::clone(&model), compute, args.engine.config(1, args.ctx_size))?;
     ctrlc::set_handler(|| {
         if GENERATING.load(Ordering::SeqCst) {
             CANCEL.store(true, Ordering::SeqCst);
