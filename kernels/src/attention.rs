@@ -54,11 +54,34 @@ impl KvStore {
         &self.v[start..start + self.head_dim]
     }
 
+    /// A handle through which several threads may store tokens in distinct slots at once.
+    pub fn writer(&mut self) -> KvWriter {
+        KvWriter { k: SharedMut::new(&mut self.k), v: SharedMut::new(&mut self.v), row_len: self.row_len() }
+    }
+
     /// Copies slot `from` onto slot `to` (used when a shared block must be written).
     pub fn copy_slot(&mut self, from: usize, to: usize) {
         let n = self.row_len();
         self.k.copy_within(from * n..(from + 1) * n, to * n);
         self.v.copy_within(from * n..(from + 1) * n, to * n);
+    }
+}
+
+pub struct KvWriter {
+    k: SharedMut<u16>,
+    v: SharedMut<u16>,
+    row_len: usize,
+}
+
+impl KvWriter {
+    /// `KvStore::write` through a shared handle.
+    ///
+    /// # Safety
+    /// No two threads may write the same slot at once; `slot` must lie inside the store.
+    pub unsafe fn write(&self, slot: usize, k: &[f32], v: &[f32]) {
+        let n = self.row_len;
+        to_f16(&k[..n], self.k.slice(slot * n..(slot + 1) * n));
+        to_f16(&v[..n], self.v.slice(slot * n..(slot + 1) * n));
     }
 }
 

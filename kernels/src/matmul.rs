@@ -5,7 +5,7 @@
 //! that read the same input (q/k/v, gate/up) run in one pool dispatch.
 
 use crate::activation;
-use crate::blocks::{cast_blocks, cast_blocks_mut, BlockQ8K, BlockQ8_0, BlockQ8_1};
+use crate::blocks::{cast_blocks_mut, BlockQ8K, BlockQ8_0, BlockQ8_1};
 use crate::dot::{kernel_for_matrix, kernel_xn, ActScales, DotFn, DotManyFn};
 use crate::dtype::DType;
 use crate::pool::{split_range, SharedMut};
@@ -114,9 +114,10 @@ impl Activations {
         }
         let blocks = cols / 32;
         let (interleaved, pairs) = (num_rows.div_ceil(4) * 4 * blocks, num_rows.div_ceil(2) * blocks);
+        // The side tables serve only the many-row kernels, which need four rows or more.
         let (tables, with_sums, with_corr) = match at {
-            DType::Q8_0 => (true, false, true),
-            DType::Q8_1 => (true, true, false),
+            DType::Q8_0 if num_rows >= 4 => (true, false, true),
+            DType::Q8_1 if num_rows >= 4 => (true, true, false),
             _ => (false, false, false),
         };
         self.buf.resize(row_bytes * num_rows);
@@ -196,27 +197,27 @@ impl RowTables {
         if !tables {
             return;
         }
-        const WHY: &str = "activation buffers are allocated aligned and sized in whole blocks";
         let place = |block: usize| (row / 4) * 4 * blocks + 4 * block + row % 4;
         let pair_at = |block: usize| ((row / 2) * blocks + block) * 64 + (row % 2) * 32;
         // Q8_0 and Q8_1 blocks both end in their 32 quants; only the header differs.
-        let (d_and_s, quants): (Vec<(u16, u16)>, Vec<&[i8; 32]>) = if at == DType::Q8_0 {
-            let b = cast_blocks::<BlockQ8_0>(dst).expect(WHY);
-            (b.iter().map(|b| (b.d, 0)).collect(), b.iter().map(|b| &b.qs).collect())
-        } else {
-            let b = cast_blocks::<BlockQ8_1>(dst).expect(WHY);
-            (b.iter().map(|b| (b.d, b.s)).collect(), b.iter().map(|b| &b.qs).collect())
-        };
-        for (block, (&(d, s), qs)) in d_and_s.iter().zip(quants).enumerate() {
+        let header = if at == DType::Q8_0 { 2 } else { 4 };
+        let block_bytes = header + 32;
+        for block in 0..blocks {
+            let raw = &dst[block * block_bytes..(block + 1) * block_bytes];
+            let d = u16::from_le_bytes([raw[0], raw[1]]);
             self.scales.slice(place(block)..place(block) + 1)[0] = crate::blocks::f16_bits_to_f32(d);
             if with_sums {
+                let s = u16::from_le_bytes([raw[2], raw[3]]);
                 self.sums.slice(place(block)..place(block) + 1)[0] = crate::blocks::f16_bits_to_f32(s);
             }
+            let qs = &raw[header..];
             let at = pair_at(block);
-            self.pairs.slice(at..at + 32).copy_from_slice(qs);
+            for (p, &q) in self.pairs.slice(at..at + 32).iter_mut().zip(qs) {
+                *p = q as i8;
+            }
             if with_corr {
                 for (g, group) in qs.chunks_exact(4).enumerate() {
-                    self.pair_corr.slice(at / 4 + g..at / 4 + g + 1)[0] = -128 * group.iter().map(|&v| v as i32).sum::<i32>();
+                    self.pair_corr.slice(at / 4 + g..at / 4 + g + 1)[0] = -128 * group.iter().map(|&v| v as i8 as i32).sum::<i32>();
                 }
             }
         }

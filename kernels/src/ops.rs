@@ -135,16 +135,22 @@ pub fn rope_angles(position: usize, rotary_dims: usize, freq_base: f32, cos: &mu
 /// The products are fused as a contracting C compiler fuses llama.cpp's expression.
 pub fn rope_apply(x: &mut [f32], cos: &[f32], sin: &[f32], style: RopeStyle) {
     let half = cos.len();
+    let mut start = 0;
+    #[cfg(target_arch = "x86_64")]
+    if crate::Isa::detect() >= crate::Isa::Avx2 {
+        // SAFETY: AVX2/FMA presence checked just above; slices hold 2 * half values.
+        start = unsafe { crate::x86::rope_apply(x, cos, sin, style == RopeStyle::Interleaved) };
+    }
     match style {
         RopeStyle::Interleaved => {
-            for i in 0..half {
+            for i in start..half {
                 let (a, b) = (x[2 * i], x[2 * i + 1]);
                 x[2 * i] = a.mul_add(cos[i], -(b * sin[i]));
                 x[2 * i + 1] = a.mul_add(sin[i], b * cos[i]);
             }
         }
         RopeStyle::SplitHalf => {
-            for i in 0..half {
+            for i in start..half {
                 let (a, b) = (x[i], x[i + half]);
                 x[i] = a.mul_add(cos[i], -(b * sin[i]));
                 x[i + half] = a.mul_add(sin[i], b * cos[i]);

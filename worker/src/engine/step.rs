@@ -252,10 +252,8 @@ impl Engine {
         self.scheduler.complete(plan);
         let vocab = self.model.model.config().vocab_size;
         let tokenizer = Arc::clone(&self.model.tokenizer);
-        let mut row = 0;
-        for e in plan.entries.iter().filter(|e| e.wants_logits) {
+        for (row, e) in plan.entries.iter().filter(|e| e.wants_logits).enumerate() {
             let logits = &mut self.logits[row * vocab..(row + 1) * vocab];
-            row += 1;
             let (Some(a), Some(seq)) = (self.active.get_mut(&e.id), self.scheduler.get(e.id)) else { continue };
             let (token, logprob) = a.decoding.sample(&a.req, logits, &seq.tokens);
             let accepted = a.decoding.accept(&a.req, &tokenizer, token);

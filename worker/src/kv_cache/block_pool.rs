@@ -155,12 +155,12 @@ impl BlockPool {
                 return Err(format!("evictable block {id} is referenced or empty"));
             }
         }
-        for id in 0..n {
+        for (id, count) in seen.iter_mut().enumerate() {
             if self.ref_counts[id] > 0 {
-                seen[id] += 1;
+                *count += 1;
             }
-            if seen[id] != 1 {
-                return Err(format!("block {id} is in {} states", seen[id]));
+            if *count != 1 {
+                return Err(format!("block {id} is in {count} states"));
             }
         }
         for (&h, &id) in &self.by_hash {

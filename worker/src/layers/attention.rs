@@ -10,6 +10,7 @@ use crate::error::Result;
 use crate::models::batch::Batch;
 use crate::models::scratch::LayerScratch;
 use kiln_kernels::attention::{attention, AttentionParams, KvStore, SeqSpan};
+use kiln_kernels::pool::SharedMut;
 
 #[derive(Clone, Copy, Debug)]
 pub struct AttentionConfig {
@@ -67,22 +68,27 @@ impl Attention {
                 Projection { linear: &self.v_proj, out: &mut s.v },
             ],
         )?;
-        for r in 0..rows {
-            let q = &mut s.q[r * q_len..(r + 1) * q_len];
-            let k = &mut s.k[r * kv_len..(r + 1) * kv_len];
-            if let Some(n) = &self.q_norm {
-                n.forward_in_place(q);
+        let (q_all, k_all, v_all) = (SharedMut::new(&mut s.q), SharedMut::new(&mut s.k), &s.v);
+        let writer = kv.writer();
+        compute.pool.for_ranges(rows, 4, &|range| {
+            for r in range {
+                // SAFETY: every row's q and k, and its cache slot, belong to one thread.
+                let (q, k) = unsafe { (q_all.slice(r * q_len..(r + 1) * q_len), k_all.slice(r * kv_len..(r + 1) * kv_len)) };
+                if let Some(n) = &self.q_norm {
+                    n.forward_in_place(q);
+                }
+                if let Some(n) = &self.k_norm {
+                    n.forward_in_place(k);
+                }
+                rope.apply(&c.rope, r, q, c.head_dim);
+                rope.apply(&c.rope, r, k, c.head_dim);
+                if let Some(scale) = c.query_scale {
+                    kiln_kernels::ops::scale_in_place(q, scale);
+                }
+                // SAFETY: each row of a batch has its own slot.
+                unsafe { writer.write(batch.slots[group][r] as usize, k, &v_all[r * kv_len..(r + 1) * kv_len]) };
             }
-            if let Some(n) = &self.k_norm {
-                n.forward_in_place(k);
-            }
-            rope.apply(&c.rope, r, q, c.head_dim);
-            rope.apply(&c.rope, r, k, c.head_dim);
-            if let Some(scale) = c.query_scale {
-                kiln_kernels::ops::scale_in_place(q, scale);
-            }
-            kv.write(batch.slots[group][r] as usize, k, &s.v[r * kv_len..(r + 1) * kv_len]);
-        }
+        });
         let spans: Vec<SeqSpan> = batch
             .seqs
             .iter()

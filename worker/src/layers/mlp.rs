@@ -33,10 +33,19 @@ impl GatedMlp {
             &mut s.acts,
             &mut [Projection { linear: &self.gate_proj, out: &mut s.gate }, Projection { linear: &self.up_proj, out: &mut s.up }],
         )?;
-        match self.activation {
-            Activation::Silu => kiln_kernels::ops::silu_mul(compute.isa, &mut s.gate, &s.up),
-            Activation::GeluTanh => kiln_kernels::ops::gelu_mul(&mut s.gate, &s.up),
-        }
+        // Row by row: the activation functions group values from each row's start.
+        let (gate, up) = (kiln_kernels::pool::SharedMut::new(&mut s.gate), &s.up);
+        compute.pool.for_ranges(rows, 4, &|range| {
+            for r in range {
+                // SAFETY: each row is handled by one thread.
+                let g = unsafe { gate.slice(r * inter..(r + 1) * inter) };
+                let u = &up[r * inter..(r + 1) * inter];
+                match self.activation {
+                    Activation::Silu => kiln_kernels::ops::silu_mul(compute.isa, g, u),
+                    Activation::GeluTanh => kiln_kernels::ops::gelu_mul(g, u),
+                }
+            }
+        });
         project(compute, &s.gate, rows, &mut s.acts, &mut [Projection { linear: &self.down_proj, out }])
     }
 }

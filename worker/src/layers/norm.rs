@@ -1,6 +1,8 @@
 //! RMSNorm over rows. Gemma's `1 + weight` convention is already folded into GGUF weights.
 
 use kiln_kernels::ops;
+use kiln_kernels::pool::SharedMut;
+use kiln_kernels::Compute;
 
 pub struct RmsNorm {
     pub weight: Vec<f32>,
@@ -14,6 +16,18 @@ impl RmsNorm {
         for (src, dst) in x.chunks_exact(dim).zip(out.chunks_exact_mut(dim)) {
             ops::rms_norm(src, &self.weight, self.eps, dst);
         }
+    }
+
+    /// `forward`, with the rows split across `compute`'s threads.
+    pub fn forward_on(&self, compute: &Compute, x: &[f32], out: &mut [f32]) {
+        let dim = self.weight.len();
+        let rows = x.len() / dim;
+        let dst = SharedMut::new(out);
+        compute.pool.for_ranges(rows, 4, &|r| {
+            // SAFETY: each range of rows is written by one thread only.
+            let out = unsafe { dst.slice(r.start * dim..r.end * dim) };
+            self.forward(&x[r.start * dim..r.end * dim], out);
+        });
     }
 
     /// Normalizes each `dim`-long piece of `x` in place (per-head q/k norms).

@@ -97,23 +97,23 @@ impl CausalLm for Gemma3 {
         }
         for (i, layer) in self.layers.iter().enumerate() {
             let (group, kv_layer) = kv.layer(i);
-            layer.input_layernorm.forward(&s.x, &mut s.xn);
+            layer.input_layernorm.forward_on(compute, &s.x, &mut s.xn);
             let input = AttentionInput { x: &s.xn, batch, rope: &s.rope[layer.rope_table], group };
             layer.self_attn.forward(compute, &input, kv_layer, &mut s.layer, &mut s.y)?;
             tap(&mut s.tap, || format!("Qcur-{i}"), &s.layer.q);
             tap(&mut s.tap, || format!("kqv_out-{i}"), &s.layer.attn);
             tap(&mut s.tap, || format!("attn_out-{i}"), &s.y);
-            layer.post_attention_layernorm.forward(&s.y, &mut s.xn);
+            layer.post_attention_layernorm.forward_on(compute, &s.y, &mut s.xn);
             tap(&mut s.tap, || format!("attn_post_norm-{i}"), &s.xn);
             kiln_kernels::ops::add_in_place(&mut s.x, &s.xn);
             tap(&mut s.tap, || format!("sa_out-{i}"), &s.x);
-            layer.pre_feedforward_layernorm.forward(&s.x, &mut s.xn);
+            layer.pre_feedforward_layernorm.forward_on(compute, &s.x, &mut s.xn);
             tap(&mut s.tap, || format!("ffn_norm-{i}"), &s.xn);
             layer.mlp.forward(compute, &s.xn, rows, &mut s.layer, &mut s.y)?;
             tap(&mut s.tap, || format!("ffn_up-{i}"), &s.layer.up);
             tap(&mut s.tap, || format!("ffn_geglu-{i}"), &s.layer.gate);
             tap(&mut s.tap, || format!("ffn_out-{i}"), &s.y);
-            layer.post_feedforward_layernorm.forward(&s.y, &mut s.xn);
+            layer.post_feedforward_layernorm.forward_on(compute, &s.y, &mut s.xn);
             kiln_kernels::ops::add_in_place(&mut s.x, &s.xn);
             tap(&mut s.tap, || format!("l_out-{i}"), &s.x);
         }

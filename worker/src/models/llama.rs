@@ -82,7 +82,7 @@ impl CausalLm for Llama {
         s.rope[0].fill(&self.rope, &batch.positions);
         for (i, layer) in self.layers.iter().enumerate() {
             let (group, kv_layer) = kv.layer(i);
-            layer.input_layernorm.forward(&s.x, &mut s.xn);
+            layer.input_layernorm.forward_on(compute, &s.x, &mut s.xn);
             tap(&mut s.tap, || format!("attn_norm-{i}"), &s.xn);
             let input = AttentionInput { x: &s.xn, batch, rope: &s.rope[0], group };
             layer.self_attn.forward(compute, &input, kv_layer, &mut s.layer, &mut s.y)?;
@@ -90,7 +90,7 @@ impl CausalLm for Llama {
             tap(&mut s.tap, || format!("kqv_out-{i}"), &s.layer.attn);
             tap(&mut s.tap, || format!("attn_out-{i}"), &s.y);
             kiln_kernels::ops::add_in_place(&mut s.x, &s.y);
-            layer.post_attention_layernorm.forward(&s.x, &mut s.xn);
+            layer.post_attention_layernorm.forward_on(compute, &s.x, &mut s.xn);
             layer.mlp.forward(compute, &s.xn, rows, &mut s.layer, &mut s.y)?;
             tap(&mut s.tap, || format!("ffn_out-{i}"), &s.y);
             kiln_kernels::ops::add_in_place(&mut s.x, &s.y);
