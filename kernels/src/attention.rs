@@ -44,6 +44,11 @@ impl KvStore {
         to_f16(&v[..n], &mut self.v[range]);
     }
 
+    /// The stored (half-precision) key of `slot` for `kv_head`.
+    pub fn key_bits(&self, slot: usize, kv_head: usize) -> &[u16] {
+        self.key(slot, kv_head)
+    }
+
     fn key(&self, slot: usize, kv_head: usize) -> &[u16] {
         let start = (slot * self.num_kv_heads + kv_head) * self.head_dim;
         &self.k[start..start + self.head_dim]
@@ -319,8 +324,9 @@ fn round_f16(isa: Isa, x: &mut [f32]) {
     }
 }
 
-/// Raw scores q·k of the keys in `slots`.
-fn scores(isa: Isa, q: &[f32], kv: &KvStore, slots: &[u32], kv_head: usize, out: &mut [f32]) {
+/// Raw scores q·k of the keys in `slots`, for a query already rounded to half precision;
+/// the same values whichever kernel computes them.
+pub fn scores(isa: Isa, q: &[f32], kv: &KvStore, slots: &[u32], kv_head: usize, out: &mut [f32]) {
     let mut j = 0;
     #[cfg(target_arch = "x86_64")]
     if isa >= Isa::Avx2 && q.len().is_multiple_of(64) {

@@ -345,18 +345,27 @@ fn many_row_kernels_equal_single_row_kernels_bit_for_bit() {
 #[test]
 fn batched_attention_scores_equal_single_scores_bit_for_bit() {
     let mut rng = Rng(8);
-    if Isa::detect() < Isa::Avx2 {
-        return;
-    }
     for n in [64usize, 128, 256] {
+        let mut kv = KvStore::new(20, 1, n);
+        for slot in 0..20 {
+            kv.write(slot, &random_f32(n, &mut rng), &random_f32(n, &mut rng));
+        }
         let q: Vec<f32> = random_f32(n, &mut rng).iter().map(|&v| f16_bits_to_f32(f32_to_f16_bits(v))).collect();
-        let keys: Vec<Vec<u16>> = (0..8).map(|_| random_f32(n, &mut rng).iter().map(|&v| f32_to_f16_bits(v)).collect()).collect();
-        let ptrs: [*const u16; 8] = std::array::from_fn(|k| keys[k].as_ptr());
-        let eight = unsafe { kiln_kernels::x86::dot8_f32_f16_ordered(q.as_ptr(), &ptrs, n) };
+        let slots: Vec<u32> = (0..19).map(|i| (i * 7 % 20) as u32).collect();
         let q16: Vec<u16> = q.iter().map(|&v| f32_to_f16_bits(v)).collect();
-        for k in 0..8 {
-            let one = kiln_kernels::numerics::dot_f16(&q16, &keys[k]);
-            assert_eq!(eight[k].to_bits(), one.to_bits(), "n={n} key {k}");
+        for isa in Isa::available() {
+            let mut got = vec![0f32; slots.len()];
+            kiln_kernels::attention::scores(isa, &q, &kv, &slots, 0, &mut got);
+            for (j, &slot) in slots.iter().enumerate() {
+                let k: Vec<u16> = (0..n).map(|i| kv_key_bits(&kv, slot as usize, i)).collect();
+                let one = kiln_kernels::numerics::dot_f16(&q16, &k);
+                assert_eq!(got[j].to_bits(), one.to_bits(), "{isa:?} n={n} key {j}");
+            }
         }
     }
+}
+
+/// Reads back the half-precision key bits the store holds (one kv head).
+fn kv_key_bits(kv: &KvStore, slot: usize, i: usize) -> u16 {
+    kv.key_bits(slot, 0)[i]
 }

@@ -11,7 +11,7 @@ use kiln_worker::formats::gguf_value::Value;
 use kiln_worker::loader::LoadedModel;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 struct Outcome {
     tokens: Vec<u32>,
@@ -50,17 +50,17 @@ fn prompts(n: usize, len: usize) -> Vec<Vec<u32>> {
     (0..n).map(|k| (0..len + 3 * k).map(|i| ((i * 31 + k * 7) % 250) as u32 + 3).collect()).collect()
 }
 
-/// Waits until the engine has no running sequence and no block in use.
+/// Waits until the engine has no running sequence and no block in use (finished and
+/// cancelled requests release everything); fails if that never happens.
 fn wait_until_drained(h: &EngineHandle) {
-    let t = Instant::now();
-    loop {
+    for _ in 0..4000 {
         let s = h.stats();
         if s.scheduler.running == 0 && s.scheduler.waiting == 0 && s.blocks.iter().all(|b| b.0 == 0) {
             return;
         }
-        assert!(t.elapsed() < Duration::from_secs(20), "engine did not drain: {s:?}");
         std::thread::sleep(Duration::from_millis(5));
     }
+    panic!("engine never released every block: {:?}", h.stats());
 }
 
 fn alone_vs_together(model: Arc<LoadedModel>, prompts: &[Vec<u32>], tokens: usize, cfg: EngineConfig) {
