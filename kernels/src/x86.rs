@@ -526,24 +526,33 @@ pub unsafe fn axpy_f16(acc: &mut [f32], w: f32, v: &[u16], start: bool) {
     }
 }
 
-/// `dot_f16_ordered` with the first operand already in single precision.
+/// Four accumulators of 16 lanes over the first `n & !63` products of `x` (single precision)
+/// and `y` (half), folded `(a0 + a2) + (a1 + a3)`: lanes 0-7 and 8-15 of the result.
+#[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-pub unsafe fn dot_f32_f16_ordered(x: *const f32, y: *const u16, n: usize) -> f32 {
-    let main = n & !63;
+unsafe fn fold64(x: *const f32, y: *const u16, n: usize) -> (__m256, __m256) {
     let mut acc = [_mm256_setzero_ps(); 8];
     let mut i = 0;
-    while i < main {
+    while i + 64 <= n {
         for (k, a) in acc.iter_mut().enumerate() {
             *a = _mm256_fmadd_ps(_mm256_loadu_ps(x.add(i + 8 * k)), load_f16(y.add(i + 8 * k)), *a);
         }
         i += 64;
     }
+    // acc[2j] holds lanes 0-7 of accumulator j, acc[2j+1] lanes 8-15.
     let lo = _mm256_add_ps(_mm256_add_ps(acc[0], acc[4]), _mm256_add_ps(acc[2], acc[6]));
     let hi = _mm256_add_ps(_mm256_add_ps(acc[1], acc[5]), _mm256_add_ps(acc[3], acc[7]));
+    (lo, hi)
+}
+
+/// `numerics::dot_f16`, bit for bit, with the first operand already widened to single
+/// precision.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn dot_f32_f16_ordered(x: *const f32, y: *const u16, n: usize) -> f32 {
+    let (lo, hi) = fold64(x, y, n);
     let mut sum = tree16(lo, hi) as f64;
-    while i < n {
+    for i in n & !63..n {
         sum += (*x.add(i) * f16_bits_to_f32(*y.add(i))) as f64;
-        i += 1;
     }
     sum as f32
 }
@@ -583,29 +592,6 @@ pub unsafe fn exp_poly8(x: __m256) -> __m256 {
 #[target_feature(enable = "avx2,fma,f16c")]
 pub unsafe fn tree16(lo: __m256, hi: __m256) -> f32 {
     hsum_f32(_mm256_add_ps(hi, lo))
-}
-
-/// `numerics::dot_f16`, bit for bit.
-#[target_feature(enable = "avx2,fma,f16c")]
-pub unsafe fn dot_f16_ordered(x: *const u16, y: *const u16, n: usize) -> f32 {
-    let main = n & !63;
-    let mut acc = [_mm256_setzero_ps(); 8];
-    let mut i = 0;
-    while i < main {
-        for (k, a) in acc.iter_mut().enumerate() {
-            *a = _mm256_fmadd_ps(load_f16(x.add(i + 8 * k)), load_f16(y.add(i + 8 * k)), *a);
-        }
-        i += 64;
-    }
-    // acc[2j] holds lanes 0-7 of accumulator j, acc[2j+1] lanes 8-15.
-    let lo = _mm256_add_ps(_mm256_add_ps(acc[0], acc[4]), _mm256_add_ps(acc[2], acc[6]));
-    let hi = _mm256_add_ps(_mm256_add_ps(acc[1], acc[5]), _mm256_add_ps(acc[3], acc[7]));
-    let mut sum = tree16(lo, hi) as f64;
-    while i < n {
-        sum += (f16_bits_to_f32(*x.add(i)) * f16_bits_to_f32(*y.add(i))) as f64;
-        i += 1;
-    }
-    sum as f32
 }
 
 /// SwiGLU over whole groups of 16 with `exp_poly8`: `gate = gate / (1 + e^-gate) * up`.
@@ -723,18 +709,8 @@ pub unsafe fn q8_0_x8_zmm(w: *const u8, _a: &[*const u8; 8], sc: &ActScales<8>, 
 pub unsafe fn dot8_f32_f16_ordered(x: *const f32, keys: &[*const u16; 8], n: usize) -> [f32; 8] {
     debug_assert_eq!(n % 64, 0);
     let mut folded = [_mm256_setzero_ps(); 8];
-    for (k, f) in folded.iter_mut().enumerate() {
-        let y = keys[k];
-        let mut acc = [_mm256_setzero_ps(); 8];
-        let mut i = 0;
-        while i < n {
-            for (j, a) in acc.iter_mut().enumerate() {
-                *a = _mm256_fmadd_ps(_mm256_loadu_ps(x.add(i + 8 * j)), load_f16(y.add(i + 8 * j)), *a);
-            }
-            i += 64;
-        }
-        let lo = _mm256_add_ps(_mm256_add_ps(acc[0], acc[4]), _mm256_add_ps(acc[2], acc[6]));
-        let hi = _mm256_add_ps(_mm256_add_ps(acc[1], acc[5]), _mm256_add_ps(acc[3], acc[7]));
+    for (f, &key) in folded.iter_mut().zip(keys) {
+        let (lo, hi) = fold64(x, key, n);
         // tree16's first step: lanes 8..16 onto lanes 0..8.
         *f = _mm256_add_ps(hi, lo);
     }
