@@ -293,28 +293,39 @@ macro_rules! x86_kernels {
                 kgeneric::<BlockQ5K>(w, a, n, crate::unpack::q5k)
             }
 
-            /// `q4_0` against N activation rows at once: each weight block is unpacked
-            /// once, and the activation scales come pre-converted (`ActScales`); the per-row
-            /// arithmetic is exactly that of `q4_0`.
-            #[target_feature(enable = $features)]
-            pub unsafe fn q4_0_xn<const N: usize>(w: *const u8, a: &[*const u8; N], sc: &ActScales<N>, n: usize, out: &mut [f32; N]) {
-                let w = w as *const BlockQ4_0;
-                let a = a.map(|p| p as *const BlockQ8_0);
-                let mut acc = [_mm256_setzero_ps(); N];
-                let eight = _mm256_set1_epi8(8);
-                for i in 0..n / 32 {
-                    let x = &*w.add(i);
-                    let q = _mm256_sub_epi8(nibbles(x.qs.as_ptr()), eight);
-                    let d = _mm256_mul_ps(_mm256_set1_ps(h2f(x.d)), scales_at::<N>(sc.d, sc.stride, i));
-                    for t in 0..N {
-                        let p = _mm256_cvtepi32_ps(is8(q, load((*a[t].add(i)).qs.as_ptr())));
-                        acc[t] = _mm256_fmadd_ps(lane(d, t), p, acc[t]);
+            /// Weight blocks of signed quants (Q4_0, Q5_0) against N activation rows at once:
+            /// each weight block is unpacked once, the activation scales come pre-converted
+            /// (`ActScales`), and the per-row arithmetic is exactly that of the single-row
+            /// kernel.
+            macro_rules! signed_xn {
+                ($fname:ident, $block:ty, |$x:ident| $quants:expr) => {
+                    #[target_feature(enable = $features)]
+                    pub unsafe fn $fname<const N: usize>(w: *const u8, a: &[*const u8; N], sc: &ActScales<N>, n: usize, out: &mut [f32; N]) {
+                        let w = w as *const $block;
+                        let a = a.map(|p| p as *const BlockQ8_0);
+                        let mut acc = [_mm256_setzero_ps(); N];
+                        for i in 0..n / 32 {
+                            let $x = &*w.add(i);
+                            let q = $quants;
+                            let d = _mm256_mul_ps(_mm256_set1_ps(h2f($x.d)), scales_at::<N>(sc.d, sc.stride, i));
+                            for t in 0..N {
+                                let p = _mm256_cvtepi32_ps(is8(q, load((*a[t].add(i)).qs.as_ptr())));
+                                acc[t] = _mm256_fmadd_ps(lane(d, t), p, acc[t]);
+                            }
+                        }
+                        for t in 0..N {
+                            out[t] = hsum_f32(acc[t]);
+                        }
                     }
-                }
-                for t in 0..N {
-                    out[t] = hsum_f32(acc[t]);
-                }
+                };
             }
+
+            signed_xn!(q4_0_xn, BlockQ4_0, |x| _mm256_sub_epi8(nibbles(x.qs.as_ptr()), _mm256_set1_epi8(8)));
+            signed_xn!(q5_0_xn, BlockQ5_0, |x| {
+                let sixteen = _mm256_set1_epi8(16);
+                let high = _mm256_and_si256(bytes_from_bits(u32::from_le_bytes(x.qh)), sixteen);
+                _mm256_sub_epi8(_mm256_or_si256(nibbles(x.qs.as_ptr()), high), sixteen)
+            });
 
             #[target_feature(enable = $features)]
             pub unsafe fn q4_1_xn<const N: usize>(w: *const u8, a: &[*const u8; N], sc: &ActScales<N>, n: usize, out: &mut [f32; N]) {
@@ -339,27 +350,6 @@ macro_rules! x86_kernels {
                 _mm256_storeu_ps(off.as_mut_ptr(), offsets);
                 for t in 0..N {
                     out[t] = hsum_f32(acc[t]) + off[t];
-                }
-            }
-
-            #[target_feature(enable = $features)]
-            pub unsafe fn q5_0_xn<const N: usize>(w: *const u8, a: &[*const u8; N], sc: &ActScales<N>, n: usize, out: &mut [f32; N]) {
-                let w = w as *const BlockQ5_0;
-                let a = a.map(|p| p as *const BlockQ8_0);
-                let mut acc = [_mm256_setzero_ps(); N];
-                let sixteen = _mm256_set1_epi8(16);
-                for i in 0..n / 32 {
-                    let x = &*w.add(i);
-                    let high = _mm256_and_si256(bytes_from_bits(u32::from_le_bytes(x.qh)), sixteen);
-                    let q = _mm256_sub_epi8(_mm256_or_si256(nibbles(x.qs.as_ptr()), high), sixteen);
-                    let d = _mm256_mul_ps(_mm256_set1_ps(h2f(x.d)), scales_at::<N>(sc.d, sc.stride, i));
-                    for t in 0..N {
-                        let p = _mm256_cvtepi32_ps(is8(q, load((*a[t].add(i)).qs.as_ptr())));
-                        acc[t] = _mm256_fmadd_ps(lane(d, t), p, acc[t]);
-                    }
-                }
-                for t in 0..N {
-                    out[t] = hsum_f32(acc[t]);
                 }
             }
 

@@ -6,17 +6,10 @@ mod common;
 use kiln_worker::formats::gguf::GgufFile;
 use kiln_worker::Error;
 
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n as u64) as usize
-    }
+use kiln_worker::sampler::Rng;
+
+fn below(rng: &mut Rng, n: usize) -> usize {
+    (rng.next_u64() % n as u64) as usize
 }
 
 /// The real file's bytes and where its tensor data starts.
@@ -39,10 +32,10 @@ fn intact_file_parses() {
 #[test]
 fn truncated_files_are_errors_not_panics() {
     let (bytes, data_start) = real_file();
-    let mut rng = Rng(0x5eed);
+    let mut rng = Rng::seeded(0x5eed);
     let mut cuts: Vec<usize> = (0..40).collect();
-    cuts.extend((0..300).map(|_| rng.below(data_start)));
-    cuts.extend((0..20).map(|_| data_start + rng.below(bytes.len() - data_start)));
+    cuts.extend((0..300).map(|_| below(&mut rng, data_start)));
+    cuts.extend((0..20).map(|_| data_start + below(&mut rng, bytes.len() - data_start)));
     for cut in cuts {
         let err = GgufFile::from_bytes("cut.gguf", &bytes[..cut]).err().unwrap_or_else(|| panic!("truncation at {cut} parsed"));
         let msg = err.to_string();
@@ -57,18 +50,18 @@ fn truncated_files_are_errors_not_panics() {
 #[test]
 fn mutated_headers_never_panic_or_hang() {
     let (bytes, data_start) = real_file();
-    let mut rng = Rng(0xfeed);
+    let mut rng = Rng::seeded(0xfeed);
     for round in 0..400 {
         // The header alone: tensor data would only be copied, never read, by the parser.
         let mut m = bytes[..data_start].to_vec();
         // A few random byte changes, biased to the front where counts and lengths live.
-        for _ in 0..1 + rng.below(4) {
-            let limit = if rng.below(2) == 0 { 4096 } else { data_start };
-            let at = rng.below(limit);
-            m[at] = match rng.below(3) {
-                0 => rng.next() as u8,
+        for _ in 0..1 + below(&mut rng, 4) {
+            let limit = if below(&mut rng, 2) == 0 { 4096 } else { data_start };
+            let at = below(&mut rng, limit);
+            m[at] = match below(&mut rng, 3) {
+                0 => rng.next_u64() as u8,
                 1 => 0xFF,
-                _ => m[at] ^ (1 << rng.below(8)),
+                _ => m[at] ^ (1 << below(&mut rng, 8)),
             };
         }
         let result = std::panic::catch_unwind(|| GgufFile::from_bytes("mutated.gguf", &m).map(|g| g.tensors().len()));

@@ -1,16 +1,8 @@
 use super::*;
+use crate::sampler::Rng;
 
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
+fn below(rng: &mut Rng, n: u64) -> u64 {
+    rng.next_u64() % n
 }
 
 fn cfg(max_batch_tokens: usize, max_seqs: usize) -> SchedulerConfig {
@@ -136,27 +128,27 @@ fn sliding_window_blocks_are_released_behind_the_window() {
 
 #[test]
 fn random_submit_cancel_finish_preempt_never_double_books_or_leaks() {
-    let mut rng = Rng(0xC0FFEE);
+    let mut rng = Rng::seeded(0xC0FFEE);
     for round in 0..20 {
         let groups: &[(usize, Option<usize>)] = if round % 2 == 0 { &[(24, None)] } else { &[(24, None), (10, Some(6))] };
-        let mut s = Scheduler::new(cfg(1 + rng.below(20) as usize, 1 + rng.below(5) as usize), groups);
+        let mut s = Scheduler::new(cfg(1 + below(&mut rng, 20) as usize, 1 + below(&mut rng, 5) as usize), groups);
         let mut next_id = 0u64;
         let mut limits = std::collections::HashMap::new();
         for _ in 0..300 {
-            if rng.below(3) == 0 {
+            if below(&mut rng, 3) == 0 {
                 next_id += 1;
                 // Prompts share a prefix often, to exercise the prefix cache.
-                let shared = rng.below(3) as u32;
-                let len = 1 + rng.below(20) as usize;
-                let prompt: Vec<u32> = (0..len).map(|i| if i < 8 { shared * 1000 + i as u32 } else { rng.below(50) as u32 }).collect();
-                let max_len = len + 1 + rng.below(15) as usize;
+                let shared = below(&mut rng, 3) as u32;
+                let len = 1 + below(&mut rng, 20) as usize;
+                let prompt: Vec<u32> = (0..len).map(|i| if i < 8 { shared * 1000 + i as u32 } else { below(&mut rng, 50) as u32 }).collect();
+                let max_len = len + 1 + below(&mut rng, 15) as usize;
                 if s.could_ever_fit(max_len) {
                     s.add(SeqState::new(next_id, prompt, groups.len()));
                     limits.insert(next_id, max_len);
                 }
             }
-            if rng.below(10) == 0 && next_id > 0 {
-                s.remove(1 + rng.below(next_id));
+            if below(&mut rng, 10) == 0 && next_id > 0 {
+                s.remove(1 + below(&mut rng, next_id));
             }
             let p = s.schedule();
             assert!(p.num_tokens() <= s.cfg.max_batch_tokens);
@@ -167,7 +159,7 @@ fn random_submit_cancel_finish_preempt_never_double_books_or_leaks() {
                     assert!(table.len() * 4 >= e.start + e.len, "group {g} covers the chunk");
                 }
             }
-            step(&mut s, &p, rng.below(50) as u32);
+            step(&mut s, &p, below(&mut rng, 50) as u32);
             let finished: Vec<SeqId> = s.running.iter().filter(|q| q.tokens.len() >= limits[&q.id]).map(|q| q.id).collect();
             for id in finished {
                 s.remove(id);
