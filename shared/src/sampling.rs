@@ -21,6 +21,8 @@ pub struct SamplingParams {
     pub frequency_penalty: f32,
     /// None draws a seed from the operating system.
     pub seed: Option<u64>,
+    /// Added to the logits of the given tokens before sampling.
+    pub logit_bias: Vec<(u32, f32)>,
 }
 
 impl Default for SamplingParams {
@@ -35,6 +37,7 @@ impl Default for SamplingParams {
             presence_penalty: 0.0,
             frequency_penalty: 0.0,
             seed: None,
+            logit_bias: Vec::new(),
         }
     }
 }
@@ -59,6 +62,9 @@ impl SamplingParams {
         check("repeat_penalty", self.repeat_penalty, self.repeat_penalty > 0.0 && self.repeat_penalty <= 10.0, "greater than 0, at most 10")?;
         check("presence_penalty", self.presence_penalty, (-2.0..=2.0).contains(&self.presence_penalty), "-2 to 2")?;
         check("frequency_penalty", self.frequency_penalty, (-2.0..=2.0).contains(&self.frequency_penalty), "-2 to 2")?;
+        for &(_, bias) in &self.logit_bias {
+            check("logit_bias", bias, (-100.0..=100.0).contains(&bias), "-100 to 100")?;
+        }
         Ok(())
     }
 }

@@ -28,7 +28,7 @@ fn collect(stream: RequestStream) -> Outcome {
                 tokens.push(id);
                 text.push_str(&t);
             }
-            Event::Done { finish, usage, tail } => {
+            Event::Done { finish, usage, tail, .. } => {
                 text.push_str(&tail);
                 return Outcome { tokens, text, finish, usage };
             }
@@ -39,7 +39,7 @@ fn collect(stream: RequestStream) -> Outcome {
 }
 
 fn greedy(prompt: Vec<u32>, max_tokens: usize) -> GenerationRequest {
-    GenerationRequest { prompt, sampling: SamplingParams::greedy(), max_tokens: Some(max_tokens), stop: vec![], ignore_eos: true, logprobs: false }
+    GenerationRequest { prompt, sampling: SamplingParams::greedy(), max_tokens: Some(max_tokens), stop: vec![], ignore_eos: true, logprobs: false, ..Default::default() }
 }
 
 fn engine(model: Arc<LoadedModel>, cfg: EngineConfig) -> EngineHandle {
@@ -237,4 +237,76 @@ fn gemma3_long_sequence_through_the_engine_matches_the_session() {
     let out = collect(h.submit(greedy(p, 8)).unwrap());
     assert_eq!(out.tokens, direct.tokens);
     wait_until_drained(&h);
+}
+
+/// Text and tokens of each of a request's completions.
+fn collect_n(stream: RequestStream, n: usize) -> Vec<(Vec<u32>, String, FinishReason)> {
+    let mut out = vec![(vec![], String::new(), FinishReason::Cancelled); n];
+    let mut done = 0;
+    for e in stream {
+        match e {
+            Event::Token { index, id, text, .. } => {
+                out[index].0.push(id);
+                out[index].1.push_str(&text);
+            }
+            Event::Done { index, finish, tail, .. } => {
+                out[index].1.push_str(&tail);
+                out[index].2 = finish;
+                done += 1;
+            }
+            Event::Failed(m) => panic!("{m}"),
+        }
+    }
+    assert_eq!(done, n, "every completion ends");
+    out
+}
+
+#[test]
+fn n_completions_share_the_prompt_and_sample_independently() {
+    let model = tiny::model();
+    let h = engine(Arc::clone(&model), EngineConfig::default());
+    let prompt = prompts(1, 45).remove(0);
+    // Greedy: all completions agree with a single request.
+    let single = collect(h.submit(greedy(prompt.clone(), 12)).unwrap());
+    let mut req = greedy(prompt.clone(), 12);
+    req.n = 3;
+    for (tokens, _, finish) in collect_n(h.submit(req).unwrap(), 3) {
+        assert_eq!(tokens, single.tokens);
+        assert_eq!(finish, FinishReason::Length);
+    }
+    // Seeded sampling: completion 0 equals a single request with the seed, others differ.
+    let mut sampled = greedy(prompt.clone(), 16);
+    sampled.sampling = SamplingParams { temperature: 1.5, top_k: 0, top_p: 1.0, min_p: 0.0, seed: Some(11), ..SamplingParams::default() };
+    let alone = collect(h.submit(sampled.clone()).unwrap());
+    sampled.n = 4;
+    let choices = collect_n(h.submit(sampled.clone()).unwrap(), 4);
+    assert_eq!(choices[0].0, alone.tokens);
+    assert!(choices[1..].iter().any(|c| c.0 != choices[0].0), "different completions draw differently");
+    assert_eq!(choices, collect_n(h.submit(sampled).unwrap(), 4), "same seed, same completions");
+    wait_until_drained(&h);
+}
+
+#[test]
+fn logprobs_and_logit_bias_are_applied() {
+    let h = engine(tiny::model(), EngineConfig::default());
+    let mut req = greedy(prompts(1, 10).remove(0), 6);
+    req.logprobs = true;
+    req.top_logprobs = 3;
+    for e in h.submit(req.clone()).unwrap() {
+        if let Event::Token { id, logprob, top_logprobs, .. } = e {
+            let lp = logprob.unwrap();
+            assert!(lp <= 0.0);
+            assert_eq!(top_logprobs.len(), 3);
+            assert_eq!(top_logprobs[0].0, id, "greedy picks the likeliest token");
+            assert!((top_logprobs[0].1 - lp).abs() < 1e-6);
+            assert!(top_logprobs.windows(2).all(|w| w[0].1 >= w[1].1));
+        }
+    }
+    req.logprobs = false;
+    req.sampling.logit_bias = vec![(42, 100.0)];
+    let out = collect(h.submit(req).unwrap());
+    assert!(out.tokens.iter().all(|&t| t == 42), "{:?}", out.tokens);
+    let mut bad = greedy(vec![1, 2], 2);
+    bad.sampling.logit_bias = vec![(10_000, 1.0)];
+    assert!(h.submit(bad).err().unwrap().to_string().contains("10000"));
 }

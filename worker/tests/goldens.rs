@@ -42,6 +42,7 @@ fn greedy_matches(name: &str) {
             stop: vec![],
             ignore_eos: true,
             logprobs: false,
+            ..Default::default()
         };
         let out = s.generate(&req, &AtomicBool::new(false), |_| {}).unwrap();
         assert_eq!(out.tokens, ids(&case["generated"]), "greedy continuation of {prompt:?}");

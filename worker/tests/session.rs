@@ -14,7 +14,7 @@ fn session(ctx: usize) -> Session {
 }
 
 fn request(prompt: Vec<u32>, max_tokens: usize) -> GenerationRequest {
-    GenerationRequest { prompt, sampling: SamplingParams::greedy(), max_tokens: Some(max_tokens), stop: vec![], ignore_eos: true, logprobs: false }
+    GenerationRequest { prompt, sampling: SamplingParams::greedy(), max_tokens: Some(max_tokens), stop: vec![], ignore_eos: true, logprobs: false, ..Default::default() }
 }
 
 fn prompt(n: usize) -> Vec<u32> {

@@ -39,7 +39,7 @@ fn run_once(engine: &kiln_worker::engine::EngineHandle, n: usize, n_prompt: usiz
     for _ in 0..n {
         // Distinct random prompts: no prefix is shared.
         let prompt: Vec<u32> = (0..n_prompt).map(|_| (rng.next_u64() % vocab) as u32).collect();
-        let req = GenerationRequest { prompt, sampling: SamplingParams::greedy(), max_tokens: Some(n_gen), stop: vec![], ignore_eos: true, logprobs: false };
+        let req = GenerationRequest { prompt, sampling: SamplingParams::greedy(), max_tokens: Some(n_gen), stop: vec![], ignore_eos: true, logprobs: false, ..Default::default() };
         let stream = engine.submit(req)?;
         handles.push(std::thread::spawn(move || -> Result<Vec<Instant>, String> {
             let mut times = Vec::new();

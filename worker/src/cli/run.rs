@@ -109,7 +109,7 @@ pub fn main(args: RunArgs) -> anyhow::Result<()> {
 }
 
 fn request(args: &RunArgs, prompt: Vec<u32>) -> GenerationRequest {
-    GenerationRequest { prompt, sampling: args.sampling(), max_tokens: args.max_tokens, stop: args.stop.clone(), ignore_eos: args.ignore_eos, logprobs: false }
+    GenerationRequest { prompt, sampling: args.sampling(), max_tokens: args.max_tokens, stop: args.stop.clone(), ignore_eos: args.ignore_eos, logprobs: false, ..Default::default() }
 }
 
 /// Streams one answer to stdout; returns its text and why it ended.
@@ -135,7 +135,7 @@ fn stream(args: &RunArgs, engine: &EngineHandle, prompt: Vec<u32>) -> anyhow::Re
         match stream.next_timeout(Duration::from_millis(50)) {
             None => continue,
             Some(Event::Token { text: t, .. }) => write(&t, &mut text),
-            Some(Event::Done { finish, usage, tail }) => {
+            Some(Event::Done { finish, usage, tail, .. }) => {
                 write(&tail, &mut text);
                 if args.verbose {
                     report(&usage, finish);

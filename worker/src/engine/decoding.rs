@@ -2,7 +2,7 @@
 //! token limits. Shared by the batching engine and the single-sequence session.
 
 use super::{FinishReason, GenerationRequest};
-use crate::sampler::select::log_prob;
+use crate::sampler::select::{log_sum_exp, top_log_probs};
 use crate::sampler::{apply_penalties, sample, Candidates, Rng, StopMatch, StopMatcher};
 use kiln_shared::tokenizer::{StreamDecoder, Tokenizer};
 
@@ -16,6 +16,13 @@ pub struct Decoding {
     pub text: String,
 }
 
+/// A sampled token and, if asked for, its log-probability and the likeliest alternatives.
+pub struct Sampled {
+    pub token: u32,
+    pub logprob: Option<f32>,
+    pub top: Vec<(u32, f32)>,
+}
+
 /// What one accepted token produced.
 pub struct Accepted {
     /// Text now final (may be empty while bytes or a possible stop string are held back).
@@ -27,8 +34,14 @@ pub struct Accepted {
 
 impl Decoding {
     pub fn new(req: &GenerationRequest) -> Decoding {
+        Self::for_choice(req, 0)
+    }
+
+    /// State for completion `index` of a request; each completion draws from its own seed.
+    pub fn for_choice(req: &GenerationRequest, index: usize) -> Decoding {
+        let seed = req.sampling.seed.unwrap_or_else(Rng::entropy_seed);
         Decoding {
-            rng: Rng::seeded(req.sampling.seed.unwrap_or_else(Rng::entropy_seed)),
+            rng: Rng::seeded(seed.wrapping_add((index as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15))),
             candidates: Candidates::default(),
             decoder: StreamDecoder::new(),
             stops: StopMatcher::new(req.stop.clone()),
@@ -38,12 +51,16 @@ impl Decoding {
         }
     }
 
-    /// Picks the next token from `logits` after `history` (prompt and output so far);
-    /// returns it with its log-probability under the penalized logits if the request asks.
-    pub fn sample(&mut self, req: &GenerationRequest, logits: &mut [f32], history: &[u32]) -> (u32, Option<f32>) {
+    /// Picks the next token from `logits` after `history` (prompt and output so far). With
+    /// `logprobs`, log-probabilities are those of the penalized logits at temperature 1.
+    pub fn sample(&mut self, req: &GenerationRequest, logits: &mut [f32], history: &[u32]) -> Sampled {
         apply_penalties(logits, history, &req.sampling);
         let token = sample(logits, &req.sampling, &mut self.rng, &mut self.candidates);
-        (token, req.logprobs.then(|| log_prob(logits, token)))
+        if !req.logprobs {
+            return Sampled { token, logprob: None, top: Vec::new() };
+        }
+        let lse = log_sum_exp(logits);
+        Sampled { token, logprob: Some(logits[token as usize] - lse), top: top_log_probs(logits, req.top_logprobs.min(20)) }
     }
 
     /// Takes a sampled token: end-of-generation, stop strings and the token limit decide

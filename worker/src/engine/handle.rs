@@ -9,15 +9,16 @@ use std::sync::mpsc::{Receiver, Sender};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+/// What a request's stream carries. `index` tells the request's `n` completions apart.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Event {
     /// A generated token and the text it completes; text may be empty while bytes of a
-    /// character or a possible stop string are held back. `logprob` is set when the request
-    /// asked for log-probabilities.
-    Token { id: u32, text: String, logprob: Option<f32> },
-    /// The request ended; no more events follow. `tail` is text held back until the end
-    /// (part of a character, or text that might have begun a stop string).
-    Done { finish: FinishReason, usage: Usage, tail: String },
+    /// character or a possible stop string are held back. `logprob` (and `top_logprobs`)
+    /// are set when the request asked for log-probabilities.
+    Token { index: usize, id: u32, text: String, logprob: Option<f32>, top_logprobs: Vec<(u32, f32)> },
+    /// Completion `index` ended. `tail` is text held back until the end (part of a
+    /// character, or text that might have begun a stop string).
+    Done { index: usize, finish: FinishReason, usage: Usage, tail: String },
     /// The request failed; no more events follow.
     Failed(String),
 }
@@ -93,6 +94,15 @@ impl EngineHandle {
         if req.max_tokens == Some(0) {
             return Err(Error::InvalidRequest("max_tokens must be at least 1".into()));
         }
+        if req.n > 128 {
+            return Err(Error::InvalidRequest(format!("n = {} is out of range (1 to 128)", req.n)));
+        }
+        if req.top_logprobs > 20 {
+            return Err(Error::InvalidRequest(format!("top_logprobs = {} is out of range (0 to 20)", req.top_logprobs)));
+        }
+        if let Some(&(bad, _)) = req.sampling.logit_bias.iter().find(|(t, _)| *t as usize >= cap.vocab_size) {
+            return Err(Error::InvalidRequest(format!("logit_bias names token {bad}, outside the vocabulary of {}", cap.vocab_size)));
+        }
         let max_len = req.max_tokens.map_or(cap.max_context_len, |m| (req.prompt.len() + m).min(cap.max_context_len));
         if !cap.fits(max_len) {
             return Err(Error::InvalidRequest(format!(
@@ -100,11 +110,13 @@ impl EngineHandle {
                 cap.groups[0].0, cap.block_size
             )));
         }
+        let req_n = req.n.max(1);
         let id = self.shared.next_id.fetch_add(1, Ordering::Relaxed);
         let (events, rx) = std::sync::mpsc::channel();
         let admission = super::step::Admission::new(id, req, max_len, events);
         self.tx.send(Command::Submit(Box::new(admission))).map_err(|_| Error::InvalidRequest("the engine has stopped".into()))?;
-        Ok(RequestStream { id, rx, handle: self.clone(), done: false })
+        let remaining = req_n;
+        Ok(RequestStream { id, rx, handle: self.clone(), remaining })
     }
 
     /// Cancels a request; its stream ends with `Done { finish: Cancelled }`.
@@ -126,12 +138,13 @@ impl EngineHandle {
     }
 }
 
-/// Events of one request, in order. Dropping it before `Done` cancels the request.
+/// Events of one request, in order. Dropping it before the last `Done` cancels the request.
 pub struct RequestStream {
     id: SeqId,
     rx: Receiver<Event>,
     handle: EngineHandle,
-    done: bool,
+    /// Completions not yet done; 0 once the stream is over.
+    remaining: usize,
 }
 
 impl RequestStream {
@@ -141,12 +154,24 @@ impl RequestStream {
 
     /// Waits up to `timeout` for the next event; None on timeout or after the last event.
     pub fn next_timeout(&mut self, timeout: Duration) -> Option<Event> {
-        if self.done {
+        if self.remaining == 0 {
             return None;
         }
         let e = self.rx.recv_timeout(timeout).ok()?;
-        self.done = matches!(e, Event::Done { .. } | Event::Failed(_));
+        self.account(&e);
         Some(e)
+    }
+
+    pub fn is_finished(&self) -> bool {
+        self.remaining == 0
+    }
+
+    fn account(&mut self, e: &Event) {
+        match e {
+            Event::Done { .. } => self.remaining = self.remaining.saturating_sub(1),
+            Event::Failed(_) => self.remaining = 0,
+            Event::Token { .. } => {}
+        }
     }
 
     pub fn cancel(&self) {
@@ -158,16 +183,16 @@ impl Iterator for RequestStream {
     type Item = Event;
 
     fn next(&mut self) -> Option<Event> {
-        if self.done {
+        if self.remaining == 0 {
             return None;
         }
         match self.rx.recv() {
             Ok(e) => {
-                self.done = matches!(e, Event::Done { .. } | Event::Failed(_));
+                self.account(&e);
                 Some(e)
             }
             Err(_) => {
-                self.done = true;
+                self.remaining = 0;
                 Some(Event::Failed("the engine stopped".into()))
             }
         }
@@ -176,7 +201,7 @@ impl Iterator for RequestStream {
 
 impl Drop for RequestStream {
     fn drop(&mut self) {
-        if !self.done {
+        if self.remaining > 0 {
             self.handle.cancel(self.id);
         }
     }

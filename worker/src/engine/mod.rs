@@ -3,6 +3,7 @@
 
 pub mod decoding;
 pub mod handle;
+mod output;
 pub mod session;
 pub mod step;
 

@@ -29,6 +29,11 @@ pub struct GenerationRequest {
     pub ignore_eos: bool,
     /// Report each token's log-probability (costs a pass over the vocabulary per token).
     pub logprobs: bool,
+    /// With `logprobs`, also report this many most likely alternatives (at most 20).
+    pub top_logprobs: usize,
+    /// Completions to sample from the prompt (0 is taken as 1). They share the prompt's
+    /// cache blocks and use seeds derived from `sampling.seed`.
+    pub n: usize,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -206,7 +211,7 @@ impl Session {
                 break FinishReason::Cancelled;
             }
             let last = self.logits.len() - vocab;
-            let token = decoding.sample(req, &mut self.logits[last..], &history).0;
+            let token = decoding.sample(req, &mut self.logits[last..], &history).token;
             let accepted = decoding.accept(req, &tokenizer, token);
             if !accepted.text.is_empty() {
                 on_text(&accepted.text);

@@ -3,7 +3,7 @@
 
 use super::decoding::Decoding;
 use super::handle::{Capacity, Command, EngineHandle, EngineStats, Event, Shared};
-use super::{FinishReason, GenerationRequest, Usage};
+use super::GenerationRequest;
 use crate::error::{Error, Result};
 use crate::kv_cache::{group_layouts, KvCache};
 use crate::layers::Compute;
@@ -49,26 +49,34 @@ impl Admission {
     }
 }
 
-/// A request the engine is working on.
-struct Active {
-    req: GenerationRequest,
-    decoding: Decoding,
-    events: Sender<Event>,
-    max_len: usize,
-    submitted: Instant,
-    first_token: Option<Instant>,
+/// One completion the engine is working on (a request with `n` completions has `n`).
+pub(super) struct Active {
+    pub(super) request: SeqId,
+    pub(super) index: usize,
+    pub(super) req: Arc<GenerationRequest>,
+    pub(super) decoding: Decoding,
+    pub(super) events: Sender<Event>,
+    pub(super) max_len: usize,
+    pub(super) submitted: Instant,
+    pub(super) first_token: Option<Instant>,
+    /// Completions still to be forked from this one when its prompt is done.
+    pub(super) forks_pending: usize,
 }
 
 pub struct Engine {
-    model: Arc<LoadedModel>,
+    pub(super) model: Arc<LoadedModel>,
     compute: Arc<Compute>,
-    kv: KvCache,
+    pub(super) kv: KvCache,
     scratch: Scratch,
-    logits: Vec<f32>,
-    scheduler: Scheduler,
-    active: HashMap<SeqId, Active>,
+    pub(super) logits: Vec<f32>,
+    pub(super) scheduler: Scheduler,
+    pub(super) active: HashMap<SeqId, Active>,
+    /// Sequences of each request (more than one for `n` > 1).
+    pub(super) requests: HashMap<SeqId, Vec<SeqId>>,
+    /// Ids for forked completions, far above the handle's request ids.
+    pub(super) next_fork_id: SeqId,
     shared: Arc<Shared>,
-    stats: EngineStats,
+    pub(super) stats: EngineStats,
 }
 
 /// Bytes of memory the system reports available, or None where it cannot tell.
@@ -155,6 +163,8 @@ impl Engine {
             logits: Vec::new(),
             scheduler,
             active: HashMap::new(),
+            requests: HashMap::new(),
+            next_fork_id: 1 << 48,
             shared: Arc::clone(&shared),
             stats: EngineStats::default(),
         };
@@ -202,13 +212,25 @@ impl Engine {
             Command::Submit(a) => {
                 let a = *a;
                 let seq = SeqState::new(a.id, a.req.prompt.clone(), self.kv.groups.len());
+                let req = Arc::new(a.req);
                 self.active.insert(
                     a.id,
-                    Active { decoding: Decoding::new(&a.req), req: a.req, events: a.events, max_len: a.max_len, submitted: a.submitted, first_token: None },
+                    Active {
+                        request: a.id,
+                        index: 0,
+                        decoding: Decoding::for_choice(&req, 0),
+                        forks_pending: req.n.max(1) - 1,
+                        req,
+                        events: a.events,
+                        max_len: a.max_len,
+                        submitted: a.submitted,
+                        first_token: None,
+                    },
                 );
+                self.requests.insert(a.id, vec![a.id]);
                 self.scheduler.add(seq);
             }
-            Command::Cancel(id) => self.finish(id, FinishReason::Cancelled),
+            Command::Cancel(request) => self.cancel_request(request),
             Command::Shutdown => {
                 for (_, a) in self.active.drain() {
                     let _ = a.events.send(Event::Failed("the engine is shutting down".into()));
@@ -246,68 +268,6 @@ impl Engine {
             batch.push_seq(&seq.tokens[e.start..e.start + e.len], e.start, tables, logits);
         }
         self.model.model.forward(&self.compute, &batch, &mut self.kv, &mut self.scratch, &mut self.logits)
-    }
-
-    fn after_forward(&mut self, plan: &Plan) {
-        self.scheduler.complete(plan);
-        let vocab = self.model.model.config().vocab_size;
-        let tokenizer = Arc::clone(&self.model.tokenizer);
-        for (row, e) in plan.entries.iter().filter(|e| e.wants_logits).enumerate() {
-            let logits = &mut self.logits[row * vocab..(row + 1) * vocab];
-            let (Some(a), Some(seq)) = (self.active.get_mut(&e.id), self.scheduler.get(e.id)) else { continue };
-            let (token, logprob) = a.decoding.sample(&a.req, logits, &seq.tokens);
-            let accepted = a.decoding.accept(&a.req, &tokenizer, token);
-            a.first_token.get_or_insert_with(Instant::now);
-            if accepted.is_end_token {
-                self.finish_with(e.id, FinishReason::Stop, accepted.text);
-                continue;
-            }
-            if a.events.send(Event::Token { id: token, text: accepted.text, logprob }).is_err() {
-                self.finish(e.id, FinishReason::Cancelled);
-                continue;
-            }
-            if let Some(reason) = accepted.finish {
-                self.finish(e.id, reason);
-                continue;
-            }
-            self.scheduler.push_token(e.id, token);
-            self.stats.generated_tokens += 1;
-            let len = self.scheduler.get(e.id).map_or(0, |s| s.tokens.len());
-            if len >= a.max_len {
-                self.finish(e.id, FinishReason::ContextFull);
-            }
-        }
-    }
-
-    /// Ends a request: releases its blocks and sends its final event.
-    fn finish(&mut self, id: SeqId, reason: FinishReason) {
-        self.finish_with(id, reason, String::new());
-    }
-
-    /// `finish`, with text already released by the last token placed before any held back.
-    fn finish_with(&mut self, id: SeqId, reason: FinishReason, mut tail: String) {
-        let seq = self.scheduler.remove(id);
-        let Some(mut a) = self.active.remove(&id) else { return };
-        tail.push_str(&a.decoding.flush());
-        let now = Instant::now();
-        let ttft = a.first_token.map_or(now, |t| t).duration_since(a.submitted);
-        let usage = Usage {
-            prompt_tokens: a.req.prompt.len(),
-            cached_tokens: seq.as_ref().map_or(0, |s| s.num_cached_prompt),
-            completion_tokens: a.decoding.generated,
-            prefill_ms: ttft.as_secs_f64() * 1e3,
-            decode_ms: a.first_token.map_or(0.0, |t| now.duration_since(t).as_secs_f64() * 1e3),
-        };
-        let _ = a.events.send(Event::Done { finish: reason, usage, tail });
-    }
-
-    fn fail_plan(&mut self, plan: &Plan, msg: &str) {
-        for e in &plan.entries {
-            self.scheduler.remove(e.id);
-            if let Some(a) = self.active.remove(&e.id) {
-                let _ = a.events.send(Event::Failed(msg.to_string()));
-            }
-        }
     }
 
     fn publish_stats(&mut self) {

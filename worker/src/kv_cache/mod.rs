@@ -75,6 +75,16 @@ impl KvCache {
         (g, &mut self.groups[g].stores[j])
     }
 
+    /// Copies block `from` onto block `to` in every layer of group `g`.
+    pub fn copy_block(&mut self, g: usize, from: u32, to: u32) {
+        let bs = self.block_size;
+        for store in &mut self.groups[g].stores {
+            for i in 0..bs {
+                store.copy_slot(from as usize * bs + i, to as usize * bs + i);
+            }
+        }
+    }
+
     /// Bytes one block of each group occupies (keys and values in half precision).
     pub fn block_bytes(cfg: &ModelConfig, block_size: usize) -> Vec<usize> {
         group_layouts(cfg).iter().map(|g| g.layers.len() * cfg.num_kv_heads * cfg.head_dim * 2 * 2 * block_size).collect()

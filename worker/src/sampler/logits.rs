@@ -4,8 +4,17 @@ use kiln_shared::sampling::SamplingParams;
 
 /// Applies llama.cpp-style repetition penalty (divide positive logits, multiply negative
 /// ones) and OpenAI-style presence/frequency penalties over the last `repeat_last_n`
-/// tokens of `history`.
+/// tokens of `history`, then the request's logit bias.
 pub fn apply_penalties(logits: &mut [f32], history: &[u32], p: &SamplingParams) {
+    penalize(logits, history, p);
+    for &(token, bias) in &p.logit_bias {
+        if let Some(l) = logits.get_mut(token as usize) {
+            *l += bias;
+        }
+    }
+}
+
+fn penalize(logits: &mut [f32], history: &[u32], p: &SamplingParams) {
     let neutral = p.repeat_penalty == 1.0 && p.presence_penalty == 0.0 && p.frequency_penalty == 0.0;
     if neutral || p.repeat_last_n == 0 {
         return;
@@ -45,5 +54,13 @@ mod tests {
         let mut logits = vec![4.0, 0.0];
         apply_penalties(&mut logits, &[0, 1, 1, 1, 1], &p);
         assert_eq!(logits[0], 4.0);
+    }
+
+    #[test]
+    fn logit_bias_is_added_after_penalties() {
+        let p = SamplingParams { logit_bias: vec![(1, 5.0), (7, -3.0), (99, 1.0)], ..SamplingParams::greedy() };
+        let mut logits = vec![1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0];
+        apply_penalties(&mut logits, &[], &p);
+        assert_eq!((logits[1], logits[7], logits[0]), (6.0, -2.0, 1.0));
     }
 }

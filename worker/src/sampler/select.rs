@@ -74,9 +74,29 @@ pub fn argmax(logits: &[f32]) -> u32 {
 
 /// Natural-log probability of `id` under softmax(logits).
 pub fn log_prob(logits: &[f32], id: u32) -> f32 {
+    logits[id as usize] - log_sum_exp(logits)
+}
+
+/// log(sum(exp(logits))), computed stably.
+pub fn log_sum_exp(logits: &[f32]) -> f32 {
     let max = logits.iter().fold(f32::NEG_INFINITY, |m, &l| m.max(l));
     let sum: f64 = logits.iter().map(|&l| ((l - max) as f64).exp()).sum();
-    (logits[id as usize] - max) - sum.ln() as f32
+    max + sum.ln() as f32
+}
+
+/// The `k` most likely tokens with their log-probabilities, most likely first.
+pub fn top_log_probs(logits: &[f32], k: usize) -> Vec<(u32, f32)> {
+    if k == 0 {
+        return Vec::new();
+    }
+    let lse = log_sum_exp(logits);
+    let mut idx: Vec<u32> = (0..logits.len() as u32).collect();
+    let by_logit = |a: &u32, b: &u32| logits[*b as usize].total_cmp(&logits[*a as usize]).then(a.cmp(b));
+    let k = k.min(idx.len());
+    idx.select_nth_unstable_by(k - 1, by_logit);
+    idx.truncate(k);
+    idx.sort_unstable_by(by_logit);
+    idx.into_iter().map(|i| (i, logits[i as usize] - lse)).collect()
 }
 
 #[cfg(test)]
@@ -127,5 +147,15 @@ mod tests {
     fn log_prob_matches_softmax() {
         let lp = log_prob(&[0.0, (3.0f32).ln()], 1);
         assert!((lp - 0.75f32.ln()).abs() < 1e-6);
+    }
+
+    #[test]
+    fn top_log_probs_are_sorted_and_normalized() {
+        let logits = [1.0f32, 3.0, 2.0, 3.0];
+        let top = top_log_probs(&logits, 3);
+        assert_eq!(top.iter().map(|t| t.0).collect::<Vec<_>>(), [1, 3, 2]);
+        let total: f32 = (0..4).map(|i| log_prob(&logits, i).exp()).sum();
+        assert!((total - 1.0).abs() < 1e-6);
+        assert!((top[0].1 - log_prob(&logits, 1)).abs() < 1e-6);
     }
 }

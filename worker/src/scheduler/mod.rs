@@ -176,6 +176,41 @@ impl Scheduler {
         }
     }
 
+    /// Starts running sequence `child` as a copy of running sequence `parent`: same tokens,
+    /// sharing every full block. A partly filled last block cannot be shared (both will
+    /// write it), so the child gets a fresh block; the returned `(group, from, to)` block
+    /// copies must be applied to the cache. None if the parent is not running or no block is
+    /// free for the copy.
+    pub fn fork(&mut self, parent: SeqId, child: SeqId) -> Option<Vec<(usize, u32, u32)>> {
+        let p = self.running.iter().find(|s| s.id == parent)?.clone();
+        let bs = self.cfg.block_size;
+        let partial = !p.num_computed.is_multiple_of(bs);
+        let last = p.num_computed.div_ceil(bs).checked_sub(1);
+        if partial && self.pools.iter().any(|pool| pool.available() == 0) {
+            return None;
+        }
+        let mut seq = SeqState { id: child, ..p };
+        let mut copies = Vec::new();
+        for (g, table) in seq.block_tables.iter_mut().enumerate() {
+            for (b, id) in table.iter_mut().enumerate() {
+                if *id == NO_BLOCK {
+                    continue;
+                }
+                if partial && Some(b) == last {
+                    let fresh = self.pools[g].allocate().expect("availability checked above");
+                    copies.push((g, *id, fresh));
+                    *id = fresh;
+                } else {
+                    self.pools[g].retain(*id);
+                }
+            }
+        }
+        self.clock += 1;
+        seq.admitted = self.clock;
+        self.running.push(seq);
+        Some(copies)
+    }
+
     /// Removes a sequence wherever it is and releases its blocks.
     pub fn remove(&mut self, id: SeqId) -> Option<SeqState> {
         let mut seq = if let Some(i) = self.running.iter().position(|s| s.id == id) {

@@ -176,3 +176,26 @@ fn random_submit_cancel_finish_preempt_never_double_books_or_leaks() {
         }
     }
 }
+
+#[test]
+fn forks_share_full_blocks_and_copy_the_partial_one() {
+    let mut s = Scheduler::new(cfg(64, 4), &[(16, None)]);
+    s.add(SeqState::new(1, (0..10).collect(), 1));
+    let p = s.schedule();
+    step(&mut s, &p, 3);
+    let copies = s.fork(1, 2).unwrap();
+    let (a, b) = (s.get(1).unwrap().block_tables[0].clone(), s.get(2).unwrap().block_tables[0].clone());
+    assert_eq!(a[..2], b[..2], "full blocks are shared");
+    assert_ne!(a[2], b[2], "the partial block is copied");
+    assert_eq!(copies, [(0, a[2], b[2])]);
+    check_refs(&s);
+    // Both continue independently.
+    s.push_token(2, 4);
+    let p = s.schedule();
+    assert_eq!(p.entries.len(), 2);
+    step(&mut s, &p, 5);
+    s.remove(1);
+    s.remove(2);
+    assert_eq!(s.pools[0].stats().in_use, 0);
+    check_refs(&s);
+}

@@ -1,0 +1,147 @@
+//! What the engine does with a step's logits: forks the extra completions of `n` > 1
+//! requests, samples, streams tokens, and ends completions, releasing their blocks.
+
+use super::decoding::Decoding;
+use super::handle::Event;
+use super::step::{Active, Engine};
+use super::{FinishReason, Usage};
+use crate::scheduler::{Plan, SeqId};
+use std::sync::Arc;
+use std::time::Instant;
+
+impl Engine {
+    pub(super) fn after_forward(&mut self, plan: &Plan) {
+        self.scheduler.complete(plan);
+        let vocab = self.model.model.config().vocab_size;
+        for (row, e) in plan.entries.iter().filter(|e| e.wants_logits).enumerate() {
+            let logits = self.logits[row * vocab..(row + 1) * vocab].to_vec();
+            let mut members = vec![e.id];
+            if self.active.get(&e.id).is_some_and(|a| a.forks_pending > 0) {
+                members.extend(self.fork(e.id));
+            }
+            for id in members {
+                // Each completion applies its own penalties to its own copy of the logits.
+                self.emit(id, &mut logits.clone());
+            }
+        }
+    }
+
+    /// Creates the remaining completions of `parent`'s request as copies of it, now that its
+    /// prompt is in the cache; returns their ids.
+    fn fork(&mut self, parent: SeqId) -> Vec<SeqId> {
+        let Some(p) = self.active.get_mut(&parent) else { return vec![] };
+        let count = std::mem::take(&mut p.forks_pending);
+        let (req, events, max_len, submitted, request) = (Arc::clone(&p.req), p.events.clone(), p.max_len, p.submitted, p.request);
+        let mut children = Vec::with_capacity(count);
+        for index in 1..=count {
+            let id = self.next_fork_id;
+            self.next_fork_id += 1;
+            let Some(copies) = self.scheduler.fork(parent, id) else {
+                // No block for the copy: this completion cannot start.
+                let _ = events.send(Event::Failed("the KV cache is full; could not start all n completions".into()));
+                continue;
+            };
+            for (g, from, to) in copies {
+                self.kv.copy_block(g, from, to);
+            }
+            self.active.insert(
+                id,
+                Active {
+                    request,
+                    index,
+                    decoding: Decoding::for_choice(&req, index),
+                    req: Arc::clone(&req),
+                    events: events.clone(),
+                    max_len,
+                    submitted,
+                    first_token: None,
+                    forks_pending: 0,
+                },
+            );
+            self.requests.entry(request).or_default().push(id);
+            children.push(id);
+        }
+        children
+    }
+
+    /// Samples the next token of sequence `id` from its logits and streams it.
+    fn emit(&mut self, id: SeqId, logits: &mut [f32]) {
+        let tokenizer = Arc::clone(&self.model.tokenizer);
+        let (Some(a), Some(seq)) = (self.active.get_mut(&id), self.scheduler.get(id)) else { return };
+        let sampled = a.decoding.sample(&a.req, logits, &seq.tokens);
+        let accepted = a.decoding.accept(&a.req, &tokenizer, sampled.token);
+        a.first_token.get_or_insert_with(Instant::now);
+        if accepted.is_end_token {
+            self.finish_with(id, FinishReason::Stop, accepted.text);
+            return;
+        }
+        let event = Event::Token { index: a.index, id: sampled.token, text: accepted.text, logprob: sampled.logprob, top_logprobs: sampled.top };
+        if a.events.send(event).is_err() {
+            let request = a.request;
+            self.cancel_request(request);
+            return;
+        }
+        if let Some(reason) = accepted.finish {
+            self.finish(id, reason);
+            return;
+        }
+        let max_len = a.max_len;
+        self.scheduler.push_token(id, sampled.token);
+        self.stats.generated_tokens += 1;
+        if self.scheduler.get(id).map_or(0, |s| s.tokens.len()) >= max_len {
+            self.finish(id, FinishReason::ContextFull);
+        }
+    }
+
+    /// Ends every completion of a request (its client went away or asked to stop).
+    pub(super) fn cancel_request(&mut self, request: SeqId) {
+        for id in self.requests.get(&request).cloned().unwrap_or_default() {
+            self.finish(id, FinishReason::Cancelled);
+        }
+    }
+
+    /// Ends a completion: releases its blocks and sends its final event.
+    pub(super) fn finish(&mut self, id: SeqId, reason: FinishReason) {
+        self.finish_with(id, reason, String::new());
+    }
+
+    /// `finish`, with text already released by the last token placed before any held back.
+    fn finish_with(&mut self, id: SeqId, reason: FinishReason, mut tail: String) {
+        let seq = self.scheduler.remove(id);
+        let Some(mut a) = self.active.remove(&id) else { return };
+        if let Some(ids) = self.requests.get_mut(&a.request) {
+            ids.retain(|&s| s != id);
+            if ids.is_empty() {
+                self.requests.remove(&a.request);
+            }
+        }
+        tail.push_str(&a.decoding.flush());
+        let now = Instant::now();
+        let ttft = a.first_token.unwrap_or(now).duration_since(a.submitted);
+        let usage = Usage {
+            prompt_tokens: a.req.prompt.len(),
+            cached_tokens: seq.as_ref().map_or(0, |s| s.num_cached_prompt),
+            completion_tokens: a.decoding.generated,
+            prefill_ms: ttft.as_secs_f64() * 1e3,
+            decode_ms: a.first_token.map_or(0.0, |t| now.duration_since(t).as_secs_f64() * 1e3),
+        };
+        // A request with forks still pending also ends those completions.
+        for index in a.index + 1..=a.index + a.forks_pending {
+            let _ = a.events.send(Event::Done { index, finish: reason, usage: usage.clone(), tail: String::new() });
+        }
+        let _ = a.events.send(Event::Done { index: a.index, finish: reason, usage, tail });
+    }
+
+    pub(super) fn fail_plan(&mut self, plan: &Plan, msg: &str) {
+        for e in &plan.entries {
+            let request = self.active.get(&e.id).map(|a| a.request);
+            self.scheduler.remove(e.id);
+            if let Some(a) = self.active.remove(&e.id) {
+                let _ = a.events.send(Event::Failed(msg.to_string()));
+            }
+            if let Some(r) = request {
+                self.requests.remove(&r);
+            }
+        }
+    }
+}
