@@ -10,5 +10,6 @@ pub mod loader;
 pub mod models;
 pub mod sampler;
 pub mod scheduler;
+pub mod service;
 
 pub use error::{Error, Result};

@@ -16,6 +16,8 @@ struct Args {
 enum Command {
     /// Chat with a model, or complete one prompt (-i)
     Run(cli::run::RunArgs),
+    /// Run the worker daemon: serve a model over gRPC to kiln routers
+    Serve(cli::serve::ServeArgs),
     /// Fetch a known model (smollm2, gemma3) and print its path
     Pull(cli::pull::PullArgs),
     /// Measure prefill and decode speed (like llama-bench)
@@ -28,6 +30,7 @@ fn main() -> ExitCode {
     let args = Args::parse();
     let result = match args.command {
         Command::Run(a) => cli::run::main(a),
+        Command::Serve(a) => cli::serve::main(a),
         Command::Pull(a) => cli::pull::main(a),
         Command::Bench(a) => cli::bench::main(a),
         Command::Info(a) => cli::info::main(a),

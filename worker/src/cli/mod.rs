@@ -5,6 +5,7 @@ pub mod bench_parallel;
 pub mod info;
 pub mod pull;
 pub mod run;
+pub mod serve;
 
 use kiln_worker::layers::Compute;
 use kiln_worker::loader::LoadedModel;
@@ -80,4 +81,26 @@ impl EngineArgs {
 
 pub fn compute(threads: Option<usize>) -> Arc<Compute> {
     Arc::new(Compute::new(threads.unwrap_or_else(default_threads)))
+}
+
+/// Resolves when the process is asked to stop (SIGTERM, or Ctrl-C).
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {}
+        _ = term => {}
+    }
 }

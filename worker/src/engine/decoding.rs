@@ -88,6 +88,11 @@ impl Decoding {
         Accepted { text, finish, is_end_token: false }
     }
 
+    /// The stop string that ended generation, if one did.
+    pub fn stop_string(&self) -> Option<&str> {
+        self.stops.matched()
+    }
+
     /// Releases text held back at the end of generation (nothing after a stop string).
     pub fn flush(&mut self) -> String {
         if self.stopped_by_string {

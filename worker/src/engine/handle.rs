@@ -17,8 +17,9 @@ pub enum Event {
     /// are set when the request asked for log-probabilities.
     Token { index: usize, id: u32, text: String, logprob: Option<f32>, top_logprobs: Vec<(u32, f32)> },
     /// Completion `index` ended. `tail` is text held back until the end (part of a
-    /// character, or text that might have begun a stop string).
-    Done { index: usize, finish: FinishReason, usage: Usage, tail: String },
+    /// character, or text that might have begun a stop string); `stop` is the stop string
+    /// that ended it, if one did.
+    Done { index: usize, finish: FinishReason, usage: Usage, tail: String, stop: Option<String> },
     /// The request failed; no more events follow.
     Failed(String),
 }

@@ -127,9 +127,10 @@ impl Engine {
         };
         // A request with forks still pending also ends those completions.
         for index in a.index + 1..=a.index + a.forks_pending {
-            let _ = a.events.send(Event::Done { index, finish: reason, usage: usage.clone(), tail: String::new() });
+            let _ = a.events.send(Event::Done { index, finish: reason, usage: usage.clone(), tail: String::new(), stop: None });
         }
-        let _ = a.events.send(Event::Done { index: a.index, finish: reason, usage, tail });
+        let stop = a.decoding.stop_string().map(str::to_string);
+        let _ = a.events.send(Event::Done { index: a.index, finish: reason, usage, tail, stop });
     }
 
     pub(super) fn fail_plan(&mut self, plan: &Plan, msg: &str) {

@@ -5,6 +5,8 @@ pub struct StopMatcher {
     stops: Vec<String>,
     /// Generated text not yet released.
     held: String,
+    /// The stop string that ended the text, once one has.
+    matched: Option<String>,
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -17,7 +19,7 @@ pub enum StopMatch {
 
 impl StopMatcher {
     pub fn new(stops: Vec<String>) -> StopMatcher {
-        StopMatcher { stops: stops.into_iter().filter(|s| !s.is_empty()).collect(), held: String::new() }
+        StopMatcher { stops: stops.into_iter().filter(|s| !s.is_empty()).collect(), held: String::new(), matched: None }
     }
 
     pub fn push(&mut self, text: &str) -> StopMatch {
@@ -26,7 +28,8 @@ impl StopMatcher {
             return StopMatch::Continue(std::mem::take(&mut self.held));
         }
         // The earliest occurrence of any stop string ends the text.
-        if let Some(at) = self.stops.iter().filter_map(|s| self.held.find(s.as_str())).min() {
+        if let Some((at, stop)) = self.stops.iter().filter_map(|s| self.held.find(s.as_str()).map(|at| (at, s))).min_by_key(|(at, _)| *at) {
+            self.matched = Some(stop.clone());
             let mut out = std::mem::take(&mut self.held);
             out.truncate(at);
             return StopMatch::Stopped(out);
@@ -35,6 +38,11 @@ impl StopMatcher {
         let split = self.held.len() - keep;
         let rest = self.held.split_off(split);
         StopMatch::Continue(std::mem::replace(&mut self.held, rest))
+    }
+
+    /// The stop string that ended the text, if one did.
+    pub fn matched(&self) -> Option<&str> {
+        self.matched.as_deref()
     }
 
     /// Releases held-back text at the end of generation.
@@ -91,6 +99,9 @@ mod tests {
     #[test]
     fn earliest_of_several_stops_wins() {
         assert_eq!(run(&["cd", "b"], &["abcd"]), ("a".into(), true));
+        let mut m = StopMatcher::new(vec!["cd".into(), "b".into()]);
+        m.push("abcd");
+        assert_eq!(m.matched(), Some("b"));
     }
 
     #[test]

@@ -1,0 +1,90 @@
+//! Conversions between the gRPC messages and the engine's types, with the checks a request
+//! from the network needs.
+
+use crate::engine::{Event, FinishReason, GenerationRequest, Usage};
+use crate::error::Error;
+use kiln_proto::v1 as pb;
+use kiln_shared::sampling::SamplingParams;
+use kiln_shared::tokenizer::Tokenizer;
+use tonic::Status;
+
+pub fn generation_request(r: pb::GenerateRequest) -> Result<GenerationRequest, Status> {
+    let s = r.sampling.unwrap_or_default();
+    let sampling = SamplingParams {
+        temperature: s.temperature,
+        top_k: s.top_k as usize,
+        top_p: s.top_p,
+        min_p: s.min_p,
+        repeat_penalty: s.repeat_penalty,
+        repeat_last_n: s.repeat_last_n as usize,
+        presence_penalty: s.presence_penalty,
+        frequency_penalty: s.frequency_penalty,
+        seed: s.seed,
+        logit_bias: s.logit_bias.iter().map(|b| (b.token, b.bias)).collect(),
+    };
+    Ok(GenerationRequest {
+        prompt: r.prompt,
+        sampling,
+        max_tokens: r.max_tokens.map(|m| m as usize),
+        stop: r.stop,
+        ignore_eos: r.ignore_eos,
+        logprobs: r.logprobs,
+        top_logprobs: r.top_logprobs as usize,
+        n: r.n.max(1) as usize,
+    })
+}
+
+/// The gRPC status for an engine or model error: the caller's mistakes are
+/// `InvalidArgument` (with the specific message), the rest `Internal`.
+pub fn status(e: &Error) -> Status {
+    match e {
+        Error::InvalidRequest(_) | Error::PromptTooLong { .. } => Status::invalid_argument(e.to_string()),
+        _ => Status::internal(e.to_string()),
+    }
+}
+
+fn finish_reason(f: FinishReason) -> pb::FinishReason {
+    match f {
+        FinishReason::Stop => pb::FinishReason::Stop,
+        FinishReason::Length => pb::FinishReason::Length,
+        FinishReason::ContextFull => pb::FinishReason::ContextFull,
+        FinishReason::Cancelled => pb::FinishReason::Cancelled,
+    }
+}
+
+fn usage(u: &Usage) -> pb::Usage {
+    pb::Usage {
+        prompt_tokens: u.prompt_tokens as u32,
+        cached_tokens: u.cached_tokens as u32,
+        completion_tokens: u.completion_tokens as u32,
+        time_to_first_token_ms: u.prefill_ms,
+        decode_ms: u.decode_ms,
+    }
+}
+
+/// One engine event as a gRPC event; a failure becomes the stream's error status.
+pub fn event(e: Event, tokenizer: &Tokenizer) -> Result<pb::GenerateEvent, Status> {
+    use pb::generate_event::Event as E;
+    Ok(pb::GenerateEvent {
+        event: Some(match e {
+            Event::Token { index, id, text, logprob, top_logprobs } => E::Token(pb::TokenEvent {
+                index: index as u32,
+                token: id,
+                text,
+                logprob,
+                top_logprobs: top_logprobs
+                    .into_iter()
+                    .map(|(t, lp)| pb::TopLogprob { token: t, text: tokenizer.decode(&[t], false), logprob: lp })
+                    .collect(),
+            }),
+            Event::Done { index, finish, usage: u, tail, stop } => E::Done(pb::DoneEvent {
+                index: index as u32,
+                finish: finish_reason(finish) as i32,
+                usage: Some(usage(&u)),
+                tail,
+                stop_sequence: stop,
+            }),
+            Event::Failed(msg) => return Err(Status::internal(msg)),
+        }),
+    })
+}

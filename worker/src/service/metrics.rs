@@ -1,0 +1,31 @@
+//! The worker's Prometheus endpoint: engine gauges and counters in text exposition format.
+
+use crate::engine::EngineHandle;
+use std::fmt::Write;
+
+pub fn render(engine: &EngineHandle, model_id: &str) -> String {
+    let s = engine.stats();
+    let mut out = String::new();
+    let m = format!("model=\"{}\"", model_id.replace('"', "'"));
+    let mut metric = |name: &str, kind: &str, help: &str, samples: &[(String, f64)]| {
+        let _ = writeln!(out, "# HELP {name} {help}");
+        let _ = writeln!(out, "# TYPE {name} {kind}");
+        for (labels, v) in samples {
+            let _ = writeln!(out, "{name}{{{labels}}} {v}");
+        }
+    };
+    metric("kiln_worker_running_sequences", "gauge", "Sequences being computed.", &[(m.clone(), s.scheduler.running as f64)]);
+    metric("kiln_worker_waiting_sequences", "gauge", "Sequences waiting to be admitted.", &[(m.clone(), s.scheduler.waiting as f64)]);
+    let groups = |f: fn(&(usize, usize, usize)) -> usize| -> Vec<(String, f64)> {
+        s.blocks.iter().enumerate().map(|(g, b)| (format!("{m},group=\"{g}\""), f(b) as f64)).collect()
+    };
+    metric("kiln_worker_kv_blocks_in_use", "gauge", "KV cache blocks referenced by sequences.", &groups(|b| b.0));
+    metric("kiln_worker_kv_blocks_cached", "gauge", "Unreferenced KV cache blocks holding reusable prefixes.", &groups(|b| b.1));
+    metric("kiln_worker_kv_blocks_total", "gauge", "KV cache blocks.", &groups(|b| b.2));
+    metric("kiln_worker_prefix_cache_query_tokens_total", "counter", "Prompt tokens looked up in the prefix cache.", &[(m.clone(), s.scheduler.prefix_query_tokens as f64)]);
+    metric("kiln_worker_prefix_cache_hit_tokens_total", "counter", "Prompt tokens found in the prefix cache.", &[(m.clone(), s.scheduler.prefix_hit_tokens as f64)]);
+    metric("kiln_worker_preemptions_total", "counter", "Sequences preempted for lack of KV blocks.", &[(m.clone(), s.scheduler.preemptions as f64)]);
+    metric("kiln_worker_generated_tokens_total", "counter", "Tokens generated.", &[(m.clone(), s.generated_tokens as f64)]);
+    metric("kiln_worker_steps_total", "counter", "Engine steps run.", &[(m, s.steps as f64)]);
+    out
+}

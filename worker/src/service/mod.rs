@@ -1,0 +1,8 @@
+//! The worker daemon's network side: the gRPC service routers talk to, and an HTTP endpoint
+//! for Prometheus.
+
+mod convert;
+pub mod grpc;
+pub mod metrics;
+
+pub use grpc::WorkerService;
