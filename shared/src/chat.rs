@@ -95,6 +95,13 @@ impl ChatTemplate {
     }
 }
 
+/// Tokenizes a rendered conversation. A template that writes BOS itself does not get a second
+/// one from the tokenizer; control tokens written by the template are recognized.
+pub fn encode_rendered(tokenizer: &crate::tokenizer::Tokenizer, rendered: &str) -> Vec<u32> {
+    let template_has_bos = tokenizer.bos_text().is_some_and(|b| !b.is_empty() && rendered.starts_with(b));
+    tokenizer.encode(rendered, !template_has_bos, true)
+}
+
 fn describe(e: &minijinja::Error) -> String {
     match e.detail() {
         Some(detail) if e.kind() == ErrorKind::InvalidOperation => detail.to_string(),

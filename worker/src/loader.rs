@@ -69,11 +69,8 @@ impl LoadedModel {
         Ok(self.chat_template.render(messages, true)?)
     }
 
-    /// Renders and tokenizes a conversation, ready for the assistant's turn. A template that
-    /// writes BOS itself does not get a second one from the tokenizer.
+    /// Renders and tokenizes a conversation, ready for the assistant's turn.
     pub fn encode_chat(&self, messages: &[ChatMessage]) -> Result<Vec<u32>> {
-        let text = self.render_chat(messages)?;
-        let template_has_bos = self.tokenizer.bos_text().is_some_and(|b| !b.is_empty() && text.starts_with(b));
-        Ok(self.tokenizer.encode(&text, !template_has_bos, true))
+        Ok(kiln_shared::chat::encode_rendered(&self.tokenizer, &self.render_chat(messages)?))
     }
 }

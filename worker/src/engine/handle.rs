@@ -63,6 +63,10 @@ pub struct EngineStats {
     pub blocks: Vec<(usize, usize, usize)>,
     pub steps: u64,
     pub generated_tokens: u64,
+    /// Completions that ended on their own (stop, length, full context).
+    pub completed: u64,
+    /// Completions ended because their client left or asked to stop.
+    pub cancelled: u64,
 }
 
 pub(super) struct Shared {

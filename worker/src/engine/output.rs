@@ -116,6 +116,12 @@ impl Engine {
             }
         }
         tail.push_str(&a.decoding.flush());
+        let ended = 1 + a.forks_pending as u64;
+        if reason == FinishReason::Cancelled {
+            self.stats.cancelled += ended;
+        } else {
+            self.stats.completed += ended;
+        }
         let now = Instant::now();
         let ttft = a.first_token.unwrap_or(now).duration_since(a.submitted);
         let usage = Usage {

@@ -26,6 +26,8 @@ pub fn render(engine: &EngineHandle, model_id: &str) -> String {
     metric("kiln_worker_prefix_cache_hit_tokens_total", "counter", "Prompt tokens found in the prefix cache.", &[(m.clone(), s.scheduler.prefix_hit_tokens as f64)]);
     metric("kiln_worker_preemptions_total", "counter", "Sequences preempted for lack of KV blocks.", &[(m.clone(), s.scheduler.preemptions as f64)]);
     metric("kiln_worker_generated_tokens_total", "counter", "Tokens generated.", &[(m.clone(), s.generated_tokens as f64)]);
+    metric("kiln_worker_completions_total", "counter", "Completions that ended on their own.", &[(m.clone(), s.completed as f64)]);
+    metric("kiln_worker_cancelled_total", "counter", "Completions cancelled because the client left or asked to stop.", &[(m.clone(), s.cancelled as f64)]);
     metric("kiln_worker_steps_total", "counter", "Engine steps run.", &[(m, s.steps as f64)]);
     out
 }

@@ -1,0 +1,205 @@
+//! The HTTP API: routes, API-key check, CORS, per-request metrics, and what the OpenAI and
+//! Anthropic handlers share (model lookup, admission, prompt building, result collection).
+
+mod anthropic;
+mod collect;
+mod cors;
+mod openai;
+mod openai_format;
+mod sse;
+mod tokenize;
+
+pub use collect::{collect, Choice, Totals};
+
+use crate::error::{ApiError, Flavor};
+use crate::upstream::ModelState;
+use crate::AppState;
+use axum::extract::{MatchedPath, Request, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::Router;
+use kiln_shared::chat::ChatMessage;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Instant;
+
+/// The model a response was for, attached so the metrics layer can label it.
+#[derive(Clone)]
+pub struct ModelLabel(pub String);
+
+pub fn router(state: Arc<AppState>) -> Router {
+    let api = Router::new()
+        .route("/v1/chat/completions", post(openai::chat))
+        .route("/v1/completions", post(openai::completions))
+        .route("/v1/models", get(openai::models))
+        .route("/v1/models/{id}", get(openai::model))
+        .route("/v1/messages", post(anthropic::messages))
+        .route("/v1/messages/count_tokens", post(anthropic::count_tokens))
+        .route("/tokenize", post(tokenize::tokenize))
+        .route("/detokenize", post(tokenize::detokenize))
+        .route_layer(middleware::from_fn_with_state(Arc::clone(&state), require_api_key));
+    Router::new()
+        .merge(api)
+        .route("/health", get(health))
+        .route("/metrics", get(metrics))
+        .layer(middleware::from_fn_with_state(Arc::clone(&state), record))
+        .layer(middleware::from_fn_with_state(Arc::clone(&state), cors::cors))
+        .layer(axum::extract::DefaultBodyLimit::max(state.config.max_body_bytes))
+        .with_state(state)
+}
+
+pub fn flavor_of(path: &str) -> Flavor {
+    if path.starts_with("/v1/messages") {
+        Flavor::Anthropic
+    } else {
+        Flavor::OpenAi
+    }
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+fn presented_key(headers: &HeaderMap) -> Option<&str> {
+    if let Some(v) = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()) {
+        return v.strip_prefix("Bearer ").map(str::trim);
+    }
+    headers.get("x-api-key").and_then(|v| v.to_str().ok()).map(str::trim)
+}
+
+async fn require_api_key(State(state): State<Arc<AppState>>, request: Request, next: Next) -> Response {
+    if let Some(key) = &state.config.api_key {
+        let ok = presented_key(request.headers()).is_some_and(|k| constant_time_eq(k.as_bytes(), key.as_bytes()));
+        if !ok {
+            return ApiError::unauthorized().with_flavor(flavor_of(request.uri().path())).into_response();
+        }
+    }
+    next.run(request).await
+}
+
+/// Counts every response by route, model and status, and times it.
+async fn record(State(state): State<Arc<AppState>>, request: Request, next: Next) -> Response {
+    let route = request.extensions().get::<MatchedPath>().map_or_else(|| "unmatched".to_string(), |p| p.as_str().to_string());
+    let started = Instant::now();
+    let response = next.run(request).await;
+    let model = response.extensions().get::<ModelLabel>().map_or_else(String::new, |m| m.0.clone());
+    let status = response.status().as_u16().to_string();
+    state.metrics.add("kiln_router_requests_total", vec![("route", route.clone()), ("model", model), ("status", status)], 1.0);
+    if route.starts_with("/v1/") {
+        // For streams this is the time to the response head; the stream's end is timed by
+        // the generation itself.
+        state.metrics.observe("kiln_router_request_duration_seconds", vec![("route", route)], started.elapsed().as_secs_f64());
+    }
+    response
+}
+
+async fn health(State(state): State<Arc<AppState>>) -> Response {
+    if state.draining.load(Ordering::Relaxed) {
+        return (StatusCode::SERVICE_UNAVAILABLE, "draining\n").into_response();
+    }
+    let models: Vec<String> = state.pool.models().iter().map(|m| m.info.model_id.clone()).collect();
+    if models.is_empty() {
+        (StatusCode::SERVICE_UNAVAILABLE, "no worker is serving a model\n").into_response()
+    } else {
+        (StatusCode::OK, format!("ok: {}\n", models.join(", "))).into_response()
+    }
+}
+
+async fn metrics(State(state): State<Arc<AppState>>) -> Response {
+    let (in_flight, capacity) = state.pool.load();
+    let mut gauges = vec![
+        ("kiln_router_in_flight_requests", "Generations this router has in flight on workers.", vec![], in_flight as f64),
+        ("kiln_router_worker_capacity", "Sequences the healthy workers run at once.", vec![], capacity as f64),
+    ];
+    for w in state.pool.workers() {
+        gauges.push(("kiln_router_worker_up", "Whether a worker answers its health checks.", vec![("worker", w.addr.clone())], f64::from(u8::from(w.is_healthy()))));
+    }
+    let body = state.metrics.render(&gauges);
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], body).into_response()
+}
+
+/// The model a request names, as a healthy worker serves it.
+pub fn resolve_model(state: &AppState, id: &str) -> Result<Arc<ModelState>, ApiError> {
+    if let Some(m) = state.pool.model(id) {
+        return Ok(m);
+    }
+    if state.pool.knows(id) {
+        return Err(ApiError::unavailable(format!("no worker serving `{id}` is available right now")));
+    }
+    let available: Vec<String> = state.pool.models().iter().map(|m| m.info.model_id.clone()).collect();
+    if available.is_empty() {
+        return Err(ApiError::unavailable("no worker is available"));
+    }
+    Err(ApiError::model_not_found(id, &available))
+}
+
+/// Refuses a request when more than `--max-queue` would wait for a free sequence slot.
+pub fn admit(state: &AppState) -> Result<(), ApiError> {
+    let (in_flight, capacity) = state.pool.load();
+    let waiting = in_flight.saturating_sub(capacity);
+    if waiting >= state.config.max_queue && in_flight >= capacity {
+        return Err(ApiError::overloaded(waiting));
+    }
+    Ok(())
+}
+
+/// Renders a conversation and tokenizes it. When `continue_last` and the last message is the
+/// assistant's, generation continues that message instead of starting a new turn.
+pub fn chat_prompt(model: &ModelState, messages: &[ChatMessage], continue_last: bool) -> Result<Vec<u32>, ApiError> {
+    let (history, prefill) = match messages.split_last() {
+        Some((last, rest)) if continue_last && last.role == "assistant" && !rest.is_empty() => (rest, last.content.as_str()),
+        _ => (messages, ""),
+    };
+    let mut text = model.template.render(history, true).map_err(|e| ApiError::field("messages", e.to_string()))?;
+    text.push_str(prefill);
+    Ok(kiln_shared::chat::encode_rendered(&model.tokenizer, &text))
+}
+
+/// Checks that the prompt and the requested completion fit the model's context.
+pub fn check_context(model: &ModelState, prompt_tokens: usize, max_tokens: Option<u32>, param: &str) -> Result<(), ApiError> {
+    let context = model.info.context_length as usize;
+    if prompt_tokens == 0 {
+        return Err(ApiError::field(param, "the prompt is empty"));
+    }
+    if prompt_tokens >= context {
+        return Err(ApiError::field(
+            param,
+            format!("the prompt has {prompt_tokens} tokens, but the model's context is {context} tokens, which must also hold the completion"),
+        ));
+    }
+    if let Some(max) = max_tokens {
+        if prompt_tokens + max as usize > context {
+            return Err(ApiError::field(
+                "max_tokens",
+                format!(
+                    "the model's context is {context} tokens, but {} were requested ({prompt_tokens} in the prompt, {max} for the completion)",
+                    prompt_tokens + max as usize
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// A short random identifier for responses.
+pub fn random_id(prefix: &str) -> String {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos()));
+    let a = h.finish();
+    h.write_u64(a);
+    format!("{prefix}{a:016x}{:08x}", h.finish() as u32)
+}
+
+pub fn unix_now() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+/// A response labelled with the model it was for.
+pub fn labelled(model: &str, response: impl IntoResponse) -> Response {
+    let mut r = response.into_response();
+    r.extensions_mut().insert(ModelLabel(model.to_string()));
+    r
+}

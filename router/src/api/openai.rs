@@ -1,0 +1,436 @@
+//! OpenAI-compatible routes: `/v1/chat/completions`, `/v1/completions`, `/v1/models`.
+
+use super::openai_format::{self as fmt, Common, COMMON_FIELDS};
+use super::sse::{self, json_event, Step};
+use super::{admit, chat_prompt, check_context, collect, labelled, random_id, resolve_model, unix_now, Totals};
+use crate::error::ApiError;
+use crate::generate::{Generation, Update};
+use crate::params::{parse_object, Fields};
+use crate::upstream::ModelState;
+use crate::AppState;
+use axum::body::Bytes;
+use axum::extract::{Path, State};
+use axum::http::HeaderMap;
+use axum::response::sse::Event;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use kiln_proto::v1 as pb;
+use kiln_shared::chat::ChatMessage;
+use serde_json::{json, Map, Value};
+use std::sync::Arc;
+use std::time::Instant;
+
+const CHAT_FIELDS: &[&str] = &["messages", "max_completion_tokens", "logprobs", "top_logprobs", "response_format", "tools", "tool_choice"];
+const CHAT_UNSUPPORTED: &[&str] = &[
+    "functions",
+    "function_call",
+    "parallel_tool_calls",
+    "audio",
+    "modalities",
+    "prediction",
+    "reasoning_effort",
+    "service_tier",
+    "store",
+    "metadata",
+    "web_search_options",
+    "verbosity",
+];
+const COMPLETION_FIELDS: &[&str] = &["prompt", "logprobs", "echo", "best_of"];
+const COMPLETION_UNSUPPORTED: &[&str] = &["suffix"];
+
+fn fields<'a>(map: &'a Map<String, Value>, own: &[&str], unsupported: &[&str]) -> Result<Fields<'a>, ApiError> {
+    let known: Vec<&str> = COMMON_FIELDS.iter().chain(own).copied().collect();
+    Fields::new(map, "", &known, unsupported)
+}
+
+/// Runs a handler and answers its error, labelling the response with the model either way.
+async fn answer<F>(work: F) -> Response
+where
+    F: std::future::Future<Output = (Option<String>, Result<Response, ApiError>)>,
+{
+    let (model, result) = work.await;
+    let response = result.unwrap_or_else(IntoResponse::into_response);
+    labelled(model.as_deref().unwrap_or(""), response)
+}
+
+fn model_of(f: &Fields) -> Result<String, ApiError> {
+    f.str("model")?.map(str::to_string).ok_or_else(|| ApiError::field("model", "is required"))
+}
+
+/// Text of a message's `content`: a string or an array of text parts.
+fn text_content(m: &Fields, i: usize, role: &str) -> Result<String, ApiError> {
+    let name = m.name("content");
+    match m.get("content") {
+        None if role == "assistant" => Ok(String::new()),
+        None => Err(ApiError::field(name, "is required")),
+        Some(Value::String(s)) => Ok(s.clone()),
+        Some(Value::Array(parts)) => {
+            let mut text = String::new();
+            for (j, part) in parts.iter().enumerate() {
+                let path = format!("messages[{i}].content[{j}].");
+                let Some(obj) = part.as_object() else { return Err(ApiError::field(format!("{path}type"), "expected a content part object")) };
+                match obj.get("type").and_then(Value::as_str) {
+                    Some("text") => {}
+                    Some(other) => return Err(ApiError::field(format!("{path}type"), format!("`{other}` parts are not supported; only text"))),
+                    None => return Err(ApiError::field(format!("{path}type"), "is required (a string)")),
+                }
+                let p = Fields::new(obj, &path, &["type", "text"], &[])?;
+                text.push_str(p.str("text")?.ok_or_else(|| ApiError::field(p.name("text"), "is required"))?);
+            }
+            Ok(text)
+        }
+        Some(_) => Err(ApiError::field(name, "expected a string or an array of content parts")),
+    }
+}
+
+fn chat_messages(f: &Fields) -> Result<Vec<ChatMessage>, ApiError> {
+    let items = f.array("messages")?.ok_or_else(|| ApiError::field("messages", "is required"))?;
+    if items.is_empty() {
+        return Err(ApiError::field("messages", "must contain at least one message"));
+    }
+    let mut out = Vec::with_capacity(items.len());
+    for (i, item) in items.iter().enumerate() {
+        let Some(obj) = item.as_object() else { return Err(ApiError::field(format!("messages[{i}]"), "expected an object")) };
+        let m = Fields::new(obj, &format!("messages[{i}]."), &["role", "content", "tool_call_id"], &["name", "tool_calls", "function_call", "audio", "refusal"])?;
+        let role = match m.str("role")? {
+            Some("developer") => "system",
+            Some(r @ ("system" | "user" | "assistant" | "tool")) => r,
+            Some(other) => return Err(ApiError::field(m.name("role"), format!("unknown role `{other}`; expected system, developer, user, assistant or tool"))),
+            None => return Err(ApiError::field(m.name("role"), "is required")),
+        };
+        if m.get("tool_call_id").is_some() && role != "tool" {
+            return Err(ApiError::field(m.name("tool_call_id"), "is only allowed on tool messages"));
+        }
+        out.push(ChatMessage::new(role, text_content(&m, i, role)?));
+    }
+    Ok(out)
+}
+
+/// Tool calling and structured output are not served yet; their neutral values are accepted.
+fn check_chat_extras(f: &Fields) -> Result<(), ApiError> {
+    if let Some(rf) = f.object("response_format")? {
+        if rf.get("type").and_then(Value::as_str) != Some("text") {
+            return Err(ApiError::field("response_format", "only {\"type\": \"text\"} is supported"));
+        }
+    }
+    if f.array("tools")?.is_some_and(|t| !t.is_empty()) {
+        return Err(ApiError::field("tools", "tool calling is not supported by this server"));
+    }
+    match f.get("tool_choice") {
+        None => Ok(()),
+        Some(Value::String(s)) if s == "none" => Ok(()),
+        Some(_) => Err(ApiError::field("tool_choice", "tool calling is not supported by this server")),
+    }
+}
+
+fn generate_request(prompt: Vec<u32>, c: &Common, logprobs: bool, top_logprobs: u32, id: &str) -> pb::GenerateRequest {
+    pb::GenerateRequest {
+        prompt,
+        sampling: Some(c.sampling.clone()),
+        max_tokens: c.max_tokens,
+        stop: c.stop.clone(),
+        ignore_eos: c.ignore_eos,
+        n: c.n,
+        logprobs,
+        top_logprobs,
+        request_id: match &c.user {
+            Some(user) => format!("{id} user={user}"),
+            None => id.to_string(),
+        },
+    }
+}
+
+pub async fn chat(State(state): State<Arc<AppState>>, body: Bytes) -> Response {
+    answer(async {
+        let mut model_id = None;
+        let result = chat_inner(&state, &body, &mut model_id).await;
+        (model_id, result)
+    })
+    .await
+}
+
+async fn chat_inner(state: &Arc<AppState>, body: &[u8], model_id: &mut Option<String>) -> Result<Response, ApiError> {
+    let started = Instant::now();
+    let map = parse_object(body)?;
+    let f = fields(&map, CHAT_FIELDS, CHAT_UNSUPPORTED)?;
+    let model = resolve_model(state, &model_of(&f)?)?;
+    *model_id = Some(model.info.model_id.clone());
+    let messages = chat_messages(&f)?;
+    check_chat_extras(&f)?;
+    let max_completion = f.int("max_completion_tokens", 1, i64::from(model.info.context_length))?.map(|m| m as u32);
+    let c = fmt::common(&f, &model, max_completion)?;
+    let logprobs = f.bool("logprobs")?.unwrap_or(false);
+    let top_logprobs = f.int("top_logprobs", 0, 20)?;
+    if top_logprobs.is_some() && !logprobs {
+        return Err(ApiError::field("top_logprobs", "requires `logprobs` to be true"));
+    }
+    let prompt = chat_prompt(&model, &messages, false)?;
+    check_context(&model, prompt.len(), c.max_tokens, "messages")?;
+    admit(state)?;
+    let id = random_id("chatcmpl-");
+    let request = generate_request(prompt, &c, logprobs, top_logprobs.unwrap_or(0) as u32, &id);
+    let mut generation = Generation::start(state, &model, request, started).await?;
+    let created = unix_now();
+    if c.stream {
+        return Ok(stream_chat(generation, model, c, id, created, logprobs));
+    }
+    let (choices, totals) = collect(&mut generation, c.n as usize, logprobs).await?;
+    let choices: Vec<Value> = choices
+        .iter()
+        .enumerate()
+        .map(|(i, ch)| {
+            json!({
+                "index": i,
+                "message": { "role": "assistant", "content": ch.text, "refusal": null },
+                "logprobs": if logprobs { fmt::chat_logprobs(&model.tokenizer, &ch.tokens) } else { Value::Null },
+                "finish_reason": ch.done.as_ref().map(fmt::finish_reason),
+            })
+        })
+        .collect();
+    Ok(Json(json!({
+        "id": id,
+        "object": "chat.completion",
+        "created": created,
+        "model": model.info.model_id,
+        "choices": choices,
+        "usage": fmt::usage(&totals),
+    }))
+    .into_response())
+}
+
+/// The shape of every streamed chunk of one request.
+struct Chunker {
+    id: String,
+    object: &'static str,
+    created: u64,
+    model: String,
+    include_usage: bool,
+}
+
+impl Chunker {
+    fn chunk(&self, choices: Value) -> Event {
+        let mut v = json!({ "id": self.id, "object": self.object, "created": self.created, "model": self.model, "choices": choices });
+        if self.include_usage {
+            v["usage"] = Value::Null;
+        }
+        json_event(&v)
+    }
+
+    /// The closing events: usage when asked for, then `[DONE]`.
+    fn end(&self, totals: &Totals) -> Vec<Event> {
+        let mut out = Vec::new();
+        if self.include_usage {
+            out.push(json_event(&json!({
+                "id": self.id, "object": self.object, "created": self.created, "model": self.model,
+                "choices": [], "usage": fmt::usage(totals),
+            })));
+        }
+        out.push(Event::default().data("[DONE]"));
+        out
+    }
+}
+
+fn error_event(e: &ApiError) -> Vec<Event> {
+    vec![json_event(&e.body())]
+}
+
+fn stream_chat(generation: Generation, model: Arc<ModelState>, c: Common, id: String, created: u64, logprobs: bool) -> Response {
+    let chunker = Chunker { id, object: "chat.completion.chunk", created, model: model.info.model_id.clone(), include_usage: c.include_usage };
+    let first = (0..c.n)
+        .map(|i| chunker.chunk(json!([{ "index": i, "delta": { "role": "assistant", "content": "" }, "logprobs": null, "finish_reason": null }])))
+        .collect();
+    let mut totals = Totals::default();
+    sse::stream(generation, first, move |step: Step| match step {
+        Some(Ok(Update::Token(t))) => {
+            if t.text.is_empty() && !logprobs {
+                return Vec::new();
+            }
+            let lp = if logprobs { fmt::chat_logprobs(&model.tokenizer, std::slice::from_ref(&t)) } else { Value::Null };
+            vec![chunker.chunk(json!([{ "index": t.index, "delta": { "content": t.text }, "logprobs": lp, "finish_reason": null }]))]
+        }
+        Some(Ok(Update::Done(d))) => {
+            if let Err(e) = super::collect::cancelled_is_error(&d) {
+                return error_event(&e);
+            }
+            totals.add(&d);
+            let mut out = Vec::new();
+            if !d.tail.is_empty() {
+                out.push(chunker.chunk(json!([{ "index": d.index, "delta": { "content": d.tail }, "logprobs": null, "finish_reason": null }])));
+            }
+            out.push(chunker.chunk(json!([{ "index": d.index, "delta": {}, "logprobs": null, "finish_reason": fmt::finish_reason(&d) }])));
+            out
+        }
+        Some(Err(e)) => error_event(&e),
+        None => chunker.end(&totals),
+    })
+}
+
+/// A completions prompt: a string, or token ids; arrays of one prompt are accepted.
+fn completion_prompt(f: &Fields, model: &ModelState) -> Result<(Vec<u32>, String), ApiError> {
+    let one = |v: &Value| -> Result<Option<(Vec<u32>, String)>, ApiError> {
+        match v {
+            Value::String(s) => Ok(Some((model.tokenizer.encode(s, true, true), s.clone()))),
+            Value::Array(ids) if ids.iter().all(Value::is_number) && !ids.is_empty() => {
+                let vocab = model.info.vocab_size;
+                let mut tokens = Vec::with_capacity(ids.len());
+                for (i, id) in ids.iter().enumerate() {
+                    match id.as_u64() {
+                        Some(t) if t < u64::from(vocab) => tokens.push(t as u32),
+                        _ => return Err(ApiError::field(format!("prompt[{i}]"), format!("{id} is not a token id of this model (0 to {})", vocab - 1))),
+                    }
+                }
+                let text = model.tokenizer.decode(&tokens, true);
+                Ok(Some((tokens, text)))
+            }
+            _ => Ok(None),
+        }
+    };
+    let value = f.require("prompt")?;
+    if let Some(p) = one(value)? {
+        return Ok(p);
+    }
+    if let Value::Array(items) = value {
+        if items.len() > 1 {
+            return Err(ApiError::field("prompt", format!("one prompt per request is supported, got {}", items.len())));
+        }
+        if let Some(p) = items.first().map(one).transpose()?.flatten() {
+            return Ok(p);
+        }
+    }
+    Err(ApiError::field("prompt", "expected a string, an array of token ids, or an array holding one of those"))
+}
+
+pub async fn completions(State(state): State<Arc<AppState>>, body: Bytes) -> Response {
+    answer(async {
+        let mut model_id = None;
+        let result = completions_inner(&state, &body, &mut model_id).await;
+        (model_id, result)
+    })
+    .await
+}
+
+async fn completions_inner(state: &Arc<AppState>, body: &[u8], model_id: &mut Option<String>) -> Result<Response, ApiError> {
+    let started = Instant::now();
+    let map = parse_object(body)?;
+    let f = fields(&map, COMPLETION_FIELDS, COMPLETION_UNSUPPORTED)?;
+    let model = resolve_model(state, &model_of(&f)?)?;
+    *model_id = Some(model.info.model_id.clone());
+    let (prompt, prompt_text) = completion_prompt(&f, &model)?;
+    let c = fmt::common(&f, &model, None)?;
+    let logprobs = f.int("logprobs", 0, 20)?;
+    let echo = f.bool("echo")?.unwrap_or(false);
+    if echo && logprobs.is_some() {
+        return Err(ApiError::field("echo", "log-probabilities of echoed prompt tokens are not supported"));
+    }
+    if let Some(best_of) = f.int("best_of", 1, 128)? {
+        if best_of != i64::from(c.n) {
+            return Err(ApiError::field("best_of", "only best_of equal to n is supported"));
+        }
+    }
+    check_context(&model, prompt.len(), c.max_tokens, "prompt")?;
+    admit(state)?;
+    let id = random_id("cmpl-");
+    let request = generate_request(prompt, &c, logprobs.is_some(), logprobs.unwrap_or(0) as u32, &id);
+    let mut generation = Generation::start(state, &model, request, started).await?;
+    let created = unix_now();
+    let echoed = if echo { prompt_text } else { String::new() };
+    if c.stream {
+        return Ok(stream_completion(generation, model, c, id, created, logprobs.is_some(), echoed));
+    }
+    let (choices, totals) = collect(&mut generation, c.n as usize, logprobs.is_some()).await?;
+    let choices: Vec<Value> = choices
+        .iter()
+        .enumerate()
+        .map(|(i, ch)| {
+            json!({
+                "index": i,
+                "text": format!("{echoed}{}", ch.text),
+                "logprobs": if logprobs.is_some() { fmt::completion_logprobs(&model.tokenizer, &ch.tokens, echoed.len()) } else { Value::Null },
+                "finish_reason": ch.done.as_ref().map(fmt::finish_reason),
+            })
+        })
+        .collect();
+    Ok(Json(json!({
+        "id": id,
+        "object": "text_completion",
+        "created": created,
+        "model": model.info.model_id,
+        "choices": choices,
+        "usage": fmt::usage(&totals),
+    }))
+    .into_response())
+}
+
+fn stream_completion(generation: Generation, model: Arc<ModelState>, c: Common, id: String, created: u64, logprobs: bool, echoed: String) -> Response {
+    let chunker = Chunker { id, object: "text_completion", created, model: model.info.model_id.clone(), include_usage: c.include_usage };
+    let first = if echoed.is_empty() {
+        Vec::new()
+    } else {
+        (0..c.n).map(|i| chunker.chunk(json!([{ "index": i, "text": echoed, "logprobs": null, "finish_reason": null }]))).collect()
+    };
+    let mut offsets = vec![echoed.len(); c.n as usize];
+    let mut totals = Totals::default();
+    sse::stream(generation, first, move |step: Step| match step {
+        Some(Ok(Update::Token(t))) => {
+            if t.text.is_empty() && !logprobs {
+                return Vec::new();
+            }
+            let offset = offsets.get(t.index as usize).copied().unwrap_or(0);
+            let lp = if logprobs { fmt::completion_logprobs(&model.tokenizer, std::slice::from_ref(&t), offset) } else { Value::Null };
+            if let Some(o) = offsets.get_mut(t.index as usize) {
+                *o += t.text.len();
+            }
+            vec![chunker.chunk(json!([{ "index": t.index, "text": t.text, "logprobs": lp, "finish_reason": null }]))]
+        }
+        Some(Ok(Update::Done(d))) => {
+            if let Err(e) = super::collect::cancelled_is_error(&d) {
+                return error_event(&e);
+            }
+            totals.add(&d);
+            vec![chunker.chunk(json!([{ "index": d.index, "text": d.tail, "logprobs": null, "finish_reason": fmt::finish_reason(&d) }]))]
+        }
+        Some(Err(e)) => error_event(&e),
+        None => chunker.end(&totals),
+    })
+}
+
+fn model_object(m: &ModelState, anthropic: bool) -> Value {
+    if anthropic {
+        json!({ "type": "model", "id": m.info.model_id, "display_name": m.info.display_name, "created_at": "1970-01-01T00:00:00Z" })
+    } else {
+        json!({
+            "id": m.info.model_id,
+            "object": "model",
+            "created": 0,
+            "owned_by": "kiln",
+            "max_model_len": m.info.context_length,
+            "architecture": m.info.architecture,
+        })
+    }
+}
+
+/// Anthropic's SDK lists models on the same path; its `anthropic-version` header selects
+/// its response shape.
+fn wants_anthropic(headers: &HeaderMap) -> bool {
+    headers.contains_key("anthropic-version")
+}
+
+pub async fn models(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Response {
+    let anthropic = wants_anthropic(&headers);
+    let data: Vec<Value> = state.pool.models().iter().map(|m| model_object(m, anthropic)).collect();
+    if anthropic {
+        let first = data.first().and_then(|m| m["id"].as_str()).map(str::to_string);
+        let last = data.last().and_then(|m| m["id"].as_str()).map(str::to_string);
+        return Json(json!({ "data": data, "has_more": false, "first_id": first, "last_id": last })).into_response();
+    }
+    Json(json!({ "object": "list", "data": data })).into_response()
+}
+
+pub async fn model(State(state): State<Arc<AppState>>, headers: HeaderMap, Path(id): Path<String>) -> Response {
+    let anthropic = wants_anthropic(&headers);
+    let flavor = if anthropic { crate::error::Flavor::Anthropic } else { crate::error::Flavor::OpenAi };
+    match resolve_model(&state, &id) {
+        Ok(m) => labelled(&id, Json(model_object(&m, anthropic))),
+        Err(e) => e.with_flavor(flavor).into_response(),
+    }
+}

@@ -1,0 +1,188 @@
+//! What OpenAI's chat and completions routes share: the sampling fields, finish reasons,
+//! usage and log-probability objects.
+
+use super::collect::Totals;
+use crate::error::ApiError;
+use crate::params::Fields;
+use crate::upstream::ModelState;
+use kiln_proto::v1 as pb;
+use kiln_shared::sampling::SamplingParams;
+use kiln_shared::tokenizer::Tokenizer;
+use serde_json::{json, Value};
+
+/// Fields both routes accept, besides their prompt and log-probability fields.
+pub const COMMON_FIELDS: &[&str] = &[
+    "model",
+    "max_tokens",
+    "temperature",
+    "top_p",
+    "top_k",
+    "min_p",
+    "presence_penalty",
+    "frequency_penalty",
+    "repetition_penalty",
+    "repeat_last_n",
+    "seed",
+    "stop",
+    "n",
+    "logit_bias",
+    "ignore_eos",
+    "stream",
+    "stream_options",
+    "user",
+];
+
+/// The request fields every generation route reads.
+pub struct Common {
+    pub sampling: pb::SamplingParams,
+    pub max_tokens: Option<u32>,
+    pub stop: Vec<String>,
+    pub n: u32,
+    pub ignore_eos: bool,
+    pub stream: bool,
+    pub include_usage: bool,
+    pub user: Option<String>,
+}
+
+/// Checks sampling values with the same rules the worker applies, so the client hears which
+/// field is wrong before anything is sent.
+pub fn validate_sampling(s: &pb::SamplingParams) -> Result<(), ApiError> {
+    let shared = SamplingParams {
+        temperature: s.temperature,
+        top_k: s.top_k as usize,
+        top_p: s.top_p,
+        min_p: s.min_p,
+        repeat_penalty: s.repeat_penalty,
+        repeat_last_n: s.repeat_last_n as usize,
+        presence_penalty: s.presence_penalty,
+        frequency_penalty: s.frequency_penalty,
+        seed: s.seed,
+        logit_bias: s.logit_bias.iter().map(|b| (b.token, b.bias)).collect(),
+    };
+    shared.validate().map_err(|e| {
+        let name = if e.name == "repeat_penalty" { "repetition_penalty" } else { e.name };
+        ApiError::field(name, format!("{} is out of range ({})", e.value, e.range))
+    })
+}
+
+fn logit_bias(f: &Fields, vocab: u32) -> Result<Vec<pb::LogitBias>, ApiError> {
+    let Some(map) = f.object("logit_bias")? else { return Ok(Vec::new()) };
+    let mut out = Vec::with_capacity(map.len());
+    for (key, value) in map {
+        let name = format!("logit_bias.{key}");
+        let token: u32 = key.parse().map_err(|_| ApiError::field(&name, "keys must be token ids"))?;
+        if token >= vocab {
+            return Err(ApiError::field(&name, format!("token {token} is outside the vocabulary of {vocab}")));
+        }
+        let bias = value.as_f64().ok_or_else(|| ApiError::field(&name, "expected a number"))? as f32;
+        if !(-100.0..=100.0).contains(&bias) {
+            return Err(ApiError::field(&name, format!("{bias} is out of range (-100 to 100)")));
+        }
+        out.push(pb::LogitBias { token, bias });
+    }
+    Ok(out)
+}
+
+/// Reads the fields in `COMMON_FIELDS`. Defaults are OpenAI's: temperature 1, no top-k,
+/// top-p or min-p filtering.
+pub fn common(f: &Fields, model: &ModelState, max_tokens_field: Option<u32>) -> Result<Common, ApiError> {
+    let context = i64::from(model.info.context_length);
+    let top_k = f.int("top_k", -1, i64::from(u32::MAX))?.unwrap_or(0);
+    let sampling = pb::SamplingParams {
+        temperature: f.f32("temperature", 0.0, 2.0)?.unwrap_or(1.0),
+        top_k: top_k.max(0) as u32,
+        top_p: f.f32("top_p", 0.0, 1.0)?.unwrap_or(1.0),
+        min_p: f.f32("min_p", 0.0, 1.0)?.unwrap_or(0.0),
+        repeat_penalty: f.f32("repetition_penalty", 0.0, 10.0)?.unwrap_or(1.0),
+        repeat_last_n: f.int("repeat_last_n", 0, context)?.unwrap_or(64) as u32,
+        presence_penalty: f.f32("presence_penalty", -2.0, 2.0)?.unwrap_or(0.0),
+        frequency_penalty: f.f32("frequency_penalty", -2.0, 2.0)?.unwrap_or(0.0),
+        seed: f.u64("seed")?,
+        logit_bias: logit_bias(f, model.info.vocab_size)?,
+    };
+    validate_sampling(&sampling)?;
+    let max_tokens = match max_tokens_field {
+        Some(m) => Some(m),
+        None => f.int("max_tokens", 1, context)?.map(|m| m as u32),
+    };
+    let stream = f.bool("stream")?.unwrap_or(false);
+    let include_usage = match f.object("stream_options")? {
+        None => false,
+        Some(_) if !stream => return Err(ApiError::field("stream_options", "is only allowed when `stream` is true")),
+        Some(options) => {
+            let o = Fields::new(options, "stream_options.", &["include_usage"], &["include_obfuscation"])?;
+            o.bool("include_usage")?.unwrap_or(false)
+        }
+    };
+    Ok(Common {
+        sampling,
+        max_tokens,
+        stop: f.strings("stop", 16)?,
+        n: f.int("n", 1, 128)?.unwrap_or(1) as u32,
+        ignore_eos: f.bool("ignore_eos")?.unwrap_or(false),
+        stream,
+        include_usage,
+        user: f.str("user")?.map(str::to_string),
+    })
+}
+
+pub fn finish_reason(d: &pb::DoneEvent) -> &'static str {
+    match pb::FinishReason::try_from(d.finish) {
+        Ok(pb::FinishReason::Length | pb::FinishReason::ContextFull) => "length",
+        _ => "stop",
+    }
+}
+
+pub fn usage(t: &Totals) -> Value {
+    json!({
+        "prompt_tokens": t.prompt_tokens,
+        "completion_tokens": t.completion_tokens,
+        "total_tokens": t.prompt_tokens + t.completion_tokens,
+        "prompt_tokens_details": { "cached_tokens": t.cached_tokens },
+    })
+}
+
+/// A token's text as the API shows it, with its exact bytes (a token may hold part of a
+/// character).
+fn token_text(tokenizer: &Tokenizer, id: u32) -> (String, Vec<u8>) {
+    let bytes = tokenizer.token_bytes(id, true);
+    (String::from_utf8_lossy(&bytes).into_owned(), bytes)
+}
+
+/// Chat's `logprobs.content` entries for some tokens.
+pub fn chat_logprobs(tokenizer: &Tokenizer, tokens: &[pb::TokenEvent]) -> Value {
+    let content: Vec<Value> = tokens
+        .iter()
+        .map(|t| {
+            let (text, bytes) = token_text(tokenizer, t.token);
+            let top: Vec<Value> = t
+                .top_logprobs
+                .iter()
+                .map(|a| {
+                    let (text, bytes) = token_text(tokenizer, a.token);
+                    json!({ "token": text, "logprob": a.logprob, "bytes": bytes })
+                })
+                .collect();
+            json!({ "token": text, "logprob": t.logprob.unwrap_or(0.0), "bytes": bytes, "top_logprobs": top })
+        })
+        .collect();
+    json!({ "content": content, "refusal": null })
+}
+
+/// The legacy completions `logprobs` object; `offset` is where the first token's text starts.
+pub fn completion_logprobs(tokenizer: &Tokenizer, tokens: &[pb::TokenEvent], mut offset: usize) -> Value {
+    let mut texts = Vec::with_capacity(tokens.len());
+    let mut logprobs = Vec::with_capacity(tokens.len());
+    let mut tops = Vec::with_capacity(tokens.len());
+    let mut offsets = Vec::with_capacity(tokens.len());
+    for t in tokens {
+        let (text, _) = token_text(tokenizer, t.token);
+        offsets.push(offset);
+        offset += text.len();
+        texts.push(text);
+        logprobs.push(t.logprob.unwrap_or(0.0));
+        let top: serde_json::Map<String, Value> = t.top_logprobs.iter().map(|a| (token_text(tokenizer, a.token).0, json!(a.logprob))).collect();
+        tops.push(Value::Object(top));
+    }
+    json!({ "tokens": texts, "token_logprobs": logprobs, "top_logprobs": tops, "text_offset": offsets })
+}

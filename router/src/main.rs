@@ -1,0 +1,91 @@
+//! `kiln-router`: serves the OpenAI- and Anthropic-compatible HTTP API over kiln workers.
+
+use anyhow::Context;
+use clap::Parser;
+use kiln_router::upstream::WorkerPool;
+use kiln_router::{api, AppState, RouterConfig};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+#[derive(Parser)]
+#[command(name = "kiln-router", version, about = "kiln's HTTP router: OpenAI- and Anthropic-compatible APIs over gRPC workers")]
+struct Args {
+    /// Worker gRPC addresses, comma-separated (host:port)
+    #[arg(long, value_delimiter = ',', required = true)]
+    workers: Vec<String>,
+    #[arg(long, default_value = "127.0.0.1")]
+    host: String,
+    #[arg(long, default_value_t = 8080)]
+    port: u16,
+    /// Require this key on API routes (also read from KILN_API_KEY)
+    #[arg(long)]
+    api_key: Option<String>,
+    /// Allow browser calls from this origin (repeatable; `*` allows any)
+    #[arg(long = "cors-allow-origin")]
+    cors_origins: Vec<String>,
+    /// Requests that may wait for a free sequence slot before new ones are refused with 429
+    #[arg(long, default_value_t = 256)]
+    max_queue: usize,
+    /// Seconds in-flight requests may take to finish after SIGTERM
+    #[arg(long, default_value_t = 30)]
+    grace_secs: u64,
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(s) => s,
+            Err(_) => return std::future::pending().await,
+        };
+        tokio::select! {
+            _ = ctrl_c => {},
+            _ = term.recv() => {},
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let config = RouterConfig {
+        api_key: args.api_key.or_else(|| std::env::var("KILN_API_KEY").ok()).filter(|k| !k.is_empty()),
+        cors_origins: args.cors_origins,
+        max_queue: args.max_queue,
+        ..RouterConfig::default()
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    runtime.block_on(async move {
+        // Channels are built inside the runtime: they spawn their connection tasks on it.
+        let pool = WorkerPool::new(&args.workers).map_err(anyhow::Error::msg)?;
+        let addr = format!("{}:{}", args.host, args.port);
+        let listener = tokio::net::TcpListener::bind(&addr).await.with_context(|| format!("cannot listen on {addr}"))?;
+        pool.refresh_all().await;
+        pool.spawn_refresh(Duration::from_secs(1));
+        let state = Arc::new(AppState::new(pool, config));
+        let app = api::router(Arc::clone(&state));
+        eprintln!("kiln-router: listening on http://{}", listener.local_addr()?);
+        let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
+        let server = tokio::spawn(async move {
+            axum::serve(listener, app)
+                .with_graceful_shutdown(async move {
+                    while stop_rx.changed().await.is_ok() && !*stop_rx.borrow() {}
+                })
+                .await
+        });
+        shutdown_signal().await;
+        eprintln!("kiln-router: draining (up to {} s for in-flight requests)", args.grace_secs);
+        state.draining.store(true, Ordering::Relaxed);
+        let _ = stop_tx.send(true);
+        match tokio::time::timeout(Duration::from_secs(args.grace_secs), server).await {
+            Ok(_) => eprintln!("kiln-router: stopped"),
+            Err(_) => eprintln!("kiln-router: grace period over; closing the remaining requests"),
+        }
+        Ok::<(), anyhow::Error>(())
+    })?;
+    runtime.shutdown_timeout(Duration::from_secs(1));
+    Ok(())
+}

@@ -1,0 +1,194 @@
+//! A scripted stand-in for a worker: serves a byte-level tokenizer and answers every
+//! generation with a fixed reply, or fails in a chosen way, so router behaviour can be
+//! checked exactly and quickly.
+
+#![allow(dead_code)]
+
+use kiln_proto::v1 as pb;
+use kiln_proto::v1::worker_server::{Worker, WorkerServer};
+use kiln_shared::tokenizer::{PreTokenizer, TokenKind, TokenizerModel, TokenizerSpec};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::mpsc;
+use tonic::{Request, Response, Status};
+
+pub const REPLY: &str = "Hello world";
+pub const CONTEXT: u32 = 64;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    /// Streams REPLY, one byte per token, for each of the n completions.
+    Reply,
+    /// Refuses every call as if down.
+    Unavailable,
+    /// Refuses every generation as a bad request.
+    Invalid,
+    /// Sends two tokens, then fails.
+    DiesMidStream,
+    /// Sends a token every 20 ms until the stream is closed.
+    Endless,
+}
+
+#[derive(Default)]
+pub struct Record {
+    pub requests: Mutex<Vec<pb::GenerateRequest>>,
+    /// Streams the router closed before they ended.
+    pub closed_early: AtomicUsize,
+}
+
+/// GPT-2's byte-to-character mapping, so each byte is one token.
+fn byte_char(b: u8) -> char {
+    let printable = |b: u8| (33..=126).contains(&b) || (161..=172).contains(&b) || b >= 174;
+    if printable(b) {
+        return char::from(b);
+    }
+    let rank = (0..b).filter(|&x| !printable(x)).count() as u32;
+    char::from_u32(256 + rank).unwrap()
+}
+
+pub fn tokenizer_spec() -> TokenizerSpec {
+    let mut tokens: Vec<String> = (0..=255u8).map(|b| byte_char(b).to_string()).collect();
+    let mut kinds = vec![TokenKind::Normal; 256];
+    for special in ["<|im_start|>", "<|im_end|>"] {
+        tokens.push(special.to_string());
+        kinds.push(TokenKind::Control);
+    }
+    TokenizerSpec {
+        model: TokenizerModel::ByteBpe { pre: PreTokenizer::Gpt2, merges: vec![] },
+        tokens,
+        kinds,
+        scores: vec![],
+        bos_id: None,
+        eos_id: Some(257),
+        eog_ids: vec![257],
+        add_bos: false,
+        add_eos: false,
+    }
+}
+
+pub struct FakeWorker {
+    pub mode: Mode,
+    pub record: Arc<Record>,
+    pub model_id: String,
+}
+
+type Events = Pin<Box<dyn tokio_stream::Stream<Item = Result<pb::GenerateEvent, Status>> + Send>>;
+
+fn token(index: u32, b: u8) -> pb::GenerateEvent {
+    pb::GenerateEvent {
+        event: Some(pb::generate_event::Event::Token(pb::TokenEvent {
+            index,
+            token: u32::from(b),
+            text: (b as char).to_string(),
+            logprob: Some(-0.5),
+            top_logprobs: vec![pb::TopLogprob { token: u32::from(b), text: (b as char).to_string(), logprob: -0.5 }],
+        })),
+    }
+}
+
+fn done(index: u32, prompt: usize, generated: usize) -> pb::GenerateEvent {
+    pb::GenerateEvent {
+        event: Some(pb::generate_event::Event::Done(pb::DoneEvent {
+            index,
+            finish: pb::FinishReason::Stop as i32,
+            usage: Some(pb::Usage { prompt_tokens: prompt as u32, cached_tokens: 0, completion_tokens: generated as u32, ..Default::default() }),
+            tail: String::new(),
+            stop_sequence: None,
+        })),
+    }
+}
+
+#[tonic::async_trait]
+impl Worker for FakeWorker {
+    async fn model_info(&self, _: Request<pb::ModelInfoRequest>) -> Result<Response<pb::ModelInfoResponse>, Status> {
+        Ok(Response::new(pb::ModelInfoResponse {
+            model_id: self.model_id.clone(),
+            display_name: "fake".into(),
+            architecture: "llama".into(),
+            context_length: CONTEXT,
+            vocab_size: 258,
+            tokenizer_json: serde_json::to_vec(&tokenizer_spec()).unwrap(),
+            chat_template: kiln_shared::chat::builtin_template("llama").into(),
+            bos_token: String::new(),
+            eos_token: "<|im_end|>".into(),
+            max_seqs: 2,
+        }))
+    }
+
+    type GenerateStream = Events;
+
+    async fn generate(&self, request: Request<pb::GenerateRequest>) -> Result<Response<Events>, Status> {
+        let req = request.into_inner();
+        self.record.requests.lock().unwrap().push(req.clone());
+        match self.mode {
+            Mode::Unavailable => return Err(Status::unavailable("fake worker is down")),
+            Mode::Invalid => return Err(Status::invalid_argument("fake worker refuses: bad thing")),
+            _ => {}
+        }
+        let (tx, rx) = mpsc::channel(8);
+        let (mode, record, prompt) = (self.mode, Arc::clone(&self.record), req.prompt.len());
+        tokio::spawn(async move {
+            let n = req.n.max(1);
+            let ok = match mode {
+                Mode::Reply => {
+                    let mut ok = true;
+                    for index in 0..n {
+                        for &b in REPLY.as_bytes() {
+                            ok &= tx.send(Ok(token(index, b))).await.is_ok();
+                        }
+                        ok &= tx.send(Ok(done(index, prompt, REPLY.len()))).await.is_ok();
+                    }
+                    ok
+                }
+                Mode::DiesMidStream => {
+                    let _ = tx.send(Ok(token(0, b'H'))).await;
+                    let _ = tx.send(Ok(token(0, b'e'))).await;
+                    tx.send(Err(Status::internal("fake worker crashed"))).await.is_ok()
+                }
+                Mode::Endless => loop {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    if tx.send(Ok(token(0, b'x'))).await.is_err() {
+                        break false;
+                    }
+                },
+                Mode::Unavailable | Mode::Invalid => true,
+            };
+            if !ok {
+                record.closed_early.fetch_add(1, Ordering::SeqCst);
+            }
+        });
+        Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))))
+    }
+
+    async fn tokenize(&self, _: Request<pb::TokenizeRequest>) -> Result<Response<pb::TokenizeResponse>, Status> {
+        Err(Status::unimplemented("the router tokenizes itself"))
+    }
+
+    async fn detokenize(&self, _: Request<pb::DetokenizeRequest>) -> Result<Response<pb::DetokenizeResponse>, Status> {
+        Err(Status::unimplemented("the router detokenizes itself"))
+    }
+
+    async fn health(&self, _: Request<pb::HealthRequest>) -> Result<Response<pb::HealthResponse>, Status> {
+        Ok(Response::new(pb::HealthResponse { serving: true, model_id: self.model_id.clone() }))
+    }
+
+    async fn load(&self, _: Request<pb::LoadRequest>) -> Result<Response<pb::LoadResponse>, Status> {
+        Ok(Response::new(pb::LoadResponse::default()))
+    }
+}
+
+/// Serves a fake worker on a free port; returns its address and what it saw.
+pub async fn spawn(mode: Mode) -> (String, Arc<Record>) {
+    let record = Arc::new(Record::default());
+    let worker = FakeWorker { mode, record: Arc::clone(&record), model_id: "fake".into() };
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(WorkerServer::new(worker))
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+    );
+    (addr, record)
+}

@@ -1,0 +1,233 @@
+//! The router's HTTP handlers against scripted workers: response and stream shapes of both
+//! APIs, failover, error mapping, cancellation on disconnect, API keys and backpressure.
+
+mod fake;
+
+use axum::body::Body;
+use axum::http::{Request, StatusCode};
+use fake::Mode;
+use http_body_util::BodyExt;
+use kiln_router::upstream::WorkerPool;
+use kiln_router::{api, AppState, RouterConfig};
+use serde_json::{json, Value};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+use tower::ServiceExt;
+
+async fn router_over(modes: &[Mode], config: RouterConfig) -> (axum::Router, Arc<AppState>, Vec<Arc<fake::Record>>) {
+    let mut addrs = vec![];
+    let mut records = vec![];
+    for &m in modes {
+        let (addr, record) = fake::spawn(m).await;
+        addrs.push(addr);
+        records.push(record);
+    }
+    let pool = WorkerPool::new(&addrs).unwrap();
+    pool.refresh_all().await;
+    let state = Arc::new(AppState::new(pool, config));
+    (api::router(Arc::clone(&state)), state, records)
+}
+
+async fn call(app: &axum::Router, method: &str, path: &str, body: Value, headers: &[(&str, &str)]) -> (StatusCode, String) {
+    let mut req = Request::builder().method(method).uri(path).header("content-type", "application/json");
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    let response = app.clone().oneshot(req.body(Body::from(body.to_string())).unwrap()).await.unwrap();
+    let status = response.status();
+    let bytes = response.into_body().collect().await.unwrap().to_bytes();
+    (status, String::from_utf8(bytes.to_vec()).unwrap())
+}
+
+async fn post(app: &axum::Router, path: &str, body: Value) -> (StatusCode, Value) {
+    let (status, text) = call(app, "POST", path, body, &[]).await;
+    (status, serde_json::from_str(&text).unwrap_or(Value::String(text)))
+}
+
+fn chat_body() -> Value {
+    json!({ "model": "fake", "messages": [{ "role": "user", "content": "hi" }] })
+}
+
+/// The `data:` payloads of an SSE body, and its event names.
+fn sse(text: &str) -> (Vec<String>, Vec<String>) {
+    let data = text.lines().filter_map(|l| l.strip_prefix("data: ")).map(str::to_string).collect();
+    let names = text.lines().filter_map(|l| l.strip_prefix("event: ")).map(str::to_string).collect();
+    (data, names)
+}
+
+#[tokio::test]
+async fn chat_completion_shape_and_usage() {
+    let (app, _, records) = router_over(&[Mode::Reply], RouterConfig::default()).await;
+    let (status, body) = post(&app, "/v1/chat/completions", json!({ "model": "fake", "messages": [{ "role": "user", "content": "hi" }], "n": 2, "logprobs": true, "top_logprobs": 1, "seed": 9, "stop": "zz", "max_tokens": 20 })).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["object"], "chat.completion");
+    assert_eq!(body["choices"].as_array().unwrap().len(), 2);
+    assert_eq!(body["choices"][1]["message"]["content"], fake::REPLY);
+    assert_eq!(body["choices"][0]["finish_reason"], "stop");
+    assert_eq!(body["choices"][0]["logprobs"]["content"].as_array().unwrap().len(), fake::REPLY.len());
+    assert_eq!(body["usage"]["completion_tokens"], 2 * fake::REPLY.len());
+    // The prompt is the ChatML rendering of the conversation.
+    let sent = records[0].requests.lock().unwrap()[0].clone();
+    assert_eq!(body["usage"]["prompt_tokens"], sent.prompt.len());
+    assert_eq!((sent.n, sent.logprobs, sent.top_logprobs, sent.max_tokens), (2, true, 1, Some(20)));
+    assert_eq!(sent.sampling.as_ref().unwrap().seed, Some(9));
+    assert_eq!(sent.stop, vec!["zz".to_string()]);
+}
+
+#[tokio::test]
+async fn chat_stream_chunks_end_with_usage_and_done() {
+    let (app, _, _) = router_over(&[Mode::Reply], RouterConfig::default()).await;
+    let mut body = chat_body();
+    body["stream"] = json!(true);
+    body["stream_options"] = json!({ "include_usage": true });
+    let (status, text) = call(&app, "POST", "/v1/chat/completions", body, &[]).await;
+    assert_eq!(status, StatusCode::OK);
+    let (data, _) = sse(&text);
+    assert_eq!(data.last().map(String::as_str), Some("[DONE]"));
+    let chunks: Vec<Value> = data[..data.len() - 1].iter().map(|d| serde_json::from_str(d).unwrap()).collect();
+    assert_eq!(chunks[0]["choices"][0]["delta"]["role"], "assistant");
+    let text: String = chunks.iter().filter_map(|c| c["choices"].get(0)?["delta"]["content"].as_str()).collect();
+    assert_eq!(text, fake::REPLY);
+    let finish = &chunks[chunks.len() - 2];
+    assert_eq!(finish["choices"][0]["finish_reason"], "stop");
+    let usage = chunks.last().unwrap();
+    assert_eq!(usage["choices"], json!([]));
+    assert_eq!(usage["usage"]["completion_tokens"], fake::REPLY.len());
+    assert!(chunks[..chunks.len() - 1].iter().all(|c| c["usage"].is_null()));
+}
+
+#[tokio::test]
+async fn anthropic_message_and_stream_events() {
+    let (app, _, _) = router_over(&[Mode::Reply], RouterConfig::default()).await;
+    let body = json!({ "model": "fake", "max_tokens": 20, "system": "be brief", "messages": [{ "role": "user", "content": [{ "type": "text", "text": "hi" }] }] });
+    let (status, reply) = post(&app, "/v1/messages", body.clone()).await;
+    assert_eq!(status, StatusCode::OK, "{reply}");
+    assert_eq!(reply["type"], "message");
+    assert_eq!(reply["content"][0]["text"], fake::REPLY);
+    assert_eq!(reply["stop_reason"], "end_turn");
+    assert_eq!(reply["usage"]["output_tokens"], fake::REPLY.len());
+    let mut streamed = body;
+    streamed["stream"] = json!(true);
+    let (_, text) = call(&app, "POST", "/v1/messages", streamed, &[]).await;
+    let (data, names) = sse(&text);
+    let deltas = names.iter().filter(|n| *n == "content_block_delta").count();
+    assert_eq!(deltas, fake::REPLY.len());
+    assert_eq!(names.first().map(String::as_str), Some("message_start"));
+    assert_eq!(&names[names.len() - 3..], ["content_block_stop", "message_delta", "message_stop"]);
+    let delta: Value = serde_json::from_str(&data[data.len() - 2]).unwrap();
+    assert_eq!(delta["delta"]["stop_reason"], "end_turn");
+    let (_, count) = post(&app, "/v1/messages/count_tokens", json!({ "model": "fake", "messages": [{ "role": "user", "content": "hi" }] })).await;
+    assert!(count["input_tokens"].as_u64().unwrap() > 2);
+}
+
+#[tokio::test]
+async fn fails_over_to_a_worker_that_answers() {
+    let (app, state, records) = router_over(&[Mode::Unavailable, Mode::Reply], RouterConfig::default()).await;
+    let (status, body) = post(&app, "/v1/chat/completions", chat_body()).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["choices"][0]["message"]["content"], fake::REPLY);
+    assert_eq!(records[0].requests.lock().unwrap().len(), 1, "the first worker was tried");
+    assert!(!state.pool.workers()[0].is_healthy());
+    let (_, metrics) = call(&app, "GET", "/metrics", Value::Null, &[]).await;
+    let dead = &state.pool.workers()[0].addr;
+    assert!(metrics.contains(&format!("kiln_router_upstream_errors_total{{worker=\"{dead}\"}} 1")), "{metrics}");
+}
+
+#[tokio::test]
+async fn no_answering_worker_is_503_and_refusals_are_400() {
+    let (app, _, _) = router_over(&[Mode::Unavailable], RouterConfig::default()).await;
+    let (status, body) = post(&app, "/v1/chat/completions", chat_body()).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    assert!(body["error"]["message"].as_str().unwrap().contains("fake worker is down"));
+
+    let (app, _, _) = router_over(&[Mode::Invalid], RouterConfig::default()).await;
+    let (status, body) = post(&app, "/v1/chat/completions", chat_body()).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert_eq!(body["error"]["message"], "fake worker refuses: bad thing");
+}
+
+#[tokio::test]
+async fn a_worker_dying_mid_stream_ends_the_stream_with_an_error() {
+    let (app, _, _) = router_over(&[Mode::DiesMidStream], RouterConfig::default()).await;
+    let mut body = chat_body();
+    body["stream"] = json!(true);
+    let (_, text) = call(&app, "POST", "/v1/chat/completions", body, &[]).await;
+    let (data, _) = sse(&text);
+    let last: Value = serde_json::from_str(data.last().unwrap()).unwrap();
+    assert!(last["error"]["message"].as_str().unwrap().contains("fake worker crashed"), "{text}");
+    assert!(!data.iter().any(|d| d == "[DONE]"));
+    let (status, body) = post(&app, "/v1/chat/completions", chat_body()).await;
+    assert_eq!(status, StatusCode::BAD_GATEWAY);
+    assert!(body["error"]["message"].as_str().unwrap().contains("fake worker crashed"));
+}
+
+#[tokio::test]
+async fn dropping_the_response_closes_the_worker_stream() {
+    let (app, state, records) = router_over(&[Mode::Endless], RouterConfig::default()).await;
+    let mut body = chat_body();
+    body["stream"] = json!(true);
+    let req = Request::post("/v1/chat/completions").header("content-type", "application/json").body(Body::from(body.to_string())).unwrap();
+    let response = app.clone().oneshot(req).await.unwrap();
+    let mut body = response.into_body();
+    for _ in 0..3 {
+        body.frame().await.unwrap().unwrap();
+    }
+    assert_eq!(state.pool.load().0, 1);
+    drop(body);
+    for _ in 0..100 {
+        if records[0].closed_early.load(Ordering::SeqCst) == 1 && state.pool.load().0 == 0 {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("the worker's stream was not closed after the client left");
+}
+
+#[tokio::test]
+async fn api_key_guards_api_routes() {
+    let config = RouterConfig { api_key: Some("k3y".into()), ..RouterConfig::default() };
+    let (app, _, _) = router_over(&[Mode::Reply], config).await;
+    let (status, body) = call(&app, "POST", "/v1/chat/completions", chat_body(), &[]).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED, "{body}");
+    let (status, body) = call(&app, "POST", "/v1/messages", json!({}), &[("x-api-key", "nope")]).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    assert!(body.contains("authentication_error") && body.contains("\"type\":\"error\""));
+    let (status, _) = call(&app, "POST", "/v1/chat/completions", chat_body(), &[("authorization", "Bearer k3y")]).await;
+    assert_eq!(status, StatusCode::OK);
+    let (status, _) = call(&app, "GET", "/v1/models", Value::Null, &[("x-api-key", "k3y")]).await;
+    assert_eq!(status, StatusCode::OK);
+    let (status, _) = call(&app, "GET", "/health", Value::Null, &[]).await;
+    assert_eq!(status, StatusCode::OK);
+}
+
+#[tokio::test]
+async fn requests_beyond_the_queue_get_429() {
+    // The fake worker runs 2 sequences; with no queue the third request is refused.
+    let config = RouterConfig { max_queue: 0, ..RouterConfig::default() };
+    let (app, _, _) = router_over(&[Mode::Endless], config).await;
+    let mut bodies = vec![];
+    for _ in 0..2 {
+        let mut b = chat_body();
+        b["stream"] = json!(true);
+        let req = Request::post("/v1/chat/completions").header("content-type", "application/json").body(Body::from(b.to_string())).unwrap();
+        bodies.push(app.clone().oneshot(req).await.unwrap());
+    }
+    let (status, body) = post(&app, "/v1/chat/completions", chat_body()).await;
+    assert_eq!(status, StatusCode::TOO_MANY_REQUESTS, "{body}");
+    assert_eq!(body["error"]["type"], "rate_limit_error");
+    drop(bodies);
+}
+
+#[tokio::test]
+async fn prompt_longer_than_the_context_reports_counts() {
+    let (app, _, records) = router_over(&[Mode::Reply], RouterConfig::default()).await;
+    let (status, body) = post(&app, "/v1/completions", json!({ "model": "fake", "prompt": "x".repeat(100) })).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    let msg = body["error"]["message"].as_str().unwrap();
+    assert!(msg.contains("100 tokens") && msg.contains(&format!("{} tokens", fake::CONTEXT)), "{msg}");
+    let (status, body) = post(&app, "/v1/completions", json!({ "model": "fake", "prompt": "x".repeat(40), "max_tokens": 30 })).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert!(body["error"]["message"].as_str().unwrap().contains("40 in the prompt, 30 for the completion"));
+    assert!(records[0].requests.lock().unwrap().is_empty(), "nothing reaches the worker");
+}
