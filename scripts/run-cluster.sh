@@ -1,0 +1,63 @@
+#!/usr/bin/env bash
+# A one-node kiln cluster: a worker serving $MODEL and a router on $HOST:$PORT, no etcd.
+# Ctrl-C (or SIGTERM) drains and stops both.
+set -euo pipefail
+
+MODEL=${MODEL:-smollm2}
+HOST=${HOST:-127.0.0.1}
+PORT=${PORT:-8080}
+GRPC=${GRPC:-127.0.0.1:50051}
+WORKER_METRICS=${WORKER_METRICS:-127.0.0.1:9091}
+BIN=${BIN:-target/release}
+
+pids=()
+stop() {
+    trap - INT TERM
+    echo >&2
+    echo "kiln: stopping" >&2
+    for pid in "${pids[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
+    for pid in "${pids[@]}"; do wait "$pid" 2>/dev/null || true; done
+    exit 0
+}
+trap stop INT TERM
+
+alive() { kill -0 "$1" 2>/dev/null; }
+
+"$BIN/kiln-worker" serve -m "$MODEL" --grpc "$GRPC" --metrics "$WORKER_METRICS" &
+pids+=($!)
+"$BIN/kiln-router" --workers "$GRPC" --host "$HOST" --port "$PORT" &
+pids+=($!)
+
+# The worker may first download the model; wait until the router sees it serving.
+until "$BIN/kilnctl" --router "http://$HOST:$PORT" status >/dev/null 2>&1; do
+    for pid in "${pids[@]}"; do
+        if ! alive "$pid"; then
+            echo "kiln: a process exited during start-up (see the messages above)" >&2
+            stop
+        fi
+    done
+    sleep 0.5
+done
+
+model_id=$("$BIN/kilnctl" --router "http://$HOST:$PORT" models | cut -f1 | head -n1)
+cat >&2 <<MSG
+
+kiln is serving \`$model_id\` at http://$HOST:$PORT (OpenAI and Anthropic APIs; metrics at /metrics)
+
+  curl http://$HOST:$PORT/v1/chat/completions -H 'content-type: application/json' \\
+    -d '{"model": "$model_id", "messages": [{"role": "user", "content": "Hello!"}]}'
+
+  $BIN/kilnctl chat          # interactive chat in another terminal
+
+Press Ctrl-C to stop.
+MSG
+
+while true; do
+    for pid in "${pids[@]}"; do
+        if ! alive "$pid"; then
+            echo "kiln: a process exited unexpectedly" >&2
+            stop
+        fi
+    done
+    sleep 1
+done
