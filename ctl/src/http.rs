@@ -20,7 +20,9 @@ impl Client {
         if !base.starts_with("http://") {
             bail!("the router URL must start with http:// (got `{base}`)");
         }
-        let inner = hyper_util::client::legacy::Client::builder(TokioExecutor::new()).build_http();
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
+        let inner = hyper_util::client::legacy::Client::builder(TokioExecutor::new()).build(connector);
         Ok(Client { base, api_key, inner })
     }
 

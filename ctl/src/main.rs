@@ -2,6 +2,7 @@
 
 mod chat;
 mod http;
+mod load;
 
 use clap::{Parser, Subcommand};
 
@@ -26,6 +27,8 @@ enum Command {
     Models,
     /// Whether the router is ready, and its workers' state
     Status,
+    /// Load test: concurrent streaming chats, with latency and throughput figures
+    Load(load::LoadArgs),
 }
 
 fn main() {
@@ -37,10 +40,11 @@ fn main() {
 
 fn run(cli: Cli) -> anyhow::Result<()> {
     let client = http::Client::new(&cli.router, cli.api_key.or_else(|| std::env::var("KILN_API_KEY").ok()))?;
-    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     runtime.block_on(async move {
         match cli.command {
             Command::Chat(args) => chat::run(&client, args).await,
+            Command::Load(args) => load::run(client, args).await,
             Command::Models => {
                 let models = client.get_json("/v1/models").await?;
                 for m in models["data"].as_array().into_iter().flatten() {

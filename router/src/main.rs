@@ -4,6 +4,7 @@ use anyhow::Context;
 use clap::Parser;
 use kiln_router::upstream::WorkerPool;
 use kiln_router::{api, AppState, RouterConfig};
+use axum::serve::ListenerExt;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
@@ -70,7 +71,8 @@ fn main() -> anyhow::Result<()> {
         eprintln!("kiln-router: listening on http://{}", listener.local_addr()?);
         let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
         let server = tokio::spawn(async move {
-            axum::serve(listener, app)
+            // Streamed events are small writes; without TCP_NODELAY they can wait out a delayed ACK.
+            axum::serve(listener.tap_io(|tcp| drop(tcp.set_nodelay(true))), app)
                 .with_graceful_shutdown(async move {
                     while stop_rx.changed().await.is_ok() && !*stop_rx.borrow() {}
                 })

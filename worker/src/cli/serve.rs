@@ -82,7 +82,8 @@ pub fn main(args: ServeArgs) -> anyhow::Result<()> {
             tonic::transport::Server::builder().add_service(
                 WorkerServer::new(service).max_encoding_message_size(256 << 20).max_decoding_message_size(64 << 20),
             )
-            .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(grpc), async move {
+            // Without TCP_NODELAY each small streamed event can wait out a delayed ACK.
+            .serve_with_incoming_shutdown(tonic::transport::server::TcpIncoming::from(grpc).with_nodelay(Some(true)), async move {
                 while stop.changed().await.is_ok() && !*stop.borrow() {}
             }),
         );
