@@ -147,7 +147,7 @@ async fn bad_requests_are_invalid_argument_with_specific_messages() {
         ),
     ];
     for (req, needle) in cases {
-        let err = s.client.generate(req).await.err().expect("the request must be refused");
+        let Err(err) = s.client.generate(req).await else { panic!("the request must be refused ({needle})") };
         assert_eq!(err.code(), Code::InvalidArgument, "{}", err.message());
         assert!(err.message().contains(needle), "{:?} lacks {needle:?}", err.message());
     }
