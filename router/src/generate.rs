@@ -1,15 +1,18 @@
-//! One generation on some worker: picks the least-loaded healthy worker serving the model,
-//! fails over to another while nothing has been produced yet, and relays the worker's
-//! events, recording time to first token, inter-token latency and token counts.
-//! Dropping a `Generation` closes its gRPC stream, which cancels the work on the worker.
+//! One generation across workers: starts it on the worker the routing policy picks, fails
+//! over to another while nothing has been produced, and when a worker dies or stalls
+//! mid-stream resumes each unfinished completion on another worker from the tokens already
+//! relayed (same prompt, parameters and seed; the worker replays them), so the client sees
+//! one uninterrupted stream. Records time to first token, inter-token latency and token
+//! counts. Dropping a `Generation` closes its gRPC streams, which cancels the work.
 
 use crate::error::ApiError;
+use crate::routing::RouteKey;
 use crate::upstream::{InFlight, ModelState};
 use crate::AppState;
 use kiln_proto::v1 as pb;
 use pb::generate_event::Event;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 use tonic::{Code, Status};
 
 pub enum Update {
@@ -17,24 +20,39 @@ pub enum Update {
     Done(pb::DoneEvent),
 }
 
+/// One gRPC stream carrying some of the request's completions.
+struct Attempt {
+    in_flight: InFlight,
+    stream: tonic::Streaming<pb::GenerateEvent>,
+    indices: Vec<usize>,
+    /// The first event, read to learn that the worker took the request.
+    first: Option<pb::GenerateEvent>,
+    last_progress: Instant,
+}
+
 pub struct Generation {
     state: Arc<AppState>,
-    stream: tonic::Streaming<pb::GenerateEvent>,
-    in_flight: InFlight,
-    /// An event read ahead while checking that the worker took the request.
-    first: Option<pb::GenerateEvent>,
+    request: pb::GenerateRequest,
+    key: RouteKey,
+    attempts: Vec<Attempt>,
+    /// Workers that failed this generation; it does not go back to them.
+    failed: Vec<String>,
+    produced: Vec<Vec<u32>>,
+    finished: Vec<bool>,
     model_label: Vec<(&'static str, String)>,
     started: Instant,
     last_token: Vec<Option<Instant>>,
     gaps: Vec<f64>,
+    /// Ends of completions settled without a worker (see `recover`).
+    settled: Vec<pb::DoneEvent>,
     done: usize,
     n: usize,
 }
 
-/// Whether a failed call may be retried on another worker: the worker could not be reached
-/// or went away, as opposed to rejecting the request.
-fn worker_unreachable(s: &Status) -> bool {
-    matches!(s.code(), Code::Unavailable | Code::Unknown | Code::Cancelled | Code::Aborted)
+/// Whether a failed call may be retried on another worker: the worker could not be reached,
+/// went away or broke, as opposed to rejecting the request.
+fn worker_failed(s: &Status) -> bool {
+    matches!(s.code(), Code::Unavailable | Code::Unknown | Code::Cancelled | Code::Aborted | Code::Internal)
 }
 
 /// The client-facing error for a worker's refusal or failure.
@@ -47,90 +65,232 @@ pub fn from_status(s: &Status) -> ApiError {
     }
 }
 
+/// A seed for requests that give none, so that a resumed completion draws as the original would.
+fn fresh_seed() -> u64 {
+    let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64);
+    crate::routing::fnv(t.to_le_bytes().into_iter().chain((&t as *const u64 as u64).to_le_bytes()))
+}
+
+enum Failure {
+    /// The stream broke or ended early.
+    Broken(String),
+    /// No event within the timeout.
+    Stalled,
+}
+
 impl Generation {
     /// Starts `request` on a worker serving `model`; `started` is when the HTTP request came.
-    pub async fn start(state: &Arc<AppState>, model: &ModelState, request: pb::GenerateRequest, started: Instant) -> Result<Generation, ApiError> {
-        let id = &model.info.model_id;
-        let mut tried: Vec<String> = Vec::new();
-        let mut last_error: Option<ApiError> = None;
+    pub async fn start(state: &Arc<AppState>, model: &ModelState, mut request: pb::GenerateRequest, key: RouteKey, started: Instant) -> Result<Generation, ApiError> {
+        let id = model.info.model_id.clone();
+        let sampling = request.sampling.get_or_insert_with(Default::default);
+        if sampling.seed.is_none() {
+            sampling.seed = Some(fresh_seed());
+        }
+        let n = request.n.max(1) as usize;
+        let mut g = Generation {
+            state: Arc::clone(state),
+            request,
+            key,
+            attempts: Vec::new(),
+            failed: Vec::new(),
+            produced: vec![Vec::new(); n],
+            finished: vec![false; n],
+            model_label: vec![("model", id.clone())],
+            started,
+            last_token: vec![None; n],
+            gaps: Vec::new(),
+            settled: Vec::new(),
+            done: 0,
+            n,
+        };
+        g.open(g.request.clone(), (0..n).collect()).await?;
+        state.metrics.add("kiln_router_prompt_tokens_total", g.model_label.clone(), g.request.prompt.len() as f64);
+        Ok(g)
+    }
+
+    fn model_id(&self) -> &str {
+        &self.model_label[0].1
+    }
+
+    /// Sends `request` (carrying completions `indices`) to the best worker that takes it,
+    /// failing over while workers are unreachable or do not start in time.
+    async fn open(&mut self, request: pb::GenerateRequest, indices: Vec<usize>) -> Result<(), ApiError> {
+        let timeouts = self.state.config.timeouts.clone();
+        let mut last_error: Option<String> = None;
         loop {
-            let Some(in_flight) = state.pool.pick(id, &tried) else {
-                return Err(last_error.unwrap_or_else(|| ApiError::unavailable(format!("no worker serving `{id}` is available"))));
+            let model = self.model_id().to_string();
+            let Some(in_flight) = self.state.pool.pick(&model, &self.failed, &self.key) else {
+                return Err(ApiError::unavailable(match last_error {
+                    Some(e) => format!("no worker serving `{model}` could take the request; last error: {e}"),
+                    None => format!("no worker serving `{model}` is available"),
+                }));
             };
             let worker = Arc::clone(in_flight.worker());
-            tried.push(worker.addr.clone());
             let mut client = worker.client.clone();
             let attempt = async {
                 let mut stream = client.generate(request.clone()).await?.into_inner();
                 let first = stream.message().await?;
                 Ok::<_, Status>((stream, first))
             };
-            match attempt.await {
-                Ok((stream, first)) => {
-                    let n = request.n.max(1) as usize;
-                    state.metrics.add("kiln_router_prompt_tokens_total", vec![("model", id.clone())], request.prompt.len() as f64);
-                    return Ok(Generation {
-                        state: Arc::clone(state),
-                        stream,
-                        in_flight,
-                        first,
-                        model_label: vec![("model", id.clone())],
-                        started,
-                        last_token: vec![None; n],
-                        gaps: Vec::new(),
-                        done: 0,
-                        n,
-                    });
+            let reason = match tokio::time::timeout(timeouts.first_token, attempt).await {
+                Ok(Ok((stream, Some(first)))) => {
+                    self.attempts.push(Attempt { in_flight, stream, indices, first: Some(first), last_progress: Instant::now() });
+                    return Ok(());
                 }
-                Err(s) => {
-                    state.metrics.add("kiln_router_upstream_errors_total", vec![("worker", worker.addr.clone())], 1.0);
-                    if !worker_unreachable(&s) {
-                        return Err(from_status(&s));
-                    }
-                    eprintln!("kiln-router: worker {} failed ({}); trying another", worker.addr, s.message());
+                Ok(Ok((_, None))) => {
                     worker.mark_down();
-                    last_error = Some(ApiError::unavailable(format!("no worker serving `{id}` could take the request; last error: {}", s.message())));
+                    "ended the stream at once".to_string()
                 }
-            }
+                Ok(Err(s)) if worker_failed(&s) => {
+                    worker.mark_down();
+                    s.message().to_string()
+                }
+                Ok(Err(s)) => {
+                    self.upstream_error(&worker.id);
+                    return Err(from_status(&s));
+                }
+                Err(_) => {
+                    worker.eject(timeouts.eject);
+                    self.state.metrics.add("kiln_router_stalled_total", vec![("worker", worker.id.clone())], 1.0);
+                    format!("sent nothing within {:?}", timeouts.first_token)
+                }
+            };
+            eprintln!("kiln-router: worker {} failed ({reason}); trying another", worker.id);
+            self.upstream_error(&worker.id);
+            self.failed.push(worker.id.clone());
+            last_error = Some(format!("worker {}: {reason}", worker.id));
         }
     }
 
-    pub fn worker_addr(&self) -> &str {
-        &self.in_flight.worker().addr
+    fn upstream_error(&self, worker: &str) {
+        self.state.metrics.add("kiln_router_upstream_errors_total", vec![("worker", worker.to_string())], 1.0);
+    }
+
+    /// The worker carrying the first completion now.
+    pub fn worker_id(&self) -> Option<&str> {
+        self.attempts.first().map(|a| a.in_flight.worker().id.as_str())
     }
 
     /// The next event; `None` once every completion has finished.
     pub async fn next(&mut self) -> Option<Result<Update, ApiError>> {
-        if self.done == self.n {
-            return None;
+        loop {
+            if self.done == self.n {
+                return None;
+            }
+            if let Some(d) = self.settled.pop() {
+                self.done += 1;
+                return Some(Ok(Update::Done(d)));
+            }
+            if let Some(i) = self.attempts.iter().position(|a| a.first.is_some()) {
+                let event = self.attempts[i].first.take()?;
+                return Some(self.handle(i, event));
+            }
+            if self.attempts.is_empty() {
+                return Some(Err(ApiError::upstream("the generation lost its workers")));
+            }
+            let (failed, failure) = match self.wait().await {
+                Ok((i, event)) => {
+                    self.attempts[i].last_progress = Instant::now();
+                    return Some(self.handle(i, event));
+                }
+                Err((_, Err(e))) => return Some(Err(e)),
+                Err((i, Ok(failure))) => (i, failure),
+            };
+            if let Err(e) = self.recover(failed, failure).await {
+                return Some(Err(e));
+            }
         }
-        let event = match self.first.take() {
-            Some(e) => Some(e),
-            None => match self.stream.message().await {
-                Ok(e) => e,
-                Err(s) => return Some(Err(self.fail(&s))),
-            },
+    }
+
+    /// The next event from any stream, or which stream failed and how (Ok) or a refusal (Err).
+    async fn wait(&mut self) -> Result<(usize, pb::GenerateEvent), (usize, Result<Failure, ApiError>)> {
+        let timeouts = &self.state.config.timeouts;
+        let deadline = |a: &Attempt| a.last_progress + timeouts.stall;
+        let earliest = self.attempts.iter().map(deadline).min().unwrap_or_else(Instant::now);
+        let reads = self.attempts.iter_mut().enumerate().map(|(i, a)| Box::pin(async move { (i, a.stream.message().await) }));
+        let outcome = tokio::time::timeout_at(earliest.into(), futures_util::future::select_all(reads)).await.map(|(first, _, _)| first);
+        match outcome {
+            Ok((i, Ok(Some(event)))) => Ok((i, event)),
+            Ok((i, Ok(None))) => Err((i, Ok(Failure::Broken("ended the stream before the generation finished".into())))),
+            Ok((i, Err(s))) if worker_failed(&s) => Err((i, Ok(Failure::Broken(s.message().to_string())))),
+            Ok((i, Err(s))) => Err((i, Err(from_status(&s)))),
+            Err(_) => {
+                let now = Instant::now();
+                let i = self.attempts.iter().position(|a| deadline(a) <= now).unwrap_or(0);
+                Err((i, Ok(Failure::Stalled)))
+            }
+        }
+    }
+
+    /// Moves the unfinished completions of failed stream `i` to other workers.
+    async fn recover(&mut self, i: usize, failure: Failure) -> Result<(), ApiError> {
+        let attempt = self.attempts.remove(i);
+        let worker = Arc::clone(attempt.in_flight.worker());
+        self.upstream_error(&worker.id);
+        let why = match failure {
+            Failure::Broken(reason) => {
+                worker.mark_down();
+                format!("went away mid-generation ({reason})")
+            }
+            Failure::Stalled => {
+                worker.eject(self.state.config.timeouts.eject);
+                self.state.metrics.add("kiln_router_stalled_total", vec![("worker", worker.id.clone())], 1.0);
+                format!("made no progress for {:?}", self.state.config.timeouts.stall)
+            }
         };
-        let Some(event) = event else {
-            let worker = self.worker_addr().to_string();
-            self.state.metrics.add("kiln_router_upstream_errors_total", vec![("worker", worker.clone())], 1.0);
-            return Some(Err(ApiError::upstream(format!("worker {worker} ended the stream before the generation finished"))));
-        };
+        eprintln!("kiln-router: worker {} {why}; resuming elsewhere", worker.id);
+        self.failed.push(worker.id.clone());
+        // Dropping the stream cancels whatever the worker may still be doing.
+        let indices: Vec<usize> = attempt.indices.iter().copied().filter(|&x| !self.finished[x]).collect();
+        drop(attempt);
+        for index in indices {
+            let produced = self.produced[index].len() as u32;
+            if self.request.max_tokens.is_some_and(|m| produced >= m) {
+                // The worker died between the last token and its end: the completion is
+                // complete (text it may have held back at the end is lost).
+                self.finished[index] = true;
+                let usage = pb::Usage { prompt_tokens: self.request.prompt.len() as u32, completion_tokens: produced, ..Default::default() };
+                let finish = pb::FinishReason::Length as i32;
+                self.settled.push(pb::DoneEvent { index: index as u32, finish, usage: Some(usage), tail: String::new(), stop_sequence: None });
+                continue;
+            }
+            let mut request = self.request.clone();
+            request.n = 1;
+            request.resume = Some(pb::Resume { index: index as u32, tokens: self.produced[index].clone() });
+            self.state.metrics.add("kiln_router_resumed_total", self.model_label.clone(), 1.0);
+            if let Err(e) = self.open(request, vec![index]).await {
+                return Err(ApiError::upstream(format!("worker {} {why}, and the generation could not be resumed: {}", worker.id, e.message)));
+            }
+        }
+        Ok(())
+    }
+
+    fn handle(&mut self, attempt: usize, event: pb::GenerateEvent) -> Result<Update, ApiError> {
         match event.event {
             Some(Event::Token(t)) => {
-                self.on_token(t.index as usize);
-                Some(Ok(Update::Token(t)))
+                let index = t.index as usize;
+                if let Some(p) = self.produced.get_mut(index) {
+                    p.push(t.token);
+                }
+                self.on_token(index);
+                Ok(Update::Token(t))
             }
             Some(Event::Done(d)) => {
+                if let Some(f) = self.finished.get_mut(d.index as usize) {
+                    *f = true;
+                }
                 self.done += 1;
                 let generated = d.usage.as_ref().map_or(0, |u| u.completion_tokens);
                 self.state.metrics.add("kiln_router_generated_tokens_total", self.model_label.clone(), generated as f64);
+                if self.attempts[attempt].indices.iter().all(|&x| self.finished[x]) {
+                    self.attempts.remove(attempt);
+                }
                 if self.done == self.n {
                     self.flush_gaps();
                 }
-                Some(Ok(Update::Done(d)))
+                Ok(Update::Done(d))
             }
-            None => Some(Err(ApiError::upstream("the worker sent an empty event"))),
+            None => Err(ApiError::upstream("the worker sent an empty event")),
         }
     }
 
@@ -153,20 +313,28 @@ impl Generation {
         self.state.metrics.observe_many("kiln_router_inter_token_latency_seconds", &self.model_label, &self.gaps);
         self.gaps.clear();
     }
-
-    fn fail(&mut self, s: &Status) -> ApiError {
-        let worker = self.worker_addr().to_string();
-        self.state.metrics.add("kiln_router_upstream_errors_total", vec![("worker", worker.clone())], 1.0);
-        if worker_unreachable(s) {
-            self.in_flight.worker().mark_down();
-            return ApiError::upstream(format!("worker {worker} went away mid-generation: {}", s.message()));
-        }
-        from_status(s)
-    }
 }
 
 impl Drop for Generation {
     fn drop(&mut self) {
         self.flush_gaps();
+    }
+}
+
+/// How long the router waits on workers.
+#[derive(Clone, Debug)]
+pub struct Timeouts {
+    /// From sending a request to its first event (queueing and prefill included).
+    pub first_token: Duration,
+    /// Between events of a running generation.
+    pub stall: Duration,
+    /// How long a worker that failed or stalled is kept out before health checks may
+    /// readmit it.
+    pub eject: Duration,
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Timeouts { first_token: Duration::from_secs(120), stall: Duration::from_secs(30), eject: Duration::from_secs(5) }
     }
 }

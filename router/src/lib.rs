@@ -6,7 +6,9 @@ pub mod api;
 pub mod error;
 pub mod generate;
 pub mod metrics;
+pub mod membership;
 pub mod params;
+pub mod routing;
 pub mod upstream;
 
 use std::sync::atomic::AtomicBool;
@@ -19,11 +21,12 @@ pub struct RouterConfig {
     /// Requests allowed to wait for a free sequence slot before new ones get 429.
     pub max_queue: usize,
     pub max_body_bytes: usize,
+    pub timeouts: generate::Timeouts,
 }
 
 impl Default for RouterConfig {
     fn default() -> Self {
-        RouterConfig { api_key: None, cors_origins: Vec::new(), max_queue: 256, max_body_bytes: 32 << 20 }
+        RouterConfig { api_key: None, cors_origins: Vec::new(), max_queue: 256, max_body_bytes: 32 << 20, timeouts: generate::Timeouts::default() }
     }
 }
 
@@ -33,10 +36,12 @@ pub struct AppState {
     pub config: RouterConfig,
     /// Set on SIGTERM: health turns 503 so load balancers stop sending.
     pub draining: AtomicBool,
+    /// The etcd view membership follows, when the router runs with `--etcd`.
+    pub cluster: Option<kiln_cluster::ClusterView>,
 }
 
 impl AppState {
     pub fn new(pool: upstream::WorkerPool, config: RouterConfig) -> AppState {
-        AppState { pool, metrics: metrics::Metrics::default(), config, draining: AtomicBool::new(false) }
+        AppState { pool, metrics: metrics::Metrics::default(), config, draining: AtomicBool::new(false), cluster: None }
     }
 }

@@ -2,6 +2,8 @@
 
 use anyhow::Context;
 use clap::Parser;
+use kiln_router::generate::Timeouts;
+use kiln_router::routing::Policy;
 use kiln_router::upstream::WorkerPool;
 use kiln_router::{api, AppState, RouterConfig};
 use axum::serve::ListenerExt;
@@ -12,9 +14,27 @@ use std::time::Duration;
 #[derive(Parser)]
 #[command(name = "kiln-router", version, about = "kiln's HTTP router: OpenAI- and Anthropic-compatible APIs over gRPC workers")]
 struct Args {
-    /// Worker gRPC addresses, comma-separated (host:port)
-    #[arg(long, value_delimiter = ',', required = true)]
+    /// Worker gRPC addresses, comma-separated (host:port): static membership
+    #[arg(long, value_delimiter = ',', required_unless_present = "etcd")]
     workers: Vec<String>,
+    /// etcd endpoints, comma-separated: follow the cluster's registered workers
+    #[arg(long, value_delimiter = ',')]
+    etcd: Vec<String>,
+    /// Key prefix of the cluster in etcd
+    #[arg(long, default_value = kiln_cluster::schema::DEFAULT_PREFIX)]
+    etcd_prefix: String,
+    /// Routing policy: prefix (cache-aware, with x-session-id affinity), least-loaded, round-robin
+    #[arg(long, default_value = "prefix")]
+    policy: Policy,
+    /// Seconds a worker may take to start streaming a request before another is tried
+    #[arg(long, default_value_t = 120.0)]
+    first_token_timeout_secs: f64,
+    /// Seconds without progress after which a generation moves to another worker
+    #[arg(long, default_value_t = 30.0)]
+    stall_timeout_secs: f64,
+    /// Seconds a worker that failed or stalled stays out before health checks may readmit it
+    #[arg(long, default_value_t = 5.0)]
+    eject_secs: f64,
     #[arg(long, default_value = "127.0.0.1")]
     host: String,
     #[arg(long, default_value_t = 8080)]
@@ -50,23 +70,46 @@ async fn shutdown_signal() {
     let _ = ctrl_c.await;
 }
 
+fn secs(flag: &str, v: f64) -> anyhow::Result<Duration> {
+    if !(v.is_finite() && v > 0.0) {
+        anyhow::bail!("{flag} must be a positive number of seconds, not {v}");
+    }
+    Ok(Duration::from_secs_f64(v))
+}
+
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let config = RouterConfig {
         api_key: args.api_key.or_else(|| std::env::var("KILN_API_KEY").ok()).filter(|k| !k.is_empty()),
         cors_origins: args.cors_origins,
         max_queue: args.max_queue,
+        timeouts: Timeouts {
+            first_token: secs("--first-token-timeout-secs", args.first_token_timeout_secs)?,
+            stall: secs("--stall-timeout-secs", args.stall_timeout_secs)?,
+            eject: secs("--eject-secs", args.eject_secs)?,
+        },
         ..RouterConfig::default()
     };
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     runtime.block_on(async move {
         // Channels are built inside the runtime: they spawn their connection tasks on it.
-        let pool = WorkerPool::new(&args.workers).map_err(anyhow::Error::msg)?;
+        let mut pool = WorkerPool::new(&args.workers).map_err(anyhow::Error::msg)?.with_policy(args.policy);
         let addr = format!("{}:{}", args.host, args.port);
         let listener = tokio::net::TcpListener::bind(&addr).await.with_context(|| format!("cannot listen on {addr}"))?;
         pool.refresh_all().await;
         pool.spawn_refresh(Duration::from_secs(1));
-        let state = Arc::new(AppState::new(pool, config));
+        let mut state = AppState::new(pool.clone(), config);
+        if !args.etcd.is_empty() {
+            let mut cfg = kiln_cluster::EtcdConfig::new(&args.etcd);
+            cfg.keys = kiln_cluster::Keys::new(&args.etcd_prefix);
+            let view = kiln_cluster::ClusterView::spawn(cfg);
+            if !view.synced(Duration::from_secs(5)).await {
+                eprintln!("kiln-router: etcd at {} is not answering yet; serving the static workers until it does", args.etcd.join(","));
+            }
+            tokio::spawn(kiln_router::membership::follow(view.clone(), pool.clone(), args.workers.clone()));
+            state.cluster = Some(view);
+        }
+        let state = Arc::new(state);
         let app = api::router(Arc::clone(&state));
         eprintln!("kiln-router: listening on http://{}", listener.local_addr()?);
         let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);

@@ -1,17 +1,20 @@
 //! The workers a router sends requests to: a gRPC channel per worker, the model it serves
 //! (with the tokenizer and chat template the router renders and tokenizes with), its health,
-//! and how many requests this router has in flight there.
+//! its load, and how many requests this router has in flight there.
 //!
-//! A background task per worker refreshes its state every second: a worker that stops
-//! answering is marked down and skipped until it answers again.
+//! Membership is static (`--workers`) or follows etcd (`membership::follow`). A background
+//! task per worker checks it every second (active health checks); requests report failures
+//! (passive checks), which eject the worker for a while. An ejected or failing worker is
+//! skipped until it passes a check again.
 
+use crate::routing::{Policy, RouteKey};
 use kiln_proto::v1 as pb;
 use kiln_proto::v1::worker_client::WorkerClient;
 use kiln_shared::chat::ChatTemplate;
 use kiln_shared::tokenizer::{Tokenizer, TokenizerSpec};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, RwLock};
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
 use tonic::transport::{Channel, Endpoint};
 
 /// What the router knows about the model a worker serves.
@@ -22,11 +25,21 @@ pub struct ModelState {
 }
 
 pub struct Worker {
+    /// The worker's cluster name (its address under static membership).
+    pub id: String,
     pub addr: String,
     pub client: WorkerClient<Channel>,
     model: RwLock<Option<Arc<ModelState>>>,
     healthy: AtomicBool,
     pub in_flight: AtomicUsize,
+    /// Sequences running and waiting on the worker, from its last load report.
+    pub reported_load: AtomicU32,
+    /// An operator drained it: no new requests, running ones finish.
+    pub draining: AtomicBool,
+    /// Set after a request saw it fail or stall: health checks do not readmit it before then.
+    ejected_until: Mutex<Option<Instant>>,
+    /// Left the membership; its health-check task stops.
+    retired: AtomicBool,
 }
 
 impl Worker {
@@ -38,9 +51,39 @@ impl Worker {
         self.healthy.load(Ordering::Relaxed)
     }
 
+    /// Whether new requests may go here.
+    pub fn is_available(&self) -> bool {
+        self.is_healthy() && !self.draining.load(Ordering::Relaxed)
+    }
+
+    pub fn serves(&self, model: &str) -> bool {
+        self.model().is_some_and(|m| m.info.model_id == model)
+    }
+
+    /// Marks the worker down after a request saw it fail or stall; it stays out for
+    /// `for_at_least`, then comes back once a health check passes.
+    pub fn eject(&self, for_at_least: Duration) {
+        self.healthy.store(false, Ordering::Relaxed);
+        *self.ejected_until.lock().unwrap_or_else(|e| e.into_inner()) = Some(Instant::now() + for_at_least);
+    }
+
     /// Marks the worker down after a transport failure seen by a request.
     pub fn mark_down(&self) {
-        self.healthy.store(false, Ordering::Relaxed);
+        self.eject(Duration::from_secs(1));
+    }
+
+    fn ejected(&self) -> bool {
+        self.ejected_until.lock().unwrap_or_else(|e| e.into_inner()).is_some_and(|t| Instant::now() < t)
+    }
+
+    /// Load for routing: the larger of what this router has sent and what the worker
+    /// reported running and waiting (which counts other routers' requests too).
+    pub fn load(&self) -> usize {
+        self.in_flight.load(Ordering::Relaxed).max(self.reported_load.load(Ordering::Relaxed) as usize)
+    }
+
+    pub fn max_seqs(&self) -> usize {
+        self.model().map_or(1, |m| m.info.max_seqs.max(1) as usize)
     }
 }
 
@@ -48,6 +91,11 @@ impl Worker {
 pub struct InFlight(Arc<Worker>);
 
 impl InFlight {
+    pub fn new(w: &Arc<Worker>) -> InFlight {
+        w.in_flight.fetch_add(1, Ordering::Relaxed);
+        InFlight(Arc::clone(w))
+    }
+
     pub fn worker(&self) -> &Arc<Worker> {
         &self.0
     }
@@ -61,7 +109,11 @@ impl Drop for InFlight {
 
 #[derive(Clone)]
 pub struct WorkerPool {
-    workers: Arc<Vec<Arc<Worker>>>,
+    workers: Arc<RwLock<Vec<Arc<Worker>>>>,
+    pub policy: Policy,
+    /// How often each worker is checked; None: only when `refresh_all` is called.
+    refresh_every: Option<Duration>,
+    round_robin: Arc<AtomicUsize>,
 }
 
 fn normalize(addr: &str) -> String {
@@ -80,56 +132,97 @@ async fn fetch_model(client: &mut WorkerClient<Channel>) -> Result<ModelState, S
     Ok(ModelState { info, tokenizer, template })
 }
 
+fn new_worker(id: &str, addr: &str) -> Result<Worker, String> {
+    let endpoint = Endpoint::from_shared(normalize(addr))
+        .map_err(|e| format!("worker address `{addr}`: {e}"))?
+        .connect_timeout(Duration::from_secs(2))
+        .tcp_nodelay(true);
+    let client = WorkerClient::new(endpoint.connect_lazy()).max_decoding_message_size(256 << 20);
+    Ok(Worker {
+        id: id.to_string(),
+        addr: addr.to_string(),
+        client,
+        model: RwLock::new(None),
+        healthy: AtomicBool::new(false),
+        in_flight: AtomicUsize::new(0),
+        reported_load: AtomicU32::new(0),
+        draining: AtomicBool::new(false),
+        ejected_until: Mutex::new(None),
+        retired: AtomicBool::new(false),
+    })
+}
+
 impl WorkerPool {
-    /// A pool over `addrs` (host:port or URLs); must be called inside a Tokio runtime.
-    /// Connections are made lazily; call
-    /// `spawn_refresh` to start watching the workers.
+    /// A pool over fixed `addrs` (host:port or URLs), checked only by `refresh_all` until
+    /// `spawn_refresh`; must be called inside a Tokio runtime (connections are lazy).
     pub fn new(addrs: &[String]) -> Result<WorkerPool, String> {
-        let mut workers = Vec::with_capacity(addrs.len());
+        let pool = WorkerPool::empty(Policy::default(), None);
         for a in addrs {
-            let url = normalize(a);
-            let endpoint = Endpoint::from_shared(url.clone())
-                .map_err(|e| format!("worker address `{a}`: {e}"))?
-                .connect_timeout(Duration::from_secs(2))
-                .tcp_nodelay(true);
-            let client = WorkerClient::new(endpoint.connect_lazy()).max_decoding_message_size(256 << 20);
-            workers.push(Arc::new(Worker {
-                addr: a.clone(),
-                client,
-                model: RwLock::new(None),
-                healthy: AtomicBool::new(false),
-                in_flight: AtomicUsize::new(0),
-            }));
+            pool.add(a, a)?;
         }
-        Ok(WorkerPool { workers: Arc::new(workers) })
+        Ok(pool)
     }
 
-    pub fn workers(&self) -> &[Arc<Worker>] {
-        &self.workers
+    /// A pool with no workers yet; with `refresh_every`, each worker added is checked that often.
+    pub fn empty(policy: Policy, refresh_every: Option<Duration>) -> WorkerPool {
+        WorkerPool { workers: Arc::new(RwLock::new(Vec::new())), policy, refresh_every, round_robin: Arc::new(AtomicUsize::new(0)) }
     }
 
-    /// Checks every worker now, then keeps doing so every `interval`.
+    pub fn with_policy(mut self, policy: Policy) -> WorkerPool {
+        self.policy = policy;
+        self
+    }
+
+    pub fn workers(&self) -> Vec<Arc<Worker>> {
+        self.workers.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    pub fn get(&self, id: &str) -> Option<Arc<Worker>> {
+        self.workers().into_iter().find(|w| w.id == id)
+    }
+
+    /// Adds worker `id` at `addr` (replacing one of that id at another address).
+    pub fn add(&self, id: &str, addr: &str) -> Result<Arc<Worker>, String> {
+        if let Some(w) = self.get(id) {
+            if w.addr == addr {
+                return Ok(w);
+            }
+            self.remove(id);
+        }
+        let w = Arc::new(new_worker(id, addr)?);
+        self.workers.write().unwrap_or_else(|e| e.into_inner()).push(Arc::clone(&w));
+        if let Some(every) = self.refresh_every {
+            spawn_checks(Arc::clone(&w), every);
+        }
+        Ok(w)
+    }
+
+    /// Drops worker `id` from the pool; requests running there go on until they end.
+    pub fn remove(&self, id: &str) {
+        let mut ws = self.workers.write().unwrap_or_else(|e| e.into_inner());
+        if let Some(i) = ws.iter().position(|w| w.id == id) {
+            ws.remove(i).retired.store(true, Ordering::Relaxed);
+        }
+    }
+
+    /// Checks every worker now.
     pub async fn refresh_all(&self) {
-        let checks = self.workers.iter().map(|w| refresh(Arc::clone(w)));
+        let checks = self.workers().into_iter().map(refresh);
         futures_util::future::join_all(checks).await;
     }
 
-    pub fn spawn_refresh(&self, interval: Duration) {
-        for w in self.workers.iter() {
-            let w = Arc::clone(w);
-            tokio::spawn(async move {
-                loop {
-                    refresh(Arc::clone(&w)).await;
-                    tokio::time::sleep(interval).await;
-                }
-            });
+    /// Keeps checking every current worker (and, from now on, each one added).
+    pub fn spawn_refresh(&mut self, interval: Duration) {
+        self.refresh_every = Some(interval);
+        for w in self.workers() {
+            spawn_checks(w, interval);
         }
     }
 
-    /// Ids of the models served by healthy workers, sorted.
+    /// Models served by available workers, sorted by id.
     pub fn models(&self) -> Vec<Arc<ModelState>> {
         let mut out: Vec<Arc<ModelState>> = Vec::new();
-        for w in self.workers.iter().filter(|w| w.is_healthy()) {
+        for w in self.workers().iter().filter(|w| w.is_available()) {
             if let Some(m) = w.model() {
                 if !out.iter().any(|o| o.info.model_id == m.info.model_id) {
                     out.push(m);
@@ -140,60 +233,73 @@ impl WorkerPool {
         out
     }
 
-    /// The model `id` as some healthy worker serves it.
+    /// The model `id` as some available worker serves it.
     pub fn model(&self, id: &str) -> Option<Arc<ModelState>> {
         self.models().into_iter().find(|m| m.info.model_id == id)
     }
 
-    /// Whether any worker (healthy or not) has been seen serving `id`.
+    /// Whether any worker (available or not) has been seen serving `id`.
     pub fn knows(&self, id: &str) -> bool {
-        self.workers.iter().any(|w| w.model().is_some_and(|m| m.info.model_id == id))
+        self.workers().iter().any(|w| w.serves(id))
     }
 
-    /// The healthy worker serving `id` with the fewest requests in flight, skipping `exclude`.
-    pub fn pick(&self, id: &str, exclude: &[String]) -> Option<InFlight> {
-        let w = self
-            .workers
-            .iter()
-            .filter(|w| w.is_healthy() && !exclude.contains(&w.addr) && w.model().is_some_and(|m| m.info.model_id == id))
-            .min_by_key(|w| w.in_flight.load(Ordering::Relaxed))?;
-        w.in_flight.fetch_add(1, Ordering::Relaxed);
-        Some(InFlight(Arc::clone(w)))
+    /// An available worker serving `model`, chosen by the routing policy, skipping the ids
+    /// in `exclude`.
+    pub fn pick(&self, model: &str, exclude: &[String], key: &RouteKey) -> Option<InFlight> {
+        let candidates: Vec<Arc<Worker>> =
+            self.workers().into_iter().filter(|w| w.is_available() && !exclude.contains(&w.id) && w.serves(model)).collect();
+        let turn = self.round_robin.fetch_add(1, Ordering::Relaxed);
+        let w = crate::routing::choose(self.policy, &candidates, key, turn)?;
+        Some(InFlight::new(w))
     }
 
-    /// Requests in flight across all workers, and how many sequences healthy workers run at once.
+    /// Requests in flight across all workers, and how many sequences available workers run at once.
     pub fn load(&self) -> (usize, usize) {
-        let in_flight = self.workers.iter().map(|w| w.in_flight.load(Ordering::Relaxed)).sum();
-        let capacity = self.workers.iter().filter(|w| w.is_healthy()).filter_map(|w| w.model()).map(|m| m.info.max_seqs as usize).sum();
+        let ws = self.workers();
+        let in_flight = ws.iter().map(|w| w.in_flight.load(Ordering::Relaxed)).sum();
+        let capacity = ws.iter().filter(|w| w.is_available()).filter_map(|w| w.model()).map(|m| m.info.max_seqs as usize).sum();
         (in_flight, capacity)
     }
 }
 
+fn spawn_checks(w: Arc<Worker>, every: Duration) {
+    tokio::spawn(async move {
+        while !w.retired.load(Ordering::Relaxed) {
+            refresh(Arc::clone(&w)).await;
+            tokio::time::sleep(every).await;
+        }
+    });
+}
+
 async fn refresh(w: Arc<Worker>) {
     let mut client = w.client.clone();
-    let healthy = matches!(
-        tokio::time::timeout(Duration::from_secs(2), client.health(pb::HealthRequest {})).await,
-        Ok(Ok(r)) if r.get_ref().serving
-    );
-    if healthy && (w.model().is_none() || !w.is_healthy()) {
+    let health = match tokio::time::timeout(Duration::from_secs(2), client.health(pb::HealthRequest {})).await {
+        Ok(Ok(r)) => Some(r.into_inner()),
+        _ => None,
+    };
+    let mut healthy = health.as_ref().is_some_and(|h| h.serving) && !w.ejected();
+    let model_changed = health.as_ref().is_some_and(|h| w.model().is_none_or(|m| m.info.model_id != h.model_id));
+    if healthy && (model_changed || !w.is_healthy()) {
         match tokio::time::timeout(Duration::from_secs(10), fetch_model(&mut client)).await {
             Ok(Ok(m)) => {
-                eprintln!("kiln-router: worker {} serves `{}`", w.addr, m.info.model_id);
+                eprintln!("kiln-router: worker {} ({}) serves `{}`", w.id, w.addr, m.info.model_id);
                 *w.model.write().unwrap_or_else(|e| e.into_inner()) = Some(Arc::new(m));
             }
             Ok(Err(e)) => {
-                eprintln!("kiln-router: worker {}: cannot read its model: {e}", w.addr);
-                w.healthy.store(false, Ordering::Relaxed);
-                return;
+                eprintln!("kiln-router: worker {}: cannot read its model: {e}", w.id);
+                healthy = false;
             }
-            Err(_) => {
-                w.healthy.store(false, Ordering::Relaxed);
-                return;
-            }
+            Err(_) => healthy = false,
+        }
+    }
+    if healthy {
+        if let Ok(Ok(load)) = tokio::time::timeout(Duration::from_secs(2), client.load(pb::LoadRequest {})).await {
+            let l = load.into_inner();
+            w.reported_load.store(l.running + l.waiting, Ordering::Relaxed);
         }
     }
     if w.is_healthy() != healthy {
-        eprintln!("kiln-router: worker {} is {}", w.addr, if healthy { "up" } else { "down" });
+        eprintln!("kiln-router: worker {} ({}) is {}", w.id, w.addr, if healthy { "up" } else { "down" });
     }
     w.healthy.store(healthy, Ordering::Relaxed);
 }

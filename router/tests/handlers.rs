@@ -7,6 +7,7 @@ use axum::body::Body;
 use axum::http::{Request, StatusCode};
 use fake::Mode;
 use http_body_util::BodyExt;
+use kiln_router::routing::Policy;
 use kiln_router::upstream::WorkerPool;
 use kiln_router::{api, AppState, RouterConfig};
 use serde_json::{json, Value};
@@ -23,7 +24,8 @@ async fn router_over(modes: &[Mode], config: RouterConfig) -> (axum::Router, Arc
         addrs.push(addr);
         records.push(record);
     }
-    let pool = WorkerPool::new(&addrs).unwrap();
+    // Round robin visits every worker first within as many requests as there are workers.
+    let pool = WorkerPool::new(&addrs).unwrap().with_policy(Policy::RoundRobin);
     pool.refresh_all().await;
     let state = Arc::new(AppState::new(pool, config));
     (api::router(Arc::clone(&state)), state, records)
@@ -124,10 +126,12 @@ async fn anthropic_message_and_stream_events() {
 #[tokio::test]
 async fn fails_over_to_a_worker_that_answers() {
     let (app, state, records) = router_over(&[Mode::Unavailable, Mode::Reply], RouterConfig::default()).await;
-    let (status, body) = post(&app, "/v1/chat/completions", chat_body()).await;
-    assert_eq!(status, StatusCode::OK, "{body}");
-    assert_eq!(body["choices"][0]["message"]["content"], fake::REPLY);
-    assert_eq!(records[0].requests.lock().unwrap().len(), 1, "the first worker was tried");
+    for _ in 0..2 {
+        let (status, body) = post(&app, "/v1/chat/completions", chat_body()).await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        assert_eq!(body["choices"][0]["message"]["content"], fake::REPLY);
+    }
+    assert_eq!(records[0].requests.lock().unwrap().len(), 1, "the first worker was tried, then left out");
     assert!(!state.pool.workers()[0].is_healthy());
     let (_, metrics) = call(&app, "GET", "/metrics", Value::Null, &[]).await;
     let dead = &state.pool.workers()[0].addr;
@@ -148,18 +152,47 @@ async fn no_answering_worker_is_503_and_refusals_are_400() {
 }
 
 #[tokio::test]
-async fn a_worker_dying_mid_stream_ends_the_stream_with_an_error() {
+async fn a_worker_dying_mid_stream_with_nowhere_to_resume_ends_the_stream_with_an_error() {
     let (app, _, _) = router_over(&[Mode::DiesMidStream], RouterConfig::default()).await;
     let mut body = chat_body();
     body["stream"] = json!(true);
     let (_, text) = call(&app, "POST", "/v1/chat/completions", body, &[]).await;
     let (data, _) = sse(&text);
     let last: Value = serde_json::from_str(data.last().unwrap()).unwrap();
-    assert!(last["error"]["message"].as_str().unwrap().contains("fake worker crashed"), "{text}");
+    let message = last["error"]["message"].as_str().unwrap();
+    assert!(message.contains("fake worker crashed") && message.contains("could not be resumed"), "{text}");
     assert!(!data.iter().any(|d| d == "[DONE]"));
     let (status, body) = post(&app, "/v1/chat/completions", chat_body()).await;
-    assert_eq!(status, StatusCode::BAD_GATEWAY);
-    assert!(body["error"]["message"].as_str().unwrap().contains("fake worker crashed"));
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "the crashed worker is ejected: {body}");
+}
+
+#[tokio::test]
+async fn a_worker_dying_mid_stream_is_resumed_on_another_with_the_tokens_sent() {
+    {
+        let (app, _, records) = router_over(&[Mode::DiesMidStream, Mode::Reply], RouterConfig::default()).await;
+        let mut body = chat_body();
+        body["stream"] = json!(true);
+        body["seed"] = json!(5);
+        for _ in 0..2 {
+            let (_, text) = call(&app, "POST", "/v1/chat/completions", body.clone(), &[]).await;
+            let (data, _) = sse(&text);
+            assert_eq!(data.last().map(String::as_str), Some("[DONE]"), "{text}");
+            let content: String = data
+                .iter()
+                .filter_map(|d| serde_json::from_str::<Value>(d).ok())
+                .filter_map(|v| v["choices"][0]["delta"]["content"].as_str().map(str::to_string))
+                .collect();
+            assert_eq!(content, fake::REPLY, "one uninterrupted reply");
+        }
+        let died = records[0].requests.lock().unwrap().clone();
+        assert_eq!(died.len(), 1, "the dying worker got one request and was then left out");
+        let resumed: Vec<_> = records[1].requests.lock().unwrap().iter().filter_map(|r| r.resume.clone()).collect();
+        assert_eq!(resumed.len(), 1);
+        assert_eq!(resumed[0].tokens, vec![u32::from(b'H'), u32::from(b'e')]);
+        assert_eq!(died[0].sampling.as_ref().and_then(|s| s.seed), Some(5), "the seed travels");
+        let (_, metrics) = call(&app, "GET", "/metrics", Value::Null, &[]).await;
+        assert!(metrics.contains("kiln_router_resumed_total{model=\"fake\"} 1"), "{metrics}");
+    }
 }
 
 #[tokio::test]

@@ -3,7 +3,7 @@
 
 use super::openai_format::validate_sampling;
 use super::sse::{self, Step};
-use super::{admit, chat_prompt, check_context, collect, labelled, random_id, resolve_model, Totals};
+use super::{admit, chat_prompt, check_context, collect, labelled, random_id, resolve_model, route_key, Totals};
 use crate::error::{ApiError, Flavor};
 use crate::generate::{Generation, Update};
 use crate::params::{parse_object, Fields};
@@ -11,6 +11,7 @@ use crate::upstream::ModelState;
 use crate::AppState;
 use axum::body::Bytes;
 use axum::extract::State;
+use axum::http::HeaderMap;
 use axum::response::sse::Event;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
@@ -107,16 +108,16 @@ async fn answer(work: impl std::future::Future<Output = (Option<String>, Result<
     labelled(model.as_deref().unwrap_or(""), response)
 }
 
-pub async fn messages(State(state): State<Arc<AppState>>, body: Bytes) -> Response {
+pub async fn messages(State(state): State<Arc<AppState>>, headers: HeaderMap, body: Bytes) -> Response {
     answer(async {
         let mut model_id = None;
-        let result = messages_inner(&state, &body, &mut model_id).await;
+        let result = messages_inner(&state, &headers, &body, &mut model_id).await;
         (model_id, result)
     })
     .await
 }
 
-async fn messages_inner(state: &Arc<AppState>, body: &[u8], model_id: &mut Option<String>) -> Result<Response, ApiError> {
+async fn messages_inner(state: &Arc<AppState>, headers: &HeaderMap, body: &[u8], model_id: &mut Option<String>) -> Result<Response, ApiError> {
     let started = Instant::now();
     let map = parse_object(body)?;
     let f = Fields::new(&map, "", MESSAGE_FIELDS, MESSAGE_UNSUPPORTED)?;
@@ -148,6 +149,7 @@ async fn messages_inner(state: &Arc<AppState>, body: &[u8], model_id: &mut Optio
     admit(state)?;
     let id = random_id("msg_");
     let prompt_tokens = prompt.len() as u32;
+    let key = route_key(headers, &prompt);
     let request = pb::GenerateRequest {
         prompt,
         sampling: Some(sampling),
@@ -158,8 +160,9 @@ async fn messages_inner(state: &Arc<AppState>, body: &[u8], model_id: &mut Optio
         logprobs: false,
         top_logprobs: 0,
         request_id: id.clone(),
+        resume: None,
     };
-    let mut generation = Generation::start(state, &model, request, started).await?;
+    let mut generation = Generation::start(state, &model, request, key, started).await?;
     if stream {
         return Ok(stream_message(generation, &model, id, prompt_tokens));
     }

@@ -100,10 +100,25 @@ async fn health(State(state): State<Arc<AppState>>) -> Response {
         return (StatusCode::SERVICE_UNAVAILABLE, "draining\n").into_response();
     }
     let models: Vec<String> = state.pool.models().iter().map(|m| m.info.model_id.clone()).collect();
+    let etcd = match &state.cluster {
+        Some(view) => {
+            let h = view.health();
+            if h.connected {
+                "etcd: connected\n".to_string()
+            } else {
+                format!(
+                    "etcd: unreachable for {:.0} s ({}); routing from the last view\n",
+                    h.since.elapsed().as_secs_f64(),
+                    h.last_error.as_deref().unwrap_or("not reached yet")
+                )
+            }
+        }
+        None => String::new(),
+    };
     if models.is_empty() {
-        (StatusCode::SERVICE_UNAVAILABLE, "no worker is serving a model\n").into_response()
+        (StatusCode::SERVICE_UNAVAILABLE, format!("no worker is serving a model\n{etcd}")).into_response()
     } else {
-        (StatusCode::OK, format!("ok: {}\n", models.join(", "))).into_response()
+        (StatusCode::OK, format!("ok: {}\n{etcd}", models.join(", "))).into_response()
     }
 }
 
@@ -114,8 +129,22 @@ async fn metrics(State(state): State<Arc<AppState>>) -> Response {
         ("kiln_router_worker_capacity", "Sequences the healthy workers run at once.", vec![], capacity as f64),
     ];
     for w in state.pool.workers() {
-        gauges.push(("kiln_router_worker_up", "Whether a worker answers its health checks.", vec![("worker", w.addr.clone())], f64::from(u8::from(w.is_healthy()))));
+        gauges.push(("kiln_router_worker_up", "Whether a worker answers its health checks.", vec![("worker", w.id.clone())], f64::from(u8::from(w.is_healthy()))));
+        gauges.push((
+            "kiln_router_worker_draining",
+            "Whether an operator is draining a worker.",
+            vec![("worker", w.id.clone())],
+            f64::from(u8::from(w.draining.load(Ordering::Relaxed))),
+        ));
+        gauges.push(("kiln_router_worker_in_flight", "Generations this router has in flight on a worker.", vec![("worker", w.id.clone())], w.in_flight.load(Ordering::Relaxed) as f64));
     }
+    if let Some(view) = &state.cluster {
+        let h = view.health();
+        gauges.push(("kiln_router_etcd_connected", "Whether the router's etcd watch is live (0: routing from the last view).", vec![], f64::from(u8::from(h.connected))));
+        gauges.push(("kiln_router_etcd_syncs", "Times the cluster view was read in full from etcd.", vec![], h.syncs as f64));
+    }
+    // Each metric's samples must be together under one HELP/TYPE header.
+    gauges.sort_by_key(|g| g.0);
     let body = state.metrics.render(&gauges);
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], body).into_response()
 }
@@ -181,6 +210,14 @@ pub fn check_context(model: &ModelState, prompt_tokens: usize, max_tokens: Optio
         }
     }
     Ok(())
+}
+
+/// Header naming a conversation whose requests should go to the same worker.
+pub const SESSION_HEADER: &str = "x-session-id";
+
+/// What the routing policy may use to keep related requests on one worker.
+pub fn route_key(headers: &HeaderMap, prompt: &[u32]) -> crate::routing::RouteKey {
+    crate::routing::RouteKey::new(headers.get(SESSION_HEADER).and_then(|v| v.to_str().ok()), prompt)
 }
 
 /// A short random identifier for responses.

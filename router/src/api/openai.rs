@@ -2,7 +2,7 @@
 
 use super::openai_format::{self as fmt, Common, COMMON_FIELDS};
 use super::sse::{self, json_event, Step};
-use super::{admit, chat_prompt, check_context, collect, labelled, random_id, resolve_model, unix_now, Totals};
+use super::{admit, chat_prompt, check_context, collect, labelled, random_id, resolve_model, route_key, unix_now, Totals};
 use crate::error::ApiError;
 use crate::generate::{Generation, Update};
 use crate::params::{parse_object, Fields};
@@ -137,19 +137,20 @@ fn generate_request(prompt: Vec<u32>, c: &Common, logprobs: bool, top_logprobs: 
             Some(user) => format!("{id} user={user}"),
             None => id.to_string(),
         },
+        resume: None,
     }
 }
 
-pub async fn chat(State(state): State<Arc<AppState>>, body: Bytes) -> Response {
+pub async fn chat(State(state): State<Arc<AppState>>, headers: HeaderMap, body: Bytes) -> Response {
     answer(async {
         let mut model_id = None;
-        let result = chat_inner(&state, &body, &mut model_id).await;
+        let result = chat_inner(&state, &headers, &body, &mut model_id).await;
         (model_id, result)
     })
     .await
 }
 
-async fn chat_inner(state: &Arc<AppState>, body: &[u8], model_id: &mut Option<String>) -> Result<Response, ApiError> {
+async fn chat_inner(state: &Arc<AppState>, headers: &HeaderMap, body: &[u8], model_id: &mut Option<String>) -> Result<Response, ApiError> {
     let started = Instant::now();
     let map = parse_object(body)?;
     let f = fields(&map, CHAT_FIELDS, CHAT_UNSUPPORTED)?;
@@ -168,8 +169,9 @@ async fn chat_inner(state: &Arc<AppState>, body: &[u8], model_id: &mut Option<St
     check_context(&model, prompt.len(), c.max_tokens, "messages")?;
     admit(state)?;
     let id = random_id("chatcmpl-");
+    let key = route_key(headers, &prompt);
     let request = generate_request(prompt, &c, logprobs, top_logprobs.unwrap_or(0) as u32, &id);
-    let mut generation = Generation::start(state, &model, request, started).await?;
+    let mut generation = Generation::start(state, &model, request, key, started).await?;
     let created = unix_now();
     if c.stream {
         return Ok(stream_chat(generation, model, c, id, created, logprobs));
@@ -300,16 +302,16 @@ fn completion_prompt(f: &Fields, model: &ModelState) -> Result<(Vec<u32>, String
     Err(ApiError::field("prompt", "expected a string, an array of token ids, or an array holding one of those"))
 }
 
-pub async fn completions(State(state): State<Arc<AppState>>, body: Bytes) -> Response {
+pub async fn completions(State(state): State<Arc<AppState>>, headers: HeaderMap, body: Bytes) -> Response {
     answer(async {
         let mut model_id = None;
-        let result = completions_inner(&state, &body, &mut model_id).await;
+        let result = completions_inner(&state, &headers, &body, &mut model_id).await;
         (model_id, result)
     })
     .await
 }
 
-async fn completions_inner(state: &Arc<AppState>, body: &[u8], model_id: &mut Option<String>) -> Result<Response, ApiError> {
+async fn completions_inner(state: &Arc<AppState>, headers: &HeaderMap, body: &[u8], model_id: &mut Option<String>) -> Result<Response, ApiError> {
     let started = Instant::now();
     let map = parse_object(body)?;
     let f = fields(&map, COMPLETION_FIELDS, COMPLETION_UNSUPPORTED)?;
@@ -330,8 +332,9 @@ async fn completions_inner(state: &Arc<AppState>, body: &[u8], model_id: &mut Op
     check_context(&model, prompt.len(), c.max_tokens, "prompt")?;
     admit(state)?;
     let id = random_id("cmpl-");
+    let key = route_key(headers, &prompt);
     let request = generate_request(prompt, &c, logprobs.is_some(), logprobs.unwrap_or(0) as u32, &id);
-    let mut generation = Generation::start(state, &model, request, started).await?;
+    let mut generation = Generation::start(state, &model, request, key, started).await?;
     let created = unix_now();
     let echoed = if echo { prompt_text } else { String::new() };
     if c.stream {

@@ -134,8 +134,13 @@ impl Worker for FakeWorker {
             let ok = match mode {
                 Mode::Reply => {
                     let mut ok = true;
-                    for index in 0..n {
-                        for &b in REPLY.as_bytes() {
+                    // A resumed completion continues the reply after the bytes already sent.
+                    let (indices, skip) = match &req.resume {
+                        Some(r) => (vec![r.index], r.tokens.len()),
+                        None => ((0..n).collect(), 0),
+                    };
+                    for index in indices {
+                        for &b in &REPLY.as_bytes()[skip.min(REPLY.len())..] {
                             ok &= tx.send(Ok(token(index, b))).await.is_ok();
                         }
                         ok &= tx.send(Ok(done(index, prompt, REPLY.len()))).await.is_ok();

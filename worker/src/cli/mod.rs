@@ -3,6 +3,7 @@
 pub mod bench;
 pub mod bench_parallel;
 pub mod info;
+pub mod placement;
 pub mod pull;
 pub mod run;
 pub mod serve;

@@ -1,19 +1,26 @@
 //! `kiln-worker serve`: the worker daemon. Routers reach it over gRPC; Prometheus scrapes
-//! `/metrics` on the optional HTTP address. SIGTERM or Ctrl-C drains: new requests are
-//! refused, running streams get a grace period to finish, then the process exits 0.
+//! `/metrics` on the optional HTTP address. With `--etcd` it registers itself in the cluster
+//! and, when started without `-m`, hosts whatever placement assigns it. SIGTERM or Ctrl-C
+//! drains: new requests are refused, running streams get a grace period, the worker
+//! deregisters and exits 0.
 
+use super::placement::{self, Hosting};
+use kiln_cluster::{EtcdConfig, LoadSummary, ModelPhase, ModelStatus, WorkerRecord, SCHEMA_VERSION};
 use kiln_proto::v1::worker_server::WorkerServer;
 use kiln_worker::engine::Engine;
-use kiln_worker::service::{metrics, WorkerService};
+use kiln_worker::service::{metrics, ModelSlot, Serving, WorkerService};
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
 #[derive(clap::Args)]
 pub struct ServeArgs {
-    /// Model file, or a known model name (fetched on first use)
-    #[arg(short, long, default_value = "smollm2")]
-    pub model: String,
+    /// Model file, or a known model name (fetched on first use). Without it, a worker given
+    /// --etcd hosts what placement assigns; otherwise it serves smollm2.
+    #[arg(short, long)]
+    pub model: Option<String>,
     /// Name clients use for the model (default: the known name, or the file's stem)
     #[arg(long)]
     pub model_id: Option<String>,
@@ -34,29 +41,112 @@ pub struct ServeArgs {
     /// Seconds running streams may take to finish after SIGTERM
     #[arg(long, default_value_t = 30)]
     pub grace_secs: u64,
+    /// etcd endpoints, comma-separated: register in the cluster and follow placement
+    #[arg(long, value_delimiter = ',')]
+    pub etcd: Vec<String>,
+    /// Key prefix of the cluster in etcd
+    #[arg(long, default_value = kiln_cluster::schema::DEFAULT_PREFIX)]
+    pub etcd_prefix: String,
+    /// This worker's name in the cluster (default: host name and gRPC port)
+    #[arg(long)]
+    pub worker_id: Option<String>,
+    /// gRPC address routers should dial (default: --grpc)
+    #[arg(long)]
+    pub advertise: Option<String>,
+    /// Labels placement can select on, as key=value (repeatable)
+    #[arg(long = "label", value_parser = parse_label)]
+    pub labels: Vec<(String, String)>,
+    /// Seconds the registration outlives the worker if it dies without deregistering
+    #[arg(long, default_value_t = 5)]
+    pub lease_ttl: i64,
     #[command(flatten)]
     pub engine: super::EngineArgs,
 }
 
-fn model_id(args: &ServeArgs) -> String {
-    if let Some(id) = &args.model_id {
-        return id.clone();
+fn parse_label(s: &str) -> Result<(String, String), String> {
+    let (k, v) = s.split_once('=').ok_or_else(|| format!("`{s}` is not key=value"))?;
+    if k.is_empty() {
+        return Err(format!("`{s}` has an empty key"));
     }
-    if kiln_worker::assets::known(&args.model).is_some() {
-        return args.model.clone();
+    Ok((k.to_string(), v.to_string()))
+}
+
+pub fn model_id(model: &str, explicit: Option<&str>) -> String {
+    if let Some(id) = explicit {
+        return id.to_string();
     }
-    std::path::Path::new(&args.model).file_stem().map_or_else(|| args.model.clone(), |s| s.to_string_lossy().into_owned())
+    if kiln_worker::assets::known(model).is_some() {
+        return model.to_string();
+    }
+    std::path::Path::new(model).file_stem().map_or_else(|| model.to_string(), |s| s.to_string_lossy().into_owned())
+}
+
+/// Loads `source` and starts an engine on it (blocking: reads the model file).
+pub fn load_serving(args: &ServeArgs, source: &str, id: &str) -> anyhow::Result<Serving> {
+    let model = super::load_model(source, false)?;
+    let compute = super::compute(args.threads);
+    let engine = Engine::start(Arc::clone(&model), compute, args.engine.config(args.max_seqs, args.ctx_size))?;
+    Ok(Serving::new(engine, model, id, args.max_seqs)?)
+}
+
+fn worker_id(args: &ServeArgs) -> String {
+    args.worker_id.clone().unwrap_or_else(|| {
+        let host = std::fs::read_to_string("/etc/hostname").map(|h| h.trim().to_string()).unwrap_or_default();
+        let host = if host.is_empty() { "worker".to_string() } else { host };
+        format!("{host}-{}", args.grpc.port())
+    })
+}
+
+fn advertised(args: &ServeArgs) -> anyhow::Result<String> {
+    if let Some(a) = &args.advertise {
+        return Ok(a.clone());
+    }
+    if args.grpc.ip().is_unspecified() {
+        anyhow::bail!("--grpc {} listens on every interface; give --advertise HOST:PORT for routers to dial", args.grpc);
+    }
+    Ok(args.grpc.to_string())
+}
+
+/// The record this worker publishes, read fresh each time.
+fn record(id: &str, addr: &str, args: &ServeArgs, slot: &ModelSlot, hosting: &Hosting) -> WorkerRecord {
+    let serving = slot.get();
+    let load = serving.as_ref().map_or_else(LoadSummary::default, |s| {
+        let st = s.engine.stats();
+        LoadSummary {
+            running: st.scheduler.running as u32,
+            waiting: st.scheduler.waiting as u32,
+            kv_blocks_used: st.blocks.first().map_or(0, |b| b.0 as u32),
+            kv_blocks_total: st.blocks.first().map_or(0, |b| b.2 as u32),
+        }
+    });
+    WorkerRecord {
+        schema: SCHEMA_VERSION,
+        id: id.to_string(),
+        addr: addr.to_string(),
+        labels: args.labels.iter().cloned().collect::<BTreeMap<_, _>>(),
+        placeable: args.model.is_none(),
+        model: hosting.status(),
+        max_seqs: args.max_seqs as u32,
+        load,
+    }
 }
 
 pub fn main(args: ServeArgs) -> anyhow::Result<()> {
     if args.max_seqs == 0 {
         anyhow::bail!("--max-seqs must be at least 1");
     }
-    let model = super::load_model(&args.model, false)?;
-    let compute = super::compute(args.threads);
-    let engine = Engine::start(Arc::clone(&model), compute, args.engine.config(args.max_seqs, args.ctx_size))?;
-    let id = model_id(&args);
-    let service = WorkerService::new(engine.clone(), Arc::clone(&model), &id, args.max_seqs)?;
+    let placed = args.model.is_none() && !args.etcd.is_empty();
+    let slot = Arc::new(ModelSlot::default());
+    let hosting = Arc::new(Hosting::default());
+    if !placed {
+        let source = args.model.clone().unwrap_or_else(|| "smollm2".into());
+        let id = model_id(&source, args.model_id.as_deref());
+        slot.replace(Some(Arc::new(load_serving(&args, &source, &id)?)));
+        hosting.set(Some(ModelStatus { id, phase: ModelPhase::Ready, reason: None }));
+    }
+    let service = WorkerService::with_slot(Arc::clone(&slot));
+    let (worker_id, addr) = (worker_id(&args), advertised(&args)?);
+    let args = Arc::new(args);
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     runtime.block_on(async move {
         let grpc = tokio::net::TcpListener::bind(args.grpc).await.map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", args.grpc))?;
@@ -64,37 +154,56 @@ pub fn main(args: ServeArgs) -> anyhow::Result<()> {
             Some(addr) => Some(tokio::net::TcpListener::bind(addr).await.map_err(|e| anyhow::anyhow!("cannot listen on {addr}: {e}"))?),
             None => None,
         };
-        eprintln!("kiln-worker: serving `{id}` over gRPC on {}", args.grpc);
+        match hosting.status() {
+            Some(m) => eprintln!("kiln-worker: serving `{}` over gRPC on {}", m.id, args.grpc),
+            None => eprintln!("kiln-worker: gRPC on {}; waiting for placement", args.grpc),
+        }
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         if let Some(listener) = http {
             eprintln!("kiln-worker: metrics on http://{}/metrics", listener.local_addr()?);
-            let (engine, id) = (engine.clone(), id.clone());
+            let slot = Arc::clone(&slot);
             let app = axum::Router::new()
-                .route("/metrics", axum::routing::get(move || std::future::ready(metrics::render(&engine, &id))))
+                .route("/metrics", axum::routing::get(move || std::future::ready(slot.get().map(|s| metrics::render(&s.engine, &s.info.model_id)).unwrap_or_default())))
                 .route("/health", axum::routing::get(|| std::future::ready("ok")));
             let mut stop = stop_rx.clone();
             tokio::spawn(async move {
                 let _ = axum::serve(listener, app).with_graceful_shutdown(async move { while stop.changed().await.is_ok() && !*stop.borrow() {} }).await;
             });
         }
+        let cluster = if args.etcd.is_empty() {
+            None
+        } else {
+            let mut cfg = EtcdConfig::new(&args.etcd);
+            cfg.keys = kiln_cluster::Keys::new(&args.etcd_prefix);
+            let view = kiln_cluster::ClusterView::spawn(cfg.clone());
+            tokio::spawn(placement::follow(view.clone(), worker_id.clone(), Arc::clone(&args), Arc::clone(&slot), Arc::clone(&hosting), placed));
+            let (id, a, s, h, ar) = (worker_id.clone(), addr.clone(), Arc::clone(&slot), Arc::clone(&hosting), Arc::clone(&args));
+            let reg = kiln_cluster::registration::Registration::spawn(cfg, args.lease_ttl, Duration::from_secs(1), move || record(&id, &a, &ar, &s, &h));
+            Some(reg)
+        };
         let mut stop = stop_rx.clone();
         let server = tokio::spawn(
-            tonic::transport::Server::builder().add_service(
-                WorkerServer::new(service).max_encoding_message_size(256 << 20).max_decoding_message_size(64 << 20),
-            )
-            // Without TCP_NODELAY each small streamed event can wait out a delayed ACK.
-            .serve_with_incoming_shutdown(tonic::transport::server::TcpIncoming::from(grpc).with_nodelay(Some(true)), async move {
-                while stop.changed().await.is_ok() && !*stop.borrow() {}
-            }),
+            tonic::transport::Server::builder()
+                .add_service(WorkerServer::new(service).max_encoding_message_size(256 << 20).max_decoding_message_size(64 << 20))
+                // Without TCP_NODELAY each small streamed event can wait out a delayed ACK.
+                .serve_with_incoming_shutdown(tonic::transport::server::TcpIncoming::from(grpc).with_nodelay(Some(true)), async move {
+                    while stop.changed().await.is_ok() && !*stop.borrow() {}
+                }),
         );
         super::shutdown_signal().await;
         eprintln!("kiln-worker: draining (up to {} s for running streams)", args.grace_secs);
+        slot.refuse_new.store(true, Ordering::Relaxed);
+        if let Some(reg) = cluster {
+            reg.shutdown().await;
+        }
         let _ = stop_tx.send(true);
         match tokio::time::timeout(Duration::from_secs(args.grace_secs), server).await {
             Ok(_) => eprintln!("kiln-worker: stopped"),
             Err(_) => eprintln!("kiln-worker: grace period over; ending the remaining streams"),
         }
-        engine.shutdown();
+        if let Some(s) = slot.replace(None) {
+            s.engine.shutdown();
+        }
         Ok::<(), anyhow::Error>(())
     })?;
     runtime.shutdown_timeout(Duration::from_secs(1));

@@ -7,7 +7,9 @@ use crate::sampler::{apply_penalties, sample, Candidates, Rng, StopMatch, StopMa
 use kiln_shared::tokenizer::{StreamDecoder, Tokenizer};
 
 pub struct Decoding {
-    rng: Rng,
+    /// This completion's seed; token k is drawn from a generator seeded by (seed, k), so a
+    /// completion resumed at token k draws exactly what the original would have.
+    seed: u64,
     candidates: Candidates,
     decoder: StreamDecoder,
     stops: StopMatcher,
@@ -41,7 +43,7 @@ impl Decoding {
     pub fn for_choice(req: &GenerationRequest, index: usize) -> Decoding {
         let seed = req.sampling.seed.unwrap_or_else(Rng::entropy_seed);
         Decoding {
-            rng: Rng::seeded(seed.wrapping_add((index as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15))),
+            seed: seed.wrapping_add((index as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15)),
             candidates: Candidates::default(),
             decoder: StreamDecoder::new(),
             stops: StopMatcher::new(req.stop.clone()),
@@ -51,11 +53,27 @@ impl Decoding {
         }
     }
 
+    /// State for continuing completion `index` after `tokens` it already produced: the
+    /// text they made is taken as already sent, and what was held back stays held back.
+    /// Fails when those tokens could not have been produced by a completion still running.
+    pub fn resumed(req: &GenerationRequest, index: usize, tokens: &[u32], tokenizer: &Tokenizer) -> Result<Decoding, String> {
+        let mut d = Self::for_choice(req, index);
+        for (k, &t) in tokens.iter().enumerate() {
+            let accepted = d.accept(req, tokenizer, t);
+            if accepted.is_end_token || accepted.finish.is_some() {
+                return Err(format!("resumed token {k} ({t}) already ends the completion"));
+            }
+        }
+        d.text.clear();
+        Ok(d)
+    }
+
     /// Picks the next token from `logits` after `history` (prompt and output so far). With
     /// `logprobs`, log-probabilities are those of the penalized logits at temperature 1.
     pub fn sample(&mut self, req: &GenerationRequest, logits: &mut [f32], history: &[u32]) -> Sampled {
         apply_penalties(logits, history, &req.sampling);
-        let token = sample(logits, &req.sampling, &mut self.rng, &mut self.candidates);
+        let mut rng = Rng::seeded(self.seed ^ (self.generated as u64).wrapping_mul(0xD1B5_4A32_D192_ED03));
+        let token = sample(logits, &req.sampling, &mut rng, &mut self.candidates);
         if !req.logprobs {
             return Sampled { token, logprob: None, top: Vec::new() };
         }

@@ -71,6 +71,7 @@ pub struct EngineStats {
 
 pub(super) struct Shared {
     pub next_id: AtomicU64,
+    pub tokenizer: Arc<kiln_shared::tokenizer::Tokenizer>,
     pub stats: Mutex<EngineStats>,
     pub capacity: Capacity,
 }
@@ -115,13 +116,36 @@ impl EngineHandle {
                 cap.groups[0].0, cap.block_size
             )));
         }
+        let resumed = match &req.resume {
+            None => None,
+            Some(r) => Some(self.check_resume(&req, r, max_len)?),
+        };
         let req_n = req.n.max(1);
         let id = self.shared.next_id.fetch_add(1, Ordering::Relaxed);
         let (events, rx) = std::sync::mpsc::channel();
-        let admission = super::step::Admission::new(id, req, max_len, events);
+        let admission = super::step::Admission::new(id, req, max_len, events, resumed);
         self.tx.send(Command::Submit(Box::new(admission))).map_err(|_| Error::InvalidRequest("the engine has stopped".into()))?;
         let remaining = req_n;
         Ok(RequestStream { id, rx, handle: self.clone(), remaining })
+    }
+
+    /// The decoding state a resumed completion continues from.
+    fn check_resume(&self, req: &GenerationRequest, r: &super::Resume, max_len: usize) -> Result<super::decoding::Decoding> {
+        let vocab = self.shared.capacity.vocab_size;
+        if req.n > 1 {
+            return Err(Error::InvalidRequest("a resumed request continues one completion; n must be 1".into()));
+        }
+        if let Some(&bad) = r.tokens.iter().find(|&&t| t as usize >= vocab) {
+            return Err(Error::InvalidRequest(format!("resumed token id {bad} is outside the vocabulary of {vocab}")));
+        }
+        if req.prompt.len() + r.tokens.len() >= max_len {
+            return Err(Error::InvalidRequest(format!(
+                "{} resumed tokens after a prompt of {} leave no room to generate (limit {max_len})",
+                r.tokens.len(),
+                req.prompt.len()
+            )));
+        }
+        super::decoding::Decoding::resumed(req, r.index, &r.tokens, &self.shared.tokenizer).map_err(Error::InvalidRequest)
     }
 
     /// Cancels a request; its stream ends with `Done { finish: Cancelled }`.

@@ -8,5 +8,5 @@ pub mod session;
 pub mod step;
 
 pub use handle::{EngineHandle, EngineStats, Event, RequestStream};
-pub use session::{Completion, FinishReason, GenerationRequest, Session, Usage};
+pub use session::{Completion, FinishReason, GenerationRequest, Resume, Session, Usage};
 pub use step::{Engine, EngineConfig};

@@ -126,7 +126,7 @@ impl Engine {
         let ttft = a.first_token.unwrap_or(now).duration_since(a.submitted);
         let usage = Usage {
             prompt_tokens: a.req.prompt.len(),
-            cached_tokens: seq.as_ref().map_or(0, |s| s.num_cached_prompt),
+            cached_tokens: seq.as_ref().map_or(0, |s| s.num_cached_prompt).min(a.req.prompt.len()),
             completion_tokens: a.decoding.generated,
             prefill_ms: ttft.as_secs_f64() * 1e3,
             decode_ms: a.first_token.map_or(0.0, |t| now.duration_since(t).as_secs_f64() * 1e3),

@@ -34,6 +34,16 @@ pub struct GenerationRequest {
     /// Completions to sample from the prompt (0 is taken as 1). They share the prompt's
     /// cache blocks and use seeds derived from `sampling.seed`.
     pub n: usize,
+    /// Continue completion `index` of an earlier identical request from the tokens it had
+    /// produced (when the worker running it went away): the result is the one that
+    /// request would have given.
+    pub resume: Option<Resume>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Resume {
+    pub index: usize,
+    pub tokens: Vec<u32>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -41,11 +41,13 @@ pub(super) struct Admission {
     max_len: usize,
     events: Sender<Event>,
     submitted: Instant,
+    /// For a resumed completion, its state after the tokens it had already produced.
+    resumed: Option<Decoding>,
 }
 
 impl Admission {
-    pub(super) fn new(id: SeqId, req: GenerationRequest, max_len: usize, events: Sender<Event>) -> Admission {
-        Admission { id, req, max_len, events, submitted: Instant::now() }
+    pub(super) fn new(id: SeqId, req: GenerationRequest, max_len: usize, events: Sender<Event>, resumed: Option<Decoding>) -> Admission {
+        Admission { id, req, max_len, events, submitted: Instant::now(), resumed }
     }
 }
 
@@ -145,6 +147,7 @@ impl Engine {
         );
         let shared = Arc::new(Shared {
             next_id: AtomicU64::new(1),
+            tokenizer: Arc::clone(&model.tokenizer),
             stats: Mutex::new(EngineStats::default()),
             capacity: Capacity {
                 block_size: cfg.block_size,
@@ -211,15 +214,23 @@ impl Engine {
         match cmd {
             Command::Submit(a) => {
                 let a = *a;
-                let seq = SeqState::new(a.id, a.req.prompt.clone(), self.kv.groups.len());
+                // A resumed completion recomputes the cache over the prompt and what it had
+                // produced (most of it usually found in the prefix cache).
+                let mut tokens = a.req.prompt.clone();
+                let index = a.req.resume.as_ref().map_or(0, |r| {
+                    tokens.extend_from_slice(&r.tokens);
+                    r.index
+                });
+                let seq = SeqState::new(a.id, tokens, self.kv.groups.len());
                 let req = Arc::new(a.req);
+                let resumed = a.resumed.is_some();
                 self.active.insert(
                     a.id,
                     Active {
                         request: a.id,
-                        index: 0,
-                        decoding: Decoding::for_choice(&req, 0),
-                        forks_pending: req.n.max(1) - 1,
+                        index,
+                        decoding: a.resumed.unwrap_or_else(|| Decoding::for_choice(&req, 0)),
+                        forks_pending: if resumed { 0 } else { req.n.max(1) - 1 },
                         req,
                         events: a.events,
                         max_len: a.max_len,

@@ -31,6 +31,7 @@ pub fn generation_request(r: pb::GenerateRequest) -> Result<GenerationRequest, S
         logprobs: r.logprobs,
         top_logprobs: r.top_logprobs as usize,
         n: r.n.max(1) as usize,
+        resume: r.resume.map(|x| crate::engine::Resume { index: x.index as usize, tokens: x.tokens }),
     })
 }
 

@@ -3,6 +3,9 @@
 //! Each Generate call submits to the engine and relays its events; a thread per stream waits
 //! on the engine's channel and notices within 50 ms when the client has gone, dropping the
 //! engine stream, which cancels the generation and frees its blocks.
+//!
+//! The model sits in a `ModelSlot` that placement can fill, empty or replace while the
+//! service runs; without a model every call but Health answers `Unavailable`.
 
 use super::convert;
 use crate::engine::{EngineHandle, RequestStream};
@@ -10,20 +13,22 @@ use crate::loader::LoadedModel;
 use kiln_proto::v1 as pb;
 use kiln_proto::v1::worker_server::Worker;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
-pub struct WorkerService {
-    engine: EngineHandle,
-    model: Arc<LoadedModel>,
-    info: pb::ModelInfoResponse,
+/// A loaded model with its engine, as the service exposes it.
+pub struct Serving {
+    pub engine: EngineHandle,
+    pub model: Arc<LoadedModel>,
+    pub info: pb::ModelInfoResponse,
 }
 
-impl WorkerService {
-    pub fn new(engine: EngineHandle, model: Arc<LoadedModel>, model_id: &str, max_seqs: usize) -> Result<WorkerService, serde_json::Error> {
+impl Serving {
+    pub fn new(engine: EngineHandle, model: Arc<LoadedModel>, model_id: &str, max_seqs: usize) -> Result<Serving, serde_json::Error> {
         let cfg = model.model.config();
         let info = pb::ModelInfoResponse {
             model_id: model_id.to_string(),
@@ -37,11 +42,52 @@ impl WorkerService {
             eos_token: model.tokenizer.eos_text().unwrap_or("").to_string(),
             max_seqs: max_seqs as u32,
         };
-        Ok(WorkerService { engine, model, info })
+        Ok(Serving { engine, model, info })
+    }
+}
+
+/// The model the worker serves now, if any, and whether it takes new generations.
+#[derive(Default)]
+pub struct ModelSlot {
+    current: RwLock<Option<Arc<Serving>>>,
+    /// Set while draining: running streams go on, new generations are refused.
+    pub refuse_new: AtomicBool,
+}
+
+impl ModelSlot {
+    pub fn get(&self) -> Option<Arc<Serving>> {
+        self.current.read().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
-    pub fn engine(&self) -> &EngineHandle {
-        &self.engine
+    /// Installs `serving` (or empties the slot), returning what was there.
+    pub fn replace(&self, serving: Option<Arc<Serving>>) -> Option<Arc<Serving>> {
+        std::mem::replace(&mut *self.current.write().unwrap_or_else(|e| e.into_inner()), serving)
+    }
+}
+
+pub struct WorkerService {
+    slot: Arc<ModelSlot>,
+}
+
+impl WorkerService {
+    /// A service over one fixed model.
+    pub fn new(engine: EngineHandle, model: Arc<LoadedModel>, model_id: &str, max_seqs: usize) -> Result<WorkerService, serde_json::Error> {
+        let slot = ModelSlot::default();
+        slot.replace(Some(Arc::new(Serving::new(engine, model, model_id, max_seqs)?)));
+        Ok(WorkerService { slot: Arc::new(slot) })
+    }
+
+    /// A service over whatever `slot` holds from moment to moment.
+    pub fn with_slot(slot: Arc<ModelSlot>) -> WorkerService {
+        WorkerService { slot }
+    }
+
+    pub fn slot(&self) -> &Arc<ModelSlot> {
+        &self.slot
+    }
+
+    fn serving(&self) -> Result<Arc<Serving>, Status> {
+        self.slot.get().ok_or_else(|| Status::unavailable("this worker has no model loaded (waiting for placement, or loading)"))
     }
 }
 
@@ -63,16 +109,20 @@ fn pump(mut events: RequestStream, tx: mpsc::Sender<Result<pb::GenerateEvent, St
 #[tonic::async_trait]
 impl Worker for WorkerService {
     async fn model_info(&self, _: Request<pb::ModelInfoRequest>) -> Result<Response<pb::ModelInfoResponse>, Status> {
-        Ok(Response::new(self.info.clone()))
+        Ok(Response::new(self.serving()?.info.clone()))
     }
 
     type GenerateStream = EventStream;
 
     async fn generate(&self, request: Request<pb::GenerateRequest>) -> Result<Response<Self::GenerateStream>, Status> {
+        let serving = self.serving()?;
+        if self.slot.refuse_new.load(Ordering::Relaxed) {
+            return Err(Status::unavailable("this worker is draining"));
+        }
         let req = convert::generation_request(request.into_inner())?;
-        let events = self.engine.submit(req).map_err(|e| convert::status(&e))?;
+        let events = serving.engine.submit(req).map_err(|e| convert::status(&e))?;
         let (tx, rx) = mpsc::channel(64);
-        let model = Arc::clone(&self.model);
+        let model = Arc::clone(&serving.model);
         std::thread::Builder::new()
             .name("kiln-stream".into())
             .spawn(move || pump(events, tx, model))
@@ -82,25 +132,31 @@ impl Worker for WorkerService {
 
     async fn tokenize(&self, request: Request<pb::TokenizeRequest>) -> Result<Response<pb::TokenizeResponse>, Status> {
         let r = request.into_inner();
-        let tokens = self.model.tokenizer.encode(&r.text, r.add_special, r.parse_special);
+        let tokens = self.serving()?.model.tokenizer.encode(&r.text, r.add_special, r.parse_special);
         Ok(Response::new(pb::TokenizeResponse { tokens }))
     }
 
     async fn detokenize(&self, request: Request<pb::DetokenizeRequest>) -> Result<Response<pb::DetokenizeResponse>, Status> {
         let r = request.into_inner();
-        let vocab = self.model.tokenizer.vocab_size();
+        let serving = self.serving()?;
+        let vocab = serving.model.tokenizer.vocab_size();
         if let Some(&bad) = r.tokens.iter().find(|&&t| t as usize >= vocab) {
             return Err(Status::invalid_argument(format!("token id {bad} is outside the vocabulary of {vocab}")));
         }
-        Ok(Response::new(pb::DetokenizeResponse { text: self.model.tokenizer.decode(&r.tokens, r.render_special) }))
+        Ok(Response::new(pb::DetokenizeResponse { text: serving.model.tokenizer.decode(&r.tokens, r.render_special) }))
     }
 
     async fn health(&self, _: Request<pb::HealthRequest>) -> Result<Response<pb::HealthResponse>, Status> {
-        Ok(Response::new(pb::HealthResponse { serving: true, model_id: self.info.model_id.clone() }))
+        let serving = self.slot.get();
+        Ok(Response::new(pb::HealthResponse {
+            serving: serving.is_some() && !self.slot.refuse_new.load(Ordering::Relaxed),
+            model_id: serving.map(|s| s.info.model_id.clone()).unwrap_or_default(),
+        }))
     }
 
     async fn load(&self, _: Request<pb::LoadRequest>) -> Result<Response<pb::LoadResponse>, Status> {
-        let s = self.engine.stats();
+        let serving = self.serving()?;
+        let s = serving.engine.stats();
         Ok(Response::new(pb::LoadResponse {
             running: s.scheduler.running as u32,
             waiting: s.scheduler.waiting as u32,
@@ -113,7 +169,7 @@ impl Worker for WorkerService {
             prefix_hit_tokens: s.scheduler.prefix_hit_tokens,
             preemptions: s.scheduler.preemptions,
             generated_tokens: s.generated_tokens,
-            max_seqs: self.info.max_seqs,
+            max_seqs: serving.info.max_seqs,
         }))
     }
 }

@@ -5,4 +5,4 @@ mod convert;
 pub mod grpc;
 pub mod metrics;
 
-pub use grpc::WorkerService;
+pub use grpc::{ModelSlot, Serving, WorkerService};
