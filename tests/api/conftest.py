@@ -59,14 +59,19 @@ class Process:
 
 
 class Worker(Process):
-    def __init__(self, name, *extra):
+    """A worker on the test model; with `etcd`, registered in that cluster as `name`
+    (and, with model=None, waiting for placement)."""
+
+    def __init__(self, name, *extra, etcd=None, model=MODEL, lease_ttl=3):
+        self.name = name
         self.grpc = f"127.0.0.1:{free_port()}"
         self.metrics_url = f"http://127.0.0.1:{free_port()}"
-        super().__init__(
-            [str(BIN / "kiln-worker"), "serve", "-m", MODEL, "--grpc", self.grpc,
-             "--metrics", self.metrics_url.removeprefix("http://"), *extra],
-            f"worker-{name}",
-        )
+        args = [str(BIN / "kiln-worker"), "serve", "--grpc", self.grpc, "--metrics", self.metrics_url.removeprefix("http://")]
+        if model:
+            args += ["-m", model]
+        if etcd:
+            args += ["--etcd", etcd, "--worker-id", name, "--lease-ttl", str(lease_ttl)]
+        super().__init__(args + list(extra), f"worker-{name}")
         wait_until(lambda: httpx.get(f"{self.metrics_url}/health").status_code == 200, 300, f"worker {name}")
 
     def metric(self, name):
@@ -77,17 +82,45 @@ class Worker(Process):
 
 
 class Router(Process):
-    def __init__(self, name, workers, *extra, wait=True):
+    def __init__(self, name, workers, *extra, wait=True, etcd=None):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        super().__init__(
-            [str(BIN / "kiln-router"), "--workers", ",".join(workers), "--port", str(self.port), *extra],
-            f"router-{name}",
-        )
+        args = [str(BIN / "kiln-router"), "--port", str(self.port)]
+        if workers:
+            args += ["--workers", ",".join(workers)]
+        if etcd:
+            args += ["--etcd", etcd]
+        super().__init__(args + list(extra), f"router-{name}")
         if wait:
             wait_until(lambda: httpx.get(f"{self.url}/health").status_code == 200, 60, f"router {name}")
         else:
             wait_until(lambda: httpx.get(f"{self.url}/health").status_code in (200, 503), 60, f"router {name}")
+
+
+class Etcd(Process):
+    """One etcd member on loopback (Debian's etcd-server); `peers` makes a multi-member cluster."""
+
+    def __init__(self, name, data_dir, client_port=None, peer_port=None, initial_cluster=None):
+        self.name = name
+        self.client_port = client_port or free_port()
+        self.peer_port = peer_port or free_port()
+        self.url = f"http://127.0.0.1:{self.client_port}"
+        self.data_dir = data_dir
+        self.initial = initial_cluster or f"{name}=http://127.0.0.1:{self.peer_port}"
+        args = ["etcd", "--name", name, "--data-dir", str(data_dir),
+                "--listen-client-urls", self.url, "--advertise-client-urls", self.url,
+                "--listen-peer-urls", f"http://127.0.0.1:{self.peer_port}",
+                "--initial-advertise-peer-urls", f"http://127.0.0.1:{self.peer_port}",
+                "--initial-cluster", self.initial,
+                "--initial-cluster-state", "new", "--initial-cluster-token", "kiln-test"]
+        super().__init__(args, f"etcd-{name}")
+
+    def wait_ready(self, timeout=30):
+        wait_until(lambda: httpx.get(f"{self.url}/health", timeout=2).json().get("health") == "true", timeout, f"etcd {self.name}")
+
+    def restart(self):
+        """Starts the member again on the same ports and data."""
+        return Etcd(self.name, self.data_dir, self.client_port, self.peer_port, self.initial)
 
 
 @pytest.fixture(scope="session")
