@@ -71,6 +71,27 @@ fn fresh_seed() -> u64 {
     crate::routing::fnv(t.to_le_bytes().into_iter().chain((&t as *const u64 as u64).to_le_bytes()))
 }
 
+/// How often a waiting generation looks at its workers' health.
+const HEALTH_POLL: Duration = Duration::from_millis(250);
+
+/// Waits for `attempt` (a request's first event) while its worker keeps answering health
+/// checks, up to `limit`; Err says why it gave up.
+async fn first_event<T>(attempt: impl std::future::Future<Output = T>, worker: &crate::upstream::Worker, limit: Duration) -> Result<T, String> {
+    let deadline = Instant::now() + limit;
+    tokio::pin!(attempt);
+    loop {
+        if !worker.is_responsive() {
+            return Err("stopped answering health checks".into());
+        }
+        if Instant::now() >= deadline {
+            return Err(format!("sent nothing within {limit:?}"));
+        }
+        if let Ok(out) = tokio::time::timeout(HEALTH_POLL, &mut attempt).await {
+            return Ok(out);
+        }
+    }
+}
+
 enum Failure {
     /// The stream broke or ended early.
     Broken(String),
@@ -132,7 +153,7 @@ impl Generation {
                 let first = stream.message().await?;
                 Ok::<_, Status>((stream, first))
             };
-            let reason = match tokio::time::timeout(timeouts.first_token, attempt).await {
+            let reason = match first_event(attempt, &worker, timeouts.first_token).await {
                 Ok(Ok((stream, Some(first)))) => {
                     self.attempts.push(Attempt { in_flight, stream, indices, first: Some(first), last_progress: Instant::now() });
                     return Ok(());
@@ -149,10 +170,10 @@ impl Generation {
                     self.upstream_error(&worker.id);
                     return Err(from_status(&s));
                 }
-                Err(_) => {
+                Err(why) => {
                     worker.eject(timeouts.eject);
                     self.state.metrics.add("kiln_router_stalled_total", vec![("worker", worker.id.clone())], 1.0);
-                    format!("sent nothing within {:?}", timeouts.first_token)
+                    why
                 }
             };
             eprintln!("kiln-router: worker {} failed ({reason}); trying another", worker.id);
@@ -203,21 +224,24 @@ impl Generation {
     }
 
     /// The next event from any stream, or which stream failed and how (Ok) or a refusal (Err).
+    /// A stream fails by breaking, by sending nothing for the stall timeout, or by its worker
+    /// no longer answering health checks.
     async fn wait(&mut self) -> Result<(usize, pb::GenerateEvent), (usize, Result<Failure, ApiError>)> {
-        let timeouts = &self.state.config.timeouts;
-        let deadline = |a: &Attempt| a.last_progress + timeouts.stall;
-        let earliest = self.attempts.iter().map(deadline).min().unwrap_or_else(Instant::now);
-        let reads = self.attempts.iter_mut().enumerate().map(|(i, a)| Box::pin(async move { (i, a.stream.message().await) }));
-        let outcome = tokio::time::timeout_at(earliest.into(), futures_util::future::select_all(reads)).await.map(|(first, _, _)| first);
-        match outcome {
-            Ok((i, Ok(Some(event)))) => Ok((i, event)),
-            Ok((i, Ok(None))) => Err((i, Ok(Failure::Broken("ended the stream before the generation finished".into())))),
-            Ok((i, Err(s))) if worker_failed(&s) => Err((i, Ok(Failure::Broken(s.message().to_string())))),
-            Ok((i, Err(s))) => Err((i, Err(from_status(&s)))),
-            Err(_) => {
-                let now = Instant::now();
-                let i = self.attempts.iter().position(|a| deadline(a) <= now).unwrap_or(0);
-                Err((i, Ok(Failure::Stalled)))
+        let stall = self.state.config.timeouts.stall;
+        loop {
+            let now = Instant::now();
+            if let Some(i) = self.attempts.iter().position(|a| now >= a.last_progress + stall || !a.in_flight.worker().is_responsive()) {
+                return Err((i, Ok(Failure::Stalled)));
+            }
+            let earliest = self.attempts.iter().map(|a| a.last_progress + stall).min().unwrap_or(now).min(now + HEALTH_POLL);
+            let reads = self.attempts.iter_mut().enumerate().map(|(i, a)| Box::pin(async move { (i, a.stream.message().await) }));
+            let outcome = tokio::time::timeout_at(earliest.into(), futures_util::future::select_all(reads)).await.map(|(first, _, _)| first);
+            match outcome {
+                Ok((i, Ok(Some(event)))) => return Ok((i, event)),
+                Ok((i, Ok(None))) => return Err((i, Ok(Failure::Broken("ended the stream before the generation finished".into())))),
+                Ok((i, Err(s))) if worker_failed(&s) => return Err((i, Ok(Failure::Broken(s.message().to_string())))),
+                Ok((i, Err(s))) => return Err((i, Err(from_status(&s)))),
+                Err(_) => continue,
             }
         }
     }
@@ -235,7 +259,11 @@ impl Generation {
             Failure::Stalled => {
                 worker.eject(self.state.config.timeouts.eject);
                 self.state.metrics.add("kiln_router_stalled_total", vec![("worker", worker.id.clone())], 1.0);
-                format!("made no progress for {:?}", self.state.config.timeouts.stall)
+                if worker.is_responsive() {
+                    format!("made no progress for {:?}", self.state.config.timeouts.stall)
+                } else {
+                    "stopped answering health checks".to_string()
+                }
             }
         };
         eprintln!("kiln-router: worker {} {why}; resuming elsewhere", worker.id);

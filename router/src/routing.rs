@@ -93,3 +93,98 @@ pub fn choose<'a>(policy: Policy, candidates: &'a [Arc<Worker>], key: &RouteKey,
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::upstream::WorkerPool;
+    use std::sync::atomic::Ordering;
+
+    async fn workers(n: usize) -> Vec<Arc<Worker>> {
+        let addrs: Vec<String> = (0..n).map(|i| format!("127.0.0.1:{}", 40000 + i)).collect();
+        WorkerPool::new(&addrs).unwrap().workers()
+    }
+
+    fn key(k: u64) -> RouteKey {
+        RouteKey { session: None, prefix: Some(k) }
+    }
+
+    fn pick(policy: Policy, ws: &[Arc<Worker>], k: &RouteKey, turn: usize) -> String {
+        choose(policy, ws, k, turn).unwrap().id.clone()
+    }
+
+    #[tokio::test]
+    async fn a_prefix_goes_to_the_same_worker_from_any_router() {
+        let (a, b) = (workers(4).await, workers(4).await);
+        let mut counts = std::collections::HashMap::new();
+        for k in 0..400u64 {
+            let k = key(fnv(k.to_le_bytes()));
+            let first = pick(Policy::Prefix, &a, &k, 0);
+            assert_eq!(pick(Policy::Prefix, &a, &k, 7), first, "stable across calls");
+            assert_eq!(pick(Policy::Prefix, &b, &k, 3), first, "another router replica agrees");
+            *counts.entry(first).or_insert(0) += 1;
+        }
+        assert_eq!(counts.len(), 4);
+        assert!(counts.values().all(|&c| c > 60), "keys spread over the workers: {counts:?}");
+    }
+
+    #[tokio::test]
+    async fn losing_a_worker_moves_only_its_keys() {
+        let ws = workers(4).await;
+        let fewer: Vec<Arc<Worker>> = ws.iter().filter(|w| !w.id.ends_with("40002")).cloned().collect();
+        for k in 0..300u64 {
+            let k = key(fnv(k.to_le_bytes()));
+            let before = pick(Policy::Prefix, &ws, &k, 0);
+            if !before.ends_with("40002") {
+                assert_eq!(pick(Policy::Prefix, &fewer, &k, 0), before);
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn a_hot_worker_hands_its_keys_to_the_next_in_rank() {
+        let ws = workers(3).await;
+        let k = key(12345);
+        let first = pick(Policy::Prefix, &ws, &k, 0);
+        let hot = ws.iter().find(|w| w.id == first).unwrap();
+        hot.in_flight.store(2, Ordering::Relaxed);
+        assert_eq!(pick(Policy::Prefix, &ws, &k, 0), first, "within the slack it keeps the key");
+        hot.reported_load.store(3, Ordering::Relaxed);
+        let second = pick(Policy::Prefix, &ws, &k, 0);
+        assert_ne!(second, first, "beyond it the key moves");
+        for w in &ws {
+            w.in_flight.store(5, Ordering::Relaxed);
+        }
+        assert_eq!(pick(Policy::Prefix, &ws, &k, 0), first, "when all are equally busy the key comes back");
+    }
+
+    #[tokio::test]
+    async fn sessions_override_prefixes_and_other_policies_ignore_keys() {
+        let ws = workers(4).await;
+        let session = |s: &str, p: u64| RouteKey { session: Some(fnv(s.bytes())), prefix: Some(p) };
+        let home = pick(Policy::Prefix, &ws, &session("alice", 1), 0);
+        for p in 0..50 {
+            assert_eq!(pick(Policy::Prefix, &ws, &session("alice", p), 0), home);
+        }
+        let rr: Vec<String> = (0..4).map(|t| pick(Policy::RoundRobin, &ws, &key(9), t)).collect();
+        let mut distinct = rr.clone();
+        distinct.sort();
+        distinct.dedup();
+        assert_eq!(distinct.len(), 4, "round robin visits every worker: {rr:?}");
+        ws[0].in_flight.store(1, Ordering::Relaxed);
+        ws[1].in_flight.store(1, Ordering::Relaxed);
+        ws[3].reported_load.store(4, Ordering::Relaxed);
+        assert_eq!(pick(Policy::LeastLoaded, &ws, &key(9), 5), ws[2].id);
+    }
+
+    #[test]
+    fn route_keys_hash_the_first_tokens_only() {
+        let long: Vec<u32> = (0..200).collect();
+        let mut other = long.clone();
+        other[150] = 7;
+        assert_eq!(RouteKey::new(None, &long), RouteKey::new(None, &other));
+        other[10] = 7;
+        assert_ne!(RouteKey::new(None, &long), RouteKey::new(None, &other));
+        assert_eq!(RouteKey::new(Some(""), &[]), RouteKey::default());
+    }
+}

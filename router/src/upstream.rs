@@ -31,6 +31,9 @@ pub struct Worker {
     pub client: WorkerClient<Channel>,
     model: RwLock<Option<Arc<ModelState>>>,
     healthy: AtomicBool,
+    /// Its last health check was answered (even "not serving", as while draining); false
+    /// means the worker is hung or gone, and generations waiting on it move elsewhere.
+    responsive: AtomicBool,
     pub in_flight: AtomicUsize,
     /// Sequences running and waiting on the worker, from its last load report.
     pub reported_load: AtomicU32,
@@ -49,6 +52,10 @@ impl Worker {
 
     pub fn is_healthy(&self) -> bool {
         self.healthy.load(Ordering::Relaxed)
+    }
+
+    pub fn is_responsive(&self) -> bool {
+        self.responsive.load(Ordering::Relaxed)
     }
 
     /// Whether new requests may go here.
@@ -144,6 +151,7 @@ fn new_worker(id: &str, addr: &str) -> Result<Worker, String> {
         client,
         model: RwLock::new(None),
         healthy: AtomicBool::new(false),
+        responsive: AtomicBool::new(true),
         in_flight: AtomicUsize::new(0),
         reported_load: AtomicU32::new(0),
         draining: AtomicBool::new(false),
@@ -277,6 +285,7 @@ async fn refresh(w: Arc<Worker>) {
         Ok(Ok(r)) => Some(r.into_inner()),
         _ => None,
     };
+    w.responsive.store(health.is_some(), Ordering::Relaxed);
     let mut healthy = health.as_ref().is_some_and(|h| h.serving) && !w.ejected();
     let model_changed = health.as_ref().is_some_and(|h| w.model().is_none_or(|m| m.info.model_id != h.model_id));
     if healthy && (model_changed || !w.is_healthy()) {

@@ -264,3 +264,21 @@ async fn prompt_longer_than_the_context_reports_counts() {
     assert!(body["error"]["message"].as_str().unwrap().contains("40 in the prompt, 30 for the completion"));
     assert!(records[0].requests.lock().unwrap().is_empty(), "nothing reaches the worker");
 }
+
+#[tokio::test]
+async fn a_stalled_worker_is_left_and_the_generation_resumed_elsewhere() {
+    let mut config = RouterConfig::default();
+    config.timeouts.stall = Duration::from_millis(300);
+    let (app, state, records) = router_over(&[Mode::StallsMidStream, Mode::Reply], config).await;
+    for _ in 0..2 {
+        let (status, body) = post(&app, "/v1/chat/completions", chat_body()).await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        assert_eq!(body["choices"][0]["message"]["content"], fake::REPLY);
+    }
+    assert_eq!(records[0].requests.lock().unwrap().len(), 1);
+    assert_eq!(records[0].closed_early.load(Ordering::SeqCst), 1, "the stalled stream is closed, cancelling it there");
+    assert!(!state.pool.workers()[0].is_healthy(), "the stalled worker is ejected");
+    let (_, metrics) = call(&app, "GET", "/metrics", Value::Null, &[]).await;
+    let stalled = &state.pool.workers()[0].id;
+    assert!(metrics.contains(&format!("kiln_router_stalled_total{{worker=\"{stalled}\"}} 1")), "{metrics}");
+}

@@ -29,6 +29,8 @@ pub enum Mode {
     DiesMidStream,
     /// Sends a token every 20 ms until the stream is closed.
     Endless,
+    /// Sends two tokens, then nothing, keeping the stream open (a hung worker).
+    StallsMidStream,
 }
 
 #[derive(Default)]
@@ -151,6 +153,12 @@ impl Worker for FakeWorker {
                     let _ = tx.send(Ok(token(0, b'H'))).await;
                     let _ = tx.send(Ok(token(0, b'e'))).await;
                     tx.send(Err(Status::internal("fake worker crashed"))).await.is_ok()
+                }
+                Mode::StallsMidStream => {
+                    let _ = tx.send(Ok(token(0, b'H'))).await;
+                    let _ = tx.send(Ok(token(0, b'e'))).await;
+                    tx.closed().await;
+                    false
                 }
                 Mode::Endless => loop {
                     tokio::time::sleep(Duration::from_millis(20)).await;
