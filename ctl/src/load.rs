@@ -27,9 +27,36 @@ pub struct LoadArgs {
     /// Send to this worker's gRPC address instead of through the router
     #[arg(long)]
     grpc: Option<String>,
+    /// Shared-system-prompt workload: each request opens with one of this many long system
+    /// prompts (request i uses prompt i mod K), as many users of a few applications do
+    #[arg(long)]
+    shared_system_prompts: Option<usize>,
     /// Print the report as JSON
     #[arg(long)]
     json: bool,
+}
+
+const RULES: &[&str] = &[
+    "Answer in plain language and keep each sentence short.",
+    "When a question is ambiguous, say which reading you chose.",
+    "Prefer concrete examples over abstract definitions.",
+    "Never invent citations, names or numbers.",
+    "If a calculation is involved, show the steps.",
+    "Use metric units unless the user uses others.",
+    "Keep lists to at most five items.",
+    "Finish with one sentence that sums up the answer.",
+];
+
+/// A system prompt of some 300 tokens for application `k`, unique to this run so that caches
+/// warmed by an earlier run do not flatter this one.
+fn system_prompt(run: u64, k: usize) -> String {
+    let mut s = format!("You are assistant {k} of deployment {run:x}, serving the customers of application number {k}. ");
+    for round in 0..5 {
+        for (j, rule) in RULES.iter().enumerate() {
+            s.push_str(&format!("Rule {}.{}: {rule} ", round + 1, (j + k) % RULES.len() + 1));
+        }
+    }
+    s
 }
 
 const TOPICS: &[&str] = &[
@@ -69,10 +96,14 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
     sorted[rank.min(sorted.len() - 1)]
 }
 
-async fn http_request(client: &Client, model: &str, run: u64, i: usize, max_tokens: u32) -> Result<Sample> {
+async fn http_request(client: &Client, model: &str, run: u64, i: usize, max_tokens: u32, shared: Option<usize>) -> Result<Sample> {
+    let mut messages = vec![json!({ "role": "user", "content": question(run, i) })];
+    if let Some(k) = shared {
+        messages.insert(0, json!({ "role": "system", "content": system_prompt(run, i % k.max(1)) }));
+    }
     let body = json!({
         "model": model,
-        "messages": [{ "role": "user", "content": question(run, i) }],
+        "messages": messages,
         "max_tokens": max_tokens,
         "temperature": 0,
         "ignore_eos": true,
@@ -167,6 +198,9 @@ async fn model_name(client: &Client, asked: Option<String>) -> Result<String> {
 }
 
 pub async fn run(client: Client, args: LoadArgs) -> Result<()> {
+    if args.shared_system_prompts.is_some() && args.grpc.is_some() {
+        bail!("--shared-system-prompts goes through the router; it cannot be combined with --grpc");
+    }
     let total = args.requests.unwrap_or(args.concurrency);
     let next = Arc::new(AtomicUsize::new(0));
     let grpc = match &args.grpc {
@@ -180,6 +214,7 @@ pub async fn run(client: Client, args: LoadArgs) -> Result<()> {
     let mut tasks = Vec::new();
     for _ in 0..args.concurrency.min(total) {
         let (next, grpc, client, model, max_tokens) = (Arc::clone(&next), grpc.clone(), Arc::clone(&client), model.clone(), args.max_tokens);
+        let shared = args.shared_system_prompts;
         tasks.push(tokio::spawn(async move {
             let mut results = Vec::new();
             loop {
@@ -189,7 +224,7 @@ pub async fn run(client: Client, args: LoadArgs) -> Result<()> {
                 }
                 let r = match &grpc {
                     Some(target) => grpc_request(target, run, i, max_tokens).await,
-                    None => http_request(&client, &model, run, i, max_tokens).await,
+                    None => http_request(&client, &model, run, i, max_tokens, shared).await,
                 };
                 results.push(r.map_err(|e| format!("{e:#}")));
             }
@@ -222,6 +257,7 @@ fn report(args: &LoadArgs, total: usize, o: &Outcome) {
         "requests": total,
         "errors": o.errors.len(),
         "max_tokens": args.max_tokens,
+        "shared_system_prompts": args.shared_system_prompts,
         "generated_tokens": tokens,
         "wall_s": secs,
         "generated_tokens_per_s": tokens as f64 / secs,
