@@ -11,10 +11,10 @@ cd "$(dirname "$0")/.."
 BIN=target/release
 WORKERS=${WORKERS:-3}
 PROMPTS=${PROMPTS:-24}
-REQUESTS=${REQUESTS:-120}
-CONCURRENCY=${CONCURRENCY:-12}
+REQUESTS=${REQUESTS:-144}
+CONCURRENCY=${CONCURRENCY:-6}
 MAX_TOKENS=${MAX_TOKENS:-16}
-KV_MB=${KV_MB:-192}
+KV_MB=${KV_MB:-128}
 POLICIES=${POLICIES:-"round-robin least-loaded prefix"}
 BASE=${BASE:-52100}
 OUT=loadtests/results.jsonl

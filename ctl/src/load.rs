@@ -28,7 +28,7 @@ pub struct LoadArgs {
     #[arg(long)]
     grpc: Option<String>,
     /// Shared-system-prompt workload: each request opens with one of this many long system
-    /// prompts (request i uses prompt i mod K), as many users of a few applications do
+    /// prompts (scattered over the requests), as many users of a few applications do
     #[arg(long)]
     shared_system_prompts: Option<usize>,
     /// Print the report as JSON
@@ -46,6 +46,15 @@ const RULES: &[&str] = &[
     "Keep lists to at most five items.",
     "Finish with one sentence that sums up the answer.",
 ];
+
+/// Which of `k` applications request `i` belongs to: scattered, so that no fixed rotation of
+/// workers lines up with the applications by accident.
+fn application(i: usize, k: usize) -> usize {
+    let mut x = (i as u64).wrapping_add(0x9E37_79B9_7F4A_7C15);
+    x = (x ^ (x >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    ((x ^ (x >> 31)) % k.max(1) as u64) as usize
+}
 
 /// A system prompt of some 300 tokens for application `k`, unique to this run so that caches
 /// warmed by an earlier run do not flatter this one.
@@ -99,7 +108,7 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
 async fn http_request(client: &Client, model: &str, run: u64, i: usize, max_tokens: u32, shared: Option<usize>) -> Result<Sample> {
     let mut messages = vec![json!({ "role": "user", "content": question(run, i) })];
     if let Some(k) = shared {
-        messages.insert(0, json!({ "role": "system", "content": system_prompt(run, i % k.max(1)) }));
+        messages.insert(0, json!({ "role": "system", "content": system_prompt(run, application(i, k)) }));
     }
     let body = json!({
         "model": model,
