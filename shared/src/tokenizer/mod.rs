@@ -11,9 +11,11 @@ mod merge;
 mod pretokenize;
 mod spm;
 mod stream;
+mod wordpiece;
 
 pub use pretokenize::PreTokenizer;
 pub use stream::StreamDecoder;
+pub use wordpiece::WordPiece;
 
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
@@ -87,6 +89,8 @@ pub enum TokenizerError {
     SpecialOutOfRange { name: &'static str, id: u32, vocab_size: usize },
     #[error("the vocabulary is empty")]
     Empty,
+    #[error("tokenizer.json: {0}")]
+    Invalid(String),
 }
 
 /// Text of end-of-generation tokens across common chat formats; marked as such (and as

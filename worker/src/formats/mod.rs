@@ -5,3 +5,4 @@ pub mod gguf_value;
 pub mod gguf_write;
 pub mod gguf_vocab;
 pub mod names;
+pub mod safetensors;
