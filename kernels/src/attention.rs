@@ -1,4 +1,5 @@
-//! Causal attention over a paged KV cache held in half precision.
+//! Causal attention over a paged KV cache held in half precision (or, for checkpoints
+//! computed in f32, full precision).
 //!
 //! Keys and values of one layer live in a pool of slots, `[slot, kv_head, head_dim]`; a
 //! sequence reaches its positions through a block table (position `p` sits in slot
@@ -14,22 +15,58 @@ use crate::pool::{split_range, SharedMut};
 use crate::Compute;
 use std::ops::Range;
 
-/// K and V of one layer for every slot of the pool.
+/// How keys and values are stored.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum KvPrecision {
+    /// Half precision, with llama.cpp's roundings of queries and probabilities (the GGUF path,
+    /// bit-exact with llama.cpp).
+    #[default]
+    Half,
+    /// f32 throughout, for checkpoints whose reference computes in f32.
+    Full,
+}
+
+impl KvPrecision {
+    pub fn bytes(self) -> usize {
+        match self {
+            KvPrecision::Half => 2,
+            KvPrecision::Full => 4,
+        }
+    }
+}
+
+/// K and V of one layer for every slot of the pool. With `Full` precision the keys and
+/// values live in `kf`/`vf` and `k`/`v` stay empty, and the other way round.
 pub struct KvStore {
     k: Vec<u16>,
     v: Vec<u16>,
+    kf: Vec<f32>,
+    vf: Vec<f32>,
+    precision: KvPrecision,
     num_kv_heads: usize,
     head_dim: usize,
 }
 
 impl KvStore {
     pub fn new(num_slots: usize, num_kv_heads: usize, head_dim: usize) -> KvStore {
+        Self::with_precision(num_slots, num_kv_heads, head_dim, KvPrecision::Half)
+    }
+
+    pub fn with_precision(num_slots: usize, num_kv_heads: usize, head_dim: usize, precision: KvPrecision) -> KvStore {
         let len = num_slots * num_kv_heads * head_dim;
-        KvStore { k: vec![0; len], v: vec![0; len], num_kv_heads, head_dim }
+        let (half, full) = match precision {
+            KvPrecision::Half => (len, 0),
+            KvPrecision::Full => (0, len),
+        };
+        KvStore { k: vec![0; half], v: vec![0; half], kf: vec![0.0; full], vf: vec![0.0; full], precision, num_kv_heads, head_dim }
+    }
+
+    pub fn precision(&self) -> KvPrecision {
+        self.precision
     }
 
     pub fn num_slots(&self) -> usize {
-        self.k.len() / (self.num_kv_heads * self.head_dim).max(1)
+        self.k.len().max(self.kf.len()) / (self.num_kv_heads * self.head_dim).max(1)
     }
 
     fn row_len(&self) -> usize {
@@ -40,6 +77,11 @@ impl KvStore {
     pub fn write(&mut self, slot: usize, k: &[f32], v: &[f32]) {
         let n = self.row_len();
         let range = slot * n..(slot + 1) * n;
+        if self.precision() == KvPrecision::Full {
+            self.kf[range.clone()].copy_from_slice(&k[..n]);
+            self.vf[range].copy_from_slice(&v[..n]);
+            return;
+        }
         to_f16(&k[..n], &mut self.k[range.clone()]);
         to_f16(&v[..n], &mut self.v[range]);
     }
@@ -59,14 +101,38 @@ impl KvStore {
         &self.v[start..start + self.head_dim]
     }
 
+    fn key_f32(&self, slot: usize, kv_head: usize) -> &[f32] {
+        let start = (slot * self.num_kv_heads + kv_head) * self.head_dim;
+        &self.kf[start..start + self.head_dim]
+    }
+
+    fn value_f32(&self, slot: usize, kv_head: usize) -> &[f32] {
+        let start = (slot * self.num_kv_heads + kv_head) * self.head_dim;
+        &self.vf[start..start + self.head_dim]
+    }
+
     /// A handle through which several threads may store tokens in distinct slots at once.
     pub fn writer(&mut self) -> KvWriter {
-        KvWriter { k: SharedMut::new(&mut self.k), v: SharedMut::new(&mut self.v), row_len: self.row_len() }
+        let row_len = self.row_len();
+        let full = self.precision() == KvPrecision::Full;
+        KvWriter {
+            k: SharedMut::new(&mut self.k),
+            v: SharedMut::new(&mut self.v),
+            kf: SharedMut::new(&mut self.kf),
+            vf: SharedMut::new(&mut self.vf),
+            full,
+            row_len,
+        }
     }
 
     /// Copies slot `from` onto slot `to` (used when a shared block must be written).
     pub fn copy_slot(&mut self, from: usize, to: usize) {
         let n = self.row_len();
+        if self.precision() == KvPrecision::Full {
+            self.kf.copy_within(from * n..(from + 1) * n, to * n);
+            self.vf.copy_within(from * n..(from + 1) * n, to * n);
+            return;
+        }
         self.k.copy_within(from * n..(from + 1) * n, to * n);
         self.v.copy_within(from * n..(from + 1) * n, to * n);
     }
@@ -75,6 +141,9 @@ impl KvStore {
 pub struct KvWriter {
     k: SharedMut<u16>,
     v: SharedMut<u16>,
+    kf: SharedMut<f32>,
+    vf: SharedMut<f32>,
+    full: bool,
     row_len: usize,
 }
 
@@ -85,6 +154,11 @@ impl KvWriter {
     /// No two threads may write the same slot at once; `slot` must lie inside the store.
     pub unsafe fn write(&self, slot: usize, k: &[f32], v: &[f32]) {
         let n = self.row_len;
+        if self.full {
+            self.kf.slice(slot * n..(slot + 1) * n).copy_from_slice(&k[..n]);
+            self.vf.slice(slot * n..(slot + 1) * n).copy_from_slice(&v[..n]);
+            return;
+        }
         to_f16(&k[..n], self.k.slice(slot * n..(slot + 1) * n));
         to_f16(&v[..n], self.v.slice(slot * n..(slot + 1) * n));
     }
@@ -193,10 +267,13 @@ fn attend(isa: Isa, p: &AttentionParams, kv: &KvStore, span: &SeqSpan, query: &Q
         None => 0,
     };
     let n_keys = pos + 1 - first;
-    // The query rounded to half precision, held as f32 for the products.
+    let full = kv.precision() == KvPrecision::Full;
+    // The query rounded to half precision (in half mode), held as f32 for the products.
     ts.q.clear();
     ts.q.extend_from_slice(q);
-    round_f16(isa, &mut ts.q);
+    if !full {
+        round_f16(isa, &mut ts.q);
+    }
     ts.slots.clear();
     let bs = p.block_size;
     let mut key = first;
@@ -207,7 +284,13 @@ fn attend(isa: Isa, p: &AttentionParams, kv: &KvStore, span: &SeqSpan, query: &Q
         key = end;
     }
     ts.scores.resize(n_keys, 0.0);
-    scores(isa, &ts.q, kv, &ts.slots, kv_head, &mut ts.scores);
+    if full {
+        for (o, &slot) in ts.scores.iter_mut().zip(&ts.slots) {
+            *o = ts.q.iter().zip(kv.key_f32(slot as usize, kv_head)).map(|(a, b)| a * b).sum();
+        }
+    } else {
+        scores(isa, &ts.q, kv, &ts.slots, kv_head, &mut ts.scores);
+    }
     for sc in ts.scores.iter_mut() {
         *sc *= p.scale;
         if let Some(cap) = p.softcap {
@@ -215,6 +298,15 @@ fn attend(isa: Isa, p: &AttentionParams, kv: &KvStore, span: &SeqSpan, query: &Q
         }
     }
     softmax_by_position(isa, &mut ts.scores, first);
+    if full {
+        out[..d].fill(0.0);
+        for (&w, &slot) in ts.scores.iter().zip(&ts.slots) {
+            for (o, &v) in out.iter_mut().zip(kv.value_f32(slot as usize, kv_head)) {
+                *o = v.mul_add(w, *o);
+            }
+        }
+        return;
+    }
     // Probabilities are rounded to half precision before weighting the values.
     round_f16(isa, &mut ts.scores);
     ts.buckets.resize(64 * d, 0.0);

@@ -24,8 +24,45 @@ pub struct LoadedModel {
 }
 
 impl LoadedModel {
+    /// Loads a GGUF file, or a Hugging Face model directory.
     pub fn load(path: &Path) -> Result<LoadedModel> {
+        if path.is_dir() {
+            return Self::from_hf_dir(path);
+        }
         Self::from_gguf(Arc::new(GgufFile::open(path)?))
+    }
+
+    /// Builds the model from a Hugging Face directory: config.json, safetensors weights
+    /// (one file or shards), tokenizer.json with tokenizer_config.json.
+    pub fn from_hf_dir(dir: &Path) -> Result<LoadedModel> {
+        let config = crate::formats::hf_tokenizer::read_json(&dir.join("config.json"))?;
+        let name = dir.file_name().map_or_else(|| dir.display().to_string(), |n| n.to_string_lossy().into_owned());
+        let cfg = crate::models::hf_config::from_hf(&config, &name)?;
+        let (spec, template) = crate::formats::hf_tokenizer::load(dir)?;
+        let tokenizer = Arc::new(Tokenizer::new(spec)?);
+        if tokenizer.vocab_size() > cfg.vocab_size {
+            return Err(Error::Metadata {
+                key: "config.json: vocab_size".into(),
+                what: format!("{} is smaller than the tokenizer's {} tokens", cfg.vocab_size, tokenizer.vocab_size()),
+            });
+        }
+        let checkpoint = Arc::new(crate::formats::safetensors::Checkpoint::open_dir(dir)?);
+        let weights = WeightSource::from_checkpoint(checkpoint, &cfg.architecture);
+        let (model, unused_tensors) = registry::build(&cfg, &weights)?;
+        let (source, builtin) = match template {
+            Some(t) => (t, false),
+            None => (builtin_template(&cfg.architecture).to_string(), true),
+        };
+        let chat_template = ChatTemplate::new(&source, tokenizer.bos_text().unwrap_or(""), tokenizer.eos_text().unwrap_or(""))?;
+        Ok(LoadedModel {
+            path: dir.to_path_buf(),
+            model,
+            tokenizer,
+            chat_template,
+            chat_template_source: source,
+            chat_template_builtin: builtin,
+            unused_tensors,
+        })
     }
 
     /// Builds the model from an opened (or in-memory) GGUF file.

@@ -62,7 +62,7 @@ impl KvCache {
                 for (j, &l) in layout.layers.iter().enumerate() {
                     layer_slot[l] = (g, j);
                 }
-                let stores = layout.layers.iter().map(|_| KvStore::new(num_blocks * block_size, cfg.num_kv_heads, cfg.head_dim)).collect();
+                let stores = layout.layers.iter().map(|_| KvStore::with_precision(num_blocks * block_size, cfg.num_kv_heads, cfg.head_dim, cfg.kv_precision)).collect();
                 KvGroup { layout, num_blocks, stores }
             })
             .collect();
@@ -85,8 +85,9 @@ impl KvCache {
         }
     }
 
-    /// Bytes one block of each group occupies (keys and values in half precision).
+    /// Bytes one block of each group occupies (keys and values).
     pub fn block_bytes(cfg: &ModelConfig, block_size: usize) -> Vec<usize> {
-        group_layouts(cfg).iter().map(|g| g.layers.len() * cfg.num_kv_heads * cfg.head_dim * 2 * 2 * block_size).collect()
+        let elem = cfg.kv_precision.bytes();
+        group_layouts(cfg).iter().map(|g| g.layers.len() * cfg.num_kv_heads * cfg.head_dim * 2 * elem * block_size).collect()
     }
 }

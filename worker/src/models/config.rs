@@ -28,6 +28,11 @@ pub struct ModelConfig {
     /// RoPE base of sliding-window layers, where it differs from `rope_base`.
     pub rope_base_local: Option<f32>,
     pub final_logit_softcap: Option<f32>,
+    /// How the KV cache holds keys and values: half precision with llama.cpp's roundings for
+    /// GGUF files, f32 for checkpoints whose reference computes in f32.
+    pub kv_precision: kiln_kernels::attention::KvPrecision,
+    /// Per-head RMSNorm of queries and keys before RoPE (Qwen3).
+    pub qk_norm: bool,
 }
 
 impl ModelConfig {
@@ -117,6 +122,8 @@ impl ModelConfig {
             sliding_window,
             is_sliding,
             rope_base_local,
+            kv_precision: kiln_kernels::attention::KvPrecision::Half,
+            qk_norm: false,
         })
     }
 }

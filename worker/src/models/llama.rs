@@ -1,5 +1,6 @@
-//! Llama-family decoder (Llama 2/3, SmolLM2 and other checkpoints of the same shape).
-//! Follows transformers' modeling_llama: pre-norm attention and SwiGLU MLP blocks.
+//! Llama-family decoder (Llama 2/3, SmolLM2, Mistral, Qwen3 and other checkpoints of the
+//! same shape). Follows transformers' modeling_llama: pre-norm attention and SwiGLU MLP
+//! blocks; Qwen3 adds a per-head RMSNorm of queries and keys before RoPE.
 
 use super::batch::Batch;
 use super::config::ModelConfig;
@@ -31,6 +32,12 @@ pub fn load(cfg: &ModelConfig, w: &WeightSource) -> Result<Box<dyn CausalLm>> {
     let (h, hd) = (cfg.hidden_size, cfg.head_dim);
     let rope = Rope { base: cfg.rope_base, rotary_dims: cfg.rope_dims, style: cfg.rope_style };
     let norm = |name: &str| -> Result<RmsNorm> { Ok(RmsNorm { weight: w.vector(name, h)?, eps: cfg.rms_eps }) };
+    let head_norm = |name: String| -> Result<Option<RmsNorm>> {
+        if !cfg.qk_norm {
+            return Ok(None);
+        }
+        Ok(Some(RmsNorm { weight: w.vector(&name, hd)?, eps: cfg.rms_eps }))
+    };
     let linear = |name: String, rows: usize, cols: usize| -> Result<Linear> { Ok(Linear { weight: w.matrix(&name, rows, cols)? }) };
     let mut layers = Vec::with_capacity(cfg.num_layers);
     for i in 0..cfg.num_layers {
@@ -42,8 +49,8 @@ pub fn load(cfg: &ModelConfig, w: &WeightSource) -> Result<Box<dyn CausalLm>> {
                 k_proj: linear(format!("{p}.self_attn.k_proj.weight"), cfg.num_kv_heads * hd, h)?,
                 v_proj: linear(format!("{p}.self_attn.v_proj.weight"), cfg.num_kv_heads * hd, h)?,
                 o_proj: linear(format!("{p}.self_attn.o_proj.weight"), h, cfg.num_heads * hd)?,
-                q_norm: None,
-                k_norm: None,
+                q_norm: head_norm(format!("{p}.self_attn.q_norm.weight"))?,
+                k_norm: head_norm(format!("{p}.self_attn.k_norm.weight"))?,
                 cfg: AttentionConfig {
                     num_heads: cfg.num_heads,
                     num_kv_heads: cfg.num_kv_heads,

@@ -4,6 +4,7 @@
 pub mod batch;
 pub mod config;
 pub mod gemma3;
+pub mod hf_config;
 pub mod llama;
 pub mod registry;
 pub mod scratch;

@@ -1,0 +1,84 @@
+"""Tiny random-weight Hugging Face checkpoints and their reference outputs, from transformers.
+
+For each architecture: a seeded 2-layer model with a small hidden size, saved as f32
+safetensors with config.json, generation_config.json, a byte-level BPE tokenizer.json
+(trained here on a small corpus) and tokenizer_config.json with a chat template, into
+worker/tests/fixtures/hf/<name>/; and reference.json with the prompt's token ids, the
+logits at every prompt position, and a greedy continuation. CI needs none of this; the
+fixtures are committed.
+
+Needs: pip install torch transformers tokenizers safetensors
+"""
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+import transformers
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+ROOT = Path(__file__).resolve().parents[2]
+OUT = ROOT / "worker" / "tests" / "fixtures" / "hf"
+PROMPT = "The quick brown fox jumps over the lazy dog. 12345 café!"
+CHAT_TEMPLATE = "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+CORPUS = [
+    "The quick brown fox jumps over the lazy dog.", "Hello, world! How are you today?", "café naïve résumé 12345 67890",
+    "def add(a, b):\n    return a + b\n", "Once upon a time there was a small model.", "It's 3:15 pm; the train's late.",
+] * 20
+
+
+def tokenizer():
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=384, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(CORPUS, trainer)
+    return tok
+
+
+def common(vocab):
+    return dict(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-6, rope_theta=10000.0,
+                bos_token_id=0, eos_token_id=2, tie_word_embeddings=False, torch_dtype="float32")
+
+
+ARCHS = {
+    "llama": lambda v: transformers.LlamaConfig(**common(v)),
+    # A window shorter than prompt plus continuation, so it matters.
+    "mistral": lambda v: transformers.MistralConfig(**common(v), sliding_window=8),
+    "qwen3": lambda v: transformers.Qwen3Config(**common(v), head_dim=32, use_sliding_window=False),
+}
+
+
+def build(name, make_config):
+    tok = tokenizer()
+    vocab = tok.get_vocab_size()
+    torch.manual_seed(0)
+    config = make_config(vocab)
+    # Eager attention: the reference implementation of every masking rule (sliding windows).
+    model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager").eval()
+    with torch.no_grad():
+        for p in model.parameters():  # larger than the default init, so logits are not all near zero
+            p.normal_(0.0, 0.2)
+    d = OUT / name
+    shutil.rmtree(d, ignore_errors=True)
+    d.mkdir(parents=True)
+    model.save_pretrained(d, safe_serialization=True)
+    tok.save(str(d / "tokenizer.json"))
+    (d / "tokenizer_config.json").write_text(json.dumps({
+        "bos_token": "<|endoftext|>", "eos_token": "<|im_end|>", "add_bos_token": False, "chat_template": CHAT_TEMPLATE,
+        "tokenizer_class": "PreTrainedTokenizerFast"}, indent=1))
+    ids = tok.encode(PROMPT).ids
+    with torch.no_grad():
+        logits = model(torch.tensor([ids])).logits[0]
+        greedy = model.generate(torch.tensor([ids]), max_new_tokens=16, do_sample=False, eos_token_id=None, pad_token_id=0)[0, len(ids):]
+    (d / "reference.json").write_text(json.dumps({
+        "transformers": transformers.__version__, "torch": torch.__version__, "prompt": PROMPT, "ids": ids,
+        "logits": [[round(float(x), 7) for x in row] for row in logits], "greedy": greedy.tolist()}))
+    print(f"{name}: {sum(p.numel() for p in model.parameters())} parameters, vocab {vocab}, prompt {len(ids)} tokens")
+
+
+for name in sys.argv[1:] or ARCHS:
+    build(name, ARCHS[name])

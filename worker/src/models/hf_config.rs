@@ -1,0 +1,109 @@
+//! Model hyper-parameters from a Hugging Face `config.json`, for the architectures kiln
+//! builds from the shared layers. Each error names the field.
+
+use super::config::ModelConfig;
+use crate::error::{Error, Result};
+use crate::layers::rope::RopeStyle;
+use kiln_kernels::attention::KvPrecision;
+use serde_json::Value;
+
+/// `architectures` entries kiln reads, and the model code that runs them.
+const HF_ARCHITECTURES: &[(&str, &str)] = &[("LlamaForCausalLM", "llama"), ("MistralForCausalLM", "llama"), ("Qwen3ForCausalLM", "llama")];
+
+pub fn supported() -> String {
+    HF_ARCHITECTURES.iter().map(|(a, _)| *a).collect::<Vec<_>>().join(", ")
+}
+
+fn field_err(key: &str, what: impl Into<String>) -> Error {
+    Error::Metadata { key: format!("config.json: {key}"), what: what.into() }
+}
+
+fn uint(v: &Value, key: &str) -> Result<Option<usize>> {
+    match &v[key] {
+        Value::Null => Ok(None),
+        x => x.as_u64().map(|n| Some(n as usize)).ok_or_else(|| field_err(key, format!("{x} is not a non-negative integer"))),
+    }
+}
+
+fn required(v: &Value, key: &str, limit: usize) -> Result<usize> {
+    let n = uint(v, key)?.ok_or_else(|| field_err(key, "is missing"))?;
+    if n == 0 || n > limit {
+        return Err(field_err(key, format!("{n} is out of range (1 to {limit})")));
+    }
+    Ok(n)
+}
+
+fn float(v: &Value, key: &str) -> Result<Option<f32>> {
+    match &v[key] {
+        Value::Null => Ok(None),
+        x => x.as_f64().map(|f| Some(f as f32)).ok_or_else(|| field_err(key, format!("{x} is not a number"))),
+    }
+}
+
+/// The architecture `config.json` names, as kiln's model code for it.
+pub fn architecture(v: &Value) -> Result<&'static str> {
+    let names: Vec<&str> = v["architectures"].as_array().into_iter().flatten().filter_map(Value::as_str).collect();
+    let first = names.first().ok_or_else(|| field_err("architectures", "is missing or empty"))?;
+    HF_ARCHITECTURES
+        .iter()
+        .find(|(a, _)| a == first)
+        .map(|(_, code)| *code)
+        .ok_or_else(|| Error::UnsupportedArchitecture { found: first.to_string(), supported: supported() })
+}
+
+pub fn from_hf(v: &Value, name: &str) -> Result<ModelConfig> {
+    let arch = architecture(v)?;
+    let hidden_size = required(v, "hidden_size", 1 << 16)?;
+    let num_layers = required(v, "num_hidden_layers", 1 << 10)?;
+    let num_heads = required(v, "num_attention_heads", 1 << 10)?;
+    let num_kv_heads = uint(v, "num_key_value_heads")?.unwrap_or(num_heads);
+    if num_kv_heads == 0 || num_heads % num_kv_heads != 0 {
+        return Err(field_err("num_key_value_heads", format!("{num_kv_heads} does not divide the {num_heads} attention heads")));
+    }
+    let head_dim = uint(v, "head_dim")?.unwrap_or(hidden_size / num_heads);
+    if head_dim == 0 || head_dim % 2 != 0 {
+        return Err(field_err("head_dim", format!("{head_dim} must be even and positive")));
+    }
+    match v["hidden_act"].as_str().or(v["hidden_activation"].as_str()) {
+        Some("silu") | None => {}
+        Some(other) => return Err(field_err("hidden_act", format!("`{other}` is not supported for {arch} (silu)"))),
+    }
+    if !v["rope_scaling"].is_null() {
+        let kind = v["rope_scaling"]["rope_type"].as_str().or(v["rope_scaling"]["type"].as_str()).unwrap_or("?");
+        if kind != "default" {
+            return Err(field_err("rope_scaling", format!("RoPE scaling `{kind}` is not supported yet")));
+        }
+    }
+    for flag in ["attention_bias", "mlp_bias"] {
+        if v[flag].as_bool() == Some(true) {
+            return Err(field_err(flag, format!("biases are not supported for {arch}")));
+        }
+    }
+    let sliding_window = uint(v, "sliding_window")?.filter(|&w| w > 0 && v["use_sliding_window"].as_bool() != Some(false));
+    Ok(ModelConfig {
+        architecture: arch.to_string(),
+        name: name.to_string(),
+        hidden_size,
+        num_layers,
+        num_heads,
+        num_kv_heads,
+        head_dim,
+        intermediate_size: required(v, "intermediate_size", 1 << 20)?,
+        vocab_size: required(v, "vocab_size", 1 << 24)?,
+        max_context_len: required(v, "max_position_embeddings", 1 << 24)?,
+        rms_eps: float(v, "rms_norm_eps")?.ok_or_else(|| field_err("rms_norm_eps", "is missing"))?,
+        rope_base: float(v, "rope_theta")?.unwrap_or(10_000.0),
+        rope_dims: head_dim,
+        // Checkpoints keep each head's rotated halves apart (transformers' rotate_half).
+        rope_style: RopeStyle::SplitHalf,
+        sliding_window,
+        is_sliding: vec![sliding_window.is_some(); num_layers],
+        rope_base_local: None,
+        final_logit_softcap: None,
+        qk_norm: v["architectures"][0] == "Qwen3ForCausalLM",
+        kv_precision: match v["torch_dtype"].as_str() {
+            Some("float16") | Some("bfloat16") => KvPrecision::Half,
+            _ => KvPrecision::Full,
+        },
+    })
+}
