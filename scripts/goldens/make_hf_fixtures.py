@@ -48,6 +48,7 @@ ARCHS = {
     "llama": lambda v: transformers.LlamaConfig(**common(v)),
     # A window shorter than prompt plus continuation, so it matters.
     "mistral": lambda v: transformers.MistralConfig(**common(v), sliding_window=8),
+    "qwen2": lambda v: transformers.Qwen2Config(**common(v), use_sliding_window=False),
     "qwen3": lambda v: transformers.Qwen3Config(**common(v), head_dim=32, use_sliding_window=False),
 }
 

@@ -69,3 +69,8 @@ fn mistral_with_a_sliding_window_matches_transformers() {
 fn qwen3_matches_transformers() {
     check("qwen3");
 }
+
+#[test]
+fn qwen2_with_qkv_biases_matches_transformers() {
+    check("qwen2");
+}

@@ -9,6 +9,8 @@ use kiln_kernels::DType;
 
 pub struct Linear {
     pub weight: MatrixRef,
+    /// Added to every output row (Qwen2's q/k/v projections carry one).
+    pub bias: Option<Vec<f32>>,
 }
 
 impl Linear {
@@ -45,6 +47,13 @@ pub fn project(compute: &Compute, input: &[f32], num_rows: usize, acts: &mut Act
             }
         }
         matmul_group(compute, acts, &mut jobs)?;
+    }
+    for p in projections.iter_mut() {
+        if let Some(bias) = &p.linear.bias {
+            for row in p.out.chunks_exact_mut(bias.len()).take(num_rows) {
+                kiln_kernels::ops::add_in_place(row, bias);
+            }
+        }
     }
     Ok(())
 }

@@ -33,6 +33,8 @@ pub struct ModelConfig {
     pub kv_precision: kiln_kernels::attention::KvPrecision,
     /// Per-head RMSNorm of queries and keys before RoPE (Qwen3).
     pub qk_norm: bool,
+    /// Biases on the q/k/v projections (Qwen2).
+    pub qkv_bias: bool,
 }
 
 impl ModelConfig {
@@ -124,6 +126,7 @@ impl ModelConfig {
             rope_base_local,
             kv_precision: kiln_kernels::attention::KvPrecision::Half,
             qk_norm: false,
+            qkv_bias: false,
         })
     }
 }

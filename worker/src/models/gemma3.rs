@@ -38,7 +38,7 @@ pub fn load(cfg: &ModelConfig, w: &WeightSource) -> Result<Box<dyn CausalLm>> {
     let global = Rope { base: cfg.rope_base, rotary_dims: cfg.rope_dims, style: cfg.rope_style };
     let local = Rope { base: cfg.rope_base_local.unwrap_or(cfg.rope_base), ..global };
     let norm = |name: String, len: usize| -> Result<RmsNorm> { Ok(RmsNorm { weight: w.vector(&name, len)?, eps: cfg.rms_eps }) };
-    let linear = |name: String, rows: usize, cols: usize| -> Result<Linear> { Ok(Linear { weight: w.matrix(&name, rows, cols)? }) };
+    let linear = |name: String, rows: usize, cols: usize| -> Result<Linear> { Ok(Linear { weight: w.matrix(&name, rows, cols)?, bias: None }) };
     let mut layers = Vec::with_capacity(cfg.num_layers);
     for i in 0..cfg.num_layers {
         let p = format!("model.layers.{i}");

@@ -8,7 +8,7 @@ use kiln_kernels::attention::KvPrecision;
 use serde_json::Value;
 
 /// `architectures` entries kiln reads, and the model code that runs them.
-const HF_ARCHITECTURES: &[(&str, &str)] = &[("LlamaForCausalLM", "llama"), ("MistralForCausalLM", "llama"), ("Qwen3ForCausalLM", "llama")];
+const HF_ARCHITECTURES: &[(&str, &str)] = &[("LlamaForCausalLM", "llama"), ("MistralForCausalLM", "llama"), ("Qwen2ForCausalLM", "llama"), ("Qwen3ForCausalLM", "llama")];
 
 pub fn supported() -> String {
     HF_ARCHITECTURES.iter().map(|(a, _)| *a).collect::<Vec<_>>().join(", ")
@@ -74,10 +74,8 @@ pub fn from_hf(v: &Value, name: &str) -> Result<ModelConfig> {
             return Err(field_err("rope_scaling", format!("RoPE scaling `{kind}` is not supported yet")));
         }
     }
-    for flag in ["attention_bias", "mlp_bias"] {
-        if v[flag].as_bool() == Some(true) {
-            return Err(field_err(flag, format!("biases are not supported for {arch}")));
-        }
+    if v["mlp_bias"].as_bool() == Some(true) {
+        return Err(field_err("mlp_bias", format!("MLP biases are not supported for {arch}")));
     }
     let sliding_window = uint(v, "sliding_window")?.filter(|&w| w > 0 && v["use_sliding_window"].as_bool() != Some(false));
     Ok(ModelConfig {
@@ -101,6 +99,7 @@ pub fn from_hf(v: &Value, name: &str) -> Result<ModelConfig> {
         rope_base_local: None,
         final_logit_softcap: None,
         qk_norm: v["architectures"][0] == "Qwen3ForCausalLM",
+        qkv_bias: v["architectures"][0] == "Qwen2ForCausalLM" || v["attention_bias"].as_bool() == Some(true),
         kv_precision: match v["torch_dtype"].as_str() {
             Some("float16") | Some("bfloat16") => KvPrecision::Half,
             _ => KvPrecision::Full,

@@ -1,6 +1,6 @@
 //! Llama-family decoder (Llama 2/3, SmolLM2, Mistral, Qwen3 and other checkpoints of the
 //! same shape). Follows transformers' modeling_llama: pre-norm attention and SwiGLU MLP
-//! blocks; Qwen3 adds a per-head RMSNorm of queries and keys before RoPE.
+//! blocks; Qwen2 adds q/k/v biases, Qwen3 a per-head RMSNorm of queries and keys before RoPE.
 
 use super::batch::Batch;
 use super::config::ModelConfig;
@@ -38,16 +38,24 @@ pub fn load(cfg: &ModelConfig, w: &WeightSource) -> Result<Box<dyn CausalLm>> {
         }
         Ok(Some(RmsNorm { weight: w.vector(&name, hd)?, eps: cfg.rms_eps }))
     };
-    let linear = |name: String, rows: usize, cols: usize| -> Result<Linear> { Ok(Linear { weight: w.matrix(&name, rows, cols)? }) };
+    let linear = |name: String, rows: usize, cols: usize| -> Result<Linear> { Ok(Linear { weight: w.matrix(&name, rows, cols)?, bias: None }) };
+    // Qwen2 adds biases to the q/k/v projections.
+    let biased = |name: String, rows: usize, cols: usize| -> Result<Linear> {
+        let mut l = linear(format!("{name}.weight"), rows, cols)?;
+        if cfg.qkv_bias {
+            l.bias = Some(w.vector(&format!("{name}.bias"), rows)?);
+        }
+        Ok(l)
+    };
     let mut layers = Vec::with_capacity(cfg.num_layers);
     for i in 0..cfg.num_layers {
         let p = format!("model.layers.{i}");
         layers.push(DecoderLayer {
             input_layernorm: norm(&format!("{p}.input_layernorm.weight"))?,
             self_attn: Attention {
-                q_proj: linear(format!("{p}.self_attn.q_proj.weight"), cfg.num_heads * hd, h)?,
-                k_proj: linear(format!("{p}.self_attn.k_proj.weight"), cfg.num_kv_heads * hd, h)?,
-                v_proj: linear(format!("{p}.self_attn.v_proj.weight"), cfg.num_kv_heads * hd, h)?,
+                q_proj: biased(format!("{p}.self_attn.q_proj"), cfg.num_heads * hd, h)?,
+                k_proj: biased(format!("{p}.self_attn.k_proj"), cfg.num_kv_heads * hd, h)?,
+                v_proj: biased(format!("{p}.self_attn.v_proj"), cfg.num_kv_heads * hd, h)?,
                 o_proj: linear(format!("{p}.self_attn.o_proj.weight"), h, cfg.num_heads * hd)?,
                 q_norm: head_norm(format!("{p}.self_attn.q_norm.weight"))?,
                 k_norm: head_norm(format!("{p}.self_attn.k_norm.weight"))?,

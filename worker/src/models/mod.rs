@@ -38,7 +38,7 @@ impl LmHead {
         let name = if w.has("lm_head.weight") { "lm_head.weight" } else { "model.embed_tokens.weight" };
         Ok(LmHead {
             norm: RmsNorm { weight: w.vector("model.norm.weight", cfg.hidden_size)?, eps: cfg.rms_eps },
-            lm_head: Linear { weight: w.matrix(name, cfg.vocab_size, cfg.hidden_size)? },
+            lm_head: Linear { weight: w.matrix(name, cfg.vocab_size, cfg.hidden_size)?, bias: None },
             softcap: cfg.final_logit_softcap,
         })
     }
