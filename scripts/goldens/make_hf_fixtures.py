@@ -49,6 +49,7 @@ ARCHS = {
     # A window shorter than prompt plus continuation, so it matters.
     "mistral": lambda v: transformers.MistralConfig(**common(v), sliding_window=8),
     "qwen2": lambda v: transformers.Qwen2Config(**common(v), use_sliding_window=False),
+    "phi3": lambda v: transformers.Phi3Config(**common(v), partial_rotary_factor=0.5, pad_token_id=0),
     "qwen3": lambda v: transformers.Qwen3Config(**common(v), head_dim=32, use_sliding_window=False),
 }
 

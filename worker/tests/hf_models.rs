@@ -74,3 +74,8 @@ fn qwen3_matches_transformers() {
 fn qwen2_with_qkv_biases_matches_transformers() {
     check("qwen2");
 }
+
+#[test]
+fn phi3_with_fused_projections_and_partial_rotary_matches_transformers() {
+    check("phi3");
+}

@@ -30,6 +30,23 @@ impl MatrixRef {
         &self.mmap[self.offset..self.offset + self.len]
     }
 
+    /// Rows `start..start + rows` as a matrix of their own (a fused projection's parts).
+    pub fn row_slice(&self, start: usize, rows: usize) -> Option<MatrixRef> {
+        let row_bytes = self.dtype.row_bytes(self.cols)?;
+        if start + rows > self.rows {
+            return None;
+        }
+        Some(MatrixRef {
+            name: format!("{}[{start}..{}]", self.name, start + rows),
+            dtype: self.dtype,
+            rows,
+            cols: self.cols,
+            mmap: Arc::clone(&self.mmap),
+            offset: self.offset + start * row_bytes,
+            len: rows * row_bytes,
+        })
+    }
+
     pub fn view(&self) -> WeightView<'_> {
         WeightView::new(self.dtype, self.rows, self.cols, self.bytes()).expect("shape and layout checked when the weight was loaded")
     }

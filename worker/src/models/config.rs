@@ -35,6 +35,8 @@ pub struct ModelConfig {
     pub qk_norm: bool,
     /// Biases on the q/k/v projections (Qwen2).
     pub qkv_bias: bool,
+    /// q/k/v in one `qkv_proj` and gate/up in one `gate_up_proj` (Phi-3).
+    pub fused_projections: bool,
 }
 
 impl ModelConfig {
@@ -127,6 +129,7 @@ impl ModelConfig {
             kv_precision: kiln_kernels::attention::KvPrecision::Half,
             qk_norm: false,
             qkv_bias: false,
+            fused_projections: false,
         })
     }
 }

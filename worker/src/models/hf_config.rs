@@ -8,7 +8,7 @@ use kiln_kernels::attention::KvPrecision;
 use serde_json::Value;
 
 /// `architectures` entries kiln reads, and the model code that runs them.
-const HF_ARCHITECTURES: &[(&str, &str)] = &[("LlamaForCausalLM", "llama"), ("MistralForCausalLM", "llama"), ("Qwen2ForCausalLM", "llama"), ("Qwen3ForCausalLM", "llama")];
+const HF_ARCHITECTURES: &[(&str, &str)] = &[("LlamaForCausalLM", "llama"), ("MistralForCausalLM", "llama"), ("Qwen2ForCausalLM", "llama"), ("Qwen3ForCausalLM", "llama"), ("Phi3ForCausalLM", "llama")];
 
 pub fn supported() -> String {
     HF_ARCHITECTURES.iter().map(|(a, _)| *a).collect::<Vec<_>>().join(", ")
@@ -77,6 +77,11 @@ pub fn from_hf(v: &Value, name: &str) -> Result<ModelConfig> {
     if v["mlp_bias"].as_bool() == Some(true) {
         return Err(field_err("mlp_bias", format!("MLP biases are not supported for {arch}")));
     }
+    let rotary_factor = float(v, "partial_rotary_factor")?.unwrap_or(1.0);
+    let rope_dims = ((head_dim as f32 * rotary_factor) as usize) & !1;
+    if rope_dims == 0 || rope_dims > head_dim {
+        return Err(field_err("partial_rotary_factor", format!("{rotary_factor} gives {rope_dims} rotated dimensions of {head_dim}")));
+    }
     let sliding_window = uint(v, "sliding_window")?.filter(|&w| w > 0 && v["use_sliding_window"].as_bool() != Some(false));
     Ok(ModelConfig {
         architecture: arch.to_string(),
@@ -91,7 +96,7 @@ pub fn from_hf(v: &Value, name: &str) -> Result<ModelConfig> {
         max_context_len: required(v, "max_position_embeddings", 1 << 24)?,
         rms_eps: float(v, "rms_norm_eps")?.ok_or_else(|| field_err("rms_norm_eps", "is missing"))?,
         rope_base: float(v, "rope_theta")?.unwrap_or(10_000.0),
-        rope_dims: head_dim,
+        rope_dims,
         // Checkpoints keep each head's rotated halves apart (transformers' rotate_half).
         rope_style: RopeStyle::SplitHalf,
         sliding_window,
@@ -100,6 +105,7 @@ pub fn from_hf(v: &Value, name: &str) -> Result<ModelConfig> {
         final_logit_softcap: None,
         qk_norm: v["architectures"][0] == "Qwen3ForCausalLM",
         qkv_bias: v["architectures"][0] == "Qwen2ForCausalLM" || v["attention_bias"].as_bool() == Some(true),
+        fused_projections: v["architectures"][0] == "Phi3ForCausalLM",
         kv_precision: match v["torch_dtype"].as_str() {
             Some("float16") | Some("bfloat16") => KvPrecision::Half,
             _ => KvPrecision::Full,

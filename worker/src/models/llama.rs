@@ -1,6 +1,7 @@
 //! Llama-family decoder (Llama 2/3, SmolLM2, Mistral, Qwen3 and other checkpoints of the
 //! same shape). Follows transformers' modeling_llama: pre-norm attention and SwiGLU MLP
-//! blocks; Qwen2 adds q/k/v biases, Qwen3 a per-head RMSNorm of queries and keys before RoPE.
+//! blocks; Qwen2 adds q/k/v biases, Qwen3 a per-head RMSNorm of queries and keys before
+//! RoPE, Phi-3 fuses q/k/v and gate/up into single matrices and may rotate part of each head.
 
 use super::batch::Batch;
 use super::config::ModelConfig;
@@ -47,15 +48,48 @@ pub fn load(cfg: &ModelConfig, w: &WeightSource) -> Result<Box<dyn CausalLm>> {
         }
         Ok(l)
     };
+    // Phi-3 keeps q, k and v in one matrix, and gate and up in another: split by rows.
+    let split = |name: String, parts: &[usize]| -> Result<Vec<Linear>> {
+        let fused = w.matrix(&name, parts.iter().sum(), h)?;
+        let mut start = 0;
+        let mut out = Vec::with_capacity(parts.len());
+        for &rows in parts {
+            let weight = fused.row_slice(start, rows).ok_or_else(|| crate::error::Error::Tensor { name: name.clone(), what: "cannot be split by rows".into() })?;
+            out.push(Linear { weight, bias: None });
+            start += rows;
+        }
+        Ok(out)
+    };
+    let (q_rows, kv_rows) = (cfg.num_heads * hd, cfg.num_kv_heads * hd);
     let mut layers = Vec::with_capacity(cfg.num_layers);
     for i in 0..cfg.num_layers {
         let p = format!("model.layers.{i}");
+        let (q_proj, k_proj, v_proj) = if cfg.fused_projections {
+            let mut qkv = split(format!("{p}.self_attn.qkv_proj.weight"), &[q_rows, kv_rows, kv_rows])?.into_iter();
+            let mut next = || qkv.next().ok_or_else(|| crate::error::Error::Tensor { name: format!("{p}.self_attn.qkv_proj.weight"), what: "split failed".into() });
+            (next()?, next()?, next()?)
+        } else {
+            (
+                biased(format!("{p}.self_attn.q_proj"), q_rows, h)?,
+                biased(format!("{p}.self_attn.k_proj"), kv_rows, h)?,
+                biased(format!("{p}.self_attn.v_proj"), kv_rows, h)?,
+            )
+        };
+        let (gate_proj, up_proj) = if cfg.fused_projections {
+            let mut gu = split(format!("{p}.mlp.gate_up_proj.weight"), &[cfg.intermediate_size, cfg.intermediate_size])?.into_iter();
+            match (gu.next(), gu.next()) {
+                (Some(g), Some(u)) => (g, u),
+                _ => return Err(crate::error::Error::Tensor { name: format!("{p}.mlp.gate_up_proj.weight"), what: "split failed".into() }),
+            }
+        } else {
+            (linear(format!("{p}.mlp.gate_proj.weight"), cfg.intermediate_size, h)?, linear(format!("{p}.mlp.up_proj.weight"), cfg.intermediate_size, h)?)
+        };
         layers.push(DecoderLayer {
             input_layernorm: norm(&format!("{p}.input_layernorm.weight"))?,
             self_attn: Attention {
-                q_proj: biased(format!("{p}.self_attn.q_proj"), cfg.num_heads * hd, h)?,
-                k_proj: biased(format!("{p}.self_attn.k_proj"), cfg.num_kv_heads * hd, h)?,
-                v_proj: biased(format!("{p}.self_attn.v_proj"), cfg.num_kv_heads * hd, h)?,
+                q_proj,
+                k_proj,
+                v_proj,
                 o_proj: linear(format!("{p}.self_attn.o_proj.weight"), h, cfg.num_heads * hd)?,
                 q_norm: head_norm(format!("{p}.self_attn.q_norm.weight"))?,
                 k_norm: head_norm(format!("{p}.self_attn.k_norm.weight"))?,
@@ -72,8 +106,8 @@ pub fn load(cfg: &ModelConfig, w: &WeightSource) -> Result<Box<dyn CausalLm>> {
             },
             post_attention_layernorm: norm(&format!("{p}.post_attention_layernorm.weight"))?,
             mlp: GatedMlp {
-                gate_proj: linear(format!("{p}.mlp.gate_proj.weight"), cfg.intermediate_size, h)?,
-                up_proj: linear(format!("{p}.mlp.up_proj.weight"), cfg.intermediate_size, h)?,
+                gate_proj,
+                up_proj,
                 down_proj: linear(format!("{p}.mlp.down_proj.weight"), h, cfg.intermediate_size)?,
                 activation: Activation::Silu,
             },
