@@ -50,6 +50,10 @@ ARCHS = {
     "mistral": lambda v: transformers.MistralConfig(**common(v), sliding_window=8),
     "qwen2": lambda v: transformers.Qwen2Config(**common(v), use_sliding_window=False),
     "phi3": lambda v: transformers.Phi3Config(**common(v), partial_rotary_factor=0.5, pad_token_id=0),
+    "mixtral": lambda v: transformers.MixtralConfig(**common(v), num_local_experts=4, num_experts_per_tok=2),
+    "qwen3moe": lambda v: transformers.Qwen3MoeConfig(**common(v), head_dim=16, num_experts=4, num_experts_per_tok=2,
+                                                       moe_intermediate_size=48, norm_topk_prob=True, decoder_sparse_step=1,
+                                                       mlp_only_layers=[], use_sliding_window=False),
     "qwen3": lambda v: transformers.Qwen3Config(**common(v), head_dim=32, use_sliding_window=False),
 }
 

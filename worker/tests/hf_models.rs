@@ -79,3 +79,13 @@ fn qwen2_with_qkv_biases_matches_transformers() {
 fn phi3_with_fused_projections_and_partial_rotary_matches_transformers() {
     check("phi3");
 }
+
+#[test]
+fn mixtral_mixture_of_experts_matches_transformers() {
+    check("mixtral");
+}
+
+#[test]
+fn qwen3_moe_matches_transformers() {
+    check("qwen3moe");
+}

@@ -37,6 +37,27 @@ pub struct ModelConfig {
     pub qkv_bias: bool,
     /// q/k/v in one `qkv_proj` and gate/up in one `gate_up_proj` (Phi-3).
     pub fused_projections: bool,
+    /// Mixture-of-experts feed-forward blocks instead of dense ones.
+    pub moe: Option<MoeConfig>,
+}
+
+#[derive(Clone, Debug)]
+pub struct MoeConfig {
+    pub num_experts: usize,
+    pub top_k: usize,
+    /// Hidden size of each expert.
+    pub expert_size: usize,
+    pub renormalize: bool,
+    pub naming: MoeNaming,
+}
+
+/// Where a checkpoint keeps its router and experts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MoeNaming {
+    /// `block_sparse_moe.gate`, `block_sparse_moe.experts.{e}.w1/w3/w2`.
+    Mixtral,
+    /// `mlp.gate`, `mlp.experts.{e}.gate_proj/up_proj/down_proj`.
+    Qwen,
 }
 
 impl ModelConfig {
@@ -130,6 +151,7 @@ impl ModelConfig {
             qk_norm: false,
             qkv_bias: false,
             fused_projections: false,
+            moe: None,
         })
     }
 }

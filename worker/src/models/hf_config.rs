@@ -1,14 +1,14 @@
 //! Model hyper-parameters from a Hugging Face `config.json`, for the architectures kiln
 //! builds from the shared layers. Each error names the field.
 
-use super::config::ModelConfig;
+use super::config::{ModelConfig, MoeConfig, MoeNaming};
 use crate::error::{Error, Result};
 use crate::layers::rope::RopeStyle;
 use kiln_kernels::attention::KvPrecision;
 use serde_json::Value;
 
 /// `architectures` entries kiln reads, and the model code that runs them.
-const HF_ARCHITECTURES: &[(&str, &str)] = &[("LlamaForCausalLM", "llama"), ("MistralForCausalLM", "llama"), ("Qwen2ForCausalLM", "llama"), ("Qwen3ForCausalLM", "llama"), ("Phi3ForCausalLM", "llama")];
+const HF_ARCHITECTURES: &[(&str, &str)] = &[("LlamaForCausalLM", "llama"), ("MistralForCausalLM", "llama"), ("Qwen2ForCausalLM", "llama"), ("Qwen3ForCausalLM", "llama"), ("Phi3ForCausalLM", "llama"), ("MixtralForCausalLM", "llama"), ("Qwen3MoeForCausalLM", "llama")];
 
 pub fn supported() -> String {
     HF_ARCHITECTURES.iter().map(|(a, _)| *a).collect::<Vec<_>>().join(", ")
@@ -49,6 +49,22 @@ pub fn architecture(v: &Value) -> Result<&'static str> {
         .find(|(a, _)| a == first)
         .map(|(_, code)| *code)
         .ok_or_else(|| Error::UnsupportedArchitecture { found: first.to_string(), supported: supported() })
+}
+
+fn moe(v: &Value) -> Result<Option<MoeConfig>> {
+    let (naming, experts_key, size_key, renormalize) = match v["architectures"][0].as_str() {
+        Some("MixtralForCausalLM") => (MoeNaming::Mixtral, "num_local_experts", "intermediate_size", true),
+        Some("Qwen3MoeForCausalLM") => {
+            if v["mlp_only_layers"].as_array().is_some_and(|l| !l.is_empty()) || uint(v, "decoder_sparse_step")?.is_some_and(|s| s != 1) {
+                return Err(field_err("mlp_only_layers", "dense layers between sparse ones are not supported yet"));
+            }
+            (MoeNaming::Qwen, "num_experts", "moe_intermediate_size", v["norm_topk_prob"].as_bool().unwrap_or(false))
+        }
+        _ => return Ok(None),
+    };
+    let num_experts = required(v, experts_key, 1 << 12)?;
+    let top_k = required(v, "num_experts_per_tok", num_experts)?;
+    Ok(Some(MoeConfig { num_experts, top_k, expert_size: required(v, size_key, 1 << 20)?, renormalize, naming }))
 }
 
 pub fn from_hf(v: &Value, name: &str) -> Result<ModelConfig> {
@@ -103,9 +119,10 @@ pub fn from_hf(v: &Value, name: &str) -> Result<ModelConfig> {
         is_sliding: vec![sliding_window.is_some(); num_layers],
         rope_base_local: None,
         final_logit_softcap: None,
-        qk_norm: v["architectures"][0] == "Qwen3ForCausalLM",
+        qk_norm: v["architectures"][0] == "Qwen3ForCausalLM" || v["architectures"][0] == "Qwen3MoeForCausalLM",
         qkv_bias: v["architectures"][0] == "Qwen2ForCausalLM" || v["attention_bias"].as_bool() == Some(true),
         fused_projections: v["architectures"][0] == "Phi3ForCausalLM",
+        moe: moe(v)?,
         kv_precision: match v["torch_dtype"].as_str() {
             Some("float16") | Some("bfloat16") => KvPrecision::Half,
             _ => KvPrecision::Full,

@@ -11,14 +11,21 @@ use crate::error::Result;
 use crate::kv_cache::KvCache;
 use crate::layers::attention::{AttentionConfig, AttentionInput};
 use crate::layers::mlp::{Activation, GatedMlp};
+use crate::layers::moe::MoeMlp;
+use super::config::{MoeConfig, MoeNaming};
 use crate::layers::rope::Rope;
 use crate::layers::{Attention, Compute, Embedding, Linear, RmsNorm, WeightSource};
+
+enum FeedForward {
+    Dense(GatedMlp),
+    Experts(MoeMlp),
+}
 
 struct DecoderLayer {
     input_layernorm: RmsNorm,
     self_attn: Attention,
     post_attention_layernorm: RmsNorm,
-    mlp: GatedMlp,
+    mlp: FeedForward,
 }
 
 pub struct Llama {
@@ -75,14 +82,25 @@ pub fn load(cfg: &ModelConfig, w: &WeightSource) -> Result<Box<dyn CausalLm>> {
                 biased(format!("{p}.self_attn.v_proj"), kv_rows, h)?,
             )
         };
-        let (gate_proj, up_proj) = if cfg.fused_projections {
-            let mut gu = split(format!("{p}.mlp.gate_up_proj.weight"), &[cfg.intermediate_size, cfg.intermediate_size])?.into_iter();
-            match (gu.next(), gu.next()) {
-                (Some(g), Some(u)) => (g, u),
-                _ => return Err(crate::error::Error::Tensor { name: format!("{p}.mlp.gate_up_proj.weight"), what: "split failed".into() }),
+        let mlp = match &cfg.moe {
+            Some(m) => FeedForward::Experts(load_moe(m, &p, h, &linear)?),
+            None => {
+                let (gate_proj, up_proj) = if cfg.fused_projections {
+                    let mut gu = split(format!("{p}.mlp.gate_up_proj.weight"), &[cfg.intermediate_size, cfg.intermediate_size])?.into_iter();
+                    match (gu.next(), gu.next()) {
+                        (Some(g), Some(u)) => (g, u),
+                        _ => return Err(crate::error::Error::Tensor { name: format!("{p}.mlp.gate_up_proj.weight"), what: "split failed".into() }),
+                    }
+                } else {
+                    (linear(format!("{p}.mlp.gate_proj.weight"), cfg.intermediate_size, h)?, linear(format!("{p}.mlp.up_proj.weight"), cfg.intermediate_size, h)?)
+                };
+                FeedForward::Dense(GatedMlp {
+                    gate_proj,
+                    up_proj,
+                    down_proj: linear(format!("{p}.mlp.down_proj.weight"), h, cfg.intermediate_size)?,
+                    activation: Activation::Silu,
+                })
             }
-        } else {
-            (linear(format!("{p}.mlp.gate_proj.weight"), cfg.intermediate_size, h)?, linear(format!("{p}.mlp.up_proj.weight"), cfg.intermediate_size, h)?)
         };
         layers.push(DecoderLayer {
             input_layernorm: norm(&format!("{p}.input_layernorm.weight"))?,
@@ -105,17 +123,35 @@ pub fn load(cfg: &ModelConfig, w: &WeightSource) -> Result<Box<dyn CausalLm>> {
                 },
             },
             post_attention_layernorm: norm(&format!("{p}.post_attention_layernorm.weight"))?,
-            mlp: GatedMlp {
-                gate_proj,
-                up_proj,
-                down_proj: linear(format!("{p}.mlp.down_proj.weight"), h, cfg.intermediate_size)?,
-                activation: Activation::Silu,
-            },
+            mlp,
         });
     }
     let embed_tokens = Embedding { table: linear("model.embed_tokens.weight".into(), cfg.vocab_size, h)?, scale: None };
     let head = LmHead::load(w, cfg)?;
     Ok(Box::new(Llama { cfg: cfg.clone(), embed_tokens, layers, head, rope }))
+}
+
+/// A mixture-of-experts block: the router and every expert of layer prefix `p`.
+fn load_moe(m: &MoeConfig, p: &str, h: usize, linear: &dyn Fn(String, usize, usize) -> Result<Linear>) -> Result<MoeMlp> {
+    let (router, expert) = match m.naming {
+        MoeNaming::Mixtral => (format!("{p}.block_sparse_moe.gate.weight"), format!("{p}.block_sparse_moe.experts")),
+        MoeNaming::Qwen => (format!("{p}.mlp.gate.weight"), format!("{p}.mlp.experts")),
+    };
+    let experts = (0..m.num_experts)
+        .map(|e| {
+            let [gate, up, down] = match m.naming {
+                MoeNaming::Mixtral => ["w1", "w3", "w2"].map(|n| format!("{expert}.{e}.{n}.weight")),
+                MoeNaming::Qwen => ["gate_proj", "up_proj", "down_proj"].map(|n| format!("{expert}.{e}.{n}.weight")),
+            };
+            Ok(GatedMlp {
+                gate_proj: linear(gate, m.expert_size, h)?,
+                up_proj: linear(up, m.expert_size, h)?,
+                down_proj: linear(down, h, m.expert_size)?,
+                activation: Activation::Silu,
+            })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Ok(MoeMlp { router: linear(router, m.num_experts, h)?, experts, top_k: m.top_k, renormalize: m.renormalize })
 }
 
 impl CausalLm for Llama {
@@ -140,7 +176,10 @@ impl CausalLm for Llama {
             tap(&mut s.tap, || format!("attn_out-{i}"), &s.y);
             kiln_kernels::ops::add_in_place(&mut s.x, &s.y);
             layer.post_attention_layernorm.forward_on(compute, &s.x, &mut s.xn);
-            layer.mlp.forward(compute, &s.xn, rows, &mut s.layer, &mut s.y)?;
+            match &layer.mlp {
+                FeedForward::Dense(mlp) => mlp.forward(compute, &s.xn, rows, &mut s.layer, &mut s.y)?,
+                FeedForward::Experts(moe) => moe.forward(compute, &s.xn, rows, &mut s.layer, &mut s.y)?,
+            }
             tap(&mut s.tap, || format!("ffn_out-{i}"), &s.y);
             kiln_kernels::ops::add_in_place(&mut s.x, &s.y);
             tap(&mut s.tap, || format!("l_out-{i}"), &s.x);
