@@ -41,7 +41,7 @@ def tokenizer():
 def common(vocab):
     return dict(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                 num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-6, rope_theta=10000.0,
-                bos_token_id=0, eos_token_id=2, tie_word_embeddings=False, torch_dtype="float32")
+                bos_token_id=0, eos_token_id=2, pad_token_id=0, tie_word_embeddings=False, torch_dtype="float32")
 
 
 ARCHS = {
@@ -49,11 +49,17 @@ ARCHS = {
     # A window shorter than prompt plus continuation, so it matters.
     "mistral": lambda v: transformers.MistralConfig(**common(v), sliding_window=8),
     "qwen2": lambda v: transformers.Qwen2Config(**common(v), use_sliding_window=False),
-    "phi3": lambda v: transformers.Phi3Config(**common(v), partial_rotary_factor=0.5, pad_token_id=0),
+    "phi3": lambda v: transformers.Phi3Config(**common(v), partial_rotary_factor=0.5),
     "mixtral": lambda v: transformers.MixtralConfig(**common(v), num_local_experts=4, num_experts_per_tok=2),
     "qwen3moe": lambda v: transformers.Qwen3MoeConfig(**common(v), head_dim=16, num_experts=4, num_experts_per_tok=2,
                                                        moe_intermediate_size=48, norm_topk_prob=True, decoder_sparse_step=1,
                                                        mlp_only_layers=[], use_sliding_window=False),
+    "gemma2": lambda v: transformers.Gemma2Config(**common(v), head_dim=16, sliding_window=8, query_pre_attn_scalar=16,
+                                                  attn_logit_softcapping=50.0, final_logit_softcapping=30.0,
+                                                  hidden_activation="gelu_pytorch_tanh"),
+    "gemma3": lambda v: transformers.Gemma3TextConfig(**common(v), head_dim=16, sliding_window=8, query_pre_attn_scalar=16,
+                                                      sliding_window_pattern=2, rope_local_base_freq=10000.0,
+                                                      hidden_activation="gelu_pytorch_tanh"),
     "qwen3": lambda v: transformers.Qwen3Config(**common(v), head_dim=32, use_sliding_window=False),
 }
 

@@ -89,3 +89,13 @@ fn mixtral_mixture_of_experts_matches_transformers() {
 fn qwen3_moe_matches_transformers() {
     check("qwen3moe");
 }
+
+#[test]
+fn gemma2_with_soft_caps_matches_transformers() {
+    check("gemma2");
+}
+
+#[test]
+fn gemma3_with_local_and_global_layers_matches_transformers() {
+    check("gemma3");
+}

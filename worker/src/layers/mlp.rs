@@ -9,8 +9,18 @@ use crate::models::scratch::LayerScratch;
 pub enum Activation {
     /// SwiGLU (Llama).
     Silu,
-    /// GeGLU with the tanh approximation (Gemma).
+    /// GeGLU with the tanh approximation (Gemma), through llama.cpp's half-precision table.
     GeluTanh,
+    /// The same, computed in f32 as PyTorch's `gelu(approximate="tanh")` does.
+    GeluTanhExact,
+}
+
+fn gelu_tanh_mul(g: &mut [f32], u: &[f32]) {
+    const SQRT_2_OVER_PI: f32 = 0.797_884_6;
+    for (x, &y) in g.iter_mut().zip(u) {
+        let v = *x;
+        *x = 0.5 * v * (1.0 + (SQRT_2_OVER_PI * (v + 0.044715 * v * v * v)).tanh()) * y;
+    }
 }
 
 pub struct GatedMlp {
@@ -43,6 +53,7 @@ impl GatedMlp {
                 match self.activation {
                     Activation::Silu => kiln_kernels::ops::silu_mul(compute.isa, g, u),
                     Activation::GeluTanh => kiln_kernels::ops::gelu_mul(g, u),
+                    Activation::GeluTanhExact => gelu_tanh_mul(g, u),
                 }
             }
         });

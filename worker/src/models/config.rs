@@ -39,6 +39,13 @@ pub struct ModelConfig {
     pub fused_projections: bool,
     /// Mixture-of-experts feed-forward blocks instead of dense ones.
     pub moe: Option<MoeConfig>,
+    /// Added to RMSNorm weights as loaded: Gemma checkpoints store `w` for `x * (1 + w)`
+    /// (GGUF files have the 1 folded in already).
+    pub norm_offset: f32,
+    /// Multiplies queries before q·k (Gemma's query_pre_attn_scalar^-1/2); None: 1/sqrt(head_dim) on the scores.
+    pub query_scale: Option<f32>,
+    /// Gemma 2's attention-score soft cap.
+    pub attn_softcap: Option<f32>,
 }
 
 #[derive(Clone, Debug)]
@@ -128,6 +135,7 @@ impl ModelConfig {
             "llama" => RopeStyle::Interleaved,
             _ => RopeStyle::SplitHalf,
         };
+        let arch_is_gemma3 = arch == "gemma3";
         Ok(ModelConfig {
             name: gguf.opt_string("general.name")?.unwrap_or(&arch).to_string(),
             final_logit_softcap: gguf.opt_f32(&key("final_logit_softcapping"))?.filter(|&c| c > 0.0),
@@ -148,10 +156,13 @@ impl ModelConfig {
             is_sliding,
             rope_base_local,
             kv_precision: kiln_kernels::attention::KvPrecision::Half,
-            qk_norm: false,
+            qk_norm: arch_is_gemma3,
             qkv_bias: false,
             fused_projections: false,
             moe: None,
+            norm_offset: 0.0,
+            query_scale: None,
+            attn_softcap: None,
         })
     }
 }

@@ -1,6 +1,7 @@
-//! Gemma 3 text decoder. Follows transformers' modeling_gemma3: embeddings scaled by
-//! sqrt(hidden), RMSNorm before and after both attention and MLP, per-head q/k RMSNorm,
-//! GeGLU, and interleaved sliding-window (local RoPE base) and global layers.
+//! Gemma 2 and Gemma 3 text decoders. Follows transformers' modeling_gemma2/3: embeddings
+//! scaled by sqrt(hidden), RMSNorm before and after both attention and MLP, GeGLU, and
+//! interleaved sliding-window and global layers; Gemma 3 adds per-head q/k RMSNorm and a
+//! local RoPE base, Gemma 2 soft-caps attention scores and logits.
 
 use super::batch::Batch;
 use super::config::ModelConfig;
@@ -37,7 +38,11 @@ pub fn load(cfg: &ModelConfig, w: &WeightSource) -> Result<Box<dyn CausalLm>> {
     let (h, hd) = (cfg.hidden_size, cfg.head_dim);
     let global = Rope { base: cfg.rope_base, rotary_dims: cfg.rope_dims, style: cfg.rope_style };
     let local = Rope { base: cfg.rope_base_local.unwrap_or(cfg.rope_base), ..global };
-    let norm = |name: String, len: usize| -> Result<RmsNorm> { Ok(RmsNorm { weight: w.vector(&name, len)?, eps: cfg.rms_eps }) };
+    let norm = |name: String, len: usize| -> Result<RmsNorm> { Ok(RmsNorm { weight: super::offset(w.vector(&name, len)?, cfg.norm_offset), eps: cfg.rms_eps }) };
+    let head_norm = |name: String| -> Result<Option<RmsNorm>> { if cfg.qk_norm { norm(name, hd).map(Some) } else { Ok(None) } };
+    // f32 checkpoints are checked against an f32 reference: GELU computed exactly rather
+    // than through llama.cpp's half-precision table.
+    let gelu = if cfg.kv_precision == kiln_kernels::attention::KvPrecision::Full { Activation::GeluTanhExact } else { Activation::GeluTanh };
     let linear = |name: String, rows: usize, cols: usize| -> Result<Linear> { Ok(Linear { weight: w.matrix(&name, rows, cols)?, bias: None }) };
     let mut layers = Vec::with_capacity(cfg.num_layers);
     for i in 0..cfg.num_layers {
@@ -50,17 +55,17 @@ pub fn load(cfg: &ModelConfig, w: &WeightSource) -> Result<Box<dyn CausalLm>> {
                 k_proj: linear(format!("{p}.self_attn.k_proj.weight"), cfg.num_kv_heads * hd, h)?,
                 v_proj: linear(format!("{p}.self_attn.v_proj.weight"), cfg.num_kv_heads * hd, h)?,
                 o_proj: linear(format!("{p}.self_attn.o_proj.weight"), h, cfg.num_heads * hd)?,
-                q_norm: Some(norm(format!("{p}.self_attn.q_norm.weight"), hd)?),
-                k_norm: Some(norm(format!("{p}.self_attn.k_norm.weight"), hd)?),
+                q_norm: head_norm(format!("{p}.self_attn.q_norm.weight"))?,
+                k_norm: head_norm(format!("{p}.self_attn.k_norm.weight"))?,
                 cfg: AttentionConfig {
                     num_heads: cfg.num_heads,
                     num_kv_heads: cfg.num_kv_heads,
                     head_dim: hd,
                     score_scale: 1.0,
-                    // query_pre_attn_scalar = head_dim for the released text models.
-                    query_scale: Some(1.0 / (hd as f32).sqrt()),
+                    // query_pre_attn_scalar = head_dim for the released Gemma 3 text models.
+                    query_scale: Some(cfg.query_scale.unwrap_or(1.0 / (hd as f32).sqrt())),
                     sliding_window: cfg.sliding_window.filter(|_| sliding),
-                    softcap: None,
+                    softcap: cfg.attn_softcap,
                     rope: if sliding { local } else { global },
                 },
             },
@@ -70,7 +75,7 @@ pub fn load(cfg: &ModelConfig, w: &WeightSource) -> Result<Box<dyn CausalLm>> {
                 gate_proj: linear(format!("{p}.mlp.gate_proj.weight"), cfg.intermediate_size, h)?,
                 up_proj: linear(format!("{p}.mlp.up_proj.weight"), cfg.intermediate_size, h)?,
                 down_proj: linear(format!("{p}.mlp.down_proj.weight"), h, cfg.intermediate_size)?,
-                activation: Activation::GeluTanh,
+                activation: gelu,
             },
             post_feedforward_layernorm: norm(format!("{p}.post_feedforward_layernorm.weight"), h)?,
             rope_table: usize::from(sliding),

@@ -8,7 +8,12 @@ use kiln_kernels::attention::KvPrecision;
 use serde_json::Value;
 
 /// `architectures` entries kiln reads, and the model code that runs them.
-const HF_ARCHITECTURES: &[(&str, &str)] = &[("LlamaForCausalLM", "llama"), ("MistralForCausalLM", "llama"), ("Qwen2ForCausalLM", "llama"), ("Qwen3ForCausalLM", "llama"), ("Phi3ForCausalLM", "llama"), ("MixtralForCausalLM", "llama"), ("Qwen3MoeForCausalLM", "llama")];
+const HF_ARCHITECTURES: &[(&str, &str)] = &[
+    ("LlamaForCausalLM", "llama"), ("MistralForCausalLM", "llama"), ("Qwen2ForCausalLM", "llama"), ("Qwen3ForCausalLM", "llama"), ("Phi3ForCausalLM", "llama"), ("MixtralForCausalLM", "llama"),
+    ("Qwen3MoeForCausalLM", "llama"),
+    ("Gemma2ForCausalLM", "gemma3"),
+    ("Gemma3ForCausalLM", "gemma3"),
+];
 
 pub fn supported() -> String {
     HF_ARCHITECTURES.iter().map(|(a, _)| *a).collect::<Vec<_>>().join(", ")
@@ -80,9 +85,12 @@ pub fn from_hf(v: &Value, name: &str) -> Result<ModelConfig> {
     if head_dim == 0 || head_dim % 2 != 0 {
         return Err(field_err("head_dim", format!("{head_dim} must be even and positive")));
     }
-    match v["hidden_act"].as_str().or(v["hidden_activation"].as_str()) {
-        Some("silu") | None => {}
-        Some(other) => return Err(field_err("hidden_act", format!("`{other}` is not supported for {arch} (silu)"))),
+    let hf_arch = v["architectures"][0].as_str().unwrap_or("");
+    let gemma = arch == "gemma3";
+    let activation = v["hidden_activation"].as_str().or(v["hidden_act"].as_str());
+    match (gemma, activation) {
+        (false, Some("silu") | None) | (true, Some("gelu_pytorch_tanh") | None) => {}
+        (_, Some(other)) => return Err(field_err("hidden_act", format!("`{other}` is not supported for {hf_arch}"))),
     }
     if !v["rope_scaling"].is_null() {
         let kind = v["rope_scaling"]["rope_type"].as_str().or(v["rope_scaling"]["type"].as_str()).unwrap_or("?");
@@ -99,6 +107,19 @@ pub fn from_hf(v: &Value, name: &str) -> Result<ModelConfig> {
         return Err(field_err("partial_rotary_factor", format!("{rotary_factor} gives {rope_dims} rotated dimensions of {head_dim}")));
     }
     let sliding_window = uint(v, "sliding_window")?.filter(|&w| w > 0 && v["use_sliding_window"].as_bool() != Some(false));
+    let is_sliding: Vec<bool> = match (hf_arch, sliding_window) {
+        (_, None) => vec![false; num_layers],
+        // Gemma 2: even layers local; Gemma 3: all but every `sliding_window_pattern`-th.
+        ("Gemma2ForCausalLM", _) => (0..num_layers).map(|i| i % 2 == 0).collect(),
+        ("Gemma3ForCausalLM", _) => match v["layer_types"].as_array() {
+            Some(types) if types.len() == num_layers => types.iter().map(|t| t == "sliding_attention").collect(),
+            _ => {
+                let n = uint(v, "sliding_window_pattern")?.unwrap_or(6).max(1);
+                (0..num_layers).map(|i| (i + 1) % n != 0).collect()
+            }
+        },
+        _ => vec![true; num_layers],
+    };
     Ok(ModelConfig {
         architecture: arch.to_string(),
         name: name.to_string(),
@@ -116,10 +137,13 @@ pub fn from_hf(v: &Value, name: &str) -> Result<ModelConfig> {
         // Checkpoints keep each head's rotated halves apart (transformers' rotate_half).
         rope_style: RopeStyle::SplitHalf,
         sliding_window,
-        is_sliding: vec![sliding_window.is_some(); num_layers],
-        rope_base_local: None,
-        final_logit_softcap: None,
-        qk_norm: v["architectures"][0] == "Qwen3ForCausalLM" || v["architectures"][0] == "Qwen3MoeForCausalLM",
+        is_sliding,
+        rope_base_local: if hf_arch == "Gemma3ForCausalLM" { Some(float(v, "rope_local_base_freq")?.unwrap_or(10_000.0)) } else { None },
+        final_logit_softcap: float(v, "final_logit_softcapping")?.filter(|&c| c > 0.0),
+        attn_softcap: float(v, "attn_logit_softcapping")?.filter(|&c| c > 0.0),
+        query_scale: float(v, "query_pre_attn_scalar")?.map(|s| 1.0 / s.sqrt()),
+        norm_offset: if gemma { 1.0 } else { 0.0 },
+        qk_norm: matches!(hf_arch, "Qwen3ForCausalLM" | "Qwen3MoeForCausalLM" | "Gemma3ForCausalLM"),
         qkv_bias: v["architectures"][0] == "Qwen2ForCausalLM" || v["attention_bias"].as_bool() == Some(true),
         fused_projections: v["architectures"][0] == "Phi3ForCausalLM",
         moe: moe(v)?,

@@ -25,6 +25,14 @@ pub trait CausalLm: Send + Sync {
     fn forward(&self, compute: &Compute, batch: &Batch, kv: &mut KvCache, scratch: &mut Scratch, logits: &mut Vec<f32>) -> Result<()>;
 }
 
+/// Norm weights as the model uses them: `w + offset` (see `ModelConfig::norm_offset`).
+pub fn offset(mut weight: Vec<f32>, offset: f32) -> Vec<f32> {
+    if offset != 0.0 {
+        weight.iter_mut().for_each(|w| *w += offset);
+    }
+    weight
+}
+
 /// Final norm and output projection, shared by every architecture.
 pub struct LmHead {
     pub norm: RmsNorm,
@@ -37,7 +45,7 @@ impl LmHead {
     pub fn load(w: &WeightSource, cfg: &ModelConfig) -> Result<LmHead> {
         let name = if w.has("lm_head.weight") { "lm_head.weight" } else { "model.embed_tokens.weight" };
         Ok(LmHead {
-            norm: RmsNorm { weight: w.vector("model.norm.weight", cfg.hidden_size)?, eps: cfg.rms_eps },
+            norm: RmsNorm { weight: offset(w.vector("model.norm.weight", cfg.hidden_size)?, cfg.norm_offset), eps: cfg.rms_eps },
             lm_head: Linear { weight: w.matrix(name, cfg.vocab_size, cfg.hidden_size)?, bias: None },
             softcap: cfg.final_logit_softcap,
         })
