@@ -99,3 +99,21 @@ fn gemma2_with_soft_caps_matches_transformers() {
 fn gemma3_with_local_and_global_layers_matches_transformers() {
     check("gemma3");
 }
+
+#[test]
+fn the_cli_runs_a_model_directory_like_a_gguf_file() {
+    let dir = fixture("qwen2");
+    let reference: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("reference.json")).unwrap()).unwrap();
+    let model = LoadedModel::load(&dir).unwrap();
+    let greedy = common::ids(&reference["greedy"]);
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_kiln-worker"))
+        .arg("run")
+        .arg("-m")
+        .arg(&dir)
+        .args(["--raw", "--temperature", "0", "--ignore-eos", "-n", &greedy.len().to_string(), "-i"])
+        .arg(reference["prompt"].as_str().unwrap())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim_end_matches('\n'), model.tokenizer.decode(&greedy, false));
+}

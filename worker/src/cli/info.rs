@@ -5,7 +5,7 @@ use kiln_worker::formats::gguf_value::{Array, Value};
 
 #[derive(clap::Args)]
 pub struct InfoArgs {
-    /// Model file or known model name
+    /// Model file, Hugging Face model directory, or known model name
     #[arg(short, long)]
     pub model: String,
     /// Also list every tensor
@@ -15,6 +15,9 @@ pub struct InfoArgs {
 
 pub fn main(args: InfoArgs) -> anyhow::Result<()> {
     let path = kiln_worker::assets::resolve(&args.model, &mut |msg| eprintln!("kiln: {msg}"))?;
+    if path.is_dir() {
+        return hf_info(&path, args.tensors);
+    }
     let gguf = GgufFile::open(&path)?;
     println!("file: {} (GGUF v{})", path.display(), gguf.version);
     let mut keys: Vec<_> = gguf.metadata().keys().collect();
@@ -34,6 +37,28 @@ pub fn main(args: InfoArgs) -> anyhow::Result<()> {
     if args.tensors {
         for t in gguf.tensors() {
             println!("  {:<40} {:>6} {:?}", t.name, t.dtype.name(), t.dims);
+        }
+    }
+    Ok(())
+}
+
+/// A Hugging Face directory: what kiln reads from config.json, and the checkpoint's tensors.
+fn hf_info(dir: &std::path::Path, list: bool) -> anyhow::Result<()> {
+    let config = kiln_worker::formats::hf_tokenizer::read_json(&dir.join("config.json"))?;
+    let name = dir.file_name().map_or_else(String::new, |n| n.to_string_lossy().into_owned());
+    let cfg = kiln_worker::models::hf_config::from_hf(&config, &name)?;
+    println!("directory: {} (Hugging Face, {})", dir.display(), config["architectures"][0].as_str().unwrap_or("?"));
+    println!("  {cfg:#?}");
+    let checkpoint = kiln_worker::formats::safetensors::Checkpoint::open_dir(dir)?;
+    println!("tensors: {}", checkpoint.len());
+    if list {
+        for n in checkpoint.names() {
+            if let Some((t, _)) = checkpoint.tensor(n) {
+                println!("  {:<50} {:>6} {:?}", t.name, t.dtype.name(), t.dims);
+            }
+        }
+        for (n, dtype) in checkpoint.others() {
+            println!("  {n:<50} {dtype:>6} (not used)");
         }
     }
     Ok(())
