@@ -66,7 +66,8 @@ pub fn models_dir() -> PathBuf {
     kiln_home().join("models")
 }
 
-/// A model argument: an existing file, or the name of a known model (fetched if absent).
+/// A model argument: an existing file or directory, the name of a known model, or a Hugging
+/// Face repo id (either fetched if absent).
 pub fn resolve(arg: &str, progress: &mut dyn FnMut(&str)) -> Result<PathBuf> {
     let path = Path::new(arg);
     if path.exists() {
@@ -74,9 +75,10 @@ pub fn resolve(arg: &str, progress: &mut dyn FnMut(&str)) -> Result<PathBuf> {
     }
     match known(arg) {
         Some(m) => pull(m, progress),
+        None if crate::assets_hub::looks_like_repo_id(arg) => crate::assets_hub::pull_repo(arg, progress),
         None => Err(Error::ModelSource {
             name: arg.to_string(),
-            what: format!("no such file, and not a known model name (known: {})", known_names()),
+            what: format!("no such file, and not a known model name (known: {}) or a Hugging Face repo id (ORG/NAME)", known_names()),
         }),
     }
 }

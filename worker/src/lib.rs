@@ -2,6 +2,7 @@
 
 pub mod assets;
 pub mod assets_dir;
+pub mod assets_hub;
 pub mod engine;
 pub mod error;
 pub mod formats;
