@@ -29,9 +29,11 @@ fn load_error(dir: &Path) -> String {
     e
 }
 
+type Edit = Box<dyn Fn(&mut serde_json::Value)>;
+
 #[test]
 fn config_problems_name_the_field() {
-    let cases: Vec<(&str, Box<dyn Fn(&mut serde_json::Value)>, &str)> = vec![
+    let cases: Vec<(&str, Edit, &str)> = vec![
         ("nohidden", Box::new(|v| drop(v.as_object_mut().unwrap().remove("hidden_size"))), "config.json: hidden_size`: is missing"),
         ("badheads", Box::new(|v| v["num_key_value_heads"] = 3.into()), "does not divide the 4 attention heads"),
         ("badtype", Box::new(|v| v["num_hidden_layers"] = "two".into()), "num_hidden_layers`: \"two\" is not a non-negative integer"),
