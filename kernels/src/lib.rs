@@ -16,6 +16,7 @@ pub mod matmul;
 pub mod numerics;
 pub mod ops;
 pub mod pool;
+pub mod quantize;
 pub mod unpack;
 #[cfg(target_arch = "x86_64")]
 pub mod x86;
