@@ -46,6 +46,8 @@ def common(vocab):
 
 ARCHS = {
     "llama": lambda v: transformers.LlamaConfig(**common(v)),
+    # Rows of 256 and more, so every k-quant format applies (load-time quantization tests).
+    "llama-wide": lambda v: transformers.LlamaConfig(**{**common(v), "hidden_size": 256, "intermediate_size": 512}),
     # A window shorter than prompt plus continuation, so it matters.
     "mistral": lambda v: transformers.MistralConfig(**common(v), sliding_window=8),
     "qwen2": lambda v: transformers.Qwen2Config(**common(v), use_sliding_window=False),
@@ -72,8 +74,11 @@ def build(name, make_config):
     # Eager attention: the reference implementation of every masking rule (sliding windows).
     model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager").eval()
     with torch.no_grad():
-        for p in model.parameters():  # larger than the default init, so logits are not all near zero
-            p.normal_(0.0, 0.2)
+        # Larger than the default init, so logits are not all near zero; scaled by width so
+        # wider models stay in the same range.
+        std = 0.2 * (64 / config.hidden_size) ** 0.5
+        for p in model.parameters():
+            p.normal_(0.0, std)
     d = OUT / name
     shutil.rmtree(d, ignore_errors=True)
     d.mkdir(parents=True)

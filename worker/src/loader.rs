@@ -8,6 +8,7 @@ use crate::models::config::ModelConfig;
 use crate::models::{registry, CausalLm};
 use kiln_shared::chat::{builtin_template, ChatMessage, ChatTemplate};
 use kiln_shared::tokenizer::Tokenizer;
+use kiln_kernels::DType;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -21,20 +22,54 @@ pub struct LoadedModel {
     pub chat_template_builtin: bool,
     /// Tensors in the file that the architecture did not use (usually a wrong guess).
     pub unused_tensors: Vec<String>,
+    /// What load-time quantization did, when it was asked for.
+    pub isq: Option<crate::layers::weights::IsqReport>,
+}
+
+/// The formats `--isq` accepts, by the names it accepts them under.
+pub const ISQ_TYPES: &[(&str, DType)] = &[
+    ("q4_0", DType::Q4_0),
+    ("q4_1", DType::Q4_1),
+    ("q5_0", DType::Q5_0),
+    ("q5_1", DType::Q5_1),
+    ("q8_0", DType::Q8_0),
+    ("q2k", DType::Q2K),
+    ("q3k", DType::Q3K),
+    ("q4k", DType::Q4K),
+    ("q5k", DType::Q5K),
+    ("q6k", DType::Q6K),
+];
+
+pub fn parse_isq(name: &str) -> std::result::Result<DType, String> {
+    let lower = name.to_ascii_lowercase().replace('_', "");
+    ISQ_TYPES
+        .iter()
+        .find(|(n, _)| n.replace('_', "") == lower)
+        .map(|(_, t)| *t)
+        .ok_or_else(|| format!("unknown quantization `{name}` (one of {})", ISQ_TYPES.iter().map(|t| t.0).collect::<Vec<_>>().join(", ")))
 }
 
 impl LoadedModel {
     /// Loads a GGUF file, or a Hugging Face model directory.
     pub fn load(path: &Path) -> Result<LoadedModel> {
+        Self::load_quantized(path, None)
+    }
+
+    /// Loads a model, quantizing its projection weights to `isq` on the way when given.
+    pub fn load_quantized(path: &Path, isq: Option<DType>) -> Result<LoadedModel> {
         if path.is_dir() {
-            return Self::from_hf_dir(path);
+            return Self::hf_dir(path, isq);
         }
-        Self::from_gguf(Arc::new(GgufFile::open(path)?))
+        Self::gguf(Arc::new(GgufFile::open(path)?), isq)
     }
 
     /// Builds the model from a Hugging Face directory: config.json, safetensors weights
     /// (one file or shards), tokenizer.json with tokenizer_config.json.
     pub fn from_hf_dir(dir: &Path) -> Result<LoadedModel> {
+        Self::hf_dir(dir, None)
+    }
+
+    fn hf_dir(dir: &Path, isq: Option<DType>) -> Result<LoadedModel> {
         let config = crate::formats::hf_tokenizer::read_json(&dir.join("config.json"))?;
         let name = dir.file_name().map_or_else(|| dir.display().to_string(), |n| n.to_string_lossy().into_owned());
         let cfg = crate::models::hf_config::from_hf(&config, &name)?;
@@ -47,7 +82,7 @@ impl LoadedModel {
             });
         }
         let checkpoint = Arc::new(crate::formats::safetensors::Checkpoint::open_dir(dir)?);
-        let weights = WeightSource::from_checkpoint(checkpoint, &cfg.architecture);
+        let weights = WeightSource::from_checkpoint(checkpoint, &cfg.architecture).with_isq(isq);
         let (model, unused_tensors) = registry::build(&cfg, &weights)?;
         let (source, builtin) = match template {
             Some(t) => (t, false),
@@ -62,11 +97,16 @@ impl LoadedModel {
             chat_template_source: source,
             chat_template_builtin: builtin,
             unused_tensors,
+            isq: isq.map(|_| weights.isq_report.borrow().clone()),
         })
     }
 
     /// Builds the model from an opened (or in-memory) GGUF file.
     pub fn from_gguf(gguf: Arc<GgufFile>) -> Result<LoadedModel> {
+        Self::gguf(gguf, None)
+    }
+
+    fn gguf(gguf: Arc<GgufFile>, isq: Option<DType>) -> Result<LoadedModel> {
         let path = gguf.path().to_path_buf();
         let arch = gguf.string("general.architecture")?.to_string();
         registry::check_supported(&arch)?;
@@ -79,7 +119,7 @@ impl LoadedModel {
                 what: format!("{} differs from the tokenizer's {} tokens", cfg.vocab_size, tokenizer.vocab_size()),
             });
         }
-        let weights = WeightSource::new(Arc::clone(&gguf), &arch);
+        let weights = WeightSource::new(Arc::clone(&gguf), &arch).with_isq(isq);
         let (model, unused_tensors) = registry::build(&cfg, &weights)?;
         let (source, builtin) = match gguf.opt_string("tokenizer.chat_template")? {
             Some(t) => (t.to_string(), false),
@@ -94,6 +134,7 @@ impl LoadedModel {
             chat_template_source: source,
             chat_template_builtin: builtin,
             unused_tensors,
+            isq: isq.map(|_| weights.isq_report.borrow().clone()),
         })
     }
 

@@ -117,3 +117,8 @@ fn the_cli_runs_a_model_directory_like_a_gguf_file() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim_end_matches('\n'), model.tokenizer.decode(&greedy, false));
 }
+
+#[test]
+fn a_wider_llama_matches_transformers() {
+    check("llama-wide");
+}

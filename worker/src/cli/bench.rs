@@ -62,7 +62,7 @@ pub fn main(args: BenchArgs) -> anyhow::Result<()> {
     if !args.concurrency.is_empty() {
         return super::bench_parallel::main(&args);
     }
-    let model = super::load_model(&args.model, args.json)?;
+    let model = super::load_model(&args.model, args.json, args.engine.isq)?;
     let threads = args.threads.unwrap_or_else(super::default_threads);
     let compute = super::compute(Some(threads));
     let ctx = (args.n_prompt.max(args.n_gen) + 1).max(16);

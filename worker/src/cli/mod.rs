@@ -30,11 +30,27 @@ pub fn default_threads() -> usize {
     std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
 }
 
-/// Resolves a model argument (path or known name, fetched on first use) and loads it.
-pub fn load_model(arg: &str, quiet: bool) -> anyhow::Result<Arc<LoadedModel>> {
+/// Resolves a model argument (path, directory, known name or repo id, fetched on first use)
+/// and loads it, quantizing its projection weights to `isq` when given.
+pub fn load_model(arg: &str, quiet: bool, isq: Option<kiln_kernels::DType>) -> anyhow::Result<Arc<LoadedModel>> {
     let path = kiln_worker::assets::resolve(arg, &mut |msg| eprintln!("kiln: {msg}"))?;
     let t = Instant::now();
-    let model = LoadedModel::load(&path)?;
+    let model = LoadedModel::load_quantized(&path, isq)?;
+    if let (Some(r), Some(dtype)) = (&model.isq, isq) {
+        if !quiet {
+            let mib = |b: usize| b as f64 / (1 << 20) as f64;
+            eprintln!(
+                "kiln: quantized {} projection weights to {} at load ({:.1} MiB -> {:.1} MiB); {} already quantized, {} in another format: {}",
+                r.quantized,
+                dtype.name(),
+                mib(r.bytes_before),
+                mib(r.bytes_after),
+                r.kept,
+                r.fallbacks.len(),
+                r.fallbacks.iter().map(|(n, d)| format!("{n} ({})", d.name())).collect::<Vec<_>>().join(", ")
+            );
+        }
+    }
     if !model.unused_tensors.is_empty() {
         eprintln!("kiln: warning: {} tensors in the file were not used: {}", model.unused_tensors.len(), model.unused_tensors.join(", "));
     }
@@ -66,6 +82,10 @@ pub struct EngineArgs {
     /// Most tokens computed in one engine step (prompt chunks and decodes together)
     #[arg(long, default_value_t = 512)]
     pub max_batch_tokens: usize,
+    /// Quantize projection weights while loading: q4_0 q4_1 q5_0 q5_1 q8_0 q2k q3k q4k q5k q6k
+    /// (embeddings and the output head keep their precision)
+    #[arg(long, value_parser = kiln_worker::loader::parse_isq)]
+    pub isq: Option<kiln_kernels::DType>,
 }
 
 impl EngineArgs {

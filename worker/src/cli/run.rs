@@ -89,7 +89,7 @@ pub fn main(args: RunArgs) -> anyhow::Result<()> {
     if args.ctx_size == Some(0) {
         anyhow::bail!("--ctx-size must be positive");
     }
-    let model = super::load_model(&args.model, args.input.is_some() && !args.verbose)?;
+    let model = super::load_model(&args.model, args.input.is_some() && !args.verbose, args.engine.isq)?;
     let compute = super::compute(args.threads);
     // One conversation at a time; its earlier turns stay in the prefix cache.
     let engine = Engine::start(Arc::clone(&model), compute, args.engine.config(1, args.ctx_size))?;

@@ -83,7 +83,7 @@ pub fn model_id(model: &str, explicit: Option<&str>) -> String {
 
 /// Loads `source` and starts an engine on it (blocking: reads the model file).
 pub fn load_serving(args: &ServeArgs, source: &str, id: &str) -> anyhow::Result<Serving> {
-    let model = super::load_model(source, false)?;
+    let model = super::load_model(source, false, args.engine.isq)?;
     let compute = super::compute(args.threads);
     let engine = Engine::start(Arc::clone(&model), compute, args.engine.config(args.max_seqs, args.ctx_size))?;
     Ok(Serving::new(engine, model, id, args.max_seqs)?)

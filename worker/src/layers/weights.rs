@@ -13,21 +13,33 @@ use std::cell::RefCell;
 use std::collections::BTreeSet;
 use std::sync::Arc;
 
-/// A 2-D weight `[rows, cols]` left in place in the file's mapping.
+/// Where a weight's bytes live: in place in the file's mapping, or (quantized at load) in
+/// memory of its own.
+#[derive(Clone)]
+enum Backing {
+    Mapped(Arc<Mmap>),
+    Owned(Arc<Vec<u8>>),
+}
+
+/// A 2-D weight `[rows, cols]`.
 #[derive(Clone)]
 pub struct MatrixRef {
     pub name: String,
     pub dtype: DType,
     pub rows: usize,
     pub cols: usize,
-    mmap: Arc<Mmap>,
+    backing: Backing,
     offset: usize,
     len: usize,
 }
 
 impl MatrixRef {
     pub fn bytes(&self) -> &[u8] {
-        &self.mmap[self.offset..self.offset + self.len]
+        let all: &[u8] = match &self.backing {
+            Backing::Mapped(m) => m,
+            Backing::Owned(v) => v,
+        };
+        &all[self.offset..self.offset + self.len]
     }
 
     /// Rows `start..start + rows` as a matrix of their own (a fused projection's parts).
@@ -41,7 +53,7 @@ impl MatrixRef {
             dtype: self.dtype,
             rows,
             cols: self.cols,
-            mmap: Arc::clone(&self.mmap),
+            backing: self.backing.clone(),
             offset: self.offset + start * row_bytes,
             len: rows * row_bytes,
         })
@@ -62,16 +74,74 @@ pub struct WeightSource {
     store: Store,
     arch: String,
     used: RefCell<BTreeSet<String>>,
+    /// Load-time quantization of projection weights (`linear`), and what it did.
+    isq: Option<DType>,
+    pub isq_report: RefCell<IsqReport>,
+}
+
+/// What load-time quantization did to the projection weights.
+#[derive(Clone, Debug, Default)]
+pub struct IsqReport {
+    pub quantized: usize,
+    /// Tensors whose row length does not divide into the type's blocks, and the type used instead.
+    pub fallbacks: Vec<(String, DType)>,
+    /// Tensors already quantized in the file, left as they were.
+    pub kept: usize,
+    pub bytes_before: usize,
+    pub bytes_after: usize,
 }
 
 impl WeightSource {
     pub fn new(gguf: Arc<GgufFile>, arch: &str) -> WeightSource {
-        WeightSource { store: Store::Gguf(gguf), arch: arch.to_string(), used: RefCell::new(BTreeSet::new()) }
+        Self::with_store(Store::Gguf(gguf), arch)
     }
 
     /// Tensors of a Hugging Face checkpoint, which already carry the names models ask for.
     pub fn from_checkpoint(checkpoint: Arc<Checkpoint>, arch: &str) -> WeightSource {
-        WeightSource { store: Store::Safetensors(checkpoint), arch: arch.to_string(), used: RefCell::new(BTreeSet::new()) }
+        Self::with_store(Store::Safetensors(checkpoint), arch)
+    }
+
+    fn with_store(store: Store, arch: &str) -> WeightSource {
+        WeightSource { store, arch: arch.to_string(), used: RefCell::new(BTreeSet::new()), isq: None, isq_report: RefCell::default() }
+    }
+
+    /// Quantizes projection weights to `dtype` as they are loaded.
+    pub fn with_isq(mut self, dtype: Option<DType>) -> WeightSource {
+        self.isq = dtype;
+        self
+    }
+
+    /// A projection weight: like `matrix`, quantized to the load-time type when one is set
+    /// and the stored weight is in a float format.
+    pub fn linear(&self, name: &str, rows: usize, cols: usize) -> Result<MatrixRef> {
+        let m = self.matrix(name, rows, cols)?;
+        let Some(target) = self.isq else { return Ok(m) };
+        if !matches!(m.dtype, DType::F32 | DType::F16 | DType::BF16) {
+            self.isq_report.borrow_mut().kept += 1;
+            return Ok(m);
+        }
+        // Like llama.cpp, rows that do not divide into 256-value super-blocks take a
+        // 32-value format of similar size instead.
+        let dtype = if cols.is_multiple_of(target.block_len()) {
+            target
+        } else if cols.is_multiple_of(32) {
+            let fallback = match target {
+                DType::Q2K | DType::Q3K | DType::Q4K => DType::Q4_1,
+                DType::Q5K => DType::Q5_1,
+                _ => DType::Q8_0,
+            };
+            self.isq_report.borrow_mut().fallbacks.push((m.name.clone(), fallback));
+            fallback
+        } else {
+            self.isq_report.borrow_mut().fallbacks.push((m.name.clone(), m.dtype));
+            return Ok(m);
+        };
+        let q = quantize_matrix(&m, dtype).map_err(|e| Error::Tensor { name: m.name.clone(), what: format!("cannot be quantized: {e}") })?;
+        let mut report = self.isq_report.borrow_mut();
+        report.quantized += 1;
+        report.bytes_before += m.len;
+        report.bytes_after += q.len;
+        Ok(q)
     }
 
     fn file_name(&self, name: &str) -> String {
@@ -119,7 +189,7 @@ impl WeightSource {
             dtype: info.dtype,
             rows,
             cols,
-            mmap: Arc::clone(mmap),
+            backing: Backing::Mapped(Arc::clone(mmap)),
             offset: info.file_offset as usize,
             len: info.num_bytes as usize,
         };
@@ -151,4 +221,35 @@ impl WeightSource {
             Store::Safetensors(c) => c.names().filter(|n| !used.contains(*n)).map(str::to_string).collect(),
         }
     }
+}
+
+/// `m` quantized to `dtype`, its rows shared out over the machine's cores; each thread
+/// converts one row at a time, so no f32 copy of the matrix is ever held.
+fn quantize_matrix(m: &MatrixRef, dtype: DType) -> std::result::Result<MatrixRef, kiln_kernels::KernelError> {
+    let out_row = dtype.row_bytes(m.cols).ok_or_else(|| kiln_kernels::KernelError::Shape("row too long".into()))?;
+    let in_row = m.dtype.row_bytes(m.cols).ok_or_else(|| kiln_kernels::KernelError::Shape("row too long".into()))?;
+    let mut out = vec![0u8; out_row * m.rows];
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(m.rows.max(1));
+    let rows_per = m.rows.div_ceil(threads);
+    let src = m.bytes();
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = out
+            .chunks_mut(rows_per * out_row)
+            .enumerate()
+            .map(|(t, chunk)| {
+                scope.spawn(move || {
+                    let mut row = vec![0.0f32; m.cols];
+                    for (i, dst) in chunk.chunks_exact_mut(out_row).enumerate() {
+                        let r = t * rows_per + i;
+                        kiln_kernels::dequant::dequantize_row(m.dtype, &src[r * in_row..(r + 1) * in_row], &mut row)?;
+                        kiln_kernels::quantize::quantize_row(dtype, &row, dst)?;
+                    }
+                    Ok::<(), kiln_kernels::KernelError>(())
+                })
+            })
+            .collect();
+        handles.into_iter().try_for_each(|h| h.join().unwrap_or_else(|_| Err(kiln_kernels::KernelError::Layout("a quantizing thread panicked"))))
+    })?;
+    let len = out.len();
+    Ok(MatrixRef { name: m.name.clone(), dtype, rows: m.rows, cols: m.cols, backing: Backing::Owned(Arc::new(out)), offset: 0, len })
 }

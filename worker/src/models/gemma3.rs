@@ -43,7 +43,7 @@ pub fn load(cfg: &ModelConfig, w: &WeightSource) -> Result<Box<dyn CausalLm>> {
     // f32 checkpoints are checked against an f32 reference: GELU computed exactly rather
     // than through llama.cpp's half-precision table.
     let gelu = if cfg.kv_precision == kiln_kernels::attention::KvPrecision::Full { Activation::GeluTanhExact } else { Activation::GeluTanh };
-    let linear = |name: String, rows: usize, cols: usize| -> Result<Linear> { Ok(Linear { weight: w.matrix(&name, rows, cols)?, bias: None }) };
+    let linear = |name: String, rows: usize, cols: usize| -> Result<Linear> { Ok(Linear { weight: w.linear(&name, rows, cols)?, bias: None }) };
     let mut layers = Vec::with_capacity(cfg.num_layers);
     for i in 0..cfg.num_layers {
         let p = format!("model.layers.{i}");
@@ -81,7 +81,7 @@ pub fn load(cfg: &ModelConfig, w: &WeightSource) -> Result<Box<dyn CausalLm>> {
             rope_table: usize::from(sliding),
         });
     }
-    let embed_tokens = Embedding { table: linear("model.embed_tokens.weight".into(), cfg.vocab_size, h)?, scale: Some((h as f32).sqrt()) };
+    let embed_tokens = Embedding { table: Linear { weight: w.matrix("model.embed_tokens.weight", cfg.vocab_size, h)?, bias: None }, scale: Some((h as f32).sqrt()) };
     let head = LmHead::load(w, cfg)?;
     Ok(Box::new(Gemma3 { cfg: cfg.clone(), embed_tokens, layers, head, ropes: [global, local] }))
 }

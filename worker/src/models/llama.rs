@@ -46,7 +46,7 @@ pub fn load(cfg: &ModelConfig, w: &WeightSource) -> Result<Box<dyn CausalLm>> {
         }
         Ok(Some(RmsNorm { weight: w.vector(&name, hd)?, eps: cfg.rms_eps }))
     };
-    let linear = |name: String, rows: usize, cols: usize| -> Result<Linear> { Ok(Linear { weight: w.matrix(&name, rows, cols)?, bias: None }) };
+    let linear = |name: String, rows: usize, cols: usize| -> Result<Linear> { Ok(Linear { weight: w.linear(&name, rows, cols)?, bias: None }) };
     // Qwen2 adds biases to the q/k/v projections.
     let biased = |name: String, rows: usize, cols: usize| -> Result<Linear> {
         let mut l = linear(format!("{name}.weight"), rows, cols)?;
@@ -57,7 +57,7 @@ pub fn load(cfg: &ModelConfig, w: &WeightSource) -> Result<Box<dyn CausalLm>> {
     };
     // Phi-3 keeps q, k and v in one matrix, and gate and up in another: split by rows.
     let split = |name: String, parts: &[usize]| -> Result<Vec<Linear>> {
-        let fused = w.matrix(&name, parts.iter().sum(), h)?;
+        let fused = w.linear(&name, parts.iter().sum(), h)?;
         let mut start = 0;
         let mut out = Vec::with_capacity(parts.len());
         for &rows in parts {
@@ -83,7 +83,7 @@ pub fn load(cfg: &ModelConfig, w: &WeightSource) -> Result<Box<dyn CausalLm>> {
             )
         };
         let mlp = match &cfg.moe {
-            Some(m) => FeedForward::Experts(load_moe(m, &p, h, &linear)?),
+            Some(m) => FeedForward::Experts(load_moe(m, &p, h, w, &linear)?),
             None => {
                 let (gate_proj, up_proj) = if cfg.fused_projections {
                     let mut gu = split(format!("{p}.mlp.gate_up_proj.weight"), &[cfg.intermediate_size, cfg.intermediate_size])?.into_iter();
@@ -126,13 +126,13 @@ pub fn load(cfg: &ModelConfig, w: &WeightSource) -> Result<Box<dyn CausalLm>> {
             mlp,
         });
     }
-    let embed_tokens = Embedding { table: linear("model.embed_tokens.weight".into(), cfg.vocab_size, h)?, scale: None };
+    let embed_tokens = Embedding { table: Linear { weight: w.matrix("model.embed_tokens.weight", cfg.vocab_size, h)?, bias: None }, scale: None };
     let head = LmHead::load(w, cfg)?;
     Ok(Box::new(Llama { cfg: cfg.clone(), embed_tokens, layers, head, rope }))
 }
 
 /// A mixture-of-experts block: the router and every expert of layer prefix `p`.
-fn load_moe(m: &MoeConfig, p: &str, h: usize, linear: &dyn Fn(String, usize, usize) -> Result<Linear>) -> Result<MoeMlp> {
+fn load_moe(m: &MoeConfig, p: &str, h: usize, w: &WeightSource, linear: &dyn Fn(String, usize, usize) -> Result<Linear>) -> Result<MoeMlp> {
     let (router, expert) = match m.naming {
         MoeNaming::Mixtral => (format!("{p}.block_sparse_moe.gate.weight"), format!("{p}.block_sparse_moe.experts")),
         MoeNaming::Qwen => (format!("{p}.mlp.gate.weight"), format!("{p}.mlp.experts")),
@@ -151,7 +151,9 @@ fn load_moe(m: &MoeConfig, p: &str, h: usize, linear: &dyn Fn(String, usize, usi
             })
         })
         .collect::<Result<Vec<_>>>()?;
-    Ok(MoeMlp { router: linear(router, m.num_experts, h)?, experts, top_k: m.top_k, renormalize: m.renormalize })
+    // The router stays at the checkpoint's precision: it picks experts, and is small.
+    let router = Linear { weight: w.matrix(&router, m.num_experts, h)?, bias: None };
+    Ok(MoeMlp { router, experts, top_k: m.top_k, renormalize: m.renormalize })
 }
 
 impl CausalLm for Llama {
