@@ -236,8 +236,8 @@ fn q5k(x: &[f32], out: &mut [u8]) {
 fn q2k(x: &[f32], out: &mut [u8]) {
     let ms = min_scale(x, 16, 3, 15);
     let q = ms.quants(x, 16, 3);
-    for s in 0..16 {
-        out[s] = (ms.sc[s] as u8) | ((ms.mn[s] as u8) << 4);
+    for (o, (&sc, &mn)) in out[..16].iter_mut().zip(ms.sc.iter().zip(&ms.mn)) {
+        *o = (sc as u8) | ((mn as u8) << 4);
     }
     let qs = &mut out[16..80];
     qs.fill(0);
@@ -330,7 +330,7 @@ mod tests {
                 s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
                 // Roughly normal: a sum of uniforms, with an occasional outlier.
                 let u: f32 = (0..4).map(|k| ((s >> (16 * k)) & 0xFFFF) as f32 / 65536.0 - 0.5).sum();
-                if s % 97 == 0 {
+                if s.is_multiple_of(97) {
                     u * 8.0
                 } else {
                     u

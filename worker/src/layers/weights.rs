@@ -248,7 +248,7 @@ fn quantize_matrix(m: &MatrixRef, dtype: DType) -> std::result::Result<MatrixRef
                 })
             })
             .collect();
-        handles.into_iter().try_for_each(|h| h.join().unwrap_or_else(|_| Err(kiln_kernels::KernelError::Layout("a quantizing thread panicked"))))
+        handles.into_iter().try_for_each(|h| h.join().unwrap_or(Err(kiln_kernels::KernelError::Layout("a quantizing thread panicked"))))
     })?;
     let len = out.len();
     Ok(MatrixRef { name: m.name.clone(), dtype, rows: m.rows, cols: m.cols, backing: Backing::Owned(Arc::new(out)), offset: 0, len })
