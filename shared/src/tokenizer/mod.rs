@@ -8,7 +8,7 @@
 
 mod bpe;
 mod merge;
-mod pretokenize;
+pub mod pretokenize;
 mod spm;
 mod stream;
 mod wordpiece;

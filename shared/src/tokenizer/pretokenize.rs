@@ -14,7 +14,15 @@ pub enum PreTokenizer {
     Gpt2,
     /// Every number character on its own, then GPT-2 (SmolLM, StarCoder and relatives).
     DigitsThenGpt2,
+    /// Llama 3: `(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+`
+    Llama3,
+    /// Qwen 2 and 3: Llama 3's pattern with single digits (`\p{N}`).
+    Qwen2,
 }
+
+/// The split patterns of `tokenizer.json` `Split` pre-tokenizers kiln implements.
+pub const LLAMA3_PATTERN: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+pub const QWEN2_PATTERN: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 
 impl PreTokenizer {
     /// Maps a GGUF `tokenizer.ggml.pre` name to a splitter, or None if kiln lacks it.
@@ -24,6 +32,8 @@ impl PreTokenizer {
             "smollm" | "starcoder" | "refact" | "command-r" | "codeshell" | "exaone" | "minerva-7b" => {
                 Some(PreTokenizer::DigitsThenGpt2)
             }
+            "llama-bpe" | "llama3" | "smaug-bpe" => Some(PreTokenizer::Llama3),
+            "qwen2" => Some(PreTokenizer::Qwen2),
             _ => None,
         }
     }
@@ -47,8 +57,98 @@ impl PreTokenizer {
                     split_gpt2(&text[start..], start, out);
                 }
             }
+            PreTokenizer::Llama3 => split_llama3(text, 3, out),
+            PreTokenizer::Qwen2 => split_llama3(text, 1, out),
         }
     }
+}
+
+fn is_newline(c: char) -> bool {
+    c == '\r' || c == '\n'
+}
+
+/// Llama 3's split; `max_digits` is 3 for Llama 3 and 1 for Qwen 2. Each alternative of the
+/// pattern is tried in order at each position, as the regex engine does.
+fn split_llama3(text: &str, max_digits: usize, out: &mut Vec<(usize, usize)>) {
+    let chars: Vec<(usize, char)> = text.char_indices().collect();
+    let n = chars.len();
+    let at = |i: usize| -> Option<char> { chars.get(i).map(|&(_, c)| c) };
+    let offset = |i: usize| -> usize { chars.get(i).map_or(text.len(), |&(o, _)| o) };
+    let letter = |i: usize| at(i).is_some_and(is_letter);
+    let number = |i: usize| at(i).is_some_and(is_number);
+    let space = |i: usize| at(i).is_some_and(char::is_whitespace);
+    let other = |i: usize| at(i).is_some_and(|c| !c.is_whitespace() && !is_letter(c) && !is_number(c));
+    let mut pos = 0;
+    while pos < n {
+        let c = chars[pos].1;
+        let end = llama3_match(pos, c, n, max_digits, &at, &letter, &number, &space, &other);
+        out.push((offset(pos), offset(end)));
+        pos = end;
+    }
+}
+
+/// Where the match starting at `pos` (character `c`) ends.
+#[allow(clippy::too_many_arguments)]
+fn llama3_match(
+    pos: usize,
+    c: char,
+    n: usize,
+    max_digits: usize,
+    at: &dyn Fn(usize) -> Option<char>,
+    letter: &dyn Fn(usize) -> bool,
+    number: &dyn Fn(usize) -> bool,
+    space: &dyn Fn(usize) -> bool,
+    other: &dyn Fn(usize) -> bool,
+) -> usize {
+    // (?i:'s|'t|'re|'ve|'m|'ll|'d)
+    if c == '\'' {
+        let lower = |i: usize| at(i).map(|c| c.to_ascii_lowercase());
+        match (lower(pos + 1), lower(pos + 2)) {
+            (Some('r'), Some('e')) | (Some('v'), Some('e')) | (Some('l'), Some('l')) => return pos + 3,
+            (Some('s' | 't' | 'm' | 'd'), _) => return pos + 2,
+            _ => {}
+        }
+    }
+    // [^\r\n\p{L}\p{N}]?\p{L}+
+    let run = |mut i: usize, f: &dyn Fn(usize) -> bool| {
+        while f(i) {
+            i += 1;
+        }
+        i
+    };
+    if !is_newline(c) && !letter(pos) && !number(pos) && letter(pos + 1) {
+        return run(pos + 1, letter);
+    }
+    if letter(pos) {
+        return run(pos, letter);
+    }
+    // \p{N}{1,max}
+    if number(pos) {
+        let mut i = pos;
+        while i < pos + max_digits && number(i) {
+            i += 1;
+        }
+        return i;
+    }
+    // ' '?[^\s\p{L}\p{N}]+[\r\n]*
+    let lead = usize::from(c == ' ' && other(pos + 1));
+    if other(pos + lead) {
+        let i = run(pos + lead, other);
+        return run(i, &|j| at(j).is_some_and(is_newline));
+    }
+    // \s*[\r\n]+: up to the last newline of the whitespace run.
+    let ws_end = run(pos, space);
+    if let Some(last_newline) = (pos..ws_end).rev().find(|&i| at(i).is_some_and(is_newline)) {
+        return last_newline + 1;
+    }
+    // \s+(?!\S), else \s+
+    if ws_end > pos {
+        if ws_end == n || ws_end - pos == 1 {
+            return ws_end;
+        }
+        return ws_end - 1;
+    }
+    pos + 1
 }
 
 pub fn is_letter(c: char) -> bool {
@@ -144,7 +244,7 @@ mod tests {
     #[test]
     fn split_covers_text_exactly() {
         let text = "Mixed: 日本語 テスト 🎉🎉 tabs\t\tand\r\nCRLF  end  ";
-        for p in [PreTokenizer::Gpt2, PreTokenizer::DigitsThenGpt2] {
+        for p in [PreTokenizer::Gpt2, PreTokenizer::DigitsThenGpt2, PreTokenizer::Llama3, PreTokenizer::Qwen2] {
             let mut out = vec![];
             p.split(text, &mut out);
             let mut pos = 0;

@@ -4,6 +4,7 @@
 //! cannot reproduce exactly are refused by name rather than approximated.
 
 use crate::error::{Error, Result};
+use kiln_shared::tokenizer::pretokenize::{LLAMA3_PATTERN, QWEN2_PATTERN};
 use kiln_shared::tokenizer::{PreTokenizer, TokenKind, TokenizerModel, TokenizerSpec};
 use serde_json::Value;
 use std::path::Path;
@@ -25,13 +26,21 @@ fn pre_tokenizer(p: &Value) -> Result<PreTokenizer> {
     }
     if p["type"] == "Sequence" {
         let items: Vec<&Value> = p["pretokenizers"].as_array().into_iter().flatten().collect();
-        if let [digits, level] = items.as_slice() {
-            if digits["type"] == "Digits" && digits["individual_digits"] == true && byte_level_with_regex(level) {
+        if let [first, level] = items.as_slice() {
+            if first["type"] == "Digits" && first["individual_digits"] == true && byte_level_with_regex(level) {
                 return Ok(PreTokenizer::DigitsThenGpt2);
+            }
+            // A regex split, then byte-level mapping without its own regex (Llama 3, Qwen).
+            let byte_level_plain = level["type"] == "ByteLevel" && level["use_regex"] == false && level["add_prefix_space"] != true;
+            let isolated = first["type"] == "Split" && first["behavior"] == "Isolated" && first["invert"] != true;
+            match first["pattern"]["Regex"].as_str() {
+                Some(LLAMA3_PATTERN) if isolated && byte_level_plain => return Ok(PreTokenizer::Llama3),
+                Some(QWEN2_PATTERN) if isolated && byte_level_plain => return Ok(PreTokenizer::Qwen2),
+                _ => {}
             }
         }
     }
-    Err(bad(format!("pre-tokenizer {p} is not supported yet (kiln has GPT-2 byte-level, and digits then GPT-2)")))
+    Err(bad(format!("pre-tokenizer {p} is not supported yet (kiln has the GPT-2, digits-then-GPT-2, Llama 3 and Qwen 2 splitters)")))
 }
 
 /// A token named in tokenizer_config.json: a string or `{"content": ...}`.
