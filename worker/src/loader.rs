@@ -72,7 +72,12 @@ impl LoadedModel {
     fn hf_dir(dir: &Path, isq: Option<DType>) -> Result<LoadedModel> {
         let config = crate::formats::hf_tokenizer::read_json(&dir.join("config.json"))?;
         let name = dir.file_name().map_or_else(|| dir.display().to_string(), |n| n.to_string_lossy().into_owned());
-        let cfg = crate::models::hf_config::from_hf(&config, &name)?;
+        let mut cfg = crate::models::hf_config::from_hf(&config, &name)?;
+        if isq.is_some() {
+            // Quantized weights run with the half-precision cache and llama.cpp's numerics,
+            // as the same model written to GGUF would.
+            cfg.kv_precision = kiln_kernels::attention::KvPrecision::Half;
+        }
         let (spec, template) = crate::formats::hf_tokenizer::load(dir)?;
         let tokenizer = Arc::new(Tokenizer::new(spec)?);
         if tokenizer.vocab_size() > cfg.vocab_size {

@@ -24,6 +24,8 @@ enum Command {
     Bench(cli::bench::BenchArgs),
     /// Show a model file's metadata, tensors and chat template
     Info(cli::info::InfoArgs),
+    /// Write a Hugging Face checkpoint as a GGUF file with quantized projection weights
+    Quantize(cli::quantize::QuantizeArgs),
 }
 
 fn main() -> ExitCode {
@@ -34,6 +36,7 @@ fn main() -> ExitCode {
         Command::Pull(a) => cli::pull::main(a),
         Command::Bench(a) => cli::bench::main(a),
         Command::Info(a) => cli::info::main(a),
+        Command::Quantize(a) => cli::quantize::main(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -5,6 +5,7 @@ pub mod bench_parallel;
 pub mod info;
 pub mod placement;
 pub mod pull;
+pub mod quantize;
 pub mod run;
 pub mod serve;
 

@@ -136,6 +136,8 @@ impl ModelConfig {
             _ => RopeStyle::SplitHalf,
         };
         let arch_is_gemma3 = arch == "gemma3";
+        let arch_is_qwen3 = arch == "qwen3";
+        let arch_is_qwen2 = arch == "qwen2";
         Ok(ModelConfig {
             name: gguf.opt_string("general.name")?.unwrap_or(&arch).to_string(),
             final_logit_softcap: gguf.opt_f32(&key("final_logit_softcapping"))?.filter(|&c| c > 0.0),
@@ -156,8 +158,8 @@ impl ModelConfig {
             is_sliding,
             rope_base_local,
             kv_precision: kiln_kernels::attention::KvPrecision::Half,
-            qk_norm: arch_is_gemma3,
-            qkv_bias: false,
+            qk_norm: arch_is_gemma3 || arch_is_qwen3,
+            qkv_bias: arch_is_qwen2,
             fused_projections: false,
             moe: None,
             norm_offset: 0.0,

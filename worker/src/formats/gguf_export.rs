@@ -1,0 +1,160 @@
+//! Writes a Hugging Face checkpoint as a GGUF file with its projection weights quantized
+//! (`kiln-worker quantize`): llama.cpp's tensor names and metadata keys, the tokenizer as
+//! `tokenizer.ggml.*`, and, for the `llama` architecture, q/k rows reordered for its
+//! interleaved RoPE. The quantized bytes are those load-time quantization produces, so the
+//! file runs as the model does with `--isq`.
+
+use super::gguf_value::{Array, Value};
+use super::gguf_write::GgufWriter;
+use super::names::gguf_name;
+use crate::error::{Error, Result};
+use crate::layers::weights::{IsqReport, MatrixRef};
+use crate::layers::WeightSource;
+use crate::models::config::ModelConfig;
+use kiln_kernels::DType;
+use kiln_shared::tokenizer::{PreTokenizer, TokenKind, TokenizerModel, TokenizerSpec};
+use std::path::Path;
+use std::sync::Arc;
+
+/// Hugging Face architectures kiln writes, and the GGUF architecture they become.
+const EXPORTS: &[(&str, &str)] =
+    &[("LlamaForCausalLM", "llama"), ("MistralForCausalLM", "llama"), ("Qwen2ForCausalLM", "qwen2"), ("Qwen3ForCausalLM", "qwen3")];
+
+pub struct Exported {
+    pub architecture: String,
+    pub tensors: usize,
+    pub bytes: usize,
+    pub isq: IsqReport,
+}
+
+fn invalid(what: impl Into<String>) -> Error {
+    Error::InvalidRequest(what.into())
+}
+
+fn is_projection(name: &str) -> bool {
+    ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"].iter().any(|p| name.ends_with(&format!(".{p}.weight")))
+}
+
+/// Rows of each `head_dim` block reordered from split halves to interleaved pairs.
+fn interleave_heads(m: &MatrixRef, head_dim: usize) -> Result<Vec<u8>> {
+    let row = m.dtype.row_bytes(m.cols).ok_or_else(|| invalid("row too long"))?;
+    let bytes = m.bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    for head in 0..m.rows / head_dim {
+        for j in 0..head_dim / 2 {
+            for half in 0..2 {
+                let r = head * head_dim + half * head_dim / 2 + j;
+                out.extend_from_slice(&bytes[r * row..(r + 1) * row]);
+            }
+        }
+    }
+    Ok(out)
+}
+
+fn pre_name(p: PreTokenizer) -> &'static str {
+    match p {
+        PreTokenizer::Gpt2 => "gpt2",
+        PreTokenizer::DigitsThenGpt2 => "smollm",
+        PreTokenizer::Llama3 => "llama-bpe",
+        PreTokenizer::Qwen2 => "qwen2",
+    }
+}
+
+fn kind_id(k: TokenKind) -> i32 {
+    match k {
+        TokenKind::Normal => 1,
+        TokenKind::Unknown => 2,
+        TokenKind::Control => 3,
+        TokenKind::UserDefined => 4,
+        TokenKind::Unused => 5,
+        TokenKind::Byte => 6,
+        TokenKind::Undefined => 0,
+    }
+}
+
+fn metadata(w: &mut GgufWriter, arch: &str, cfg: &ModelConfig, spec: &TokenizerSpec, template: Option<&str>, isq: DType) -> Result<()> {
+    let u32v = |v: usize| Value::U32(v as u32);
+    w.set("general.architecture", Value::String(arch.into()));
+    w.set("general.name", Value::String(cfg.name.clone()));
+    w.set("general.quantization_version", Value::U32(2));
+    w.set("general.quantized_by", Value::String(format!("kiln {} ({})", env!("CARGO_PKG_VERSION"), isq.name())));
+    let key = |k: &str| format!("{arch}.{k}");
+    w.set(&key("context_length"), u32v(cfg.max_context_len));
+    w.set(&key("embedding_length"), u32v(cfg.hidden_size));
+    w.set(&key("block_count"), u32v(cfg.num_layers));
+    w.set(&key("feed_forward_length"), u32v(cfg.intermediate_size));
+    w.set(&key("attention.head_count"), u32v(cfg.num_heads));
+    w.set(&key("attention.head_count_kv"), u32v(cfg.num_kv_heads));
+    w.set(&key("attention.key_length"), u32v(cfg.head_dim));
+    w.set(&key("attention.value_length"), u32v(cfg.head_dim));
+    w.set(&key("attention.layer_norm_rms_epsilon"), Value::F32(cfg.rms_eps));
+    w.set(&key("rope.freq_base"), Value::F32(cfg.rope_base));
+    w.set(&key("rope.dimension_count"), u32v(cfg.rope_dims));
+    w.set(&key("vocab_size"), u32v(cfg.vocab_size));
+    let TokenizerModel::ByteBpe { pre, merges } = &spec.model else {
+        return Err(invalid("only byte-level BPE tokenizers are written to GGUF"));
+    };
+    w.set("tokenizer.ggml.model", Value::String("gpt2".into()));
+    w.set("tokenizer.ggml.pre", Value::String(pre_name(*pre).into()));
+    w.set("tokenizer.ggml.tokens", Value::Array(Array::String(spec.tokens.clone())));
+    w.set("tokenizer.ggml.token_type", Value::Array(Array::I32(spec.kinds.iter().map(|&k| kind_id(k)).collect())));
+    w.set("tokenizer.ggml.merges", Value::Array(Array::String(merges.clone())));
+    if let Some(b) = spec.bos_id {
+        w.set("tokenizer.ggml.bos_token_id", Value::U32(b));
+    }
+    if let Some(e) = spec.eos_id {
+        w.set("tokenizer.ggml.eos_token_id", Value::U32(e));
+    }
+    w.set("tokenizer.ggml.add_bos_token", Value::Bool(spec.add_bos));
+    w.set("tokenizer.ggml.add_eos_token", Value::Bool(spec.add_eos));
+    if let Some(t) = template {
+        w.set("tokenizer.chat_template", Value::String(t.into()));
+    }
+    Ok(())
+}
+
+/// Writes the checkpoint in `dir` to `out` with projection weights quantized to `isq`.
+pub fn export(dir: &Path, isq: DType, out: &Path) -> Result<Exported> {
+    let config = super::hf_tokenizer::read_json(&dir.join("config.json"))?;
+    let hf_arch = config["architectures"][0].as_str().unwrap_or("").to_string();
+    let arch = EXPORTS.iter().find(|(a, _)| *a == hf_arch).map(|(_, g)| *g).ok_or_else(|| {
+        invalid(format!("writing `{hf_arch}` to GGUF is not supported yet (supported: {})", EXPORTS.iter().map(|e| e.0).collect::<Vec<_>>().join(", ")))
+    })?;
+    let name = dir.file_name().map_or_else(String::new, |n| n.to_string_lossy().into_owned());
+    let cfg = crate::models::hf_config::from_hf(&config, &name)?;
+    if cfg.sliding_window.is_some() {
+        return Err(invalid("sliding-window attention has no llama-architecture GGUF form; not written"));
+    }
+    let (spec, template) = super::hf_tokenizer::load(dir)?;
+    let checkpoint = Arc::new(super::safetensors::Checkpoint::open_dir(dir)?);
+    let weights = WeightSource::from_checkpoint(Arc::clone(&checkpoint), &cfg.architecture).with_isq(Some(isq));
+    let mut w = GgufWriter::new();
+    metadata(&mut w, arch, &cfg, &spec, template.as_deref(), isq)?;
+    let mut names: Vec<&str> = checkpoint.names().collect();
+    names.sort();
+    let mut bytes = 0;
+    for hf in &names {
+        let gguf = gguf_name(arch, hf).ok_or_else(|| invalid(format!("tensor `{hf}` has no GGUF name for {arch}")))?;
+        let (info, _) = checkpoint.tensor(hf).ok_or_else(|| invalid(format!("tensor `{hf}` vanished")))?;
+        let (dims, dtype, data) = match info.dims.as_slice() {
+            [len] => {
+                let v = weights.vector(hf, *len as usize)?;
+                (vec![*len], DType::F32, v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>())
+            }
+            [cols, rows] => {
+                let (cols, rows) = (*cols as usize, *rows as usize);
+                let m = if is_projection(hf) { weights.linear(hf, rows, cols)? } else { weights.matrix(hf, rows, cols)? };
+                let interleave = arch == "llama" && (hf.ends_with(".q_proj.weight") || hf.ends_with(".k_proj.weight"));
+                let data = if interleave { interleave_heads(&m, cfg.head_dim)? } else { m.bytes().to_vec() };
+                (vec![cols as u64, rows as u64], m.dtype, data)
+            }
+            other => return Err(invalid(format!("tensor `{hf}` has {} dimensions", other.len()))),
+        };
+        bytes += data.len();
+        w.tensor(&gguf, &dims, dtype, data);
+    }
+    let image = w.to_bytes();
+    std::fs::write(out, &image).map_err(|source| Error::Io { path: out.to_path_buf(), source })?;
+    let isq = weights.isq_report.borrow().clone();
+    Ok(Exported { architecture: arch.to_string(), tensors: names.len(), bytes, isq })
+}

@@ -1,0 +1,80 @@
+//! `kiln-worker quantize`: a Hugging Face checkpoint written as GGUF with quantized
+//! projections carries llama.cpp's names and metadata, and kiln reloads it with the outputs
+//! the checkpoint gives under `--isq`, bit for bit (for `llama` too, whose q/k rows are
+//! reordered for interleaved RoPE).
+
+mod common;
+
+use kiln_kernels::DType;
+use kiln_worker::engine::Session;
+use kiln_worker::formats::gguf::GgufFile;
+use kiln_worker::loader::LoadedModel;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+fn fixture(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/hf").join(name)
+}
+
+fn logits(model: LoadedModel, ids: &[u32]) -> Vec<f32> {
+    Session::new(Arc::new(model), common::compute(), 64).score(ids).unwrap()
+}
+
+fn roundtrip(name: &str, isq: DType, arch: &str) {
+    let dir = fixture(name);
+    let reference: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("reference.json")).unwrap()).unwrap();
+    let ids = common::ids(&reference["ids"]);
+    let out = std::env::temp_dir().join(format!("kiln-export-{name}-{}-{}.gguf", isq.name(), std::process::id()));
+    let written = kiln_worker::formats::gguf_export::export(&dir, isq, &out).unwrap_or_else(|e| panic!("{name}: {e}"));
+    assert_eq!(written.architecture, arch);
+    assert_eq!(written.isq.quantized, 14, "{name}: every projection");
+
+    let gguf = GgufFile::open(&out).unwrap();
+    assert_eq!(gguf.string("general.architecture").unwrap(), arch);
+    for key in ["context_length", "embedding_length", "block_count", "feed_forward_length", "attention.head_count", "attention.head_count_kv", "rope.freq_base", "attention.layer_norm_rms_epsilon"] {
+        assert!(gguf.get(&format!("{arch}.{key}")).is_some(), "{name}: {arch}.{key}");
+    }
+    for key in ["tokenizer.ggml.model", "tokenizer.ggml.pre", "tokenizer.ggml.tokens", "tokenizer.ggml.token_type", "tokenizer.ggml.merges", "tokenizer.chat_template"] {
+        assert!(gguf.get(key).is_some(), "{name}: {key}");
+    }
+    let tensor = |n: &str| gguf.tensor(n).unwrap_or_else(|| panic!("{name}: tensor {n}"));
+    assert_eq!(tensor("token_embd.weight").dtype, DType::F32);
+    assert_eq!(tensor("output.weight").dtype, DType::F32);
+    assert_eq!(tensor("output_norm.weight").dtype, DType::F32);
+    let expected = if written.isq.fallbacks.is_empty() { isq } else { written.isq.fallbacks[0].1 };
+    for t in ["attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down"] {
+        assert_eq!(tensor(&format!("blk.1.{t}.weight")).dtype, expected, "{name}: {t}");
+    }
+
+    let from_gguf = LoadedModel::load(&out).unwrap();
+    assert_eq!(from_gguf.tokenizer.encode(reference["prompt"].as_str().unwrap(), true, true), ids, "{name}: the tokenizer survives");
+    let a = logits(from_gguf, &ids);
+    let b = logits(LoadedModel::load_quantized(&dir, Some(isq)).unwrap(), &ids);
+    let diff = a.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(0.0f32, f32::max);
+    eprintln!("{name} {}: largest logit difference after the GGUF round trip {diff:.2e}", isq.name());
+    assert_eq!(diff, 0.0, "{name}: reloaded GGUF and --isq give the same logits");
+    std::fs::remove_file(&out).unwrap();
+}
+
+#[test]
+fn qwen2_and_qwen3_reload_bit_for_bit() {
+    roundtrip("qwen2", DType::Q8_0, "qwen2");
+    roundtrip("qwen2", DType::Q4_0, "qwen2");
+    roundtrip("qwen3", DType::Q5_1, "qwen3");
+}
+
+#[test]
+fn llama_with_k_quants_reloads_with_interleaved_rope() {
+    roundtrip("llama-wide", DType::Q4K, "llama");
+    roundtrip("llama-wide", DType::Q6K, "llama");
+}
+
+#[test]
+fn unsupported_exports_say_why() {
+    let out = std::env::temp_dir().join(format!("kiln-export-bad-{}.gguf", std::process::id()));
+    let e = kiln_worker::formats::gguf_export::export(&fixture("gemma3"), DType::Q8_0, &out).err().unwrap().to_string();
+    assert!(e.contains("Gemma3ForCausalLM") && e.contains("Qwen2ForCausalLM"), "{e}");
+    let e = kiln_worker::formats::gguf_export::export(&fixture("mistral"), DType::Q8_0, &out).err().unwrap().to_string();
+    assert!(e.contains("sliding-window"), "{e}");
+    assert!(!out.exists());
+}
