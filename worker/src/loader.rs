@@ -24,6 +24,32 @@ pub struct LoadedModel {
     pub unused_tensors: Vec<String>,
     /// What load-time quantization did, when it was asked for.
     pub isq: Option<crate::layers::weights::IsqReport>,
+    /// Sampling settings the model's authors recommend (generation_config.json).
+    pub sampling_defaults: SamplingDefaults,
+}
+
+/// Sampling defaults from `generation_config.json`; unset fields are left to the caller.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct SamplingDefaults {
+    pub temperature: Option<f32>,
+    pub top_k: Option<usize>,
+    pub top_p: Option<f32>,
+    pub min_p: Option<f32>,
+    pub repetition_penalty: Option<f32>,
+}
+
+impl SamplingDefaults {
+    pub fn from_generation_config(v: &serde_json::Value) -> SamplingDefaults {
+        let f = |k: &str| v[k].as_f64().map(|x| x as f32);
+        SamplingDefaults {
+            // do_sample = false asks for greedy decoding whatever the temperature says.
+            temperature: if v["do_sample"] == false { Some(0.0) } else { f("temperature") },
+            top_k: v["top_k"].as_u64().map(|k| k as usize),
+            top_p: f("top_p"),
+            min_p: f("min_p"),
+            repetition_penalty: f("repetition_penalty"),
+        }
+    }
 }
 
 /// The formats `--isq` accepts, by the names it accepts them under.
@@ -86,6 +112,12 @@ impl LoadedModel {
                 what: format!("{} is smaller than the tokenizer's {} tokens", cfg.vocab_size, tokenizer.vocab_size()),
             });
         }
+        let generation = dir.join("generation_config.json");
+        let sampling_defaults = if generation.exists() {
+            SamplingDefaults::from_generation_config(&crate::formats::hf_tokenizer::read_json(&generation)?)
+        } else {
+            SamplingDefaults::default()
+        };
         let checkpoint = Arc::new(crate::formats::safetensors::Checkpoint::open_dir(dir)?);
         let weights = WeightSource::from_checkpoint(checkpoint, &cfg.architecture).with_isq(isq);
         let (model, unused_tensors) = registry::build(&cfg, &weights)?;
@@ -103,6 +135,7 @@ impl LoadedModel {
             chat_template_builtin: builtin,
             unused_tensors,
             isq: isq.map(|_| weights.isq_report.borrow().clone()),
+            sampling_defaults,
         })
     }
 
@@ -140,6 +173,7 @@ impl LoadedModel {
             chat_template_builtin: builtin,
             unused_tensors,
             isq: isq.map(|_| weights.isq_report.borrow().clone()),
+            sampling_defaults: SamplingDefaults::default(),
         })
     }
 

@@ -122,3 +122,34 @@ fn the_cli_runs_a_model_directory_like_a_gguf_file() {
 fn a_wider_llama_matches_transformers() {
     check("llama-wide");
 }
+
+#[test]
+fn generation_config_sets_the_sampling_defaults() {
+    let from = fixture("qwen2");
+    let dir = std::env::temp_dir().join(format!("kiln-genconfig-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    for e in std::fs::read_dir(&from).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), dir.join(e.file_name())).unwrap();
+    }
+    std::fs::write(dir.join("generation_config.json"), r#"{"do_sample": false, "temperature": 0.7, "top_p": 0.8, "eos_token_id": [2]}"#).unwrap();
+    let model = LoadedModel::load(&dir).unwrap();
+    assert_eq!(model.sampling_defaults.temperature, Some(0.0), "do_sample false means greedy");
+    assert_eq!(model.sampling_defaults.top_p, Some(0.8));
+    let reference: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("reference.json")).unwrap()).unwrap();
+    let greedy = common::ids(&reference["greedy"]);
+    // No --temperature: the model's greedy default applies, so two runs agree with the reference.
+    for _ in 0..2 {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_kiln-worker"))
+            .arg("run")
+            .arg("-m")
+            .arg(&dir)
+            .args(["--raw", "--ignore-eos", "-n", &greedy.len().to_string(), "-i"])
+            .arg(reference["prompt"].as_str().unwrap())
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert_eq!(String::from_utf8_lossy(&out.stdout).trim_end_matches('\n'), model.tokenizer.decode(&greedy, false));
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}

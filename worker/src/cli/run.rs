@@ -26,21 +26,21 @@ pub struct RunArgs {
     /// Most tokens to generate (default: until the model stops or the context is full)
     #[arg(short = 'n', long)]
     pub max_tokens: Option<usize>,
-    /// 0 means greedy
-    #[arg(long, default_value_t = 0.8)]
-    pub temperature: f32,
-    /// 0 disables
-    #[arg(long, default_value_t = 40)]
-    pub top_k: usize,
-    /// 1 disables
-    #[arg(long, default_value_t = 0.95)]
-    pub top_p: f32,
-    /// 0 disables
-    #[arg(long, default_value_t = 0.05)]
-    pub min_p: f32,
-    /// 1 disables
-    #[arg(long, default_value_t = 1.0)]
-    pub repeat_penalty: f32,
+    /// 0 means greedy [default: the model's generation_config.json, else 0.8]
+    #[arg(long)]
+    pub temperature: Option<f32>,
+    /// 0 disables [default: generation_config.json, else 40]
+    #[arg(long)]
+    pub top_k: Option<usize>,
+    /// 1 disables [default: generation_config.json, else 0.95]
+    #[arg(long)]
+    pub top_p: Option<f32>,
+    /// 0 disables [default: generation_config.json, else 0.05]
+    #[arg(long)]
+    pub min_p: Option<f32>,
+    /// 1 disables [default: generation_config.json, else 1.0]
+    #[arg(long)]
+    pub repeat_penalty: Option<f32>,
     /// Tokens the repetition penalty looks back over
     #[arg(long, default_value_t = 64)]
     pub repeat_last_n: usize,
@@ -68,15 +68,24 @@ pub struct RunArgs {
 impl RunArgs {
     fn sampling(&self) -> SamplingParams {
         SamplingParams {
-            temperature: self.temperature,
-            top_k: self.top_k,
-            top_p: self.top_p,
-            min_p: self.min_p,
-            repeat_penalty: self.repeat_penalty,
+            temperature: self.temperature.unwrap_or(0.8),
+            top_k: self.top_k.unwrap_or(40),
+            top_p: self.top_p.unwrap_or(0.95),
+            min_p: self.min_p.unwrap_or(0.05),
+            repeat_penalty: self.repeat_penalty.unwrap_or(1.0),
             repeat_last_n: self.repeat_last_n,
             seed: self.seed,
             ..SamplingParams::default()
         }
+    }
+
+    /// Sampling settings the command line leaves open take the model's own defaults.
+    fn fill_from(&mut self, d: &kiln_worker::loader::SamplingDefaults) {
+        self.temperature = self.temperature.or(d.temperature);
+        self.top_k = self.top_k.or(d.top_k);
+        self.top_p = self.top_p.or(d.top_p);
+        self.min_p = self.min_p.or(d.min_p);
+        self.repeat_penalty = self.repeat_penalty.or(d.repetition_penalty);
     }
 }
 
@@ -84,12 +93,14 @@ impl RunArgs {
 static CANCEL: AtomicBool = AtomicBool::new(false);
 static GENERATING: AtomicBool = AtomicBool::new(false);
 
-pub fn main(args: RunArgs) -> anyhow::Result<()> {
+pub fn main(mut args: RunArgs) -> anyhow::Result<()> {
     args.sampling().validate()?;
     if args.ctx_size == Some(0) {
         anyhow::bail!("--ctx-size must be positive");
     }
     let model = super::load_model(&args.model, args.input.is_some() && !args.verbose, args.engine.isq)?;
+    args.fill_from(&model.sampling_defaults);
+    args.sampling().validate()?;
     let compute = super::compute(args.threads);
     // One conversation at a time; its earlier turns stay in the prefix cache.
     let engine = Engine::start(Arc::clone(&model), compute, args.engine.config(1, args.ctx_size))?;
