@@ -62,8 +62,14 @@ ARCHS = {
     "gemma3": lambda v: transformers.Gemma3TextConfig(**common(v), head_dim=16, sliding_window=8, query_pre_attn_scalar=16,
                                                       sliding_window_pattern=2, rope_local_base_freq=10000.0,
                                                       hidden_activation="gelu_pytorch_tanh"),
+    "qwen3-bf16": lambda v: transformers.Qwen3Config(**common(v), head_dim=32, use_sliding_window=False),
+    "llama-f16": lambda v: transformers.LlamaConfig(**common(v)),
     "qwen3": lambda v: transformers.Qwen3Config(**common(v), head_dim=32, use_sliding_window=False),
 }
+
+
+# Saved in half precision; the reference runs in f32 from the same rounded weights.
+HALF = {"qwen3-bf16": torch.bfloat16, "llama-f16": torch.float16}
 
 
 def build(name, make_config):
@@ -82,7 +88,11 @@ def build(name, make_config):
     d = OUT / name
     shutil.rmtree(d, ignore_errors=True)
     d.mkdir(parents=True)
+    if name in HALF:
+        model = model.to(HALF[name])
+        model.config.torch_dtype = HALF[name]
     model.save_pretrained(d, safe_serialization=True)
+    model = model.float()
     tok.save(str(d / "tokenizer.json"))
     (d / "tokenizer_config.json").write_text(json.dumps({
         "bos_token": "<|endoftext|>", "eos_token": "<|im_end|>", "add_bos_token": False, "chat_template": CHAT_TEMPLATE,
