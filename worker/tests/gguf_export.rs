@@ -78,3 +78,33 @@ fn unsupported_exports_say_why() {
     assert!(e.contains("sliding-window"), "{e}");
     assert!(!out.exists());
 }
+
+fn hex_bytes(hex: &str) -> Vec<u8> {
+    (0..hex.len()).step_by(2).map(|i| u8::from_str_radix(&hex[i..i + 2], 16).unwrap()).collect()
+}
+
+/// llama.cpp loads the files kiln writes and continues the prompt as kiln does (goldens from
+/// scripts/goldens/make_export_goldens.sh, llama-simple, greedy).
+#[test]
+fn llama_cpp_reads_the_written_files_and_agrees() {
+    let golden = common::golden("llamacpp_export");
+    let prompt = golden["prompt"].as_str().unwrap();
+    for (name, g) in golden["models"].as_object().unwrap() {
+        let out = std::env::temp_dir().join(format!("kiln-export-lcpp-{name}-{}.gguf", std::process::id()));
+        kiln_worker::formats::gguf_export::export(&fixture(name), DType::Q8_0, &out).unwrap();
+        let model = Arc::new(LoadedModel::load(&out).unwrap());
+        std::fs::remove_file(&out).unwrap();
+        let n = g["tokens"].as_u64().unwrap() as usize;
+        let req = kiln_worker::engine::GenerationRequest {
+            prompt: model.encode_raw(prompt),
+            sampling: kiln_shared::sampling::SamplingParams::greedy(),
+            max_tokens: Some(n),
+            ignore_eos: true,
+            ..Default::default()
+        };
+        let mut session = Session::new(Arc::clone(&model), common::compute(), 64);
+        let done = session.generate(&req, &std::sync::atomic::AtomicBool::new(false), |_| {}).unwrap();
+        let expected = String::from_utf8_lossy(&hex_bytes(g["llama_cpp_hex"].as_str().unwrap())).into_owned();
+        assert_eq!(model.tokenizer.decode(&done.tokens, false), expected, "{name}");
+    }
+}

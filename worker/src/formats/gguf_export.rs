@@ -53,7 +53,7 @@ fn interleave_heads(m: &MatrixRef, head_dim: usize) -> Result<Vec<u8>> {
 
 fn pre_name(p: PreTokenizer) -> &'static str {
     match p {
-        PreTokenizer::Gpt2 => "gpt2",
+        PreTokenizer::Gpt2 => "gpt-2",
         PreTokenizer::DigitsThenGpt2 => "smollm",
         PreTokenizer::Llama3 => "llama-bpe",
         PreTokenizer::Qwen2 => "qwen2",
