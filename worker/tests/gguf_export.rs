@@ -21,13 +21,17 @@ fn logits(model: LoadedModel, ids: &[u32]) -> Vec<f32> {
 }
 
 fn roundtrip(name: &str, isq: DType, arch: &str) {
+    roundtrip_with(name, isq, arch, 14);
+}
+
+fn roundtrip_with(name: &str, isq: DType, arch: &str, projections: usize) {
     let dir = fixture(name);
     let reference: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("reference.json")).unwrap()).unwrap();
     let ids = common::ids(&reference["ids"]);
     let out = std::env::temp_dir().join(format!("kiln-export-{name}-{}-{}.gguf", isq.name(), std::process::id()));
     let written = kiln_worker::formats::gguf_export::export(&dir, isq, &out).unwrap_or_else(|e| panic!("{name}: {e}"));
     assert_eq!(written.architecture, arch);
-    assert_eq!(written.isq.quantized, 14, "{name}: every projection");
+    assert_eq!(written.isq.quantized, projections, "{name}: every projection");
 
     let gguf = GgufFile::open(&out).unwrap();
     assert_eq!(gguf.string("general.architecture").unwrap(), arch);
@@ -42,7 +46,8 @@ fn roundtrip(name: &str, isq: DType, arch: &str) {
     assert_eq!(tensor("output.weight").dtype, DType::F32);
     assert_eq!(tensor("output_norm.weight").dtype, DType::F32);
     let expected = if written.isq.fallbacks.is_empty() { isq } else { written.isq.fallbacks[0].1 };
-    for t in ["attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down"] {
+    let parts: &[&str] = if arch == "phi3" { &["attn_qkv", "attn_output", "ffn_up", "ffn_down"] } else { &["attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down"] };
+    for t in parts {
         assert_eq!(tensor(&format!("blk.1.{t}.weight")).dtype, expected, "{name}: {t}");
     }
 
@@ -64,6 +69,12 @@ fn qwen2_and_qwen3_reload_bit_for_bit() {
 }
 
 #[test]
+fn phi3_and_gemma3_reload_bit_for_bit() {
+    roundtrip_with("phi3", DType::Q8_0, "phi3", 8);
+    roundtrip("gemma3", DType::Q8_0, "gemma3");
+}
+
+#[test]
 fn llama_with_k_quants_reloads_with_interleaved_rope() {
     roundtrip("llama-wide", DType::Q4K, "llama");
     roundtrip("llama-wide", DType::Q6K, "llama");
@@ -72,8 +83,10 @@ fn llama_with_k_quants_reloads_with_interleaved_rope() {
 #[test]
 fn unsupported_exports_say_why() {
     let out = std::env::temp_dir().join(format!("kiln-export-bad-{}.gguf", std::process::id()));
-    let e = kiln_worker::formats::gguf_export::export(&fixture("gemma3"), DType::Q8_0, &out).err().unwrap().to_string();
-    assert!(e.contains("Gemma3ForCausalLM") && e.contains("Qwen2ForCausalLM"), "{e}");
+    let e = kiln_worker::formats::gguf_export::export(&fixture("mixtral"), DType::Q8_0, &out).err().unwrap().to_string();
+    assert!(e.contains("MixtralForCausalLM") && e.contains("Qwen2ForCausalLM"), "{e}");
+    let e = kiln_worker::formats::gguf_export::export(&fixture("gemma2"), DType::Q8_0, &out).err().unwrap().to_string();
+    assert!(e.contains("lm_head"), "{e}");
     let e = kiln_worker::formats::gguf_export::export(&fixture("mistral"), DType::Q8_0, &out).err().unwrap().to_string();
     assert!(e.contains("sliding-window"), "{e}");
     assert!(!out.exists());

@@ -1,8 +1,8 @@
 //! Writes a Hugging Face checkpoint as a GGUF file with its projection weights quantized
 //! (`kiln-worker quantize`): llama.cpp's tensor names and metadata keys, the tokenizer as
 //! `tokenizer.ggml.*`, and, for the `llama` architecture, q/k rows reordered for its
-//! interleaved RoPE. The quantized bytes are those load-time quantization produces, so the
-//! file runs as the model does with `--isq`.
+//! interleaved RoPE, and for Gemma the norms' `1 +` folded in. The quantized bytes are
+//! those load-time quantization produces, so the file runs as the model does with `--isq`.
 
 use super::gguf_value::{Array, Value};
 use super::gguf_write::GgufWriter;
@@ -17,8 +17,15 @@ use std::path::Path;
 use std::sync::Arc;
 
 /// Hugging Face architectures kiln writes, and the GGUF architecture they become.
-const EXPORTS: &[(&str, &str)] =
-    &[("LlamaForCausalLM", "llama"), ("MistralForCausalLM", "llama"), ("Qwen2ForCausalLM", "qwen2"), ("Qwen3ForCausalLM", "qwen3")];
+const EXPORTS: &[(&str, &str)] = &[
+    ("LlamaForCausalLM", "llama"),
+    ("MistralForCausalLM", "llama"),
+    ("Qwen2ForCausalLM", "qwen2"),
+    ("Qwen3ForCausalLM", "qwen3"),
+    ("Phi3ForCausalLM", "phi3"),
+    ("Gemma2ForCausalLM", "gemma2"),
+    ("Gemma3ForCausalLM", "gemma3"),
+];
 
 pub struct Exported {
     pub architecture: String,
@@ -32,7 +39,7 @@ fn invalid(what: impl Into<String>) -> Error {
 }
 
 fn is_projection(name: &str) -> bool {
-    ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"].iter().any(|p| name.ends_with(&format!(".{p}.weight")))
+    ["q_proj", "k_proj", "v_proj", "o_proj", "qkv_proj", "gate_proj", "up_proj", "gate_up_proj", "down_proj"].iter().any(|p| name.ends_with(&format!(".{p}.weight")))
 }
 
 /// Rows of each `head_dim` block reordered from split halves to interleaved pairs.
@@ -91,6 +98,23 @@ fn metadata(w: &mut GgufWriter, arch: &str, cfg: &ModelConfig, spec: &TokenizerS
     w.set(&key("rope.freq_base"), Value::F32(cfg.rope_base));
     w.set(&key("rope.dimension_count"), u32v(cfg.rope_dims));
     w.set(&key("vocab_size"), u32v(cfg.vocab_size));
+    if let Some(window) = cfg.sliding_window {
+        w.set(&key("attention.sliding_window"), u32v(window));
+    }
+    if let Some(c) = cfg.attn_softcap {
+        w.set(&key("attn_logit_softcapping"), Value::F32(c));
+    }
+    if let Some(c) = cfg.final_logit_softcap {
+        w.set(&key("final_logit_softcapping"), Value::F32(c));
+    }
+    if let Some(base) = cfg.rope_base_local {
+        w.set(&key("rope.freq_base_swa"), Value::F32(base));
+    }
+    if arch == "gemma3" {
+        // Layers are local except every n-th; n is the distance between global layers.
+        let n = cfg.is_sliding.iter().position(|s| !s).map_or(cfg.num_layers, |i| i + 1);
+        w.set(&key("attention.sliding_window_pattern"), u32v(n));
+    }
     let TokenizerModel::ByteBpe { pre, merges } = &spec.model else {
         return Err(invalid("only byte-level BPE tokenizers are written to GGUF"));
     };
@@ -122,11 +146,14 @@ pub fn export(dir: &Path, isq: DType, out: &Path) -> Result<Exported> {
     })?;
     let name = dir.file_name().map_or_else(String::new, |n| n.to_string_lossy().into_owned());
     let cfg = crate::models::hf_config::from_hf(&config, &name)?;
-    if cfg.sliding_window.is_some() {
+    if cfg.sliding_window.is_some() && arch == "llama" {
         return Err(invalid("sliding-window attention has no llama-architecture GGUF form; not written"));
     }
     let (spec, template) = super::hf_tokenizer::load(dir)?;
     let checkpoint = Arc::new(super::safetensors::Checkpoint::open_dir(dir)?);
+    if arch == "gemma2" && checkpoint.tensor("lm_head.weight").is_some() {
+        return Err(invalid("llama.cpp's gemma2 reads the output head from the embeddings; this checkpoint has its own lm_head, so it is not written"));
+    }
     let weights = WeightSource::from_checkpoint(Arc::clone(&checkpoint), &cfg.architecture).with_isq(Some(isq));
     let mut w = GgufWriter::new();
     metadata(&mut w, arch, &cfg, &spec, template.as_deref(), isq)?;
@@ -138,7 +165,11 @@ pub fn export(dir: &Path, isq: DType, out: &Path) -> Result<Exported> {
         let (info, _) = checkpoint.tensor(hf).ok_or_else(|| invalid(format!("tensor `{hf}` vanished")))?;
         let (dims, dtype, data) = match info.dims.as_slice() {
             [len] => {
-                let v = weights.vector(hf, *len as usize)?;
+                let mut v = weights.vector(hf, *len as usize)?;
+                // GGUF Gemma norms hold 1 + w.
+                if hf.ends_with("norm.weight") && cfg.norm_offset != 0.0 {
+                    v.iter_mut().for_each(|x| *x += cfg.norm_offset);
+                }
                 (vec![*len], DType::F32, v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>())
             }
             [cols, rows] => {

@@ -123,6 +123,8 @@ impl ModelConfig {
                 let n = pattern.unwrap_or(6).max(1) as usize;
                 (0..num_layers).map(|i| i % n < n - 1).collect()
             }
+            // Gemma 2: even layers local.
+            (Some(_), "gemma2") => (0..num_layers).map(|i| i % 2 == 0).collect(),
             (Some(_), _) => vec![true; num_layers],
             (None, _) => vec![false; num_layers],
         };
@@ -138,6 +140,8 @@ impl ModelConfig {
         let arch_is_gemma3 = arch == "gemma3";
         let arch_is_qwen3 = arch == "qwen3";
         let arch_is_qwen2 = arch == "qwen2";
+        let arch_is_phi3 = arch == "phi3";
+        let attn_softcap = gguf.opt_f32(&key("attn_logit_softcapping"))?;
         Ok(ModelConfig {
             name: gguf.opt_string("general.name")?.unwrap_or(&arch).to_string(),
             final_logit_softcap: gguf.opt_f32(&key("final_logit_softcapping"))?.filter(|&c| c > 0.0),
@@ -160,11 +164,11 @@ impl ModelConfig {
             kv_precision: kiln_kernels::attention::KvPrecision::Half,
             qk_norm: arch_is_gemma3 || arch_is_qwen3,
             qkv_bias: arch_is_qwen2,
-            fused_projections: false,
+            fused_projections: arch_is_phi3,
             moe: None,
             norm_offset: 0.0,
             query_scale: None,
-            attn_softcap: None,
+            attn_softcap: attn_softcap.filter(|&c| c > 0.0),
         })
     }
 }

@@ -8,7 +8,14 @@ use crate::layers::WeightSource;
 type Constructor = fn(&ModelConfig, &WeightSource) -> Result<Box<dyn CausalLm>>;
 
 const ARCHITECTURES: &[(&str, Constructor)] =
-    &[("llama", super::llama::load), ("qwen2", super::llama::load), ("qwen3", super::llama::load), ("gemma3", super::gemma3::load)];
+    &[
+        ("llama", super::llama::load),
+        ("qwen2", super::llama::load),
+        ("qwen3", super::llama::load),
+        ("phi3", super::llama::load),
+        ("gemma2", super::gemma3::load),
+        ("gemma3", super::gemma3::load),
+    ];
 
 pub fn supported() -> Vec<&'static str> {
     ARCHITECTURES.iter().map(|(name, _)| *name).collect()
