@@ -10,7 +10,7 @@ use super::names::gguf_name;
 use crate::error::{Error, Result};
 use crate::layers::weights::{IsqReport, MatrixRef};
 use crate::layers::WeightSource;
-use crate::models::config::ModelConfig;
+use crate::models::config::{ModelConfig, MoeNaming};
 use kiln_kernels::DType;
 use kiln_shared::tokenizer::{PreTokenizer, TokenKind, TokenizerModel, TokenizerSpec};
 use std::path::Path;
@@ -25,6 +25,8 @@ const EXPORTS: &[(&str, &str)] = &[
     ("Phi3ForCausalLM", "phi3"),
     ("Gemma2ForCausalLM", "gemma2"),
     ("Gemma3ForCausalLM", "gemma3"),
+    ("MixtralForCausalLM", "llama"),
+    ("Qwen3MoeForCausalLM", "qwen3moe"),
 ];
 
 pub struct Exported {
@@ -107,6 +109,11 @@ fn metadata(w: &mut GgufWriter, arch: &str, cfg: &ModelConfig, spec: &TokenizerS
     if let Some(c) = cfg.final_logit_softcap {
         w.set(&key("final_logit_softcapping"), Value::F32(c));
     }
+    if let Some(m) = &cfg.moe {
+        w.set(&key("expert_count"), u32v(m.num_experts));
+        w.set(&key("expert_used_count"), u32v(m.top_k));
+        w.set(&key("expert_feed_forward_length"), u32v(m.expert_size));
+    }
     if let Some(base) = cfg.rope_base_local {
         w.set(&key("rope.freq_base_swa"), Value::F32(base));
     }
@@ -151,15 +158,41 @@ pub fn export(dir: &Path, isq: DType, out: &Path) -> Result<Exported> {
     }
     let (spec, template) = super::hf_tokenizer::load(dir)?;
     let checkpoint = Arc::new(super::safetensors::Checkpoint::open_dir(dir)?);
+    if cfg.moe.as_ref().is_some_and(|m| !m.renormalize) {
+        return Err(invalid("llama.cpp renormalizes the chosen experts' weights; this checkpoint does not (norm_topk_prob), so it is not written"));
+    }
     if arch == "gemma2" && checkpoint.tensor("lm_head.weight").is_some() {
         return Err(invalid("llama.cpp's gemma2 reads the output head from the embeddings; this checkpoint has its own lm_head, so it is not written"));
     }
     let weights = WeightSource::from_checkpoint(Arc::clone(&checkpoint), &cfg.architecture).with_isq(Some(isq));
     let mut w = GgufWriter::new();
     metadata(&mut w, arch, &cfg, &spec, template.as_deref(), isq)?;
-    let mut names: Vec<&str> = checkpoint.names().collect();
+    // Experts are written merged, one tensor per matrix and layer.
+    let mut names: Vec<&str> = checkpoint.names().filter(|n| !n.contains(".experts.")).collect();
     names.sort();
     let mut bytes = 0;
+    if let Some(m) = &cfg.moe {
+        for layer in 0..cfg.num_layers {
+            let p = format!("model.layers.{layer}");
+            let parts = match m.naming {
+                MoeNaming::Mixtral => [("gate_proj", "w1"), ("up_proj", "w3"), ("down_proj", "w2")].map(|(g, h)| (g, format!("{p}.block_sparse_moe.experts"), h)),
+                MoeNaming::Qwen => [("gate_proj", "gate_proj"), ("up_proj", "up_proj"), ("down_proj", "down_proj")].map(|(g, h)| (g, format!("{p}.mlp.experts"), h)),
+            };
+            for (merged, prefix, part) in parts {
+                let (rows, cols) = if merged == "down_proj" { (cfg.hidden_size, m.expert_size) } else { (m.expert_size, cfg.hidden_size) };
+                let mut data = Vec::new();
+                let mut dtype = DType::F32;
+                for e in 0..m.num_experts {
+                    let x = weights.linear(&format!("{prefix}.{e}.{part}.weight"), rows, cols)?;
+                    dtype = x.dtype;
+                    data.extend_from_slice(x.bytes());
+                }
+                let gguf = gguf_name(arch, &format!("{p}.mlp.experts.{merged}.weight")).ok_or_else(|| invalid("no GGUF name for experts"))?;
+                bytes += data.len();
+                w.tensor(&gguf, &[cols as u64, rows as u64, m.num_experts as u64], dtype, data);
+            }
+        }
+    }
     for hf in &names {
         let gguf = gguf_name(arch, hf).ok_or_else(|| invalid(format!("tensor `{hf}` has no GGUF name for {arch}")))?;
         let (info, _) = checkpoint.tensor(hf).ok_or_else(|| invalid(format!("tensor `{hf}` vanished")))?;
@@ -187,5 +220,6 @@ pub fn export(dir: &Path, isq: DType, out: &Path) -> Result<Exported> {
     let image = w.to_bytes();
     std::fs::write(out, &image).map_err(|source| Error::Io { path: out.to_path_buf(), source })?;
     let isq = weights.isq_report.borrow().clone();
-    Ok(Exported { architecture: arch.to_string(), tensors: names.len(), bytes, isq })
+    let experts = cfg.moe.as_ref().map_or(0, |_| 3 * cfg.num_layers);
+    Ok(Exported { architecture: arch.to_string(), tensors: names.len() + experts, bytes, isq })
 }

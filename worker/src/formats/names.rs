@@ -27,6 +27,12 @@ pub fn gguf_name(arch: &str, hf: &str) -> Option<String> {
         "self_attn.v_proj.weight" => "attn_v.weight",
         "self_attn.o_proj.weight" => "attn_output.weight",
         "self_attn.qkv_proj.weight" => "attn_qkv.weight",
+        // Mixture of experts: the router, and every expert's matrices merged in one tensor
+        // (these merged names exist only in GGUF files).
+        "mlp.gate.weight" | "block_sparse_moe.gate.weight" => "ffn_gate_inp.weight",
+        "mlp.experts.gate_proj.weight" => "ffn_gate_exps.weight",
+        "mlp.experts.up_proj.weight" => "ffn_up_exps.weight",
+        "mlp.experts.down_proj.weight" => "ffn_down_exps.weight",
         "mlp.gate_up_proj.weight" => "ffn_up.weight",
         "self_attn.q_proj.bias" => "attn_q.bias",
         "self_attn.k_proj.bias" => "attn_k.bias",

@@ -197,6 +197,27 @@ impl WeightSource {
         Ok(m)
     }
 
+    /// The experts of a merged 3-D tensor (`[cols, rows, n]` in GGUF order, as llama.cpp
+    /// stores mixture-of-experts weights), each as its own `rows x cols` matrix.
+    pub fn experts(&self, name: &str, n: usize, rows: usize, cols: usize) -> Result<Vec<MatrixRef>> {
+        let (info, mmap, label) = self.info(name)?;
+        let expected = [cols as u64, rows as u64, n as u64];
+        if info.dims != expected {
+            return Err(Error::Tensor { name: label, what: format!("has shape {:?}, expected {expected:?}", info.dims) });
+        }
+        let all = MatrixRef {
+            name: label.clone(),
+            dtype: info.dtype,
+            rows: rows * n,
+            cols,
+            backing: Backing::Mapped(Arc::clone(mmap)),
+            offset: info.file_offset as usize,
+            len: info.num_bytes as usize,
+        };
+        WeightView::new(all.dtype, all.rows, cols, all.bytes()).map_err(|e| Error::Tensor { name: label.clone(), what: e.to_string() })?;
+        (0..n).map(|e| all.row_slice(e * rows, rows).ok_or_else(|| Error::Tensor { name: label.clone(), what: "cannot be split by expert".into() })).collect()
+    }
+
     /// A 1-D tensor of `len` values, converted to f32 (norm weights and the like).
     pub fn vector(&self, name: &str, len: usize) -> Result<Vec<f32>> {
         let (info, mmap, label) = self.info(name)?;

@@ -138,9 +138,21 @@ impl ModelConfig {
             _ => RopeStyle::SplitHalf,
         };
         let arch_is_gemma3 = arch == "gemma3";
-        let arch_is_qwen3 = arch == "qwen3";
+        let arch_is_qwen3 = arch == "qwen3" || arch == "qwen3moe";
         let arch_is_qwen2 = arch == "qwen2";
         let arch_is_phi3 = arch == "phi3";
+        // Mixture of experts (qwen3moe; llama files with experts are Mixtral): llama.cpp
+        // renormalizes the chosen experts' weights for both.
+        let moe = match gguf.opt_u64(&key("expert_count"))? {
+            Some(n) if n > 0 => Some(MoeConfig {
+                num_experts: n as usize,
+                top_k: gguf.u64(&key("expert_used_count"))? as usize,
+                expert_size: gguf.opt_u64(&key("expert_feed_forward_length"))?.map_or(intermediate_size, |v| v as usize),
+                renormalize: gguf.opt_bool(&key("expert_weights_norm"))?.unwrap_or(true),
+                naming: if arch == "qwen3moe" { MoeNaming::Qwen } else { MoeNaming::Mixtral },
+            }),
+            _ => None,
+        };
         let attn_softcap = gguf.opt_f32(&key("attn_logit_softcapping"))?;
         Ok(ModelConfig {
             name: gguf.opt_string("general.name")?.unwrap_or(&arch).to_string(),
@@ -165,7 +177,7 @@ impl ModelConfig {
             qk_norm: arch_is_gemma3 || arch_is_qwen3,
             qkv_bias: arch_is_qwen2,
             fused_projections: arch_is_phi3,
-            moe: None,
+            moe,
             norm_offset: 0.0,
             query_scale: None,
             attn_softcap: attn_softcap.filter(|&c| c > 0.0),

@@ -137,6 +137,24 @@ fn load_moe(m: &MoeConfig, p: &str, h: usize, w: &WeightSource, linear: &dyn Fn(
         MoeNaming::Mixtral => (format!("{p}.block_sparse_moe.gate.weight"), format!("{p}.block_sparse_moe.experts")),
         MoeNaming::Qwen => (format!("{p}.mlp.gate.weight"), format!("{p}.mlp.experts")),
     };
+    // GGUF files merge each layer's experts into one tensor per matrix.
+    if !w.has(&format!("{expert}.0.{}", if m.naming == MoeNaming::Mixtral { "w1.weight" } else { "gate_proj.weight" })) && w.has(&format!("{p}.mlp.experts.gate_proj.weight")) {
+        let merged = |part: &str, rows: usize, cols: usize| w.experts(&format!("{p}.mlp.experts.{part}.weight"), m.num_experts, rows, cols);
+        let (gates, ups, downs) = (merged("gate_proj", m.expert_size, h)?, merged("up_proj", m.expert_size, h)?, merged("down_proj", h, m.expert_size)?);
+        let experts = gates
+            .into_iter()
+            .zip(ups)
+            .zip(downs)
+            .map(|((g, u), d)| GatedMlp {
+                gate_proj: Linear { weight: g, bias: None },
+                up_proj: Linear { weight: u, bias: None },
+                down_proj: Linear { weight: d, bias: None },
+                activation: Activation::Silu,
+            })
+            .collect();
+        let router = Linear { weight: w.matrix(&router, m.num_experts, h)?, bias: None };
+        return Ok(MoeMlp { router, experts, top_k: m.top_k, renormalize: m.renormalize });
+    }
     let experts = (0..m.num_experts)
         .map(|e| {
             let [gate, up, down] = match m.naming {

@@ -12,6 +12,7 @@ const ARCHITECTURES: &[(&str, Constructor)] =
         ("llama", super::llama::load),
         ("qwen2", super::llama::load),
         ("qwen3", super::llama::load),
+        ("qwen3moe", super::llama::load),
         ("phi3", super::llama::load),
         ("gemma2", super::gemma3::load),
         ("gemma3", super::gemma3::load),
