@@ -10,7 +10,7 @@ PROMPT="The quick brown fox jumps over the lazy dog. 12345 café!"
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
 entries=()
-for f in qwen2 qwen3 llama-wide mixtral qwen3moe; do
+for f in qwen2 qwen3 llama-wide mixtral qwen3moe gemma2-tied; do
     target/release/kiln-worker quantize -m "worker/tests/fixtures/hf/$f" --isq q8_0 -o "$tmp/$f.gguf" 2>/dev/null
     "$LLAMA_SIMPLE" -m "$tmp/$f.gguf" -n 16 "$PROMPT" 2>/dev/null > "$tmp/$f.out"
     hex=$(python3 scripts/goldens/after_prompt_hex.py "$tmp/$f.out" "$PROMPT")

@@ -59,6 +59,10 @@ ARCHS = {
     "gemma2": lambda v: transformers.Gemma2Config(**common(v), head_dim=16, sliding_window=8, query_pre_attn_scalar=16,
                                                   attn_logit_softcapping=50.0, final_logit_softcapping=30.0,
                                                   hidden_activation="gelu_pytorch_tanh"),
+    # Tied embeddings, as released Gemma 2 models have (and llama.cpp's gemma2 requires).
+    "gemma2-tied": lambda v: transformers.Gemma2Config(**{**common(v), "tie_word_embeddings": True}, head_dim=16, sliding_window=8,
+                                                       query_pre_attn_scalar=16, attn_logit_softcapping=50.0,
+                                                       final_logit_softcapping=30.0, hidden_activation="gelu_pytorch_tanh"),
     "gemma3": lambda v: transformers.Gemma3TextConfig(**common(v), head_dim=16, sliding_window=8, query_pre_attn_scalar=16,
                                                       sliding_window_pattern=2, rope_local_base_freq=10000.0,
                                                       hidden_activation="gelu_pytorch_tanh"),

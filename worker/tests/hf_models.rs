@@ -104,6 +104,11 @@ fn gemma2_with_soft_caps_matches_transformers() {
 }
 
 #[test]
+fn gemma2_with_tied_embeddings_matches_transformers() {
+    check("gemma2-tied");
+}
+
+#[test]
 fn gemma3_with_local_and_global_layers_matches_transformers() {
     check("gemma3");
 }
