@@ -154,7 +154,10 @@ struct MinScale {
     mn: Vec<i32>,
 }
 
-fn min_scale(x: &[f32], sub: usize, levels: i32, scale_levels: i32) -> MinScale {
+/// Scales and minimums for a super-block, then quants: first from each sub-block's range,
+/// then refined by least squares (each sub-block's best `scale * q - min` for the quants
+/// chosen), keeping whichever reconstructs `x` more closely.
+fn min_scale(x: &[f32], sub: usize, levels: i32, scale_levels: i32) -> (MinScale, Vec<i32>) {
     let n = x.len() / sub;
     let (mut scales, mut mins) = (vec![0.0f32; n], vec![0.0f32; n]);
     for (s, chunk) in x.chunks_exact(sub).enumerate() {
@@ -163,17 +166,53 @@ fn min_scale(x: &[f32], sub: usize, levels: i32, scale_levels: i32) -> MinScale 
         scales[s] = (hi - lo) / levels as f32;
         mins[s] = -lo;
     }
+    // Rounding minimums up keeps every value of the block reachable from below.
+    let mut best = encode_scales(&scales, &mins, scale_levels, f32::ceil);
+    let mut q = best.quants(x, sub, levels);
+    let mut err = best.error(x, sub, &q);
+    for _ in 0..2 {
+        for (s, chunk) in x.chunks_exact(sub).enumerate() {
+            let qs = &q[s * sub..(s + 1) * sub];
+            let (mq, mx) = (qs.iter().sum::<i32>() as f32 / sub as f32, chunk.iter().sum::<f32>() / sub as f32);
+            let var: f32 = qs.iter().map(|&v| (v as f32 - mq).powi(2)).sum();
+            let cov: f32 = qs.iter().zip(chunk).map(|(&v, &y)| (v as f32 - mq) * (y - mx)).sum();
+            let a = if var > 0.0 { (cov / var).max(0.0) } else { 0.0 };
+            scales[s] = a;
+            mins[s] = (a * mq - mx).max(0.0);
+        }
+        let candidate = encode_scales(&scales, &mins, scale_levels, f32::round);
+        let cq = candidate.quants(x, sub, levels);
+        let cerr = candidate.error(x, sub, &cq);
+        if cerr >= err {
+            break;
+        }
+        (best, q, err) = (candidate, cq, cerr);
+    }
+    (best, q)
+}
+
+fn encode_scales(scales: &[f32], mins: &[f32], scale_levels: i32, round_min: fn(f32) -> f32) -> MinScale {
     let max_scale = scales.iter().copied().fold(0.0, f32::max);
     let max_min = mins.iter().copied().fold(0.0, f32::max);
     let (d_bits, d) = f16_round(max_scale / scale_levels as f32);
     let (dmin_bits, dmin) = f16_round(max_min / scale_levels as f32);
     let sc = scales.iter().map(|&s| ((s * inv(d)).round() as i32).clamp(0, scale_levels)).collect();
-    // Rounding minimums up keeps every value of the block reachable from below.
-    let mn = mins.iter().map(|&m| ((m * inv(dmin)).ceil() as i32).clamp(0, scale_levels)).collect();
+    let mn = mins.iter().map(|&m| (round_min(m * inv(dmin)) as i32).clamp(0, scale_levels)).collect();
     MinScale { d, dmin, d_bits, dmin_bits, sc, mn }
 }
 
 impl MinScale {
+    fn error(&self, x: &[f32], sub: usize, q: &[i32]) -> f32 {
+        x.iter()
+            .zip(q)
+            .enumerate()
+            .map(|(i, (&v, &k))| {
+                let s = i / sub;
+                (self.d * self.sc[s] as f32 * k as f32 - self.dmin * self.mn[s] as f32 - v).powi(2)
+            })
+            .sum()
+    }
+
     fn quants(&self, x: &[f32], sub: usize, levels: i32) -> Vec<i32> {
         x.iter()
             .enumerate()
@@ -204,8 +243,7 @@ fn pack_k4_scales(sc: &[i32], mn: &[i32]) -> [u8; 12] {
 }
 
 fn q4k(x: &[f32], out: &mut [u8]) {
-    let ms = min_scale(x, 32, 15, 63);
-    let q = ms.quants(x, 32, 15);
+    let (ms, q) = min_scale(x, 32, 15, 63);
     put_u16(out, 0, ms.d_bits);
     put_u16(out, 2, ms.dmin_bits);
     out[4..16].copy_from_slice(&pack_k4_scales(&ms.sc, &ms.mn));
@@ -217,8 +255,7 @@ fn q4k(x: &[f32], out: &mut [u8]) {
 }
 
 fn q5k(x: &[f32], out: &mut [u8]) {
-    let ms = min_scale(x, 32, 31, 63);
-    let q = ms.quants(x, 32, 31);
+    let (ms, q) = min_scale(x, 32, 31, 63);
     put_u16(out, 0, ms.d_bits);
     put_u16(out, 2, ms.dmin_bits);
     out[4..16].copy_from_slice(&pack_k4_scales(&ms.sc, &ms.mn));
@@ -234,8 +271,7 @@ fn q5k(x: &[f32], out: &mut [u8]) {
 }
 
 fn q2k(x: &[f32], out: &mut [u8]) {
-    let ms = min_scale(x, 16, 3, 15);
-    let q = ms.quants(x, 16, 3);
+    let (ms, q) = min_scale(x, 16, 3, 15);
     for (o, (&sc, &mn)) in out[..16].iter_mut().zip(ms.sc.iter().zip(&ms.mn)) {
         *o = (sc as u8) | ((mn as u8) << 4);
     }
