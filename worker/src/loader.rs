@@ -120,21 +120,35 @@ impl LoadedModel {
         };
         let checkpoint = Arc::new(crate::formats::safetensors::Checkpoint::open_dir(dir)?);
         let weights = WeightSource::from_checkpoint(checkpoint, &cfg.architecture).with_isq(isq);
-        let (model, unused_tensors) = registry::build(&cfg, &weights)?;
+        Self::assemble(dir.to_path_buf(), &cfg, tokenizer, &weights, template, isq.is_some(), sampling_defaults)
+    }
+
+    /// The model built from its weights, with its tokenizer and chat template (the file's, or
+    /// kiln's built-in one for the architecture).
+    fn assemble(
+        path: PathBuf,
+        cfg: &ModelConfig,
+        tokenizer: Arc<Tokenizer>,
+        weights: &WeightSource,
+        template: Option<String>,
+        quantized: bool,
+        sampling_defaults: SamplingDefaults,
+    ) -> Result<LoadedModel> {
+        let (model, unused_tensors) = registry::build(cfg, weights)?;
         let (source, builtin) = match template {
             Some(t) => (t, false),
             None => (builtin_template(&cfg.architecture).to_string(), true),
         };
         let chat_template = ChatTemplate::new(&source, tokenizer.bos_text().unwrap_or(""), tokenizer.eos_text().unwrap_or(""))?;
         Ok(LoadedModel {
-            path: dir.to_path_buf(),
+            path,
             model,
             tokenizer,
             chat_template,
             chat_template_source: source,
             chat_template_builtin: builtin,
             unused_tensors,
-            isq: isq.map(|_| weights.isq_report.borrow().clone()),
+            isq: quantized.then(|| weights.isq_report.borrow().clone()),
             sampling_defaults,
         })
     }
@@ -158,23 +172,8 @@ impl LoadedModel {
             });
         }
         let weights = WeightSource::new(Arc::clone(&gguf), &arch).with_isq(isq);
-        let (model, unused_tensors) = registry::build(&cfg, &weights)?;
-        let (source, builtin) = match gguf.opt_string("tokenizer.chat_template")? {
-            Some(t) => (t.to_string(), false),
-            None => (builtin_template(&arch).to_string(), true),
-        };
-        let chat_template = ChatTemplate::new(&source, tokenizer.bos_text().unwrap_or(""), tokenizer.eos_text().unwrap_or(""))?;
-        Ok(LoadedModel {
-            path,
-            model,
-            tokenizer,
-            chat_template,
-            chat_template_source: source,
-            chat_template_builtin: builtin,
-            unused_tensors,
-            isq: isq.map(|_| weights.isq_report.borrow().clone()),
-            sampling_defaults: SamplingDefaults::default(),
-        })
+        let template = gguf.opt_string("tokenizer.chat_template")?.map(str::to_string);
+        Self::assemble(path, &cfg, tokenizer, &weights, template, isq.is_some(), SamplingDefaults::default())
     }
 
     /// Plain-text prompt: BOS as the model asks, control tokens in the text recognized.

@@ -6,7 +6,6 @@ use crate::error::ApiError;
 use crate::params::Fields;
 use crate::upstream::ModelState;
 use kiln_proto::v1 as pb;
-use kiln_shared::sampling::SamplingParams;
 use kiln_shared::tokenizer::Tokenizer;
 use serde_json::{json, Value};
 
@@ -47,18 +46,7 @@ pub struct Common {
 /// Checks sampling values with the same rules the worker applies, so the client hears which
 /// field is wrong before anything is sent.
 pub fn validate_sampling(s: &pb::SamplingParams) -> Result<(), ApiError> {
-    let shared = SamplingParams {
-        temperature: s.temperature,
-        top_k: s.top_k as usize,
-        top_p: s.top_p,
-        min_p: s.min_p,
-        repeat_penalty: s.repeat_penalty,
-        repeat_last_n: s.repeat_last_n as usize,
-        presence_penalty: s.presence_penalty,
-        frequency_penalty: s.frequency_penalty,
-        seed: s.seed,
-        logit_bias: s.logit_bias.iter().map(|b| (b.token, b.bias)).collect(),
-    };
+    let shared = kiln_proto::sampling_params(s);
     shared.validate().map_err(|e| {
         let name = if e.name == "repeat_penalty" { "repetition_penalty" } else { e.name };
         ApiError::field(name, format!("{} is out of range ({})", e.value, e.range))

@@ -4,24 +4,11 @@
 use crate::engine::{Event, FinishReason, GenerationRequest, Usage};
 use crate::error::Error;
 use kiln_proto::v1 as pb;
-use kiln_shared::sampling::SamplingParams;
 use kiln_shared::tokenizer::Tokenizer;
 use tonic::Status;
 
 pub fn generation_request(r: pb::GenerateRequest) -> Result<GenerationRequest, Status> {
-    let s = r.sampling.unwrap_or_default();
-    let sampling = SamplingParams {
-        temperature: s.temperature,
-        top_k: s.top_k as usize,
-        top_p: s.top_p,
-        min_p: s.min_p,
-        repeat_penalty: s.repeat_penalty,
-        repeat_last_n: s.repeat_last_n as usize,
-        presence_penalty: s.presence_penalty,
-        frequency_penalty: s.frequency_penalty,
-        seed: s.seed,
-        logit_bias: s.logit_bias.iter().map(|b| (b.token, b.bias)).collect(),
-    };
+    let sampling = kiln_proto::sampling_params(&r.sampling.unwrap_or_default());
     Ok(GenerationRequest {
         prompt: r.prompt,
         sampling,
