@@ -63,46 +63,71 @@ impl PreTokenizer {
     }
 }
 
-fn is_newline(c: char) -> bool {
-    c == '\r' || c == '\n'
+/// A text's characters by index, with the classes the splitters test; indices past the end
+/// belong to no class.
+struct Chars<'a> {
+    text: &'a str,
+    chars: Vec<(usize, char)>,
+    /// Byte offset of `text` in the whole input.
+    base: usize,
+}
+
+impl<'a> Chars<'a> {
+    fn new(text: &'a str, base: usize) -> Chars<'a> {
+        Chars { text, chars: text.char_indices().collect(), base }
+    }
+    fn len(&self) -> usize {
+        self.chars.len()
+    }
+    fn at(&self, i: usize) -> Option<char> {
+        self.chars.get(i).map(|&(_, c)| c)
+    }
+    /// Byte offset (in the whole input) of character `i`, or of the end.
+    fn offset(&self, i: usize) -> usize {
+        self.base + self.chars.get(i).map_or(self.text.len(), |&(o, _)| o)
+    }
+    fn letter(&self, i: usize) -> bool {
+        self.at(i).is_some_and(is_letter)
+    }
+    fn number(&self, i: usize) -> bool {
+        self.at(i).is_some_and(is_number)
+    }
+    fn space(&self, i: usize) -> bool {
+        self.at(i).is_some_and(char::is_whitespace)
+    }
+    fn newline(&self, i: usize) -> bool {
+        self.at(i).is_some_and(|c| c == '\r' || c == '\n')
+    }
+    fn other(&self, i: usize) -> bool {
+        self.at(i).is_some_and(|c| !c.is_whitespace() && !is_letter(c) && !is_number(c))
+    }
+    /// The end of the run of characters from `i` for which `class` holds.
+    fn run(&self, mut i: usize, class: fn(&Self, usize) -> bool) -> usize {
+        while class(self, i) {
+            i += 1;
+        }
+        i
+    }
 }
 
 /// Llama 3's split; `max_digits` is 3 for Llama 3 and 1 for Qwen 2. Each alternative of the
 /// pattern is tried in order at each position, as the regex engine does.
 fn split_llama3(text: &str, max_digits: usize, out: &mut Vec<(usize, usize)>) {
-    let chars: Vec<(usize, char)> = text.char_indices().collect();
-    let n = chars.len();
-    let at = |i: usize| -> Option<char> { chars.get(i).map(|&(_, c)| c) };
-    let offset = |i: usize| -> usize { chars.get(i).map_or(text.len(), |&(o, _)| o) };
-    let letter = |i: usize| at(i).is_some_and(is_letter);
-    let number = |i: usize| at(i).is_some_and(is_number);
-    let space = |i: usize| at(i).is_some_and(char::is_whitespace);
-    let other = |i: usize| at(i).is_some_and(|c| !c.is_whitespace() && !is_letter(c) && !is_number(c));
+    let s = Chars::new(text, 0);
     let mut pos = 0;
-    while pos < n {
-        let c = chars[pos].1;
-        let end = llama3_match(pos, c, n, max_digits, &at, &letter, &number, &space, &other);
-        out.push((offset(pos), offset(end)));
+    while pos < s.len() {
+        let end = llama3_match(&s, pos, max_digits);
+        out.push((s.offset(pos), s.offset(end)));
         pos = end;
     }
 }
 
-/// Where the match starting at `pos` (character `c`) ends.
-#[allow(clippy::too_many_arguments)]
-fn llama3_match(
-    pos: usize,
-    c: char,
-    n: usize,
-    max_digits: usize,
-    at: &dyn Fn(usize) -> Option<char>,
-    letter: &dyn Fn(usize) -> bool,
-    number: &dyn Fn(usize) -> bool,
-    space: &dyn Fn(usize) -> bool,
-    other: &dyn Fn(usize) -> bool,
-) -> usize {
+/// Where the match starting at `pos` ends.
+fn llama3_match(s: &Chars, pos: usize, max_digits: usize) -> usize {
+    let c = s.chars[pos].1;
     // (?i:'s|'t|'re|'ve|'m|'ll|'d)
     if c == '\'' {
-        let lower = |i: usize| at(i).map(|c| c.to_ascii_lowercase());
+        let lower = |i: usize| s.at(i).map(|c| c.to_ascii_lowercase());
         match (lower(pos + 1), lower(pos + 2)) {
             (Some('r'), Some('e')) | (Some('v'), Some('e')) | (Some('l'), Some('l')) => return pos + 3,
             (Some('s' | 't' | 'm' | 'd'), _) => return pos + 2,
@@ -110,40 +135,34 @@ fn llama3_match(
         }
     }
     // [^\r\n\p{L}\p{N}]?\p{L}+
-    let run = |mut i: usize, f: &dyn Fn(usize) -> bool| {
-        while f(i) {
-            i += 1;
-        }
-        i
-    };
-    if !is_newline(c) && !letter(pos) && !number(pos) && letter(pos + 1) {
-        return run(pos + 1, letter);
+    if !s.newline(pos) && !s.letter(pos) && !s.number(pos) && s.letter(pos + 1) {
+        return s.run(pos + 1, Chars::letter);
     }
-    if letter(pos) {
-        return run(pos, letter);
+    if s.letter(pos) {
+        return s.run(pos, Chars::letter);
     }
     // \p{N}{1,max}
-    if number(pos) {
+    if s.number(pos) {
         let mut i = pos;
-        while i < pos + max_digits && number(i) {
+        while i < pos + max_digits && s.number(i) {
             i += 1;
         }
         return i;
     }
     // ' '?[^\s\p{L}\p{N}]+[\r\n]*
-    let lead = usize::from(c == ' ' && other(pos + 1));
-    if other(pos + lead) {
-        let i = run(pos + lead, other);
-        return run(i, &|j| at(j).is_some_and(is_newline));
+    let lead = usize::from(c == ' ' && s.other(pos + 1));
+    if s.other(pos + lead) {
+        let i = s.run(pos + lead, Chars::other);
+        return s.run(i, Chars::newline);
     }
     // \s*[\r\n]+: up to the last newline of the whitespace run.
-    let ws_end = run(pos, space);
-    if let Some(last_newline) = (pos..ws_end).rev().find(|&i| at(i).is_some_and(is_newline)) {
+    let ws_end = s.run(pos, Chars::space);
+    if let Some(last_newline) = (pos..ws_end).rev().find(|&i| s.newline(i)) {
         return last_newline + 1;
     }
     // \s+(?!\S), else \s+
     if ws_end > pos {
-        if ws_end == n || ws_end - pos == 1 {
+        if ws_end == s.len() || ws_end - pos == 1 {
             return ws_end;
         }
         return ws_end - 1;
@@ -163,47 +182,34 @@ pub fn is_number(c: char) -> bool {
 }
 
 /// The GPT-2 split of one piece; `base` is the piece's byte offset in the whole text.
-fn split_gpt2(piece: &str, base: usize, out: &mut Vec<(usize, usize)>) {
-    let chars: Vec<(usize, char)> = piece.char_indices().collect();
-    let n = chars.len();
-    let at = |i: usize| -> Option<char> { chars.get(i).map(|&(_, c)| c) };
-    let offset = |i: usize| -> usize { base + chars.get(i).map_or(piece.len(), |&(o, _)| o) };
-    let letter = |i: usize| at(i).is_some_and(is_letter);
-    let number = |i: usize| at(i).is_some_and(is_number);
-    let space = |i: usize| at(i).is_some_and(char::is_whitespace);
-    let other = |i: usize| at(i).is_some_and(|c| !c.is_whitespace() && !is_letter(c) && !is_number(c));
-
+fn split_gpt2<'t>(piece: &'t str, base: usize, out: &mut Vec<(usize, usize)>) {
+    let s = Chars::new(piece, base);
+    let n = s.len();
     let mut pos = 0;
     while pos < n {
         let start = pos;
-        let c = chars[pos].1;
+        let c = s.chars[pos].1;
         // 's 't 're 've 'm 'll 'd (lower case only, as in GPT-2)
         if c == '\'' {
-            match (at(pos + 1), at(pos + 2)) {
+            match (s.at(pos + 1), s.at(pos + 2)) {
                 (Some('s' | 't' | 'm' | 'd'), _) => pos += 2,
                 (Some('r'), Some('e')) | (Some('v'), Some('e')) | (Some('l'), Some('l')) => pos += 3,
                 _ => {}
             }
             if pos > start {
-                out.push((offset(start), offset(pos)));
+                out.push((s.offset(start), s.offset(pos)));
                 continue;
             }
         }
         // An optional single space followed by a run of one class.
         let lead = usize::from(c == ' ');
-        let classes: [&dyn Fn(usize) -> bool; 3] = [&letter, &number, &other];
-        if let Some(class) = classes.iter().find(|f| f(pos + lead)) {
-            pos += lead;
-            while class(pos) {
-                pos += 1;
-            }
-            out.push((offset(start), offset(pos)));
+        let classes: [fn(&Chars<'t>, usize) -> bool; 3] = [Chars::letter, Chars::number, Chars::other];
+        if let Some(&class) = classes.iter().find(|f| f(&s, pos + lead)) {
+            pos = s.run(pos + lead, class);
+            out.push((s.offset(start), s.offset(pos)));
             continue;
         }
-        let mut run = 0;
-        while space(pos + run) {
-            run += 1;
-        }
+        let run = s.run(pos, Chars::space) - pos;
         if run > 1 && pos + run < n {
             // \s+(?!\S): leave the last whitespace to prefix the next word.
             pos += run - 1;
@@ -212,7 +218,7 @@ fn split_gpt2(piece: &str, base: usize, out: &mut Vec<(usize, usize)>) {
         } else {
             pos += 1;
         }
-        out.push((offset(start), offset(pos)));
+        out.push((s.offset(start), s.offset(pos)));
     }
 }
 
