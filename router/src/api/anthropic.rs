@@ -3,7 +3,7 @@
 
 use super::openai_format::validate_sampling;
 use super::sse::{self, Step};
-use super::{admit, chat_prompt, check_context, collect, labelled, random_id, resolve_model, route_key, Totals};
+use super::{admit, answer, chat_prompt, check_context, collect, random_id, resolve_model, route_key, Totals};
 use crate::error::{ApiError, Flavor};
 use crate::generate::{Generation, Update};
 use crate::params::{parse_object, Fields};
@@ -102,14 +102,8 @@ fn usage(t: &Totals) -> Value {
     })
 }
 
-async fn answer(work: impl std::future::Future<Output = (Option<String>, Result<Response, ApiError>)>) -> Response {
-    let (model, result) = work.await;
-    let response = result.unwrap_or_else(|e| e.with_flavor(Flavor::Anthropic).into_response());
-    labelled(model.as_deref().unwrap_or(""), response)
-}
-
 pub async fn messages(State(state): State<Arc<AppState>>, headers: HeaderMap, body: Bytes) -> Response {
-    answer(async {
+    answer(Flavor::Anthropic, async {
         let mut model_id = None;
         let result = messages_inner(&state, &headers, &body, &mut model_id).await;
         (model_id, result)
@@ -248,7 +242,7 @@ fn error_event(e: ApiError) -> Event {
 }
 
 pub async fn count_tokens(State(state): State<Arc<AppState>>, body: Bytes) -> Response {
-    answer(async {
+    answer(Flavor::Anthropic, async {
         let mut model_id = None;
         let result = async {
             let map = parse_object(&body)?;

@@ -234,6 +234,14 @@ pub fn unix_now() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
 
+/// The response to a handler's work, which yields the model the request named (once known)
+/// and its result: errors in `flavor`'s shape, labelled with the model for the metrics layer.
+pub async fn answer(flavor: Flavor, work: impl std::future::Future<Output = (Option<String>, Result<Response, ApiError>)>) -> Response {
+    let (model, result) = work.await;
+    let response = result.unwrap_or_else(|e| e.with_flavor(flavor).into_response());
+    labelled(model.as_deref().unwrap_or(""), response)
+}
+
 /// A response labelled with the model it was for.
 pub fn labelled(model: &str, response: impl IntoResponse) -> Response {
     let mut r = response.into_response();

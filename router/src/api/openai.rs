@@ -2,8 +2,8 @@
 
 use super::openai_format::{self as fmt, Common, COMMON_FIELDS};
 use super::sse::{self, json_event, Step};
-use super::{admit, chat_prompt, check_context, collect, labelled, random_id, resolve_model, route_key, unix_now, Totals};
-use crate::error::ApiError;
+use super::{admit, answer, chat_prompt, check_context, collect, labelled, random_id, resolve_model, route_key, unix_now, Totals};
+use crate::error::{ApiError, Flavor};
 use crate::generate::{Generation, Update};
 use crate::params::{parse_object, Fields};
 use crate::upstream::ModelState;
@@ -44,15 +44,6 @@ fn fields<'a>(map: &'a Map<String, Value>, own: &[&str], unsupported: &[&str]) -
 }
 
 /// Runs a handler and answers its error, labelling the response with the model either way.
-async fn answer<F>(work: F) -> Response
-where
-    F: std::future::Future<Output = (Option<String>, Result<Response, ApiError>)>,
-{
-    let (model, result) = work.await;
-    let response = result.unwrap_or_else(IntoResponse::into_response);
-    labelled(model.as_deref().unwrap_or(""), response)
-}
-
 fn model_of(f: &Fields) -> Result<String, ApiError> {
     f.str("model")?.map(str::to_string).ok_or_else(|| ApiError::field("model", "is required"))
 }
@@ -142,7 +133,7 @@ fn generate_request(prompt: Vec<u32>, c: &Common, logprobs: bool, top_logprobs: 
 }
 
 pub async fn chat(State(state): State<Arc<AppState>>, headers: HeaderMap, body: Bytes) -> Response {
-    answer(async {
+    answer(Flavor::OpenAi, async {
         let mut model_id = None;
         let result = chat_inner(&state, &headers, &body, &mut model_id).await;
         (model_id, result)
@@ -303,7 +294,7 @@ fn completion_prompt(f: &Fields, model: &ModelState) -> Result<(Vec<u32>, String
 }
 
 pub async fn completions(State(state): State<Arc<AppState>>, headers: HeaderMap, body: Bytes) -> Response {
-    answer(async {
+    answer(Flavor::OpenAi, async {
         let mut model_id = None;
         let result = completions_inner(&state, &headers, &body, &mut model_id).await;
         (model_id, result)
