@@ -9,12 +9,7 @@ use kiln_kernels::DType;
 use kiln_worker::engine::Session;
 use kiln_worker::formats::gguf::GgufFile;
 use kiln_worker::loader::LoadedModel;
-use std::path::PathBuf;
 use std::sync::Arc;
-
-fn fixture(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/hf").join(name)
-}
 
 fn logits(model: LoadedModel, ids: &[u32]) -> Vec<f32> {
     Session::new(Arc::new(model), common::compute(), 64).score(ids).unwrap()
@@ -26,8 +21,8 @@ fn roundtrip(name: &str, isq: DType, arch: &str) {
 
 /// Like `roundtrip`, for a model whose output head is its embedding table.
 fn roundtrip_tied(name: &str, isq: DType, arch: &str) {
-    let dir = fixture(name);
-    let reference: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("reference.json")).unwrap()).unwrap();
+    let dir = common::hf_fixture(name);
+    let reference = common::hf_reference(name);
     let ids = common::ids(&reference["ids"]);
     let out = std::env::temp_dir().join(format!("kiln-export-{name}-{}.gguf", std::process::id()));
     let written = kiln_worker::formats::gguf_export::export(&dir, isq, &out).unwrap_or_else(|e| panic!("{name}: {e}"));
@@ -40,8 +35,8 @@ fn roundtrip_tied(name: &str, isq: DType, arch: &str) {
 }
 
 fn roundtrip_with(name: &str, isq: DType, arch: &str, projections: usize) {
-    let dir = fixture(name);
-    let reference: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("reference.json")).unwrap()).unwrap();
+    let dir = common::hf_fixture(name);
+    let reference = common::hf_reference(name);
     let ids = common::ids(&reference["ids"]);
     let out = std::env::temp_dir().join(format!("kiln-export-{name}-{}-{}.gguf", isq.name(), std::process::id()));
     let written = kiln_worker::formats::gguf_export::export(&dir, isq, &out).unwrap_or_else(|e| panic!("{name}: {e}"));
@@ -98,8 +93,8 @@ fn mixtures_of_experts_reload_bit_for_bit() {
 }
 
 fn roundtrip_moe(name: &str, arch: &str, quantized: usize) {
-    let dir = fixture(name);
-    let reference: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("reference.json")).unwrap()).unwrap();
+    let dir = common::hf_fixture(name);
+    let reference = common::hf_reference(name);
     let ids = common::ids(&reference["ids"]);
     let out = std::env::temp_dir().join(format!("kiln-export-{name}-{}.gguf", std::process::id()));
     let written = kiln_worker::formats::gguf_export::export(&dir, DType::Q8_0, &out).unwrap_or_else(|e| panic!("{name}: {e}"));
@@ -123,9 +118,9 @@ fn llama_with_k_quants_reloads_with_interleaved_rope() {
 #[test]
 fn unsupported_exports_say_why() {
     let out = std::env::temp_dir().join(format!("kiln-export-bad-{}.gguf", std::process::id()));
-    let e = kiln_worker::formats::gguf_export::export(&fixture("mistral"), DType::Q8_0, &out).err().unwrap().to_string();
+    let e = kiln_worker::formats::gguf_export::export(&common::hf_fixture("mistral"), DType::Q8_0, &out).err().unwrap().to_string();
     assert!(e.contains("sliding-window"), "{e}");
-    let e = kiln_worker::formats::gguf_export::export(&fixture("gemma2"), DType::Q8_0, &out).err().unwrap().to_string();
+    let e = kiln_worker::formats::gguf_export::export(&common::hf_fixture("gemma2"), DType::Q8_0, &out).err().unwrap().to_string();
     assert!(e.contains("lm_head"), "{e}");
     assert!(!out.exists());
 }
@@ -142,7 +137,7 @@ fn llama_cpp_reads_the_written_files_and_agrees() {
     let prompt = golden["prompt"].as_str().unwrap();
     for (name, g) in golden["models"].as_object().unwrap() {
         let out = std::env::temp_dir().join(format!("kiln-export-lcpp-{name}-{}.gguf", std::process::id()));
-        kiln_worker::formats::gguf_export::export(&fixture(name), DType::Q8_0, &out).unwrap();
+        kiln_worker::formats::gguf_export::export(&common::hf_fixture(name), DType::Q8_0, &out).unwrap();
         let model = Arc::new(LoadedModel::load(&out).unwrap());
         std::fs::remove_file(&out).unwrap();
         let n = g["tokens"].as_u64().unwrap() as usize;

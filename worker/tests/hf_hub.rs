@@ -8,7 +8,7 @@ mod common;
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::sync::{Arc, Mutex};
 
@@ -113,8 +113,8 @@ fn run(home: &Path, endpoint: &str, prompt: &str, n: usize) -> std::process::Out
 
 #[test]
 fn a_repo_id_downloads_into_the_hub_cache_and_runs() {
-    let fixture = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/hf/qwen2");
-    let reference: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(fixture.join("reference.json")).unwrap()).unwrap();
+    let fixture = common::hf_fixture("qwen2");
+    let reference = common::hf_reference("qwen2");
     let greedy = common::ids(&reference["greedy"]);
     let prompt = reference["prompt"].as_str().unwrap();
     let model = kiln_worker::loader::LoadedModel::load(&fixture).unwrap();

@@ -2,19 +2,13 @@
 //! config fields, an unknown architecture (listing the supported ones), a tensor of the
 //! wrong shape, a missing tensor, a tokenizer.json that does not parse.
 
+mod common;
+
 use kiln_worker::loader::LoadedModel;
 use std::path::{Path, PathBuf};
 
 fn copy_fixture(tag: &str) -> PathBuf {
-    let from = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/hf/llama");
-    let to = std::env::temp_dir().join(format!("kiln-hf-{tag}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&to);
-    std::fs::create_dir_all(&to).unwrap();
-    for e in std::fs::read_dir(&from).unwrap() {
-        let e = e.unwrap();
-        std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
-    }
-    to
+    common::copy_hf_fixture("llama", tag)
 }
 
 fn edit_json(path: &Path, f: impl FnOnce(&mut serde_json::Value)) {

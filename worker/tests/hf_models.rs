@@ -8,16 +8,11 @@ mod common;
 use kiln_shared::sampling::SamplingParams;
 use kiln_worker::engine::{GenerationRequest, Session};
 use kiln_worker::loader::LoadedModel;
-use std::path::PathBuf;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
 /// Largest |kiln − transformers| allowed on any logit (both in f32).
 const LOGIT_TOLERANCE: f32 = 1e-4;
-
-fn fixture(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/hf").join(name)
-}
 
 fn check(name: &str) {
     check_within(name, LOGIT_TOLERANCE);
@@ -28,8 +23,8 @@ fn check(name: &str) {
 const HALF_LOGIT_TOLERANCE: f32 = 0.02;
 
 fn check_within(name: &str, tolerance: f32) {
-    let dir = fixture(name);
-    let reference: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("reference.json")).unwrap()).unwrap();
+    let dir = common::hf_fixture(name);
+    let reference = common::hf_reference(name);
     let model = Arc::new(LoadedModel::load(&dir).unwrap_or_else(|e| panic!("{name}: {e}")));
     assert!(model.unused_tensors.is_empty(), "{name}: unused tensors {:?}", model.unused_tensors);
     let prompt = reference["prompt"].as_str().unwrap();
@@ -115,8 +110,8 @@ fn gemma3_with_local_and_global_layers_matches_transformers() {
 
 #[test]
 fn the_cli_runs_a_model_directory_like_a_gguf_file() {
-    let dir = fixture("qwen2");
-    let reference: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("reference.json")).unwrap()).unwrap();
+    let dir = common::hf_fixture("qwen2");
+    let reference = common::hf_reference("qwen2");
     let model = LoadedModel::load(&dir).unwrap();
     let greedy = common::ids(&reference["greedy"]);
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_kiln-worker"))
@@ -138,18 +133,12 @@ fn a_wider_llama_matches_transformers() {
 
 #[test]
 fn generation_config_sets_the_sampling_defaults() {
-    let from = fixture("qwen2");
-    let dir = std::env::temp_dir().join(format!("kiln-genconfig-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    for e in std::fs::read_dir(&from).unwrap() {
-        let e = e.unwrap();
-        std::fs::copy(e.path(), dir.join(e.file_name())).unwrap();
-    }
+    let dir = common::copy_hf_fixture("qwen2", "genconfig");
     std::fs::write(dir.join("generation_config.json"), r#"{"do_sample": false, "temperature": 0.7, "top_p": 0.8, "eos_token_id": [2]}"#).unwrap();
     let model = LoadedModel::load(&dir).unwrap();
     assert_eq!(model.sampling_defaults.temperature, Some(0.0), "do_sample false means greedy");
     assert_eq!(model.sampling_defaults.top_p, Some(0.8));
-    let reference: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("reference.json")).unwrap()).unwrap();
+    let reference = common::hf_reference("qwen2");
     let greedy = common::ids(&reference["greedy"]);
     // No --temperature: the model's greedy default applies, so two runs agree with the reference.
     for _ in 0..2 {

@@ -8,7 +8,6 @@ mod common;
 use kiln_kernels::DType;
 use kiln_worker::engine::Session;
 use kiln_worker::loader::{LoadedModel, ISQ_TYPES};
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -26,8 +25,8 @@ fn bound(t: DType) -> f64 {
 
 #[test]
 fn every_isq_type_quantizes_all_projections_with_bounded_drift() {
-    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/hf/llama-wide");
-    let reference: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("reference.json")).unwrap()).unwrap();
+    let dir = common::hf_fixture("llama-wide");
+    let reference = common::hf_reference("llama-wide");
     let ids = common::ids(&reference["ids"]);
     let want: Vec<f64> = reference["logits"].as_array().unwrap().iter().flat_map(|r| r.as_array().unwrap().iter().map(|v| v.as_f64().unwrap())).collect();
     let rms = (want.iter().map(|v| v * v).sum::<f64>() / want.len() as f64).sqrt();

@@ -200,8 +200,8 @@ pub fn export(dir: &Path, isq: DType, out: &Path) -> Result<Exported> {
             [len] => {
                 let mut v = weights.vector(hf, *len as usize)?;
                 // GGUF Gemma norms hold 1 + w.
-                if hf.ends_with("norm.weight") && cfg.norm_offset != 0.0 {
-                    v.iter_mut().for_each(|x| *x += cfg.norm_offset);
+                if hf.ends_with("norm.weight") {
+                    v = crate::models::offset(v, cfg.norm_offset);
                 }
                 (vec![*len], DType::F32, v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>())
             }

@@ -39,3 +39,27 @@ pub fn golden(name: &str) -> serde_json::Value {
 pub fn ids(v: &serde_json::Value) -> Vec<u32> {
     v.as_array().expect("an array of token ids").iter().map(|x| x.as_u64().expect("a token id") as u32).collect()
 }
+
+/// A tiny Hugging Face checkpoint from worker/tests/fixtures/hf (made by
+/// scripts/goldens/make_hf_fixtures.py).
+pub fn hf_fixture(name: &str) -> std::path::PathBuf {
+    std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/hf").join(name)
+}
+
+/// transformers' outputs for a fixture: prompt, ids, logits, greedy continuation.
+pub fn hf_reference(name: &str) -> serde_json::Value {
+    let path = hf_fixture(name).join("reference.json");
+    serde_json::from_str(&std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))).unwrap()
+}
+
+/// A fresh copy of a fixture directory under the temp dir, to damage or edit.
+pub fn copy_hf_fixture(name: &str, tag: &str) -> std::path::PathBuf {
+    let to = std::env::temp_dir().join(format!("kiln-hf-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&to);
+    std::fs::create_dir_all(&to).unwrap();
+    for e in std::fs::read_dir(hf_fixture(name)).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
+    }
+    to
+}
