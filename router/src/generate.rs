@@ -187,11 +187,6 @@ impl Generation {
         self.state.metrics.add("kiln_router_upstream_errors_total", vec![("worker", worker.to_string())], 1.0);
     }
 
-    /// The worker carrying the first completion now.
-    pub fn worker_id(&self) -> Option<&str> {
-        self.attempts.first().map(|a| a.in_flight.worker().id.as_str())
-    }
-
     /// The next event; `None` once every completion has finished.
     pub async fn next(&mut self) -> Option<Result<Update, ApiError>> {
         loop {

@@ -189,7 +189,8 @@ def test_sigstop_moves_requests_then_sigcont_rejoins(etcd, pair):
 
 def test_new_worker_gets_traffic_and_drain_moves_it_away(etcd, pair):
     a, b, r, answers = pair
-    c_worker = Worker("c", *WORKER_ARGS, etcd=etcd.url)
+    # A long lease: leaving within 3 s below can only come from deregistering.
+    c_worker = Worker("c", *WORKER_ARGS, etcd=etcd.url, lease_ttl=30)
     try:
         wait_until(lambda: router_sees(r, c_worker), 30, "the router to see the new worker without a restart")
         c = client(r)
