@@ -15,11 +15,14 @@ pub mod dtype;
 pub mod matmul;
 pub mod numerics;
 pub mod ops;
+pub mod packed;
 pub mod pool;
 pub mod quantize;
 pub mod unpack;
 #[cfg(target_arch = "x86_64")]
 pub mod x86;
+#[cfg(target_arch = "x86_64")]
+pub mod x86_packed;
 
 pub use dot::Isa;
 pub use dtype::DType;

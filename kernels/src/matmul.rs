@@ -8,6 +8,7 @@ use crate::activation;
 use crate::blocks::{cast_blocks_mut, BlockQ8K, BlockQ8_0, BlockQ8_1};
 use crate::dot::{kernel_for_matrix, kernel_xn, ActScales, DotFn, DotManyFn};
 use crate::dtype::DType;
+use crate::packed::{BlockTable, PackedMatrix, GROUP};
 use crate::pool::{split_range, SharedMut};
 use crate::{Compute, KernelError};
 
@@ -95,6 +96,8 @@ pub struct Activations {
     pairs: Vec<i8>,
     /// -128 x the sum of each 4-byte group of `pairs` (Q8_0 only): `[row / 2][block][16]`.
     pair_corr: Vec<i32>,
+    /// Per-block scales and quant sums for the packed kernels (Q8_0 and Q8_1 rows).
+    blocks: BlockTable,
 }
 
 impl Activations {
@@ -126,6 +129,10 @@ impl Activations {
         self.sums.resize(if with_sums { interleaved } else { 0 }, 0.0);
         self.pairs.resize(if tables { pairs * 64 } else { 0 }, 0);
         self.pair_corr.resize(if with_corr { pairs * 16 } else { 0 }, 0);
+        let per_block = if matches!(at, DType::Q8_0 | DType::Q8_1) { num_rows * blocks } else { 0 };
+        self.blocks.d.resize(per_block, 0.0);
+        self.blocks.neg_lane_sums.resize(per_block * 8, 0);
+        self.blocks.s.resize(if at == DType::Q8_1 { per_block } else { 0 }, 0.0);
         self.dtype = Some(at);
         self.cols = cols;
         self.num_rows = num_rows;
@@ -136,6 +143,9 @@ impl Activations {
             sums: SharedMut::new(&mut self.sums),
             pairs: SharedMut::new(&mut self.pairs),
             pair_corr: SharedMut::new(&mut self.pair_corr),
+            block_d: SharedMut::new(&mut self.blocks.d),
+            block_lane_sums: SharedMut::new(&mut self.blocks.neg_lane_sums),
+            block_s: SharedMut::new(&mut self.blocks.s),
         };
         let fill = |rows: std::ops::Range<usize>| {
             for row in rows {
@@ -159,6 +169,25 @@ impl Activations {
         let pairs = if self.pairs.is_empty() { std::ptr::null() } else { self.pairs[t / 2 * blocks * 64..].as_ptr() };
         let pair_corr = if self.pair_corr.is_empty() { std::ptr::null() } else { self.pair_corr[t / 2 * blocks * 16..].as_ptr() };
         ActScales { d: at(&self.scales), s: at(&self.sums), stride, pairs, pair_corr, blocks }
+    }
+
+    /// The rows as the packed kernels read them (Q8_0 and Q8_1 rows only).
+    #[cfg(target_arch = "x86_64")]
+    fn packed_view(&self) -> Option<crate::x86_packed::PackedActs<'_>> {
+        let (block_bytes, quants_at) = match self.dtype? {
+            DType::Q8_0 => (34, 2),
+            DType::Q8_1 => (36, 4),
+            DType::Q8K => (292, 0),
+            _ => return None,
+        };
+        Some(crate::x86_packed::PackedActs {
+            base: self.buf.bytes().as_ptr(),
+            row_bytes: self.row_bytes,
+            block_bytes,
+            quants_at,
+            blocks: self.cols / self.dtype?.block_len(),
+            table: &self.blocks,
+        })
     }
 
     /// Pointers to N rows starting at `t`.
@@ -186,6 +215,9 @@ struct RowTables {
     sums: SharedMut<f32>,
     pairs: SharedMut<i8>,
     pair_corr: SharedMut<i32>,
+    block_d: SharedMut<f32>,
+    block_lane_sums: SharedMut<i32>,
+    block_s: SharedMut<f32>,
 }
 
 impl RowTables {
@@ -194,6 +226,23 @@ impl RowTables {
     unsafe fn fill(&self, at: DType, src: &[f32], row: usize, row_bytes: usize, blocks: usize, (tables, with_sums, with_corr): (bool, bool, bool)) {
         let dst = self.bytes.slice(row * row_bytes..(row + 1) * row_bytes);
         convert_row(at, src, dst);
+        if matches!(at, DType::Q8_0 | DType::Q8_1) {
+            let header = if at == DType::Q8_0 { 2 } else { 4 };
+            let d = self.block_d.slice(row * blocks..(row + 1) * blocks);
+            let sums = self.block_lane_sums.slice(row * blocks * 8..(row + 1) * blocks * 8);
+            for (block, raw) in dst.chunks_exact(header + 32).enumerate() {
+                d[block] = crate::blocks::f16_bits_to_f32(u16::from_le_bytes([raw[0], raw[1]]));
+                for (lane, quads) in raw[header..].chunks_exact(4).enumerate() {
+                    sums[block * 8 + lane] = -quads.iter().map(|&v| v as i8 as i32).sum::<i32>();
+                }
+            }
+            if at == DType::Q8_1 {
+                let s = self.block_s.slice(row * blocks..(row + 1) * blocks);
+                for (block, raw) in dst.chunks_exact(36).enumerate() {
+                    s[block] = crate::blocks::f16_bits_to_f32(u16::from_le_bytes([raw[2], raw[3]]));
+                }
+            }
+        }
         if !tables {
             return;
         }
@@ -250,11 +299,31 @@ fn convert_row(at: DType, src: &[f32], dst: &mut [u8]) {
 /// One matrix of a grouped product and where its results go: `out` is `[num_rows, rows]`.
 pub struct MatMulJob<'a, 'b> {
     pub weight: WeightView<'a>,
+    /// The same matrix repacked (`packed`), used instead of `weight` where this CPU can.
+    pub packed: Option<&'a PackedMatrix>,
     pub out: &'b mut [f32],
 }
 
-/// Rows of one weight matrix processed together so their bytes stay in L1 across inputs.
-const ROW_TILE: usize = 8;
+/// Rows of one weight matrix processed together so their bytes stay in L1 across inputs;
+/// a whole packed group.
+const ROW_TILE: usize = GROUP;
+
+/// The packed kernel for `m` on `isa`, where there is one.
+#[cfg(target_arch = "x86_64")]
+fn packed_kernel(m: &PackedMatrix, isa: crate::Isa) -> Option<crate::x86_packed::PackedFn> {
+    use crate::x86_packed as k;
+    if isa != crate::Isa::Avx512Vnni {
+        return None;
+    }
+    Some(match m.dtype {
+        DType::Q4_0 => k::q4_0,
+        DType::Q4_1 => k::q4_1,
+        DType::Q5_0 => k::q5_0,
+        DType::Q8_0 => k::q8_0,
+        DType::Q4K => k::q4k,
+        _ => return None,
+    })
+}
 
 /// Multiplies every matrix in `jobs` with the same prepared activations, in one pool dispatch.
 /// All weights must share the activation format `act` was prepared for.
@@ -268,6 +337,8 @@ pub fn matmul_group(compute: &Compute, act: &Activations, jobs: &mut [MatMulJob]
         /// kernels and its single-row kernel is the plain one (so results are identical).
         many8: Option<DotManyFn<8>>,
         many4: Option<DotManyFn<4>>,
+        #[cfg(target_arch = "x86_64")]
+        packed: Option<(&'a PackedMatrix, crate::x86_packed::PackedFn)>,
         out: SharedMut<f32>,
         first_global_row: usize,
     }
@@ -289,12 +360,16 @@ pub fn matmul_group(compute: &Compute, act: &Activations, jobs: &mut [MatMulJob]
             dot: kernel_for_matrix(w.dtype, w.rows, isa),
             many8: kernel_xn::<8>(w.dtype, isa),
             many4: kernel_xn::<4>(w.dtype, isa),
+            #[cfg(target_arch = "x86_64")]
+            packed: job.packed.filter(|p| p.rows == w.rows && p.cols == w.cols && p.dtype == w.dtype).and_then(|p| Some((p, packed_kernel(p, isa)?))),
             out: SharedMut::new(job.out),
             first_global_row: total_rows,
         });
         total_rows += w.rows;
     }
     let n_threads = pool.num_threads();
+    #[cfg(target_arch = "x86_64")]
+    let packed_acts = act.packed_view();
     let work = |thread: usize| {
         let range = split_range(total_rows, ROW_TILE, n_threads, thread);
         for plan in &plans {
@@ -302,6 +377,21 @@ pub fn matmul_group(compute: &Compute, act: &Activations, jobs: &mut [MatMulJob]
             let hi = range.end.min(plan.first_global_row + plan.weight.rows);
             let rows = plan.weight.rows;
             let cols = plan.weight.cols;
+            #[cfg(target_arch = "x86_64")]
+            if let (Some((m, kernel)), Some(acts)) = (plan.packed, packed_acts.as_ref()) {
+                // A group belongs to the thread whose range holds its first row (ranges need
+                // not start on a group boundary when an earlier matrix is not packed).
+                if lo >= hi {
+                    continue;
+                }
+                let (first, last) = ((lo - plan.first_global_row).div_ceil(GROUP), (hi - plan.first_global_row).div_ceil(GROUP));
+                for g in first..last {
+                    // SAFETY: the group and the activation rows were validated against the
+                    // matrix's shape; this thread owns output columns 16g..16g + 16.
+                    unsafe { kernel(m.group(g).as_ptr(), acts, 0, num_rows, plan.out.as_ptr().add(g * GROUP), rows) };
+                }
+                continue;
+            }
             let mut r0 = lo;
             while r0 < hi {
                 let r1 = (r0 + ROW_TILE).min(hi);
@@ -356,14 +446,20 @@ fn run_many<const N: usize>(many: DotManyFn<N>, weight: &WeightView, out: &Share
 }
 
 /// `out = x · weightᵀ` for `num_rows` input rows; convenience for a single matrix.
-pub fn matmul(
+pub fn matmul(compute: &Compute, weight: WeightView, x: &[f32], num_rows: usize, act: &mut Activations, out: &mut [f32]) -> Result<(), KernelError> {
+    matmul_packed(compute, weight, None, x, num_rows, act, out)
+}
+
+/// `matmul`, with the weight's packed copy used where the CPU has a kernel for it.
+pub fn matmul_packed(
     compute: &Compute,
     weight: WeightView,
+    packed: Option<&PackedMatrix>,
     x: &[f32],
     num_rows: usize,
     act: &mut Activations,
     out: &mut [f32],
 ) -> Result<(), KernelError> {
     act.prepare_on(Some(compute), x, num_rows, weight.cols, weight.dtype)?;
-    matmul_group(compute, act, &mut [MatMulJob { weight, out }])
+    matmul_group(compute, act, &mut [MatMulJob { weight, packed, out }])
 }

@@ -185,6 +185,12 @@ impl<T> SharedMut<T> {
         SharedMut(slice.as_mut_ptr())
     }
 
+    /// The start of the slice, for kernels that write through raw pointers under the same
+    /// rules as `slice`.
+    pub fn as_ptr(&self) -> *mut T {
+        self.0
+    }
+
     /// # Safety
     /// No two threads may hold overlapping ranges at once, and the range must lie inside
     /// the slice this pointer was made from, which must outlive the returned borrow.

@@ -43,7 +43,7 @@ pub fn project(compute: &Compute, input: &[f32], num_rows: usize, acts: &mut Act
         for (j, p) in projections.iter_mut().enumerate().skip(i) {
             if !done[j] && p.linear.weight.dtype.activation_type() == act_type {
                 done[j] = true;
-                jobs.push(MatMulJob { weight: p.linear.weight.view(), out: &mut *p.out });
+                jobs.push(MatMulJob { weight: p.linear.weight.view(), packed: p.linear.weight.packed(), out: &mut *p.out });
             }
         }
         matmul_group(compute, acts, &mut jobs)?;

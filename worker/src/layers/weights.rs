@@ -7,11 +7,12 @@ use crate::formats::gguf::{GgufFile, TensorInfo};
 use crate::formats::names::gguf_name;
 use crate::formats::safetensors::Checkpoint;
 use kiln_kernels::matmul::WeightView;
+use kiln_kernels::packed::{self, PackedMatrix};
 use kiln_kernels::DType;
 use memmap2::Mmap;
 use std::cell::RefCell;
 use std::collections::BTreeSet;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 /// Where a weight's bytes live: in place in the file's mapping, or (quantized at load) in
 /// memory of its own.
@@ -31,6 +32,9 @@ pub struct MatrixRef {
     backing: Backing,
     offset: usize,
     len: usize,
+    /// The matrix in the interleaved layout of `kiln_kernels::packed`, made on first use by a
+    /// product (embedding tables that are only looked up never pay for it).
+    packed: Arc<OnceLock<Option<PackedMatrix>>>,
 }
 
 impl MatrixRef {
@@ -56,7 +60,21 @@ impl MatrixRef {
             backing: self.backing.clone(),
             offset: self.offset + start * row_bytes,
             len: rows * row_bytes,
+            packed: Arc::default(),
         })
+    }
+
+    /// The packed copy the kernels prefer on this CPU, made now if not yet; None where the
+    /// CPU or the format has no packed product.
+    pub fn packed(&self) -> Option<&PackedMatrix> {
+        self.packed
+            .get_or_init(|| {
+                let wanted = std::env::var_os("KILN_NOPACK").is_none() && kiln_kernels::Isa::detect() == kiln_kernels::Isa::Avx512Vnni
+                    && packed::supports(self.dtype)
+                    && self.rows.is_multiple_of(packed::GROUP);
+                wanted.then(|| PackedMatrix::pack(&self.view()).ok()).flatten()
+            })
+            .as_ref()
     }
 
     pub fn view(&self) -> WeightView<'_> {
@@ -192,6 +210,7 @@ impl WeightSource {
             backing: Backing::Mapped(Arc::clone(mmap)),
             offset: info.file_offset as usize,
             len: info.num_bytes as usize,
+            packed: Arc::default(),
         };
         WeightView::new(m.dtype, rows, cols, m.bytes()).map_err(|e| Error::Tensor { name: label, what: e.to_string() })?;
         Ok(m)
@@ -213,6 +232,7 @@ impl WeightSource {
             backing: Backing::Mapped(Arc::clone(mmap)),
             offset: info.file_offset as usize,
             len: info.num_bytes as usize,
+            packed: Arc::default(),
         };
         WeightView::new(all.dtype, all.rows, cols, all.bytes()).map_err(|e| Error::Tensor { name: label.clone(), what: e.to_string() })?;
         (0..n).map(|e| all.row_slice(e * rows, rows).ok_or_else(|| Error::Tensor { name: label.clone(), what: "cannot be split by expert".into() })).collect()
@@ -272,5 +292,5 @@ fn quantize_matrix(m: &MatrixRef, dtype: DType) -> std::result::Result<MatrixRef
         handles.into_iter().try_for_each(|h| h.join().unwrap_or(Err(kiln_kernels::KernelError::Layout("a quantizing thread panicked"))))
     })?;
     let len = out.len();
-    Ok(MatrixRef { name: m.name.clone(), dtype, rows: m.rows, cols: m.cols, backing: Backing::Owned(Arc::new(out)), offset: 0, len })
+    Ok(MatrixRef { name: m.name.clone(), dtype, rows: m.rows, cols: m.cols, backing: Backing::Owned(Arc::new(out)), offset: 0, len, packed: Arc::default() })
 }

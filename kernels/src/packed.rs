@@ -1,0 +1,307 @@
+//! Weights repacked at load time for the AVX-512 VNNI products.
+//!
+//! A ggml row stores its blocks one after another, so a kernel that reads it produces one
+//! output at a time and must reduce eight or sixteen lanes at the end of every row. Here
+//! sixteen rows are interleaved instead: for each 32-column block, one 512-bit register holds
+//! four consecutive quants of each of the sixteen rows, so `vpdpbusd` with four activation
+//! bytes broadcast yields sixteen outputs at once and nothing is ever reduced across lanes.
+//! The same code serves one input row (decode) and many (prefill, batched decode), which
+//! makes every result independent of the batch it was computed in.
+//!
+//! Layout of one group of 16 rows, block by block (`block_bytes` each):
+//! - `d`: the 16 rows' block scales, f16 (32 bytes); Q4_1 adds the 16 minima `m` (32 bytes);
+//! - quants, unsigned: for 4-bit formats four 64-byte registers, register `k` holding in byte
+//!   `4j + t` the quants `4k + t` (low nibble) and `16 + 4k + t` (high nibble) of row `j`;
+//!   for Q8_0 eight registers, register `k` holding quants `4k + t` of row `j` plus 128;
+//! - Q5_0 only: eight 64-bit masks, the fifth bit of each byte of the four low-nibble and then
+//!   the four high-nibble registers.
+//!
+//! Q4_K super-blocks (256 columns) hold `d` and `dmin` (f16), the 6-bit scales and minima of
+//! the eight 32-value sub-blocks unpacked to bytes (`[sub-block][row]`), then 32 registers:
+//! register `8c + k` holds in byte `4j + t` quant `4k + t` of sub-block `2c` (low nibble) and
+//! of sub-block `2c + 1` (high nibble) of row `j`. Its products follow the order of ggml's
+//! 8-row interleaved Q4_K kernels (whole super-block integer sums, then one fused
+//! multiply-add), as `x86::*::q4k_interleaved` does.
+//!
+//! Signed formats are stored with an offset (8, 16 or 128) that the kernel takes back exactly
+//! with sums of the activation quants. The lane `k` products of a register are exactly the
+//! eighth lane of ggml's single-row dot product, so the packed kernels keep its summation
+//! order (`reference`), and their results equal the single-row kernels' bit for bit.
+
+use crate::blocks::{f16_bits_to_f32, BlockQ4K, BlockQ4_0, BlockQ4_1, BlockQ5_0, BlockQ8K, BlockQ8_0, BlockQ8_1};
+use crate::dtype::DType;
+use crate::matmul::{AlignedBuf, WeightView};
+use crate::KernelError;
+
+/// Rows interleaved per group.
+pub const GROUP: usize = 16;
+
+/// Formats with a packed layout.
+pub fn supports(dtype: DType) -> bool {
+    matches!(dtype, DType::Q4_0 | DType::Q4_1 | DType::Q5_0 | DType::Q8_0 | DType::Q4K)
+}
+
+/// Bytes of one group's block (32 columns; a 256-column super-block for Q4_K).
+pub fn block_bytes(dtype: DType) -> usize {
+    match dtype {
+        DType::Q4_0 => 32 + 256,
+        DType::Q4_1 => 64 + 256,
+        DType::Q5_0 => 32 + 256 + 64,
+        DType::Q8_0 => 32 + 512,
+        DType::Q4K => Q4K_QUANTS + 2048,
+        _ => 0,
+    }
+}
+
+/// Where a packed Q4_K super-block's quants start: after `d` and `dmin` (16 f16 each) and
+/// the sub-block scales and minima (`[8 sub-blocks][16 rows]` bytes each).
+pub const Q4K_QUANTS: usize = 64 + 128 + 128;
+
+/// The offset stored quants carry: the format's zero point.
+pub fn zero_point(dtype: DType) -> i32 {
+    zero_point_shift(dtype).map_or(0, |s| 1 << s)
+}
+
+/// log2 of the zero point, None for formats without one (Q4_1).
+pub fn zero_point_shift(dtype: DType) -> Option<u32> {
+    match dtype {
+        DType::Q4_0 => Some(3),
+        DType::Q5_0 => Some(4),
+        DType::Q8_0 => Some(7),
+        _ => None,
+    }
+}
+
+/// A weight matrix in the interleaved layout.
+pub struct PackedMatrix {
+    pub dtype: DType,
+    pub rows: usize,
+    pub cols: usize,
+    data: AlignedBuf,
+}
+
+impl PackedMatrix {
+    /// Repacks `w`; its row count must be a multiple of `GROUP` and its format supported.
+    pub fn pack(w: &WeightView) -> Result<PackedMatrix, KernelError> {
+        if !supports(w.dtype) {
+            return Err(KernelError::Unsupported(format!("no packed layout for {}", w.dtype)));
+        }
+        if !w.rows.is_multiple_of(GROUP) {
+            return Err(KernelError::Shape(format!("{} rows are not whole groups of {GROUP}", w.rows)));
+        }
+        let blocks = w.cols / w.dtype.block_len();
+        let bb = block_bytes(w.dtype);
+        let mut data = AlignedBuf::default();
+        data.resize(w.rows / GROUP * blocks * bb);
+        let out = data.bytes_mut();
+        for g in 0..w.rows / GROUP {
+            for b in 0..blocks {
+                let dst = &mut out[(g * blocks + b) * bb..(g * blocks + b + 1) * bb];
+                let rows: [&[u8]; GROUP] = std::array::from_fn(|j| w.row(g * GROUP + j));
+                pack_block(w.dtype, &rows, b, dst);
+            }
+        }
+        Ok(PackedMatrix { dtype: w.dtype, rows: w.rows, cols: w.cols, data })
+    }
+
+    pub fn blocks(&self) -> usize {
+        self.cols / self.dtype.block_len()
+    }
+
+    /// The packed bytes of group `g` (rows `16g..16g + 16`).
+    pub fn group(&self, g: usize) -> &[u8] {
+        let n = self.blocks() * block_bytes(self.dtype);
+        &self.data.bytes()[g * n..(g + 1) * n]
+    }
+
+    pub fn size_bytes(&self) -> usize {
+        self.data.bytes().len()
+    }
+}
+
+/// Quants of block `b` of one row as unsigned values (zero point added) with its scale bits
+/// and, for Q4_1, minimum bits.
+fn unsigned_quants(dtype: DType, row: &[u8], b: usize) -> ([u8; 32], u16, u16) {
+    let mut q = [0u8; 32];
+    let at = |size: usize| &row[b * size..(b + 1) * size];
+    match dtype {
+        DType::Q4_0 => {
+            let x: &BlockQ4_0 = bytemuck_block(at(18));
+            for i in 0..16 {
+                q[i] = x.qs[i] & 0x0F;
+                q[i + 16] = x.qs[i] >> 4;
+            }
+            (q, x.d, 0)
+        }
+        DType::Q4_1 => {
+            let x: &BlockQ4_1 = bytemuck_block(at(20));
+            for i in 0..16 {
+                q[i] = x.qs[i] & 0x0F;
+                q[i + 16] = x.qs[i] >> 4;
+            }
+            (q, x.d, x.m)
+        }
+        DType::Q5_0 => {
+            let x: &BlockQ5_0 = bytemuck_block(at(22));
+            let qh = u32::from_le_bytes(x.qh);
+            for i in 0..16 {
+                q[i] = (x.qs[i] & 0x0F) | ((((qh >> i) & 1) as u8) << 4);
+                q[i + 16] = (x.qs[i] >> 4) | ((((qh >> (i + 16)) & 1) as u8) << 4);
+            }
+            (q, x.d, 0)
+        }
+        DType::Q8_0 => {
+            let x: &BlockQ8_0 = bytemuck_block(at(34));
+            for i in 0..32 {
+                q[i] = (x.qs[i] as u8) ^ 0x80;
+            }
+            (q, x.d, 0)
+        }
+        other => unreachable!("{other} has no packed layout"),
+    }
+}
+
+fn bytemuck_block<B: crate::blocks::Block>(bytes: &[u8]) -> &B {
+    &crate::blocks::cast_blocks::<B>(bytes).expect("rows are validated and aligned for their blocks")[0]
+}
+
+fn pack_block(dtype: DType, rows: &[&[u8]; GROUP], b: usize, dst: &mut [u8]) {
+    if dtype == DType::Q4K {
+        return pack_q4k(rows, b, dst);
+    }
+    let unpacked: [([u8; 32], u16, u16); GROUP] = std::array::from_fn(|j| unsigned_quants(dtype, rows[j], b));
+    let mut at = 0;
+    for (j, (_, d, _)) in unpacked.iter().enumerate() {
+        dst[2 * j..2 * j + 2].copy_from_slice(&d.to_le_bytes());
+    }
+    at += 32;
+    if dtype == DType::Q4_1 {
+        for (j, (_, _, m)) in unpacked.iter().enumerate() {
+            dst[at + 2 * j..at + 2 * j + 2].copy_from_slice(&m.to_le_bytes());
+        }
+        at += 32;
+    }
+    if dtype == DType::Q8_0 {
+        for k in 0..8 {
+            for (j, (q, _, _)) in unpacked.iter().enumerate() {
+                for t in 0..4 {
+                    dst[at + 64 * k + 4 * j + t] = q[4 * k + t];
+                }
+            }
+        }
+        return;
+    }
+    for k in 0..4 {
+        for (j, (q, _, _)) in unpacked.iter().enumerate() {
+            for t in 0..4 {
+                dst[at + 64 * k + 4 * j + t] = (q[4 * k + t] & 0x0F) | ((q[16 + 4 * k + t] & 0x0F) << 4);
+            }
+        }
+    }
+    at += 256;
+    if dtype == DType::Q5_0 {
+        for half in 0..2 {
+            for k in 0..4 {
+                let mut mask = 0u64;
+                for (j, (q, _, _)) in unpacked.iter().enumerate() {
+                    for t in 0..4 {
+                        if q[16 * half + 4 * k + t] & 0x10 != 0 {
+                            mask |= 1 << (4 * j + t);
+                        }
+                    }
+                }
+                let m = at + 8 * (4 * half + k);
+                dst[m..m + 8].copy_from_slice(&mask.to_le_bytes());
+            }
+        }
+    }
+}
+
+fn pack_q4k(rows: &[&[u8]; GROUP], b: usize, dst: &mut [u8]) {
+    let blocks: [&BlockQ4K; GROUP] = std::array::from_fn(|j| bytemuck_block(&rows[j][b * 144..(b + 1) * 144]));
+    let unpacked: [crate::unpack::KBlock; GROUP] = std::array::from_fn(|j| crate::unpack::q4k(blocks[j]));
+    for (j, x) in blocks.iter().enumerate() {
+        dst[2 * j..2 * j + 2].copy_from_slice(&x.d.to_le_bytes());
+        dst[32 + 2 * j..32 + 2 * j + 2].copy_from_slice(&x.dmin.to_le_bytes());
+    }
+    for sub in 0..8 {
+        for (j, u) in unpacked.iter().enumerate() {
+            // KBlock repeats each sub-block's scale for its two 16-value halves.
+            dst[64 + 16 * sub + j] = u.scales[2 * sub] as u8;
+            dst[192 + 16 * sub + j] = u.mins[2 * sub] as u8;
+        }
+    }
+    for c in 0..4 {
+        for k in 0..8 {
+            for (j, u) in unpacked.iter().enumerate() {
+                for t in 0..4 {
+                    let (lo, hi) = (u.q[64 * c + 4 * k + t] as u8, u.q[64 * c + 32 + 4 * k + t] as u8);
+                    dst[Q4K_QUANTS + 64 * (8 * c + k) + 4 * j + t] = lo | (hi << 4);
+                }
+            }
+        }
+    }
+}
+
+/// `reference` for Q4_K against Q8_K activations.
+fn reference_q4k(w: &[u8], a: &[u8], cols: usize) -> f32 {
+    let (mut acc, mut acc_min) = (0f32, 0f32);
+    for b in 0..cols / 256 {
+        let x: &BlockQ4K = bytemuck_block(&w[b * 144..(b + 1) * 144]);
+        let y: &BlockQ8K = bytemuck_block(&a[b * 292..(b + 1) * 292]);
+        let u = crate::unpack::q4k(x);
+        let total: i32 = (0..256).map(|v| u.q[v] as i32 * y.qs[v] as i32 * u.scales[v / 16]).sum();
+        let total_min: i32 = (0..8).map(|s| u.mins[2 * s] * (y.bsums[2 * s] as i32 + y.bsums[2 * s + 1] as i32)).sum();
+        acc = (total as f32).mul_add(f16_bits_to_f32(x.d) * y.d, acc);
+        acc_min = (total_min as f32).mul_add(f16_bits_to_f32(x.dmin) * y.d, acc_min);
+    }
+    acc - acc_min
+}
+
+/// Per-block values of prepared activation rows that the packed kernels read, indexed by
+/// `row * blocks + block`: the scale in single precision, (Q8_1 rows) the stored `d·Σq`, and
+/// for each group of four quants the negated sum, eight per block (`[.. * 8 + lane]`).
+#[derive(Default)]
+pub struct BlockTable {
+    pub d: Vec<f32>,
+    pub s: Vec<f32>,
+    pub neg_lane_sums: Vec<i32>,
+}
+
+/// The packed kernels' arithmetic from the original rows: weight row `w` (in `dtype`)
+/// against one activation row (Q8_0, or Q8_1 for Q4_1). This is the single-row order of
+/// the `x86` kernels (and of ggml's AVX2 dot products): eight lanes, lane `l` holding the
+/// integer sum over quants `4l..4l + 4` of each block, scaled and accumulated with a fused
+/// multiply-add per block, the lanes added pairwise at the end; Q4_1's `m·s` terms summed
+/// separately in block order and added last.
+pub fn reference(dtype: DType, w: &[u8], a: &[u8], cols: usize) -> f32 {
+    if dtype == DType::Q4K {
+        return reference_q4k(w, a, cols);
+    }
+    let mut acc = [0f32; 8];
+    let mut off = 0f32;
+    for b in 0..cols / 32 {
+        let (q, dw, mw) = unsigned_quants(dtype, w, b);
+        let (da, sa, qa): (u16, u16, &[i8; 32]) = if dtype == DType::Q4_1 {
+            let y: &BlockQ8_1 = bytemuck_block(&a[b * 36..(b + 1) * 36]);
+            (y.d, y.s, &y.qs)
+        } else {
+            let y: &BlockQ8_0 = bytemuck_block(&a[b * 34..(b + 1) * 34]);
+            (y.d, 0, &y.qs)
+        };
+        let d = f16_bits_to_f32(dw) * f16_bits_to_f32(da);
+        for (l, acc) in acc.iter_mut().enumerate() {
+            let lane: i32 = (4 * l..4 * l + 4).map(|i| (q[i] as i32 - zero_point(dtype)) * qa[i] as i32).sum();
+            *acc = d.mul_add(lane as f32, *acc);
+        }
+        if dtype == DType::Q4_1 {
+            off += f16_bits_to_f32(mw) * f16_bits_to_f32(sa);
+        }
+    }
+    let sum = ((acc[0] + acc[4]) + (acc[2] + acc[6])) + ((acc[1] + acc[5]) + (acc[3] + acc[7]));
+    if dtype == DType::Q4_1 {
+        sum + off
+    } else {
+        sum
+    }
+}

@@ -1,0 +1,194 @@
+//! AVX-512 VNNI products over `packed` weights: sixteen weight rows per register, any number
+//! of activation rows, every output computed with `packed::reference`'s arithmetic exactly.
+//!
+//! # Safety
+//! Every function here requires AVX-512 F/BW/VL/VNNI with AVX2, FMA and F16C, and pointers
+//! valid for the packed group and activation rows described by its arguments.
+
+#![allow(unsafe_op_in_unsafe_fn, clippy::missing_safety_doc)]
+
+use crate::dtype::DType;
+use crate::packed::{block_bytes, zero_point_shift, BlockTable, Q4K_QUANTS};
+use std::arch::x86_64::*;
+
+/// A packed product: rows `t0..t0 + count` of the activations against one packed group,
+/// output row `t` written to `out[t * stride..t * stride + 16]`.
+pub type PackedFn = unsafe fn(group: *const u8, acts: &PackedActs, t0: usize, count: usize, out: *mut f32, stride: usize);
+
+/// Prepared activation rows as the packed kernels read them (Q8_0, Q8_1 or Q8_K; `table` is
+/// empty for Q8_K, whose blocks carry their scale in f32 and their sums).
+pub struct PackedActs<'a> {
+    /// Row 0's first block; rows are `row_bytes` apart, blocks `block_bytes` apart.
+    pub base: *const u8,
+    pub row_bytes: usize,
+    pub block_bytes: usize,
+    /// Offset of the 32 quants inside an activation block (after its header).
+    pub quants_at: usize,
+    pub blocks: usize,
+    pub table: &'a BlockTable,
+}
+
+// SAFETY: the rows are only read, and outlive every product that reads them.
+unsafe impl Sync for PackedActs<'_> {}
+
+macro_rules! kind_kernels {
+    ($($fname:ident => $dtype:expr;)*) => {$(
+        /// A `PackedFn` for one format.
+        #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+        pub unsafe fn $fname(group: *const u8, acts: &PackedActs, t0: usize, count: usize, out: *mut f32, stride: usize) {
+            let mut t = t0;
+            let end = t0 + count;
+            while t + 2 <= end {
+                tile::<2>($dtype, group, acts, t, out, stride);
+                t += 2;
+            }
+            if t < end {
+                tile::<1>($dtype, group, acts, t, out, stride);
+            }
+        }
+    )*};
+}
+
+kind_kernels! {
+    q4_0 => DType::Q4_0;
+    q4_1 => DType::Q4_1;
+    q5_0 => DType::Q5_0;
+    q8_0 => DType::Q8_0;
+}
+
+/// `PackedFn` for Q4_K against Q8_K activations.
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+pub unsafe fn q4k(group: *const u8, acts: &PackedActs, t0: usize, count: usize, out: *mut f32, stride: usize) {
+    let mut t = t0;
+    let end = t0 + count;
+    while t + 2 <= end {
+        q4k_tile::<2>(group, acts, t, out, stride);
+        t += 2;
+    }
+    if t < end {
+        q4k_tile::<1>(group, acts, t, out, stride);
+    }
+}
+
+#[inline(always)]
+unsafe fn q4k_tile<const N: usize>(group: *const u8, acts: &PackedActs, t0: usize, out: *mut f32, stride: usize) {
+    let bb = block_bytes(DType::Q4K);
+    let low = _mm512_set1_epi8(0x0F);
+    let mut acc = [_mm512_setzero_ps(); N];
+    let mut acc_min = [_mm512_setzero_ps(); N];
+    for b in 0..acts.blocks {
+        let p = group.add(b * bb);
+        let a: [*const u8; N] = std::array::from_fn(|t| acts.base.add((t0 + t) * acts.row_bytes + b * acts.block_bytes));
+        let mut total = [_mm512_setzero_si512(); N];
+        let mut total_min = [_mm512_setzero_si512(); N];
+        for c in 0..4 {
+            let mut lo_sum = [_mm512_setzero_si512(); N];
+            let mut hi_sum = [_mm512_setzero_si512(); N];
+            for k in 0..8 {
+                let r = _mm512_loadu_si512(p.add(Q4K_QUANTS + 64 * (8 * c + k)) as *const __m512i);
+                let lo = _mm512_and_si512(r, low);
+                let hi = _mm512_and_si512(_mm512_srli_epi16(r, 4), low);
+                for t in 0..N {
+                    let q = a[t].add(4 + 64 * c + 4 * k);
+                    lo_sum[t] = _mm512_dpbusd_epi32(lo_sum[t], lo, _mm512_set1_epi32(std::ptr::read_unaligned(q as *const i32)));
+                    hi_sum[t] = _mm512_dpbusd_epi32(hi_sum[t], hi, _mm512_set1_epi32(std::ptr::read_unaligned(q.add(32) as *const i32)));
+                }
+            }
+            let scale = |sub: usize| _mm512_cvtepu8_epi32(_mm_loadu_si128(p.add(64 + 16 * sub) as *const __m128i));
+            let (s_lo, s_hi) = (scale(2 * c), scale(2 * c + 1));
+            for t in 0..N {
+                total[t] = _mm512_add_epi32(total[t], _mm512_mullo_epi32(lo_sum[t], s_lo));
+                total[t] = _mm512_add_epi32(total[t], _mm512_mullo_epi32(hi_sum[t], s_hi));
+            }
+        }
+        for sub in 0..8 {
+            let mins = _mm512_cvtepu8_epi32(_mm_loadu_si128(p.add(192 + 16 * sub) as *const __m128i));
+            for t in 0..N {
+                let bsums = a[t].add(4 + 256) as *const i16;
+                let pair = std::ptr::read_unaligned(bsums.add(2 * sub)) as i32 + std::ptr::read_unaligned(bsums.add(2 * sub + 1)) as i32;
+                total_min[t] = _mm512_add_epi32(total_min[t], _mm512_mullo_epi32(mins, _mm512_set1_epi32(pair)));
+            }
+        }
+        let dw = _mm512_cvtph_ps(_mm256_loadu_si256(p as *const __m256i));
+        let dmin = _mm512_cvtph_ps(_mm256_loadu_si256(p.add(32) as *const __m256i));
+        for t in 0..N {
+            let dy = _mm512_set1_ps(std::ptr::read_unaligned(a[t] as *const f32));
+            acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(total[t]), _mm512_mul_ps(dw, dy), acc[t]);
+            acc_min[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(total_min[t]), _mm512_mul_ps(dmin, dy), acc_min[t]);
+        }
+    }
+    for t in 0..N {
+        _mm512_storeu_ps(out.add((t0 + t) * stride), _mm512_sub_ps(acc[t], acc_min[t]));
+    }
+}
+
+/// The eight registers of unsigned quants of one group's block: register `k` pairs with
+/// activation bytes `4k..4k + 4`.
+#[inline(always)]
+unsafe fn weights(dtype: DType, q: *const u8) -> [__m512i; 8] {
+    if dtype == DType::Q8_0 {
+        return std::array::from_fn(|k| _mm512_loadu_si512(q.add(64 * k) as *const __m512i));
+    }
+    let low = _mm512_set1_epi8(0x0F);
+    let packed: [__m512i; 4] = std::array::from_fn(|k| _mm512_loadu_si512(q.add(64 * k) as *const __m512i));
+    let mut w: [__m512i; 8] = std::array::from_fn(|k| {
+        if k < 4 {
+            _mm512_and_si512(packed[k], low)
+        } else {
+            _mm512_and_si512(_mm512_srli_epi16(packed[k - 4], 4), low)
+        }
+    });
+    if dtype == DType::Q5_0 {
+        let sixteen = _mm512_set1_epi8(16);
+        let masks = q.add(256) as *const u64;
+        for (k, v) in w.iter_mut().enumerate() {
+            *v = _mm512_mask_add_epi8(*v, std::ptr::read_unaligned(masks.add(k)), *v, sixteen);
+        }
+    }
+    w
+}
+
+#[inline(always)]
+unsafe fn tile<const N: usize>(dtype: DType, group: *const u8, acts: &PackedActs, t0: usize, out: *mut f32, stride: usize) {
+    let with_min = dtype == DType::Q4_1;
+    let header = if with_min { 64 } else { 32 };
+    let bb = block_bytes(dtype);
+    let shift = zero_point_shift(dtype).map(|s| _mm512_set1_epi32(s as i32));
+    let mut acc = [[_mm512_setzero_ps(); 8]; N];
+    let mut off = [_mm512_setzero_ps(); N];
+    let table = acts.table;
+    for b in 0..acts.blocks {
+        let p = group.add(b * bb);
+        let dw = _mm512_cvtph_ps(_mm256_loadu_si256(p as *const __m256i));
+        let w = weights(dtype, p.add(header));
+        for (t, acc) in acc.iter_mut().enumerate() {
+            let at = (t0 + t) * acts.blocks + b;
+            let a = acts.base.add((t0 + t) * acts.row_bytes + b * acts.block_bytes + acts.quants_at) as *const i32;
+            let d = _mm512_mul_ps(dw, _mm512_set1_ps(*table.d.get_unchecked(at)));
+            let sums = table.neg_lane_sums.as_ptr().add(at * 8);
+            for (l, acc) in acc.iter_mut().enumerate() {
+                // Lane l of ggml's dot product for all sixteen rows: the zero point times the
+                // four activation quants' sum, taken back before the products are added.
+                let start = match shift {
+                    Some(s) => _mm512_sllv_epi32(_mm512_set1_epi32(*sums.add(l)), s),
+                    None => _mm512_setzero_si512(),
+                };
+                let lane = _mm512_dpbusd_epi32(start, w[l], _mm512_set1_epi32(std::ptr::read_unaligned(a.add(l))));
+                *acc = _mm512_fmadd_ps(d, _mm512_cvtepi32_ps(lane), *acc);
+            }
+            if with_min {
+                let m = _mm512_cvtph_ps(_mm256_loadu_si256(p.add(32) as *const __m256i));
+                off[t] = _mm512_add_ps(off[t], _mm512_mul_ps(m, _mm512_set1_ps(*table.s.get_unchecked(at))));
+            }
+        }
+    }
+    for (t, a) in acc.iter().enumerate() {
+        // ggml's horizontal sum of eight lanes, for sixteen rows at once.
+        let sum = _mm512_add_ps(
+            _mm512_add_ps(_mm512_add_ps(a[0], a[4]), _mm512_add_ps(a[2], a[6])),
+            _mm512_add_ps(_mm512_add_ps(a[1], a[5]), _mm512_add_ps(a[3], a[7])),
+        );
+        let r = if with_min { _mm512_add_ps(sum, off[t]) } else { sum };
+        _mm512_storeu_ps(out.add((t0 + t) * stride), r);
+    }
+}

@@ -1,0 +1,145 @@
+//! Packed (16-row interleaved) products against their scalar reference, and batch invariance.
+
+use kiln_kernels::dot::{kernel_for_matrix, Isa};
+use kiln_kernels::matmul::{matmul_packed, Activations, AlignedBuf, WeightView};
+use kiln_kernels::packed::{self, PackedMatrix};
+use kiln_kernels::pool::ThreadPool;
+use kiln_kernels::{Compute, DType};
+
+mod common;
+use common::{random_f32, random_row, Rng};
+
+const TYPES: [DType; 5] = [DType::Q4_0, DType::Q4_1, DType::Q5_0, DType::Q8_0, DType::Q4K];
+
+fn random_matrix(dtype: DType, rows: usize, cols: usize, rng: &mut Rng) -> AlignedBuf {
+    let mut w = AlignedBuf::default();
+    let n = dtype.row_bytes(cols).unwrap();
+    w.resize(n * rows);
+    for r in 0..rows {
+        w.bytes_mut()[r * n..(r + 1) * n].copy_from_slice(random_row(dtype, cols, rng).bytes());
+    }
+    w
+}
+
+fn vnni() -> Option<Compute> {
+    (Isa::detect() == Isa::Avx512Vnni).then(|| Compute { pool: ThreadPool::new(2), isa: Isa::Avx512Vnni })
+}
+
+#[test]
+fn packed_products_equal_the_reference_bit_for_bit() {
+    let Some(compute) = vnni() else {
+        eprintln!("no AVX-512 VNNI here: the packed kernels are not used on this CPU");
+        return;
+    };
+    let mut rng = Rng(11);
+    for dtype in TYPES {
+        for (rows, cols, tokens) in [(16, 256, 1), (32, 256, 3), (48, 768, 5), (64, 1280, 9), (16, 512, 17), (192, 768, 257), (576, 1536, 40)] {
+            let w = random_matrix(dtype, rows, cols, &mut rng);
+            let view = WeightView::new(dtype, rows, cols, w.bytes()).unwrap();
+            let p = PackedMatrix::pack(&view).unwrap();
+            let x = random_f32(cols * tokens, &mut rng);
+            let mut act = Activations::default();
+            let mut out = vec![0.0; rows * tokens];
+            matmul_packed(&compute, view, Some(&p), &x, tokens, &mut act, &mut out).unwrap();
+            for t in 0..tokens {
+                for r in 0..rows {
+                    let want = packed::reference(dtype, view.row(r), act.row(t), cols);
+                    let got = out[t * rows + r];
+                    assert_eq!(want.to_bits(), got.to_bits(), "{dtype} {rows}x{cols} t{t} r{r}: {want} vs {got}");
+                    // SAFETY: the row and the activations hold `cols` values of their formats.
+                    let single = unsafe { kernel_for_matrix(dtype, rows, Isa::Avx2)(view.row(r).as_ptr(), act.row(t).as_ptr(), cols) };
+                    assert_eq!(single.to_bits(), got.to_bits(), "{dtype} {rows}x{cols} t{t} r{r}: single-row kernel {single} vs {got}");
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn packed_reference_matches_the_dequantized_product() {
+    let mut rng = Rng(12);
+    for dtype in TYPES {
+        let cols = 256;
+        let w = random_row(dtype, cols, &mut rng);
+        let x = random_f32(cols, &mut rng);
+        let mut act = Activations::default();
+        act.prepare(&x, 1, cols, dtype).unwrap();
+        let mut wf = vec![0f32; cols];
+        kiln_kernels::dequant::dequantize_row(dtype, w.bytes(), &mut wf).unwrap();
+        let mut af = vec![0f32; cols];
+        kiln_kernels::dequant::dequantize_row(dtype.activation_type(), act.row(0), &mut af).unwrap();
+        let exact: f64 = wf.iter().zip(&af).map(|(&a, &b)| a as f64 * b as f64).sum();
+        let got = packed::reference(dtype, w.bytes(), act.row(0), cols) as f64;
+        let scale: f64 = wf.iter().zip(&af).map(|(&a, &b)| (a as f64 * b as f64).abs()).sum();
+        // Q8_1's stored block sum is rounded to half precision, hence the looser bound there.
+        let tol = if dtype == DType::Q4_1 { 2e-3 } else { 1e-5 };
+        let single = kiln_kernels::dot_ref::dot(dtype, w.bytes(), act.row(0)) as f64;
+        assert!((single - got).abs() <= 1e-5 * scale, "{dtype}: reference {got} vs dot_ref {single}");
+        assert!((exact - got).abs() <= tol * scale, "{dtype}: {exact} vs {got}");
+    }
+}
+
+#[test]
+fn a_rows_result_does_not_depend_on_the_batch() {
+    let Some(compute) = vnni() else { return };
+    let mut rng = Rng(13);
+    for dtype in TYPES {
+        let (rows, cols, tokens) = (32, 768, 11);
+        let w = random_matrix(dtype, rows, cols, &mut rng);
+        let view = WeightView::new(dtype, rows, cols, w.bytes()).unwrap();
+        let p = PackedMatrix::pack(&view).unwrap();
+        let x = random_f32(cols * tokens, &mut rng);
+        let mut act = Activations::default();
+        let mut all = vec![0.0; rows * tokens];
+        matmul_packed(&compute, view, Some(&p), &x, tokens, &mut act, &mut all).unwrap();
+        for t in 0..tokens {
+            let mut one = vec![0.0; rows];
+            matmul_packed(&compute, view, Some(&p), &x[t * cols..(t + 1) * cols], 1, &mut act, &mut one).unwrap();
+            assert_eq!(one, all[t * rows..(t + 1) * rows], "{dtype}: row {t} alone differs from row {t} in a batch of {tokens}");
+        }
+    }
+}
+
+#[test]
+fn packing_refuses_what_it_cannot_lay_out() {
+    let mut rng = Rng(14);
+    let w = random_matrix(DType::Q4_1, 8, 64, &mut rng);
+    let view = WeightView::new(DType::Q4_1, 8, 64, w.bytes()).unwrap();
+    assert!(PackedMatrix::pack(&view).is_err(), "8 rows are not a whole group");
+    let w = random_matrix(DType::Q6K, 16, 256, &mut rng);
+    let view = WeightView::new(DType::Q6K, 16, 256, w.bytes()).unwrap();
+    assert!(PackedMatrix::pack(&view).is_err(), "Q6_K has no packed layout");
+}
+
+#[test]
+fn grouped_products_use_each_matrix_packed_or_not() {
+    use kiln_kernels::matmul::{matmul_group, MatMulJob};
+    let Some(compute) = vnni() else { return };
+    let mut rng = Rng(15);
+    let (cols, tokens) = (128, 6);
+    // A matrix without a packed copy between two packed ones shifts the global row offsets.
+    let shapes = [(DType::Q8_0, 48, true), (DType::Q8_0, 24, false), (DType::Q4_0, 32, true), (DType::Q5_0, 16, true)];
+    let mats: Vec<AlignedBuf> = shapes.iter().map(|&(d, r, _)| random_matrix(d, r, cols, &mut rng)).collect();
+    let views: Vec<WeightView> = shapes.iter().zip(&mats).map(|(&(d, r, _), m)| WeightView::new(d, r, cols, m.bytes()).unwrap()).collect();
+    let packs: Vec<Option<PackedMatrix>> = shapes.iter().zip(&views).map(|(&(_, _, p), v)| p.then(|| PackedMatrix::pack(v).unwrap())).collect();
+    let x = random_f32(cols * tokens, &mut rng);
+    let mut act = Activations::default();
+    act.prepare(&x, tokens, cols, DType::Q8_0).unwrap();
+    let mut outs: Vec<Vec<f32>> = shapes.iter().map(|&(_, r, _)| vec![0.0; r * tokens]).collect();
+    let mut jobs: Vec<MatMulJob> =
+        views.iter().zip(&packs).zip(outs.iter_mut()).map(|((v, p), out)| MatMulJob { weight: *v, packed: p.as_ref(), out }).collect();
+    matmul_group(&compute, &act, &mut jobs).unwrap();
+    for ((view, p), out) in views.iter().zip(&packs).zip(&outs) {
+        for t in 0..tokens {
+            for r in 0..view.rows {
+                let got = out[t * view.rows + r];
+                let want = if p.is_some() {
+                    packed::reference(view.dtype, view.row(r), act.row(t), cols)
+                } else {
+                    kiln_kernels::dot_ref::dot(view.dtype, view.row(r), act.row(t))
+                };
+                assert!((want - got).abs() <= 1e-4 * (1.0 + want.abs()), "{} {}x{cols} t{t} r{r}: {want} vs {got}", view.dtype, view.rows);
+            }
+        }
+    }
+}
