@@ -11,7 +11,8 @@
 use crate::blocks::{f16_bits_to_f32, f32_to_f16_bits};
 use crate::dot::Isa;
 use crate::numerics::{self, exp_poly, tree16};
-use crate::pool::{split_range, SharedMut};
+use crate::pool::SharedMut;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use crate::Compute;
 use std::ops::Range;
 
@@ -228,20 +229,33 @@ pub fn attention(
     let out_ptr = SharedMut::new(out);
     let row_len = p.num_heads * p.head_dim;
     let group = p.num_heads / p.num_kv_heads.max(1);
+    let attend_item = |item: usize, ts: &mut ThreadScratch| {
+        let si = starts.partition_point(|&s| s <= item) - 1;
+        let span = &spans[si];
+        let local = item - starts[si];
+        let (i, head) = (local / p.num_heads, local % p.num_heads);
+        let row = span.rows.start + i;
+        let q_row = &q[row * row_len + head * p.head_dim..][..p.head_dim];
+        // SAFETY: every (row, head) pair is claimed by exactly one thread.
+        let dst = unsafe { out_ptr.slice(row * row_len + head * p.head_dim..row * row_len + (head + 1) * p.head_dim) };
+        let query = Query { pos: span.first_pos + i, q: q_row, kv_head: head / group };
+        attend(isa, p, kv, span, &query, ts, dst);
+    };
+    // Items are claimed a few at a time from a shared counter: under a causal mask later rows
+    // attend to more keys, so equal shares of items would leave one thread waiting.
+    let next = AtomicUsize::new(0);
+    let chunk = (total / (n_threads * 32)).clamp(1, 16);
     let work = |thread: usize| {
         // SAFETY: each thread uses only its own scratch.
         let ts = unsafe { &mut scratch_ptr.slice(thread..thread + 1)[0] };
-        for item in split_range(total, 1, n_threads, thread) {
-            let si = starts.partition_point(|&s| s <= item) - 1;
-            let span = &spans[si];
-            let local = item - starts[si];
-            let (i, head) = (local / p.num_heads, local % p.num_heads);
-            let row = span.rows.start + i;
-            let q_row = &q[row * row_len + head * p.head_dim..][..p.head_dim];
-            // SAFETY: every (row, head) pair is written by exactly one thread.
-            let dst = unsafe { out_ptr.slice(row * row_len + head * p.head_dim..row * row_len + (head + 1) * p.head_dim) };
-            let query = Query { pos: span.first_pos + i, q: q_row, kv_head: head / group };
-            attend(isa, p, kv, span, &query, ts, dst);
+        loop {
+            let first = next.fetch_add(chunk, Ordering::Relaxed);
+            if first >= total {
+                break;
+            }
+            for item in first..(first + chunk).min(total) {
+                attend_item(item, ts);
+            }
         }
     };
     if total <= 1 || n_threads == 1 {

@@ -131,7 +131,7 @@ impl Activations {
         self.pair_corr.resize(if with_corr { pairs * 16 } else { 0 }, 0);
         let per_block = if matches!(at, DType::Q8_0 | DType::Q8_1) { num_rows * blocks } else { 0 };
         self.blocks.d.resize(per_block, 0.0);
-        self.blocks.neg_lane_sums.resize(per_block * 8, 0);
+        self.blocks.corrections.resize(if at == DType::Q8_0 { per_block * 24 } else { 0 }, 0);
         self.blocks.s.resize(if at == DType::Q8_1 { per_block } else { 0 }, 0.0);
         self.dtype = Some(at);
         self.cols = cols;
@@ -144,7 +144,7 @@ impl Activations {
             pairs: SharedMut::new(&mut self.pairs),
             pair_corr: SharedMut::new(&mut self.pair_corr),
             block_d: SharedMut::new(&mut self.blocks.d),
-            block_lane_sums: SharedMut::new(&mut self.blocks.neg_lane_sums),
+            block_corrections: SharedMut::new(&mut self.blocks.corrections),
             block_s: SharedMut::new(&mut self.blocks.s),
         };
         let fill = |rows: std::ops::Range<usize>| {
@@ -216,7 +216,7 @@ struct RowTables {
     pairs: SharedMut<i8>,
     pair_corr: SharedMut<i32>,
     block_d: SharedMut<f32>,
-    block_lane_sums: SharedMut<i32>,
+    block_corrections: SharedMut<i32>,
     block_s: SharedMut<f32>,
 }
 
@@ -229,11 +229,18 @@ impl RowTables {
         if matches!(at, DType::Q8_0 | DType::Q8_1) {
             let header = if at == DType::Q8_0 { 2 } else { 4 };
             let d = self.block_d.slice(row * blocks..(row + 1) * blocks);
-            let sums = self.block_lane_sums.slice(row * blocks * 8..(row + 1) * blocks * 8);
             for (block, raw) in dst.chunks_exact(header + 32).enumerate() {
                 d[block] = crate::blocks::f16_bits_to_f32(u16::from_le_bytes([raw[0], raw[1]]));
-                for (lane, quads) in raw[header..].chunks_exact(4).enumerate() {
-                    sums[block * 8 + lane] = -quads.iter().map(|&v| v as i8 as i32).sum::<i32>();
+            }
+            if at == DType::Q8_0 {
+                let corr = self.block_corrections.slice(row * blocks * 24..(row + 1) * blocks * 24);
+                for (block, raw) in dst.chunks_exact(34).enumerate() {
+                    for (lane, quads) in raw[2..].chunks_exact(4).enumerate() {
+                        let sum = quads.iter().map(|&v| v as i8 as i32).sum::<i32>();
+                        for (z, zp) in crate::packed::ZERO_POINTS.iter().enumerate() {
+                            corr[(block * 3 + z) * 8 + lane] = -zp * sum;
+                        }
+                    }
                 }
             }
             if at == DType::Q8_1 {

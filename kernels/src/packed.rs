@@ -59,15 +59,18 @@ pub const Q4K_QUANTS: usize = 64 + 128 + 128;
 
 /// The offset stored quants carry: the format's zero point.
 pub fn zero_point(dtype: DType) -> i32 {
-    zero_point_shift(dtype).map_or(0, |s| 1 << s)
+    zero_point_index(dtype).map_or(0, |i| ZERO_POINTS[i])
 }
 
-/// log2 of the zero point, None for formats without one (Q4_1).
-pub fn zero_point_shift(dtype: DType) -> Option<u32> {
+/// The zero points of the formats read with Q8_0 activations.
+pub const ZERO_POINTS: [i32; 3] = [8, 16, 128];
+
+/// Which of `ZERO_POINTS` a format has; None for formats without one.
+pub fn zero_point_index(dtype: DType) -> Option<usize> {
     match dtype {
-        DType::Q4_0 => Some(3),
-        DType::Q5_0 => Some(4),
-        DType::Q8_0 => Some(7),
+        DType::Q4_0 => Some(0),
+        DType::Q5_0 => Some(1),
+        DType::Q8_0 => Some(2),
         _ => None,
     }
 }
@@ -260,12 +263,14 @@ fn reference_q4k(w: &[u8], a: &[u8], cols: usize) -> f32 {
 
 /// Per-block values of prepared activation rows that the packed kernels read, indexed by
 /// `row * blocks + block`: the scale in single precision, (Q8_1 rows) the stored `d·Σq`, and
-/// for each group of four quants the negated sum, eight per block (`[.. * 8 + lane]`).
+/// (Q8_0 rows) for each zero point and each group of four quants, minus the zero point times
+/// the group's sum: `corrections[(.. * 3 + zero point index) * 8 + lane]`. Kept ready so
+/// the kernels start each lane's integer sum from a broadcast load.
 #[derive(Default)]
 pub struct BlockTable {
     pub d: Vec<f32>,
     pub s: Vec<f32>,
-    pub neg_lane_sums: Vec<i32>,
+    pub corrections: Vec<i32>,
 }
 
 /// The packed kernels' arithmetic from the original rows: weight row `w` (in `dtype`)

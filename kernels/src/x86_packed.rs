@@ -8,7 +8,7 @@
 #![allow(unsafe_op_in_unsafe_fn, clippy::missing_safety_doc)]
 
 use crate::dtype::DType;
-use crate::packed::{block_bytes, zero_point_shift, BlockTable, Q4K_QUANTS};
+use crate::packed::{block_bytes, zero_point_index, BlockTable, Q4K_QUANTS};
 use std::arch::x86_64::*;
 
 /// A packed product: rows `t0..t0 + count` of the activations against one packed group,
@@ -153,7 +153,7 @@ unsafe fn tile<const N: usize>(dtype: DType, group: *const u8, acts: &PackedActs
     let with_min = dtype == DType::Q4_1;
     let header = if with_min { 64 } else { 32 };
     let bb = block_bytes(dtype);
-    let shift = zero_point_shift(dtype).map(|s| _mm512_set1_epi32(s as i32));
+    let zero_point = zero_point_index(dtype);
     let mut acc = [[_mm512_setzero_ps(); 8]; N];
     let mut off = [_mm512_setzero_ps(); N];
     let table = acts.table;
@@ -165,12 +165,12 @@ unsafe fn tile<const N: usize>(dtype: DType, group: *const u8, acts: &PackedActs
             let at = (t0 + t) * acts.blocks + b;
             let a = acts.base.add((t0 + t) * acts.row_bytes + b * acts.block_bytes + acts.quants_at) as *const i32;
             let d = _mm512_mul_ps(dw, _mm512_set1_ps(*table.d.get_unchecked(at)));
-            let sums = table.neg_lane_sums.as_ptr().add(at * 8);
+            let corrections = zero_point.map(|z| table.corrections.as_ptr().add((at * 3 + z) * 8));
             for (l, acc) in acc.iter_mut().enumerate() {
                 // Lane l of ggml's dot product for all sixteen rows: the zero point times the
                 // four activation quants' sum, taken back before the products are added.
-                let start = match shift {
-                    Some(s) => _mm512_sllv_epi32(_mm512_set1_epi32(*sums.add(l)), s),
+                let start = match corrections {
+                    Some(c) => _mm512_set1_epi32(*c.add(l)),
                     None => _mm512_setzero_si512(),
                 };
                 let lane = _mm512_dpbusd_epi32(start, w[l], _mm512_set1_epi32(std::ptr::read_unaligned(a.add(l))));
