@@ -439,7 +439,7 @@ pub fn scores(isa: Isa, q: &[f32], kv: &KvStore, slots: &[u32], kv_head: usize, 
         while j + 8 <= slots.len() {
             let keys: [*const u16; 8] = std::array::from_fn(|k| kv.key(slots[j + k] as usize, kv_head).as_ptr());
             // SAFETY: AVX2 implied by `isa`; every key holds `q.len()` values.
-            let r = unsafe { crate::x86::dot8_f32_f16_ordered(q.as_ptr(), &keys, q.len()) };
+            let r = unsafe { crate::x86::dot8_f32_f16_ordered(q.as_ptr(), &keys, q.len(), isa == Isa::Avx512Vnni) };
             out[j..j + 8].copy_from_slice(&r);
             j += 8;
         }
@@ -454,7 +454,7 @@ fn dot_q_f16(isa: Isa, q: &[f32], k: &[u16]) -> f32 {
     #[cfg(target_arch = "x86_64")]
     if isa >= Isa::Avx2 {
         // SAFETY: AVX2/F16C presence is implied by `isa`; both slices have the same length.
-        return unsafe { crate::x86::dot_f32_f16_ordered(q.as_ptr(), k.as_ptr(), q.len().min(k.len())) };
+        return unsafe { crate::x86::dot_f32_f16_ordered(q.as_ptr(), k.as_ptr(), q.len().min(k.len()), isa == Isa::Avx512Vnni) };
     }
     let _ = isa;
     let q16: Vec<u16> = q.iter().map(|&x| f32_to_f16_bits(x)).collect();
@@ -464,6 +464,11 @@ fn dot_q_f16(isa: Isa, q: &[f32], k: &[u16]) -> f32 {
 /// `acc = fma(v, w, acc)` elementwise (or `fma(v, w, 0)` when `start`), `v` in half precision.
 fn fma_f16(isa: Isa, acc: &mut [f32], w: f32, v: &[u16], start: bool) {
     #[cfg(target_arch = "x86_64")]
+    if isa == Isa::Avx512Vnni {
+        // SAFETY: AVX-512 presence is implied by `isa`.
+        unsafe { crate::x86_wide::axpy_f16(acc, w, v, start) };
+        return;
+    }
     if isa >= Isa::Avx2 {
         // SAFETY: AVX2/F16C presence is implied by `isa`.
         unsafe { crate::x86::axpy_f16(acc, w, v, start) };

@@ -23,6 +23,8 @@ pub mod unpack;
 pub mod x86;
 #[cfg(target_arch = "x86_64")]
 pub mod x86_packed;
+#[cfg(target_arch = "x86_64")]
+pub mod x86_wide;
 
 pub use dot::Isa;
 pub use dtype::DType;

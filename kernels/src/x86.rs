@@ -538,8 +538,8 @@ unsafe fn fold64(x: *const f32, y: *const u16, n: usize) -> (__m256, __m256) {
 /// `numerics::dot_f16`, bit for bit, with the first operand already widened to single
 /// precision.
 #[target_feature(enable = "avx2,fma,f16c")]
-pub unsafe fn dot_f32_f16_ordered(x: *const f32, y: *const u16, n: usize) -> f32 {
-    let (lo, hi) = fold64(x, y, n);
+pub unsafe fn dot_f32_f16_ordered(x: *const f32, y: *const u16, n: usize, wide: bool) -> f32 {
+    let (lo, hi) = if wide { crate::x86_wide::fold64(x, y, n) } else { fold64(x, y, n) };
     let mut sum = tree16(lo, hi) as f64;
     for i in n & !63..n {
         sum += (*x.add(i) * f16_bits_to_f32(*y.add(i))) as f64;
@@ -696,11 +696,11 @@ pub unsafe fn q8_0_x8_zmm(w: *const u8, _a: &[*const u8; 8], sc: &ActScales<8>, 
 /// eight per-key 16-lane folds are transposed and reduced together; each lane sees exactly
 /// the additions `tree16` performs for its key, so every result is bit-identical.
 #[target_feature(enable = "avx2,fma,f16c")]
-pub unsafe fn dot8_f32_f16_ordered(x: *const f32, keys: &[*const u16; 8], n: usize) -> [f32; 8] {
+pub unsafe fn dot8_f32_f16_ordered(x: *const f32, keys: &[*const u16; 8], n: usize, wide: bool) -> [f32; 8] {
     debug_assert_eq!(n % 64, 0);
     let mut folded = [_mm256_setzero_ps(); 8];
     for (f, &key) in folded.iter_mut().zip(keys) {
-        let (lo, hi) = fold64(x, key, n);
+        let (lo, hi) = if wide { crate::x86_wide::fold64(x, key, n) } else { fold64(x, key, n) };
         // tree16's first step: lanes 8..16 onto lanes 0..8.
         *f = _mm256_add_ps(hi, lo);
     }

@@ -11,7 +11,7 @@ use kiln_kernels::pool::ThreadPool;
 use kiln_kernels::DType;
 
 mod common;
-use common::{random_f32, random_row, Rng};
+use common::{random_f32, random_row, Rng, WEIGHT_TYPES};
 
 fn lengths(dtype: DType) -> Vec<usize> {
     let b = dtype.block_len().max(32);

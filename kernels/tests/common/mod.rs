@@ -22,7 +22,7 @@ impl Rng {
     }
 }
 
-const WEIGHT_TYPES: [DType; 13] = [
+pub const WEIGHT_TYPES: [DType; 13] = [
     DType::F32,
     DType::F16,
     DType::BF16,
