@@ -328,6 +328,7 @@ fn packed_kernel(m: &PackedMatrix, isa: crate::Isa) -> Option<crate::x86_packed:
         DType::Q5_0 => k::q5_0,
         DType::Q8_0 => k::q8_0,
         DType::Q4K => k::q4k,
+        DType::Q6K => k::q6k,
         _ => return None,
     })
 }

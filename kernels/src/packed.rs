@@ -23,12 +23,19 @@
 //! 8-row interleaved Q4_K kernels (whole super-block integer sums, then one fused
 //! multiply-add), as `x86::*::q4k_interleaved` does.
 //!
+//! Q6_K super-blocks hold `d` (f16), the sixteen 8-bit scales of each row as eight pairs
+//! (`[pair][row][2]`), then the unsigned 6-bit quants (stored value + 32) split in two: 32
+//! registers of low nibbles, register `8c + l` holding in byte `4j + t` the low bits of quant
+//! `4l + t` of 32-value chunk `2c` (low nibble) and `2c + 1` (high nibble); and 16 registers
+//! of high bits, register `8c + l` holding the two high bits of that quant for chunks
+//! `4c..4c + 4`, chunk `4c + u` at bits `2u`. Products keep ggml's single-row Q6_K order.
+//!
 //! Signed formats are stored with an offset (8, 16 or 128) that the kernel takes back exactly
 //! with sums of the activation quants. The lane `k` products of a register are exactly the
 //! eighth lane of ggml's single-row dot product, so the packed kernels keep its summation
 //! order (`reference`), and their results equal the single-row kernels' bit for bit.
 
-use crate::blocks::{f16_bits_to_f32, BlockQ4K, BlockQ4_0, BlockQ4_1, BlockQ5_0, BlockQ8K, BlockQ8_0, BlockQ8_1};
+use crate::blocks::{f16_bits_to_f32, BlockQ4K, BlockQ6K, BlockQ4_0, BlockQ4_1, BlockQ5_0, BlockQ8K, BlockQ8_0, BlockQ8_1};
 use crate::dtype::DType;
 use crate::matmul::{AlignedBuf, WeightView};
 use crate::KernelError;
@@ -38,7 +45,7 @@ pub const GROUP: usize = 16;
 
 /// Formats with a packed layout.
 pub fn supports(dtype: DType) -> bool {
-    matches!(dtype, DType::Q4_0 | DType::Q4_1 | DType::Q5_0 | DType::Q8_0 | DType::Q4K)
+    matches!(dtype, DType::Q4_0 | DType::Q4_1 | DType::Q5_0 | DType::Q8_0 | DType::Q4K | DType::Q6K)
 }
 
 /// Bytes of one group's block (32 columns; a 256-column super-block for Q4_K).
@@ -49,6 +56,7 @@ pub fn block_bytes(dtype: DType) -> usize {
         DType::Q5_0 => 32 + 256 + 64,
         DType::Q8_0 => 32 + 512,
         DType::Q4K => Q4K_QUANTS + 2048,
+        DType::Q6K => Q6K_LOWS + 2048 + 1024,
         _ => 0,
     }
 }
@@ -56,6 +64,11 @@ pub fn block_bytes(dtype: DType) -> usize {
 /// Where a packed Q4_K super-block's quants start: after `d` and `dmin` (16 f16 each) and
 /// the sub-block scales and minima (`[8 sub-blocks][16 rows]` bytes each).
 pub const Q4K_QUANTS: usize = 64 + 128 + 128;
+
+/// Where a packed Q6_K super-block's low quant bits start: after `d` (16 f16) and the
+/// scales (`[8 pairs][16 rows][2]` bytes). The two high bits follow the low bits.
+pub const Q6K_LOWS: usize = 32 + 256;
+pub const Q6K_HIGHS: usize = Q6K_LOWS + 2048;
 
 /// The offset stored quants carry: the format's zero point.
 pub fn zero_point(dtype: DType) -> i32 {
@@ -172,6 +185,9 @@ fn pack_block(dtype: DType, rows: &[&[u8]; GROUP], b: usize, dst: &mut [u8]) {
     if dtype == DType::Q4K {
         return pack_q4k(rows, b, dst);
     }
+    if dtype == DType::Q6K {
+        return pack_q6k(rows, b, dst);
+    }
     let unpacked: [([u8; 32], u16, u16); GROUP] = std::array::from_fn(|j| unsigned_quants(dtype, rows[j], b));
     let mut at = 0;
     for (j, (_, d, _)) in unpacked.iter().enumerate() {
@@ -246,6 +262,62 @@ fn pack_q4k(rows: &[&[u8]; GROUP], b: usize, dst: &mut [u8]) {
     }
 }
 
+fn pack_q6k(rows: &[&[u8]; GROUP], b: usize, dst: &mut [u8]) {
+    let blocks: [&BlockQ6K; GROUP] = std::array::from_fn(|j| bytemuck_block(&rows[j][b * 210..(b + 1) * 210]));
+    let unpacked: [crate::unpack::KBlock; GROUP] = std::array::from_fn(|j| crate::unpack::q6k(blocks[j]));
+    for (j, x) in blocks.iter().enumerate() {
+        dst[2 * j..2 * j + 2].copy_from_slice(&x.d.to_le_bytes());
+        for pair in 0..8 {
+            dst[32 + 32 * pair + 2 * j] = x.scales[2 * pair] as u8;
+            dst[32 + 32 * pair + 2 * j + 1] = x.scales[2 * pair + 1] as u8;
+        }
+    }
+    let quant = |j: usize, chunk: usize, i: usize| (unpacked[j].q[32 * chunk + i] + 32) as u8;
+    for c in 0..4 {
+        for l in 0..8 {
+            for j in 0..GROUP {
+                for t in 0..4 {
+                    let i = 4 * l + t;
+                    dst[Q6K_LOWS + 64 * (8 * c + l) + 4 * j + t] = (quant(j, 2 * c, i) & 0xF) | ((quant(j, 2 * c + 1, i) & 0xF) << 4);
+                }
+            }
+        }
+    }
+    for c in 0..2 {
+        for l in 0..8 {
+            for j in 0..GROUP {
+                for t in 0..4 {
+                    let i = 4 * l + t;
+                    dst[Q6K_HIGHS + 64 * (8 * c + l) + 4 * j + t] = (0..4).map(|u| (quant(j, 4 * c + u, i) >> 4) << (2 * u)).sum::<u8>();
+                }
+            }
+        }
+    }
+}
+
+/// `reference` for Q6_K against Q8_K activations: ggml's single-row order, eight lanes of
+/// integer sums (each scaled per 16 values, minus 32 x the scaled activation sums of lane-pair
+/// `l`), one fused multiply-add per super-block and lane, the lanes added pairwise.
+fn reference_q6k(w: &[u8], a: &[u8], cols: usize) -> f32 {
+    let mut acc = [0f32; 8];
+    for b in 0..cols / 256 {
+        let x: &BlockQ6K = bytemuck_block(&w[b * 210..(b + 1) * 210]);
+        let y: &BlockQ8K = bytemuck_block(&a[b * 292..(b + 1) * 292]);
+        let u = crate::unpack::q6k(x);
+        let d = y.d * f16_bits_to_f32(x.d);
+        for (l, acc) in acc.iter_mut().enumerate() {
+            let mut lane = -32 * (y.bsums[2 * l] as i32 * x.scales[2 * l] as i32 + y.bsums[2 * l + 1] as i32 * x.scales[2 * l + 1] as i32);
+            for chunk in 0..8 {
+                let scale = x.scales[2 * chunk + usize::from(l >= 4)] as i32;
+                let p: i32 = (0..4).map(|t| (u.q[32 * chunk + 4 * l + t] as i32 + 32) * y.qs[32 * chunk + 4 * l + t] as i32).sum();
+                lane += scale * p;
+            }
+            *acc = d.mul_add(lane as f32, *acc);
+        }
+    }
+    ((acc[0] + acc[4]) + (acc[2] + acc[6])) + ((acc[1] + acc[5]) + (acc[3] + acc[7]))
+}
+
 /// `reference` for Q4_K against Q8_K activations.
 fn reference_q4k(w: &[u8], a: &[u8], cols: usize) -> f32 {
     let (mut acc, mut acc_min) = (0f32, 0f32);
@@ -282,6 +354,9 @@ pub struct BlockTable {
 pub fn reference(dtype: DType, w: &[u8], a: &[u8], cols: usize) -> f32 {
     if dtype == DType::Q4K {
         return reference_q4k(w, a, cols);
+    }
+    if dtype == DType::Q6K {
+        return reference_q6k(w, a, cols);
     }
     let mut acc = [0f32; 8];
     let mut off = 0f32;

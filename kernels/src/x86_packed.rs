@@ -8,7 +8,7 @@
 #![allow(unsafe_op_in_unsafe_fn, clippy::missing_safety_doc)]
 
 use crate::dtype::DType;
-use crate::packed::{block_bytes, zero_point_index, BlockTable, Q4K_QUANTS};
+use crate::packed::{block_bytes, zero_point_index, BlockTable, Q4K_QUANTS, Q6K_HIGHS, Q6K_LOWS};
 use std::arch::x86_64::*;
 
 /// A packed product: rows `t0..t0 + count` of the activations against one packed group,
@@ -119,6 +119,81 @@ unsafe fn q4k_tile<const N: usize>(group: *const u8, acts: &PackedActs, t0: usiz
     }
     for t in 0..N {
         _mm512_storeu_ps(out.add((t0 + t) * stride), _mm512_sub_ps(acc[t], acc_min[t]));
+    }
+}
+
+/// `PackedFn` for Q6_K against Q8_K activations.
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+pub unsafe fn q6k(group: *const u8, acts: &PackedActs, t0: usize, count: usize, out: *mut f32, stride: usize) {
+    let mut t = t0;
+    let end = t0 + count;
+    while t + 2 <= end {
+        q6k_tile::<2>(group, acts, t, out, stride);
+        t += 2;
+    }
+    if t < end {
+        q6k_tile::<1>(group, acts, t, out, stride);
+    }
+}
+
+/// Quants of 32-value chunk `chunk`, lane `l`, of a packed Q6_K super-block at `p`.
+#[inline(always)]
+unsafe fn q6k_quants(p: *const u8, chunk: usize, l: usize) -> __m512i {
+    let lows = _mm512_loadu_si512(p.add(Q6K_LOWS + 64 * (8 * (chunk / 2) + l)) as *const __m512i);
+    let highs = _mm512_loadu_si512(p.add(Q6K_HIGHS + 64 * (8 * (chunk / 4) + l)) as *const __m512i);
+    let lo = if chunk.is_multiple_of(2) { lows } else { _mm512_srli_epi16(lows, 4) };
+    // Bits 2u..2u + 2 of each byte to bits 4..6; what crosses into a neighbouring byte lands
+    // outside those bits and is masked off.
+    let hi = match chunk % 4 {
+        0 => _mm512_slli_epi16(highs, 4),
+        1 => _mm512_slli_epi16(highs, 2),
+        2 => highs,
+        _ => _mm512_srli_epi16(highs, 2),
+    };
+    _mm512_or_si512(_mm512_and_si512(lo, _mm512_set1_epi8(0x0F)), _mm512_and_si512(hi, _mm512_set1_epi8(0x30)))
+}
+
+#[inline(always)]
+unsafe fn q6k_tile<const N: usize>(group: *const u8, acts: &PackedActs, t0: usize, out: *mut f32, stride: usize) {
+    let bb = block_bytes(DType::Q6K);
+    let mut acc = [[_mm512_setzero_ps(); 8]; N];
+    // Byte shuffles (indices within each 128-bit lane) that copy the first (second) i16 of
+    // each 32-bit lane into both its halves.
+    let dup_first = _mm512_broadcast_i32x4(_mm_setr_epi32(0x0100_0100, 0x0504_0504, 0x0908_0908, 0x0D0C_0D0C));
+    let dup_second = _mm512_broadcast_i32x4(_mm_setr_epi32(0x0302_0302, 0x0706_0706, 0x0B0A_0B0A, 0x0F0E_0F0E));
+    for b in 0..acts.blocks {
+        let p = group.add(b * bb);
+        let a: [*const u8; N] = std::array::from_fn(|t| acts.base.add((t0 + t) * acts.row_bytes + b * acts.block_bytes));
+        // Scale pairs (s[2k], s[2k + 1]) of the sixteen rows as i16.
+        let pairs: [__m512i; 8] = std::array::from_fn(|k| _mm512_cvtepi8_epi16(_mm256_loadu_si256(p.add(32 + 32 * k) as *const __m256i)));
+        for l in 0..8 {
+            // ggml's offset for lane l: 32 x (bsums[2l] s[2l] + bsums[2l + 1] s[2l + 1]).
+            let mut lane: [__m512i; N] = std::array::from_fn(|t| {
+                let bsums = std::ptr::read_unaligned(a[t].add(260 + 4 * l) as *const i32);
+                let offset = _mm512_dpwssd_epi32(_mm512_setzero_si512(), pairs[l], _mm512_set1_epi32(bsums));
+                _mm512_sub_epi32(_mm512_setzero_si512(), _mm512_slli_epi32(offset, 5))
+            });
+            for chunk in 0..8 {
+                let q = q6k_quants(p, chunk, l);
+                let scale = _mm512_shuffle_epi8(pairs[chunk], if l < 4 { dup_first } else { dup_second });
+                for t in 0..N {
+                    let y = _mm512_set1_epi32(std::ptr::read_unaligned(a[t].add(4 + 32 * chunk + 4 * l) as *const i32));
+                    lane[t] = _mm512_dpwssd_epi32(lane[t], _mm512_maddubs_epi16(q, y), scale);
+                }
+            }
+            for t in 0..N {
+                let dy = _mm512_set1_ps(std::ptr::read_unaligned(a[t] as *const f32));
+                let d = _mm512_mul_ps(dy, _mm512_cvtph_ps(_mm256_loadu_si256(p as *const __m256i)));
+                acc[t][l] = _mm512_fmadd_ps(d, _mm512_cvtepi32_ps(lane[t]), acc[t][l]);
+            }
+        }
+    }
+    for (t, a) in acc.iter().enumerate() {
+        let sum = _mm512_add_ps(
+            _mm512_add_ps(_mm512_add_ps(a[0], a[4]), _mm512_add_ps(a[2], a[6])),
+            _mm512_add_ps(_mm512_add_ps(a[1], a[5]), _mm512_add_ps(a[3], a[7])),
+        );
+        _mm512_storeu_ps(out.add((t0 + t) * stride), sum);
     }
 }
 
