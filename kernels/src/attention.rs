@@ -201,6 +201,8 @@ struct ThreadScratch {
     q: Vec<f32>,
     /// Cache slot of each key position attended to.
     slots: Vec<u32>,
+    /// Where each attended value starts in the value store (AVX-512 path).
+    value_at: Vec<usize>,
 }
 
 /// Writes `out[row, head, :]` for every row of every span. `q` and `out` are
@@ -323,6 +325,10 @@ fn attend(isa: Isa, p: &AttentionParams, kv: &KvStore, span: &SeqSpan, query: &Q
     }
     // Probabilities are rounded to half precision before weighting the values.
     round_f16(isa, &mut ts.scores);
+    #[cfg(target_arch = "x86_64")]
+    if isa == Isa::Avx512Vnni && d.is_multiple_of(64) {
+        return weigh_values_by_bucket(p, kv, kv_head, first, ts, out);
+    }
     ts.buckets.resize(64 * d, 0.0);
     let mut touched = [false; 64];
     for (j, (&w, &slot)) in ts.scores.iter().zip(&ts.slots).enumerate() {
@@ -334,6 +340,31 @@ fn attend(isa: Isa, p: &AttentionParams, kv: &KvStore, span: &SeqSpan, query: &Q
         touched[b] = true;
     }
     fold_buckets(isa, &ts.buckets, &touched, d, out);
+}
+
+/// The bucketed value sums of `attend`, one bucket at a time and 64 dimensions at a time so
+/// that a bucket's sum stays in registers: every bucket receives the same additions in the
+/// same order as there, so the results are identical.
+#[cfg(target_arch = "x86_64")]
+fn weigh_values_by_bucket(p: &AttentionParams, kv: &KvStore, kv_head: usize, first: usize, ts: &mut ThreadScratch, out: &mut [f32]) {
+    let d = p.head_dim;
+    let n_keys = ts.scores.len();
+    ts.value_at.clear();
+    ts.value_at.extend(ts.slots.iter().map(|&slot| (slot as usize * kv.num_kv_heads + kv_head) * d));
+    let mut touched = [false; 64];
+    for (b, t) in touched.iter_mut().enumerate() {
+        *t = (b + 64 - first % 64) % 64 < n_keys;
+    }
+    ts.buckets.resize(64 * 64, 0.0);
+    for dim in (0..d).step_by(64) {
+        for b in 0..64 {
+            let j0 = (b + 64 - first % 64) % 64;
+            // SAFETY: AVX-512 implied by the caller's `isa`; every value holds `d` halves,
+            // so dimensions dim..dim + 64 are in bounds.
+            unsafe { crate::x86_wide::bucket_sum(&ts.scores, &ts.value_at, j0, &kv.v, dim, &mut ts.buckets[64 * b..64 * b + 64]) };
+        }
+        fold_buckets(Isa::Avx512Vnni, &ts.buckets, &touched, 64, &mut out[dim..dim + 64]);
+    }
 }
 
 /// Softmax over scores of consecutive positions starting at `first`: exponentials and

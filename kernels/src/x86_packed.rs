@@ -38,12 +38,14 @@ macro_rules! kind_kernels {
         pub unsafe fn $fname(group: *const u8, acts: &PackedActs, t0: usize, count: usize, out: *mut f32, stride: usize) {
             let mut t = t0;
             let end = t0 + count;
-            while t + 2 <= end {
-                tile::<2>($dtype, group, acts, t, out, stride);
-                t += 2;
+            while t + 3 <= end {
+                tile::<3>($dtype, group, acts, t, out, stride);
+                t += 3;
             }
-            if t < end {
-                tile::<1>($dtype, group, acts, t, out, stride);
+            match end - t {
+                2 => tile::<2>($dtype, group, acts, t, out, stride),
+                1 => tile::<1>($dtype, group, acts, t, out, stride),
+                _ => {}
             }
         }
     )*};
@@ -61,12 +63,15 @@ kind_kernels! {
 pub unsafe fn q4k(group: *const u8, acts: &PackedActs, t0: usize, count: usize, out: *mut f32, stride: usize) {
     let mut t = t0;
     let end = t0 + count;
-    while t + 2 <= end {
-        q4k_tile::<2>(group, acts, t, out, stride);
-        t += 2;
+    while t + 4 <= end {
+        q4k_tile::<4>(group, acts, t, out, stride);
+        t += 4;
     }
-    if t < end {
-        q4k_tile::<1>(group, acts, t, out, stride);
+    match end - t {
+        3 => q4k_tile::<3>(group, acts, t, out, stride),
+        2 => q4k_tile::<2>(group, acts, t, out, stride),
+        1 => q4k_tile::<1>(group, acts, t, out, stride),
+        _ => {}
     }
 }
 
@@ -127,12 +132,14 @@ unsafe fn q4k_tile<const N: usize>(group: *const u8, acts: &PackedActs, t0: usiz
 pub unsafe fn q6k(group: *const u8, acts: &PackedActs, t0: usize, count: usize, out: *mut f32, stride: usize) {
     let mut t = t0;
     let end = t0 + count;
-    while t + 2 <= end {
-        q6k_tile::<2>(group, acts, t, out, stride);
-        t += 2;
+    while t + 3 <= end {
+        q6k_tile::<3>(group, acts, t, out, stride);
+        t += 3;
     }
-    if t < end {
-        q6k_tile::<1>(group, acts, t, out, stride);
+    match end - t {
+        2 => q6k_tile::<2>(group, acts, t, out, stride),
+        1 => q6k_tile::<1>(group, acts, t, out, stride),
+        _ => {}
     }
 }
 

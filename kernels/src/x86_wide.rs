@@ -44,3 +44,23 @@ pub unsafe fn fold64(x: *const f32, y: *const u16, n: usize) -> (__m256, __m256)
     let s = _mm512_add_ps(_mm512_add_ps(acc[0], acc[2]), _mm512_add_ps(acc[1], acc[3]));
     (_mm512_castps512_ps256(s), _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(s), 1)))
 }
+
+/// Dimensions `dim..dim + 64` of `Σ fma(w[j], values[at[j]..], acc)` over keys `j = j0, j0 + 64,
+/// ...` in that order, starting from zero, written to `out` (zeros when there is no key).
+#[target_feature(enable = "avx2,fma,f16c,avx512f")]
+pub unsafe fn bucket_sum(w: &[f32], at: &[usize], j0: usize, values: &[u16], dim: usize, out: &mut [f32]) {
+    let mut acc = [_mm512_setzero_ps(); 4];
+    let mut j = j0;
+    while j < w.len() {
+        let wv = _mm512_set1_ps(w[j]);
+        let v = values[at[j] + dim..at[j] + dim + 64].as_ptr();
+        for (k, a) in acc.iter_mut().enumerate() {
+            let x = _mm512_cvtph_ps(_mm256_loadu_si256(v.add(16 * k) as *const __m256i));
+            *a = _mm512_fmadd_ps(wv, x, *a);
+        }
+        j += 64;
+    }
+    for (k, a) in acc.iter().enumerate() {
+        _mm512_storeu_ps(out[16 * k..16 * k + 16].as_mut_ptr(), *a);
+    }
+}
