@@ -19,9 +19,30 @@ fn max_abs(x: &[f32]) -> f32 {
     x.iter().fold(0.0f32, |m, v| m.max(v.abs()))
 }
 
+/// Whether the AVX-512 quantizers may run on `x` (they agree with the scalar code on every
+/// input but NaNs).
+#[inline]
+fn wide(x: &[f32]) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    if crate::Isa::detect() == crate::Isa::Avx512Vnni {
+        // SAFETY: AVX-512 is present.
+        return !unsafe { crate::x86_wide::has_nan(x) };
+    }
+    let _ = x;
+    false
+}
+
 /// Quantizes one block of 32 values: returns (scale, quants).
 #[inline]
-fn q8_block(x: &[f32]) -> (f32, [i8; 32]) {
+fn q8_block(x: &[f32], wide: bool) -> (f32, [i8; 32]) {
+    #[cfg(target_arch = "x86_64")]
+    if wide {
+        let mut qs = [0i8; 32];
+        // SAFETY: `wide` is only set where AVX-512 is present; x holds 32 values.
+        let d = unsafe { crate::x86_wide::q8_block(x, &mut qs) };
+        return (d, qs);
+    }
+    let _ = wide;
     let amax = max_abs(x);
     let d = amax / 127.0;
     let inv = if amax != 0.0 { 127.0 / amax } else { 0.0 };
@@ -34,9 +55,18 @@ fn q8_block(x: &[f32]) -> (f32, [i8; 32]) {
 
 /// `x.len()` must be a multiple of 32 and `out.len() == x.len() / 32`.
 pub fn quantize_q8_0(x: &[f32], out: &mut [BlockQ8_0]) {
+    quantize_q8_0_on(x, out, wide(x))
+}
+
+/// `quantize_q8_0` in scalar code only (the vector path's test oracle).
+pub fn quantize_q8_0_scalar(x: &[f32], out: &mut [BlockQ8_0]) {
+    quantize_q8_0_on(x, out, false)
+}
+
+fn quantize_q8_0_on(x: &[f32], out: &mut [BlockQ8_0], wide: bool) {
     debug_assert_eq!(x.len(), out.len() * 32);
     for (chunk, b) in x.chunks_exact(32).zip(out.iter_mut()) {
-        let (d, qs) = q8_block(chunk);
+        let (d, qs) = q8_block(chunk, wide);
         b.d = f32_to_f16_bits(d);
         b.qs = qs;
     }
@@ -44,9 +74,18 @@ pub fn quantize_q8_0(x: &[f32], out: &mut [BlockQ8_0]) {
 
 /// `x.len()` must be a multiple of 32 and `out.len() == x.len() / 32`.
 pub fn quantize_q8_1(x: &[f32], out: &mut [BlockQ8_1]) {
+    quantize_q8_1_on(x, out, wide(x))
+}
+
+/// `quantize_q8_1` in scalar code only (the vector path's test oracle).
+pub fn quantize_q8_1_scalar(x: &[f32], out: &mut [BlockQ8_1]) {
+    quantize_q8_1_on(x, out, false)
+}
+
+fn quantize_q8_1_on(x: &[f32], out: &mut [BlockQ8_1], wide: bool) {
     debug_assert_eq!(x.len(), out.len() * 32);
     for (chunk, b) in x.chunks_exact(32).zip(out.iter_mut()) {
-        let (d, qs) = q8_block(chunk);
+        let (d, qs) = q8_block(chunk, wide);
         let sum: i32 = qs.iter().map(|&q| q as i32).sum();
         b.d = f32_to_f16_bits(d);
         b.s = f32_to_f16_bits(d * sum as f32);
@@ -56,8 +95,23 @@ pub fn quantize_q8_1(x: &[f32], out: &mut [BlockQ8_1]) {
 
 /// `x.len()` must be a multiple of 256 and `out.len() == x.len() / 256`.
 pub fn quantize_q8k(x: &[f32], out: &mut [BlockQ8K]) {
+    quantize_q8k_on(x, out, wide(x))
+}
+
+/// `quantize_q8k` in scalar code only (the vector path's test oracle).
+pub fn quantize_q8k_scalar(x: &[f32], out: &mut [BlockQ8K]) {
+    quantize_q8k_on(x, out, false)
+}
+
+fn quantize_q8k_on(x: &[f32], out: &mut [BlockQ8K], wide: bool) {
     debug_assert_eq!(x.len(), out.len() * QK_K);
     for (chunk, b) in x.chunks_exact(QK_K).zip(out.iter_mut()) {
+        #[cfg(target_arch = "x86_64")]
+        if wide {
+            // SAFETY: `wide` is only set where AVX-512 is present; the chunk holds QK_K values.
+            b.d = unsafe { crate::x86_wide::q8k_block(chunk, &mut b.qs, &mut b.bsums) };
+            continue;
+        }
         // The scale keeps the sign of the largest-magnitude value so that it maps to -127
         // exactly, as ggml does.
         let mut amax = 0.0f32;

@@ -143,3 +143,42 @@ fn grouped_products_use_each_matrix_packed_or_not() {
         }
     }
 }
+
+#[test]
+fn vector_activation_quantizers_equal_the_scalar_ones() {
+    use kiln_kernels::activation::*;
+    use kiln_kernels::blocks::{BlockQ8K, BlockQ8_0, BlockQ8_1};
+    let mut rng = Rng(16);
+    let n = 1024;
+    for case in 0..40 {
+        let mut x = random_f32(n, &mut rng);
+        match case % 4 {
+            // Ties for the largest magnitude, of both signs: the first one sets the sign.
+            1 => {
+                x[7] = 5.0;
+                x[300] = -5.0;
+                x[600] = 5.0;
+            }
+            // Values exactly halfway between quants after scaling.
+            2 => x.iter_mut().enumerate().for_each(|(i, v)| *v = (i % 255) as f32 - 127.0 + 0.5),
+            // A zero block.
+            3 => x[256..512].fill(0.0),
+            _ => {}
+        }
+        let zero8 = BlockQ8_0 { d: 0, qs: [0; 32] };
+        let (mut a, mut b) = (vec![zero8; n / 32], vec![zero8; n / 32]);
+        quantize_q8_0(&x, &mut a);
+        quantize_q8_0_scalar(&x, &mut b);
+        assert!(a.iter().zip(&b).all(|(p, q)| p.d == q.d && p.qs == q.qs), "Q8_0 case {case}");
+        let zero81 = BlockQ8_1 { d: 0, s: 0, qs: [0; 32] };
+        let (mut a, mut b) = (vec![zero81; n / 32], vec![zero81; n / 32]);
+        quantize_q8_1(&x, &mut a);
+        quantize_q8_1_scalar(&x, &mut b);
+        assert!(a.iter().zip(&b).all(|(p, q)| p.d == q.d && p.s == q.s && p.qs == q.qs), "Q8_1 case {case}");
+        let zerok = BlockQ8K { d: 0.0, qs: [0; 256], bsums: [0; 16] };
+        let (mut a, mut b) = (vec![zerok; n / 256], vec![zerok; n / 256]);
+        quantize_q8k(&x, &mut a);
+        quantize_q8k_scalar(&x, &mut b);
+        assert!(a.iter().zip(&b).all(|(p, q)| p.d.to_bits() == q.d.to_bits() && p.qs == q.qs && p.bsums == q.bsums), "Q8_K case {case}");
+    }
+}
