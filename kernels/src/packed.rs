@@ -168,8 +168,8 @@ fn unsigned_quants(dtype: DType, row: &[u8], b: usize) -> ([u8; 32], u16, u16) {
         }
         DType::Q8_0 => {
             let x: &BlockQ8_0 = bytemuck_block(at(34));
-            for i in 0..32 {
-                q[i] = (x.qs[i] as u8) ^ 0x80;
+            for (q, &v) in q.iter_mut().zip(&x.qs) {
+                *q = (v as u8) ^ 0x80;
             }
             (q, x.d, 0)
         }

@@ -180,9 +180,9 @@ unsafe fn q6k_tile<const N: usize>(group: *const u8, acts: &PackedActs, t0: usiz
                 let offset = _mm512_dpwssd_epi32(_mm512_setzero_si512(), pairs[l], _mm512_set1_epi32(bsums));
                 _mm512_sub_epi32(_mm512_setzero_si512(), _mm512_slli_epi32(offset, 5))
             });
-            for chunk in 0..8 {
+            for (chunk, &pair) in pairs.iter().enumerate() {
                 let q = q6k_quants(p, chunk, l);
-                let scale = _mm512_shuffle_epi8(pairs[chunk], if l < 4 { dup_first } else { dup_second });
+                let scale = _mm512_shuffle_epi8(pair, if l < 4 { dup_first } else { dup_second });
                 for t in 0..N {
                     let y = _mm512_set1_epi32(std::ptr::read_unaligned(a[t].add(4 + 32 * chunk + 4 * l) as *const i32));
                     lane[t] = _mm512_dpwssd_epi32(lane[t], _mm512_maddubs_epi16(q, y), scale);
