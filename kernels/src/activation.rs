@@ -19,34 +19,31 @@ fn max_abs(x: &[f32]) -> f32 {
     x.iter().fold(0.0f32, |m, v| m.max(v.abs()))
 }
 
-/// Whether the AVX-512 quantizers may run on `x` (they agree with the scalar code on every
-/// input but NaNs).
+/// Whether the AVX-512 quantizers may run (they agree with the scalar code on every block
+/// without NaNs, and leave blocks with NaNs to it).
 #[inline]
-fn wide(x: &[f32]) -> bool {
+fn wide() -> bool {
     #[cfg(target_arch = "x86_64")]
-    if crate::Isa::detect() == crate::Isa::Avx512Vnni {
-        // SAFETY: AVX-512 is present.
-        return !unsafe { crate::x86_wide::has_nan(x) };
-    }
-    let _ = x;
+    return crate::Isa::detect() == crate::Isa::Avx512Vnni;
+    #[cfg(not(target_arch = "x86_64"))]
     false
 }
 
 /// Quantizes one block of 32 values: returns (scale, quants).
 #[inline]
 fn q8_block(x: &[f32], wide: bool) -> (f32, [i8; 32]) {
+    let mut qs = [0i8; 32];
     #[cfg(target_arch = "x86_64")]
     if wide {
-        let mut qs = [0i8; 32];
         // SAFETY: `wide` is only set where AVX-512 is present; x holds 32 values.
-        let d = unsafe { crate::x86_wide::q8_block(x, &mut qs) };
-        return (d, qs);
+        if let Some(d) = unsafe { crate::x86_wide::q8_block(x, &mut qs) } {
+            return (d, qs);
+        }
     }
     let _ = wide;
     let amax = max_abs(x);
     let d = amax / 127.0;
     let inv = if amax != 0.0 { 127.0 / amax } else { 0.0 };
-    let mut qs = [0i8; 32];
     for (q, v) in qs.iter_mut().zip(x) {
         *q = round_even(v * inv) as i8;
     }
@@ -55,7 +52,7 @@ fn q8_block(x: &[f32], wide: bool) -> (f32, [i8; 32]) {
 
 /// `x.len()` must be a multiple of 32 and `out.len() == x.len() / 32`.
 pub fn quantize_q8_0(x: &[f32], out: &mut [BlockQ8_0]) {
-    quantize_q8_0_on(x, out, wide(x))
+    quantize_q8_0_on(x, out, wide())
 }
 
 /// `quantize_q8_0` in scalar code only (the vector path's test oracle).
@@ -74,7 +71,7 @@ fn quantize_q8_0_on(x: &[f32], out: &mut [BlockQ8_0], wide: bool) {
 
 /// `x.len()` must be a multiple of 32 and `out.len() == x.len() / 32`.
 pub fn quantize_q8_1(x: &[f32], out: &mut [BlockQ8_1]) {
-    quantize_q8_1_on(x, out, wide(x))
+    quantize_q8_1_on(x, out, wide())
 }
 
 /// `quantize_q8_1` in scalar code only (the vector path's test oracle).
@@ -95,7 +92,7 @@ fn quantize_q8_1_on(x: &[f32], out: &mut [BlockQ8_1], wide: bool) {
 
 /// `x.len()` must be a multiple of 256 and `out.len() == x.len() / 256`.
 pub fn quantize_q8k(x: &[f32], out: &mut [BlockQ8K]) {
-    quantize_q8k_on(x, out, wide(x))
+    quantize_q8k_on(x, out, wide())
 }
 
 /// `quantize_q8k` in scalar code only (the vector path's test oracle).
@@ -109,8 +106,10 @@ fn quantize_q8k_on(x: &[f32], out: &mut [BlockQ8K], wide: bool) {
         #[cfg(target_arch = "x86_64")]
         if wide {
             // SAFETY: `wide` is only set where AVX-512 is present; the chunk holds QK_K values.
-            b.d = unsafe { crate::x86_wide::q8k_block(chunk, &mut b.qs, &mut b.bsums) };
-            continue;
+            if let Some(d) = unsafe { crate::x86_wide::q8k_block(chunk, &mut b.qs, &mut b.bsums) } {
+                b.d = d;
+                continue;
+            }
         }
         // The scale keeps the sign of the largest-magnitude value so that it maps to -127
         // exactly, as ggml does.

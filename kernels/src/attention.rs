@@ -12,9 +12,9 @@ use crate::blocks::{f16_bits_to_f32, f32_to_f16_bits};
 use crate::dot::Isa;
 use crate::numerics::{self, exp_poly, tree16};
 use crate::pool::SharedMut;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use crate::Compute;
 use std::ops::Range;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 /// How keys and values are stored.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -92,23 +92,28 @@ impl KvStore {
         self.key(slot, kv_head)
     }
 
+    /// Where the key (or value) of `kv_head` at `slot` starts in its store.
+    fn offset(&self, slot: usize, kv_head: usize) -> usize {
+        (slot * self.num_kv_heads + kv_head) * self.head_dim
+    }
+
     fn key(&self, slot: usize, kv_head: usize) -> &[u16] {
-        let start = (slot * self.num_kv_heads + kv_head) * self.head_dim;
+        let start = self.offset(slot, kv_head);
         &self.k[start..start + self.head_dim]
     }
 
     fn value(&self, slot: usize, kv_head: usize) -> &[u16] {
-        let start = (slot * self.num_kv_heads + kv_head) * self.head_dim;
+        let start = self.offset(slot, kv_head);
         &self.v[start..start + self.head_dim]
     }
 
     fn key_f32(&self, slot: usize, kv_head: usize) -> &[f32] {
-        let start = (slot * self.num_kv_heads + kv_head) * self.head_dim;
+        let start = self.offset(slot, kv_head);
         &self.kf[start..start + self.head_dim]
     }
 
     fn value_f32(&self, slot: usize, kv_head: usize) -> &[f32] {
-        let start = (slot * self.num_kv_heads + kv_head) * self.head_dim;
+        let start = self.offset(slot, kv_head);
         &self.vf[start..start + self.head_dim]
     }
 
@@ -350,7 +355,7 @@ fn weigh_values_by_bucket(p: &AttentionParams, kv: &KvStore, kv_head: usize, fir
     let d = p.head_dim;
     let n_keys = ts.scores.len();
     ts.value_at.clear();
-    ts.value_at.extend(ts.slots.iter().map(|&slot| (slot as usize * kv.num_kv_heads + kv_head) * d));
+    ts.value_at.extend(ts.slots.iter().map(|&slot| kv.offset(slot as usize, kv_head)));
     let mut touched = [false; 64];
     for (b, t) in touched.iter_mut().enumerate() {
         *t = (b + 64 - first % 64) % 64 < n_keys;

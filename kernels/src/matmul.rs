@@ -96,7 +96,8 @@ pub struct Activations {
     pairs: Vec<i8>,
     /// -128 x the sum of each 4-byte group of `pairs` (Q8_0 only): `[row / 2][block][16]`.
     pair_corr: Vec<i32>,
-    /// Per-block scales and quant sums for the packed kernels (Q8_0 and Q8_1 rows).
+    /// Per-block scales and quant sums for the packed kernels (Q8_0 and Q8_1 rows, on CPUs
+    /// that run them).
     blocks: BlockTable,
 }
 
@@ -129,7 +130,9 @@ impl Activations {
         self.sums.resize(if with_sums { interleaved } else { 0 }, 0.0);
         self.pairs.resize(if tables { pairs * 64 } else { 0 }, 0);
         self.pair_corr.resize(if with_corr { pairs * 16 } else { 0 }, 0);
-        let per_block = if matches!(at, DType::Q8_0 | DType::Q8_1) { num_rows * blocks } else { 0 };
+        // Only CPUs that run the packed kernels read these.
+        let packed_rows = matches!(at, DType::Q8_0 | DType::Q8_1) && crate::Isa::detect() == crate::Isa::Avx512Vnni;
+        let per_block = if packed_rows { num_rows * blocks } else { 0 };
         self.blocks.d.resize(per_block, 0.0);
         self.blocks.corrections.resize(if at == DType::Q8_0 { per_block * 24 } else { 0 }, 0);
         self.blocks.s.resize(if at == DType::Q8_1 { per_block } else { 0 }, 0.0);
@@ -150,7 +153,7 @@ impl Activations {
         let fill = |rows: std::ops::Range<usize>| {
             for row in rows {
                 // SAFETY: every row writes only the entries that belong to it.
-                unsafe { out.fill(at, &x[row * cols..(row + 1) * cols], row, row_bytes, blocks, (tables, with_sums, with_corr)) };
+                unsafe { out.fill(at, &x[row * cols..(row + 1) * cols], row, row_bytes, blocks, (tables, with_sums, with_corr, packed_rows)) };
             }
         };
         match compute {
@@ -223,30 +226,27 @@ struct RowTables {
 impl RowTables {
     /// # Safety
     /// Rows filled concurrently must differ; the tables must be sized for the row.
-    unsafe fn fill(&self, at: DType, src: &[f32], row: usize, row_bytes: usize, blocks: usize, (tables, with_sums, with_corr): (bool, bool, bool)) {
+    unsafe fn fill(&self, at: DType, src: &[f32], row: usize, row_bytes: usize, blocks: usize, (tables, with_sums, with_corr, packed_rows): (bool, bool, bool, bool)) {
         let dst = self.bytes.slice(row * row_bytes..(row + 1) * row_bytes);
         convert_row(at, src, dst);
-        if matches!(at, DType::Q8_0 | DType::Q8_1) {
+        if packed_rows {
             let header = if at == DType::Q8_0 { 2 } else { 4 };
             let d = self.block_d.slice(row * blocks..(row + 1) * blocks);
+            let (s, corr) = match at {
+                DType::Q8_1 => (self.block_s.slice(row * blocks..(row + 1) * blocks), &mut [][..]),
+                _ => (&mut [][..], self.block_corrections.slice(row * blocks * 24..(row + 1) * blocks * 24)),
+            };
             for (block, raw) in dst.chunks_exact(header + 32).enumerate() {
                 d[block] = crate::blocks::f16_bits_to_f32(u16::from_le_bytes([raw[0], raw[1]]));
-            }
-            if at == DType::Q8_0 {
-                let corr = self.block_corrections.slice(row * blocks * 24..(row + 1) * blocks * 24);
-                for (block, raw) in dst.chunks_exact(34).enumerate() {
-                    for (lane, quads) in raw[2..].chunks_exact(4).enumerate() {
-                        let sum = quads.iter().map(|&v| v as i8 as i32).sum::<i32>();
-                        for (z, zp) in crate::packed::ZERO_POINTS.iter().enumerate() {
-                            corr[(block * 3 + z) * 8 + lane] = -zp * sum;
-                        }
-                    }
-                }
-            }
-            if at == DType::Q8_1 {
-                let s = self.block_s.slice(row * blocks..(row + 1) * blocks);
-                for (block, raw) in dst.chunks_exact(36).enumerate() {
+                if at == DType::Q8_1 {
                     s[block] = crate::blocks::f16_bits_to_f32(u16::from_le_bytes([raw[2], raw[3]]));
+                    continue;
+                }
+                for (lane, quads) in raw[header..].chunks_exact(4).enumerate() {
+                    let sum = quads.iter().map(|&v| v as i8 as i32).sum::<i32>();
+                    for (z, zp) in crate::packed::ZERO_POINTS.iter().enumerate() {
+                        corr[(block * 3 + z) * 8 + lane] = -zp * sum;
+                    }
                 }
             }
         }
@@ -360,6 +360,14 @@ pub fn matmul_group(compute: &Compute, act: &Activations, jobs: &mut [MatMulJob]
                 w.rows, w.cols, w.dtype, act.cols, act.dtype
             )));
         }
+        if let Some(p) = job.packed {
+            if (p.dtype, p.rows, p.cols) != (w.dtype, w.rows, w.cols) {
+                return Err(KernelError::Shape(format!(
+                    "packed copy {}x{} {} does not match its weight {}x{} {}",
+                    p.rows, p.cols, p.dtype, w.rows, w.cols, w.dtype
+                )));
+            }
+        }
         if job.out.len() != num_rows * w.rows {
             return Err(KernelError::Shape(format!("output has {} values, expected {}x{}", job.out.len(), num_rows, w.rows)));
         }
@@ -369,7 +377,7 @@ pub fn matmul_group(compute: &Compute, act: &Activations, jobs: &mut [MatMulJob]
             many8: kernel_xn::<8>(w.dtype, isa),
             many4: kernel_xn::<4>(w.dtype, isa),
             #[cfg(target_arch = "x86_64")]
-            packed: job.packed.filter(|p| p.rows == w.rows && p.cols == w.cols && p.dtype == w.dtype).and_then(|p| Some((p, packed_kernel(p, isa)?))),
+            packed: job.packed.and_then(|p| Some((p, packed_kernel(p, isa)?))),
             out: SharedMut::new(job.out),
             first_global_row: total_rows,
         });

@@ -31,22 +31,28 @@ pub struct PackedActs<'a> {
 // SAFETY: the rows are only read, and outlive every product that reads them.
 unsafe impl Sync for PackedActs<'_> {}
 
+/// Rows `t0..t0 + count` in tiles of `$max` rows, then one tile of the remaining rows:
+/// `$tile::<rows>$args`, with `$t` in `$args` naming each tile's first row.
+macro_rules! in_tiles {
+    ($t:ident from $t0:expr, $count:expr; $max:literal => $($rest:literal),*; $tile:ident $args:tt) => {{
+        let (mut $t, end) = ($t0, $t0 + $count);
+        while $t + $max <= end {
+            $tile::<$max> $args;
+            $t += $max;
+        }
+        match end - $t {
+            $($rest => $tile::<$rest> $args,)*
+            _ => {}
+        }
+    }};
+}
+
 macro_rules! kind_kernels {
     ($($fname:ident => $dtype:expr;)*) => {$(
         /// A `PackedFn` for one format.
         #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
         pub unsafe fn $fname(group: *const u8, acts: &PackedActs, t0: usize, count: usize, out: *mut f32, stride: usize) {
-            let mut t = t0;
-            let end = t0 + count;
-            while t + 3 <= end {
-                tile::<3>($dtype, group, acts, t, out, stride);
-                t += 3;
-            }
-            match end - t {
-                2 => tile::<2>($dtype, group, acts, t, out, stride),
-                1 => tile::<1>($dtype, group, acts, t, out, stride),
-                _ => {}
-            }
+            in_tiles!(t from t0, count; 3 => 2, 1; tile($dtype, group, acts, t, out, stride));
         }
     )*};
 }
@@ -61,18 +67,7 @@ kind_kernels! {
 /// `PackedFn` for Q4_K against Q8_K activations.
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
 pub unsafe fn q4k(group: *const u8, acts: &PackedActs, t0: usize, count: usize, out: *mut f32, stride: usize) {
-    let mut t = t0;
-    let end = t0 + count;
-    while t + 4 <= end {
-        q4k_tile::<4>(group, acts, t, out, stride);
-        t += 4;
-    }
-    match end - t {
-        3 => q4k_tile::<3>(group, acts, t, out, stride),
-        2 => q4k_tile::<2>(group, acts, t, out, stride),
-        1 => q4k_tile::<1>(group, acts, t, out, stride),
-        _ => {}
-    }
+    in_tiles!(t from t0, count; 4 => 3, 2, 1; q4k_tile(group, acts, t, out, stride));
 }
 
 #[inline(always)]
@@ -130,17 +125,7 @@ unsafe fn q4k_tile<const N: usize>(group: *const u8, acts: &PackedActs, t0: usiz
 /// `PackedFn` for Q6_K against Q8_K activations.
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
 pub unsafe fn q6k(group: *const u8, acts: &PackedActs, t0: usize, count: usize, out: *mut f32, stride: usize) {
-    let mut t = t0;
-    let end = t0 + count;
-    while t + 3 <= end {
-        q6k_tile::<3>(group, acts, t, out, stride);
-        t += 3;
-    }
-    match end - t {
-        2 => q6k_tile::<2>(group, acts, t, out, stride),
-        1 => q6k_tile::<1>(group, acts, t, out, stride),
-        _ => {}
-    }
+    in_tiles!(t from t0, count; 3 => 2, 1; q6k_tile(group, acts, t, out, stride));
 }
 
 /// Quants of 32-value chunk `chunk`, lane `l`, of a packed Q6_K super-block at `p`.

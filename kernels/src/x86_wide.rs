@@ -65,21 +65,26 @@ pub unsafe fn bucket_sum(w: &[f32], at: &[usize], j0: usize, values: &[u16], dim
     }
 }
 
-/// `activation::quantize_q8k` for one super-block without NaNs: the first value of largest
-/// magnitude sets the scale, quants are rounded half to even, sums taken per 16.
-/// Returns (d, quants, sums).
+/// `activation::quantize_q8k` for one super-block: the first value of largest magnitude
+/// sets the scale, quants are rounded half to even, sums taken per 16. Returns d, or None
+/// (writing nothing) when the block holds a NaN, which the scalar code handles.
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl")]
-pub unsafe fn q8k_block(x: &[f32], qs: &mut [i8], bsums: &mut [i16]) -> f32 {
+pub unsafe fn q8k_block(x: &[f32], qs: &mut [i8], bsums: &mut [i16]) -> Option<f32> {
     let v: [__m512; 16] = std::array::from_fn(|k| _mm512_loadu_ps(x.as_ptr().add(16 * k)));
     let mut amax = _mm512_setzero_ps();
+    let mut nan = 0u16;
     for &r in &v {
+        nan |= _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(r, r);
         amax = _mm512_max_ps(amax, _mm512_abs_ps(r));
+    }
+    if nan != 0 {
+        return None;
     }
     let amax = _mm512_reduce_max_ps(amax);
     if amax == 0.0 {
         qs.fill(0);
         bsums.fill(0);
-        return 0.0;
+        return Some(0.0);
     }
     // The first value whose magnitude is the largest, as the scalar scan finds it.
     let target = _mm512_set1_ps(amax);
@@ -98,14 +103,17 @@ pub unsafe fn q8k_block(x: &[f32], qs: &mut [i8], bsums: &mut [i16]) -> f32 {
         _mm_storeu_si128(qs.as_mut_ptr().add(16 * k) as *mut __m128i, _mm512_cvtepi32_epi8(q));
         bsums[k] = _mm512_reduce_add_epi32(q) as i16;
     }
-    1.0 / iscale
+    Some(1.0 / iscale)
 }
 
-/// `activation::q8_block` for 32 values without NaNs: scale from the largest magnitude,
-/// quants rounded half to even.
+/// `activation::q8_block` for 32 values: scale from the largest magnitude, quants rounded
+/// half to even. Returns d, or None (writing nothing) when a value is NaN.
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl")]
-pub unsafe fn q8_block(x: &[f32], qs: &mut [i8; 32]) -> f32 {
+pub unsafe fn q8_block(x: &[f32], qs: &mut [i8; 32]) -> Option<f32> {
     let (a, b) = (_mm512_loadu_ps(x.as_ptr()), _mm512_loadu_ps(x.as_ptr().add(16)));
+    if _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(a, b) != 0 {
+        return None;
+    }
     let amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(a), _mm512_abs_ps(b)));
     let d = amax / 127.0;
     let inv = _mm512_set1_ps(if amax != 0.0 { 127.0 / amax } else { 0.0 });
@@ -113,18 +121,5 @@ pub unsafe fn q8_block(x: &[f32], qs: &mut [i8; 32]) -> f32 {
     let qb = _mm512_cvtps_epi32(_mm512_mul_ps(b, inv));
     _mm_storeu_si128(qs.as_mut_ptr() as *mut __m128i, _mm512_cvtepi32_epi8(qa));
     _mm_storeu_si128(qs.as_mut_ptr().add(16) as *mut __m128i, _mm512_cvtepi32_epi8(qb));
-    d
-}
-
-/// Whether any of `x` is NaN (the vector quantizers leave those to the scalar code).
-#[target_feature(enable = "avx2,fma,f16c,avx512f")]
-pub unsafe fn has_nan(x: &[f32]) -> bool {
-    let mut i = 0;
-    let mut any = 0u16;
-    while i + 16 <= x.len() {
-        let v = _mm512_loadu_ps(x.as_ptr().add(i));
-        any |= _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(v, v);
-        i += 16;
-    }
-    any != 0 || x[i..].iter().any(|v| v.is_nan())
+    Some(d)
 }

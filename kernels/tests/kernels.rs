@@ -11,7 +11,7 @@ use kiln_kernels::pool::ThreadPool;
 use kiln_kernels::DType;
 
 mod common;
-use common::{random_f32, random_row, Rng, WEIGHT_TYPES};
+use common::{random_f32, random_row, weight_types, Rng};
 
 fn lengths(dtype: DType) -> Vec<usize> {
     let b = dtype.block_len().max(32);
@@ -31,7 +31,7 @@ fn prepared(x: &[f32], dtype: DType) -> Activations {
 #[test]
 fn reference_dot_matches_dequantized_product() {
     let mut rng = Rng(1);
-    for dtype in WEIGHT_TYPES {
+    for dtype in weight_types() {
         for n in lengths(dtype) {
             let w = random_row(dtype, n, &mut rng);
             let x = random_f32(n, &mut rng);
@@ -54,7 +54,7 @@ fn reference_dot_matches_dequantized_product() {
 fn simd_dot_matches_reference_on_every_isa() {
     let mut rng = Rng(2);
     for isa in Isa::available() {
-        for dtype in WEIGHT_TYPES {
+        for dtype in weight_types() {
             for n in lengths(dtype) {
                 let w = random_row(dtype, n, &mut rng);
                 let x = random_f32(n, &mut rng);
@@ -215,7 +215,7 @@ fn paged_attention_matches_contiguous_attention() {
 fn many_row_kernel_matches<const N: usize>() {
     let mut rng = Rng(6 + N as u64);
     for isa in Isa::available() {
-        for dtype in WEIGHT_TYPES {
+        for dtype in weight_types() {
             let Some(many) = kiln_kernels::dot::kernel_xn::<N>(dtype, isa) else { continue };
             let single = kernel(dtype, isa);
             for n in lengths(dtype) {

@@ -21,26 +21,58 @@ fn random_matrix(dtype: DType, rows: usize, cols: usize, rng: &mut Rng) -> Align
     w
 }
 
-fn vnni() -> Option<Compute> {
-    (Isa::detect() == Isa::Avx512Vnni).then(|| Compute { pool: ThreadPool::new(2), isa: Isa::Avx512Vnni })
+/// Two threads on AVX-512 VNNI, the only CPUs that use packed weights; elsewhere None, said
+/// on stderr so the skip is visible.
+fn vnni(test: &str) -> Option<Compute> {
+    if Isa::detect() != Isa::Avx512Vnni {
+        eprintln!("{test}: skipped, no AVX-512 VNNI here (packed kernels are not used on this CPU)");
+        return None;
+    }
+    Some(Compute { pool: ThreadPool::new(2), isa: Isa::Avx512Vnni })
+}
+
+/// A random matrix, its packed copy, and a random input of `tokens` rows.
+struct Case {
+    dtype: DType,
+    rows: usize,
+    cols: usize,
+    tokens: usize,
+    w: AlignedBuf,
+    packed: PackedMatrix,
+    x: Vec<f32>,
+}
+
+impl Case {
+    fn new(dtype: DType, rows: usize, cols: usize, tokens: usize, rng: &mut Rng) -> Case {
+        let w = random_matrix(dtype, rows, cols, rng);
+        let packed = PackedMatrix::pack(&WeightView::new(dtype, rows, cols, w.bytes()).unwrap()).unwrap();
+        Case { dtype, rows, cols, tokens, w, packed, x: random_f32(cols * tokens, rng) }
+    }
+
+    fn view(&self) -> WeightView<'_> {
+        WeightView::new(self.dtype, self.rows, self.cols, self.w.bytes()).unwrap()
+    }
+
+    /// Input rows `first..first + n` through the packed product: the output and the prepared
+    /// activations.
+    fn product(&self, compute: &Compute, first: usize, n: usize) -> (Vec<f32>, Activations) {
+        let mut act = Activations::default();
+        let mut out = vec![0.0; self.rows * n];
+        let x = &self.x[first * self.cols..(first + n) * self.cols];
+        matmul_packed(compute, self.view(), Some(&self.packed), x, n, &mut act, &mut out).unwrap();
+        (out, act)
+    }
 }
 
 #[test]
 fn packed_products_equal_the_reference_bit_for_bit() {
-    let Some(compute) = vnni() else {
-        eprintln!("no AVX-512 VNNI here: the packed kernels are not used on this CPU");
-        return;
-    };
+    let Some(compute) = vnni("packed_products_equal_the_reference_bit_for_bit") else { return };
     let mut rng = Rng(11);
     for dtype in TYPES {
         for (rows, cols, tokens) in [(16, 256, 1), (32, 256, 3), (48, 768, 5), (64, 1280, 9), (16, 512, 17), (192, 768, 257), (576, 1536, 40)] {
-            let w = random_matrix(dtype, rows, cols, &mut rng);
-            let view = WeightView::new(dtype, rows, cols, w.bytes()).unwrap();
-            let p = PackedMatrix::pack(&view).unwrap();
-            let x = random_f32(cols * tokens, &mut rng);
-            let mut act = Activations::default();
-            let mut out = vec![0.0; rows * tokens];
-            matmul_packed(&compute, view, Some(&p), &x, tokens, &mut act, &mut out).unwrap();
+            let case = Case::new(dtype, rows, cols, tokens, &mut rng);
+            let view = case.view();
+            let (out, act) = case.product(&compute, 0, tokens);
             for t in 0..tokens {
                 for r in 0..rows {
                     let want = packed::reference(dtype, view.row(r), act.row(t), cols);
@@ -81,21 +113,14 @@ fn packed_reference_matches_the_dequantized_product() {
 
 #[test]
 fn a_rows_result_does_not_depend_on_the_batch() {
-    let Some(compute) = vnni() else { return };
+    let Some(compute) = vnni("a_rows_result_does_not_depend_on_the_batch") else { return };
     let mut rng = Rng(13);
     for dtype in TYPES {
-        let (rows, cols, tokens) = (32, 768, 11);
-        let w = random_matrix(dtype, rows, cols, &mut rng);
-        let view = WeightView::new(dtype, rows, cols, w.bytes()).unwrap();
-        let p = PackedMatrix::pack(&view).unwrap();
-        let x = random_f32(cols * tokens, &mut rng);
-        let mut act = Activations::default();
-        let mut all = vec![0.0; rows * tokens];
-        matmul_packed(&compute, view, Some(&p), &x, tokens, &mut act, &mut all).unwrap();
-        for t in 0..tokens {
-            let mut one = vec![0.0; rows];
-            matmul_packed(&compute, view, Some(&p), &x[t * cols..(t + 1) * cols], 1, &mut act, &mut one).unwrap();
-            assert_eq!(one, all[t * rows..(t + 1) * rows], "{dtype}: row {t} alone differs from row {t} in a batch of {tokens}");
+        let case = Case::new(dtype, 32, 768, 11, &mut rng);
+        let (all, _) = case.product(&compute, 0, case.tokens);
+        for t in 0..case.tokens {
+            let (one, _) = case.product(&compute, t, 1);
+            assert_eq!(one, all[t * case.rows..(t + 1) * case.rows], "{dtype}: row {t} alone differs from row {t} in a batch of {}", case.tokens);
         }
     }
 }
@@ -109,12 +134,20 @@ fn packing_refuses_what_it_cannot_lay_out() {
     let w = random_matrix(DType::Q5K, 16, 256, &mut rng);
     let view = WeightView::new(DType::Q5K, 16, 256, w.bytes()).unwrap();
     assert!(PackedMatrix::pack(&view).is_err(), "Q5_K has no packed layout");
+    // A packed copy of another matrix is refused, not silently used or ignored.
+    let compute = Compute { pool: ThreadPool::new(1), isa: Isa::detect() };
+    let (a, b) = (random_matrix(DType::Q8_0, 32, 64, &mut rng), random_matrix(DType::Q8_0, 16, 64, &mut rng));
+    let other = PackedMatrix::pack(&WeightView::new(DType::Q8_0, 16, 64, b.bytes()).unwrap()).unwrap();
+    let view = WeightView::new(DType::Q8_0, 32, 64, a.bytes()).unwrap();
+    let mut out = vec![0.0; 32];
+    let err = matmul_packed(&compute, view, Some(&other), &random_f32(64, &mut rng), 1, &mut Activations::default(), &mut out).unwrap_err();
+    assert!(err.to_string().contains("does not match its weight"), "{err}");
 }
 
 #[test]
 fn grouped_products_use_each_matrix_packed_or_not() {
     use kiln_kernels::matmul::{matmul_group, MatMulJob};
-    let Some(compute) = vnni() else { return };
+    let Some(compute) = vnni("grouped_products_use_each_matrix_packed_or_not") else { return };
     let mut rng = Rng(15);
     let (cols, tokens) = (128, 6);
     // A matrix without a packed copy between two packed ones shifts the global row offsets.
@@ -152,7 +185,7 @@ fn vector_activation_quantizers_equal_the_scalar_ones() {
     let n = 1024;
     for case in 0..40 {
         let mut x = random_f32(n, &mut rng);
-        match case % 4 {
+        match case % 5 {
             // Ties for the largest magnitude, of both signs: the first one sets the sign.
             1 => {
                 x[7] = 5.0;
@@ -163,6 +196,8 @@ fn vector_activation_quantizers_equal_the_scalar_ones() {
             2 => x.iter_mut().enumerate().for_each(|(i, v)| *v = (i % 255) as f32 - 127.0 + 0.5),
             // A zero block.
             3 => x[256..512].fill(0.0),
+            // A NaN: that block goes to the scalar code, the others stay vectorized.
+            4 => x[40] = f32::NAN,
             _ => {}
         }
         let zero8 = BlockQ8_0 { d: 0, qs: [0; 32] };

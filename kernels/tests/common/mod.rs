@@ -22,21 +22,10 @@ impl Rng {
     }
 }
 
-pub const WEIGHT_TYPES: [DType; 13] = [
-    DType::F32,
-    DType::F16,
-    DType::BF16,
-    DType::Q4_0,
-    DType::Q4_1,
-    DType::Q5_0,
-    DType::Q5_1,
-    DType::Q8_0,
-    DType::Q2K,
-    DType::Q3K,
-    DType::Q4K,
-    DType::Q5K,
-    DType::Q6K,
-];
+/// Every format a weight may be stored in.
+pub fn weight_types() -> Vec<DType> {
+    DType::ALL.into_iter().filter(|d| d.is_weight_type()).collect()
+}
 
 /// A row of `n` random values of `dtype`: random quant bits, finite random scales.
 pub fn random_row(dtype: DType, n: usize, rng: &mut Rng) -> AlignedBuf {

@@ -32,8 +32,9 @@ pub struct MatrixRef {
     backing: Backing,
     offset: usize,
     len: usize,
-    /// The matrix in the interleaved layout of `kiln_kernels::packed`, made on first use by a
-    /// product (embedding tables that are only looked up never pay for it).
+    /// The matrix in the interleaved layout of `kiln_kernels::packed`, made by `packed()`:
+    /// at load for projections and the output head, on first use for anything else a product
+    /// reads (embedding tables that are only looked up never pay for it).
     packed: Arc<OnceLock<Option<PackedMatrix>>>,
 }
 
@@ -130,8 +131,15 @@ impl WeightSource {
     }
 
     /// A projection weight: like `matrix`, quantized to the load-time type when one is set
-    /// and the stored weight is in a float format.
+    /// and the stored weight is in a float format, and packed for this CPU's kernels now
+    /// rather than during the first request.
     pub fn linear(&self, name: &str, rows: usize, cols: usize) -> Result<MatrixRef> {
+        let m = self.stored_linear(name, rows, cols)?;
+        m.packed();
+        Ok(m)
+    }
+
+    fn stored_linear(&self, name: &str, rows: usize, cols: usize) -> Result<MatrixRef> {
         let m = self.matrix(name, rows, cols)?;
         let Some(target) = self.isq else { return Ok(m) };
         if !matches!(m.dtype, DType::F32 | DType::F16 | DType::BF16) {

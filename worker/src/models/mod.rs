@@ -44,9 +44,12 @@ impl LmHead {
     /// The output projection is `lm_head.weight`, or the embedding table when tied.
     pub fn load(w: &WeightSource, cfg: &ModelConfig) -> Result<LmHead> {
         let name = if w.has("lm_head.weight") { "lm_head.weight" } else { "model.embed_tokens.weight" };
+        let head = w.matrix(name, cfg.vocab_size, cfg.hidden_size)?;
+        // Packed now, like every projection, not during the first request.
+        head.packed();
         Ok(LmHead {
             norm: RmsNorm { weight: offset(w.vector("model.norm.weight", cfg.hidden_size)?, cfg.norm_offset), eps: cfg.rms_eps },
-            lm_head: Linear { weight: w.matrix(name, cfg.vocab_size, cfg.hidden_size)?, bias: None },
+            lm_head: Linear { weight: head, bias: None },
             softcap: cfg.final_logit_softcap,
         })
     }
