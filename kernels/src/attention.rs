@@ -200,9 +200,12 @@ pub struct AttentionScratch {
 
 #[derive(Default)]
 struct ThreadScratch {
+    /// `[heads, keys]` of the item being computed.
     scores: Vec<f32>,
-    /// Value accumulators, `[64 buckets, head_dim]`; key position p goes to bucket p % 64.
+    /// Value accumulators, `[64 buckets, head_dim]` (AVX-512: `[heads, 64 buckets, 64]`);
+    /// key position p goes to bucket p % 64.
     buckets: Vec<f32>,
+    /// The item's queries, `[heads, head_dim]`.
     q: Vec<f32>,
     /// Cache slot of each key position attended to.
     slots: Vec<u32>,
@@ -224,29 +227,35 @@ pub fn attention(
     let (pool, isa) = (&compute.pool, compute.isa);
     let n_threads = pool.num_threads();
     scratch.threads.resize_with(n_threads, ThreadScratch::default);
-    // Work items are (span, row, head) triples, numbered in that order.
+    let row_len = p.num_heads * p.head_dim;
+    let group = p.num_heads / p.num_kv_heads.max(1);
+    // Query heads that share a key/value head are taken together, so each key and value is
+    // widened once for all of them, unless that would leave too few items to share out.
+    let rows: usize = spans.iter().map(|s| s.rows.len()).sum();
+    let heads_per_item = if rows * p.num_kv_heads >= 4 * n_threads { group.max(1) } else { 1 };
+    let items_per_row = p.num_heads / heads_per_item;
+    // Work items are (span, row, head chunk) triples, numbered in that order.
     let mut starts = Vec::with_capacity(spans.len() + 1);
     let mut total = 0usize;
     for s in spans {
         starts.push(total);
-        total += s.rows.len() * p.num_heads;
+        total += s.rows.len() * items_per_row;
     }
     starts.push(total);
     let scratch_ptr = SharedMut::new(&mut scratch.threads);
     let out_ptr = SharedMut::new(out);
-    let row_len = p.num_heads * p.head_dim;
-    let group = p.num_heads / p.num_kv_heads.max(1);
     let attend_item = |item: usize, ts: &mut ThreadScratch| {
         let si = starts.partition_point(|&s| s <= item) - 1;
         let span = &spans[si];
         let local = item - starts[si];
-        let (i, head) = (local / p.num_heads, local % p.num_heads);
+        let (i, chunk) = (local / items_per_row, local % items_per_row);
+        let heads = chunk * heads_per_item..(chunk + 1) * heads_per_item;
         let row = span.rows.start + i;
-        let q_row = &q[row * row_len + head * p.head_dim..][..p.head_dim];
+        let cols = row * row_len + heads.start * p.head_dim..row * row_len + heads.end * p.head_dim;
         // SAFETY: every (row, head) pair is claimed by exactly one thread.
-        let dst = unsafe { out_ptr.slice(row * row_len + head * p.head_dim..row * row_len + (head + 1) * p.head_dim) };
-        let query = Query { pos: span.first_pos + i, q: q_row, kv_head: head / group };
-        attend(isa, p, kv, span, &query, ts, dst);
+        let dst = unsafe { out_ptr.slice(cols.clone()) };
+        let queries = Queries { pos: span.first_pos + i, q: &q[cols], kv_head: heads.start / group };
+        attend(isa, p, kv, span, &queries, ts, dst);
     };
     // Items are claimed a few at a time from a shared counter: under a causal mask later rows
     // attend to more keys, so equal shares of items would leave one thread waiting.
@@ -272,24 +281,30 @@ pub fn attention(
     }
 }
 
-/// One query head: its position, its values and the key/value head it reads.
-struct Query<'a> {
+/// Consecutive query heads of one row that read the same key/value head: their position,
+/// their values (`[heads, head_dim]`) and that head.
+struct Queries<'a> {
     pos: usize,
     q: &'a [f32],
     kv_head: usize,
 }
 
-/// One query head against its sequence's keys `first..=pos`.
-fn attend(isa: Isa, p: &AttentionParams, kv: &KvStore, span: &SeqSpan, query: &Query, ts: &mut ThreadScratch, out: &mut [f32]) {
-    let Query { pos, q, kv_head } = *query;
+/// At most this many queries share one pass over the keys (their accumulators must fit in
+/// registers).
+const SHARED_QUERIES: usize = 4;
+
+/// Query heads against their sequence's keys `first..=pos`; `out` is `[heads, head_dim]`.
+fn attend(isa: Isa, p: &AttentionParams, kv: &KvStore, span: &SeqSpan, queries: &Queries, ts: &mut ThreadScratch, out: &mut [f32]) {
+    let Queries { pos, q, kv_head } = *queries;
     let d = p.head_dim;
+    let heads = q.len() / d;
     let first = match p.window {
         Some(w) => (pos + 1).saturating_sub(w),
         None => 0,
     };
     let n_keys = pos + 1 - first;
     let full = kv.precision() == KvPrecision::Full;
-    // The query rounded to half precision (in half mode), held as f32 for the products.
+    // Queries rounded to half precision (in half mode), held as f32 for the products.
     ts.q.clear();
     ts.q.extend_from_slice(q);
     if !full {
@@ -304,26 +319,44 @@ fn attend(isa: Isa, p: &AttentionParams, kv: &KvStore, span: &SeqSpan, query: &Q
         ts.slots.extend((key..end.min(pos + 1)).map(|k| (base + k % bs) as u32));
         key = end;
     }
-    ts.scores.resize(n_keys, 0.0);
-    if full {
-        for (o, &slot) in ts.scores.iter_mut().zip(&ts.slots) {
-            *o = ts.q.iter().zip(kv.key_f32(slot as usize, kv_head)).map(|(a, b)| a * b).sum();
+    ts.scores.resize(heads * n_keys, 0.0);
+    #[cfg(target_arch = "x86_64")]
+    let shared = !full && isa == Isa::Avx512Vnni && d.is_multiple_of(64);
+    #[cfg(not(target_arch = "x86_64"))]
+    let shared = false;
+    if shared {
+        #[cfg(target_arch = "x86_64")]
+        for h0 in (0..heads).step_by(SHARED_QUERIES) {
+            let h1 = (h0 + SHARED_QUERIES).min(heads);
+            scores_shared(&ts.q[h0 * d..h1 * d], d, kv, &ts.slots, kv_head, &mut ts.scores[h0 * n_keys..h1 * n_keys]);
         }
     } else {
-        scores(isa, &ts.q, kv, &ts.slots, kv_head, &mut ts.scores);
-    }
-    for sc in ts.scores.iter_mut() {
-        *sc *= p.scale;
-        if let Some(cap) = p.softcap {
-            *sc = cap * (*sc / cap).tanh();
+        for (qh, sc) in ts.q.chunks(d).zip(ts.scores.chunks_mut(n_keys)) {
+            if full {
+                for (o, &slot) in sc.iter_mut().zip(&ts.slots) {
+                    *o = qh.iter().zip(kv.key_f32(slot as usize, kv_head)).map(|(a, b)| a * b).sum();
+                }
+            } else {
+                scores(isa, qh, kv, &ts.slots, kv_head, sc);
+            }
         }
     }
-    softmax_by_position(isa, &mut ts.scores, first);
+    for sc in ts.scores.chunks_mut(n_keys) {
+        for v in sc.iter_mut() {
+            *v *= p.scale;
+            if let Some(cap) = p.softcap {
+                *v = cap * (*v / cap).tanh();
+            }
+        }
+        softmax_by_position(isa, sc, first);
+    }
     if full {
-        out[..d].fill(0.0);
-        for (&w, &slot) in ts.scores.iter().zip(&ts.slots) {
-            for (o, &v) in out.iter_mut().zip(kv.value_f32(slot as usize, kv_head)) {
-                *o = v.mul_add(w, *o);
+        for (o, sc) in out.chunks_mut(d).zip(ts.scores.chunks(n_keys)) {
+            o.fill(0.0);
+            for (&w, &slot) in sc.iter().zip(&ts.slots) {
+                for (o, &v) in o.iter_mut().zip(kv.value_f32(slot as usize, kv_head)) {
+                    *o = v.mul_add(w, *o);
+                }
             }
         }
         return;
@@ -331,44 +364,95 @@ fn attend(isa: Isa, p: &AttentionParams, kv: &KvStore, span: &SeqSpan, query: &Q
     // Probabilities are rounded to half precision before weighting the values.
     round_f16(isa, &mut ts.scores);
     #[cfg(target_arch = "x86_64")]
-    if isa == Isa::Avx512Vnni && d.is_multiple_of(64) {
-        return weigh_values_by_bucket(p, kv, kv_head, first, ts, out);
+    if shared {
+        return weigh_values_by_bucket(d, kv, kv_head, first, ts, out);
     }
     ts.buckets.resize(64 * d, 0.0);
-    let mut touched = [false; 64];
-    for (j, (&w, &slot)) in ts.scores.iter().zip(&ts.slots).enumerate() {
-        let b = (first + j) % 64;
-        let acc = &mut ts.buckets[b * d..(b + 1) * d];
-        // A bucket's first key starts it from zero: fma(v, w, 0), the same bits as
-        // accumulating onto zeroed memory.
-        fma_f16(isa, acc, w, kv.value(slot as usize, kv_head), !touched[b]);
-        touched[b] = true;
+    for (o, sc) in out.chunks_mut(d).zip(ts.scores.chunks(n_keys)) {
+        let mut touched = [false; 64];
+        for (j, (&w, &slot)) in sc.iter().zip(&ts.slots).enumerate() {
+            let b = (first + j) % 64;
+            let acc = &mut ts.buckets[b * d..(b + 1) * d];
+            // A bucket's first key starts it from zero: fma(v, w, 0), the same bits as
+            // accumulating onto zeroed memory.
+            fma_f16(isa, acc, w, kv.value(slot as usize, kv_head), !touched[b]);
+            touched[b] = true;
+        }
+        fold_buckets(isa, &ts.buckets, &touched, d, o);
     }
-    fold_buckets(isa, &ts.buckets, &touched, d, out);
+}
+
+/// `scores` for up to `SHARED_QUERIES` queries (`qs` is `[queries, d]`) into `out`
+/// (`[queries, keys]`), eight keys at a time with every key widened once for all queries.
+#[cfg(target_arch = "x86_64")]
+fn scores_shared(qs: &[f32], d: usize, kv: &KvStore, slots: &[u32], kv_head: usize, out: &mut [f32]) {
+    fn run<const Q: usize>(qs: &[f32], d: usize, kv: &KvStore, slots: &[u32], kv_head: usize, out: &mut [f32]) {
+        let n = slots.len();
+        let xs: [*const f32; Q] = std::array::from_fn(|h| qs[h * d..].as_ptr());
+        let mut j = 0;
+        while j + 8 <= n {
+            let keys: [*const u16; 8] = std::array::from_fn(|k| kv.key(slots[j + k] as usize, kv_head).as_ptr());
+            // SAFETY: the caller checked AVX-512; every key and query holds `d` values.
+            let r = unsafe { crate::x86_wide::dot8_queries::<Q>(&xs, &keys, d) };
+            for (h, r) in r.iter().enumerate() {
+                out[h * n + j..h * n + j + 8].copy_from_slice(r);
+            }
+            j += 8;
+        }
+        for h in 0..Q {
+            scores(Isa::Avx512Vnni, &qs[h * d..(h + 1) * d], kv, &slots[j..], kv_head, &mut out[h * n + j..(h + 1) * n]);
+        }
+    }
+    match qs.len() / d {
+        1 => run::<1>(qs, d, kv, slots, kv_head, out),
+        2 => run::<2>(qs, d, kv, slots, kv_head, out),
+        3 => run::<3>(qs, d, kv, slots, kv_head, out),
+        _ => run::<4>(qs, d, kv, slots, kv_head, out),
+    }
 }
 
 /// The bucketed value sums of `attend`, one bucket at a time and 64 dimensions at a time so
-/// that a bucket's sum stays in registers: every bucket receives the same additions in the
-/// same order as there, so the results are identical.
+/// that a bucket's sum stays in registers, for up to `SHARED_QUERIES` heads at once: every
+/// bucket receives the same additions in the same order as there, so the results are
+/// identical.
 #[cfg(target_arch = "x86_64")]
-fn weigh_values_by_bucket(p: &AttentionParams, kv: &KvStore, kv_head: usize, first: usize, ts: &mut ThreadScratch, out: &mut [f32]) {
-    let d = p.head_dim;
-    let n_keys = ts.scores.len();
+fn weigh_values_by_bucket(d: usize, kv: &KvStore, kv_head: usize, first: usize, ts: &mut ThreadScratch, out: &mut [f32]) {
+    let n_keys = ts.slots.len();
+    let heads = out.len() / d;
     ts.value_at.clear();
     ts.value_at.extend(ts.slots.iter().map(|&slot| kv.offset(slot as usize, kv_head)));
     let mut touched = [false; 64];
     for (b, t) in touched.iter_mut().enumerate() {
         *t = (b + 64 - first % 64) % 64 < n_keys;
     }
-    ts.buckets.resize(64 * 64, 0.0);
-    for dim in (0..d).step_by(64) {
-        for b in 0..64 {
-            let j0 = (b + 64 - first % 64) % 64;
-            // SAFETY: AVX-512 implied by the caller's `isa`; every value holds `d` halves,
-            // so dimensions dim..dim + 64 are in bounds.
-            unsafe { crate::x86_wide::bucket_sum(&ts.scores, &ts.value_at, j0, &kv.v, dim, &mut ts.buckets[64 * b..64 * b + 64]) };
+    ts.buckets.resize(SHARED_QUERIES * 64 * 64, 0.0);
+    for h0 in (0..heads).step_by(SHARED_QUERIES) {
+        let h1 = (h0 + SHARED_QUERIES).min(heads);
+        let scores = &ts.scores[h0 * n_keys..h1 * n_keys];
+        for dim in (0..d).step_by(64) {
+            for b in 0..64 {
+                let j0 = (b + 64 - first % 64) % 64;
+                let at = &ts.value_at;
+                let buckets = ts.buckets.as_mut_ptr();
+                // SAFETY: AVX-512 checked by the caller; every value holds `d` halves, so
+                // dimensions dim..dim + 64 are in bounds; bucket b of head h lies inside
+                // `buckets` (SHARED_QUERIES * 64 blocks of 64).
+                unsafe {
+                    let dst = |h: usize| buckets.add((h * 64 + b) * 64);
+                    let w = |h: usize| &scores[h * n_keys..(h + 1) * n_keys];
+                    match h1 - h0 {
+                        1 => crate::x86_wide::bucket_sum_queries::<1>(&[w(0)], at, j0, &kv.v, dim, [dst(0)]),
+                        2 => crate::x86_wide::bucket_sum_queries::<2>(&[w(0), w(1)], at, j0, &kv.v, dim, [dst(0), dst(1)]),
+                        3 => crate::x86_wide::bucket_sum_queries::<3>(&[w(0), w(1), w(2)], at, j0, &kv.v, dim, [dst(0), dst(1), dst(2)]),
+                        _ => crate::x86_wide::bucket_sum_queries::<4>(&[w(0), w(1), w(2), w(3)], at, j0, &kv.v, dim, [dst(0), dst(1), dst(2), dst(3)]),
+                    }
+                }
+            }
+            for h in h0..h1 {
+                let buckets = &ts.buckets[(h - h0) * 4096..(h - h0 + 1) * 4096];
+                fold_buckets(Isa::Avx512Vnni, buckets, &touched, 64, &mut out[h * d + dim..h * d + dim + 64]);
+            }
         }
-        fold_buckets(Isa::Avx512Vnni, &ts.buckets, &touched, 64, &mut out[dim..dim + 64]);
     }
 }
 

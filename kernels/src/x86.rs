@@ -704,6 +704,14 @@ pub unsafe fn dot8_f32_f16_ordered(x: *const f32, keys: &[*const u16; 8], n: usi
         // tree16's first step: lanes 8..16 onto lanes 0..8.
         *f = _mm256_add_ps(hi, lo);
     }
+    finish_tree16x8(folded)
+}
+
+/// The rest of `tree16` for eight dot products at once, each given as its eight lanes after
+/// the first step (lanes 8..16 added onto 0..8).
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn finish_tree16x8(folded: [__m256; 8]) -> [f32; 8] {
     // Transpose: t[i] holds lane i of every key's folded vector.
     let t = transpose8(folded);
     // tree16's remaining steps, lane-wise: (b4 + b0), (b6 + b2), (b5 + b1), (b7 + b3), ...

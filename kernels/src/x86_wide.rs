@@ -65,6 +65,57 @@ pub unsafe fn bucket_sum(w: &[f32], at: &[usize], j0: usize, values: &[u16], dim
     }
 }
 
+/// `x86::dot8_f32_f16_ordered` for `Q` queries against the same eight keys: each key chunk
+/// is widened once and used by every query, and each query's lanes get exactly the
+/// arithmetic of the single-query kernel.
+#[target_feature(enable = "avx2,fma,f16c,avx512f")]
+pub unsafe fn dot8_queries<const Q: usize>(xs: &[*const f32; Q], keys: &[*const u16; 8], n: usize) -> [[f32; 8]; Q] {
+    let mut folded = [[_mm256_setzero_ps(); 8]; Q];
+    for (k, &key) in keys.iter().enumerate() {
+        let mut acc = [[_mm512_setzero_ps(); 4]; Q];
+        let mut i = 0;
+        while i + 64 <= n {
+            for c in 0..4 {
+                let yv = _mm512_cvtph_ps(_mm256_loadu_si256(key.add(i + 16 * c) as *const __m256i));
+                for (a, &x) in acc.iter_mut().zip(xs) {
+                    a[c] = _mm512_fmadd_ps(_mm512_loadu_ps(x.add(i + 16 * c)), yv, a[c]);
+                }
+            }
+            i += 64;
+        }
+        for (f, a) in folded.iter_mut().zip(&acc) {
+            let s = _mm512_add_ps(_mm512_add_ps(a[0], a[2]), _mm512_add_ps(a[1], a[3]));
+            let (lo, hi) = (_mm512_castps512_ps256(s), _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(s), 1)));
+            f[k] = _mm256_add_ps(hi, lo);
+        }
+    }
+    folded.map(|f| crate::x86::finish_tree16x8(f))
+}
+
+/// `bucket_sum` for `Q` queries sharing the same values (one weight vector per query, each
+/// as long as `at`): each value chunk is widened once; `outs[q]` receives 64 floats.
+#[target_feature(enable = "avx2,fma,f16c,avx512f")]
+pub unsafe fn bucket_sum_queries<const Q: usize>(ws: &[&[f32]; Q], at: &[usize], j0: usize, values: &[u16], dim: usize, outs: [*mut f32; Q]) {
+    let mut acc = [[_mm512_setzero_ps(); 4]; Q];
+    let mut j = j0;
+    while j < at.len() {
+        let v = values[at[j] + dim..at[j] + dim + 64].as_ptr();
+        let x: [__m512; 4] = std::array::from_fn(|c| _mm512_cvtph_ps(_mm256_loadu_si256(v.add(16 * c) as *const __m256i)));
+        for (a, w) in acc.iter_mut().zip(ws) {
+            let wv = _mm512_set1_ps(w[j]);
+            for c in 0..4 {
+                a[c] = _mm512_fmadd_ps(wv, x[c], a[c]);
+            }
+        }
+        j += 64;
+    }
+    for (a, &o) in acc.iter().zip(&outs) {
+        for (c, v) in a.iter().enumerate() {
+            _mm512_storeu_ps(o.add(16 * c), *v);
+        }
+    }
+}
+
 /// `activation::quantize_q8k` for one super-block: the first value of largest magnitude
 /// sets the scale, quants are rounded half to even, sums taken per 16. Returns d, or None
 /// (writing nothing) when the block holds a NaN, which the scalar code handles.

@@ -299,3 +299,40 @@ fn paged_attention_equals_contiguous_layout_exactly() {
         assert!(a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()), "window {window:?}");
     }
 }
+
+#[test]
+fn attention_is_identical_on_every_isa_and_head_grouping() {
+    // With many rows, query heads that share a key/value head are computed together; a row
+    // alone is computed head by head. Neither that nor the instruction set may change a bit.
+    let mut rng = Rng(10);
+    let len = 70;
+    for (num_heads, num_kv_heads, head_dim) in [(4, 1, 256), (9, 3, 64), (6, 1, 128), (5, 5, 64), (8, 2, 48), (10, 2, 64)] {
+        for window in [None, Some(37)] {
+            let p = AttentionParams { num_heads, num_kv_heads, head_dim, scale: 0.1, window, softcap: None, block_size: 16 };
+            let row = num_kv_heads * head_dim;
+            let table: Vec<u32> = vec![3, 0, 4, 1, 2];
+            let mut kv = KvStore::new(5 * 16, num_kv_heads, head_dim);
+            for pos in 0..len {
+                kv.write(table[pos / 16] as usize * 16 + pos % 16, &random_f32(row, &mut rng), &random_f32(row, &mut rng));
+            }
+            let width = num_heads * head_dim;
+            let q = random_f32(len * width, &mut rng);
+            let mut reference: Option<Vec<f32>> = None;
+            for isa in Isa::available() {
+                let compute = kiln_kernels::Compute { pool: ThreadPool::new(2), isa };
+                let mut all = vec![0.0; q.len()];
+                let spans = [SeqSpan { rows: 0..len, first_pos: 0, block_table: &table }];
+                attention(&compute, &p, &kv, &spans, &q, &mut all, &mut AttentionScratch::default());
+                let mut last = vec![0.0; width];
+                let spans = [SeqSpan { rows: 0..1, first_pos: len - 1, block_table: &table }];
+                attention(&compute, &p, &kv, &spans, &q[(len - 1) * width..], &mut last, &mut AttentionScratch::default());
+                let case = format!("{isa:?} heads {num_heads}/{num_kv_heads} dim {head_dim} window {window:?}");
+                assert!(all[(len - 1) * width..].iter().zip(&last).all(|(a, b)| a.to_bits() == b.to_bits()), "{case}: last row alone differs");
+                match &reference {
+                    None => reference = Some(all),
+                    Some(r) => assert!(r.iter().zip(&all).all(|(a, b)| a.to_bits() == b.to_bits()), "{case}: differs from scalar"),
+                }
+            }
+        }
+    }
+}
