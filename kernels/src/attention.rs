@@ -459,12 +459,33 @@ fn weigh_values_by_bucket(d: usize, kv: &KvStore, kv_head: usize, first: usize, 
 /// Softmax over scores of consecutive positions starting at `first`: exponentials and
 /// their sum grouped 16 at a time by absolute position (see `numerics`).
 fn softmax_by_position(isa: Isa, s: &mut [f32], first: usize) {
-    let max = s.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+    // Sixteen running maxima, so the scan vectorizes; the largest of them is the same value
+    // a sequential scan finds (only the sign of a zero maximum may differ, which no
+    // difference `s - max` below can tell).
+    let mut maxima = [f32::NEG_INFINITY; 16];
+    let mut chunks = s.chunks_exact(16);
+    for chunk in &mut chunks {
+        for (m, &v) in maxima.iter_mut().zip(chunk) {
+            *m = m.max(v);
+        }
+    }
+    let max = chunks.remainder().iter().chain(&maxima).fold(f32::NEG_INFINITY, |m, &v| m.max(v));
     let mut sum = 0.0f64;
     let mut lanes = [0f32; 16];
     let mut pos = first - first % 16;
     let end = first + s.len();
     while pos < end {
+        if pos >= first && pos + 16 <= end {
+            let chunk = &mut s[pos - first..pos - first + 16];
+            for (lane, &v) in lanes.iter_mut().zip(chunk.iter()) {
+                *lane = v - max;
+            }
+            exp16(isa, &mut lanes);
+            sum += tree16(&lanes) as f64;
+            chunk.copy_from_slice(&lanes);
+            pos += 16;
+            continue;
+        }
         for (l, lane) in lanes.iter_mut().enumerate() {
             let p = pos + l;
             *lane = if p >= first && p < end { s[p - first] - max } else { f32::NEG_INFINITY };
