@@ -9,11 +9,12 @@
 //! makes every result independent of the batch it was computed in.
 //!
 //! Layout of one group of 16 rows, block by block (`block_bytes` each):
-//! - `d`: the 16 rows' block scales, f16 (32 bytes); Q4_1 adds the 16 minima `m` (32 bytes);
+//! - `d`: the 16 rows' block scales, f16 (32 bytes); Q4_1 and Q5_1 add the 16 minima `m`
+//!   (32 bytes);
 //! - quants, unsigned: for 4-bit formats four 64-byte registers, register `k` holding in byte
 //!   `4j + t` the quants `4k + t` (low nibble) and `16 + 4k + t` (high nibble) of row `j`;
 //!   for Q8_0 eight registers, register `k` holding quants `4k + t` of row `j` plus 128;
-//! - Q5_0 only: eight 64-bit masks, the fifth bit of each byte of the four low-nibble and then
+//! - Q5_0 and Q5_1: eight 64-bit masks, the fifth bit of each byte of the four low-nibble and then
 //!   the four high-nibble registers.
 //!
 //! Q4_K super-blocks (256 columns) hold `d` and `dmin` (f16), the 6-bit scales and minima of
@@ -22,6 +23,12 @@
 //! of sub-block `2c + 1` (high nibble) of row `j`. Its products follow the order of ggml's
 //! 8-row interleaved Q4_K kernels (whole super-block integer sums, then one fused
 //! multiply-add), as `x86::*::q4k_interleaved` does.
+//!
+//! Q5_K super-blocks start like Q4_K (header and 32 registers of the low four bits), then
+//! hold the fifth bits as 64-bit masks, two per register (`Q5K_HIGHS + 16 * register`: low
+//! nibbles, then high nibbles; bit `4j + t` for byte `4j + t`). Its products keep ggml's
+//! single-row Q5_K order: eight lanes of integer sums scaled per 32 values, one fused
+//! multiply-add per super-block and lane, the minima accumulated apart and added last.
 //!
 //! Q6_K super-blocks hold `d` (f16), the sixteen 8-bit scales of each row as eight pairs
 //! (`[pair][row][2]`), then the unsigned 6-bit quants (stored value + 32) split in two: 32
@@ -35,7 +42,7 @@
 //! eighth lane of ggml's single-row dot product, so the packed kernels keep its summation
 //! order (`reference`), and their results equal the single-row kernels' bit for bit.
 
-use crate::blocks::{f16_bits_to_f32, BlockQ4K, BlockQ6K, BlockQ4_0, BlockQ4_1, BlockQ5_0, BlockQ8K, BlockQ8_0, BlockQ8_1};
+use crate::blocks::{f16_bits_to_f32, BlockQ4K, BlockQ5K, BlockQ6K, BlockQ4_0, BlockQ4_1, BlockQ5_0, BlockQ5_1, BlockQ8K, BlockQ8_0, BlockQ8_1};
 use crate::dtype::DType;
 use crate::matmul::{AlignedBuf, WeightView};
 use crate::KernelError;
@@ -45,17 +52,19 @@ pub const GROUP: usize = 16;
 
 /// Formats with a packed layout.
 pub fn supports(dtype: DType) -> bool {
-    matches!(dtype, DType::Q4_0 | DType::Q4_1 | DType::Q5_0 | DType::Q8_0 | DType::Q4K | DType::Q6K)
+    matches!(dtype, DType::Q4_0 | DType::Q4_1 | DType::Q5_0 | DType::Q5_1 | DType::Q8_0 | DType::Q4K | DType::Q5K | DType::Q6K)
 }
 
-/// Bytes of one group's block (32 columns; a 256-column super-block for Q4_K).
+/// Bytes of one group's block (32 columns; a 256-column super-block for the K formats).
 pub fn block_bytes(dtype: DType) -> usize {
     match dtype {
         DType::Q4_0 => 32 + 256,
         DType::Q4_1 => 64 + 256,
         DType::Q5_0 => 32 + 256 + 64,
+        DType::Q5_1 => 64 + 256 + 64,
         DType::Q8_0 => 32 + 512,
         DType::Q4K => Q4K_QUANTS + 2048,
+        DType::Q5K => Q5K_HIGHS + 512,
         DType::Q6K => Q6K_LOWS + 2048 + 1024,
         _ => 0,
     }
@@ -65,10 +74,18 @@ pub fn block_bytes(dtype: DType) -> usize {
 /// the sub-block scales and minima (`[8 sub-blocks][16 rows]` bytes each).
 pub const Q4K_QUANTS: usize = 64 + 128 + 128;
 
+/// Where a packed Q5_K super-block's fifth-bit masks start: after a Q4_K-like super-block.
+pub const Q5K_HIGHS: usize = Q4K_QUANTS + 2048;
+
 /// Where a packed Q6_K super-block's low quant bits start: after `d` (16 f16) and the
 /// scales (`[8 pairs][16 rows][2]` bytes). The two high bits follow the low bits.
 pub const Q6K_LOWS: usize = 32 + 256;
 pub const Q6K_HIGHS: usize = Q6K_LOWS + 2048;
+
+/// Formats with a per-block minimum (read against Q8_1 activations).
+pub fn has_min(dtype: DType) -> bool {
+    matches!(dtype, DType::Q4_1 | DType::Q5_1)
+}
 
 /// The offset stored quants carry: the format's zero point.
 pub fn zero_point(dtype: DType) -> i32 {
@@ -136,7 +153,7 @@ impl PackedMatrix {
 }
 
 /// Quants of block `b` of one row as unsigned values (zero point added) with its scale bits
-/// and, for Q4_1, minimum bits.
+/// and, for Q4_1 and Q5_1, minimum bits.
 fn unsigned_quants(dtype: DType, row: &[u8], b: usize) -> ([u8; 32], u16, u16) {
     let mut q = [0u8; 32];
     let at = |size: usize| &row[b * size..(b + 1) * size];
@@ -166,6 +183,15 @@ fn unsigned_quants(dtype: DType, row: &[u8], b: usize) -> ([u8; 32], u16, u16) {
             }
             (q, x.d, 0)
         }
+        DType::Q5_1 => {
+            let x: &BlockQ5_1 = bytemuck_block(at(24));
+            let qh = u32::from_le_bytes(x.qh);
+            for i in 0..16 {
+                q[i] = (x.qs[i] & 0x0F) | ((((qh >> i) & 1) as u8) << 4);
+                q[i + 16] = (x.qs[i] >> 4) | ((((qh >> (i + 16)) & 1) as u8) << 4);
+            }
+            (q, x.d, x.m)
+        }
         DType::Q8_0 => {
             let x: &BlockQ8_0 = bytemuck_block(at(34));
             for (q, &v) in q.iter_mut().zip(&x.qs) {
@@ -182,11 +208,11 @@ fn bytemuck_block<B: crate::blocks::Block>(bytes: &[u8]) -> &B {
 }
 
 fn pack_block(dtype: DType, rows: &[&[u8]; GROUP], b: usize, dst: &mut [u8]) {
-    if dtype == DType::Q4K {
-        return pack_q4k(rows, b, dst);
-    }
-    if dtype == DType::Q6K {
-        return pack_q6k(rows, b, dst);
+    match dtype {
+        DType::Q4K => return pack_q4k(rows, b, dst),
+        DType::Q5K => return pack_q5k(rows, b, dst),
+        DType::Q6K => return pack_q6k(rows, b, dst),
+        _ => {}
     }
     let unpacked: [([u8; 32], u16, u16); GROUP] = std::array::from_fn(|j| unsigned_quants(dtype, rows[j], b));
     let mut at = 0;
@@ -194,7 +220,7 @@ fn pack_block(dtype: DType, rows: &[&[u8]; GROUP], b: usize, dst: &mut [u8]) {
         dst[2 * j..2 * j + 2].copy_from_slice(&d.to_le_bytes());
     }
     at += 32;
-    if dtype == DType::Q4_1 {
+    if has_min(dtype) {
         for (j, (_, _, m)) in unpacked.iter().enumerate() {
             dst[at + 2 * j..at + 2 * j + 2].copy_from_slice(&m.to_le_bytes());
         }
@@ -218,7 +244,7 @@ fn pack_block(dtype: DType, rows: &[&[u8]; GROUP], b: usize, dst: &mut [u8]) {
         }
     }
     at += 256;
-    if dtype == DType::Q5_0 {
+    if matches!(dtype, DType::Q5_0 | DType::Q5_1) {
         for half in 0..2 {
             for k in 0..4 {
                 let mut mask = 0u64;
@@ -239,9 +265,37 @@ fn pack_block(dtype: DType, rows: &[&[u8]; GROUP], b: usize, dst: &mut [u8]) {
 fn pack_q4k(rows: &[&[u8]; GROUP], b: usize, dst: &mut [u8]) {
     let blocks: [&BlockQ4K; GROUP] = std::array::from_fn(|j| bytemuck_block(&rows[j][b * 144..(b + 1) * 144]));
     let unpacked: [crate::unpack::KBlock; GROUP] = std::array::from_fn(|j| crate::unpack::q4k(blocks[j]));
-    for (j, x) in blocks.iter().enumerate() {
-        dst[2 * j..2 * j + 2].copy_from_slice(&x.d.to_le_bytes());
-        dst[32 + 2 * j..32 + 2 * j + 2].copy_from_slice(&x.dmin.to_le_bytes());
+    pack_k4(&blocks.map(|x| (x.d, x.dmin)), &unpacked, dst);
+}
+
+fn pack_q5k(rows: &[&[u8]; GROUP], b: usize, dst: &mut [u8]) {
+    let blocks: [&BlockQ5K; GROUP] = std::array::from_fn(|j| bytemuck_block(&rows[j][b * 176..(b + 1) * 176]));
+    let unpacked: [crate::unpack::KBlock; GROUP] = std::array::from_fn(|j| crate::unpack::q5k(blocks[j]));
+    pack_k4(&blocks.map(|x| (x.d, x.dmin)), &unpacked, dst);
+    for c in 0..4 {
+        for k in 0..8 {
+            for half in 0..2 {
+                let mut mask = 0u64;
+                for (j, u) in unpacked.iter().enumerate() {
+                    for t in 0..4 {
+                        if u.q[64 * c + 32 * half + 4 * k + t] & 0x10 != 0 {
+                            mask |= 1 << (4 * j + t);
+                        }
+                    }
+                }
+                let at = Q5K_HIGHS + 16 * (8 * c + k) + 8 * half;
+                dst[at..at + 8].copy_from_slice(&mask.to_le_bytes());
+            }
+        }
+    }
+}
+
+/// The part Q4_K and Q5_K share: `d` and `dmin`, the sub-block scales and minima as bytes,
+/// and the low four bits of every quant.
+fn pack_k4(scales: &[(u16, u16); GROUP], unpacked: &[crate::unpack::KBlock; GROUP], dst: &mut [u8]) {
+    for (j, (d, dmin)) in scales.iter().enumerate() {
+        dst[2 * j..2 * j + 2].copy_from_slice(&d.to_le_bytes());
+        dst[32 + 2 * j..32 + 2 * j + 2].copy_from_slice(&dmin.to_le_bytes());
     }
     for sub in 0..8 {
         for (j, u) in unpacked.iter().enumerate() {
@@ -254,7 +308,7 @@ fn pack_q4k(rows: &[&[u8]; GROUP], b: usize, dst: &mut [u8]) {
         for k in 0..8 {
             for (j, u) in unpacked.iter().enumerate() {
                 for t in 0..4 {
-                    let (lo, hi) = (u.q[64 * c + 4 * k + t] as u8, u.q[64 * c + 32 + 4 * k + t] as u8);
+                    let (lo, hi) = (u.q[64 * c + 4 * k + t] as u8 & 0xF, u.q[64 * c + 32 + 4 * k + t] as u8 & 0xF);
                     dst[Q4K_QUANTS + 64 * (8 * c + k) + 4 * j + t] = lo | (hi << 4);
                 }
             }
@@ -318,6 +372,30 @@ fn reference_q6k(w: &[u8], a: &[u8], cols: usize) -> f32 {
     ((acc[0] + acc[4]) + (acc[2] + acc[6])) + ((acc[1] + acc[5]) + (acc[3] + acc[7]))
 }
 
+/// `reference` for Q5_K against Q8_K activations: ggml's single-row order, eight lanes of
+/// integer sums (lane `l`: quants `4l..4l + 4` of every 32-value sub-block times its scale),
+/// one fused multiply-add per super-block and lane, the lanes added pairwise; the minima's
+/// integer sum scaled and accumulated once per super-block, added last.
+fn reference_q5k(w: &[u8], a: &[u8], cols: usize) -> f32 {
+    let mut acc = [0f32; 8];
+    let mut mins = 0f32;
+    for b in 0..cols / 256 {
+        let x: &BlockQ5K = bytemuck_block(&w[b * 176..(b + 1) * 176]);
+        let y: &BlockQ8K = bytemuck_block(&a[b * 292..(b + 1) * 292]);
+        let u = crate::unpack::q5k(x);
+        let total_min: i32 = (0..8).map(|s| u.mins[2 * s] * (y.bsums[2 * s] as i32 + y.bsums[2 * s + 1] as i32)).sum();
+        mins = (-y.d * f16_bits_to_f32(x.dmin)).mul_add(total_min as f32, mins);
+        let d = y.d * f16_bits_to_f32(x.d);
+        for (l, acc) in acc.iter_mut().enumerate() {
+            let lane: i32 = (0..8)
+                .map(|s| u.scales[2 * s] * (0..4).map(|t| u.q[32 * s + 4 * l + t] as i32 * y.qs[32 * s + 4 * l + t] as i32).sum::<i32>())
+                .sum();
+            *acc = d.mul_add(lane as f32, *acc);
+        }
+    }
+    (((acc[0] + acc[4]) + (acc[2] + acc[6])) + ((acc[1] + acc[5]) + (acc[3] + acc[7]))) + mins
+}
+
 /// `reference` for Q4_K against Q8_K activations.
 fn reference_q4k(w: &[u8], a: &[u8], cols: usize) -> f32 {
     let (mut acc, mut acc_min) = (0f32, 0f32);
@@ -346,23 +424,23 @@ pub struct BlockTable {
 }
 
 /// The packed kernels' arithmetic from the original rows: weight row `w` (in `dtype`)
-/// against one activation row (Q8_0, or Q8_1 for Q4_1). This is the single-row order of
+/// against one activation row (Q8_0, or Q8_1 for Q4_1 and Q5_1). This is the single-row order of
 /// the `x86` kernels (and of ggml's AVX2 dot products): eight lanes, lane `l` holding the
 /// integer sum over quants `4l..4l + 4` of each block, scaled and accumulated with a fused
-/// multiply-add per block, the lanes added pairwise at the end; Q4_1's `m·s` terms summed
+/// multiply-add per block, the lanes added pairwise at the end; the `m·s` terms summed
 /// separately in block order and added last.
 pub fn reference(dtype: DType, w: &[u8], a: &[u8], cols: usize) -> f32 {
-    if dtype == DType::Q4K {
-        return reference_q4k(w, a, cols);
-    }
-    if dtype == DType::Q6K {
-        return reference_q6k(w, a, cols);
+    match dtype {
+        DType::Q4K => return reference_q4k(w, a, cols),
+        DType::Q5K => return reference_q5k(w, a, cols),
+        DType::Q6K => return reference_q6k(w, a, cols),
+        _ => {}
     }
     let mut acc = [0f32; 8];
     let mut off = 0f32;
     for b in 0..cols / 32 {
         let (q, dw, mw) = unsigned_quants(dtype, w, b);
-        let (da, sa, qa): (u16, u16, &[i8; 32]) = if dtype == DType::Q4_1 {
+        let (da, sa, qa): (u16, u16, &[i8; 32]) = if has_min(dtype) {
             let y: &BlockQ8_1 = bytemuck_block(&a[b * 36..(b + 1) * 36]);
             (y.d, y.s, &y.qs)
         } else {
@@ -374,12 +452,12 @@ pub fn reference(dtype: DType, w: &[u8], a: &[u8], cols: usize) -> f32 {
             let lane: i32 = (4 * l..4 * l + 4).map(|i| (q[i] as i32 - zero_point(dtype)) * qa[i] as i32).sum();
             *acc = d.mul_add(lane as f32, *acc);
         }
-        if dtype == DType::Q4_1 {
+        if has_min(dtype) {
             off += f16_bits_to_f32(mw) * f16_bits_to_f32(sa);
         }
     }
     let sum = ((acc[0] + acc[4]) + (acc[2] + acc[6])) + ((acc[1] + acc[5]) + (acc[3] + acc[7]));
-    if dtype == DType::Q4_1 {
+    if has_min(dtype) {
         sum + off
     } else {
         sum

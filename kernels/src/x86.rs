@@ -288,9 +288,41 @@ macro_rules! x86_kernels {
                 kgeneric::<BlockQ3K>(w, a, n, crate::unpack::q3k)
             }
 
+            /// Q5_K as ggml's `vec_dot_q5_K_q8_K` sums it: eight lanes of integer products
+            /// scaled per 32 values, one fused multiply-add per super-block and lane; the
+            /// minima's integer sum accumulated once per super-block and added last.
             #[target_feature(enable = $features)]
             pub unsafe fn q5k(w: *const u8, a: *const u8, n: usize) -> f32 {
-                kgeneric::<BlockQ5K>(w, a, n, crate::unpack::q5k)
+                let (w, a) = (w as *const BlockQ5K, a as *const BlockQ8K);
+                let low_mask = _mm256_set1_epi8(0xF);
+                let one = _mm256_set1_epi8(1);
+                let mut acc = _mm256_setzero_ps();
+                let mut mins = 0f32;
+                for i in 0..n / QK_K {
+                    let (x, y) = (&*w.add(i), &*a.add(i));
+                    let high = _mm256_loadu_si256(x.qh.as_ptr() as *const __m256i);
+                    // Bit `b` of every byte of qh, moved to bit 4.
+                    let fifth = |b: i32| _mm256_slli_epi16(_mm256_and_si256(_mm256_srl_epi16(high, _mm_cvtsi32_si128(b)), one), 4);
+                    let mut sumi = _mm256_setzero_si256();
+                    let mut total_min = 0i32;
+                    for c in 0..4 {
+                        let (sc_lo, m_lo) = k4_scale_min(2 * c, &x.scales);
+                        let (sc_hi, m_hi) = k4_scale_min(2 * c + 1, &x.scales);
+                        total_min += m_lo as i32 * (y.bsums[4 * c] as i32 + y.bsums[4 * c + 1] as i32)
+                            + m_hi as i32 * (y.bsums[4 * c + 2] as i32 + y.bsums[4 * c + 3] as i32);
+                        let q = _mm256_loadu_si256(x.qs.as_ptr().add(32 * c) as *const __m256i);
+                        let lo = _mm256_or_si256(_mm256_and_si256(q, low_mask), fifth(2 * c as i32));
+                        let hi = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(q, 4), low_mask), fifth(2 * c as i32 + 1));
+                        let p_lo = _mm256_madd_epi16(_mm256_maddubs_epi16(lo, load(y.qs.as_ptr().add(64 * c))), _mm256_set1_epi16(sc_lo as i16));
+                        let p_hi = _mm256_madd_epi16(_mm256_maddubs_epi16(hi, load(y.qs.as_ptr().add(64 * c + 32))), _mm256_set1_epi16(sc_hi as i16));
+                        sumi = _mm256_add_epi32(sumi, _mm256_add_epi32(p_lo, p_hi));
+                    }
+                    let d = y.d * h2f(x.d);
+                    let dmin = -y.d * h2f(x.dmin);
+                    acc = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(sumi), acc);
+                    mins = dmin.mul_add(total_min as f32, mins);
+                }
+                hsum_f32(acc) + mins
             }
 
             /// Weight blocks of signed quants (Q4_0, Q5_0) against N activation rows at once:

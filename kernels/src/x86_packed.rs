@@ -8,7 +8,7 @@
 #![allow(unsafe_op_in_unsafe_fn, clippy::missing_safety_doc)]
 
 use crate::dtype::DType;
-use crate::packed::{block_bytes, zero_point_index, BlockTable, Q4K_QUANTS, Q6K_HIGHS, Q6K_LOWS};
+use crate::packed::{block_bytes, has_min, zero_point_index, BlockTable, Q4K_QUANTS, Q5K_HIGHS, Q6K_HIGHS, Q6K_LOWS};
 use std::arch::x86_64::*;
 
 /// A packed product: rows `t0..t0 + count` of the activations against one packed group,
@@ -61,6 +61,7 @@ kind_kernels! {
     q4_0 => DType::Q4_0;
     q4_1 => DType::Q4_1;
     q5_0 => DType::Q5_0;
+    q5_1 => DType::Q5_1;
     q8_0 => DType::Q8_0;
 }
 
@@ -119,6 +120,75 @@ unsafe fn q4k_tile<const N: usize>(group: *const u8, acts: &PackedActs, t0: usiz
     }
     for t in 0..N {
         _mm512_storeu_ps(out.add((t0 + t) * stride), _mm512_sub_ps(acc[t], acc_min[t]));
+    }
+}
+
+/// `PackedFn` for Q5_K against Q8_K activations.
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+pub unsafe fn q5k(group: *const u8, acts: &PackedActs, t0: usize, count: usize, out: *mut f32, stride: usize) {
+    in_tiles!(t from t0, count; 3 => 2, 1; q5k_tile(group, acts, t, out, stride));
+}
+
+#[inline(always)]
+unsafe fn q5k_tile<const N: usize>(group: *const u8, acts: &PackedActs, t0: usize, out: *mut f32, stride: usize) {
+    let bb = block_bytes(DType::Q5K);
+    let low = _mm512_set1_epi8(0x0F);
+    let sixteen = _mm512_set1_epi8(16);
+    // acc[l][t]: lane l of ggml's eight for input row t, sixteen weight rows wide.
+    let mut acc = [[_mm512_setzero_ps(); N]; 8];
+    let mut mins = [_mm512_setzero_ps(); N];
+    for b in 0..acts.blocks {
+        let p = group.add(b * bb);
+        let a: [*const u8; N] = std::array::from_fn(|t| acts.base.add((t0 + t) * acts.row_bytes + b * acts.block_bytes));
+        let per_row = |at: usize| _mm512_cvtepu8_epi32(_mm_loadu_si128(p.add(at) as *const __m128i));
+        // Each sub-block's scale of the sixteen rows in both i16 halves of a 32-bit lane.
+        let scales: [__m512i; 8] = std::array::from_fn(|sub| {
+            let s = per_row(64 + 16 * sub);
+            _mm512_or_si512(s, _mm512_slli_epi32(s, 16))
+        });
+        let dw = _mm512_cvtph_ps(_mm256_loadu_si256(p as *const __m256i));
+        let dmin = _mm512_cvtph_ps(_mm256_loadu_si256(p.add(32) as *const __m256i));
+        for t in 0..N {
+            let dy = std::ptr::read_unaligned(a[t] as *const f32);
+            let bsums = a[t].add(4 + 256) as *const i16;
+            let mut total_min = _mm512_setzero_si512();
+            for sub in 0..8 {
+                let pair = std::ptr::read_unaligned(bsums.add(2 * sub)) as i32 + std::ptr::read_unaligned(bsums.add(2 * sub + 1)) as i32;
+                total_min = _mm512_add_epi32(total_min, _mm512_mullo_epi32(per_row(192 + 16 * sub), _mm512_set1_epi32(pair)));
+            }
+            mins[t] = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_set1_ps(-dy), dmin), _mm512_cvtepi32_ps(total_min), mins[t]);
+        }
+        for (l, acc) in acc.iter_mut().enumerate() {
+            let mut lane = [_mm512_setzero_si512(); N];
+            for c in 0..4 {
+                let reg = 8 * c + l;
+                let r = _mm512_loadu_si512(p.add(Q4K_QUANTS + 64 * reg) as *const __m512i);
+                let masks = p.add(Q5K_HIGHS + 16 * reg) as *const u64;
+                let lo = _mm512_and_si512(r, low);
+                let lo = _mm512_mask_add_epi8(lo, std::ptr::read_unaligned(masks), lo, sixteen);
+                let hi = _mm512_and_si512(_mm512_srli_epi16(r, 4), low);
+                let hi = _mm512_mask_add_epi8(hi, std::ptr::read_unaligned(masks.add(1)), hi, sixteen);
+                for t in 0..N {
+                    let q = a[t].add(4 + 64 * c + 4 * l);
+                    let y_lo = _mm512_set1_epi32(std::ptr::read_unaligned(q as *const i32));
+                    let y_hi = _mm512_set1_epi32(std::ptr::read_unaligned(q.add(32) as *const i32));
+                    lane[t] = _mm512_dpwssd_epi32(lane[t], _mm512_maddubs_epi16(lo, y_lo), scales[2 * c]);
+                    lane[t] = _mm512_dpwssd_epi32(lane[t], _mm512_maddubs_epi16(hi, y_hi), scales[2 * c + 1]);
+                }
+            }
+            for t in 0..N {
+                let d = _mm512_mul_ps(_mm512_set1_ps(std::ptr::read_unaligned(a[t] as *const f32)), dw);
+                acc[t] = _mm512_fmadd_ps(d, _mm512_cvtepi32_ps(lane[t]), acc[t]);
+            }
+        }
+    }
+    for (t, m) in mins.iter().enumerate() {
+        let a = |l: usize| acc[l][t];
+        let sum = _mm512_add_ps(
+            _mm512_add_ps(_mm512_add_ps(a(0), a(4)), _mm512_add_ps(a(2), a(6))),
+            _mm512_add_ps(_mm512_add_ps(a(1), a(5)), _mm512_add_ps(a(3), a(7))),
+        );
+        _mm512_storeu_ps(out.add((t0 + t) * stride), _mm512_add_ps(sum, *m));
     }
 }
 
@@ -205,7 +275,7 @@ unsafe fn weights(dtype: DType, q: *const u8) -> [__m512i; 8] {
             _mm512_and_si512(_mm512_srli_epi16(packed[k - 4], 4), low)
         }
     });
-    if dtype == DType::Q5_0 {
+    if matches!(dtype, DType::Q5_0 | DType::Q5_1) {
         let sixteen = _mm512_set1_epi8(16);
         let masks = q.add(256) as *const u64;
         for (k, v) in w.iter_mut().enumerate() {
@@ -217,7 +287,7 @@ unsafe fn weights(dtype: DType, q: *const u8) -> [__m512i; 8] {
 
 #[inline(always)]
 unsafe fn tile<const N: usize>(dtype: DType, group: *const u8, acts: &PackedActs, t0: usize, out: *mut f32, stride: usize) {
-    let with_min = dtype == DType::Q4_1;
+    let with_min = has_min(dtype);
     let header = if with_min { 64 } else { 32 };
     let bb = block_bytes(dtype);
     let zero_point = zero_point_index(dtype);

@@ -1,0 +1,66 @@
+//! Dot products against llama.cpp's own kernels, bit for bit, for formats that no golden
+//! model exercises (fixture made by scripts/goldens/make_kernel_goldens.py).
+
+use kiln_kernels::dot::{kernel_for_matrix, Isa};
+use kiln_kernels::matmul::AlignedBuf;
+use kiln_kernels::packed;
+use kiln_kernels::DType;
+
+struct Case {
+    dtype: DType,
+    label: String,
+    rows: usize,
+    cols: usize,
+    weights: AlignedBuf,
+    activations: AlignedBuf,
+    dots: Vec<u32>,
+}
+
+fn aligned(hex: &str) -> AlignedBuf {
+    let bytes: Vec<u8> = (0..hex.len()).step_by(2).map(|i| u8::from_str_radix(&hex[i..i + 2], 16).expect("hex byte")).collect();
+    let mut buf = AlignedBuf::default();
+    buf.resize(bytes.len());
+    buf.bytes_mut().copy_from_slice(&bytes);
+    buf
+}
+
+fn cases() -> Vec<Case> {
+    let text = include_str!("fixtures/ggml_dots.txt");
+    let lines: Vec<&str> = text.lines().collect();
+    lines
+        .chunks(4)
+        .map(|c| {
+            let head: Vec<&str> = c[0].split_whitespace().collect();
+            let field = |line: &str, name: &str| line.strip_prefix(name).expect("fixture field").trim().to_string();
+            Case {
+                dtype: DType::ALL.into_iter().find(|d| d.name() == head[1]).expect("known type"),
+                label: head[2].to_string(),
+                rows: head[3].parse().expect("rows"),
+                cols: head[4].parse().expect("cols"),
+                weights: aligned(&field(c[1], "weights")),
+                activations: aligned(&field(c[2], "activations")),
+                dots: field(c[3], "dots").split_whitespace().map(|v| v.parse().expect("f32 bits")).collect(),
+            }
+        })
+        .collect()
+}
+
+#[test]
+fn dot_products_equal_llama_cpp_bit_for_bit() {
+    let cases = cases();
+    assert!(!cases.is_empty());
+    for case in cases {
+        let row_bytes = case.weights.bytes().len() / case.rows;
+        assert_eq!(case.dots.len(), case.rows);
+        for (r, &want) in case.dots.iter().enumerate() {
+            let row = &case.weights.bytes()[r * row_bytes..(r + 1) * row_bytes];
+            let reference = packed::reference(case.dtype, row, case.activations.bytes(), case.cols);
+            assert_eq!(reference.to_bits(), want, "{} {} row {r}: packed reference {reference} vs llama.cpp {}", case.dtype, case.label, f32::from_bits(want));
+            for isa in Isa::available().into_iter().filter(|&i| i != Isa::Scalar) {
+                // SAFETY: the row and the activations hold `cols` values of their formats.
+                let got = unsafe { kernel_for_matrix(case.dtype, case.rows, isa)(row.as_ptr(), case.activations.bytes().as_ptr(), case.cols) };
+                assert_eq!(got.to_bits(), want, "{} {} row {r} on {isa:?}: {got} vs llama.cpp {}", case.dtype, case.label, f32::from_bits(want));
+            }
+        }
+    }
+}

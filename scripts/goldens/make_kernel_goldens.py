@@ -1,0 +1,66 @@
+"""Dot products computed by llama.cpp's own CPU kernels, for formats no golden model uses.
+
+    python3 scripts/goldens/make_kernel_goldens.py BUILD_DIR   # writes kernels/tests/fixtures/ggml_dots.txt
+
+BUILD_DIR holds libggml-base.so and libggml-cpu.so from a llama.cpp build (for instance the
+tree vendored by llama-cpp-python 0.3.36, built as scripts/bench.sh describes). Random rows
+are quantized by ggml, activations are quantized by ggml to the format its dot product takes,
+and each row's product comes from ggml's `vec_dot`, so the fixture pins llama.cpp's
+summation order bit for bit.
+
+The file is plain text so the kernel tests need no parser: per case a line
+`case TYPE LABEL ROWS COLS`, then `weights HEX`, `activations HEX` and `dots BITS...` (each
+result's f32 bits in decimal).
+"""
+import ctypes, os, sys
+import numpy as np
+
+TYPES = {"Q5_K": 13}
+ROWS, COLS = 16, 1536
+
+def main(build):
+    base = ctypes.CDLL(os.path.join(build, "libggml-base.so"), mode=ctypes.RTLD_GLOBAL)
+    cpu = ctypes.CDLL(os.path.join(build, "libggml-cpu.so"))
+    cpu.ggml_cpu_init()
+
+    class Traits(ctypes.Structure):
+        _fields_ = [("from_float", ctypes.c_void_p), ("vec_dot", ctypes.c_void_p), ("vec_dot_type", ctypes.c_int), ("nrows", ctypes.c_int64)]
+
+    cpu.ggml_get_type_traits_cpu.restype = ctypes.POINTER(Traits)
+    base.ggml_row_size.restype = ctypes.c_size_t
+    base.ggml_row_size.argtypes = [ctypes.c_int, ctypes.c_int64]
+    base.ggml_quantize_chunk.restype = ctypes.c_size_t
+    base.ggml_quantize_chunk.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
+    from_float = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64)
+    vec_dot = ctypes.CFUNCTYPE(None, ctypes.c_int, ctypes.POINTER(ctypes.c_float), ctypes.c_size_t, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+
+    rng = np.random.default_rng(7)
+    cases = []
+    for name, ty in TYPES.items():
+        w = rng.standard_normal((ROWS, COLS)).astype(np.float32) * 0.05
+        row_bytes = base.ggml_row_size(ty, COLS)
+        wq = np.zeros(ROWS * row_bytes, dtype=np.uint8)
+        base.ggml_quantize_chunk(ty, w.ctypes.data, wq.ctypes.data, 0, ROWS, COLS, None)
+        t = cpu.ggml_get_type_traits_cpu(ty).contents
+        act_ty = t.vec_dot_type
+        quantize = from_float(cpu.ggml_get_type_traits_cpu(act_ty).contents.from_float)
+        dot = vec_dot(t.vec_dot)
+        for label, scale_outliers in [("plain", 1.0), ("outliers", 40.0)]:
+            x = rng.standard_normal(COLS).astype(np.float32)
+            x[::97] *= scale_outliers
+            xq = np.zeros(base.ggml_row_size(act_ty, COLS), dtype=np.uint8)
+            quantize(x.ctypes.data, xq.ctypes.data, COLS)
+            s = ctypes.c_float()
+            out = []
+            for r in range(ROWS):
+                row = np.ascontiguousarray(wq[r * row_bytes:(r + 1) * row_bytes])
+                dot(COLS, ctypes.byref(s), 0, row.ctypes.data, 0, xq.ctypes.data, 0, 1)
+                out.append(int(np.float32(s.value).view(np.uint32)))
+            cases.append(f"case {name} {label} {ROWS} {COLS}\nweights {wq.tobytes().hex()}\nactivations {xq.tobytes().hex()}\ndots {' '.join(map(str, out))}\n")
+    path = os.path.join(os.path.dirname(__file__), "..", "..", "kernels", "tests", "fixtures", "ggml_dots.txt")
+    with open(path, "w") as f:
+        f.write("".join(cases))
+    print(f"wrote {len(cases)} cases to {os.path.normpath(path)}")
+
+if __name__ == "__main__":
+    main(sys.argv[1])
