@@ -113,11 +113,24 @@ unsafe fn scalar_dot<const ID: u32>(w: *const u8, a: *const u8, n: usize) -> f32
 /// 8-row kernels, which it uses for exactly those matrices on AVX2 machines.
 pub fn kernel_for_matrix(wt: DType, rows: usize, isa: Isa) -> DotFn {
     #[cfg(target_arch = "x86_64")]
-    if wt == DType::Q4K && rows.is_multiple_of(8) && isa >= Isa::Avx2 {
-        return if isa == Isa::Avx512Vnni { crate::x86::vnni::q4k_interleaved } else { crate::x86::avx2::q4k_interleaved };
+    if interleaved_order(wt, rows, isa) {
+        use crate::x86::{avx2, vnni};
+        let vnni = isa == Isa::Avx512Vnni;
+        return match (wt, vnni) {
+            (DType::Q4K, true) => vnni::q4k_interleaved,
+            (DType::Q4K, false) => avx2::q4k_interleaved,
+            (_, true) => vnni::q4_0_interleaved,
+            (_, false) => avx2::q4_0_interleaved,
+        };
     }
-    let _ = rows;
     kernel(wt, isa)
+}
+
+/// Whether a `rows`-row matrix of `wt` is summed in the order of ggml's 8-row interleaved
+/// kernels: llama.cpp repacks Q4_0 and Q4_K matrices whose row count is a multiple of 8 on
+/// AVX2 machines and sums them block by block, so kiln does the same there.
+pub fn interleaved_order(wt: DType, rows: usize, isa: Isa) -> bool {
+    matches!(wt, DType::Q4_0 | DType::Q4K) && rows.is_multiple_of(8) && isa >= Isa::Avx2 && cfg!(target_arch = "x86_64")
 }
 
 /// The dot-product kernel for rows of `wt` on `isa`. `isa` must be one of `Isa::available()`.

@@ -6,7 +6,7 @@
 
 use crate::activation;
 use crate::blocks::{cast_blocks_mut, BlockQ8K, BlockQ8_0, BlockQ8_1};
-use crate::dot::{kernel_for_matrix, kernel_xn, ActScales, DotFn, DotManyFn};
+use crate::dot::{interleaved_order, kernel_for_matrix, kernel_xn, ActScales, DotFn, DotManyFn};
 use crate::dtype::DType;
 use crate::packed::{BlockTable, PackedMatrix, GROUP};
 use crate::pool::{split_range, SharedMut};
@@ -135,6 +135,7 @@ impl Activations {
         let per_block = if packed_rows { num_rows * blocks } else { 0 };
         self.blocks.d.resize(per_block, 0.0);
         self.blocks.corrections.resize(if at == DType::Q8_0 { per_block * 24 } else { 0 }, 0);
+        self.blocks.sums.resize(if at == DType::Q8_0 { per_block } else { 0 }, 0);
         self.blocks.s.resize(if at == DType::Q8_1 { per_block } else { 0 }, 0.0);
         self.dtype = Some(at);
         self.cols = cols;
@@ -148,6 +149,7 @@ impl Activations {
             pair_corr: SharedMut::new(&mut self.pair_corr),
             block_d: SharedMut::new(&mut self.blocks.d),
             block_corrections: SharedMut::new(&mut self.blocks.corrections),
+            block_sums: SharedMut::new(&mut self.blocks.sums),
             block_s: SharedMut::new(&mut self.blocks.s),
         };
         let fill = |rows: std::ops::Range<usize>| {
@@ -220,6 +222,7 @@ struct RowTables {
     pair_corr: SharedMut<i32>,
     block_d: SharedMut<f32>,
     block_corrections: SharedMut<i32>,
+    block_sums: SharedMut<i32>,
     block_s: SharedMut<f32>,
 }
 
@@ -232,9 +235,13 @@ impl RowTables {
         if packed_rows {
             let header = if at == DType::Q8_0 { 2 } else { 4 };
             let d = self.block_d.slice(row * blocks..(row + 1) * blocks);
-            let (s, corr) = match at {
-                DType::Q8_1 => (self.block_s.slice(row * blocks..(row + 1) * blocks), &mut [][..]),
-                _ => (&mut [][..], self.block_corrections.slice(row * blocks * 24..(row + 1) * blocks * 24)),
+            let (s, corr, sums) = match at {
+                DType::Q8_1 => (self.block_s.slice(row * blocks..(row + 1) * blocks), &mut [][..], &mut [][..]),
+                _ => (
+                    &mut [][..],
+                    self.block_corrections.slice(row * blocks * 24..(row + 1) * blocks * 24),
+                    self.block_sums.slice(row * blocks..(row + 1) * blocks),
+                ),
             };
             for (block, raw) in dst.chunks_exact(header + 32).enumerate() {
                 d[block] = crate::blocks::f16_bits_to_f32(u16::from_le_bytes([raw[0], raw[1]]));
@@ -242,6 +249,7 @@ impl RowTables {
                     s[block] = crate::blocks::f16_bits_to_f32(u16::from_le_bytes([raw[2], raw[3]]));
                     continue;
                 }
+                sums[block] = raw[header..].iter().map(|&v| v as i8 as i32).sum();
                 for (lane, quads) in raw[header..].chunks_exact(4).enumerate() {
                     let sum = quads.iter().map(|&v| v as i8 as i32).sum::<i32>();
                     for (z, zp) in crate::packed::ZERO_POINTS.iter().enumerate() {
@@ -376,8 +384,8 @@ pub fn matmul_group(compute: &Compute, act: &Activations, jobs: &mut [MatMulJob]
         plans.push(Plan {
             weight: w,
             dot: kernel_for_matrix(w.dtype, w.rows, isa),
-            many8: kernel_xn::<8>(w.dtype, isa),
-            many4: kernel_xn::<4>(w.dtype, isa),
+            many8: kernel_xn::<8>(w.dtype, isa).filter(|_| !interleaved_order(w.dtype, w.rows, isa)),
+            many4: kernel_xn::<4>(w.dtype, isa).filter(|_| !interleaved_order(w.dtype, w.rows, isa)),
             #[cfg(target_arch = "x86_64")]
             packed: job.packed.and_then(|p| Some((p, packed_kernel(p, isa)?))),
             out: SharedMut::new(job.out),

@@ -40,7 +40,10 @@
 //! Signed formats are stored with an offset (8, 16 or 128) that the kernel takes back exactly
 //! with sums of the activation quants. The lane `k` products of a register are exactly the
 //! eighth lane of ggml's single-row dot product, so the packed kernels keep its summation
-//! order (`reference`), and their results equal the single-row kernels' bit for bit.
+//! order (`reference`), and their results equal the single-row kernels' bit for bit. Q4_0
+//! is the exception: llama.cpp repacks it itself and sums each block whole (8-row
+//! interleaved kernels), so its packed kernel does the same, as `x86::*::q4_0_interleaved`
+//! does for a single row.
 
 use crate::blocks::{f16_bits_to_f32, BlockQ4K, BlockQ5K, BlockQ6K, BlockQ4_0, BlockQ4_1, BlockQ5_0, BlockQ5_1, BlockQ8K, BlockQ8_0, BlockQ8_1};
 use crate::dtype::DType;
@@ -396,6 +399,20 @@ fn reference_q5k(w: &[u8], a: &[u8], cols: usize) -> f32 {
     (((acc[0] + acc[4]) + (acc[2] + acc[6])) + ((acc[1] + acc[5]) + (acc[3] + acc[7]))) + mins
 }
 
+/// `reference` for Q4_0 against Q8_0 activations: the order of ggml's 8-row interleaved
+/// kernels (every packed matrix has a multiple of 8 rows), each block's integer sum scaled
+/// and accumulated on its own.
+fn reference_q4_0(w: &[u8], a: &[u8], cols: usize) -> f32 {
+    let mut acc = 0f32;
+    for b in 0..cols / 32 {
+        let (q, dw, _) = unsigned_quants(DType::Q4_0, w, b);
+        let y: &BlockQ8_0 = bytemuck_block(&a[b * 34..(b + 1) * 34]);
+        let total: i32 = q.iter().zip(&y.qs).map(|(&q, &a)| (q as i32 - 8) * a as i32).sum();
+        acc = (total as f32).mul_add(f16_bits_to_f32(dw) * f16_bits_to_f32(y.d), acc);
+    }
+    acc
+}
+
 /// `reference` for Q4_K against Q8_K activations.
 fn reference_q4k(w: &[u8], a: &[u8], cols: usize) -> f32 {
     let (mut acc, mut acc_min) = (0f32, 0f32);
@@ -421,19 +438,22 @@ pub struct BlockTable {
     pub d: Vec<f32>,
     pub s: Vec<f32>,
     pub corrections: Vec<i32>,
+    /// (Q8_0 rows) the sum of each block's quants.
+    pub sums: Vec<i32>,
 }
 
 /// The packed kernels' arithmetic from the original rows: weight row `w` (in `dtype`)
-/// against one activation row (Q8_0, or Q8_1 for Q4_1 and Q5_1). This is the single-row order of
-/// the `x86` kernels (and of ggml's AVX2 dot products): eight lanes, lane `l` holding the
-/// integer sum over quants `4l..4l + 4` of each block, scaled and accumulated with a fused
-/// multiply-add per block, the lanes added pairwise at the end; the `m·s` terms summed
-/// separately in block order and added last.
+/// against one activation row (Q8_0, or Q8_1 for Q4_1 and Q5_1). For the 32-value formats
+/// other than Q4_0 this is the single-row order of the `x86` kernels (and of ggml's AVX2 dot
+/// products): eight lanes, lane `l` holding the integer sum over quants `4l..4l + 4` of each
+/// block, scaled and accumulated with a fused multiply-add per block, the lanes added
+/// pairwise at the end; the `m·s` terms summed separately in block order and added last.
 pub fn reference(dtype: DType, w: &[u8], a: &[u8], cols: usize) -> f32 {
     match dtype {
         DType::Q4K => return reference_q4k(w, a, cols),
         DType::Q5K => return reference_q5k(w, a, cols),
         DType::Q6K => return reference_q6k(w, a, cols),
+        DType::Q4_0 => return reference_q4_0(w, a, cols),
         _ => {}
     }
     let mut acc = [0f32; 8];

@@ -82,6 +82,23 @@ macro_rules! x86_kernels {
                 hsum_f32(acc)
             }
 
+            /// Q4_0 rows in the order of ggml's 8-row interleaved kernels, which llama.cpp
+            /// uses on AVX2 machines for matrices whose row count is a multiple of 8: each
+            /// block's integer sum scaled and accumulated on its own.
+            #[target_feature(enable = $features)]
+            pub unsafe fn q4_0_interleaved(w: *const u8, a: *const u8, n: usize) -> f32 {
+                let (w, a) = (w as *const BlockQ4_0, a as *const BlockQ8_0);
+                let eight = _mm256_set1_epi8(8);
+                let mut acc = 0.0f32;
+                for i in 0..n / 32 {
+                    let (x, y) = (&*w.add(i), &*a.add(i));
+                    let q = _mm256_sub_epi8(nibbles(x.qs.as_ptr()), eight);
+                    let total = hsum_i32(is8(q, load(y.qs.as_ptr())));
+                    acc = (total as f32).mul_add(h2f(x.d) * h2f(y.d), acc);
+                }
+                acc
+            }
+
             #[target_feature(enable = $features)]
             pub unsafe fn q4_1(w: *const u8, a: *const u8, n: usize) -> f32 {
                 let (w, a) = (w as *const BlockQ4_1, a as *const BlockQ8_1);
@@ -278,9 +295,29 @@ macro_rules! x86_kernels {
                 hsum_f32(acc) - mins_total
             }
 
+            /// Q2_K as ggml's `vec_dot_q2_K_q8_K` sums it: per super-block, the minima's
+            /// eight lanes (pairs of 16-value sums) and then the scaled products' eight lanes
+            /// go into the same accumulator, each with one fused multiply-add.
             #[target_feature(enable = $features)]
             pub unsafe fn q2k(w: *const u8, a: *const u8, n: usize) -> f32 {
-                kgeneric::<BlockQ2K>(w, a, n, crate::unpack::q2k)
+                let (w, a) = (w as *const BlockQ2K, a as *const BlockQ8K);
+                let mut acc = _mm256_setzero_ps();
+                for i in 0..n / QK_K {
+                    let (x, y) = (crate::unpack::q2k(&*w.add(i)), &*a.add(i));
+                    let mut sumi = _mm256_setzero_si256();
+                    let mut mins = [0i32; 8];
+                    for (k, m) in mins.iter_mut().enumerate() {
+                        *m = x.mins[2 * k] * y.bsums[2 * k] as i32 + x.mins[2 * k + 1] * y.bsums[2 * k + 1] as i32;
+                    }
+                    for s in (0..16).step_by(2) {
+                        let p = is8(load(x.q.as_ptr().add(16 * s)), load(y.qs.as_ptr().add(16 * s)));
+                        sumi = _mm256_add_epi32(sumi, _mm256_mullo_epi32(p, pair_scales(x.scales[s], x.scales[s + 1])));
+                    }
+                    let mins = _mm256_cvtepi32_ps(_mm256_loadu_si256(mins.as_ptr() as *const __m256i));
+                    acc = _mm256_fmadd_ps(_mm256_set1_ps(-y.d * x.dmin), mins, acc);
+                    acc = _mm256_fmadd_ps(_mm256_set1_ps(y.d * x.d), _mm256_cvtepi32_ps(sumi), acc);
+                }
+                hsum_f32(acc)
             }
 
             #[target_feature(enable = $features)]

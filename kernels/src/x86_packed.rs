@@ -58,11 +58,43 @@ macro_rules! kind_kernels {
 }
 
 kind_kernels! {
-    q4_0 => DType::Q4_0;
     q4_1 => DType::Q4_1;
     q5_0 => DType::Q5_0;
     q5_1 => DType::Q5_1;
     q8_0 => DType::Q8_0;
+}
+
+/// `PackedFn` for Q4_0 against Q8_0 activations, in the order of ggml's 8-row interleaved
+/// kernels: each block's integer sum (zero point taken back with the block's activation sum)
+/// scaled and accumulated on its own.
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+pub unsafe fn q4_0(group: *const u8, acts: &PackedActs, t0: usize, count: usize, out: *mut f32, stride: usize) {
+    in_tiles!(t from t0, count; 8 => 7, 6, 5, 4, 3, 2, 1; q4_0_tile(group, acts, t, out, stride));
+}
+
+#[inline(always)]
+unsafe fn q4_0_tile<const N: usize>(group: *const u8, acts: &PackedActs, t0: usize, out: *mut f32, stride: usize) {
+    let bb = block_bytes(DType::Q4_0);
+    let mut acc = [_mm512_setzero_ps(); N];
+    let table = acts.table;
+    for b in 0..acts.blocks {
+        let p = group.add(b * bb);
+        let dw = _mm512_cvtph_ps(_mm256_loadu_si256(p as *const __m256i));
+        let w = weights(DType::Q4_0, p.add(32));
+        for (t, acc) in acc.iter_mut().enumerate() {
+            let at = (t0 + t) * acts.blocks + b;
+            let a = acts.base.add((t0 + t) * acts.row_bytes + b * acts.block_bytes + acts.quants_at) as *const i32;
+            let mut total = _mm512_set1_epi32(-8 * *table.sums.get_unchecked(at));
+            for (l, w) in w.iter().enumerate() {
+                total = _mm512_dpbusd_epi32(total, *w, _mm512_set1_epi32(std::ptr::read_unaligned(a.add(l))));
+            }
+            let d = _mm512_mul_ps(dw, _mm512_set1_ps(*table.d.get_unchecked(at)));
+            *acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(total), d, *acc);
+        }
+    }
+    for (t, a) in acc.iter().enumerate() {
+        _mm512_storeu_ps(out.add((t0 + t) * stride), *a);
+    }
 }
 
 /// `PackedFn` for Q4_K against Q8_K activations.

@@ -1,7 +1,7 @@
 //! Dot products against llama.cpp's own kernels, bit for bit, for formats that no golden
 //! model exercises (fixture made by scripts/goldens/make_kernel_goldens.py).
 
-use kiln_kernels::dot::{kernel_for_matrix, Isa};
+use kiln_kernels::dot::{interleaved_order, kernel_for_matrix, Isa};
 use kiln_kernels::matmul::AlignedBuf;
 use kiln_kernels::packed;
 use kiln_kernels::DType;
@@ -54,8 +54,12 @@ fn dot_products_equal_llama_cpp_bit_for_bit() {
         assert_eq!(case.dots.len(), case.rows);
         for (r, &want) in case.dots.iter().enumerate() {
             let row = &case.weights.bytes()[r * row_bytes..(r + 1) * row_bytes];
-            let reference = packed::reference(case.dtype, row, case.activations.bytes(), case.cols);
-            assert_eq!(reference.to_bits(), want, "{} {} row {r}: packed reference {reference} vs llama.cpp {}", case.dtype, case.label, f32::from_bits(want));
+            // Packed matrices have whole groups of 16 rows; where llama.cpp sums such matrices
+            // in another order than its single-row kernels, so does the packed reference.
+            if packed::supports(case.dtype) && !interleaved_order(case.dtype, packed::GROUP, Isa::Avx2) {
+                let reference = packed::reference(case.dtype, row, case.activations.bytes(), case.cols);
+                assert_eq!(reference.to_bits(), want, "{} {} row {r}: packed reference {reference} vs llama.cpp {}", case.dtype, case.label, f32::from_bits(want));
+            }
             for isa in Isa::available().into_iter().filter(|&i| i != Isa::Scalar) {
                 // SAFETY: the row and the activations hold `cols` values of their formats.
                 let got = unsafe { kernel_for_matrix(case.dtype, case.rows, isa)(row.as_ptr(), case.activations.bytes().as_ptr(), case.cols) };

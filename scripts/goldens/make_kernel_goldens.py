@@ -15,8 +15,8 @@ result's f32 bits in decimal).
 import ctypes, os, sys
 import numpy as np
 
-TYPES = {"Q5_K": 13}
-ROWS, COLS = 16, 1536
+TYPES = {"Q4_0": 2, "Q4_1": 3, "Q5_0": 6, "Q5_1": 7, "Q8_0": 8, "Q2_K": 10, "Q3_K": 11, "Q5_K": 13, "Q6_K": 14}
+ROWS, COLS = 4, 512
 
 def main(build):
     base = ctypes.CDLL(os.path.join(build, "libggml-base.so"), mode=ctypes.RTLD_GLOBAL)
