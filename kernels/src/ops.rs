@@ -67,10 +67,12 @@ fn silu_mul_scalar(gate: &mut [f32], up: &[f32]) {
     }
 }
 
+/// The inner `1 + a·x·x` is one fused multiply-add, as llama.cpp's compiler emits it: summed
+/// apart, the half-float input -1.999 tabulates one unit lower than llama.cpp's entry.
 fn gelu_tanh(x: f32) -> f32 {
     const SQRT_2_OVER_PI: f32 = 0.797_884_6;
     const COEF_A: f32 = 0.044715;
-    0.5 * x * (1.0 + (SQRT_2_OVER_PI * x * (1.0 + COEF_A * x * x)).tanh())
+    0.5 * x * (1.0 + (SQRT_2_OVER_PI * x * (COEF_A * x).mul_add(x, 1.0)).tanh())
 }
 
 /// GELU (tanh form) of every half-float input, rounded to half, as llama.cpp tabulates it.

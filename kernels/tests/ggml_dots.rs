@@ -68,3 +68,36 @@ fn dot_products_equal_llama_cpp_bit_for_bit() {
         }
     }
 }
+
+/// kiln's GELU of a half-float input as half-float bits, where llama.cpp looks GELU up in
+/// its table (inputs strictly between -10 and 10); 0 elsewhere.
+fn kiln_gelu_bits(bits: u16) -> u16 {
+    let x = kiln_kernels::blocks::f16_bits_to_f32(bits);
+    if !(x.is_finite() && x > -10.0 && x < 10.0) {
+        return 0;
+    }
+    let mut g = [x];
+    kiln_kernels::ops::gelu_mul(&mut g, &[1.0]);
+    kiln_kernels::blocks::f32_to_f16_bits(g[0])
+}
+
+#[test]
+fn gelu_equals_llama_cpp_table() {
+    let text = include_str!("fixtures/ggml_gelu.txt");
+    let mut lines = text.lines();
+    let hash_line = lines.next().and_then(|l| l.strip_prefix("fnv1a64 ")).expect("hash line");
+    let want_hash = u64::from_str_radix(hash_line, 16).expect("hex hash");
+    let entries = lines.next().and_then(|l| l.strip_prefix("entries ")).expect("entries line");
+    for entry in entries.split_whitespace() {
+        let (input, value) = entry.split_once(':').expect("input:value");
+        let (input, value) = (u16::from_str_radix(input, 16).expect("hex"), u16::from_str_radix(value, 16).expect("hex"));
+        assert_eq!(kiln_gelu_bits(input), value, "GELU of half {input:#06x}: kiln {:#06x}, llama.cpp {value:#06x}", kiln_gelu_bits(input));
+    }
+    let mut hash = 0xCBF2_9CE4_8422_2325u64;
+    for bits in 0..=u16::MAX {
+        for byte in kiln_gelu_bits(bits).to_le_bytes() {
+            hash = (hash ^ byte as u64).wrapping_mul(0x0000_0100_0000_01B3);
+        }
+    }
+    assert_eq!(hash, want_hash, "kiln's GELU differs from llama.cpp's table for some half-float input");
+}

@@ -1,6 +1,7 @@
 """Dot products computed by llama.cpp's own CPU kernels, for formats no golden model uses.
 
-    python3 scripts/goldens/make_kernel_goldens.py BUILD_DIR   # writes kernels/tests/fixtures/ggml_dots.txt
+    python3 scripts/goldens/make_kernel_goldens.py BUILD_DIR
+    # writes kernels/tests/fixtures/ggml_dots.txt and ggml_gelu.txt
 
 BUILD_DIR holds libggml-base.so and libggml-cpu.so from a llama.cpp build (for instance the
 tree vendored by llama-cpp-python 0.3.36, built as scripts/bench.sh describes). Random rows
@@ -8,7 +9,11 @@ are quantized by ggml, activations are quantized by ggml to the format its dot p
 and each row's product comes from ggml's `vec_dot`, so the fixture pins llama.cpp's
 summation order bit for bit.
 
-The file is plain text so the kernel tests need no parser: per case a line
+It also records ggml's GELU table (GELU of every half float, rounded to half), which
+llama.cpp looks up instead of computing GELU: an FNV-1a hash of the entries kiln uses (inputs
+strictly between -10 and 10) and a few entries in the clear.
+
+The files are plain text so the kernel tests need no parser: per case a line
 `case TYPE LABEL ROWS COLS`, then `weights HEX`, `activations HEX` and `dots BITS...` (each
 result's f32 bits in decimal).
 """
@@ -61,6 +66,20 @@ def main(build):
     with open(path, "w") as f:
         f.write("".join(cases))
     print(f"wrote {len(cases)} cases to {os.path.normpath(path)}")
+
+    table = np.frombuffer(bytes((ctypes.c_uint16 * 65536).in_dll(cpu, "ggml_table_gelu_f16")), dtype=np.uint16)
+    x = np.arange(65536, dtype=np.uint16).view(np.float16).astype(np.float32)
+    used = np.isfinite(x) & (x > -10) & (x < 10)
+    h = 0xCBF29CE484222325
+    for v in np.where(used, table, 0).tolist():
+        for byte in (v & 0xFF, v >> 8):
+            h = ((h ^ byte) * 0x100000001B3) & 0xFFFFFFFFFFFFFFFF
+    spots = [0x0000, 0x3C00, 0xBC00, 0xBFFF, 0x4000, 0xC000, 0x3800, 0xC8FF]
+    path = os.path.join(os.path.dirname(__file__), "..", "..", "kernels", "tests", "fixtures", "ggml_gelu.txt")
+    with open(path, "w") as f:
+        f.write(f"fnv1a64 {h:016x}\n")
+        f.write("entries " + " ".join(f"{i:04x}:{int(table[i]):04x}" for i in spots) + "\n")
+    print(f"wrote the GELU table digest to {os.path.normpath(path)}")
 
 if __name__ == "__main__":
     main(sys.argv[1])
