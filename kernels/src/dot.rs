@@ -119,6 +119,8 @@ pub fn kernel_for_matrix(wt: DType, rows: usize, isa: Isa) -> DotFn {
         return match (wt, vnni) {
             (DType::Q4K, true) => vnni::q4k_interleaved,
             (DType::Q4K, false) => avx2::q4k_interleaved,
+            (DType::Q2K, true) => vnni::q2k_interleaved,
+            (DType::Q2K, false) => avx2::q2k_interleaved,
             (_, true) => vnni::q4_0_interleaved,
             (_, false) => avx2::q4_0_interleaved,
         };
@@ -128,9 +130,20 @@ pub fn kernel_for_matrix(wt: DType, rows: usize, isa: Isa) -> DotFn {
 
 /// Whether a `rows`-row matrix of `wt` is summed in the order of ggml's 8-row interleaved
 /// kernels: llama.cpp repacks Q4_0 and Q4_K matrices whose row count is a multiple of 8 on
-/// AVX2 machines and sums them block by block, so kiln does the same there.
+/// AVX2 machines (Q2_K on AVX-512 ones) and sums them block by block, so kiln does the same
+/// there.
 pub fn interleaved_order(wt: DType, rows: usize, isa: Isa) -> bool {
-    matches!(wt, DType::Q4_0 | DType::Q4K) && rows.is_multiple_of(8) && isa >= Isa::Avx2 && cfg!(target_arch = "x86_64")
+    if !rows.is_multiple_of(8) || isa < Isa::Avx2 {
+        return false;
+    }
+    #[cfg(target_arch = "x86_64")]
+    return match wt {
+        DType::Q4_0 | DType::Q4K => true,
+        DType::Q2K => is_x86_feature_detected!("avx512f"),
+        _ => false,
+    };
+    #[cfg(not(target_arch = "x86_64"))]
+    false
 }
 
 /// The dot-product kernel for rows of `wt` on `isa`. `isa` must be one of `Isa::available()`.

@@ -320,6 +320,28 @@ macro_rules! x86_kernels {
                 hsum_f32(acc)
             }
 
+            /// Q2_K rows in the order of ggml's 8-row interleaved Q2_K kernels, which
+            /// llama.cpp uses on AVX-512 machines for matrices whose row count is a multiple
+            /// of 8: whole super-block integer sums (products and minima apart), each scaled
+            /// and accumulated on its own, the minima subtracted at the end.
+            #[target_feature(enable = $features)]
+            pub unsafe fn q2k_interleaved(w: *const u8, a: *const u8, n: usize) -> f32 {
+                let (w, a) = (w as *const BlockQ2K, a as *const BlockQ8K);
+                let (mut acc, mut acc_min) = (0.0f32, 0.0f32);
+                for i in 0..n / QK_K {
+                    let (x, y) = (crate::unpack::q2k(&*w.add(i)), &*a.add(i));
+                    let mut sumi = _mm256_setzero_si256();
+                    for s in (0..16).step_by(2) {
+                        let p = is8(load(x.q.as_ptr().add(16 * s)), load(y.qs.as_ptr().add(16 * s)));
+                        sumi = _mm256_add_epi32(sumi, _mm256_mullo_epi32(p, pair_scales(x.scales[s], x.scales[s + 1])));
+                    }
+                    let total_min: i32 = (0..16).map(|s| x.mins[s] * y.bsums[s] as i32).sum();
+                    acc = (hsum_i32(sumi) as f32).mul_add(x.d * y.d, acc);
+                    acc_min = (total_min as f32).mul_add(x.dmin * y.d, acc_min);
+                }
+                acc - acc_min
+            }
+
             #[target_feature(enable = $features)]
             pub unsafe fn q3k(w: *const u8, a: *const u8, n: usize) -> f32 {
                 kgeneric::<BlockQ3K>(w, a, n, crate::unpack::q3k)
