@@ -54,11 +54,28 @@ pub fn kernel_xn<const N: usize>(wt: DType, isa: Isa) -> Option<DotManyFn<N>> {
                 (DType::Q5_0, false) => avx2::q5_0_xn::<N>,
                 (DType::Q8_0, true) => vnni::q8_0_xn::<N>,
                 (DType::Q8_0, false) => avx2::q8_0_xn::<N>,
+                (DType::Q2K, true) => vnni::q2k_xn::<N>,
+                (DType::Q2K, false) => avx2::q2k_xn::<N>,
+                (DType::Q3K, true) => vnni::q3k_xn::<N>,
+                (DType::Q3K, false) => avx2::q3k_xn::<N>,
                 _ => return None,
             });
         }
     }
     let _ = (wt, isa);
+    None
+}
+
+/// The N-row kernel for a `rows`-row matrix of `wt`: `kernel_xn`, or the many-row form of
+/// the interleaved order `kernel_for_matrix` picks (None where there is none).
+pub fn kernel_xn_for_matrix<const N: usize>(wt: DType, rows: usize, isa: Isa) -> Option<DotManyFn<N>> {
+    if !interleaved_order(wt, rows, isa) {
+        return kernel_xn::<N>(wt, isa);
+    }
+    #[cfg(target_arch = "x86_64")]
+    if wt == DType::Q2K {
+        return Some(if isa == Isa::Avx512Vnni { crate::x86::vnni::q2k_interleaved_xn::<N> } else { crate::x86::avx2::q2k_interleaved_xn::<N> });
+    }
     None
 }
 

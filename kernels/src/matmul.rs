@@ -6,7 +6,7 @@
 
 use crate::activation;
 use crate::blocks::{cast_blocks_mut, BlockQ8K, BlockQ8_0, BlockQ8_1};
-use crate::dot::{interleaved_order, kernel_for_matrix, kernel_xn, ActScales, DotFn, DotManyFn};
+use crate::dot::{kernel_for_matrix, kernel_xn_for_matrix, ActScales, DotFn, DotManyFn};
 use crate::dtype::DType;
 use crate::packed::{BlockTable, PackedMatrix, GROUP};
 use crate::pool::{split_range, SharedMut};
@@ -384,8 +384,8 @@ pub fn matmul_group(compute: &Compute, act: &Activations, jobs: &mut [MatMulJob]
         plans.push(Plan {
             weight: w,
             dot: kernel_for_matrix(w.dtype, w.rows, isa),
-            many8: kernel_xn::<8>(w.dtype, isa).filter(|_| !interleaved_order(w.dtype, w.rows, isa)),
-            many4: kernel_xn::<4>(w.dtype, isa).filter(|_| !interleaved_order(w.dtype, w.rows, isa)),
+            many8: kernel_xn_for_matrix::<8>(w.dtype, w.rows, isa),
+            many4: kernel_xn_for_matrix::<4>(w.dtype, w.rows, isa),
             #[cfg(target_arch = "x86_64")]
             packed: job.packed.and_then(|p| Some((p, packed_kernel(p, isa)?))),
             out: SharedMut::new(job.out),

@@ -44,6 +44,19 @@ unsafe fn h2f(bits: u16) -> f32 {
     _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32)))
 }
 
+/// How a K-quant kernel without its own SIMD unpacking adds up a row, after the llama.cpp
+/// kernel it follows.
+#[derive(Clone, Copy)]
+enum KOrder {
+    /// ggml's single-row kernels: eight lanes, one multiply-add per super-block; minima
+    /// summed in scalar code and subtracted at the end.
+    Lanes,
+    /// ggml's single-row Q2_K: the minima's eight lanes, then the products', in one accumulator.
+    MinLanesFirst,
+    /// ggml's 8-row interleaved kernels: whole super-block sums, minima apart.
+    Interleaved,
+}
+
 macro_rules! x86_kernels {
     ($name:ident, $features:literal, $us8_dot:ident) => {
         pub mod $name {
@@ -274,25 +287,58 @@ macro_rules! x86_kernels {
                 hsum_f32(acc)
             }
 
-            /// K-quants without a dedicated kernel: unpack in scalar code, multiply in SIMD.
+            /// Eight lanes of one unpacked K-quant super-block against one activation block:
+            /// quants `4l..4l + 4` of every 32 in lane `l`, times their 16-value scales.
+            #[inline]
             #[target_feature(enable = $features)]
-            pub unsafe fn kgeneric<B: Block>(w: *const u8, a: *const u8, n: usize, unpack: fn(&B) -> crate::unpack::KBlock) -> f32 {
-                let (w, a) = (w as *const B, a as *const BlockQ8K);
-                let mut acc = _mm256_setzero_ps();
-                let mut mins_total = 0.0f32;
-                for i in 0..n / QK_K {
-                    let (x, y) = (unpack(&*w.add(i)), &*a.add(i));
-                    let mut sumi = _mm256_setzero_si256();
-                    let mut summ = 0i32;
-                    for s in (0..16).step_by(2) {
-                        let p = is8(load(x.q.as_ptr().add(16 * s)), load(y.qs.as_ptr().add(16 * s)));
-                        sumi = _mm256_add_epi32(sumi, _mm256_mullo_epi32(p, pair_scales(x.scales[s], x.scales[s + 1])));
-                        summ += x.mins[s] * y.bsums[s] as i32 + x.mins[s + 1] * y.bsums[s + 1] as i32;
-                    }
-                    acc = _mm256_fmadd_ps(_mm256_set1_ps(y.d * x.d), _mm256_cvtepi32_ps(sumi), acc);
-                    mins_total += y.d * x.dmin * summ as f32;
+            unsafe fn k_lanes(x: &crate::unpack::KBlock, y: &BlockQ8K) -> __m256i {
+                let mut sumi = _mm256_setzero_si256();
+                for s in (0..16).step_by(2) {
+                    let p = is8(load(x.q.as_ptr().add(16 * s)), load(y.qs.as_ptr().add(16 * s)));
+                    sumi = _mm256_add_epi32(sumi, _mm256_mullo_epi32(p, pair_scales(x.scales[s], x.scales[s + 1])));
                 }
-                hsum_f32(acc) - mins_total
+                sumi
+            }
+
+            /// K-quants unpacked in scalar code against N activation rows, each super-block
+            /// unpacked once for all of them; every row gets the arithmetic of `order`.
+            #[inline]
+            #[target_feature(enable = $features)]
+            unsafe fn k_rows<B: Block, const N: usize>(w: *const u8, a: &[*const u8; N], n: usize, unpack: fn(&B) -> crate::unpack::KBlock, order: KOrder) -> [f32; N] {
+                let w = w as *const B;
+                let mut acc = [_mm256_setzero_ps(); N];
+                let mut scalar = [(0.0f32, 0.0f32); N];
+                for i in 0..n / QK_K {
+                    let x = unpack(&*w.add(i));
+                    for t in 0..N {
+                        let y = &*(a[t] as *const BlockQ8K).add(i);
+                        let sumi = k_lanes(&x, y);
+                        let (acc, (total, mins)) = (&mut acc[t], &mut scalar[t]);
+                        match order {
+                            KOrder::Lanes => {
+                                let summ: i32 = (0..16).map(|s| x.mins[s] * y.bsums[s] as i32).sum();
+                                *acc = _mm256_fmadd_ps(_mm256_set1_ps(y.d * x.d), _mm256_cvtepi32_ps(sumi), *acc);
+                                *mins += y.d * x.dmin * summ as f32;
+                            }
+                            KOrder::MinLanesFirst => {
+                                let m: [i32; 8] = std::array::from_fn(|k| x.mins[2 * k] * y.bsums[2 * k] as i32 + x.mins[2 * k + 1] * y.bsums[2 * k + 1] as i32);
+                                let m = _mm256_cvtepi32_ps(_mm256_loadu_si256(m.as_ptr() as *const __m256i));
+                                *acc = _mm256_fmadd_ps(_mm256_set1_ps(-y.d * x.dmin), m, *acc);
+                                *acc = _mm256_fmadd_ps(_mm256_set1_ps(y.d * x.d), _mm256_cvtepi32_ps(sumi), *acc);
+                            }
+                            KOrder::Interleaved => {
+                                let summ: i32 = (0..16).map(|s| x.mins[s] * y.bsums[s] as i32).sum();
+                                *total = (hsum_i32(sumi) as f32).mul_add(x.d * y.d, *total);
+                                *mins = (summ as f32).mul_add(x.dmin * y.d, *mins);
+                            }
+                        }
+                    }
+                }
+                std::array::from_fn(|t| match order {
+                    KOrder::Lanes => hsum_f32(acc[t]) - scalar[t].1,
+                    KOrder::MinLanesFirst => hsum_f32(acc[t]),
+                    KOrder::Interleaved => scalar[t].0 - scalar[t].1,
+                })
             }
 
             /// Q2_K as ggml's `vec_dot_q2_K_q8_K` sums it: per super-block, the minima's
@@ -300,24 +346,7 @@ macro_rules! x86_kernels {
             /// go into the same accumulator, each with one fused multiply-add.
             #[target_feature(enable = $features)]
             pub unsafe fn q2k(w: *const u8, a: *const u8, n: usize) -> f32 {
-                let (w, a) = (w as *const BlockQ2K, a as *const BlockQ8K);
-                let mut acc = _mm256_setzero_ps();
-                for i in 0..n / QK_K {
-                    let (x, y) = (crate::unpack::q2k(&*w.add(i)), &*a.add(i));
-                    let mut sumi = _mm256_setzero_si256();
-                    let mut mins = [0i32; 8];
-                    for (k, m) in mins.iter_mut().enumerate() {
-                        *m = x.mins[2 * k] * y.bsums[2 * k] as i32 + x.mins[2 * k + 1] * y.bsums[2 * k + 1] as i32;
-                    }
-                    for s in (0..16).step_by(2) {
-                        let p = is8(load(x.q.as_ptr().add(16 * s)), load(y.qs.as_ptr().add(16 * s)));
-                        sumi = _mm256_add_epi32(sumi, _mm256_mullo_epi32(p, pair_scales(x.scales[s], x.scales[s + 1])));
-                    }
-                    let mins = _mm256_cvtepi32_ps(_mm256_loadu_si256(mins.as_ptr() as *const __m256i));
-                    acc = _mm256_fmadd_ps(_mm256_set1_ps(-y.d * x.dmin), mins, acc);
-                    acc = _mm256_fmadd_ps(_mm256_set1_ps(y.d * x.d), _mm256_cvtepi32_ps(sumi), acc);
-                }
-                hsum_f32(acc)
+                k_rows::<BlockQ2K, 1>(w, &[a], n, crate::unpack::q2k, KOrder::MinLanesFirst)[0]
             }
 
             /// Q2_K rows in the order of ggml's 8-row interleaved Q2_K kernels, which
@@ -326,25 +355,31 @@ macro_rules! x86_kernels {
             /// and accumulated on its own, the minima subtracted at the end.
             #[target_feature(enable = $features)]
             pub unsafe fn q2k_interleaved(w: *const u8, a: *const u8, n: usize) -> f32 {
-                let (w, a) = (w as *const BlockQ2K, a as *const BlockQ8K);
-                let (mut acc, mut acc_min) = (0.0f32, 0.0f32);
-                for i in 0..n / QK_K {
-                    let (x, y) = (crate::unpack::q2k(&*w.add(i)), &*a.add(i));
-                    let mut sumi = _mm256_setzero_si256();
-                    for s in (0..16).step_by(2) {
-                        let p = is8(load(x.q.as_ptr().add(16 * s)), load(y.qs.as_ptr().add(16 * s)));
-                        sumi = _mm256_add_epi32(sumi, _mm256_mullo_epi32(p, pair_scales(x.scales[s], x.scales[s + 1])));
-                    }
-                    let total_min: i32 = (0..16).map(|s| x.mins[s] * y.bsums[s] as i32).sum();
-                    acc = (hsum_i32(sumi) as f32).mul_add(x.d * y.d, acc);
-                    acc_min = (total_min as f32).mul_add(x.dmin * y.d, acc_min);
-                }
-                acc - acc_min
+                k_rows::<BlockQ2K, 1>(w, &[a], n, crate::unpack::q2k, KOrder::Interleaved)[0]
             }
 
+            /// Q3_K as ggml sums it: eight lanes, one fused multiply-add per super-block.
             #[target_feature(enable = $features)]
             pub unsafe fn q3k(w: *const u8, a: *const u8, n: usize) -> f32 {
-                kgeneric::<BlockQ3K>(w, a, n, crate::unpack::q3k)
+                k_rows::<BlockQ3K, 1>(w, &[a], n, crate::unpack::q3k, KOrder::Lanes)[0]
+            }
+
+            /// `q2k` for N activation rows.
+            #[target_feature(enable = $features)]
+            pub unsafe fn q2k_xn<const N: usize>(w: *const u8, a: &[*const u8; N], _sc: &ActScales<N>, n: usize, out: &mut [f32; N]) {
+                *out = k_rows::<BlockQ2K, N>(w, a, n, crate::unpack::q2k, KOrder::MinLanesFirst);
+            }
+
+            /// `q2k_interleaved` for N activation rows.
+            #[target_feature(enable = $features)]
+            pub unsafe fn q2k_interleaved_xn<const N: usize>(w: *const u8, a: &[*const u8; N], _sc: &ActScales<N>, n: usize, out: &mut [f32; N]) {
+                *out = k_rows::<BlockQ2K, N>(w, a, n, crate::unpack::q2k, KOrder::Interleaved);
+            }
+
+            /// `q3k` for N activation rows.
+            #[target_feature(enable = $features)]
+            pub unsafe fn q3k_xn<const N: usize>(w: *const u8, a: &[*const u8; N], _sc: &ActScales<N>, n: usize, out: &mut [f32; N]) {
+                *out = k_rows::<BlockQ3K, N>(w, a, n, crate::unpack::q3k, KOrder::Lanes);
             }
 
             /// Q5_K as ggml's `vec_dot_q5_K_q8_K` sums it: eight lanes of integer products
