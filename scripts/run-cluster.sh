@@ -23,6 +23,22 @@ trap stop INT TERM
 
 alive() { kill -0 "$1" 2>/dev/null; }
 
+# Stops everything if a process has exited, saying so unless it stopped on Ctrl-C: a Ctrl-C
+# in a terminal reaches the worker and router too, and they stop cleanly (0) or by the
+# signal (130), sometimes before this script's own trap runs.
+check_children() {
+    for pid in "${pids[@]}"; do
+        if ! alive "$pid"; then
+            status=0
+            wait "$pid" 2>/dev/null || status=$?
+            if [ "$status" -ne 0 ] && [ "$status" -ne 130 ]; then
+                echo "kiln: a process exited $1 (status $status; see the messages above)" >&2
+            fi
+            stop
+        fi
+    done
+}
+
 "$BIN/kiln-worker" serve -m "$MODEL" --grpc "$GRPC" --metrics "$WORKER_METRICS" &
 pids+=($!)
 "$BIN/kiln-router" --workers "$GRPC" --host "$HOST" --port "$PORT" &
@@ -30,12 +46,7 @@ pids+=($!)
 
 # The worker may first download the model; wait until the router sees it serving.
 until "$BIN/kilnctl" --router "http://$HOST:$PORT" status >/dev/null 2>&1; do
-    for pid in "${pids[@]}"; do
-        if ! alive "$pid"; then
-            echo "kiln: a process exited during start-up (see the messages above)" >&2
-            stop
-        fi
-    done
+    check_children "during start-up"
     sleep 0.5
 done
 
@@ -53,11 +64,6 @@ Press Ctrl-C to stop.
 MSG
 
 while true; do
-    for pid in "${pids[@]}"; do
-        if ! alive "$pid"; then
-            echo "kiln: a process exited unexpectedly" >&2
-            stop
-        fi
-    done
+    check_children unexpectedly
     sleep 1
 done
