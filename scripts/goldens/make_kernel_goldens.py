@@ -3,8 +3,8 @@
     python3 scripts/goldens/make_kernel_goldens.py BUILD_DIR
     # writes kernels/tests/fixtures/ggml_dots.txt and ggml_gelu.txt
 
-BUILD_DIR holds libggml-base.so and libggml-cpu.so from a llama.cpp build (for instance the
-tree vendored by llama-cpp-python 0.3.36, built as scripts/bench.sh describes). Random rows
+BUILD_DIR holds libggml-base.so and libggml-cpu.so from a llama.cpp build (the tree vendored
+by llama-cpp-python 0.3.36, built as docs/perf.md describes: build/bin). Random rows
 are quantized by ggml, activations are quantized by ggml to the format its dot product takes,
 and each row's product comes from ggml's `vec_dot`, so the fixture pins llama.cpp's
 summation order bit for bit.
