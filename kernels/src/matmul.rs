@@ -8,7 +8,10 @@ use crate::activation;
 use crate::blocks::{cast_blocks_mut, BlockQ8K, BlockQ8_0, BlockQ8_1};
 use crate::dot::{kernel_for_matrix, kernel_xn_for_matrix, ActScales, DotFn, DotManyFn};
 use crate::dtype::DType;
-use crate::packed::{BlockTable, PackedMatrix, GROUP};
+use crate::packed::{BlockTable, PackedMatrix, GROUP, ZERO_POINTS};
+
+/// `BlockTable::corrections` entries per Q8_0 block: eight lanes for each zero point.
+const CORRECTIONS: usize = 8 * ZERO_POINTS.len();
 use crate::pool::{split_range, SharedMut};
 use crate::{Compute, KernelError};
 
@@ -134,7 +137,7 @@ impl Activations {
         let packed_rows = matches!(at, DType::Q8_0 | DType::Q8_1) && crate::Isa::detect() == crate::Isa::Avx512Vnni;
         let per_block = if packed_rows { num_rows * blocks } else { 0 };
         self.blocks.d.resize(per_block, 0.0);
-        self.blocks.corrections.resize(if at == DType::Q8_0 { per_block * 24 } else { 0 }, 0);
+        self.blocks.corrections.resize(if at == DType::Q8_0 { per_block * CORRECTIONS } else { 0 }, 0);
         self.blocks.sums.resize(if at == DType::Q8_0 { per_block } else { 0 }, 0);
         self.blocks.s.resize(if at == DType::Q8_1 { per_block } else { 0 }, 0.0);
         self.dtype = Some(at);
@@ -239,7 +242,7 @@ impl RowTables {
                 DType::Q8_1 => (self.block_s.slice(row * blocks..(row + 1) * blocks), &mut [][..], &mut [][..]),
                 _ => (
                     &mut [][..],
-                    self.block_corrections.slice(row * blocks * 24..(row + 1) * blocks * 24),
+                    self.block_corrections.slice(row * blocks * CORRECTIONS..(row + 1) * blocks * CORRECTIONS),
                     self.block_sums.slice(row * blocks..(row + 1) * blocks),
                 ),
             };
@@ -249,11 +252,12 @@ impl RowTables {
                     s[block] = crate::blocks::f16_bits_to_f32(u16::from_le_bytes([raw[2], raw[3]]));
                     continue;
                 }
-                sums[block] = raw[header..].iter().map(|&v| v as i8 as i32).sum();
+                sums[block] = 0;
                 for (lane, quads) in raw[header..].chunks_exact(4).enumerate() {
                     let sum = quads.iter().map(|&v| v as i8 as i32).sum::<i32>();
-                    for (z, zp) in crate::packed::ZERO_POINTS.iter().enumerate() {
-                        corr[(block * 3 + z) * 8 + lane] = -zp * sum;
+                    sums[block] += sum;
+                    for (z, zp) in ZERO_POINTS.iter().enumerate() {
+                        corr[(block * ZERO_POINTS.len() + z) * 8 + lane] = -zp * sum;
                     }
                 }
             }

@@ -92,18 +92,24 @@ pub fn has_min(dtype: DType) -> bool {
 
 /// The offset stored quants carry: the format's zero point.
 pub fn zero_point(dtype: DType) -> i32 {
-    zero_point_index(dtype).map_or(0, |i| ZERO_POINTS[i])
+    match dtype {
+        DType::Q4_0 => 8,
+        DType::Q5_0 => 16,
+        DType::Q8_0 => 128,
+        _ => 0,
+    }
 }
 
-/// The zero points of the formats read with Q8_0 activations.
-pub const ZERO_POINTS: [i32; 3] = [8, 16, 128];
+/// The zero points taken back lane by lane (`BlockTable::corrections`): those of the signed
+/// formats whose packed kernels keep ggml's eight lanes. Q4_0's sums whole blocks and reads
+/// `BlockTable::sums` instead.
+pub const ZERO_POINTS: [i32; 2] = [16, 128];
 
-/// Which of `ZERO_POINTS` a format has; None for formats without one.
+/// Which of `ZERO_POINTS` a format has; None for formats without a lane-wise one.
 pub fn zero_point_index(dtype: DType) -> Option<usize> {
     match dtype {
-        DType::Q4_0 => Some(0),
-        DType::Q5_0 => Some(1),
-        DType::Q8_0 => Some(2),
+        DType::Q5_0 => Some(0),
+        DType::Q8_0 => Some(1),
         _ => None,
     }
 }
@@ -163,37 +169,19 @@ fn unsigned_quants(dtype: DType, row: &[u8], b: usize) -> ([u8; 32], u16, u16) {
     match dtype {
         DType::Q4_0 => {
             let x: &BlockQ4_0 = bytemuck_block(at(18));
-            for i in 0..16 {
-                q[i] = x.qs[i] & 0x0F;
-                q[i + 16] = x.qs[i] >> 4;
-            }
-            (q, x.d, 0)
+            (nibble_quants(&x.qs, 0), x.d, 0)
         }
         DType::Q4_1 => {
             let x: &BlockQ4_1 = bytemuck_block(at(20));
-            for i in 0..16 {
-                q[i] = x.qs[i] & 0x0F;
-                q[i + 16] = x.qs[i] >> 4;
-            }
-            (q, x.d, x.m)
+            (nibble_quants(&x.qs, 0), x.d, x.m)
         }
         DType::Q5_0 => {
             let x: &BlockQ5_0 = bytemuck_block(at(22));
-            let qh = u32::from_le_bytes(x.qh);
-            for i in 0..16 {
-                q[i] = (x.qs[i] & 0x0F) | ((((qh >> i) & 1) as u8) << 4);
-                q[i + 16] = (x.qs[i] >> 4) | ((((qh >> (i + 16)) & 1) as u8) << 4);
-            }
-            (q, x.d, 0)
+            (nibble_quants(&x.qs, u32::from_le_bytes(x.qh)), x.d, 0)
         }
         DType::Q5_1 => {
             let x: &BlockQ5_1 = bytemuck_block(at(24));
-            let qh = u32::from_le_bytes(x.qh);
-            for i in 0..16 {
-                q[i] = (x.qs[i] & 0x0F) | ((((qh >> i) & 1) as u8) << 4);
-                q[i + 16] = (x.qs[i] >> 4) | ((((qh >> (i + 16)) & 1) as u8) << 4);
-            }
-            (q, x.d, x.m)
+            (nibble_quants(&x.qs, u32::from_le_bytes(x.qh)), x.d, x.m)
         }
         DType::Q8_0 => {
             let x: &BlockQ8_0 = bytemuck_block(at(34));
@@ -204,6 +192,29 @@ fn unsigned_quants(dtype: DType, row: &[u8], b: usize) -> ([u8; 32], u16, u16) {
         }
         other => unreachable!("{other} has no packed layout"),
     }
+}
+
+/// The 32 quants of a 32-value block stored as nibbles (values `i` and `16 + i` in byte `i`),
+/// with bit `i` of `fifth` as the fifth bit of value `i` (zero for the 4-bit formats).
+fn nibble_quants(qs: &[u8; 16], fifth: u32) -> [u8; 32] {
+    std::array::from_fn(|i| {
+        let nibble = if i < 16 { qs[i] & 0x0F } else { qs[i - 16] >> 4 };
+        nibble | ((((fifth >> i) & 1) as u8) << 4)
+    })
+}
+
+/// A 64-bit mask over one packed register (byte `4j + t` is quant `t` of row `j`'s four),
+/// its bits set where `fifth_bit(j, t)` holds.
+fn fifth_bit_mask(fifth_bit: impl Fn(usize, usize) -> bool) -> u64 {
+    let mut mask = 0u64;
+    for j in 0..GROUP {
+        for t in 0..4 {
+            if fifth_bit(j, t) {
+                mask |= 1 << (4 * j + t);
+            }
+        }
+    }
+    mask
 }
 
 fn bytemuck_block<B: crate::blocks::Block>(bytes: &[u8]) -> &B {
@@ -250,14 +261,7 @@ fn pack_block(dtype: DType, rows: &[&[u8]; GROUP], b: usize, dst: &mut [u8]) {
     if matches!(dtype, DType::Q5_0 | DType::Q5_1) {
         for half in 0..2 {
             for k in 0..4 {
-                let mut mask = 0u64;
-                for (j, (q, _, _)) in unpacked.iter().enumerate() {
-                    for t in 0..4 {
-                        if q[16 * half + 4 * k + t] & 0x10 != 0 {
-                            mask |= 1 << (4 * j + t);
-                        }
-                    }
-                }
+                let mask = fifth_bit_mask(|j, t| unpacked[j].0[16 * half + 4 * k + t] & 0x10 != 0);
                 let m = at + 8 * (4 * half + k);
                 dst[m..m + 8].copy_from_slice(&mask.to_le_bytes());
             }
@@ -278,14 +282,7 @@ fn pack_q5k(rows: &[&[u8]; GROUP], b: usize, dst: &mut [u8]) {
     for c in 0..4 {
         for k in 0..8 {
             for half in 0..2 {
-                let mut mask = 0u64;
-                for (j, u) in unpacked.iter().enumerate() {
-                    for t in 0..4 {
-                        if u.q[64 * c + 32 * half + 4 * k + t] & 0x10 != 0 {
-                            mask |= 1 << (4 * j + t);
-                        }
-                    }
-                }
+                let mask = fifth_bit_mask(|j, t| unpacked[j].q[64 * c + 32 * half + 4 * k + t] & 0x10 != 0);
                 let at = Q5K_HIGHS + 16 * (8 * c + k) + 8 * half;
                 dst[at..at + 8].copy_from_slice(&mask.to_le_bytes());
             }
@@ -372,7 +369,7 @@ fn reference_q6k(w: &[u8], a: &[u8], cols: usize) -> f32 {
             *acc = d.mul_add(lane as f32, *acc);
         }
     }
-    ((acc[0] + acc[4]) + (acc[2] + acc[6])) + ((acc[1] + acc[5]) + (acc[3] + acc[7]))
+    fold8(&acc)
 }
 
 /// `reference` for Q5_K against Q8_K activations: ggml's single-row order, eight lanes of
@@ -396,7 +393,7 @@ fn reference_q5k(w: &[u8], a: &[u8], cols: usize) -> f32 {
             *acc = d.mul_add(lane as f32, *acc);
         }
     }
-    (((acc[0] + acc[4]) + (acc[2] + acc[6])) + ((acc[1] + acc[5]) + (acc[3] + acc[7]))) + mins
+    fold8(&acc) + mins
 }
 
 /// `reference` for Q4_0 against Q8_0 activations: the order of ggml's 8-row interleaved
@@ -428,11 +425,16 @@ fn reference_q4k(w: &[u8], a: &[u8], cols: usize) -> f32 {
     acc - acc_min
 }
 
+/// ggml's horizontal sum of eight lanes (`hsum_float_8`).
+fn fold8(acc: &[f32; 8]) -> f32 {
+    ((acc[0] + acc[4]) + (acc[2] + acc[6])) + ((acc[1] + acc[5]) + (acc[3] + acc[7]))
+}
+
 /// Per-block values of prepared activation rows that the packed kernels read, indexed by
 /// `row * blocks + block`: the scale in single precision, (Q8_1 rows) the stored `d·Σq`, and
-/// (Q8_0 rows) for each zero point and each group of four quants, minus the zero point times
-/// the group's sum: `corrections[(.. * 3 + zero point index) * 8 + lane]`. Kept ready so
-/// the kernels start each lane's integer sum from a broadcast load.
+/// (Q8_0 rows) for each of `ZERO_POINTS` and each group of four quants, minus the zero point
+/// times the group's sum: `corrections[(.. * ZERO_POINTS.len() + zero point index) * 8 +
+/// lane]`. Kept ready so the kernels start each lane's integer sum from a broadcast load.
 #[derive(Default)]
 pub struct BlockTable {
     pub d: Vec<f32>,
@@ -476,7 +478,7 @@ pub fn reference(dtype: DType, w: &[u8], a: &[u8], cols: usize) -> f32 {
             off += f16_bits_to_f32(mw) * f16_bits_to_f32(sa);
         }
     }
-    let sum = ((acc[0] + acc[4]) + (acc[2] + acc[6])) + ((acc[1] + acc[5]) + (acc[3] + acc[7]));
+    let sum = fold8(&acc);
     if has_min(dtype) {
         sum + off
     } else {

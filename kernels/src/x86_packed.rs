@@ -8,7 +8,7 @@
 #![allow(unsafe_op_in_unsafe_fn, clippy::missing_safety_doc)]
 
 use crate::dtype::DType;
-use crate::packed::{block_bytes, has_min, zero_point_index, BlockTable, Q4K_QUANTS, Q5K_HIGHS, Q6K_HIGHS, Q6K_LOWS};
+use crate::packed::{block_bytes, has_min, zero_point, zero_point_index, BlockTable, ZERO_POINTS, Q4K_QUANTS, Q5K_HIGHS, Q6K_HIGHS, Q6K_LOWS};
 use std::arch::x86_64::*;
 
 /// A packed product: rows `t0..t0 + count` of the activations against one packed group,
@@ -30,6 +30,15 @@ pub struct PackedActs<'a> {
 
 // SAFETY: the rows are only read, and outlive every product that reads them.
 unsafe impl Sync for PackedActs<'_> {}
+
+/// ggml's horizontal sum of eight lanes (`hsum_float_8`), for sixteen rows at once.
+#[inline(always)]
+unsafe fn fold_lanes(a: [__m512; 8]) -> __m512 {
+    _mm512_add_ps(
+        _mm512_add_ps(_mm512_add_ps(a[0], a[4]), _mm512_add_ps(a[2], a[6])),
+        _mm512_add_ps(_mm512_add_ps(a[1], a[5]), _mm512_add_ps(a[3], a[7])),
+    )
+}
 
 /// Rows `t0..t0 + count` in tiles of `$max` rows, then one tile of the remaining rows:
 /// `$tile::<rows>$args`, with `$t` in `$args` naming each tile's first row.
@@ -84,7 +93,7 @@ unsafe fn q4_0_tile<const N: usize>(group: *const u8, acts: &PackedActs, t0: usi
         for (t, acc) in acc.iter_mut().enumerate() {
             let at = (t0 + t) * acts.blocks + b;
             let a = acts.base.add((t0 + t) * acts.row_bytes + b * acts.block_bytes + acts.quants_at) as *const i32;
-            let mut total = _mm512_set1_epi32(-8 * *table.sums.get_unchecked(at));
+            let mut total = _mm512_set1_epi32(-zero_point(DType::Q4_0) * *table.sums.get_unchecked(at));
             for (l, w) in w.iter().enumerate() {
                 total = _mm512_dpbusd_epi32(total, *w, _mm512_set1_epi32(std::ptr::read_unaligned(a.add(l))));
             }
@@ -215,11 +224,7 @@ unsafe fn q5k_tile<const N: usize>(group: *const u8, acts: &PackedActs, t0: usiz
         }
     }
     for (t, m) in mins.iter().enumerate() {
-        let a = |l: usize| acc[l][t];
-        let sum = _mm512_add_ps(
-            _mm512_add_ps(_mm512_add_ps(a(0), a(4)), _mm512_add_ps(a(2), a(6))),
-            _mm512_add_ps(_mm512_add_ps(a(1), a(5)), _mm512_add_ps(a(3), a(7))),
-        );
+        let sum = fold_lanes(std::array::from_fn(|l| acc[l][t]));
         _mm512_storeu_ps(out.add((t0 + t) * stride), _mm512_add_ps(sum, *m));
     }
 }
@@ -283,11 +288,7 @@ unsafe fn q6k_tile<const N: usize>(group: *const u8, acts: &PackedActs, t0: usiz
         }
     }
     for (t, a) in acc.iter().enumerate() {
-        let sum = _mm512_add_ps(
-            _mm512_add_ps(_mm512_add_ps(a[0], a[4]), _mm512_add_ps(a[2], a[6])),
-            _mm512_add_ps(_mm512_add_ps(a[1], a[5]), _mm512_add_ps(a[3], a[7])),
-        );
-        _mm512_storeu_ps(out.add((t0 + t) * stride), sum);
+        _mm512_storeu_ps(out.add((t0 + t) * stride), fold_lanes(*a));
     }
 }
 
@@ -334,7 +335,7 @@ unsafe fn tile<const N: usize>(dtype: DType, group: *const u8, acts: &PackedActs
             let at = (t0 + t) * acts.blocks + b;
             let a = acts.base.add((t0 + t) * acts.row_bytes + b * acts.block_bytes + acts.quants_at) as *const i32;
             let d = _mm512_mul_ps(dw, _mm512_set1_ps(*table.d.get_unchecked(at)));
-            let corrections = zero_point.map(|z| table.corrections.as_ptr().add((at * 3 + z) * 8));
+            let corrections = zero_point.map(|z| table.corrections.as_ptr().add((at * ZERO_POINTS.len() + z) * 8));
             for (l, acc) in acc.iter_mut().enumerate() {
                 // Lane l of ggml's dot product for all sixteen rows: the zero point times the
                 // four activation quants' sum, taken back before the products are added.
@@ -352,11 +353,7 @@ unsafe fn tile<const N: usize>(dtype: DType, group: *const u8, acts: &PackedActs
         }
     }
     for (t, a) in acc.iter().enumerate() {
-        // ggml's horizontal sum of eight lanes, for sixteen rows at once.
-        let sum = _mm512_add_ps(
-            _mm512_add_ps(_mm512_add_ps(a[0], a[4]), _mm512_add_ps(a[2], a[6])),
-            _mm512_add_ps(_mm512_add_ps(a[1], a[5]), _mm512_add_ps(a[3], a[7])),
-        );
+        let sum = fold_lanes(*a);
         let r = if with_min { _mm512_add_ps(sum, off[t]) } else { sum };
         _mm512_storeu_ps(out.add((t0 + t) * stride), r);
     }

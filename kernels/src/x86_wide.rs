@@ -32,37 +32,29 @@ pub unsafe fn axpy_f16(acc: &mut [f32], w: f32, v: &[u16], start: bool) {
 /// `y` (half precision), folded `(a0 + a2) + (a1 + a3)`, returned as lanes 0-7 and 8-15.
 #[target_feature(enable = "avx2,fma,f16c,avx512f")]
 pub unsafe fn fold64(x: *const f32, y: *const u16, n: usize) -> (__m256, __m256) {
-    let mut acc = [_mm512_setzero_ps(); 4];
+    fold64_queries(&[x], y, n)[0]
+}
+
+/// `fold64` for `Q` queries against the same `y`: each chunk of `y` is widened once and used
+/// by every query, whose lanes get exactly the arithmetic of the single-query fold.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c,avx512f")]
+unsafe fn fold64_queries<const Q: usize>(xs: &[*const f32; Q], y: *const u16, n: usize) -> [(__m256, __m256); Q] {
+    let mut acc = [[_mm512_setzero_ps(); 4]; Q];
     let mut i = 0;
     while i + 64 <= n {
-        for (k, a) in acc.iter_mut().enumerate() {
-            let yv = _mm512_cvtph_ps(_mm256_loadu_si256(y.add(i + 16 * k) as *const __m256i));
-            *a = _mm512_fmadd_ps(_mm512_loadu_ps(x.add(i + 16 * k)), yv, *a);
+        for c in 0..4 {
+            let yv = _mm512_cvtph_ps(_mm256_loadu_si256(y.add(i + 16 * c) as *const __m256i));
+            for (a, &x) in acc.iter_mut().zip(xs) {
+                a[c] = _mm512_fmadd_ps(_mm512_loadu_ps(x.add(i + 16 * c)), yv, a[c]);
+            }
         }
         i += 64;
     }
-    let s = _mm512_add_ps(_mm512_add_ps(acc[0], acc[2]), _mm512_add_ps(acc[1], acc[3]));
-    (_mm512_castps512_ps256(s), _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(s), 1)))
-}
-
-/// Dimensions `dim..dim + 64` of `Σ fma(w[j], values[at[j]..], acc)` over keys `j = j0, j0 + 64,
-/// ...` in that order, starting from zero, written to `out` (zeros when there is no key).
-#[target_feature(enable = "avx2,fma,f16c,avx512f")]
-pub unsafe fn bucket_sum(w: &[f32], at: &[usize], j0: usize, values: &[u16], dim: usize, out: &mut [f32]) {
-    let mut acc = [_mm512_setzero_ps(); 4];
-    let mut j = j0;
-    while j < w.len() {
-        let wv = _mm512_set1_ps(w[j]);
-        let v = values[at[j] + dim..at[j] + dim + 64].as_ptr();
-        for (k, a) in acc.iter_mut().enumerate() {
-            let x = _mm512_cvtph_ps(_mm256_loadu_si256(v.add(16 * k) as *const __m256i));
-            *a = _mm512_fmadd_ps(wv, x, *a);
-        }
-        j += 64;
-    }
-    for (k, a) in acc.iter().enumerate() {
-        _mm512_storeu_ps(out[16 * k..16 * k + 16].as_mut_ptr(), *a);
-    }
+    acc.map(|a| {
+        let s = _mm512_add_ps(_mm512_add_ps(a[0], a[2]), _mm512_add_ps(a[1], a[3]));
+        (_mm512_castps512_ps256(s), _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(s), 1)))
+    })
 }
 
 /// `x86::dot8_f32_f16_ordered` for `Q` queries against the same eight keys: each key chunk
@@ -72,28 +64,18 @@ pub unsafe fn bucket_sum(w: &[f32], at: &[usize], j0: usize, values: &[u16], dim
 pub unsafe fn dot8_queries<const Q: usize>(xs: &[*const f32; Q], keys: &[*const u16; 8], n: usize) -> [[f32; 8]; Q] {
     let mut folded = [[_mm256_setzero_ps(); 8]; Q];
     for (k, &key) in keys.iter().enumerate() {
-        let mut acc = [[_mm512_setzero_ps(); 4]; Q];
-        let mut i = 0;
-        while i + 64 <= n {
-            for c in 0..4 {
-                let yv = _mm512_cvtph_ps(_mm256_loadu_si256(key.add(i + 16 * c) as *const __m256i));
-                for (a, &x) in acc.iter_mut().zip(xs) {
-                    a[c] = _mm512_fmadd_ps(_mm512_loadu_ps(x.add(i + 16 * c)), yv, a[c]);
-                }
-            }
-            i += 64;
-        }
-        for (f, a) in folded.iter_mut().zip(&acc) {
-            let s = _mm512_add_ps(_mm512_add_ps(a[0], a[2]), _mm512_add_ps(a[1], a[3]));
-            let (lo, hi) = (_mm512_castps512_ps256(s), _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(s), 1)));
+        for (f, (lo, hi)) in folded.iter_mut().zip(fold64_queries(xs, key, n)) {
+            // tree16's first step: lanes 8..16 onto lanes 0..8.
             f[k] = _mm256_add_ps(hi, lo);
         }
     }
     folded.map(|f| crate::x86::finish_tree16x8(f))
 }
 
-/// `bucket_sum` for `Q` queries sharing the same values (one weight vector per query, each
-/// as long as `at`): each value chunk is widened once; `outs[q]` receives 64 floats.
+/// Dimensions `dim..dim + 64` of `Σ fma(w[j], values[at[j]..], acc)` over keys `j = j0, j0 +
+/// 64, ...` in that order, starting from zero, for `Q` queries sharing the same values (one
+/// weight vector `w` per query, each as long as `at`): each value chunk is widened once;
+/// `outs[q]` receives 64 floats (zeros when there is no key).
 #[target_feature(enable = "avx2,fma,f16c,avx512f")]
 pub unsafe fn bucket_sum_queries<const Q: usize>(ws: &[&[f32]; Q], at: &[usize], j0: usize, values: &[u16], dim: usize, outs: [*mut f32; Q]) {
     let mut acc = [[_mm512_setzero_ps(); 4]; Q];

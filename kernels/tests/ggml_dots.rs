@@ -60,6 +60,8 @@ fn dot_products_equal_llama_cpp_bit_for_bit() {
                 let reference = packed::reference(case.dtype, row, case.activations.bytes(), case.cols);
                 assert_eq!(reference.to_bits(), want, "{} {} row {r}: packed reference {reference} vs llama.cpp {}", case.dtype, case.label, f32::from_bits(want));
             }
+            // The scalar kernels are the portable reference (`dot_ref`), not llama.cpp's x86
+            // order; `kernels.rs` holds them to the SIMD kernels within rounding.
             for isa in Isa::available().into_iter().filter(|&i| i != Isa::Scalar) {
                 // SAFETY: the row and the activations hold `cols` values of their formats.
                 let got = unsafe { kernel_for_matrix(case.dtype, case.rows, isa)(row.as_ptr(), case.activations.bytes().as_ptr(), case.cols) };
