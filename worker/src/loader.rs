@@ -104,8 +104,8 @@ impl LoadedModel {
             // as the same model written to GGUF would.
             cfg.kv_precision = kiln_kernels::attention::KvPrecision::Half;
         }
-        let (spec, template) = crate::formats::hf_tokenizer::load(dir)?;
-        let tokenizer = Arc::new(Tokenizer::new(spec)?);
+        let (tokenizer, template) = crate::formats::hf_tokenizer::load(dir)?;
+        let tokenizer = Arc::new(tokenizer);
         if tokenizer.vocab_size() > cfg.vocab_size {
             return Err(Error::Metadata {
                 key: "config.json: vocab_size".into(),

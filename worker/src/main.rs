@@ -26,6 +26,8 @@ enum Command {
     Info(cli::info::InfoArgs),
     /// Write a Hugging Face checkpoint as a GGUF file with quantized projection weights
     Quantize(cli::quantize::QuantizeArgs),
+    /// Render a chat template for a conversation (a model's, or a template file)
+    Template(cli::template::TemplateArgs),
 }
 
 fn main() -> ExitCode {
@@ -37,6 +39,7 @@ fn main() -> ExitCode {
         Command::Bench(a) => cli::bench::main(a),
         Command::Info(a) => cli::info::main(a),
         Command::Quantize(a) => cli::quantize::main(a),
+        Command::Template(a) => cli::template::main(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

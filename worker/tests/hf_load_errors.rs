@@ -83,12 +83,17 @@ fn tokenizer_problems_are_specific() {
     let dir = copy_fixture("tokmodel");
     edit_json(&dir.join("tokenizer.json"), |v| v["model"]["type"] = "Unigram".into());
     let e = load_error(&dir);
-    assert!(e.contains("Unigram"), "{e}");
+    assert!(e.contains("tokenizer.json") && e.contains("not a tokenizer the tokenizers library reads"), "{e}");
 
     let dir = copy_fixture("tokpre");
-    edit_json(&dir.join("tokenizer.json"), |v| v["pre_tokenizer"] = serde_json::json!({"type": "Metaspace", "replacement": "▁"}));
+    edit_json(&dir.join("tokenizer.json"), |v| v["pre_tokenizer"] = serde_json::json!({"type": "NoSuchSplitter"}));
     let e = load_error(&dir);
-    assert!(e.contains("Metaspace") && e.contains("not supported"), "{e}");
+    assert!(e.contains("tokenizer.json") && e.contains("NoSuchSplitter"), "{e}");
+
+    let dir = copy_fixture("tokeos");
+    std::fs::write(dir.join("generation_config.json"), r#"{"eos_token_id": [2, 99999]}"#).unwrap();
+    let e = load_error(&dir);
+    assert!(e.contains("eos_token_id 99999 is outside the vocabulary"), "{e}");
 
     let dir = copy_fixture("tokbos");
     edit_json(&dir.join("tokenizer_config.json"), |v| v["bos_token"] = "<nope>".into());

@@ -7,6 +7,7 @@
 //! model's pre-tokenizer and BPE, so ids match llama.cpp's exactly.
 
 mod bpe;
+mod hf;
 mod merge;
 pub mod pretokenize;
 mod spm;
@@ -64,6 +65,9 @@ pub enum TokenizerModel {
     ByteBpe { pre: PreTokenizer, merges: Vec<String> },
     /// Score-driven SentencePiece BPE with byte fallback.
     Spm { add_space_prefix: bool },
+    /// A Hugging Face `tokenizer.json`, run by the `tokenizers` crate. The spec's tokens
+    /// and kinds are derived from it when the tokenizer is built.
+    HuggingFace { json: String },
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -79,6 +83,16 @@ pub struct TokenizerSpec {
     pub eog_ids: Vec<u32>,
     pub add_bos: bool,
     pub add_eos: bool,
+}
+
+/// The special tokens a Hugging Face checkpoint names outside `tokenizer.json`
+/// (`tokenizer_config.json`'s `bos_token`/`eos_token`, `generation_config.json`'s
+/// `eos_token_id`).
+#[derive(Clone, Debug, Default)]
+pub struct HfSpecials {
+    pub bos: Option<String>,
+    pub eos: Option<String>,
+    pub eos_ids: Vec<u32>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -156,6 +170,7 @@ fn end_of_generation(spec: &mut TokenizerSpec, token_to_id: &HashMap<String, u32
 
 pub struct Tokenizer {
     spec: TokenizerSpec,
+    hf: Option<hf::HfTokenizer>,
     token_to_id: HashMap<String, u32>,
     /// Tokens matched verbatim in input, longest text first.
     special_by_length: Vec<u32>,
@@ -168,7 +183,51 @@ pub struct Tokenizer {
 }
 
 impl Tokenizer {
-    pub fn new(mut spec: TokenizerSpec) -> Result<Tokenizer, TokenizerError> {
+    pub fn new(spec: TokenizerSpec) -> Result<Tokenizer, TokenizerError> {
+        let hf = match &spec.model {
+            TokenizerModel::HuggingFace { json } => Some(hf::HfTokenizer::parse(json)?),
+            _ => None,
+        };
+        Self::build(spec, hf)
+    }
+
+    /// A `tokenizer.json` with the special tokens its companion files name. BOS and EOS are
+    /// added where the file's post-processor adds them.
+    pub fn from_hf_json(json: String, specials: &HfSpecials) -> Result<Tokenizer, TokenizerError> {
+        let hf = hf::HfTokenizer::parse(&json)?;
+        let (tokens, _) = hf.vocabulary();
+        let named = |key: &'static str, text: &Option<String>| -> Result<Option<u32>, TokenizerError> {
+            let Some(text) = text else { return Ok(None) };
+            match tokens.iter().position(|t| t == text) {
+                Some(id) => Ok(Some(id as u32)),
+                None => Err(TokenizerError::Invalid(format!("{key} `{text}` is not in the vocabulary"))),
+            }
+        };
+        let bos_id = named("bos_token", &specials.bos)?;
+        let eos_id = named("eos_token", &specials.eos)?;
+        let mut eog_ids: Vec<u32> = eos_id.into_iter().chain(specials.eos_ids.iter().copied()).collect();
+        eog_ids.sort_unstable();
+        eog_ids.dedup();
+        let (plain, with_special) = (hf.encode("a", false, true), hf.encode("a", true, true));
+        let added = with_special.len() > plain.len();
+        let spec = TokenizerSpec {
+            model: TokenizerModel::HuggingFace { json },
+            tokens: Vec::new(),
+            kinds: Vec::new(),
+            scores: Vec::new(),
+            bos_id,
+            eos_id,
+            eog_ids,
+            add_bos: added && bos_id.is_some() && with_special.first() == bos_id.as_ref(),
+            add_eos: added && eos_id.is_some() && with_special.last() == eos_id.as_ref(),
+        };
+        Self::build(spec, Some(hf))
+    }
+
+    fn build(mut spec: TokenizerSpec, hf: Option<hf::HfTokenizer>) -> Result<Tokenizer, TokenizerError> {
+        if let Some(hf) = &hf {
+            (spec.tokens, spec.kinds) = hf.vocabulary();
+        }
         let n = spec.tokens.len();
         if n == 0 {
             return Err(TokenizerError::Empty);
@@ -210,14 +269,29 @@ impl Tokenizer {
         }
         let merges = match &spec.model {
             TokenizerModel::ByteBpe { merges, .. } => Some(bpe::Merges::new(merges)),
-            TokenizerModel::Spm { .. } => None,
+            TokenizerModel::Spm { .. } | TokenizerModel::HuggingFace { .. } => None,
         };
         let unk_id = spec.kinds.iter().position(|&k| k == TokenKind::Unknown).map(|i| i as u32);
-        Ok(Tokenizer { spec, token_to_id, special_by_length, merges, byte_to_char, char_to_byte, byte_tokens, unk_id })
+        Ok(Tokenizer { spec, hf, token_to_id, special_by_length, merges, byte_to_char, char_to_byte, byte_tokens, unk_id })
     }
 
     pub fn spec(&self) -> &TokenizerSpec {
         &self.spec
+    }
+
+    /// The spec as sent to routers: what `Tokenizer::new` derives is left out.
+    pub fn wire_spec(&self) -> TokenizerSpec {
+        let mut spec = self.spec.clone();
+        if self.hf.is_some() {
+            spec.tokens.clear();
+            spec.kinds.clear();
+        }
+        spec
+    }
+
+    /// Whether this tokenizer runs a Hugging Face `tokenizer.json`.
+    pub fn is_hugging_face(&self) -> bool {
+        self.hf.is_some()
     }
 
     pub fn vocab_size(&self) -> usize {
@@ -255,6 +329,9 @@ impl Tokenizer {
     /// Encodes `text`. `add_special` adds BOS/EOS as the model asks; `parse_special` lets
     /// control tokens written in the text (like `<|im_start|>`) become those tokens.
     pub fn encode(&self, text: &str, add_special: bool, parse_special: bool) -> Vec<u32> {
+        if let Some(hf) = &self.hf {
+            return hf.encode(text, add_special, parse_special);
+        }
         let mut out = Vec::new();
         if add_special && self.spec.add_bos {
             out.extend(self.spec.bos_id);
@@ -328,6 +405,8 @@ impl Tokenizer {
                     }
                 }
             }
+            // `encode` hands tokenizer.json files to the tokenizers crate before this point.
+            TokenizerModel::HuggingFace { .. } => {}
         }
     }
 
@@ -379,6 +458,9 @@ impl Tokenizer {
                 }
             }
             TokenKind::UserDefined => text.as_bytes().to_vec(),
+            _ if self.hf.is_some() && matches!(kind, TokenKind::Normal | TokenKind::Byte) => {
+                self.hf.as_ref().map(|hf| hf.token_bytes(id, text, &self.char_to_byte)).unwrap_or_default()
+            }
             TokenKind::Normal => match self.spec.model {
                 TokenizerModel::ByteBpe { .. } => {
                     let mut bytes = Vec::with_capacity(text.len());
@@ -390,15 +472,27 @@ impl Tokenizer {
                     }
                     bytes
                 }
-                TokenizerModel::Spm { .. } => text.replace('▁', " ").into_bytes(),
+                TokenizerModel::Spm { .. } | TokenizerModel::HuggingFace { .. } => text.replace('▁', " ").into_bytes(),
             },
             TokenKind::Byte => parse_byte_token(text).map(|b| vec![b]).unwrap_or_default(),
             TokenKind::Unused | TokenKind::Undefined => Vec::new(),
         }
     }
 
+    /// Whether token `id` starts in the middle of a character (its first byte is a UTF-8
+    /// continuation byte), for tokenizers whose decoders work on whole sequences.
+    pub(crate) fn continues_character(&self, id: u32) -> bool {
+        match (&self.hf, self.spec.tokens.get(id as usize)) {
+            (Some(hf), Some(text)) => hf.continues_character(text, self.spec.kinds[id as usize], &self.char_to_byte),
+            _ => false,
+        }
+    }
+
     /// Decodes ids to text; invalid UTF-8 (a cut-off character) becomes U+FFFD.
     pub fn decode(&self, ids: &[u32], render_special: bool) -> String {
+        if let Some(hf) = &self.hf {
+            return hf.decode(ids, render_special);
+        }
         let mut bytes = Vec::new();
         for &id in ids {
             bytes.extend(self.token_bytes(id, render_special));

@@ -8,6 +8,7 @@ pub mod pull;
 pub mod quantize;
 pub mod run;
 pub mod serve;
+pub mod template;
 
 use kiln_worker::layers::Compute;
 use kiln_worker::loader::LoadedModel;

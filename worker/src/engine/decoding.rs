@@ -45,7 +45,7 @@ impl Decoding {
         Decoding {
             seed: seed.wrapping_add((index as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15)),
             candidates: Candidates::default(),
-            decoder: StreamDecoder::new(),
+            decoder: StreamDecoder::after(&req.prompt),
             stops: StopMatcher::new(req.stop.clone()),
             stopped_by_string: false,
             generated: 0,
@@ -85,7 +85,7 @@ impl Decoding {
     /// whether generation ends.
     pub fn accept(&mut self, req: &GenerationRequest, tokenizer: &Tokenizer, token: u32) -> Accepted {
         if !req.ignore_eos && tokenizer.is_eog(token) {
-            return Accepted { text: self.flush(), finish: Some(FinishReason::Stop), is_end_token: true };
+            return Accepted { text: self.flush(tokenizer), finish: Some(FinishReason::Stop), is_end_token: true };
         }
         self.generated += 1;
         let piece = self.decoder.push(tokenizer, token, false);
@@ -100,7 +100,7 @@ impl Decoding {
             finish = Some(FinishReason::Length);
         }
         if finish.is_some() {
-            text.push_str(&self.flush());
+            text.push_str(&self.flush(tokenizer));
         }
         self.text.push_str(&text);
         Accepted { text, finish, is_end_token: false }
@@ -112,11 +112,11 @@ impl Decoding {
     }
 
     /// Releases text held back at the end of generation (nothing after a stop string).
-    pub fn flush(&mut self) -> String {
+    pub fn flush(&mut self, tokenizer: &Tokenizer) -> String {
         if self.stopped_by_string {
             return String::new();
         }
-        let tail = self.decoder.finish();
+        let tail = self.decoder.finish_with(tokenizer, false);
         let text = match self.stops.push(&tail) {
             StopMatch::Continue(t) => t + &self.stops.finish(),
             StopMatch::Stopped(t) => {

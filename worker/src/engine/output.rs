@@ -115,7 +115,7 @@ impl Engine {
                 self.requests.remove(&a.request);
             }
         }
-        tail.push_str(&a.decoding.flush());
+        tail.push_str(&a.decoding.flush(&self.model.tokenizer));
         let ended = 1 + a.forks_pending as u64;
         if reason == FinishReason::Cancelled {
             self.stats.cancelled += ended;

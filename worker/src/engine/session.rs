@@ -236,7 +236,7 @@ impl Session {
             }
             let pos = req.prompt.len() + generated.len() - 1;
             if pos + 1 >= self.context_len {
-                let tail = decoding.flush();
+                let tail = decoding.flush(&tokenizer);
                 if !tail.is_empty() {
                     on_text(&tail);
                 }
@@ -245,7 +245,7 @@ impl Session {
             self.forward(&[token], pos, false)?;
         };
         if finish == FinishReason::Cancelled {
-            let tail = decoding.flush();
+            let tail = decoding.flush(&tokenizer);
             if !tail.is_empty() {
                 on_text(&tail);
             }

@@ -12,7 +12,8 @@ use crate::layers::weights::{IsqReport, MatrixRef};
 use crate::layers::WeightSource;
 use crate::models::config::{ModelConfig, MoeNaming};
 use kiln_kernels::DType;
-use kiln_shared::tokenizer::{PreTokenizer, TokenKind, TokenizerModel, TokenizerSpec};
+use super::hf_tokenizer::GgufVocab;
+use kiln_shared::tokenizer::{PreTokenizer, TokenKind, Tokenizer, TokenizerModel};
 use std::path::Path;
 use std::sync::Arc;
 
@@ -81,7 +82,7 @@ fn kind_id(k: TokenKind) -> i32 {
     }
 }
 
-fn metadata(w: &mut GgufWriter, arch: &str, cfg: &ModelConfig, spec: &TokenizerSpec, template: Option<&str>, isq: DType) -> Result<()> {
+fn metadata(w: &mut GgufWriter, arch: &str, cfg: &ModelConfig, tokenizer: &Tokenizer, vocab: &GgufVocab, template: Option<&str>, isq: DType) -> Result<()> {
     let u32v = |v: usize| Value::U32(v as u32);
     w.set("general.architecture", Value::String(arch.into()));
     w.set("general.name", Value::String(cfg.name.clone()));
@@ -122,14 +123,25 @@ fn metadata(w: &mut GgufWriter, arch: &str, cfg: &ModelConfig, spec: &TokenizerS
         let n = cfg.is_sliding.iter().position(|s| !s).map_or(cfg.num_layers, |i| i + 1);
         w.set(&key("attention.sliding_window_pattern"), u32v(n));
     }
-    let TokenizerModel::ByteBpe { pre, merges } = &spec.model else {
-        return Err(invalid("only byte-level BPE tokenizers are written to GGUF"));
-    };
-    w.set("tokenizer.ggml.model", Value::String("gpt2".into()));
-    w.set("tokenizer.ggml.pre", Value::String(pre_name(*pre).into()));
+    let spec = tokenizer.spec();
+    match vocab {
+        GgufVocab::Gpt2 { pre, merges } => {
+            w.set("tokenizer.ggml.model", Value::String("gpt2".into()));
+            w.set("tokenizer.ggml.pre", Value::String(pre_name(*pre).into()));
+            w.set("tokenizer.ggml.merges", Value::Array(Array::String(merges.clone())));
+        }
+        GgufVocab::Llama { scores, add_space_prefix } => {
+            w.set("tokenizer.ggml.model", Value::String("llama".into()));
+            w.set("tokenizer.ggml.pre", Value::String("default".into()));
+            w.set("tokenizer.ggml.scores", Value::Array(Array::F32(scores.clone())));
+            w.set("tokenizer.ggml.add_space_prefix", Value::Bool(*add_space_prefix));
+        }
+    }
     w.set("tokenizer.ggml.tokens", Value::Array(Array::String(spec.tokens.clone())));
     w.set("tokenizer.ggml.token_type", Value::Array(Array::I32(spec.kinds.iter().map(|&k| kind_id(k)).collect())));
-    w.set("tokenizer.ggml.merges", Value::Array(Array::String(merges.clone())));
+    if let Some(u) = spec.kinds.iter().position(|&k| k == TokenKind::Unknown) {
+        w.set("tokenizer.ggml.unknown_token_id", Value::U32(u as u32));
+    }
     if let Some(b) = spec.bos_id {
         w.set("tokenizer.ggml.bos_token_id", Value::U32(b));
     }
@@ -156,7 +168,11 @@ pub fn export(dir: &Path, isq: DType, out: &Path) -> Result<Exported> {
     if cfg.sliding_window.is_some() && arch == "llama" {
         return Err(invalid("sliding-window attention has no llama-architecture GGUF form; not written"));
     }
-    let (spec, template) = super::hf_tokenizer::load(dir)?;
+    let (tokenizer, template) = super::hf_tokenizer::load(dir)?;
+    let TokenizerModel::HuggingFace { json } = &tokenizer.spec().model else {
+        return Err(invalid("the checkpoint's tokenizer is not a tokenizer.json"));
+    };
+    let vocab = super::hf_tokenizer::gguf_vocab(json, &tokenizer)?;
     let checkpoint = Arc::new(super::safetensors::Checkpoint::open_dir(dir)?);
     if cfg.moe.as_ref().is_some_and(|m| !m.renormalize) {
         return Err(invalid("llama.cpp renormalizes the chosen experts' weights; this checkpoint does not (norm_topk_prob), so it is not written"));
@@ -166,7 +182,7 @@ pub fn export(dir: &Path, isq: DType, out: &Path) -> Result<Exported> {
     }
     let weights = WeightSource::from_checkpoint(Arc::clone(&checkpoint), &cfg.architecture).with_isq(Some(isq));
     let mut w = GgufWriter::new();
-    metadata(&mut w, arch, &cfg, &spec, template.as_deref(), isq)?;
+    metadata(&mut w, arch, &cfg, &tokenizer, &vocab, template.as_deref(), isq)?;
     // Experts are written merged, one tensor per matrix and layer.
     let mut names: Vec<&str> = checkpoint.names().filter(|n| !n.contains(".experts.")).collect();
     names.sort();

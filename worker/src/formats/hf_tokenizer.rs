@@ -1,11 +1,10 @@
-//! A Hugging Face `tokenizer.json` (byte-level BPE) with `tokenizer_config.json` and
-//! `generation_config.json`, as the same `TokenizerSpec` GGUF files give: vocabulary, merges,
-//! token kinds, BOS/EOS and end-of-generation ids, and the chat template. Tokenizers kiln
-//! cannot reproduce exactly are refused by name rather than approximated.
+//! A Hugging Face model's tokenizer files: `tokenizer.json` (run by the `tokenizers` crate)
+//! with `tokenizer_config.json` and `generation_config.json` (BOS, EOS and end-of-generation
+//! ids, the chat template); and the GGUF vocabulary llama.cpp reads for the same tokenizer.
 
 use crate::error::{Error, Result};
 use kiln_shared::tokenizer::pretokenize::{LLAMA3_PATTERN, QWEN2_PATTERN};
-use kiln_shared::tokenizer::{PreTokenizer, TokenKind, TokenizerModel, TokenizerSpec};
+use kiln_shared::tokenizer::{HfSpecials, PreTokenizer, Tokenizer, TokenizerError};
 use serde_json::Value;
 use std::path::Path;
 
@@ -40,7 +39,7 @@ fn pre_tokenizer(p: &Value) -> Result<PreTokenizer> {
             }
         }
     }
-    Err(bad(format!("pre-tokenizer {p} is not supported yet (kiln has the GPT-2, digits-then-GPT-2, Llama 3 and Qwen 2 splitters)")))
+    Err(bad(format!("pre-tokenizer {p} has no GGUF form (llama.cpp's GPT-2, digits-then-GPT-2, Llama 3 and Qwen 2 splitters have)")))
 }
 
 /// A token named in tokenizer_config.json: a string or `{"content": ...}`.
@@ -48,46 +47,58 @@ fn token_text(v: &Value) -> Option<&str> {
     v.as_str().or_else(|| v["content"].as_str())
 }
 
-/// Reads the tokenizer files of a model directory; returns the spec and the chat template.
-pub fn load(dir: &Path) -> Result<(TokenizerSpec, Option<String>)> {
-    let tj = read_json(&dir.join("tokenizer.json"))?;
+/// The tokenizer of a model directory: `tokenizer.json` run by the `tokenizers` crate, with
+/// the special tokens of `tokenizer_config.json` and `generation_config.json`; and the chat
+/// template (`chat_template.jinja`, else the one in `tokenizer_config.json`).
+pub fn load(dir: &Path) -> Result<(Tokenizer, Option<String>)> {
+    let path = dir.join("tokenizer.json");
+    let json = std::fs::read_to_string(&path).map_err(|source| Error::Io { path: path.clone(), source })?;
     let config_path = dir.join("tokenizer_config.json");
     let tc = if config_path.exists() { read_json(&config_path)? } else { Value::Null };
     let gen_path = dir.join("generation_config.json");
     let gc = if gen_path.exists() { read_json(&gen_path)? } else { Value::Null };
+    let eos_ids = match &gc["eos_token_id"] {
+        Value::Number(x) => x.as_u64().and_then(|i| u32::try_from(i).ok()).into_iter().collect(),
+        Value::Array(xs) => xs.iter().filter_map(|x| x.as_u64().and_then(|i| u32::try_from(i).ok())).collect(),
+        _ => Vec::new(),
+    };
+    let specials = HfSpecials { bos: token_text(&tc["bos_token"]).map(str::to_string), eos: token_text(&tc["eos_token"]).map(str::to_string), eos_ids };
+    let tokenizer = Tokenizer::from_hf_json(json, &specials).map_err(|e| match e {
+        TokenizerError::Invalid(what) => bad(what),
+        // Only generation_config.json names end-of-generation ids.
+        TokenizerError::SpecialOutOfRange { id, vocab_size, .. } => {
+            Error::UnsupportedTokenizer(format!("generation_config.json: eos_token_id {id} is outside the vocabulary of {vocab_size}"))
+        }
+        other => Error::Tokenizer(other),
+    })?;
+    let template_file = dir.join("chat_template.jinja");
+    let template = if template_file.exists() {
+        Some(std::fs::read_to_string(&template_file).map_err(|source| Error::Io { path: template_file.clone(), source })?)
+    } else {
+        match &tc["chat_template"] {
+            Value::String(s) => Some(s.clone()),
+            Value::Array(named) => named.iter().find(|t| t["name"] == "default").and_then(|t| t["template"].as_str()).map(str::to_string),
+            _ => None,
+        }
+    };
+    Ok((tokenizer, template))
+}
+
+/// The vocabulary as llama.cpp reads it from GGUF.
+pub enum GgufVocab {
+    /// `gpt2`: byte-level BPE with ranked merges and a named pre-tokenizer.
+    Gpt2 { pre: PreTokenizer, merges: Vec<String> },
+    /// `llama`: SentencePiece-style BPE (`▁` for spaces, `<0xXX>` byte fallback), merged by
+    /// score.
+    Llama { scores: Vec<f32>, add_space_prefix: bool },
+}
+
+/// How `tokenizer.json` is written to GGUF, or why it cannot be.
+pub fn gguf_vocab(json: &str, tokenizer: &Tokenizer) -> Result<GgufVocab> {
+    let tj: Value = serde_json::from_str(json).map_err(|e| bad(e.to_string()))?;
     let model = &tj["model"];
     if model["type"] != "BPE" {
-        return Err(bad(format!("model type {} is not supported for generation (BPE)", model["type"])));
-    }
-    if model["byte_fallback"] == true || !tj["normalizer"].is_null() {
-        return Err(bad("SentencePiece-style BPE (byte fallback, normalizer) is not supported from tokenizer.json yet"));
-    }
-    let pre = pre_tokenizer(&tj["pre_tokenizer"])?;
-    let vocab = model["vocab"].as_object().ok_or_else(|| bad("model.vocab is missing"))?;
-    let mut entries: Vec<(u32, String)> = Vec::with_capacity(vocab.len());
-    for (text, id) in vocab {
-        let id = id.as_u64().and_then(|i| u32::try_from(i).ok()).ok_or_else(|| bad(format!("vocab entry `{text}` has a bad id")))?;
-        entries.push((id, text.clone()));
-    }
-    let mut kinds_of_added = Vec::new();
-    for t in tj["added_tokens"].as_array().into_iter().flatten() {
-        let (Some(id), Some(text)) = (t["id"].as_u64().and_then(|i| u32::try_from(i).ok()), t["content"].as_str()) else {
-            return Err(bad(format!("added token {t} lacks an id or content")));
-        };
-        if !entries.iter().any(|(i, _)| *i == id) {
-            entries.push((id, text.to_string()));
-        }
-        kinds_of_added.push((id, if t["special"] == true { TokenKind::Control } else { TokenKind::UserDefined }));
-    }
-    entries.sort();
-    let n = entries.len();
-    if let Some((pos, (id, _))) = entries.iter().enumerate().find(|(pos, (id, _))| *id as usize != *pos) {
-        return Err(bad(format!("token ids are not contiguous: id {id} at position {pos} of {n}")));
-    }
-    let tokens: Vec<String> = entries.into_iter().map(|(_, t)| t).collect();
-    let mut kinds = vec![TokenKind::Normal; n];
-    for (id, kind) in kinds_of_added {
-        kinds[id as usize] = kind;
+        return Err(bad(format!("a {} model has no GGUF form llama.cpp reads the same way (BPE only)", model["type"])));
     }
     let merges = model["merges"]
         .as_array()
@@ -99,38 +110,60 @@ pub fn load(dir: &Path) -> Result<(TokenizerSpec, Option<String>)> {
             other => Err(bad(format!("merge {other} is neither \"a b\" nor [a, b]"))),
         })
         .collect::<Result<Vec<_>>>()?;
-    let id_of = |text: &str| tokens.iter().position(|t| t == text).map(|i| i as u32);
-    let named = |key: &str| -> Result<Option<u32>> {
-        match token_text(&tc[key]) {
-            None => Ok(None),
-            Some(text) => id_of(text).map(Some).ok_or_else(|| bad(format!("tokenizer_config.json {key} `{text}` is not in the vocabulary"))),
+    if model["byte_fallback"] != true {
+        if !tj["normalizer"].is_null() {
+            return Err(bad(format!("byte-level BPE with normalizer {} has no GGUF form", tj["normalizer"])));
         }
-    };
-    let bos_id = named("bos_token")?;
-    let eos_id = named("eos_token")?;
-    let mut eog_ids: Vec<u32> = eos_id.into_iter().collect();
-    match &gc["eos_token_id"] {
-        Value::Number(x) => eog_ids.extend(x.as_u64().map(|i| i as u32)),
-        Value::Array(xs) => eog_ids.extend(xs.iter().filter_map(|x| x.as_u64().map(|i| i as u32))),
-        _ => {}
+        return Ok(GgufVocab::Gpt2 { pre: pre_tokenizer(&tj["pre_tokenizer"])?, merges });
     }
-    eog_ids.sort();
-    eog_ids.dedup();
-    let spec = TokenizerSpec {
-        model: TokenizerModel::ByteBpe { pre, merges },
-        tokens,
-        kinds,
-        scores: Vec::new(),
-        bos_id,
-        eos_id,
-        eog_ids,
-        add_bos: tc["add_bos_token"].as_bool().unwrap_or(false),
-        add_eos: tc["add_eos_token"].as_bool().unwrap_or(false),
+    Ok(GgufVocab::Llama { scores: merge_scores(&merges, tokenizer)?, add_space_prefix: sentencepiece_space_prefix(&tj)? })
+}
+
+/// Scores under which llama.cpp's SentencePiece merging (best-scoring pair first) reproduces
+/// the BPE merge order: the earlier the merge that makes a token, the higher its score.
+/// Tokens no merge makes (characters, bytes, specials) are never a merge result, so their
+/// score only has to stay below every merge's.
+fn merge_scores(merges: &[String], tokenizer: &Tokenizer) -> Result<Vec<f32>> {
+    let n = tokenizer.vocab_size();
+    let floor = -(merges.len() as f32) - 1.0;
+    let mut scores = vec![floor; n];
+    for (rank, merge) in merges.iter().enumerate().rev() {
+        let (a, b) = merge.split_once(' ').ok_or_else(|| bad(format!("merge `{merge}` is not two tokens")))?;
+        if let Some(id) = tokenizer.token_id(&format!("{a}{b}")) {
+            scores[id as usize] = -(rank as f32);
+        }
+    }
+    Ok(scores)
+}
+
+/// Whether a SentencePiece-style tokenizer.json prefixes text with `▁` (a `Prepend` normalizer
+/// or a Metaspace pre-tokenizer that prepends), checking that it is of the shape llama.cpp's
+/// `llama` vocabulary reproduces: spaces become `▁`, and nothing else is normalized.
+fn sentencepiece_space_prefix(tj: &Value) -> Result<bool> {
+    let norm = &tj["normalizer"];
+    let steps: Vec<&Value> = match norm["type"].as_str() {
+        None => Vec::new(),
+        Some("Sequence") => norm["normalizers"].as_array().into_iter().flatten().collect(),
+        Some(_) => vec![norm],
     };
-    let template = match &tc["chat_template"] {
-        Value::String(s) => Some(s.clone()),
-        Value::Array(named) => named.iter().find(|t| t["name"] == "default").and_then(|t| t["template"].as_str()).map(str::to_string),
-        _ => None,
-    };
-    Ok((spec, template))
+    let mut prefix = false;
+    let mut spaces = false;
+    for step in steps {
+        match step["type"].as_str() {
+            Some("Prepend") if step["prepend"] == "▁" => prefix = true,
+            Some("Replace") if step["pattern"]["String"] == " " && step["content"] == "▁" => spaces = true,
+            _ => return Err(bad(format!("normalizer step {step} has no GGUF form"))),
+        }
+    }
+    let pre = &tj["pre_tokenizer"];
+    if pre["type"] == "Metaspace" {
+        spaces = true;
+        prefix |= pre["prepend_scheme"] != "never" && pre["add_prefix_space"] != false;
+    } else if !pre.is_null() {
+        return Err(bad(format!("pre-tokenizer {pre} has no GGUF form for a SentencePiece-style vocabulary")));
+    }
+    if !spaces {
+        return Err(bad("byte-fallback BPE that does not write spaces as `▁` has no GGUF form"));
+    }
+    Ok(prefix)
 }

@@ -62,7 +62,7 @@ pub fn event(e: Event, tokenizer: &Tokenizer) -> Result<pb::GenerateEvent, Statu
                 logprob,
                 top_logprobs: top_logprobs
                     .into_iter()
-                    .map(|(t, lp)| pb::TopLogprob { token: t, text: tokenizer.decode(&[t], false), logprob: lp })
+                    .map(|(t, lp)| pb::TopLogprob { token: t, text: String::from_utf8_lossy(&tokenizer.token_bytes(t, false)).into_owned(), logprob: lp })
                     .collect(),
             }),
             Event::Done { index, finish, usage: u, tail, stop } => E::Done(pb::DoneEvent {

@@ -36,7 +36,7 @@ impl Serving {
             architecture: cfg.architecture.clone(),
             context_length: engine.capacity().max_context_len as u32,
             vocab_size: cfg.vocab_size as u32,
-            tokenizer_json: serde_json::to_vec(model.tokenizer.spec())?,
+            tokenizer_json: serde_json::to_vec(&model.tokenizer.wire_spec())?,
             chat_template: model.chat_template_source.clone(),
             bos_token: model.tokenizer.bos_text().unwrap_or("").to_string(),
             eos_token: model.tokenizer.eos_text().unwrap_or("").to_string(),

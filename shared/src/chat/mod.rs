@@ -2,6 +2,8 @@
 //! the same mode Hugging Face uses (`trim_blocks`, `lstrip_blocks`, Python string methods),
 //! plus built-in templates for architectures whose files carry none.
 
+mod pycompat;
+
 use minijinja::{Environment, ErrorKind, Value};
 use serde::{Deserialize, Serialize};
 
@@ -74,30 +76,47 @@ impl ChatTemplate {
         env.set_trim_blocks(true);
         env.set_lstrip_blocks(true);
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+        env.set_formatter(pycompat::format);
+        env.add_filter("tojson", pycompat::tojson);
+        env.add_filter("string", pycompat::string);
         env.add_function("raise_exception", |msg: String| -> Result<Value, minijinja::Error> {
             Err(minijinja::Error::new(ErrorKind::InvalidOperation, msg))
         });
         env.add_function("strftime_now", |format: String| -> String { strftime_utc_now(&format) });
-        env.add_template_owned("chat", source.to_string()).map_err(|e| ChatTemplateError::Syntax(e.to_string()))?;
+        env.add_template_owned("chat", pycompat::without_generation_tags(source)).map_err(|e| ChatTemplateError::Syntax(e.to_string()))?;
         Ok(ChatTemplate { env, bos_token: bos_token.to_string(), eos_token: eos_token.to_string() })
     }
 
     pub fn render(&self, messages: &[ChatMessage], add_generation_prompt: bool) -> Result<String, ChatTemplateError> {
+        let messages = serde_json::to_value(messages).map_err(|e| ChatTemplateError::Render(e.to_string()))?;
+        self.render_with(&serde_json::json!({ "messages": messages, "add_generation_prompt": add_generation_prompt }))
+    }
+
+    /// Renders with the variables transformers' `apply_chat_template` passes: `messages` (as
+    /// JSON: tool calls, content parts and all), `tools`, `add_generation_prompt` and any
+    /// extra ones (`enable_thinking`, `documents`, ...); `bos_token` and `eos_token` are added
+    /// unless given.
+    pub fn render_with(&self, variables: &serde_json::Value) -> Result<String, ChatTemplateError> {
         let template = self.env.get_template("chat").map_err(|e| ChatTemplateError::Render(e.to_string()))?;
-        template
-            .render(minijinja::context! {
-                messages => messages,
-                add_generation_prompt => add_generation_prompt,
-                bos_token => self.bos_token.as_str(),
-                eos_token => self.eos_token.as_str(),
-            })
-            .map_err(|e| ChatTemplateError::Render(describe(&e)))
+        let mut ctx = match variables {
+            serde_json::Value::Object(map) => map.clone(),
+            other => return Err(ChatTemplateError::Render(format!("template variables must be a JSON object, not {other}"))),
+        };
+        ctx.entry("bos_token").or_insert_with(|| self.bos_token.clone().into());
+        ctx.entry("eos_token").or_insert_with(|| self.eos_token.clone().into());
+        ctx.entry("add_generation_prompt").or_insert(false.into());
+        template.render(Value::from_serialize(&ctx)).map_err(|e| ChatTemplateError::Render(describe(&e)))
     }
 }
 
-/// Tokenizes a rendered conversation. A template that writes BOS itself does not get a second
-/// one from the tokenizer; control tokens written by the template are recognized.
+/// Tokenizes a rendered conversation; control tokens written by the template are recognized.
+/// A `tokenizer.json` tokenizer adds nothing (transformers' `apply_chat_template`: the
+/// template writes every special token it wants). A GGUF vocabulary gets BOS when the
+/// template did not write it (llama.cpp's rule).
 pub fn encode_rendered(tokenizer: &crate::tokenizer::Tokenizer, rendered: &str) -> Vec<u32> {
+    if tokenizer.is_hugging_face() {
+        return tokenizer.encode(rendered, false, true);
+    }
     let template_has_bos = tokenizer.bos_text().is_some_and(|b| !b.is_empty() && rendered.starts_with(b));
     tokenizer.encode(rendered, !template_has_bos, true)
 }
