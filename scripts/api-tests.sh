@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs the HTTP API tests (tests/api) with the official openai and anthropic clients against
-# a worker and routers started from target/release. The clients live in .venv, made (or
-# refreshed when tests/api/requirements.txt changes) from PyPI.
+# a worker and routers started from target/release, and the chat-template corpus against
+# transformers (tests/templates). The clients live in .venv, made (or refreshed when
+# tests/api/requirements.txt changes) from PyPI.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -14,4 +15,4 @@ if [ ! -x "$VENV/bin/python" ] || ! cmp -s "$REQ" "$STAMP"; then
     "$VENV/bin/pip" install --quiet --disable-pip-version-check -r "$REQ"
     cp "$REQ" "$STAMP"
 fi
-exec "$VENV/bin/python" -m pytest tests/api -q "$@"
+exec "$VENV/bin/python" -m pytest tests/api tests/templates -q "$@"

@@ -154,3 +154,36 @@ fn llama_cpp_reads_the_written_files_and_agrees() {
         assert_eq!(model.tokenizer.decode(&done.tokens, false), expected, "{name}");
     }
 }
+
+/// Checkpoints whose tokenizer.json is SentencePiece-style BPE (written as llama.cpp's `llama`
+/// vocabulary with scores) or byte-level BPE with added tokens (`gpt2`): llama.cpp tokenizes
+/// each fixture's prompt as transformers does, and kiln, running the written file, gives the
+/// same ids and greedy text as llama.cpp (goldens from scripts/goldens/make_export_goldens.sh).
+#[test]
+fn llama_cpp_reads_written_tokenizers_as_transformers_does() {
+    let golden = common::golden("llamacpp_export_tokenizers");
+    for (name, g) in golden["models"].as_object().unwrap() {
+        let reference = common::hf_reference(name);
+        let prompt = reference["prompt"].as_str().unwrap();
+        let llama_cpp_ids = common::ids(&g["llama_cpp_ids"]);
+        assert_eq!(llama_cpp_ids, common::ids(&reference["ids"]), "{name}: llama.cpp's ids for the written vocabulary equal transformers'");
+        let out = std::env::temp_dir().join(format!("kiln-export-tok-{name}-{}.gguf", std::process::id()));
+        kiln_worker::formats::gguf_export::export(&common::hf_fixture(name), DType::Q8_0, &out).unwrap();
+        let model = Arc::new(LoadedModel::load(&out).unwrap());
+        std::fs::remove_file(&out).unwrap();
+        assert!(!model.tokenizer.is_hugging_face(), "{name}: a GGUF vocabulary runs on kiln's own tokenizer");
+        assert_eq!(model.encode_raw(prompt), llama_cpp_ids, "{name}: kiln's ids for the written file");
+        let n = g["tokens"].as_u64().unwrap() as usize;
+        let req = kiln_worker::engine::GenerationRequest {
+            prompt: llama_cpp_ids,
+            sampling: kiln_shared::sampling::SamplingParams::greedy(),
+            max_tokens: Some(n),
+            ignore_eos: true,
+            ..Default::default()
+        };
+        let mut session = Session::new(Arc::clone(&model), common::compute(), 128);
+        let done = session.generate(&req, &std::sync::atomic::AtomicBool::new(false), |_| {}).unwrap();
+        let expected = String::from_utf8_lossy(&hex_bytes(g["llama_cpp_hex"].as_str().unwrap())).into_owned();
+        assert_eq!(model.tokenizer.decode(&done.tokens, false), expected, "{name}: greedy text");
+    }
+}

@@ -25,6 +25,8 @@ pub enum ChatTemplateError {
     Syntax(String),
     #[error("chat template failed to render: {0}")]
     Render(String),
+    #[error("chat template uses a feature kiln cannot render: {0}")]
+    Unsupported(String),
 }
 
 /// Gemma's turn format: system text leads the first user turn, the assistant is "model",
@@ -79,10 +81,15 @@ impl ChatTemplate {
         env.set_formatter(pycompat::format);
         env.add_filter("tojson", pycompat::tojson);
         env.add_filter("string", pycompat::string);
+        env.add_filter("safe", pycompat::safe);
+        env.add_test("iterable", pycompat::is_iterable);
         env.add_function("raise_exception", |msg: String| -> Result<Value, minijinja::Error> {
             Err(minijinja::Error::new(ErrorKind::InvalidOperation, msg))
         });
         env.add_function("strftime_now", |format: String| -> String { strftime_utc_now(&format) });
+        if let Some(feature) = pycompat::unsupported_feature(source) {
+            return Err(ChatTemplateError::Unsupported(feature.to_string()));
+        }
         env.add_template_owned("chat", pycompat::without_generation_tags(source)).map_err(|e| ChatTemplateError::Syntax(e.to_string()))?;
         Ok(ChatTemplate { env, bos_token: bos_token.to_string(), eos_token: eos_token.to_string() })
     }
@@ -105,6 +112,9 @@ impl ChatTemplate {
         ctx.entry("bos_token").or_insert_with(|| self.bos_token.clone().into());
         ctx.entry("eos_token").or_insert_with(|| self.eos_token.clone().into());
         ctx.entry("add_generation_prompt").or_insert(false.into());
+        // transformers always passes these, as None when absent (`tools is none` holds).
+        ctx.entry("tools").or_insert(serde_json::Value::Null);
+        ctx.entry("documents").or_insert(serde_json::Value::Null);
         template.render(Value::from_serialize(&ctx)).map_err(|e| ChatTemplateError::Render(describe(&e)))
     }
 }

@@ -24,6 +24,38 @@ pub fn string(value: &Value) -> Value {
     }
 }
 
+/// Jinja2's `iterable` test: `iter(value)` succeeds (not for None, unlike minijinja's).
+pub fn is_iterable(value: &Value) -> bool {
+    matches!(value.kind(), ValueKind::String | ValueKind::Seq | ValueKind::Map | ValueKind::Iterable | ValueKind::Bytes)
+}
+
+/// Jinja2's `safe` makes a Markup string; printed, it is the string itself.
+pub fn safe(value: &Value) -> Value {
+    match value.as_str() {
+        Some(s) => Value::from_safe_string(s.to_string()),
+        None => value.clone(),
+    }
+}
+
+/// A feature of the template that kiln does not emulate, if it has one: Markup strings
+/// (from `safe`) HTML-escape whatever string is added to them with `+`.
+pub fn unsupported_feature(source: &str) -> Option<&'static str> {
+    let bytes = source.as_bytes();
+    let mut from = 0;
+    while let Some(at) = source[from..].find("safe") {
+        let start = from + at;
+        let end = start + 4;
+        from = end;
+        let before = source[..start].trim_end();
+        let after = source[end..].trim_start();
+        let is_filter = before.ends_with('|') && !bytes.get(end).is_some_and(|b| b.is_ascii_alphanumeric() || *b == b'_');
+        if is_filter && after.starts_with('+') {
+            return Some("Jinja2 Markup concatenation (`... | safe + ...` HTML-escapes the added string)");
+        }
+    }
+    None
+}
+
 fn py_str(value: &Value) -> String {
     match value.kind() {
         ValueKind::String => value.as_str().unwrap_or_default().to_string(),

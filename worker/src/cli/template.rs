@@ -26,9 +26,19 @@ pub struct TemplateArgs {
     /// With a list of messages: leave out the assistant's turn header
     #[arg(long)]
     pub no_generation_prompt: bool,
+    /// Print the model's template source instead of rendering it
+    #[arg(long, requires = "model")]
+    pub source: bool,
 }
 
 pub fn main(args: TemplateArgs) -> anyhow::Result<()> {
+    if args.source {
+        let name = args.model.as_deref().unwrap_or_default();
+        let path = kiln_worker::assets::resolve(name, &mut |msg| eprintln!("kiln: {msg}"))?;
+        let model = kiln_worker::loader::LoadedModel::load(&path)?;
+        std::io::stdout().write_all(model.chat_template_source.as_bytes())?;
+        return Ok(());
+    }
     let text = if args.input == "-" {
         let mut s = String::new();
         std::io::stdin().read_to_string(&mut s)?;
