@@ -7,7 +7,6 @@
 mod common;
 
 use kiln_kernels::DType;
-use kiln_shared::tokenizer::WordPiece;
 use kiln_worker::formats::safetensors::{Checkpoint, SafetensorsFile};
 use kiln_worker::layers::WeightSource;
 use std::path::PathBuf;
@@ -67,15 +66,15 @@ fn minilm_tensors_load_in_place_with_the_reference_values() {
 #[test]
 fn minilm_tokenizer_encodes_like_the_tokenizers_package() {
     let golden = common::golden("minilm");
-    let json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(minilm_dir().join("tokenizer.json")).unwrap()).unwrap();
-    let wp = WordPiece::from_tokenizer_json(&json).expect("a WordPiece tokenizer");
-    assert_eq!(wp.vocab_size(), 30522);
+    let (tok, _) = kiln_worker::formats::hf_tokenizer::load(&minilm_dir()).expect("the WordPiece tokenizer loads");
+    assert!(tok.is_hugging_face());
+    assert_eq!(tok.vocab_size(), 30522);
     let mut mismatches = Vec::new();
     let cases = golden["tokenizer"].as_array().unwrap();
     for case in cases {
         let text = case["text"].as_str().unwrap();
         let want = common::ids(&case["ids"]);
-        let got = wp.encode(text, true);
+        let got = tok.encode(text, true, true);
         if got != want {
             mismatches.push(format!("{text:?}: got {got:?}, want {want:?}"));
         }

@@ -32,6 +32,17 @@ fn check(kind: &str) {
     assert_eq!(out.text, continuation, "{name}: completion text after the prompt");
     assert_eq!(streamed, continuation, "{name}: streamed completion text");
 
+    // A stop string spanning several tokens ends the text right before its first occurrence.
+    let chars: Vec<char> = continuation.chars().collect();
+    if chars.len() >= 8 {
+        let stop: String = chars[chars.len() / 2..chars.len() / 2 + 3].iter().collect();
+        let req = GenerationRequest { stop: vec![stop.clone()], ..req };
+        let mut session = Session::new(Arc::clone(&model), common::compute(), 256);
+        let out = session.generate(&req, &AtomicBool::new(false), |_| {}).unwrap();
+        let cut = continuation.find(&stop).unwrap();
+        assert_eq!(out.text, continuation[..cut], "{name}: text before the stop string {stop:?}");
+    }
+
     let messages: Vec<ChatMessage> = serde_json::from_value(reference["chat"].clone()).unwrap();
     assert_eq!(model.render_chat(&messages).unwrap(), reference["chat_text"].as_str().unwrap(), "{name}: rendered chat");
     assert_eq!(model.encode_chat(&messages).unwrap(), common::ids(&reference["chat_ids"]), "{name}: chat token ids");

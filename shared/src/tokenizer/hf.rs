@@ -72,7 +72,11 @@ impl HfTokenizer {
     pub(super) fn parse(json: &str) -> Result<HfTokenizer, TokenizerError> {
         let raw: Value = serde_json::from_str(json).map_err(|e| TokenizerError::Invalid(format!("not valid JSON: {e}")))?;
         check_components(&raw)?;
-        let inner: tokenizers::Tokenizer = json.parse().map_err(|e| TokenizerError::Invalid(format!("not a tokenizer the tokenizers library reads: {e}")))?;
+        let mut inner: tokenizers::Tokenizer = json.parse().map_err(|e| TokenizerError::Invalid(format!("not a tokenizer the tokenizers library reads: {e}")))?;
+        // Files saved for training carry padding and truncation; transformers turns both off
+        // unless a call asks for them, and kiln never does.
+        inner.with_padding(None);
+        inner.with_truncation(None).map_err(|e| TokenizerError::Invalid(e.to_string()))?;
         let model = &raw["model"];
         let unknown = match model["unk_token"].as_str() {
             Some(t) => Some(t.to_string()),
@@ -119,7 +123,7 @@ impl HfTokenizer {
                 t
             })
         };
-        // Encoding only fails on truncation or padding settings, which kiln never sets.
+        // Encoding only fails on truncation settings, which are cleared when the file is read.
         tokenizer.encode_fast(text, add_special).map(|e| e.get_ids().to_vec()).unwrap_or_default()
     }
 

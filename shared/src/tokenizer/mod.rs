@@ -12,11 +12,9 @@ mod merge;
 pub mod pretokenize;
 mod spm;
 mod stream;
-mod wordpiece;
 
 pub use pretokenize::PreTokenizer;
 pub use stream::StreamDecoder;
-pub use wordpiece::WordPiece;
 
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
