@@ -24,7 +24,7 @@ fn max_abs(x: &[f32]) -> f32 {
 #[inline]
 fn wide() -> bool {
     #[cfg(target_arch = "x86_64")]
-    return crate::Isa::detect() == crate::Isa::Avx512Vnni;
+    return crate::Isa::detect().vnni();
     #[cfg(not(target_arch = "x86_64"))]
     false
 }

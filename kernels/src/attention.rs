@@ -118,10 +118,11 @@ impl KvStore {
     }
 
     /// A handle through which several threads may store tokens in distinct slots at once.
-    pub fn writer(&mut self) -> KvWriter {
+    pub fn writer(&mut self) -> KvWriter<'_> {
         let row_len = self.row_len();
         let full = self.precision() == KvPrecision::Full;
         KvWriter {
+            store: std::marker::PhantomData,
             k: SharedMut::new(&mut self.k),
             v: SharedMut::new(&mut self.v),
             kf: SharedMut::new(&mut self.kf),
@@ -144,7 +145,9 @@ impl KvStore {
     }
 }
 
-pub struct KvWriter {
+/// Writes slots of a `KvStore` from several threads; holds the store's mutable borrow.
+pub struct KvWriter<'a> {
+    store: std::marker::PhantomData<&'a mut KvStore>,
     k: SharedMut<u16>,
     v: SharedMut<u16>,
     kf: SharedMut<f32>,
@@ -153,20 +156,24 @@ pub struct KvWriter {
     row_len: usize,
 }
 
-impl KvWriter {
-    /// `KvStore::write` through a shared handle.
+impl KvWriter<'_> {
+    /// `KvStore::write` through a shared handle; panics when `slot` is outside the store.
     ///
     /// # Safety
-    /// No two threads may write the same slot at once; `slot` must lie inside the store.
+    /// No two threads may write the same slot at once.
     pub unsafe fn write(&self, slot: usize, k: &[f32], v: &[f32]) {
         let n = self.row_len;
-        if self.full {
-            self.kf.slice(slot * n..(slot + 1) * n).copy_from_slice(&k[..n]);
-            self.vf.slice(slot * n..(slot + 1) * n).copy_from_slice(&v[..n]);
-            return;
+        let rows = slot * n..(slot + 1) * n;
+        // SAFETY: `slice` checks the range; one writer per slot is the caller's contract.
+        unsafe {
+            if self.full {
+                self.kf.slice(rows.clone()).copy_from_slice(&k[..n]);
+                self.vf.slice(rows).copy_from_slice(&v[..n]);
+                return;
+            }
+            to_f16(&k[..n], self.k.slice(rows.clone()));
+            to_f16(&v[..n], self.v.slice(rows));
         }
-        to_f16(&k[..n], self.k.slice(slot * n..(slot + 1) * n));
-        to_f16(&v[..n], self.v.slice(slot * n..(slot + 1) * n));
     }
 }
 
@@ -228,7 +235,8 @@ pub fn attention(
     let n_threads = pool.num_threads();
     scratch.threads.resize_with(n_threads, ThreadScratch::default);
     let row_len = p.num_heads * p.head_dim;
-    let group = p.num_heads / p.num_kv_heads.max(1);
+    check_shapes(p, kv, spans, q, out);
+    let group = p.num_heads / p.num_kv_heads;
     // Query heads that share a key/value head are taken together, so each key and value is
     // widened once for all of them, unless that would leave too few items to share out.
     let rows: usize = spans.iter().map(|s| s.rows.len()).sum();
@@ -281,6 +289,24 @@ pub fn attention(
     }
 }
 
+/// The shapes `attention` relies on for writing from several threads: heads that divide
+/// into key/value heads the store has, and spans whose rows lie inside `q` and `out` without
+/// overlapping (each row is written by one thread). Panics otherwise: a caller's bug.
+fn check_shapes(p: &AttentionParams, kv: &KvStore, spans: &[SeqSpan], q: &[f32], out: &[f32]) {
+    let row_len = p.num_heads * p.head_dim;
+    assert!(p.num_kv_heads > 0 && p.num_heads.is_multiple_of(p.num_kv_heads), "{} heads over {} key/value heads", p.num_heads, p.num_kv_heads);
+    assert!(p.head_dim == kv.head_dim && p.num_kv_heads <= kv.num_kv_heads, "attention shape differs from the cache's");
+    assert!(p.block_size > 0, "block size 0");
+    assert!(q.len() == out.len() && out.len().is_multiple_of(row_len.max(1)), "q has {} values, out {}, rows {row_len}", q.len(), out.len());
+    let rows = out.len() / row_len.max(1);
+    let mut taken: Vec<&Range<usize>> = spans.iter().map(|s| &s.rows).filter(|r| !r.is_empty()).collect();
+    taken.sort_by_key(|r| r.start);
+    for pair in taken.windows(2) {
+        assert!(pair[0].end <= pair[1].start, "spans {:?} and {:?} overlap", pair[0], pair[1]);
+    }
+    assert!(taken.last().is_none_or(|r| r.end <= rows), "a span reaches past the {rows} rows");
+}
+
 /// Consecutive query heads of one row that read the same key/value head: their position,
 /// their values (`[heads, head_dim]`) and that head.
 struct Queries<'a> {
@@ -321,14 +347,14 @@ fn attend(isa: Isa, p: &AttentionParams, kv: &KvStore, span: &SeqSpan, queries: 
     }
     ts.scores.resize(heads * n_keys, 0.0);
     #[cfg(target_arch = "x86_64")]
-    let shared = !full && isa == Isa::Avx512Vnni && d.is_multiple_of(64);
+    let shared = !full && isa.vnni() && d.is_multiple_of(64);
     #[cfg(not(target_arch = "x86_64"))]
     let shared = false;
     if shared {
         #[cfg(target_arch = "x86_64")]
         for h0 in (0..heads).step_by(SHARED_QUERIES) {
             let h1 = (h0 + SHARED_QUERIES).min(heads);
-            scores_shared(&ts.q[h0 * d..h1 * d], d, kv, &ts.slots, kv_head, &mut ts.scores[h0 * n_keys..h1 * n_keys]);
+            scores_shared(isa, &ts.q[h0 * d..h1 * d], d, kv, &ts.slots, kv_head, &mut ts.scores[h0 * n_keys..h1 * n_keys]);
         }
     } else {
         for (qh, sc) in ts.q.chunks(d).zip(ts.scores.chunks_mut(n_keys)) {
@@ -365,7 +391,7 @@ fn attend(isa: Isa, p: &AttentionParams, kv: &KvStore, span: &SeqSpan, queries: 
     round_f16(isa, &mut ts.scores);
     #[cfg(target_arch = "x86_64")]
     if shared {
-        return weigh_values_by_bucket(d, kv, kv_head, first, ts, out);
+        return weigh_values_by_bucket(isa, d, kv, kv_head, first, ts, out);
     }
     ts.buckets.resize(64 * d, 0.0);
     for (o, sc) in out.chunks_mut(d).zip(ts.scores.chunks(n_keys)) {
@@ -385,8 +411,8 @@ fn attend(isa: Isa, p: &AttentionParams, kv: &KvStore, span: &SeqSpan, queries: 
 /// `scores` for up to `SHARED_QUERIES` queries (`qs` is `[queries, d]`) into `out`
 /// (`[queries, keys]`), eight keys at a time with every key widened once for all queries.
 #[cfg(target_arch = "x86_64")]
-fn scores_shared(qs: &[f32], d: usize, kv: &KvStore, slots: &[u32], kv_head: usize, out: &mut [f32]) {
-    fn run<const Q: usize>(qs: &[f32], d: usize, kv: &KvStore, slots: &[u32], kv_head: usize, out: &mut [f32]) {
+fn scores_shared(isa: Isa, qs: &[f32], d: usize, kv: &KvStore, slots: &[u32], kv_head: usize, out: &mut [f32]) {
+    fn run<const Q: usize>(isa: Isa, qs: &[f32], d: usize, kv: &KvStore, slots: &[u32], kv_head: usize, out: &mut [f32]) {
         let n = slots.len();
         let xs: [*const f32; Q] = std::array::from_fn(|h| qs[h * d..].as_ptr());
         let mut j = 0;
@@ -400,14 +426,14 @@ fn scores_shared(qs: &[f32], d: usize, kv: &KvStore, slots: &[u32], kv_head: usi
             j += 8;
         }
         for h in 0..Q {
-            scores(Isa::Avx512Vnni, &qs[h * d..(h + 1) * d], kv, &slots[j..], kv_head, &mut out[h * n + j..(h + 1) * n]);
+            scores(isa, &qs[h * d..(h + 1) * d], kv, &slots[j..], kv_head, &mut out[h * n + j..(h + 1) * n]);
         }
     }
     match qs.len() / d {
-        1 => run::<1>(qs, d, kv, slots, kv_head, out),
-        2 => run::<2>(qs, d, kv, slots, kv_head, out),
-        3 => run::<3>(qs, d, kv, slots, kv_head, out),
-        _ => run::<4>(qs, d, kv, slots, kv_head, out),
+        1 => run::<1>(isa, qs, d, kv, slots, kv_head, out),
+        2 => run::<2>(isa, qs, d, kv, slots, kv_head, out),
+        3 => run::<3>(isa, qs, d, kv, slots, kv_head, out),
+        _ => run::<4>(isa, qs, d, kv, slots, kv_head, out),
     }
 }
 
@@ -416,7 +442,7 @@ fn scores_shared(qs: &[f32], d: usize, kv: &KvStore, slots: &[u32], kv_head: usi
 /// bucket receives the same additions in the same order as there, so the results are
 /// identical.
 #[cfg(target_arch = "x86_64")]
-fn weigh_values_by_bucket(d: usize, kv: &KvStore, kv_head: usize, first: usize, ts: &mut ThreadScratch, out: &mut [f32]) {
+fn weigh_values_by_bucket(isa: Isa, d: usize, kv: &KvStore, kv_head: usize, first: usize, ts: &mut ThreadScratch, out: &mut [f32]) {
     let n_keys = ts.slots.len();
     let heads = out.len() / d;
     ts.value_at.clear();
@@ -450,7 +476,7 @@ fn weigh_values_by_bucket(d: usize, kv: &KvStore, kv_head: usize, first: usize, 
             }
             for h in h0..h1 {
                 let buckets = &ts.buckets[(h - h0) * 4096..(h - h0 + 1) * 4096];
-                fold_buckets(Isa::Avx512Vnni, buckets, &touched, 64, &mut out[h * d + dim..h * d + dim + 64]);
+                fold_buckets(isa, buckets, &touched, 64, &mut out[h * d + dim..h * d + dim + 64]);
             }
         }
     }
@@ -508,7 +534,7 @@ fn softmax_by_position(isa: Isa, s: &mut [f32], first: usize) {
 
 fn exp16(isa: Isa, lanes: &mut [f32; 16]) {
     #[cfg(target_arch = "x86_64")]
-    if isa >= Isa::Avx2 {
+    if isa.avx2() {
         // SAFETY: AVX2/FMA presence is implied by `isa`.
         unsafe {
             use std::arch::x86_64::*;
@@ -529,7 +555,7 @@ fn exp16(isa: Isa, lanes: &mut [f32; 16]) {
 fn fold_buckets(isa: Isa, buckets: &[f32], touched: &[bool; 64], d: usize, out: &mut [f32]) {
     let at = |b: usize, i: usize| if touched[b] { buckets[b * d + i] } else { 0.0 };
     #[cfg(target_arch = "x86_64")]
-    if isa >= Isa::Avx2 && d.is_multiple_of(8) {
+    if isa.avx2() && d.is_multiple_of(8) {
         // SAFETY: AVX2 implied by `isa`; every index stays below 64 * d.
         unsafe { crate::x86::fold_buckets(buckets, touched, d, out) };
         return;
@@ -548,7 +574,7 @@ pub fn slot_of(block_table: &[u32], block_size: usize, pos: usize) -> usize {
 
 fn to_f16(src: &[f32], dst: &mut [u16]) {
     #[cfg(target_arch = "x86_64")]
-    if Isa::detect() >= Isa::Avx2 {
+    if crate::Isa::detect().avx2() {
         // SAFETY: F16C presence checked just above.
         unsafe { crate::x86::f32_to_f16_slice(src, dst) };
         return;
@@ -560,7 +586,7 @@ fn to_f16(src: &[f32], dst: &mut [u16]) {
 
 fn round_f16(isa: Isa, x: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
-    if isa >= Isa::Avx2 {
+    if isa.avx2() {
         // SAFETY: F16C presence is implied by `isa`.
         unsafe { crate::x86::round_to_f16(x) };
         return;
@@ -574,13 +600,15 @@ fn round_f16(isa: Isa, x: &mut [f32]) {
 /// Raw scores q·k of the keys in `slots`, for a query already rounded to half precision;
 /// the same values whichever kernel computes them.
 pub fn scores(isa: Isa, q: &[f32], kv: &KvStore, slots: &[u32], kv_head: usize, out: &mut [f32]) {
+    // The vector kernels read `q.len()` values from each key.
+    assert_eq!(q.len(), kv.head_dim, "a query of {} values against keys of {}", q.len(), kv.head_dim);
     let mut j = 0;
     #[cfg(target_arch = "x86_64")]
-    if isa >= Isa::Avx2 && q.len().is_multiple_of(64) {
+    if isa.avx2() && q.len().is_multiple_of(64) {
         while j + 8 <= slots.len() {
             let keys: [*const u16; 8] = std::array::from_fn(|k| kv.key(slots[j + k] as usize, kv_head).as_ptr());
             // SAFETY: AVX2 implied by `isa`; every key holds `q.len()` values.
-            let r = unsafe { crate::x86::dot8_f32_f16_ordered(q.as_ptr(), &keys, q.len(), isa == Isa::Avx512Vnni) };
+            let r = unsafe { crate::x86::dot8_f32_f16_ordered(q.as_ptr(), &keys, q.len(), isa.vnni()) };
             out[j..j + 8].copy_from_slice(&r);
             j += 8;
         }
@@ -593,9 +621,9 @@ pub fn scores(isa: Isa, q: &[f32], kv: &KvStore, slots: &[u32], kv_head: usize, 
 /// `numerics::dot_f16` with the first operand already widened from half precision.
 fn dot_q_f16(isa: Isa, q: &[f32], k: &[u16]) -> f32 {
     #[cfg(target_arch = "x86_64")]
-    if isa >= Isa::Avx2 {
+    if isa.avx2() {
         // SAFETY: AVX2/F16C presence is implied by `isa`; both slices have the same length.
-        return unsafe { crate::x86::dot_f32_f16_ordered(q.as_ptr(), k.as_ptr(), q.len().min(k.len()), isa == Isa::Avx512Vnni) };
+        return unsafe { crate::x86::dot_f32_f16_ordered(q.as_ptr(), k.as_ptr(), q.len().min(k.len()), isa.vnni()) };
     }
     let _ = isa;
     let q16: Vec<u16> = q.iter().map(|&x| f32_to_f16_bits(x)).collect();
@@ -605,12 +633,12 @@ fn dot_q_f16(isa: Isa, q: &[f32], k: &[u16]) -> f32 {
 /// `acc = fma(v, w, acc)` elementwise (or `fma(v, w, 0)` when `start`), `v` in half precision.
 fn fma_f16(isa: Isa, acc: &mut [f32], w: f32, v: &[u16], start: bool) {
     #[cfg(target_arch = "x86_64")]
-    if isa == Isa::Avx512Vnni {
+    if isa.vnni() {
         // SAFETY: AVX-512 presence is implied by `isa`.
         unsafe { crate::x86_wide::axpy_f16(acc, w, v, start) };
         return;
     }
-    if isa >= Isa::Avx2 {
+    if isa.avx2() {
         // SAFETY: AVX2/F16C presence is implied by `isa`.
         unsafe { crate::x86::axpy_f16(acc, w, v, start) };
         return;

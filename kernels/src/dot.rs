@@ -38,13 +38,13 @@ pub fn kernel_xn<const N: usize>(wt: DType, isa: Isa) -> Option<DotManyFn<N>> {
     #[cfg(target_arch = "x86_64")]
     {
         use crate::x86::{avx2, vnni};
-        let vnni = isa == Isa::Avx512Vnni;
+        let vnni = isa.vnni();
         if vnni && N == 8 && matches!(wt, DType::Q4_1 | DType::Q8_0) {
             let f: DotManyFn<8> = if wt == DType::Q4_1 { crate::x86::q4_1_x8_zmm } else { crate::x86::q8_0_x8_zmm };
             // SAFETY: N == 8, so both are the same function pointer type.
             return Some(unsafe { std::mem::transmute::<DotManyFn<8>, DotManyFn<N>>(f) });
         }
-        if isa >= Isa::Avx2 {
+        if isa.avx2() {
             return Some(match (wt, vnni) {
                 (DType::Q4_0, true) => vnni::q4_0_xn::<N>,
                 (DType::Q4_0, false) => avx2::q4_0_xn::<N>,
@@ -74,21 +74,50 @@ pub fn kernel_xn_for_matrix<const N: usize>(wt: DType, rows: usize, isa: Isa) ->
     }
     #[cfg(target_arch = "x86_64")]
     if wt == DType::Q2K {
-        return Some(if isa == Isa::Avx512Vnni { crate::x86::vnni::q2k_interleaved_xn::<N> } else { crate::x86::avx2::q2k_interleaved_xn::<N> });
+        return Some(if isa.vnni() { crate::x86::vnni::q2k_interleaved_xn::<N> } else { crate::x86::avx2::q2k_interleaved_xn::<N> });
     }
     None
 }
 
-/// Instruction sets kiln has kernels for, best last.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
-pub enum Isa {
+/// An instruction set kiln has kernels for, obtainable only for one this CPU runs: safe code
+/// holding an `Isa` may call the kernels written for it.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Isa(Level);
+
+/// The levels, best last; each includes the ones before it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+enum Level {
     Scalar,
+    /// AVX2 with FMA and F16C.
     Avx2,
+    /// AVX-512 F/BW/VL with VNNI, on top of `Avx2`.
     Avx512Vnni,
 }
 
+const LEVELS: [(Level, &str); 3] = [(Level::Scalar, "scalar"), (Level::Avx2, "avx2"), (Level::Avx512Vnni, "avx512-vnni")];
+
 impl Isa {
+    /// The instruction set kernels use: the best this CPU runs, or a lower one named by
+    /// `KILN_ISA` (`scalar`, `avx2`; to measure or test those paths on a newer CPU).
     pub fn detect() -> Isa {
+        static CHOSEN: OnceLock<Isa> = OnceLock::new();
+        *CHOSEN.get_or_init(|| {
+            let best = Isa::hardware();
+            match std::env::var("KILN_ISA") {
+                Ok(name) => match Isa::named(&name) {
+                    Some(isa) => isa,
+                    None => {
+                        eprintln!("kiln: KILN_ISA={name} is not an instruction set this CPU runs (it runs: {:?}); using {}", Isa::available(), best.name());
+                        best
+                    }
+                },
+                Err(_) => best,
+            }
+        })
+    }
+
+    /// The best instruction set this CPU runs.
+    fn hardware() -> Isa {
         static DETECTED: OnceLock<Isa> = OnceLock::new();
         *DETECTED.get_or_init(|| {
             #[cfg(target_arch = "x86_64")]
@@ -99,19 +128,51 @@ impl Isa {
                     && is_x86_feature_detected!("avx512vl")
                     && is_x86_feature_detected!("avx512vnni");
                 if avx2 && vnni {
-                    return Isa::Avx512Vnni;
+                    return Isa(Level::Avx512Vnni);
                 }
                 if avx2 {
-                    return Isa::Avx2;
+                    return Isa(Level::Avx2);
                 }
             }
-            Isa::Scalar
+            Isa(Level::Scalar)
         })
+    }
+
+    /// Plain Rust, on every CPU.
+    pub fn scalar() -> Isa {
+        Isa(Level::Scalar)
     }
 
     /// All instruction sets this CPU can run, for tests that compare them.
     pub fn available() -> Vec<Isa> {
-        [Isa::Scalar, Isa::Avx2, Isa::Avx512Vnni].into_iter().filter(|&i| i <= Isa::detect()).collect()
+        let best = Isa::hardware();
+        LEVELS.iter().map(|&(l, _)| Isa(l)).filter(|&i| i <= best).collect()
+    }
+
+    /// The instruction set called `name` (`scalar`, `avx2`, `avx512-vnni`), if this CPU runs it.
+    pub fn named(name: &str) -> Option<Isa> {
+        let level = LEVELS.iter().find(|(_, n)| *n == name)?.0;
+        Some(Isa(level)).filter(|&i| i <= Isa::hardware())
+    }
+
+    pub fn name(self) -> &'static str {
+        LEVELS.iter().find(|(l, _)| *l == self.0).map_or("scalar", |(_, n)| n)
+    }
+
+    /// AVX2, FMA and F16C kernels may run.
+    pub fn avx2(self) -> bool {
+        self.0 >= Level::Avx2
+    }
+
+    /// AVX-512 VNNI kernels may run.
+    pub fn vnni(self) -> bool {
+        self.0 == Level::Avx512Vnni
+    }
+}
+
+impl std::fmt::Debug for Isa {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
     }
 }
 
@@ -132,7 +193,7 @@ pub fn kernel_for_matrix(wt: DType, rows: usize, isa: Isa) -> DotFn {
     #[cfg(target_arch = "x86_64")]
     if interleaved_order(wt, rows, isa) {
         use crate::x86::{avx2, vnni};
-        let vnni = isa == Isa::Avx512Vnni;
+        let vnni = isa.vnni();
         return match (wt, vnni) {
             (DType::Q4K, true) => vnni::q4k_interleaved,
             (DType::Q4K, false) => avx2::q4k_interleaved,
@@ -150,7 +211,7 @@ pub fn kernel_for_matrix(wt: DType, rows: usize, isa: Isa) -> DotFn {
 /// AVX2 machines (Q2_K on AVX-512 ones) and sums them block by block, so kiln does the same
 /// there.
 pub fn interleaved_order(wt: DType, rows: usize, isa: Isa) -> bool {
-    if !rows.is_multiple_of(8) || isa < Isa::Avx2 {
+    if !rows.is_multiple_of(8) || !isa.avx2() {
         return false;
     }
     #[cfg(target_arch = "x86_64")]
@@ -170,14 +231,14 @@ pub fn kernel(wt: DType, isa: Isa) -> DotFn {
         use crate::x86::{avx2, vnni};
         macro_rules! pick {
             ($f:ident) => {
-                if isa == Isa::Avx512Vnni {
+                if isa.vnni() {
                     vnni::$f as DotFn
                 } else {
                     avx2::$f as DotFn
                 }
             };
         }
-        if isa >= Isa::Avx2 {
+        if isa.avx2() {
             return match wt {
                 DType::F32 => pick!(f32),
                 DType::F16 => pick!(f16),

@@ -134,7 +134,7 @@ impl Activations {
         self.pairs.resize(if tables { pairs * 64 } else { 0 }, 0);
         self.pair_corr.resize(if with_corr { pairs * 16 } else { 0 }, 0);
         // Only CPUs that run the packed kernels read these.
-        let packed_rows = matches!(at, DType::Q8_0 | DType::Q8_1) && crate::Isa::detect() == crate::Isa::Avx512Vnni;
+        let packed_rows = matches!(at, DType::Q8_0 | DType::Q8_1) && crate::Isa::detect().vnni();
         let per_block = if packed_rows { num_rows * blocks } else { 0 };
         self.blocks.d.resize(per_block, 0.0);
         self.blocks.corrections.resize(if at == DType::Q8_0 { per_block * CORRECTIONS } else { 0 }, 0);
@@ -331,7 +331,7 @@ const ROW_TILE: usize = GROUP;
 #[cfg(target_arch = "x86_64")]
 fn packed_kernel(m: &PackedMatrix, isa: crate::Isa) -> Option<crate::x86_packed::PackedFn> {
     use crate::x86_packed as k;
-    if isa != crate::Isa::Avx512Vnni {
+    if !isa.vnni() {
         return None;
     }
     Some(match m.dtype {

@@ -45,7 +45,7 @@ pub fn silu_mul(isa: crate::Isa, gate: &mut [f32], up: &[f32]) {
     let n = gate.len().min(up.len());
     let groups = n & !15;
     #[cfg(target_arch = "x86_64")]
-    if isa >= crate::Isa::Avx2 {
+    if isa.avx2() {
         // SAFETY: AVX2/FMA presence is implied by `isa`.
         unsafe { crate::x86::silu_mul_groups(&mut gate[..groups], &up[..groups]) };
     } else {
@@ -137,9 +137,11 @@ pub fn rope_angles(position: usize, rotary_dims: usize, freq_base: f32, cos: &mu
 /// The products are fused as a contracting C compiler fuses llama.cpp's expression.
 pub fn rope_apply(x: &mut [f32], cos: &[f32], sin: &[f32], style: RopeStyle) {
     let half = cos.len();
+    // The vector kernel reads `half` angles from each table and 2 * half values of `x`.
+    assert!(sin.len() == half && x.len() >= 2 * half, "rope over {} values with {} cosines and {} sines", x.len(), half, sin.len());
     let mut start = 0;
     #[cfg(target_arch = "x86_64")]
-    if crate::Isa::detect() >= crate::Isa::Avx2 {
+    if crate::Isa::detect().avx2() {
         // SAFETY: AVX2/FMA presence checked just above; slices hold 2 * half values.
         start = unsafe { crate::x86::rope_apply(x, cos, sin, style == RopeStyle::Interleaved) };
     }

@@ -175,28 +175,35 @@ impl Drop for ThreadPool {
 
 /// A raw pointer that may be shared with pool threads writing disjoint parts of a buffer.
 #[derive(Clone, Copy)]
-pub struct SharedMut<T>(*mut T);
+pub struct SharedMut<T> {
+    ptr: *mut T,
+    len: usize,
+}
 
 unsafe impl<T: Send> Send for SharedMut<T> {}
 unsafe impl<T: Send> Sync for SharedMut<T> {}
 
 impl<T> SharedMut<T> {
     pub fn new(slice: &mut [T]) -> SharedMut<T> {
-        SharedMut(slice.as_mut_ptr())
+        SharedMut { ptr: slice.as_mut_ptr(), len: slice.len() }
     }
 
     /// The start of the slice, for kernels that write through raw pointers under the same
     /// rules as `slice`.
     pub fn as_ptr(&self) -> *mut T {
-        self.0
+        self.ptr
     }
 
+    /// The part `range` of the slice; panics when it reaches past the end.
+    ///
     /// # Safety
-    /// No two threads may hold overlapping ranges at once, and the range must lie inside
-    /// the slice this pointer was made from, which must outlive the returned borrow.
+    /// No two threads may hold overlapping ranges at once, and the slice this pointer was
+    /// made from must outlive the returned borrow.
     #[allow(clippy::mut_from_ref)]
     pub unsafe fn slice(&self, range: Range<usize>) -> &mut [T] {
-        std::slice::from_raw_parts_mut(self.0.add(range.start), range.len())
+        assert!(range.start <= range.end && range.end <= self.len, "range {range:?} outside a slice of {}", self.len);
+        // SAFETY: in bounds (checked above); exclusivity is the caller's contract.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.add(range.start), range.len()) }
     }
 }
 

@@ -56,13 +56,13 @@ fn dot_products_equal_llama_cpp_bit_for_bit() {
             let row = &case.weights.bytes()[r * row_bytes..(r + 1) * row_bytes];
             // Packed matrices have whole groups of 16 rows; where llama.cpp sums such matrices
             // in another order than its single-row kernels, so does the packed reference.
-            if packed::supports(case.dtype) && !interleaved_order(case.dtype, packed::GROUP, Isa::Avx2) {
+            if packed::supports(case.dtype) && Isa::named("avx2").is_some_and(|avx2| !interleaved_order(case.dtype, packed::GROUP, avx2)) {
                 let reference = packed::reference(case.dtype, row, case.activations.bytes(), case.cols);
                 assert_eq!(reference.to_bits(), want, "{} {} row {r}: packed reference {reference} vs llama.cpp {}", case.dtype, case.label, f32::from_bits(want));
             }
             // The scalar kernels are the portable reference (`dot_ref`), not llama.cpp's x86
             // order; `kernels.rs` holds them to the SIMD kernels within rounding.
-            for isa in Isa::available().into_iter().filter(|&i| i != Isa::Scalar) {
+            for isa in Isa::available().into_iter().filter(|&i| i != Isa::scalar()) {
                 // SAFETY: the row and the activations hold `cols` values of their formats.
                 let got = unsafe { kernel_for_matrix(case.dtype, case.rows, isa)(row.as_ptr(), case.activations.bytes().as_ptr(), case.cols) };
                 assert_eq!(got.to_bits(), want, "{} {} row {r} on {isa:?}: {got} vs llama.cpp {}", case.dtype, case.label, f32::from_bits(want));

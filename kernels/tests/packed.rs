@@ -24,11 +24,11 @@ fn random_matrix(dtype: DType, rows: usize, cols: usize, rng: &mut Rng) -> Align
 /// Two threads on AVX-512 VNNI, the only CPUs that use packed weights; elsewhere None, said
 /// on stderr so the skip is visible.
 fn vnni(test: &str) -> Option<Compute> {
-    if Isa::detect() != Isa::Avx512Vnni {
+    if !Isa::detect().vnni() {
         eprintln!("{test}: skipped, no AVX-512 VNNI here (packed kernels are not used on this CPU)");
         return None;
     }
-    Some(Compute { pool: ThreadPool::new(2), isa: Isa::Avx512Vnni })
+    Some(Compute { pool: ThreadPool::new(2), isa: Isa::detect() })
 }
 
 /// A random matrix, its packed copy, and a random input of `tokens` rows.
@@ -79,7 +79,7 @@ fn packed_products_equal_the_reference_bit_for_bit() {
                     let got = out[t * rows + r];
                     assert_eq!(want.to_bits(), got.to_bits(), "{dtype} {rows}x{cols} t{t} r{r}: {want} vs {got}");
                     // SAFETY: the row and the activations hold `cols` values of their formats.
-                    let single = unsafe { kernel_for_matrix(dtype, rows, Isa::Avx2)(view.row(r).as_ptr(), act.row(t).as_ptr(), cols) };
+                    let single = unsafe { kernel_for_matrix(dtype, rows, Isa::named("avx2").expect("AVX-512 VNNI CPUs run AVX2"))(view.row(r).as_ptr(), act.row(t).as_ptr(), cols) };
                     assert_eq!(single.to_bits(), got.to_bits(), "{dtype} {rows}x{cols} t{t} r{r}: single-row kernel {single} vs {got}");
                 }
             }
