@@ -66,6 +66,11 @@ pub fn builtin_template(architecture: &str) -> &'static str {
     }
 }
 
+/// Instructions one render may run.
+pub const TEMPLATE_FUEL: u64 = 10_000_000;
+/// Nesting of macro calls and includes one render may reach.
+const TEMPLATE_RECURSION: usize = 100;
+
 pub struct ChatTemplate {
     env: Environment<'static>,
     bos_token: String,
@@ -75,6 +80,11 @@ pub struct ChatTemplate {
 impl ChatTemplate {
     pub fn new(source: &str, bos_token: &str, eos_token: &str) -> Result<ChatTemplate, ChatTemplateError> {
         let mut env = Environment::new();
+        // A template comes with a model file: one that loops without end or recurses deeply
+        // stops with an error instead of holding a request (real templates use well under
+        // 1% of this fuel on long conversations).
+        env.set_fuel(Some(TEMPLATE_FUEL));
+        env.set_recursion_limit(TEMPLATE_RECURSION);
         env.set_trim_blocks(true);
         env.set_lstrip_blocks(true);
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
