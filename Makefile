@@ -25,8 +25,10 @@ chat: build
 	./target/release/kiln-worker run -m $(MODEL)
 
 test: test-rust test-api
+	@scripts/test-summary.sh
 
 test-rust: deps
+	@rm -f target/tmp/kiln-skipped.txt
 	$(CARGO) test --release --workspace
 
 # The HTTP API through the official openai and anthropic Python clients, and the cluster's

@@ -53,6 +53,7 @@ fn reference_dot_matches_dequantized_product() {
 #[test]
 fn simd_dot_matches_reference_on_every_isa() {
     let mut rng = Rng(2);
+    common::covered("simd_dot_matches_reference_on_every_isa", &Isa::available());
     for isa in Isa::available() {
         for dtype in weight_types() {
             for n in lengths(dtype) {
@@ -99,8 +100,8 @@ fn activation_quantization_error_is_bounded() {
 #[test]
 fn matmul_matches_row_by_row_reference_for_any_thread_count() {
     let mut rng = Rng(4);
-    for threads in [1, 2, 3] {
-        let compute = kiln_kernels::Compute { pool: ThreadPool::new(threads), isa: Isa::detect() };
+    for (threads, isa) in [1, 2, 3].into_iter().flat_map(|t| Isa::available().into_iter().map(move |i| (t, i))) {
+        let compute = kiln_kernels::Compute { pool: ThreadPool::new(threads), isa };
         for dtype in [DType::Q4_1, DType::Q8_0, DType::Q4K, DType::Q6K, DType::F32] {
             let (rows, cols, tokens) = (37, 512, 5);
             let mut w = AlignedBuf::default();
@@ -120,11 +121,12 @@ fn matmul_matches_row_by_row_reference_for_any_thread_count() {
                 for r in 0..rows {
                     let reference = dot_ref::dot(dtype, view.row(r), single.row(0));
                     let got = out[t * rows + r];
-                    assert!((reference - got).abs() <= 1e-4 * (1.0 + reference.abs()), "{dtype} t{t} r{r}: {reference} vs {got}");
+                    assert!((reference - got).abs() <= 1e-4 * (1.0 + reference.abs()), "{dtype} {isa:?} t{t} r{r}: {reference} vs {got}");
                 }
             }
         }
     }
+    common::covered("matmul_matches_row_by_row_reference_for_any_thread_count", &Isa::available());
 }
 
 #[test]
@@ -164,47 +166,50 @@ fn naive_attention(q: &[f32], keys: &[Vec<f32>], values: &[Vec<f32>], p: &Attent
 #[test]
 fn paged_attention_matches_contiguous_attention() {
     let mut rng = Rng(5);
-    let compute = kiln_kernels::Compute { pool: ThreadPool::new(2), isa: Isa::detect() };
-    for window in [None, Some(5)] {
-        let p = AttentionParams { num_heads: 4, num_kv_heads: 2, head_dim: 16, scale: 0.25, window, softcap: None, block_size: 4 };
-        let row = p.num_kv_heads * p.head_dim;
-        let mut kv = KvStore::new(64, p.num_kv_heads, p.head_dim);
-        // Two sequences with scattered blocks: 11 tokens and 6 tokens.
-        let tables: [Vec<u32>; 2] = [vec![7, 2, 9], vec![4, 12]];
-        let lens = [11usize, 6];
-        // Per sequence: the (keys, values) of every position, rounded as the cache stores them.
-        type History = (Vec<Vec<f32>>, Vec<Vec<f32>>);
-        let mut history: Vec<History> = vec![];
-        for (table, &len) in tables.iter().zip(&lens) {
-            let mut ks = vec![];
-            let mut vs = vec![];
-            for pos in 0..len {
-                let k = random_f32(row, &mut rng);
-                let v = random_f32(row, &mut rng);
-                let slot = table[pos / p.block_size] as usize * p.block_size + pos % p.block_size;
-                kv.write(slot, &k, &v);
-                let round = |x: &Vec<f32>| x.iter().map(|&v| f16_bits_to_f32(f32_to_f16_bits(v))).collect::<Vec<_>>();
-                ks.push(round(&k));
-                vs.push(round(&v));
+    common::covered("paged_attention_matches_contiguous_attention", &Isa::available());
+    for isa in Isa::available() {
+        let compute = kiln_kernels::Compute { pool: ThreadPool::new(2), isa };
+        for window in [None, Some(5)] {
+            let p = AttentionParams { num_heads: 4, num_kv_heads: 2, head_dim: 16, scale: 0.25, window, softcap: None, block_size: 4 };
+            let row = p.num_kv_heads * p.head_dim;
+            let mut kv = KvStore::new(64, p.num_kv_heads, p.head_dim);
+            // Two sequences with scattered blocks: 11 tokens and 6 tokens.
+            let tables: [Vec<u32>; 2] = [vec![7, 2, 9], vec![4, 12]];
+            let lens = [11usize, 6];
+            // Per sequence: the (keys, values) of every position, rounded as the cache stores them.
+            type History = (Vec<Vec<f32>>, Vec<Vec<f32>>);
+            let mut history: Vec<History> = vec![];
+            for (table, &len) in tables.iter().zip(&lens) {
+                let mut ks = vec![];
+                let mut vs = vec![];
+                for pos in 0..len {
+                    let k = random_f32(row, &mut rng);
+                    let v = random_f32(row, &mut rng);
+                    let slot = table[pos / p.block_size] as usize * p.block_size + pos % p.block_size;
+                    kv.write(slot, &k, &v);
+                    let round = |x: &Vec<f32>| x.iter().map(|&v| f16_bits_to_f32(f32_to_f16_bits(v))).collect::<Vec<_>>();
+                    ks.push(round(&k));
+                    vs.push(round(&v));
+                }
+                history.push((ks, vs));
             }
-            history.push((ks, vs));
-        }
-        // The last 3 tokens of sequence 0 and the last 1 of sequence 1 are "new" rows.
-        let spans = [
-            SeqSpan { rows: 0..3, first_pos: 8, block_table: &tables[0] },
-            SeqSpan { rows: 3..4, first_pos: 5, block_table: &tables[1] },
-        ];
-        let q = random_f32(4 * p.num_heads * p.head_dim, &mut rng);
-        let mut out = vec![0.0; q.len()];
-        attention(&compute, &p, &kv, &spans, &q, &mut out, &mut AttentionScratch::default());
-        for (si, span) in spans.iter().enumerate() {
-            for (i, r) in span.rows.clone().enumerate() {
-                for h in 0..p.num_heads {
-                    let qrow = &q[r * p.num_heads * p.head_dim..(r + 1) * p.num_heads * p.head_dim];
-                    let expect = naive_attention(qrow, &history[si].0, &history[si].1, &p, span.first_pos + i, h);
-                    let got = &out[(r * p.num_heads + h) * p.head_dim..][..p.head_dim];
-                    for (a, b) in got.iter().zip(&expect) {
-                        assert!((a - b).abs() < 2e-2, "window {window:?} seq {si} row {r} head {h}: {a} vs {b}");
+            // The last 3 tokens of sequence 0 and the last 1 of sequence 1 are "new" rows.
+            let spans = [
+                SeqSpan { rows: 0..3, first_pos: 8, block_table: &tables[0] },
+                SeqSpan { rows: 3..4, first_pos: 5, block_table: &tables[1] },
+            ];
+            let q = random_f32(4 * p.num_heads * p.head_dim, &mut rng);
+            let mut out = vec![0.0; q.len()];
+            attention(&compute, &p, &kv, &spans, &q, &mut out, &mut AttentionScratch::default());
+            for (si, span) in spans.iter().enumerate() {
+                for (i, r) in span.rows.clone().enumerate() {
+                    for h in 0..p.num_heads {
+                        let qrow = &q[r * p.num_heads * p.head_dim..(r + 1) * p.num_heads * p.head_dim];
+                        let expect = naive_attention(qrow, &history[si].0, &history[si].1, &p, span.first_pos + i, h);
+                        let got = &out[(r * p.num_heads + h) * p.head_dim..][..p.head_dim];
+                        for (a, b) in got.iter().zip(&expect) {
+                            assert!((a - b).abs() < 2e-2, "window {window:?} seq {si} row {r} head {h}: {a} vs {b}");
+                        }
                     }
                 }
             }
@@ -253,6 +258,7 @@ fn batched_attention_scores_equal_single_scores_bit_for_bit() {
         let q: Vec<f32> = random_f32(n, &mut rng).iter().map(|&v| f16_bits_to_f32(f32_to_f16_bits(v))).collect();
         let slots: Vec<u32> = (0..19).map(|i| (i * 7 % 20) as u32).collect();
         let q16: Vec<u16> = q.iter().map(|&v| f32_to_f16_bits(v)).collect();
+        common::covered("batched_attention_scores_equal_single_scores_bit_for_bit", &Isa::available());
         for isa in Isa::available() {
             let mut got = vec![0f32; slots.len()];
             kiln_kernels::attention::scores(isa, &q, &kv, &slots, 0, &mut got);
@@ -275,29 +281,32 @@ fn paged_attention_equals_contiguous_layout_exactly() {
     // The same history stored in consecutive blocks and in scattered ones gives the same
     // output bit for bit: paging changes where keys live, not the arithmetic.
     let mut rng = Rng(9);
-    let compute = kiln_kernels::Compute { pool: ThreadPool::new(2), isa: Isa::detect() };
-    for window in [None, Some(7)] {
-        let p = AttentionParams { num_heads: 4, num_kv_heads: 2, head_dim: 64, scale: 0.125, window, softcap: None, block_size: 4 };
-        let row = p.num_kv_heads * p.head_dim;
-        let len = 30;
-        let contiguous: Vec<u32> = (0..8).collect();
-        let scattered: Vec<u32> = vec![13, 2, 9, 31, 0, 22, 17, 5];
-        let mut kv_a = KvStore::new(40 * 4, p.num_kv_heads, p.head_dim);
-        let mut kv_b = KvStore::new(40 * 4, p.num_kv_heads, p.head_dim);
-        for pos in 0..len {
-            let (k, v) = (random_f32(row, &mut rng), random_f32(row, &mut rng));
-            kv_a.write(contiguous[pos / 4] as usize * 4 + pos % 4, &k, &v);
-            kv_b.write(scattered[pos / 4] as usize * 4 + pos % 4, &k, &v);
+    common::covered("paged_attention_equals_contiguous_layout_exactly", &Isa::available());
+    for isa in Isa::available() {
+        let compute = kiln_kernels::Compute { pool: ThreadPool::new(2), isa };
+        for window in [None, Some(7)] {
+            let p = AttentionParams { num_heads: 4, num_kv_heads: 2, head_dim: 64, scale: 0.125, window, softcap: None, block_size: 4 };
+            let row = p.num_kv_heads * p.head_dim;
+            let len = 30;
+            let contiguous: Vec<u32> = (0..8).collect();
+            let scattered: Vec<u32> = vec![13, 2, 9, 31, 0, 22, 17, 5];
+            let mut kv_a = KvStore::new(40 * 4, p.num_kv_heads, p.head_dim);
+            let mut kv_b = KvStore::new(40 * 4, p.num_kv_heads, p.head_dim);
+            for pos in 0..len {
+                let (k, v) = (random_f32(row, &mut rng), random_f32(row, &mut rng));
+                kv_a.write(contiguous[pos / 4] as usize * 4 + pos % 4, &k, &v);
+                kv_b.write(scattered[pos / 4] as usize * 4 + pos % 4, &k, &v);
+            }
+            let q = random_f32(5 * p.num_heads * p.head_dim, &mut rng);
+            let run = |kv: &KvStore, table: &[u32]| {
+                let spans = [SeqSpan { rows: 0..5, first_pos: len - 5, block_table: table }];
+                let mut out = vec![0.0; q.len()];
+                attention(&compute, &p, kv, &spans, &q, &mut out, &mut AttentionScratch::default());
+                out
+            };
+            let (a, b) = (run(&kv_a, &contiguous), run(&kv_b, &scattered));
+            assert!(a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()), "window {window:?}");
         }
-        let q = random_f32(5 * p.num_heads * p.head_dim, &mut rng);
-        let run = |kv: &KvStore, table: &[u32]| {
-            let spans = [SeqSpan { rows: 0..5, first_pos: len - 5, block_table: table }];
-            let mut out = vec![0.0; q.len()];
-            attention(&compute, &p, kv, &spans, &q, &mut out, &mut AttentionScratch::default());
-            out
-        };
-        let (a, b) = (run(&kv_a, &contiguous), run(&kv_b, &scattered));
-        assert!(a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()), "window {window:?}");
     }
 }
 
@@ -324,6 +333,7 @@ fn attention_is_identical_on_every_isa_and_head_grouping() {
             let width = num_heads * head_dim;
             let q = random_f32(len * width, &mut rng);
             let mut reference: Option<Vec<f32>> = None;
+            common::covered("attention_is_identical_on_every_isa_and_head_grouping", &Isa::available());
             for isa in Isa::available() {
                 let compute = kiln_kernels::Compute { pool: ThreadPool::new(2), isa };
                 let mut all = vec![0.0; q.len()];

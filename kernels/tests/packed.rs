@@ -25,7 +25,7 @@ fn random_matrix(dtype: DType, rows: usize, cols: usize, rng: &mut Rng) -> Align
 /// on stderr so the skip is visible.
 fn vnni(test: &str) -> Option<Compute> {
     if !Isa::detect().vnni() {
-        eprintln!("{test}: skipped, no AVX-512 VNNI here (packed kernels are not used on this CPU)");
+        common::skip(test, "no AVX-512 VNNI here (packed kernels are not used on this CPU)");
         return None;
     }
     Some(Compute { pool: ThreadPool::new(2), isa: Isa::detect() })

@@ -98,3 +98,26 @@ pub fn random_f32(n: usize, rng: &mut Rng) -> Vec<f32> {
     (0..n).map(|_| rng.f32() * 3.0).collect()
 }
 
+
+/// Says which instruction sets a test ran its kernels on, and records those this CPU lacks
+/// as skipped (see `skip`).
+pub fn covered(test: &str, isas: &[kiln_kernels::Isa]) {
+    let names: Vec<&str> = isas.iter().map(|i| i.name()).collect();
+    eprintln!("{test}: covered {}", names.join(", "));
+    for level in ["scalar", "avx2", "avx512-vnni"] {
+        if !names.contains(&level) {
+            skip(test, &format!("{level} not run: this CPU lacks it"));
+        }
+    }
+}
+
+/// A check that cannot run on this machine: said on stderr and appended to
+/// `target/tmp/kiln-skipped.txt`, which `make test` counts and lists at the end.
+pub fn skip(test: &str, reason: &str) {
+    use std::io::Write;
+    eprintln!("{test}: skipped: {reason}");
+    let path = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("kiln-skipped.txt");
+    if let Ok(mut f) = std::fs::OpenOptions::new().create(true).append(true).open(path) {
+        let _ = writeln!(f, "kernels: {test}: {reason}");
+    }
+}

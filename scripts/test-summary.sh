@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# The end of `make test`: how many checks could not run on this machine (instruction sets the
+# CPU lacks, and the like), as the tests recorded them in target/tmp/kiln-skipped.txt.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+file=target/tmp/kiln-skipped.txt
+if [ -s "$file" ]; then
+    echo "skipped on this machine: $(wc -l < "$file") checks"
+    sed 's/^/  /' "$file"
+else
+    echo "skipped on this machine: 0 checks"
+fi
