@@ -59,7 +59,11 @@ async fn shutdown_signal() {
     {
         let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
             Ok(s) => s,
-            Err(_) => return std::future::pending().await,
+            Err(e) => {
+                eprintln!("kiln-router: cannot watch for SIGTERM ({e}); Ctrl-C still stops the router");
+                let _ = ctrl_c.await;
+                return;
+            }
         };
         tokio::select! {
             _ = ctrl_c => {},
@@ -122,10 +126,16 @@ fn main() -> anyhow::Result<()> {
                 .await
         });
         shutdown_signal().await;
+        // Draining: the listener stays open so probes see /health turn 503 and new API
+        // requests get a 503 to retry elsewhere, while generations in flight finish.
         eprintln!("kiln-router: draining (up to {} s for in-flight requests)", args.grace_secs);
         state.draining.store(true, Ordering::Relaxed);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(args.grace_secs);
+        while state.pool.load().0 > 0 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
         let _ = stop_tx.send(true);
-        match tokio::time::timeout(Duration::from_secs(args.grace_secs), server).await {
+        match tokio::time::timeout_at(deadline.max(tokio::time::Instant::now() + Duration::from_secs(1)), server).await {
             Ok(_) => eprintln!("kiln-router: stopped"),
             Err(_) => eprintln!("kiln-router: grace period over; closing the remaining requests"),
         }

@@ -131,14 +131,21 @@ def test_sigterm_drains_router_and_worker(model):
     w = Worker("drain")
     r = Router("drain", [w.grpc])
     results = []
-    t = stream_in_thread(r.url, model, 60, results)
+    t = stream_in_thread(r.url, model, 400, results)
     wait_until(lambda: w.metric("kiln_worker_running_sequences") == 1, 30, "the request to start")
     r.proc.send_signal(signal.SIGTERM)
     time.sleep(0.3)
-    with pytest.raises(httpx.ConnectError):
-        httpx.get(f"{r.url}/health")
+    # Draining: the listener stays open for probes, /health says so, new work goes elsewhere,
+    # and the running stream goes on.
+    health = httpx.get(f"{r.url}/health")
+    assert health.status_code == 503 and "draining" in health.text
+    refused = httpx.post(f"{r.url}/v1/chat/completions", json={"model": model, "messages": MSG})
+    assert refused.status_code == 503 and "shutting down" in refused.json()["error"]["message"]
+    assert r.proc.poll() is None and w.metric("kiln_worker_running_sequences") == 1
     t.join()
     assert results[0][0] == 200 and results[0][1].rstrip().endswith("data: [DONE]")
+    # Once nothing is in flight the router exits by itself.
+    wait_until(lambda: r.proc.poll() is not None, 10, "the router to exit after draining")
     assert r.stop() == 0
     # The worker likewise finishes a running generation before exiting.
     r2 = Router("drain2", [w.grpc])

@@ -39,7 +39,8 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/messages/count_tokens", post(anthropic::count_tokens))
         .route("/tokenize", post(tokenize::tokenize))
         .route("/detokenize", post(tokenize::detokenize))
-        .route_layer(middleware::from_fn_with_state(Arc::clone(&state), require_api_key));
+        .route_layer(middleware::from_fn_with_state(Arc::clone(&state), require_api_key))
+        .route_layer(middleware::from_fn_with_state(Arc::clone(&state), refuse_while_draining));
     Router::new()
         .merge(api)
         .route("/health", get(health))
@@ -67,6 +68,14 @@ fn presented_key(headers: &HeaderMap) -> Option<&str> {
         return v.strip_prefix("Bearer ").map(str::trim);
     }
     headers.get("x-api-key").and_then(|v| v.to_str().ok()).map(str::trim)
+}
+
+/// While the router drains, API requests are refused with a 503 to retry elsewhere.
+async fn refuse_while_draining(State(state): State<Arc<AppState>>, request: Request, next: Next) -> Response {
+    if state.draining.load(Ordering::Relaxed) {
+        return ApiError::unavailable("this router is shutting down; retry on another").with_flavor(flavor_of(request.uri().path())).into_response();
+    }
+    next.run(request).await
 }
 
 async fn require_api_key(State(state): State<Arc<AppState>>, request: Request, next: Next) -> Response {
