@@ -9,6 +9,7 @@ pub mod metrics;
 pub mod membership;
 pub mod params;
 pub mod routing;
+pub mod serve;
 pub mod upstream;
 
 use std::sync::atomic::AtomicBool;
@@ -20,13 +21,44 @@ pub struct RouterConfig {
     pub cors_origins: Vec<String>,
     /// Requests allowed to wait for a free sequence slot before new ones get 429.
     pub max_queue: usize,
-    pub max_body_bytes: usize,
+    pub limits: Limits,
     pub timeouts: generate::Timeouts,
 }
 
 impl Default for RouterConfig {
     fn default() -> Self {
-        RouterConfig { api_key: None, cors_origins: Vec::new(), max_queue: 256, max_body_bytes: 32 << 20, timeouts: generate::Timeouts::default() }
+        RouterConfig { api_key: None, cors_origins: Vec::new(), max_queue: 256, limits: Limits::default(), timeouts: generate::Timeouts::default() }
+    }
+}
+
+/// What one request may ask for; past a limit the answer is an error in the API's shape
+/// naming the limit (413 for the body, 408 for a body that does not arrive, 400 otherwise).
+#[derive(Clone, Debug)]
+pub struct Limits {
+    pub max_body_bytes: usize,
+    /// Seconds a client may take to send its request body.
+    pub body_timeout: std::time::Duration,
+    pub max_messages: usize,
+    /// Completions per request (`n`).
+    pub max_n: u32,
+    pub max_stop_sequences: usize,
+    /// Bytes in one stop sequence.
+    pub max_stop_bytes: usize,
+    /// Tokens one completion may ask for; the model's context length when unset.
+    pub max_tokens: Option<u32>,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_body_bytes: 32 << 20,
+            body_timeout: std::time::Duration::from_secs(30),
+            max_messages: 4096,
+            max_n: 16,
+            max_stop_sequences: 16,
+            max_stop_bytes: 512,
+            max_tokens: None,
+        }
     }
 }
 

@@ -5,8 +5,7 @@ use clap::Parser;
 use kiln_router::generate::Timeouts;
 use kiln_router::routing::Policy;
 use kiln_router::upstream::WorkerPool;
-use kiln_router::{api, AppState, RouterConfig};
-use axum::serve::ListenerExt;
+use kiln_router::{api, AppState, Limits, RouterConfig};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
@@ -51,6 +50,28 @@ struct Args {
     /// Seconds in-flight requests may take to finish after SIGTERM
     #[arg(long, default_value_t = 30)]
     grace_secs: u64,
+    /// Largest request body accepted (bytes); larger ones get 413
+    #[arg(long, default_value_t = 32 << 20)]
+    max_body_bytes: usize,
+    /// Seconds a client may take to send a request's headers (also while idle between
+    /// keep-alive requests) and, separately, its body
+    #[arg(long, default_value_t = 30.0)]
+    client_timeout_secs: f64,
+    /// Most messages in one chat request
+    #[arg(long, default_value_t = 4096)]
+    max_messages: usize,
+    /// Most completions one request may ask for (`n`)
+    #[arg(long, default_value_t = 16)]
+    max_n: u32,
+    /// Most stop sequences in one request
+    #[arg(long, default_value_t = 16)]
+    max_stop_sequences: usize,
+    /// Longest stop sequence, in bytes
+    #[arg(long, default_value_t = 512)]
+    max_stop_bytes: usize,
+    /// Most tokens one completion may ask for (default: the model's context length)
+    #[arg(long)]
+    max_tokens: Option<u32>,
 }
 
 async fn shutdown_signal() {
@@ -87,13 +108,22 @@ fn main() -> anyhow::Result<()> {
         api_key: args.api_key.or_else(|| std::env::var("KILN_API_KEY").ok()).filter(|k| !k.is_empty()),
         cors_origins: args.cors_origins,
         max_queue: args.max_queue,
+        limits: Limits {
+            max_body_bytes: args.max_body_bytes,
+            body_timeout: secs("--client-timeout-secs", args.client_timeout_secs)?,
+            max_messages: args.max_messages,
+            max_n: args.max_n.max(1),
+            max_stop_sequences: args.max_stop_sequences,
+            max_stop_bytes: args.max_stop_bytes,
+            max_tokens: args.max_tokens,
+        },
         timeouts: Timeouts {
             first_token: secs("--first-token-timeout-secs", args.first_token_timeout_secs)?,
             stall: secs("--stall-timeout-secs", args.stall_timeout_secs)?,
             eject: secs("--eject-secs", args.eject_secs)?,
         },
-        ..RouterConfig::default()
     };
+    let client_timeout = config.limits.body_timeout;
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     runtime.block_on(async move {
         // Channels are built inside the runtime: they spawn their connection tasks on it.
@@ -117,14 +147,9 @@ fn main() -> anyhow::Result<()> {
         let app = api::router(Arc::clone(&state));
         eprintln!("kiln-router: listening on http://{}", listener.local_addr()?);
         let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
-        let server = tokio::spawn(async move {
-            // Streamed events are small writes; without TCP_NODELAY they can wait out a delayed ACK.
-            axum::serve(listener.tap_io(|tcp| drop(tcp.set_nodelay(true))), app)
-                .with_graceful_shutdown(async move {
-                    while stop_rx.changed().await.is_ok() && !*stop_rx.borrow() {}
-                })
-                .await
-        });
+        let server = tokio::spawn(kiln_router::serve::serve(listener, app, client_timeout, async move {
+            while stop_rx.changed().await.is_ok() && !*stop_rx.borrow() {}
+        }));
         shutdown_signal().await;
         // Draining: the listener stays open so probes see /health turn 503 and new API
         // requests get a 503 to retry elsewhere, while generations in flight finish.

@@ -105,3 +105,74 @@ def test_tokenize_and_detokenize_round_trip(router, model):
     assert d["prompt"] == "Hello world"
     e = error_of(httpx.post(f"{router.url}/detokenize", json={"tokens": [-1]}), 400)
     assert e["param"] == "tokens[0]"
+
+
+@pytest.fixture(scope="module")
+def strict_router(worker):
+    """A router with small limits, to reach each of them cheaply."""
+    from conftest import Router
+    r = Router("limits", [worker.grpc], "--max-body-bytes", "4096", "--client-timeout-secs", "1", "--max-messages", "3",
+               "--max-n", "2", "--max-stop-sequences", "2", "--max-stop-bytes", "8", "--max-tokens", "32")
+    yield r
+    r.stop()
+
+
+@pytest.mark.parametrize("body,param,needle", [
+    ({"messages": MSG * 4}, "messages", "at most 3"),
+    ({"messages": MSG, "n": 3}, "n", "out of range"),
+    ({"messages": MSG, "stop": ["a", "b", "c"]}, "stop", "at most 2"),
+    ({"messages": MSG, "stop": ["a", "123456789"]}, "stop[1]", "at most 8"),
+    ({"messages": MSG, "max_tokens": 33}, "max_tokens", "allows (32)"),
+    ({"messages": MSG, "max_completion_tokens": 33}, "max_completion_tokens", "allows (32)"),
+])
+def test_request_limits_name_the_limit(strict_router, model, body, param, needle):
+    e = error_of(post(strict_router, {"model": model, **body}), 400)
+    assert needle in e["message"] and e["param"] == param, e
+
+
+def test_anthropic_limits_use_its_error_shape(strict_router, model):
+    r = post(strict_router, {"model": model, "max_tokens": 64, "messages": MSG}, path="/v1/messages")
+    assert r.status_code == 400 and r.json()["type"] == "error" and "allows (32)" in r.json()["error"]["message"]
+    r = post(strict_router, b'{"model": "x", "max_tokens": 1, "messages": []}' + b" " * 5000, path="/v1/messages")
+    assert r.status_code == 413 and r.json()["error"]["type"] == "request_too_large"
+
+
+def test_body_over_the_limit_is_a_json_413(strict_router, model):
+    e = error_of(post(strict_router, {"model": model, "messages": [{"role": "user", "content": "x" * 5000}]}), 413)
+    assert "4096 bytes" in e["message"]
+    # Within the limits the same router answers.
+    ok = post(strict_router, {"model": model, "messages": MSG, "max_tokens": 2})
+    assert ok.status_code == 200, ok.text
+
+
+def raw_exchange(router, payload, wait=5.0):
+    """Sends `payload` on a fresh connection; returns (seconds until the server answered or
+    closed, what it sent), or (None, b"") if it kept the connection open past `wait`."""
+    import socket
+    import time
+    host, port = router.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port))) as s:
+        s.settimeout(wait)
+        if payload:
+            s.sendall(payload)
+        start = time.monotonic()
+        try:
+            data = s.recv(4096)
+        except socket.timeout:
+            return None, b""
+        return time.monotonic() - start, data
+
+
+def test_slow_clients_do_not_hold_connections(strict_router):
+    # Sends nothing at all.
+    took, data = raw_exchange(strict_router, b"")
+    assert took is not None and took < 3 and data == b"", "an idle connection stays open"
+    # Trickles its headers and stops.
+    took, data = raw_exchange(strict_router, b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n")
+    assert took is not None and took < 3, "a connection with half its headers stays open"
+    # Announces a body and sends part of it: a JSON 408.
+    took, data = raw_exchange(strict_router, b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\ncontent-type: application/json\r\n"
+                                             b"content-length: 100\r\n\r\n{\"model\"")
+    assert took is not None and took < 3 and data.startswith(b"HTTP/1.1 408"), data
+    assert b"did not arrive within 1 s" in data
+    assert httpx.get(f"{strict_router.url}/health").status_code == 200

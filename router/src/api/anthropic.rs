@@ -62,12 +62,15 @@ fn blocks_text(value: &Value, name: &str) -> Result<String, ApiError> {
     }
 }
 
-fn conversation(f: &Fields) -> Result<Vec<ChatMessage>, ApiError> {
+fn conversation(f: &Fields, max: usize) -> Result<Vec<ChatMessage>, ApiError> {
     let mut out = Vec::new();
     if let Some(system) = f.get("system") {
         out.push(ChatMessage::new("system", blocks_text(system, "system")?));
     }
     let items = f.array("messages")?.ok_or_else(|| ApiError::field("messages", "is required"))?;
+    if items.len() > max {
+        return Err(ApiError::field("messages", format!("{} messages; at most {max} are allowed", items.len())));
+    }
     if items.is_empty() {
         return Err(ApiError::field("messages", "must contain at least one message"));
     }
@@ -117,13 +120,14 @@ async fn messages_inner(state: &Arc<AppState>, headers: &HeaderMap, body: &[u8],
     let f = Fields::new(&map, "", MESSAGE_FIELDS, MESSAGE_UNSUPPORTED)?;
     let model = resolve_model(state, f.str("model")?.ok_or_else(|| ApiError::field("model", "is required"))?)?;
     *model_id = Some(model.info.model_id.clone());
-    let conversation = conversation(&f)?;
+    let conversation = conversation(&f, state.config.limits.max_messages)?;
     let context = i64::from(model.info.context_length);
     let max_tokens = f.int("max_tokens", 1, context)?.ok_or_else(|| ApiError::field("max_tokens", "is required"))? as u32;
     if let Some(meta) = f.object("metadata")? {
         Fields::new(meta, "metadata.", &["user_id"], &[])?.str("user_id")?;
     }
-    let stop = f.get("stop_sequences").map(|_| f.strings("stop_sequences", 16)).transpose()?.unwrap_or_default();
+    super::openai_format::check_max_tokens(Some(max_tokens), "max_tokens", &state.config.limits)?;
+    let stop = super::openai_format::stop_sequences(&f, "stop_sequences", &state.config.limits)?;
     let sampling = pb::SamplingParams {
         temperature: f.f32("temperature", 0.0, 1.0)?.unwrap_or(1.0),
         top_k: f.int("top_k", 0, i64::from(u32::MAX))?.unwrap_or(0) as u32,
@@ -249,7 +253,7 @@ pub async fn count_tokens(State(state): State<Arc<AppState>>, body: Bytes) -> Re
             let f = Fields::new(&map, "", COUNT_FIELDS, &["tools", "tool_choice", "thinking"])?;
             let model = resolve_model(&state, f.str("model")?.ok_or_else(|| ApiError::field("model", "is required"))?)?;
             model_id = Some(model.info.model_id.clone());
-            let prompt = chat_prompt(&model, &conversation(&f)?, true)?;
+            let prompt = chat_prompt(&model, &conversation(&f, state.config.limits.max_messages)?, true)?;
             Ok(Json(json!({ "input_tokens": prompt.len() })).into_response())
         }
         .await;

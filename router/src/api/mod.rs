@@ -39,6 +39,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/messages/count_tokens", post(anthropic::count_tokens))
         .route("/tokenize", post(tokenize::tokenize))
         .route("/detokenize", post(tokenize::detokenize))
+        .route_layer(middleware::from_fn_with_state(Arc::clone(&state), bounded_body))
         .route_layer(middleware::from_fn_with_state(Arc::clone(&state), require_api_key))
         .route_layer(middleware::from_fn_with_state(Arc::clone(&state), refuse_while_draining));
     Router::new()
@@ -47,7 +48,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/metrics", get(metrics))
         .layer(middleware::from_fn_with_state(Arc::clone(&state), record))
         .layer(middleware::from_fn_with_state(Arc::clone(&state), cors::cors))
-        .layer(axum::extract::DefaultBodyLimit::max(state.config.max_body_bytes))
+        .layer(axum::extract::DefaultBodyLimit::max(state.config.limits.max_body_bytes))
         .with_state(state)
 }
 
@@ -68,6 +69,26 @@ fn presented_key(headers: &HeaderMap) -> Option<&str> {
         return v.strip_prefix("Bearer ").map(str::trim);
     }
     headers.get("x-api-key").and_then(|v| v.to_str().ok()).map(str::trim)
+}
+
+/// Reads an API request's body within the size and time limits, answering in the API's error
+/// shape when it is too large (413) or does not arrive in time (408).
+async fn bounded_body(State(state): State<Arc<AppState>>, request: Request, next: Next) -> Response {
+    let limits = &state.config.limits;
+    let flavor = flavor_of(request.uri().path());
+    let (parts, body) = request.into_parts();
+    match tokio::time::timeout(limits.body_timeout, axum::body::to_bytes(body, limits.max_body_bytes)).await {
+        Err(_) => ApiError::body_timeout(format!("the request body did not arrive within {} s", limits.body_timeout.as_secs()))
+            .with_flavor(flavor)
+            .into_response(),
+        Ok(Err(e)) if std::error::Error::source(&e).is_some_and(|s| s.is::<http_body_util::LengthLimitError>()) || e.to_string().contains("length limit") => {
+            ApiError::too_large(format!("the request body is larger than the limit of {} bytes", limits.max_body_bytes))
+                .with_flavor(flavor)
+                .into_response()
+        }
+        Ok(Err(e)) => ApiError::bad_request(format!("the request body could not be read: {e}")).with_flavor(flavor).into_response(),
+        Ok(Ok(bytes)) => next.run(Request::from_parts(parts, axum::body::Body::from(bytes))).await,
+    }
 }
 
 /// While the router drains, API requests are refused with a 503 to retry elsewhere.

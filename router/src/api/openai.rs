@@ -74,8 +74,11 @@ fn text_content(m: &Fields, i: usize, role: &str) -> Result<String, ApiError> {
     }
 }
 
-fn chat_messages(f: &Fields) -> Result<Vec<ChatMessage>, ApiError> {
+fn chat_messages(f: &Fields, max: usize) -> Result<Vec<ChatMessage>, ApiError> {
     let items = f.array("messages")?.ok_or_else(|| ApiError::field("messages", "is required"))?;
+    if items.len() > max {
+        return Err(ApiError::field("messages", format!("{} messages; at most {max} are allowed", items.len())));
+    }
     if items.is_empty() {
         return Err(ApiError::field("messages", "must contain at least one message"));
     }
@@ -147,10 +150,10 @@ async fn chat_inner(state: &Arc<AppState>, headers: &HeaderMap, body: &[u8], mod
     let f = fields(&map, CHAT_FIELDS, CHAT_UNSUPPORTED)?;
     let model = resolve_model(state, &model_of(&f)?)?;
     *model_id = Some(model.info.model_id.clone());
-    let messages = chat_messages(&f)?;
+    let messages = chat_messages(&f, state.config.limits.max_messages)?;
     check_chat_extras(&f)?;
     let max_completion = f.int("max_completion_tokens", 1, i64::from(model.info.context_length))?.map(|m| m as u32);
-    let c = fmt::common(&f, &model, max_completion)?;
+    let c = fmt::common(&f, &model, max_completion, &state.config.limits)?;
     let logprobs = f.bool("logprobs")?.unwrap_or(false);
     let top_logprobs = f.int("top_logprobs", 0, 20)?;
     if top_logprobs.is_some() && !logprobs {
@@ -309,7 +312,7 @@ async fn completions_inner(state: &Arc<AppState>, headers: &HeaderMap, body: &[u
     let model = resolve_model(state, &model_of(&f)?)?;
     *model_id = Some(model.info.model_id.clone());
     let (prompt, prompt_text) = completion_prompt(&f, &model)?;
-    let c = fmt::common(&f, &model, None)?;
+    let c = fmt::common(&f, &model, None, &state.config.limits)?;
     let logprobs = f.int("logprobs", 0, 20)?;
     let echo = f.bool("echo")?.unwrap_or(false);
     if echo && logprobs.is_some() {

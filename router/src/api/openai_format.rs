@@ -5,6 +5,7 @@ use super::collect::Totals;
 use crate::error::ApiError;
 use crate::params::Fields;
 use crate::upstream::ModelState;
+use crate::Limits;
 use kiln_proto::v1 as pb;
 use kiln_shared::tokenizer::Tokenizer;
 use serde_json::{json, Value};
@@ -73,7 +74,7 @@ fn logit_bias(f: &Fields, vocab: u32) -> Result<Vec<pb::LogitBias>, ApiError> {
 
 /// Reads the fields in `COMMON_FIELDS`. Defaults are OpenAI's: temperature 1, no top-k,
 /// top-p or min-p filtering.
-pub fn common(f: &Fields, model: &ModelState, max_tokens_field: Option<u32>) -> Result<Common, ApiError> {
+pub fn common(f: &Fields, model: &ModelState, max_tokens_field: Option<u32>, limits: &Limits) -> Result<Common, ApiError> {
     let context = i64::from(model.info.context_length);
     let top_k = f.int("top_k", -1, i64::from(u32::MAX))?.unwrap_or(0);
     let sampling = pb::SamplingParams {
@@ -93,6 +94,7 @@ pub fn common(f: &Fields, model: &ModelState, max_tokens_field: Option<u32>) -> 
         Some(m) => Some(m),
         None => f.int("max_tokens", 1, context)?.map(|m| m as u32),
     };
+    check_max_tokens(max_tokens, if max_tokens_field.is_some() { "max_completion_tokens" } else { "max_tokens" }, limits)?;
     let stream = f.bool("stream")?.unwrap_or(false);
     let include_usage = match f.object("stream_options")? {
         None => false,
@@ -105,13 +107,30 @@ pub fn common(f: &Fields, model: &ModelState, max_tokens_field: Option<u32>) -> 
     Ok(Common {
         sampling,
         max_tokens,
-        stop: f.strings("stop", 16)?,
-        n: f.int("n", 1, 128)?.unwrap_or(1) as u32,
+        stop: stop_sequences(f, "stop", limits)?,
+        n: f.int("n", 1, i64::from(limits.max_n))?.unwrap_or(1) as u32,
         ignore_eos: f.bool("ignore_eos")?.unwrap_or(false),
         stream,
         include_usage,
         user: f.str("user")?.map(str::to_string),
     })
+}
+
+/// Stop sequences within the limits on their number and length.
+pub fn stop_sequences(f: &Fields, key: &str, limits: &Limits) -> Result<Vec<String>, ApiError> {
+    let stops = f.strings(key, limits.max_stop_sequences)?;
+    if let Some((i, s)) = stops.iter().enumerate().find(|(_, s)| s.len() > limits.max_stop_bytes) {
+        return Err(ApiError::field(format!("{}[{i}]", f.name(key)), format!("is {} bytes; at most {} are allowed", s.len(), limits.max_stop_bytes)));
+    }
+    Ok(stops)
+}
+
+/// `max_tokens` within the router's cap.
+pub fn check_max_tokens(max_tokens: Option<u32>, field: &str, limits: &Limits) -> Result<(), ApiError> {
+    match (max_tokens, limits.max_tokens) {
+        (Some(asked), Some(cap)) if asked > cap => Err(ApiError::field(field, format!("{asked} is more than this server allows ({cap})"))),
+        _ => Ok(()),
+    }
 }
 
 pub fn finish_reason(d: &pb::DoneEvent) -> &'static str {
