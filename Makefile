@@ -37,9 +37,11 @@ test-api: build
 	scripts/deps.sh --with-etcd
 	scripts/api-tests.sh
 
-# Everything in `test`, plus the slow suites marked #[ignore] (fresh model downloads).
+# Everything in `test`, plus the slow suites marked #[ignore] (fresh model downloads) and a
+# soak of 50,000 requests.
 test-full: test-api
 	$(CARGO) test --release --workspace -- --include-ignored
+	KILN_SOAK_REQUESTS=50000 KILN_PYTEST_PATHS=tests/soak scripts/api-tests.sh -s
 
 # Prefill/decode speed of both models, side by side with llama-bench when it is on PATH.
 bench: build

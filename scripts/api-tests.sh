@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Runs the HTTP API tests (tests/api) with the official openai and anthropic clients against
-# a worker and routers started from target/release, and the chat-template corpus against
-# transformers (tests/templates). The clients live in .venv, made (or refreshed when
+# a worker and routers started from target/release, the chat-template corpus against
+# transformers (tests/templates), and the soak of hostile and valid traffic (tests/soak). The clients live in .venv, made (or refreshed when
 # tests/api/requirements.txt changes) from PyPI.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -15,4 +15,5 @@ if [ ! -x "$VENV/bin/python" ] || ! cmp -s "$REQ" "$STAMP"; then
     "$VENV/bin/pip" install --quiet --disable-pip-version-check -r "$REQ"
     cp "$REQ" "$STAMP"
 fi
-exec "$VENV/bin/python" -m pytest tests/api tests/templates -q "$@"
+# KILN_PYTEST_PATHS picks suites (make test-full runs the long soak alone with it).
+exec "$VENV/bin/python" -m pytest ${KILN_PYTEST_PATHS:-tests/api tests/templates tests/soak} -q "$@"
