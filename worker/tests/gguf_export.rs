@@ -129,30 +129,53 @@ fn hex_bytes(hex: &str) -> Vec<u8> {
     (0..hex.len()).step_by(2).map(|i| u8::from_str_radix(&hex[i..i + 2], 16).unwrap()).collect()
 }
 
+/// A file written from fixture `name` with `isq`, loaded back.
+fn written(fixture: &str, isq: DType, tag: &str) -> Arc<LoadedModel> {
+    let out = std::env::temp_dir().join(format!("kiln-export-{tag}-{}.gguf", std::process::id()));
+    kiln_worker::formats::gguf_export::export(&common::hf_fixture(fixture), isq, &out).unwrap_or_else(|e| panic!("{tag}: {e}"));
+    let model = Arc::new(LoadedModel::load(&out).unwrap());
+    std::fs::remove_file(&out).unwrap();
+    model
+}
+
+/// The text of `n` greedy tokens after `prompt`.
+fn greedy_text(model: &Arc<LoadedModel>, prompt: Vec<u32>, n: usize) -> String {
+    let context = prompt.len() + n + 1;
+    let req = kiln_worker::engine::GenerationRequest {
+        prompt,
+        sampling: kiln_shared::sampling::SamplingParams::greedy(),
+        max_tokens: Some(n),
+        ignore_eos: true,
+        ..Default::default()
+    };
+    let mut session = Session::new(Arc::clone(model), common::compute(), context);
+    let done = session.generate(&req, &std::sync::atomic::AtomicBool::new(false), |_| {}).unwrap();
+    model.tokenizer.decode(&done.tokens, false)
+}
+
 /// llama.cpp loads the files kiln writes and continues the prompt as kiln does (goldens from
-/// scripts/goldens/make_export_goldens.sh, llama-simple, greedy).
+/// scripts/goldens/make_export_goldens.sh, llama-simple, greedy): every architecture kiln
+/// writes as Q8_0, and every quantization type on one fixture.
 #[test]
 fn llama_cpp_reads_the_written_files_and_agrees() {
     let golden = common::golden("llamacpp_export");
-    let prompt = golden["prompt"].as_str().unwrap();
-    for (name, g) in golden["models"].as_object().unwrap() {
-        let out = std::env::temp_dir().join(format!("kiln-export-lcpp-{name}-{}.gguf", std::process::id()));
-        kiln_worker::formats::gguf_export::export(&common::hf_fixture(name), DType::Q8_0, &out).unwrap();
-        let model = Arc::new(LoadedModel::load(&out).unwrap());
-        std::fs::remove_file(&out).unwrap();
-        let n = g["tokens"].as_u64().unwrap() as usize;
-        let req = kiln_worker::engine::GenerationRequest {
-            prompt: model.encode_raw(prompt),
-            sampling: kiln_shared::sampling::SamplingParams::greedy(),
-            max_tokens: Some(n),
-            ignore_eos: true,
-            ..Default::default()
-        };
-        let mut session = Session::new(Arc::clone(&model), common::compute(), 64);
-        let done = session.generate(&req, &std::sync::atomic::AtomicBool::new(false), |_| {}).unwrap();
-        let expected = String::from_utf8_lossy(&hex_bytes(g["llama_cpp_hex"].as_str().unwrap())).into_owned();
-        assert_eq!(model.tokenizer.decode(&done.tokens, false), expected, "{name}");
+    let models = golden["models"].as_object().unwrap();
+    let types: Vec<&str> = models.values().filter(|g| g["fixture"] == "llama-wide").map(|g| g["isq"].as_str().unwrap()).collect();
+    assert!(types.len() >= 10, "every quantization type kiln writes is checked: {types:?}");
+    let mut differing = Vec::new();
+    for (name, g) in models {
+        let isq = kiln_worker::loader::parse_isq(g["isq"].as_str().unwrap()).unwrap();
+        let model = written(g["fixture"].as_str().unwrap(), isq, name);
+        let got = greedy_text(&model, model.encode_raw(g["prompt"].as_str().unwrap()), g["tokens"].as_u64().unwrap() as usize);
+        let expected = hex_bytes(g["llama_cpp_hex"].as_str().unwrap());
+        // The continuation must vary, or agreeing on it would say little.
+        let distinct: std::collections::HashSet<u8> = expected.iter().copied().collect();
+        assert!(distinct.len() >= 4, "{name}: llama.cpp's continuation {expected:?} is degenerate");
+        if got != String::from_utf8_lossy(&expected) {
+            differing.push(format!("{name}: kiln {got:?}, llama.cpp {:?}", String::from_utf8_lossy(&expected)));
+        }
     }
+    assert!(differing.is_empty(), "{} of {} files continue differently:\n{}", differing.len(), models.len(), differing.join("\n"));
 }
 
 /// Checkpoints whose tokenizer.json is SentencePiece-style BPE (written as llama.cpp's `llama`
@@ -167,23 +190,11 @@ fn llama_cpp_reads_written_tokenizers_as_transformers_does() {
         let prompt = reference["prompt"].as_str().unwrap();
         let llama_cpp_ids = common::ids(&g["llama_cpp_ids"]);
         assert_eq!(llama_cpp_ids, common::ids(&reference["ids"]), "{name}: llama.cpp's ids for the written vocabulary equal transformers'");
-        let out = std::env::temp_dir().join(format!("kiln-export-tok-{name}-{}.gguf", std::process::id()));
-        kiln_worker::formats::gguf_export::export(&common::hf_fixture(name), DType::Q8_0, &out).unwrap();
-        let model = Arc::new(LoadedModel::load(&out).unwrap());
-        std::fs::remove_file(&out).unwrap();
+        let model = written(name, DType::Q8_0, name);
         assert!(!model.tokenizer.is_hugging_face(), "{name}: a GGUF vocabulary runs on kiln's own tokenizer");
         assert_eq!(model.encode_raw(prompt), llama_cpp_ids, "{name}: kiln's ids for the written file");
-        let n = g["tokens"].as_u64().unwrap() as usize;
-        let req = kiln_worker::engine::GenerationRequest {
-            prompt: llama_cpp_ids,
-            sampling: kiln_shared::sampling::SamplingParams::greedy(),
-            max_tokens: Some(n),
-            ignore_eos: true,
-            ..Default::default()
-        };
-        let mut session = Session::new(Arc::clone(&model), common::compute(), 128);
-        let done = session.generate(&req, &std::sync::atomic::AtomicBool::new(false), |_| {}).unwrap();
+        let got = greedy_text(&model, llama_cpp_ids, g["tokens"].as_u64().unwrap() as usize);
         let expected = String::from_utf8_lossy(&hex_bytes(g["llama_cpp_hex"].as_str().unwrap())).into_owned();
-        assert_eq!(model.tokenizer.decode(&done.tokens, false), expected, "{name}: greedy text");
+        assert_eq!(got, expected, "{name}: greedy text");
     }
 }
