@@ -160,7 +160,7 @@ async fn grpc_target(addr: &str) -> Result<GrpcTarget> {
     client = client.max_decoding_message_size(256 << 20);
     let info = client.model_info(pb::ModelInfoRequest {}).await?.into_inner();
     let tokenizer = kiln_shared::tokenizer::Tokenizer::new(serde_json::from_slice(&info.tokenizer_json)?)?;
-    let template = kiln_shared::chat::ChatTemplate::new(&info.chat_template, &info.bos_token, &info.eos_token)?;
+    let template = kiln_shared::chat::ChatTemplate::or_refusing(&info.chat_template, &info.bos_token, &info.eos_token);
     Ok(GrpcTarget { client, tokenizer, template })
 }
 

@@ -135,7 +135,8 @@ async fn fetch_model(client: &mut WorkerClient<Channel>) -> Result<ModelState, S
     let info = client.model_info(pb::ModelInfoRequest {}).await.map_err(|s| s.message().to_string())?.into_inner();
     let spec: TokenizerSpec = serde_json::from_slice(&info.tokenizer_json).map_err(|e| format!("tokenizer: {e}"))?;
     let tokenizer = Tokenizer::new(spec).map_err(|e| e.to_string())?;
-    let template = ChatTemplate::new(&info.chat_template, &info.bos_token, &info.eos_token).map_err(|e| e.to_string())?;
+    // A template the worker could not use either fails every chat request with its reason.
+    let template = ChatTemplate::or_refusing(&info.chat_template, &info.bos_token, &info.eos_token);
     Ok(ModelState { info, tokenizer, template })
 }
 

@@ -139,7 +139,10 @@ impl LoadedModel {
             Some(t) => (t, false),
             None => (builtin_template(&cfg.architecture).to_string(), true),
         };
-        let chat_template = ChatTemplate::new(&source, tokenizer.bos_text().unwrap_or(""), tokenizer.eos_text().unwrap_or(""))?;
+        let chat_template = ChatTemplate::or_refusing(&source, tokenizer.bos_text().unwrap_or(""), tokenizer.eos_text().unwrap_or(""));
+        if let Some(why) = chat_template.refusal() {
+            eprintln!("kiln: {why}; chat requests to this model will fail with this error, raw completions still work");
+        }
         Ok(LoadedModel {
             path,
             model,

@@ -105,3 +105,22 @@ fn tokenizer_problems_are_specific() {
     let e = load_error(&dir);
     assert!(e.contains("config.json"), "{e}");
 }
+
+/// A chat template kiln cannot render (a syntax error, or a Jinja2 feature kiln does not
+/// emulate) does not stop the model from loading: raw prompts still work, and chat requests
+/// fail with an error naming the problem.
+#[test]
+fn unusable_chat_templates_fail_chat_only() {
+    for (tag, template, needle) in [
+        ("tplsyntax", "{% for %}", "does not parse"),
+        ("tplmarkup", "{{ 'a' | safe + messages[0]['content'] }}", "Markup concatenation"),
+    ] {
+        let dir = copy_fixture(tag);
+        edit_json(&dir.join("tokenizer_config.json"), |v| v["chat_template"] = template.into());
+        let model = LoadedModel::load(&dir).unwrap_or_else(|e| panic!("{tag}: {e}"));
+        let _ = std::fs::remove_dir_all(&dir);
+        assert!(!model.encode_raw("The quick brown fox").is_empty());
+        let e = model.encode_chat(&[kiln_shared::chat::ChatMessage::new("user", "hi")]).unwrap_err().to_string();
+        assert!(e.contains(needle), "{tag}: {e}");
+    }
+}

@@ -19,7 +19,7 @@ impl ChatMessage {
     }
 }
 
-#[derive(Debug, thiserror::Error)]
+#[derive(Clone, Debug, thiserror::Error)]
 pub enum ChatTemplateError {
     #[error("chat template does not parse: {0}")]
     Syntax(String),
@@ -75,6 +75,8 @@ pub struct ChatTemplate {
     env: Environment<'static>,
     bos_token: String,
     eos_token: String,
+    /// Why this template cannot render, for a model served without a usable one.
+    refusal: Option<ChatTemplateError>,
 }
 
 impl ChatTemplate {
@@ -101,7 +103,24 @@ impl ChatTemplate {
             return Err(ChatTemplateError::Unsupported(feature.to_string()));
         }
         env.add_template_owned("chat", pycompat::without_generation_tags(source)).map_err(|e| ChatTemplateError::Syntax(e.to_string()))?;
-        Ok(ChatTemplate { env, bos_token: bos_token.to_string(), eos_token: eos_token.to_string() })
+        Ok(ChatTemplate { env, bos_token: bos_token.to_string(), eos_token: eos_token.to_string(), refusal: None })
+    }
+
+    /// The template in `source`, or, when it cannot be used, one whose every render fails with
+    /// the reason: a model whose template kiln cannot render still serves raw completions,
+    /// and chat requests get that error rather than a prompt rendered wrongly.
+    pub fn or_refusing(source: &str, bos_token: &str, eos_token: &str) -> ChatTemplate {
+        ChatTemplate::new(source, bos_token, eos_token).unwrap_or_else(|e| ChatTemplate {
+            env: Environment::new(),
+            bos_token: bos_token.to_string(),
+            eos_token: eos_token.to_string(),
+            refusal: Some(e),
+        })
+    }
+
+    /// Why every render fails, for a template made by `or_refusing` from an unusable source.
+    pub fn refusal(&self) -> Option<&ChatTemplateError> {
+        self.refusal.as_ref()
     }
 
     pub fn render(&self, messages: &[ChatMessage], add_generation_prompt: bool) -> Result<String, ChatTemplateError> {
@@ -114,6 +133,9 @@ impl ChatTemplate {
     /// extra ones (`enable_thinking`, `documents`, ...); `bos_token` and `eos_token` are added
     /// unless given.
     pub fn render_with(&self, variables: &serde_json::Value) -> Result<String, ChatTemplateError> {
+        if let Some(refusal) = &self.refusal {
+            return Err(refusal.clone());
+        }
         let template = self.env.get_template("chat").map_err(|e| ChatTemplateError::Render(e.to_string()))?;
         let mut ctx = match variables {
             serde_json::Value::Object(map) => map.clone(),
