@@ -217,7 +217,7 @@ pub fn interleaved_order(wt: DType, rows: usize, isa: Isa) -> bool {
     #[cfg(target_arch = "x86_64")]
     return match wt {
         DType::Q4_0 | DType::Q4K => true,
-        DType::Q2K => is_x86_feature_detected!("avx512f"),
+        DType::Q2K => isa.vnni(),
         _ => false,
     };
     #[cfg(not(target_arch = "x86_64"))]
