@@ -83,7 +83,10 @@ fn tokenizer_problems_are_specific() {
     let mut w = tiny::writer();
     w.remove("tokenizer.ggml.tokens");
     assert!(error_of(&w).contains("tokenizer.ggml.tokens"));
+    // A broken chat template does not stop the model: chat requests fail, naming it.
     let mut w = tiny::writer();
     w.set("tokenizer.chat_template", Value::String("{% if %}".into()));
-    assert!(error_of(&w).contains("chat template"));
+    let m = tiny::build(&w).expect("the model loads without a usable chat template");
+    let e = m.encode_chat(&[kiln_shared::chat::ChatMessage::new("user", "hi")]).unwrap_err().to_string();
+    assert!(e.contains("chat template does not parse"), "{e}");
 }
