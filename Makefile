@@ -28,7 +28,7 @@ test: test-rust test-api
 	@scripts/test-summary.sh
 
 test-rust: deps
-	@rm -f target/tmp/kiln-skipped.txt
+	@rm -f target/tmp/kiln-skipped.txt target/tmp/soak-report.txt
 	$(CARGO) test --release --workspace
 
 # The HTTP API through the official openai and anthropic Python clients, and the cluster's

@@ -22,6 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "api"))
 from conftest import MODEL, Router, Worker, wait_until  # noqa: E402
 
 OTHER_REQUESTS = int(os.environ.get("KILN_SOAK_REQUESTS", "10000"))
+REPORT = Path(__file__).resolve().parents[2] / "target" / "tmp" / "soak-report.txt"
 STREAMERS = 64
 CONCURRENCY = 24
 MAX_BODY = 1 << 20
@@ -252,14 +253,17 @@ def test_soak():
         end = {"worker": rss_kib(worker.proc.pid), "router": rss_kib(router.proc.pid)}
         counts = dict(sorted(soak.counts.items()))
         total = sum(v for k, v in counts.items() if k != "FAILED" and not k.startswith("streamed"))
-        print(f"\nsoak: {total} other requests in {elapsed:.1f} s ({total / elapsed:.0f}/s) beside {STREAMERS} streaming clients")
-        for k, v in counts.items():
-            print(f"  {k}: {v}")
-        print(f"  cancelled on the worker: {metric(worker.metrics_url, 'kiln_worker_cancelled_total'):.0f}, "
-              f"completed: {metric(worker.metrics_url, 'kiln_worker_completions_total'):.0f}")
+        lines = [f"soak: {total} other requests in {elapsed:.1f} s ({total / elapsed:.0f}/s) beside {STREAMERS} streaming clients"]
+        lines += [f"  {k}: {v}" for k, v in counts.items()]
+        lines.append(f"  cancelled on the worker: {metric(worker.metrics_url, 'kiln_worker_cancelled_total'):.0f}, "
+                     f"completed: {metric(worker.metrics_url, 'kiln_worker_completions_total'):.0f}")
         for name in ("worker", "router"):
-            print(f"  {name} RSS: {warm[name] / 1024:.1f} MiB after warm-up, {end[name] / 1024:.1f} MiB at the end "
-                  f"({(end[name] / warm[name] - 1) * 100:+.1f}%)")
+            lines.append(f"  {name} RSS: {warm[name] / 1024:.1f} MiB after warm-up, {end[name] / 1024:.1f} MiB at the end "
+                         f"({(end[name] / warm[name] - 1) * 100:+.1f}%)")
+        print("\n" + "\n".join(lines))
+        # make test prints this at its end (scripts/test-summary.sh).
+        REPORT.parent.mkdir(parents=True, exist_ok=True)
+        REPORT.write_text("\n".join(lines) + "\n")
         assert not soak.failures, f"{counts.get('FAILED', 0)} failures, first ones:\n" + "\n".join(soak.failures)
         assert total == OTHER_REQUESTS, f"{total} of {OTHER_REQUESTS} requests accounted for"
         assert counts.get("streamed, equal to the reference", 0) >= STREAMERS, counts
