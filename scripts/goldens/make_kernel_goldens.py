@@ -21,7 +21,9 @@ import ctypes, os, sys
 import numpy as np
 
 TYPES = {"Q4_0": 2, "Q4_1": 3, "Q5_0": 6, "Q5_1": 7, "Q8_0": 8, "Q2_K": 10, "Q3_K": 11, "Q5_K": 13, "Q6_K": 14}
-ROWS, COLS = 4, 512
+ROWS, ROW_LEN = 4, 512
+# Rows of a single k-quant super-block (hidden sizes of 256), which real models seldom have.
+SHORT_ROWS = {"Q2_K": 10, "Q3_K": 11, "Q4_K": 12, "Q5_K": 13, "Q6_K": 14}
 
 def main(build):
     base = ctypes.CDLL(os.path.join(build, "libggml-base.so"), mode=ctypes.RTLD_GLOBAL)
@@ -41,7 +43,8 @@ def main(build):
 
     rng = np.random.default_rng(7)
     cases = []
-    for name, ty in TYPES.items():
+    shapes = [(name, ty, ROW_LEN) for name, ty in TYPES.items()] + [(name, ty, 256) for name, ty in SHORT_ROWS.items()]
+    for name, ty, COLS in shapes:
         w = rng.standard_normal((ROWS, COLS)).astype(np.float32) * 0.05
         row_bytes = base.ggml_row_size(ty, COLS)
         wq = np.zeros(ROWS * row_bytes, dtype=np.uint8)
@@ -51,6 +54,7 @@ def main(build):
         quantize = from_float(cpu.ggml_get_type_traits_cpu(act_ty).contents.from_float)
         dot = vec_dot(t.vec_dot)
         for label, scale_outliers in [("plain", 1.0), ("outliers", 40.0)]:
+            label = label if COLS == ROW_LEN else f"{label}-{COLS}"
             x = rng.standard_normal(COLS).astype(np.float32)
             x[::97] *= scale_outliers
             xq = np.zeros(base.ggml_row_size(act_ty, COLS), dtype=np.uint8)
