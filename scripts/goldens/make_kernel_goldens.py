@@ -1,7 +1,8 @@
 """Dot products computed by llama.cpp's own CPU kernels, for formats no golden model uses.
 
     python3 scripts/goldens/make_kernel_goldens.py BUILD_DIR
-    # writes kernels/tests/fixtures/ggml_dots.txt and ggml_gelu.txt
+    # writes kernels/tests/fixtures/ggml_dots.txt, ggml_gelu.txt and ggml_matmul.txt
+    # (the last from ggml_matmul.c: one-token products through llama.cpp's repacking backend)
 
 BUILD_DIR holds libggml-base.so and libggml-cpu.so from a llama.cpp build (the tree vendored
 by llama-cpp-python 0.3.36, built as docs/perf.md describes: build/bin). Random rows
@@ -85,5 +86,23 @@ def main(build):
         f.write("entries " + " ".join(f"{i:04x}:{int(table[i]):04x}" for i in spots) + "\n")
     print(f"wrote the GELU table digest to {os.path.normpath(path)}")
 
+def matmul_fixture(build):
+    """Builds ggml_matmul.c against the same llama.cpp tree (its headers sit two levels above
+    BUILD_DIR's build folder) and writes its output to kernels/tests/fixtures/ggml_matmul.txt."""
+    import subprocess, tempfile
+    tree = os.path.abspath(os.path.join(build, "..", ".."))
+    here = os.path.dirname(os.path.abspath(__file__))
+    with tempfile.TemporaryDirectory() as tmp:
+        exe = os.path.join(tmp, "ggml_matmul")
+        subprocess.run(["cc", "-O2", "-o", exe, os.path.join(here, "ggml_matmul.c"), f"-I{tree}/ggml/include", f"-L{build}",
+                        "-lggml", "-lggml-base", "-lggml-cpu", f"-Wl,-rpath,{os.path.abspath(build)}"], check=True)
+        out = subprocess.run([exe], check=True, capture_output=True, text=True).stdout
+    path = os.path.join(here, "..", "..", "kernels", "tests", "fixtures", "ggml_matmul.txt")
+    with open(path, "w") as f:
+        f.write(out)
+    print(f"wrote {out.count('case ')} cases to {os.path.normpath(path)}")
+
+
 if __name__ == "__main__":
     main(sys.argv[1])
+    matmul_fixture(sys.argv[1])
