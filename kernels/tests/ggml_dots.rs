@@ -27,22 +27,16 @@ fn aligned(hex: &str) -> AlignedBuf {
 }
 
 fn cases() -> Vec<Case> {
-    let text = include_str!("fixtures/ggml_dots.txt");
-    let lines: Vec<&str> = text.lines().collect();
-    lines
-        .chunks(4)
-        .map(|c| {
-            let head: Vec<&str> = c[0].split_whitespace().collect();
-            let field = |line: &str, name: &str| line.strip_prefix(name).expect("fixture field").trim().to_string();
-            Case {
-                dtype: DType::ALL.into_iter().find(|d| d.name() == head[1]).expect("known type"),
-                label: head[2].to_string(),
-                rows: head[3].parse().expect("rows"),
-                cols: head[4].parse().expect("cols"),
-                weights: aligned(&field(c[1], "weights")),
-                activations: aligned(&field(c[2], "activations")),
-                dots: field(c[3], "dots").split_whitespace().map(|v| v.parse().expect("f32 bits")).collect(),
-            }
+    common::fixture_records(include_str!("fixtures/ggml_dots.txt"), ["weights", "activations", "dots"])
+        .into_iter()
+        .map(|(head, [weights, activations, dots])| Case {
+            dtype: common::fixture_dtype(head[1]),
+            label: head[2].to_string(),
+            rows: head[3].parse().expect("rows"),
+            cols: head[4].parse().expect("cols"),
+            weights: aligned(weights),
+            activations: aligned(activations),
+            dots: dots.split_whitespace().map(|v| v.parse().expect("f32 bits")).collect(),
         })
         .collect()
 }

@@ -24,24 +24,20 @@ struct Case {
 }
 
 fn cases() -> Vec<Case> {
-    let text = include_str!("fixtures/ggml_matmul.txt");
-    let lines: Vec<&str> = text.lines().collect();
-    lines
-        .chunks(4)
-        .map(|c| {
-            let head: Vec<&str> = c[0].split_whitespace().collect();
-            let field = |line: &str, name: &str| line.strip_prefix(name).expect("fixture field").trim().to_string();
-            let raw = bytes(&field(c[1], "weights"));
-            let mut weights = AlignedBuf::default();
-            weights.resize(raw.len());
-            weights.bytes_mut().copy_from_slice(&raw);
+    common::fixture_records(include_str!("fixtures/ggml_matmul.txt"), ["weights", "input", "outputs"])
+        .into_iter()
+        .map(|(head, [weights, input, outputs])| {
+            let raw = bytes(weights);
+            let mut buf = AlignedBuf::default();
+            buf.resize(raw.len());
+            buf.bytes_mut().copy_from_slice(&raw);
             Case {
-                dtype: DType::ALL.into_iter().find(|d| d.name() == head[1]).expect("known type"),
+                dtype: common::fixture_dtype(head[1]),
                 rows: head[3].parse().expect("rows"),
                 cols: head[4].parse().expect("cols"),
-                weights,
-                input: bytes(&field(c[2], "input")).chunks(4).map(|b| f32::from_le_bytes(b.try_into().expect("4 bytes"))).collect(),
-                outputs: field(c[3], "outputs").split_whitespace().map(|v| v.parse().expect("f32 bits")).collect(),
+                weights: buf,
+                input: bytes(input).chunks(4).map(|b| f32::from_le_bytes(b.try_into().expect("4 bytes"))).collect(),
+                outputs: outputs.split_whitespace().map(|v| v.parse().expect("f32 bits")).collect(),
             }
         })
         .collect()

@@ -121,3 +121,20 @@ pub fn skip(test: &str, reason: &str) {
         let _ = writeln!(f, "kernels: {test}: {reason}");
     }
 }
+
+/// Records of a plain-text ggml fixture: a `case TYPE LABEL ROWS COLS` line followed by three
+/// `name VALUE` lines; returns, per record, the case line's words and the three values.
+pub fn fixture_records<'a>(text: &'a str, names: [&str; 3]) -> Vec<(Vec<&'a str>, [&'a str; 3])> {
+    let lines: Vec<&str> = text.lines().collect();
+    lines
+        .chunks(4)
+        .map(|c| {
+            let field = |i: usize| c[i + 1].strip_prefix(names[i]).expect("fixture field").trim();
+            (c[0].split_whitespace().collect(), [field(0), field(1), field(2)])
+        })
+        .collect()
+}
+
+pub fn fixture_dtype(name: &str) -> DType {
+    DType::ALL.into_iter().find(|d| d.name() == name).expect("known type")
+}
