@@ -81,6 +81,9 @@ pub struct ChatTemplate {
 
 impl ChatTemplate {
     pub fn new(source: &str, bos_token: &str, eos_token: &str) -> Result<ChatTemplate, ChatTemplateError> {
+        if let Some(feature) = pycompat::unsupported_feature(source) {
+            return Err(ChatTemplateError::Unsupported(feature.to_string()));
+        }
         let mut env = Environment::new();
         // A template comes with a model file: one that loops without end or recurses deeply
         // stops with an error instead of holding a request (real templates use well under
@@ -99,9 +102,6 @@ impl ChatTemplate {
             Err(minijinja::Error::new(ErrorKind::InvalidOperation, msg))
         });
         env.add_function("strftime_now", |format: String| -> String { strftime_utc_now(&format) });
-        if let Some(feature) = pycompat::unsupported_feature(source) {
-            return Err(ChatTemplateError::Unsupported(feature.to_string()));
-        }
         env.add_template_owned("chat", pycompat::without_generation_tags(source)).map_err(|e| ChatTemplateError::Syntax(e.to_string()))?;
         Ok(ChatTemplate { env, bos_token: bos_token.to_string(), eos_token: eos_token.to_string(), refusal: None })
     }

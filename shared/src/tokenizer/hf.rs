@@ -145,16 +145,12 @@ impl HfTokenizer {
         first.is_some_and(|b| b & 0xC0 == 0x80)
     }
 
-    /// The bytes one token contributes in the middle of a text (leading-space rules that
-    /// apply only at the start of a text are not applied).
+    /// The bytes an ordinary token contributes in the middle of a text (leading-space rules
+    /// that apply only at the start of a text are not applied). Byte-fallback tokens are
+    /// `TokenKind::Byte` and never come here.
     pub(super) fn token_bytes(&self, id: u32, text: &str, char_to_byte: &std::collections::HashMap<char, u8>) -> Vec<u8> {
         if self.byte_level {
             return text.chars().flat_map(|c| char_to_byte.get(&c).map_or_else(|| c.to_string().into_bytes(), |&b| vec![b])).collect();
-        }
-        if self.byte_fallback {
-            if let Some(b) = super::parse_byte_token(text) {
-                return vec![b];
-            }
         }
         // What the token adds after a copy of itself: the text-start rules (a stripped
         // leading space) apply to the first copy only.

@@ -181,11 +181,14 @@ pub struct Tokenizer {
 }
 
 impl Tokenizer {
-    pub fn new(spec: TokenizerSpec) -> Result<Tokenizer, TokenizerError> {
+    pub fn new(mut spec: TokenizerSpec) -> Result<Tokenizer, TokenizerError> {
         let hf = match &spec.model {
             TokenizerModel::HuggingFace { json } => Some(hf::HfTokenizer::parse(json)?),
             _ => None,
         };
+        if let Some(hf) = &hf {
+            (spec.tokens, spec.kinds) = hf.vocabulary();
+        }
         Self::build(spec, hf)
     }
 
@@ -193,7 +196,7 @@ impl Tokenizer {
     /// added where the file's post-processor adds them.
     pub fn from_hf_json(json: String, specials: &HfSpecials) -> Result<Tokenizer, TokenizerError> {
         let hf = hf::HfTokenizer::parse(&json)?;
-        let (tokens, _) = hf.vocabulary();
+        let (tokens, kinds) = hf.vocabulary();
         let named = |key: &'static str, text: &Option<String>| -> Result<Option<u32>, TokenizerError> {
             let Some(text) = text else { return Ok(None) };
             match tokens.iter().position(|t| t == text) {
@@ -210,8 +213,8 @@ impl Tokenizer {
         let added = with_special.len() > plain.len();
         let spec = TokenizerSpec {
             model: TokenizerModel::HuggingFace { json },
-            tokens: Vec::new(),
-            kinds: Vec::new(),
+            tokens,
+            kinds,
             scores: Vec::new(),
             bos_id,
             eos_id,
@@ -222,10 +225,9 @@ impl Tokenizer {
         Self::build(spec, Some(hf))
     }
 
+    /// The tokenizer for `spec`, whose tokens and kinds are filled in (for a `tokenizer.json`,
+    /// from `hf` by the caller).
     fn build(mut spec: TokenizerSpec, hf: Option<hf::HfTokenizer>) -> Result<Tokenizer, TokenizerError> {
-        if let Some(hf) = &hf {
-            (spec.tokens, spec.kinds) = hf.vocabulary();
-        }
         let n = spec.tokens.len();
         if n == 0 {
             return Err(TokenizerError::Empty);
@@ -456,9 +458,6 @@ impl Tokenizer {
                 }
             }
             TokenKind::UserDefined => text.as_bytes().to_vec(),
-            _ if self.hf.is_some() && matches!(kind, TokenKind::Normal | TokenKind::Byte) => {
-                self.hf.as_ref().map(|hf| hf.token_bytes(id, text, &self.char_to_byte)).unwrap_or_default()
-            }
             TokenKind::Normal => match self.spec.model {
                 TokenizerModel::ByteBpe { .. } => {
                     let mut bytes = Vec::with_capacity(text.len());
@@ -470,7 +469,8 @@ impl Tokenizer {
                     }
                     bytes
                 }
-                TokenizerModel::Spm { .. } | TokenizerModel::HuggingFace { .. } => text.replace('▁', " ").into_bytes(),
+                TokenizerModel::Spm { .. } => text.replace('▁', " ").into_bytes(),
+                TokenizerModel::HuggingFace { .. } => self.hf.as_ref().map_or_else(Vec::new, |hf| hf.token_bytes(id, text, &self.char_to_byte)),
             },
             TokenKind::Byte => parse_byte_token(text).map(|b| vec![b]).unwrap_or_default(),
             TokenKind::Unused | TokenKind::Undefined => Vec::new(),
