@@ -33,9 +33,7 @@ pub struct TemplateArgs {
 
 pub fn main(args: TemplateArgs) -> anyhow::Result<()> {
     if args.source {
-        let name = args.model.as_deref().unwrap_or_default();
-        let path = kiln_worker::assets::resolve(name, &mut |msg| eprintln!("kiln: {msg}"))?;
-        let model = kiln_worker::loader::LoadedModel::load(&path)?;
+        let model = super::load_model(args.model.as_deref().unwrap_or_default(), true, None)?;
         std::io::stdout().write_all(model.chat_template_source.as_bytes())?;
         return Ok(());
     }
@@ -57,11 +55,7 @@ pub fn main(args: TemplateArgs) -> anyhow::Result<()> {
             let source = std::fs::read_to_string(path).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
             ChatTemplate::new(&source, &args.bos_token, &args.eos_token)?.render_with(&variables)?
         }
-        (Some(name), None) => {
-            let path = kiln_worker::assets::resolve(name, &mut |msg| eprintln!("kiln: {msg}"))?;
-            let model = kiln_worker::loader::LoadedModel::load(&path)?;
-            model.chat_template.render_with(&variables)?
-        }
+        (Some(name), None) => super::load_model(name, true, None)?.chat_template.render_with(&variables)?,
         (None, None) => anyhow::bail!("name a model (-m) or a template file (--template)"),
     };
     std::io::stdout().write_all(rendered.as_bytes())?;
