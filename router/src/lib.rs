@@ -36,8 +36,9 @@ impl Default for RouterConfig {
 #[derive(Clone, Debug)]
 pub struct Limits {
     pub max_body_bytes: usize,
-    /// Seconds a client may take to send its request body.
-    pub body_timeout: std::time::Duration,
+    /// Time a client may take to send a request's headers (also while its keep-alive
+    /// connection is idle) and, separately, its body.
+    pub client_timeout: std::time::Duration,
     pub max_messages: usize,
     /// Completions per request (`n`).
     pub max_n: u32,
@@ -52,7 +53,7 @@ impl Default for Limits {
     fn default() -> Self {
         Limits {
             max_body_bytes: 32 << 20,
-            body_timeout: std::time::Duration::from_secs(30),
+            client_timeout: std::time::Duration::from_secs(30),
             max_messages: 4096,
             max_n: 16,
             max_stop_sequences: 16,

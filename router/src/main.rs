@@ -110,7 +110,7 @@ fn main() -> anyhow::Result<()> {
         max_queue: args.max_queue,
         limits: Limits {
             max_body_bytes: args.max_body_bytes,
-            body_timeout: secs("--client-timeout-secs", args.client_timeout_secs)?,
+            client_timeout: secs("--client-timeout-secs", args.client_timeout_secs)?,
             max_messages: args.max_messages,
             max_n: args.max_n.max(1),
             max_stop_sequences: args.max_stop_sequences,
@@ -123,7 +123,7 @@ fn main() -> anyhow::Result<()> {
             eject: secs("--eject-secs", args.eject_secs)?,
         },
     };
-    let client_timeout = config.limits.body_timeout;
+    let client_timeout = config.limits.client_timeout;
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     runtime.block_on(async move {
         // Channels are built inside the runtime: they spawn their connection tasks on it.

@@ -67,13 +67,7 @@ fn conversation(f: &Fields, max: usize) -> Result<Vec<ChatMessage>, ApiError> {
     if let Some(system) = f.get("system") {
         out.push(ChatMessage::new("system", blocks_text(system, "system")?));
     }
-    let items = f.array("messages")?.ok_or_else(|| ApiError::field("messages", "is required"))?;
-    if items.len() > max {
-        return Err(ApiError::field("messages", format!("{} messages; at most {max} are allowed", items.len())));
-    }
-    if items.is_empty() {
-        return Err(ApiError::field("messages", "must contain at least one message"));
-    }
+    let items = super::message_items(f, max)?;
     for (i, item) in items.iter().enumerate() {
         let Some(obj) = item.as_object() else { return Err(ApiError::field(format!("messages[{i}]"), "expected an object")) };
         let m = Fields::new(obj, &format!("messages[{i}]."), &["role", "content"], &[])?;

@@ -77,11 +77,11 @@ async fn bounded_body(State(state): State<Arc<AppState>>, request: Request, next
     let limits = &state.config.limits;
     let flavor = flavor_of(request.uri().path());
     let (parts, body) = request.into_parts();
-    match tokio::time::timeout(limits.body_timeout, axum::body::to_bytes(body, limits.max_body_bytes)).await {
-        Err(_) => ApiError::body_timeout(format!("the request body did not arrive within {} s", limits.body_timeout.as_secs()))
+    match tokio::time::timeout(limits.client_timeout, axum::body::to_bytes(body, limits.max_body_bytes)).await {
+        Err(_) => ApiError::body_timeout(format!("the request body did not arrive within {} s", limits.client_timeout.as_secs()))
             .with_flavor(flavor)
             .into_response(),
-        Ok(Err(e)) if std::error::Error::source(&e).is_some_and(|s| s.is::<http_body_util::LengthLimitError>()) || e.to_string().contains("length limit") => {
+        Ok(Err(e)) if std::error::Error::source(&e).is_some_and(|s| s.is::<http_body_util::LengthLimitError>()) => {
             ApiError::too_large(format!("the request body is larger than the limit of {} bytes", limits.max_body_bytes))
                 .with_flavor(flavor)
                 .into_response()
@@ -180,6 +180,18 @@ async fn metrics(State(state): State<Arc<AppState>>) -> Response {
 }
 
 /// The model a request names, as a healthy worker serves it.
+/// A request's `messages`: present, not empty, and at most `max` of them.
+pub fn message_items<'a>(f: &crate::params::Fields<'a>, max: usize) -> Result<&'a Vec<serde_json::Value>, ApiError> {
+    let items = f.array("messages")?.ok_or_else(|| ApiError::field("messages", "is required"))?;
+    if items.is_empty() {
+        return Err(ApiError::field("messages", "must contain at least one message"));
+    }
+    if items.len() > max {
+        return Err(ApiError::field("messages", format!("{} messages; at most {max} are allowed", items.len())));
+    }
+    Ok(items)
+}
+
 pub fn resolve_model(state: &AppState, id: &str) -> Result<Arc<ModelState>, ApiError> {
     if let Some(m) = state.pool.model(id) {
         return Ok(m);

@@ -75,13 +75,7 @@ fn text_content(m: &Fields, i: usize, role: &str) -> Result<String, ApiError> {
 }
 
 fn chat_messages(f: &Fields, max: usize) -> Result<Vec<ChatMessage>, ApiError> {
-    let items = f.array("messages")?.ok_or_else(|| ApiError::field("messages", "is required"))?;
-    if items.len() > max {
-        return Err(ApiError::field("messages", format!("{} messages; at most {max} are allowed", items.len())));
-    }
-    if items.is_empty() {
-        return Err(ApiError::field("messages", "must contain at least one message"));
-    }
+    let items = super::message_items(f, max)?;
     let mut out = Vec::with_capacity(items.len());
     for (i, item) in items.iter().enumerate() {
         let Some(obj) = item.as_object() else { return Err(ApiError::field(format!("messages[{i}]"), "expected an object")) };
