@@ -55,7 +55,7 @@ fn prompts(n: usize, len: usize) -> Vec<Vec<u32>> {
 fn wait_until_drained(h: &EngineHandle) {
     for _ in 0..4000 {
         let s = h.stats();
-        if s.scheduler.running == 0 && s.scheduler.waiting == 0 && s.blocks.iter().all(|b| b.0 == 0) {
+        if s.scheduler.running == 0 && s.scheduler.waiting == 0 && s.blocks.iter().all(|b| b.in_use == 0) {
             return;
         }
         std::thread::sleep(Duration::from_millis(5));
@@ -213,7 +213,7 @@ fn sliding_window_blocks_are_released_without_changing_output() {
     let mut tokens = vec![];
     let mut max_blocks_held = 0;
     for e in &mut stream {
-        max_blocks_held = max_blocks_held.max(h.stats().blocks.first().map_or(0, |b| b.0));
+        max_blocks_held = max_blocks_held.max(h.stats().blocks.first().map_or(0, |b| b.in_use));
         match e {
             Event::Token { id, .. } => tokens.push(id),
             _ => break,

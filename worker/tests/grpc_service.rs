@@ -119,7 +119,7 @@ async fn closing_the_stream_cancels_and_frees_blocks() {
     let mut freed = false;
     for _ in 0..200 {
         let st = s.engine.stats();
-        if st.cancelled == 1 && st.scheduler.running == 0 && st.blocks.iter().all(|b| b.0 == 0) {
+        if st.cancelled == 1 && st.scheduler.running == 0 && st.blocks.iter().all(|b| b.in_use == 0) {
             freed = true;
             break;
         }

@@ -115,8 +115,8 @@ fn record(id: &str, addr: &str, args: &ServeArgs, slot: &ModelSlot, hosting: &Ho
         LoadSummary {
             running: st.scheduler.running as u32,
             waiting: st.scheduler.waiting as u32,
-            kv_blocks_used: st.blocks.first().map_or(0, |b| b.0 as u32),
-            kv_blocks_total: st.blocks.first().map_or(0, |b| b.2 as u32),
+            kv_blocks_used: st.blocks.first().map_or(0, |b| b.in_use as u32),
+            kv_blocks_total: st.blocks.first().map_or(0, |b| b.num_blocks as u32),
         }
     });
     WorkerRecord {

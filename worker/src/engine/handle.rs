@@ -59,8 +59,10 @@ impl Capacity {
 #[derive(Clone, Debug, Default)]
 pub struct EngineStats {
     pub scheduler: SchedulerStats,
-    /// Per cache group: (blocks in use, blocks holding cached prefixes, total blocks).
-    pub blocks: Vec<(usize, usize, usize)>,
+    /// Per cache group.
+    pub blocks: Vec<crate::kv_cache::block_pool::PoolStats>,
+    /// Bytes one block of each cache group occupies.
+    pub kv_block_bytes: Vec<usize>,
     pub steps: u64,
     pub generated_tokens: u64,
     /// Completions that ended on their own (stop, length, full context).

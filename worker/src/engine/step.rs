@@ -141,6 +141,7 @@ impl Engine {
         let groups = size_cache(&model, &cfg, context_len)?;
         let blocks: Vec<usize> = groups.iter().map(|g| g.0).collect();
         let kv = KvCache::new(mcfg, cfg.block_size, &blocks);
+        let kv_block_bytes = KvCache::block_bytes(mcfg, cfg.block_size);
         let scheduler = Scheduler::new(
             SchedulerConfig { max_batch_tokens: cfg.max_batch_tokens, max_seqs: cfg.max_seqs, block_size: cfg.block_size },
             &groups,
@@ -169,7 +170,7 @@ impl Engine {
             requests: HashMap::new(),
             next_fork_id: 1 << 48,
             shared: Arc::clone(&shared),
-            stats: EngineStats::default(),
+            stats: EngineStats { kv_block_bytes, ..EngineStats::default() },
         };
         std::thread::Builder::new()
             .name("kiln-engine".into())
@@ -283,10 +284,7 @@ impl Engine {
 
     fn publish_stats(&mut self) {
         self.stats.scheduler = self.scheduler.stats();
-        self.stats.blocks = self.scheduler.pools().iter().map(|p| {
-            let s = p.stats();
-            (s.in_use, s.cached, s.num_blocks)
-        }).collect();
+        self.stats.blocks = self.scheduler.pools().iter().map(|p| p.stats()).collect();
         *self.shared.stats.lock().unwrap_or_else(|e| e.into_inner()) = self.stats.clone();
     }
 }

@@ -28,6 +28,9 @@ pub struct PoolStats {
     pub in_use: usize,
     pub cached: usize,
     pub free: usize,
+    /// Blocks written at least once since the pool was made: the cache's memory pages
+    /// become resident as blocks are first written, so this is how much of it is.
+    pub written: usize,
     pub evictions: u64,
 }
 
@@ -35,6 +38,10 @@ pub struct BlockPool {
     ref_counts: Vec<u32>,
     content: Vec<Option<CachedContent>>,
     free: Vec<BlockId>,
+    /// The bottom `never_used` entries of `free` were never handed out: released blocks are
+    /// pushed on top, so the stack only reaches into them when more blocks are needed at once
+    /// than ever before.
+    never_used: usize,
     /// Cached blocks with no references, by release time.
     evictable: BTreeMap<u64, BlockId>,
     released_at: Vec<u64>,
@@ -49,6 +56,7 @@ impl BlockPool {
             ref_counts: vec![0; num_blocks],
             content: vec![None; num_blocks],
             free: (0..num_blocks as BlockId).rev().collect(),
+            never_used: num_blocks,
             evictable: BTreeMap::new(),
             released_at: vec![0; num_blocks],
             by_hash: HashMap::new(),
@@ -73,7 +81,10 @@ impl BlockPool {
     /// A block for new content, with one reference; None when every block is in use.
     pub fn allocate(&mut self) -> Option<BlockId> {
         let id = match self.free.pop() {
-            Some(id) => id,
+            Some(id) => {
+                self.never_used = self.never_used.min(self.free.len());
+                id
+            }
             None => {
                 let (&stamp, &id) = self.evictable.iter().next()?;
                 self.evictable.remove(&stamp);
@@ -136,7 +147,14 @@ impl BlockPool {
 
     pub fn stats(&self) -> PoolStats {
         let in_use = self.ref_counts.iter().filter(|&&r| r > 0).count();
-        PoolStats { num_blocks: self.num_blocks(), in_use, cached: self.evictable.len(), free: self.free.len(), evictions: self.evictions }
+        PoolStats {
+            num_blocks: self.num_blocks(),
+            in_use,
+            cached: self.evictable.len(),
+            free: self.free.len(),
+            written: self.num_blocks() - self.never_used,
+            evictions: self.evictions,
+        }
     }
 
     /// Checks the state invariants; for tests.
@@ -175,6 +193,28 @@ impl BlockPool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn written_counts_the_most_blocks_ever_held_at_once() {
+        let mut p = BlockPool::new(4);
+        assert_eq!(p.stats().written, 0);
+        // One block taken and given back, over and over, writes one block.
+        for _ in 0..5 {
+            let a = p.allocate().unwrap();
+            p.release(a);
+        }
+        assert_eq!(p.stats().written, 1);
+        let (a, b) = (p.allocate().unwrap(), p.allocate().unwrap());
+        assert_eq!(p.stats().written, 2);
+        // A cached block counts as written; a later allocation takes a fresh one.
+        p.register(a, 7, 0, &[1]);
+        p.release(a);
+        p.release(b);
+        let _ = (p.allocate(), p.allocate());
+        assert_eq!(p.stats().written, 3);
+        let _ = p.allocate();
+        assert_eq!(p.stats().written, 4);
+    }
 
     #[test]
     fn allocate_release_and_reuse_through_the_cache() {

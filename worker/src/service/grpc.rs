@@ -163,7 +163,7 @@ impl Worker for WorkerService {
             kv: s
                 .blocks
                 .iter()
-                .map(|&(used, cached, total)| pb::KvGroupLoad { blocks_in_use: used as u32, blocks_cached: cached as u32, blocks_total: total as u32 })
+                .map(|b| pb::KvGroupLoad { blocks_in_use: b.in_use as u32, blocks_cached: b.cached as u32, blocks_total: b.num_blocks as u32 })
                 .collect(),
             prefix_query_tokens: s.scheduler.prefix_query_tokens,
             prefix_hit_tokens: s.scheduler.prefix_hit_tokens,

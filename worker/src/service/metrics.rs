@@ -1,6 +1,7 @@
 //! The worker's Prometheus endpoint: engine gauges and counters in text exposition format.
 
 use crate::engine::EngineHandle;
+use crate::kv_cache::block_pool::PoolStats;
 use std::fmt::Write;
 
 pub fn render(engine: &EngineHandle, model_id: &str) -> String {
@@ -16,12 +17,17 @@ pub fn render(engine: &EngineHandle, model_id: &str) -> String {
     };
     metric("kiln_worker_running_sequences", "gauge", "Sequences being computed.", &[(m.clone(), s.scheduler.running as f64)]);
     metric("kiln_worker_waiting_sequences", "gauge", "Sequences waiting to be admitted.", &[(m.clone(), s.scheduler.waiting as f64)]);
-    let groups = |f: fn(&(usize, usize, usize)) -> usize| -> Vec<(String, f64)> {
+    let groups = |f: fn(&PoolStats) -> usize| -> Vec<(String, f64)> {
         s.blocks.iter().enumerate().map(|(g, b)| (format!("{m},group=\"{g}\""), f(b) as f64)).collect()
     };
-    metric("kiln_worker_kv_blocks_in_use", "gauge", "KV cache blocks referenced by sequences.", &groups(|b| b.0));
-    metric("kiln_worker_kv_blocks_cached", "gauge", "Unreferenced KV cache blocks holding reusable prefixes.", &groups(|b| b.1));
-    metric("kiln_worker_kv_blocks_total", "gauge", "KV cache blocks.", &groups(|b| b.2));
+    metric("kiln_worker_kv_blocks_in_use", "gauge", "KV cache blocks referenced by sequences.", &groups(|b| b.in_use));
+    metric("kiln_worker_kv_blocks_cached", "gauge", "Unreferenced KV cache blocks holding reusable prefixes.", &groups(|b| b.cached));
+    metric("kiln_worker_kv_blocks_total", "gauge", "KV cache blocks.", &groups(|b| b.num_blocks));
+    metric("kiln_worker_kv_blocks_written", "gauge", "KV cache blocks written at least once since start.", &groups(|b| b.written));
+    // The cache is allocated whole, but its pages become resident only as blocks are first
+    // written: this is the part of the process's memory the cache accounts for.
+    let written: usize = s.blocks.iter().zip(&s.kv_block_bytes).map(|(b, bytes)| b.written * bytes).sum();
+    metric("kiln_worker_kv_written_bytes", "gauge", "Bytes of KV cache written at least once (resident).", &[(m.clone(), written as f64)]);
     metric("kiln_worker_prefix_cache_query_tokens_total", "counter", "Prompt tokens looked up in the prefix cache.", &[(m.clone(), s.scheduler.prefix_query_tokens as f64)]);
     metric("kiln_worker_prefix_cache_hit_tokens_total", "counter", "Prompt tokens found in the prefix cache.", &[(m.clone(), s.scheduler.prefix_hit_tokens as f64)]);
     metric("kiln_worker_preemptions_total", "counter", "Sequences preempted for lack of KV blocks.", &[(m.clone(), s.scheduler.preemptions as f64)]);
