@@ -41,6 +41,7 @@ test-api: build
 # soak of 50,000 requests.
 test-full: test-api
 	$(CARGO) test --release --workspace -- --include-ignored
+	KILN_PYTEST_PATHS=tests/soak scripts/api-tests.sh -s
 	KILN_SOAK_REQUESTS=50000 KILN_PYTEST_PATHS=tests/soak scripts/api-tests.sh -s
 
 # Prefill/decode speed of both models, side by side with llama-bench when it is on PATH.
