@@ -7,7 +7,7 @@
 CARGO ?= cargo
 MODEL ?= smollm2
 
-.PHONY: all deps build run chat test test-rust test-api test-full bench goldens clean
+.PHONY: all deps build run chat test test-rust test-api test-full test-containers images compose-up compose-down bench goldens clean
 
 all: build
 
@@ -43,6 +43,22 @@ test-full: test-api
 	$(CARGO) test --release --workspace -- --include-ignored
 	KILN_PYTEST_PATHS=tests/soak scripts/api-tests.sh -s
 	KILN_SOAK_REQUESTS=50000 KILN_PYTEST_PATHS=tests/soak scripts/api-tests.sh -s
+
+# Container images from the release binaries (docker/); the base image is made locally when
+# no registry has it.
+images: deps
+	docker/images.sh
+
+# The Compose cluster (deploy/compose.yaml) behind a load balancer; its URL is the last line.
+compose-up:
+	@scripts/compose.sh up
+
+compose-down:
+	@scripts/compose.sh down
+
+# Fault tests across real container networks (tests/containers); needs Docker.
+test-containers: images
+	scripts/container-tests.sh
 
 # Prefill/decode speed of both models, side by side with llama-bench when it is on PATH.
 bench: build

@@ -5,6 +5,7 @@
 pub mod api;
 pub mod error;
 pub mod generate;
+pub mod heap;
 pub mod metrics;
 pub mod membership;
 pub mod params;

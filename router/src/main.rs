@@ -41,6 +41,10 @@ struct Args {
     /// Require this key on API routes (also read from KILN_API_KEY)
     #[arg(long)]
     api_key: Option<String>,
+    /// Read the API key from this file, such as a mounted secret (also KILN_API_KEY_FILE);
+    /// surrounding whitespace is ignored
+    #[arg(long, conflicts_with = "api_key")]
+    api_key_file: Option<std::path::PathBuf>,
     /// Allow browser calls from this origin (repeatable; `*` allows any)
     #[arg(long = "cors-allow-origin")]
     cors_origins: Vec<String>,
@@ -102,10 +106,25 @@ fn secs(flag: &str, v: f64) -> anyhow::Result<Duration> {
     Ok(Duration::from_secs_f64(v))
 }
 
+/// The API key from the flag, else a key file (flag or KILN_API_KEY_FILE), else KILN_API_KEY.
+/// An empty or unreadable key file is an error rather than an open router.
+fn api_key(flag: Option<String>, file: Option<std::path::PathBuf>) -> anyhow::Result<Option<String>> {
+    if let Some(k) = flag.filter(|k| !k.is_empty()) {
+        return Ok(Some(k));
+    }
+    if let Some(path) = file.or_else(|| std::env::var_os("KILN_API_KEY_FILE").filter(|v| !v.is_empty()).map(Into::into)) {
+        let key = std::fs::read_to_string(&path).with_context(|| format!("cannot read the API key file {}", path.display()))?;
+        let key = key.trim();
+        anyhow::ensure!(!key.is_empty(), "the API key file {} is empty", path.display());
+        return Ok(Some(key.to_string()));
+    }
+    Ok(std::env::var("KILN_API_KEY").ok().filter(|k| !k.is_empty()))
+}
+
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let config = RouterConfig {
-        api_key: args.api_key.or_else(|| std::env::var("KILN_API_KEY").ok()).filter(|k| !k.is_empty()),
+        api_key: api_key(args.api_key.clone(), args.api_key_file.clone())?,
         cors_origins: args.cors_origins,
         max_queue: args.max_queue,
         limits: Limits {

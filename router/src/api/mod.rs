@@ -173,6 +173,7 @@ async fn metrics(State(state): State<Arc<AppState>>) -> Response {
         gauges.push(("kiln_router_etcd_connected", "Whether the router's etcd watch is live (0: routing from the last view).", vec![], f64::from(u8::from(h.connected))));
         gauges.push(("kiln_router_etcd_syncs", "Times the cluster view was read in full from etcd.", vec![], h.syncs as f64));
     }
+    gauges.extend(crate::heap::gauges());
     // Each metric's samples must be together under one HELP/TYPE header.
     gauges.sort_by_key(|g| g.0);
     let body = state.metrics.render(&gauges);

@@ -50,7 +50,8 @@ pub struct ServeArgs {
     /// This worker's name in the cluster (default: host name and gRPC port)
     #[arg(long)]
     pub worker_id: Option<String>,
-    /// gRPC address routers should dial (default: --grpc)
+    /// gRPC address routers should dial (default: --grpc; when that is every interface, the
+    /// local address that reaches etcd)
     #[arg(long)]
     pub advertise: Option<String>,
     /// Labels placement can select on, as key=value (repeatable)
@@ -102,9 +103,30 @@ fn advertised(args: &ServeArgs) -> anyhow::Result<String> {
         return Ok(a.clone());
     }
     if args.grpc.ip().is_unspecified() {
-        anyhow::bail!("--grpc {} listens on every interface; give --advertise HOST:PORT for routers to dial", args.grpc);
+        // Listening on every interface (as in a container): routers reach this host on the
+        // address it reaches etcd from, which is on the cluster's network.
+        return match args.etcd.iter().find_map(|e| local_address_towards(e)) {
+            Some(ip) => Ok(std::net::SocketAddr::new(ip, args.grpc.port()).to_string()),
+            None => anyhow::bail!(
+                "--grpc {} listens on every interface and no local address routes to etcd ({}); give --advertise HOST:PORT for routers to dial",
+                args.grpc,
+                args.etcd.join(",")
+            ),
+        };
     }
     Ok(args.grpc.to_string())
+}
+
+/// The local address the system would send from to reach `endpoint` (an etcd URL or
+/// host:port): a UDP socket's connect picks the route and sends nothing.
+fn local_address_towards(endpoint: &str) -> Option<std::net::IpAddr> {
+    use std::net::{ToSocketAddrs, UdpSocket};
+    let hostport = endpoint.split("://").last()?.trim_end_matches('/');
+    let target = hostport.to_socket_addrs().ok()?.next()?;
+    let socket = UdpSocket::bind(if target.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" }).ok()?;
+    socket.connect(target).ok()?;
+    let ip = socket.local_addr().ok()?.ip();
+    (!ip.is_unspecified()).then_some(ip)
 }
 
 /// The record this worker publishes, read fresh each time.

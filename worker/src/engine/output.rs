@@ -5,7 +5,7 @@ use super::decoding::Decoding;
 use super::handle::Event;
 use super::step::{Active, Engine};
 use super::{FinishReason, Usage};
-use crate::scheduler::{Plan, SeqId};
+use crate::scheduler::{Plan, SeqId, SeqState};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -27,7 +27,7 @@ impl Engine {
     }
 
     /// Creates the remaining completions of `parent`'s request as copies of it, now that its
-    /// prompt is in the cache; returns their ids.
+    /// prompt is in the cache; returns the ids of those that sample from these logits.
     fn fork(&mut self, parent: SeqId) -> Vec<SeqId> {
         let Some(p) = self.active.get_mut(&parent) else { return vec![] };
         let count = std::mem::take(&mut p.forks_pending);
@@ -36,13 +36,20 @@ impl Engine {
         for index in 1..=count {
             let id = self.next_fork_id;
             self.next_fork_id += 1;
-            let Some(copies) = self.scheduler.fork(parent, id) else {
-                // No block for the copy: this completion cannot start.
-                let _ = events.send(Event::Failed("the KV cache is full; could not start all n completions".into()));
-                continue;
-            };
-            for (g, from, to) in copies {
-                self.kv.copy_block(g, from, to);
+            match self.scheduler.fork(parent, id) {
+                Some(copies) => {
+                    for (g, from, to) in copies {
+                        self.kv.copy_block(g, from, to);
+                    }
+                    children.push(id);
+                }
+                None => {
+                    // No free block for the copy of the partly filled last block: the
+                    // completion waits as a sequence of its own over the same prompt, found
+                    // in the prefix cache but for that block, and samples from its own
+                    // prefill's logits (the same distribution, drawn with its own seed).
+                    self.scheduler.add(SeqState::new(id, req.prompt.clone(), self.kv.groups.len()));
+                }
             }
             self.active.insert(
                 id,
@@ -59,7 +66,6 @@ impl Engine {
                 },
             );
             self.requests.entry(request).or_default().push(id);
-            children.push(id);
         }
         children
     }
