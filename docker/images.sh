@@ -36,8 +36,10 @@ build() {
     local name=$1 file=$2
     shift 2
     echo "images: building $name:$TAG" >&2
+    # The engine's notice that its classic builder is deprecated is left out.
     docker build --quiet -f "docker/$file" -t "$name:$TAG" \
-        --build-arg "BASE=$BASE" --build-arg "VERSION=$version" --build-arg "REVISION=$revision" "$@" "$CONTEXT" >/dev/null
+        --build-arg "BASE=$BASE" --build-arg "VERSION=$version" --build-arg "REVISION=$revision" "$@" "$CONTEXT" \
+        2> >(grep -v -e 'DEPRECATED: The legacy builder' -e 'Install the buildx component' -e 'docs.docker.com/go/buildx' -e '^$' >&2) >/dev/null
 }
 build kiln-router Dockerfile.router
 build kiln-worker Dockerfile.worker
@@ -52,7 +54,7 @@ if [ $cuda = 1 ]; then
         echo "images: this kiln-worker was built without the GPU backend; kiln-worker-cuda not built" >&2
         exit 1
     fi
-    docker build --quiet -f docker/Dockerfile.worker-cuda -t "kiln-worker-cuda:$TAG" --build-arg "BASE=$KILN_CUDA_BASE" "$CONTEXT" >/dev/null
+    build kiln-worker-cuda Dockerfile.worker-cuda --build-arg "BASE=$KILN_CUDA_BASE"
     images+=(kiln-worker-cuda)
 fi
 

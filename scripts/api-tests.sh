@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Runs the HTTP API tests (tests/api) with the official openai and anthropic clients against
 # a worker and routers started from target/release, the chat-template corpus against
-# transformers (tests/templates), and the soak of hostile and valid traffic (tests/soak). The clients live in .venv, made (or refreshed when
-# tests/api/requirements.txt changes) from PyPI.
+# transformers (tests/templates), and the soak of hostile and valid traffic (tests/soak). The
+# clients live in .venv, made (or refreshed when tests/api/requirements.txt changes) from PyPI.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -15,5 +15,7 @@ if [ ! -x "$VENV/bin/python" ] || ! cmp -s "$REQ" "$STAMP"; then
     "$VENV/bin/pip" install --quiet --disable-pip-version-check -r "$REQ"
     cp "$REQ" "$STAMP"
 fi
-# KILN_PYTEST_PATHS picks suites (make test-full runs the soak, tests/soak, with it).
-exec "$VENV/bin/python" -m pytest ${KILN_PYTEST_PATHS:-tests/api tests/templates} -q "$@"
+# `--venv-only`: just make the environment (other suites run their own pytest from it).
+[ "${1:-}" = "--venv-only" ] && exit 0
+# KILN_PYTEST_PATHS picks suites (make test-full runs a longer soak with it).
+exec "$VENV/bin/python" -m pytest ${KILN_PYTEST_PATHS:-tests/api tests/templates tests/soak} -q "$@"

@@ -282,3 +282,17 @@ async fn a_stalled_worker_is_left_and_the_generation_resumed_elsewhere() {
     let stalled = &state.pool.workers()[0].id;
     assert!(metrics.contains(&format!("kiln_router_stalled_total{{worker=\"{stalled}\"}} 1")), "{metrics}");
 }
+
+#[tokio::test]
+async fn model_names_no_worker_serves_share_one_metrics_label() {
+    let (app, _, _) = router_over(&[Mode::Reply], RouterConfig::default()).await;
+    for i in 0..50 {
+        let (status, _) = post(&app, "/v1/chat/completions", json!({ "model": format!("invented-{i}"), "messages": [{ "role": "user", "content": "hi" }] })).await;
+        assert_eq!(status, StatusCode::NOT_FOUND);
+    }
+    assert_eq!(post(&app, "/v1/chat/completions", chat_body()).await.0, StatusCode::OK);
+    let (_, metrics) = call(&app, "GET", "/metrics", json!(null), &[]).await;
+    assert!(!metrics.contains("invented-"), "{metrics}");
+    assert_eq!(metrics.lines().filter(|l| l.starts_with("kiln_router_requests_total") && l.ends_with(r#"status="404"} 50"#)).count(), 1, "{metrics}");
+    assert!(metrics.contains(r#"model="fake",status="200"} 1"#), "{metrics}");
+}

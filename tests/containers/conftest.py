@@ -47,10 +47,11 @@ def wait_until(check, timeout, what, interval=0.5):
         try:
             if check():
                 return
+            last = "the check said no"
         except Exception as e:  # the thing waited for is not there yet
-            last = e
+            last = repr(e)
         time.sleep(interval)
-    raise TimeoutError(f"timed out after {timeout} s waiting for {what} (last error: {last!r})")
+    raise TimeoutError(f"timed out after {timeout} s waiting for {what} (last: {last})")
 
 
 def run(*args, check=True, timeout=120):
@@ -111,7 +112,8 @@ class Cluster:
     def http(self, container, port, path):
         """GET inside `container` (its ports are not published), through bash's /dev/tcp."""
         script = f"exec 3<>/dev/tcp/127.0.0.1/{port} && printf 'GET {path} HTTP/1.0\\r\\n\\r\\n' >&3 && cat <&3"
-        return run("docker", "exec", container, "bash", "-c", script).stdout.split("\r\n\r\n", 1)[-1]
+        # Text mode has turned the answer's CRLFs into newlines.
+        return run("docker", "exec", container, "bash", "-c", script).stdout.split("\n\n", 1)[-1]
 
     def metric(self, container, port, name):
         return sum(float(l.rsplit(" ", 1)[1]) for l in self.http(container, port, "/metrics").splitlines()

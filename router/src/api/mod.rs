@@ -114,7 +114,14 @@ async fn record(State(state): State<Arc<AppState>>, request: Request, next: Next
     let route = request.extensions().get::<MatchedPath>().map_or_else(|| "unmatched".to_string(), |p| p.as_str().to_string());
     let started = Instant::now();
     let response = next.run(request).await;
-    let model = response.extensions().get::<ModelLabel>().map_or_else(String::new, |m| m.0.clone());
+    let model = match response.extensions().get::<ModelLabel>() {
+        None => String::new(),
+        Some(m) if m.0.is_empty() || state.pool.models().iter().any(|s| s.info.model_id == m.0) => m.0.clone(),
+        // A name no worker serves comes from the client: one label for all of them keeps the
+        // series bounded (a client inventing names would otherwise grow the router's memory
+        // and every scraper's).
+        Some(_) => "unknown".to_string(),
+    };
     let status = response.status().as_u16().to_string();
     state.metrics.add("kiln_router_requests_total", vec![("route", route.clone()), ("model", model), ("status", status)], 1.0);
     if route.starts_with("/v1/") {
