@@ -7,10 +7,12 @@
 //!   (or of the `x-session-id` header, for session affinity); workers are ranked for it by
 //!   rendezvous hashing, so every router replica ranks them the same way and a worker
 //!   joining or leaving moves only its own share of keys. The top-ranked worker takes the
-//!   request unless it is hot (load above the least-loaded candidate's by more than half its
-//!   sequence slots, at least 4), in which case the next in rank that is not hot does. The
-//!   slack is wide on purpose: recomputing a long shared prefix elsewhere costs more than
-//!   joining a busier batch where it is cached.
+//!   request unless it is hot (load above the least-loaded candidate's by more than the
+//!   slack), in which case the next in rank that is not hot does. The slack grows with the
+//!   prompt: one sequence per 128 prompt tokens, at least 1, at most half the worker's
+//!   sequence slots (at least 4). Recomputing a long shared prefix elsewhere costs more than
+//!   joining a busier batch where it is cached; a short prompt saves little by affinity, so
+//!   short requests spread by load.
 
 use crate::upstream::Worker;
 use std::sync::Arc;
@@ -40,7 +42,12 @@ impl std::str::FromStr for Policy {
 pub struct RouteKey {
     pub session: Option<u64>,
     pub prefix: Option<u64>,
+    /// The prompt's length: what affinity could save from recomputation.
+    pub prompt_tokens: usize,
 }
+
+/// Prompt tokens whose recomputation is worth one more sequence of load on the affine worker.
+pub const TOKENS_PER_SLACK_SEQUENCE: usize = 128;
 
 /// Prompt tokens hashed for prefix affinity: enough to tell system prompts and long shared
 /// contexts apart, few enough that the rest of the prompt (the question) does not count.
@@ -61,6 +68,7 @@ impl RouteKey {
         RouteKey {
             session: session.filter(|s| !s.is_empty()).map(|s| fnv(s.bytes())),
             prefix: (n > 0).then(|| fnv(prompt[..n].iter().flat_map(|t| t.to_le_bytes()))),
+            prompt_tokens: prompt.len(),
         }
     }
 }
@@ -91,7 +99,8 @@ pub fn choose<'a>(policy: Policy, candidates: &'a [Arc<Worker>], key: &RouteKey,
             let Some(k) = key.session.or(key.prefix) else { return least_loaded() };
             let min = sorted.iter().map(|w| w.load()).min().unwrap_or(0);
             sorted.sort_by_key(|w| std::cmp::Reverse(score(k, &w.id)));
-            sorted.into_iter().find(|w| w.load() <= min + (w.max_seqs() / 2).max(4))
+            let slack = |w: &Arc<Worker>| (key.prompt_tokens / TOKENS_PER_SLACK_SEQUENCE).clamp(1, (w.max_seqs() / 2).max(4));
+            sorted.into_iter().find(|w| w.load() <= min + slack(w))
         }
     }
 }
@@ -107,8 +116,9 @@ mod tests {
         WorkerPool::new(&addrs).unwrap().workers()
     }
 
+    /// A key for a prompt long enough for the widest slack.
     fn key(k: u64) -> RouteKey {
-        RouteKey { session: None, prefix: Some(k) }
+        RouteKey { session: None, prefix: Some(k), prompt_tokens: 4096 }
     }
 
     fn pick(policy: Policy, ws: &[Arc<Worker>], k: &RouteKey, turn: usize) -> String {
@@ -151,19 +161,53 @@ mod tests {
         let hot = ws.iter().find(|w| w.id == first).unwrap();
         hot.in_flight.store(4, Ordering::Relaxed);
         assert_eq!(pick(Policy::Prefix, &ws, &k, 0), first, "within the slack it keeps the key");
-        hot.reported_load.store(5, Ordering::Relaxed);
+        hot.set_reported_load(9);
         let second = pick(Policy::Prefix, &ws, &k, 0);
         assert_ne!(second, first, "beyond it the key moves");
         for w in &ws {
             w.in_flight.store(5, Ordering::Relaxed);
+            // Each worker reports just this router's sequences: no other router's.
+            w.set_reported_load(5);
         }
         assert_eq!(pick(Policy::Prefix, &ws, &k, 0), first, "when all are equally busy the key comes back");
     }
 
     #[tokio::test]
+    async fn load_is_this_routers_in_flight_plus_the_others_at_the_last_report() {
+        let w = workers(1).await.remove(0);
+        w.in_flight.store(3, Ordering::Relaxed);
+        w.set_reported_load(10);
+        assert_eq!(w.load(), 10, "7 from other routers");
+        w.in_flight.store(5, Ordering::Relaxed);
+        assert_eq!(w.load(), 12, "this router's new requests count at once");
+        w.in_flight.store(0, Ordering::Relaxed);
+        assert_eq!(w.load(), 7);
+        w.set_reported_load(0);
+        assert_eq!(w.load(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_short_prompt_moves_at_a_narrower_slack() {
+        let ws = workers(3).await;
+        let short = RouteKey { prompt_tokens: 40, ..key(12345) };
+        let first = pick(Policy::Prefix, &ws, &short, 0);
+        let affine = ws.iter().find(|w| w.id == first).unwrap();
+        affine.in_flight.store(1, Ordering::Relaxed);
+        assert_eq!(pick(Policy::Prefix, &ws, &short, 0), first, "one sequence more is within the slack");
+        affine.in_flight.store(2, Ordering::Relaxed);
+        assert_ne!(pick(Policy::Prefix, &ws, &short, 0), first, "two more is beyond it");
+        assert_eq!(pick(Policy::Prefix, &ws, &key(12345), 0), first, "a long prompt stays");
+        let medium = RouteKey { prompt_tokens: 3 * TOKENS_PER_SLACK_SEQUENCE, ..key(12345) };
+        affine.in_flight.store(3, Ordering::Relaxed);
+        assert_eq!(pick(Policy::Prefix, &ws, &medium, 0), first);
+        affine.in_flight.store(4, Ordering::Relaxed);
+        assert_ne!(pick(Policy::Prefix, &ws, &medium, 0), first);
+    }
+
+    #[tokio::test]
     async fn sessions_override_prefixes_and_other_policies_ignore_keys() {
         let ws = workers(4).await;
-        let session = |s: &str, p: u64| RouteKey { session: Some(fnv(s.bytes())), prefix: Some(p) };
+        let session = |s: &str, p: u64| RouteKey { session: Some(fnv(s.bytes())), prefix: Some(p), prompt_tokens: 4096 };
         let home = pick(Policy::Prefix, &ws, &session("alice", 1), 0);
         for p in 0..50 {
             assert_eq!(pick(Policy::Prefix, &ws, &session("alice", p), 0), home);
@@ -175,7 +219,7 @@ mod tests {
         assert_eq!(distinct.len(), 4, "round robin visits every worker: {rr:?}");
         ws[0].in_flight.store(1, Ordering::Relaxed);
         ws[1].in_flight.store(1, Ordering::Relaxed);
-        ws[3].reported_load.store(4, Ordering::Relaxed);
+        ws[3].set_reported_load(4);
         assert_eq!(pick(Policy::LeastLoaded, &ws, &key(9), 5), ws[2].id);
     }
 

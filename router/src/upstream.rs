@@ -35,8 +35,8 @@ pub struct Worker {
     /// means the worker is hung or gone, and generations waiting on it move elsewhere.
     responsive: AtomicBool,
     pub in_flight: AtomicUsize,
-    /// Sequences running and waiting on the worker, from its last load report.
-    pub reported_load: AtomicU32,
+    /// Sequences other routers had on the worker at its last load report.
+    others_load: AtomicU32,
     /// An operator drained it: no new requests, running ones finish.
     pub draining: AtomicBool,
     /// Set after a request saw it fail or stall: health checks do not readmit it before then.
@@ -83,10 +83,18 @@ impl Worker {
         self.ejected_until.lock().unwrap_or_else(|e| e.into_inner()).is_some_and(|t| Instant::now() < t)
     }
 
-    /// Load for routing: the larger of what this router has sent and what the worker
-    /// reported running and waiting (which counts other routers' requests too).
+    /// Load for routing: what this router has in flight there now (exact), plus what other
+    /// routers had there at the worker's last report (its running and waiting sequences
+    /// less this router's share at that moment). Taking the report whole instead would let
+    /// every router see a worker as idle until its next report and send it a burst.
     pub fn load(&self) -> usize {
-        self.in_flight.load(Ordering::Relaxed).max(self.reported_load.load(Ordering::Relaxed) as usize)
+        self.in_flight.load(Ordering::Relaxed) + self.others_load.load(Ordering::Relaxed) as usize
+    }
+
+    /// Records the worker's reported running and waiting sequences.
+    pub fn set_reported_load(&self, reported: u32) {
+        let mine = u32::try_from(self.in_flight.load(Ordering::Relaxed)).unwrap_or(u32::MAX);
+        self.others_load.store(reported.saturating_sub(mine), Ordering::Relaxed);
     }
 
     pub fn max_seqs(&self) -> usize {
@@ -154,7 +162,7 @@ fn new_worker(id: &str, addr: &str) -> Result<Worker, String> {
         healthy: AtomicBool::new(false),
         responsive: AtomicBool::new(true),
         in_flight: AtomicUsize::new(0),
-        reported_load: AtomicU32::new(0),
+        others_load: AtomicU32::new(0),
         draining: AtomicBool::new(false),
         ejected_until: Mutex::new(None),
         retired: AtomicBool::new(false),
@@ -305,7 +313,7 @@ async fn refresh(w: Arc<Worker>) {
     if healthy {
         if let Ok(Ok(load)) = tokio::time::timeout(Duration::from_secs(2), client.load(pb::LoadRequest {})).await {
             let l = load.into_inner();
-            w.reported_load.store(l.running + l.waiting, Ordering::Relaxed);
+            w.set_reported_load(l.running.saturating_add(l.waiting));
         }
     }
     if w.is_healthy() != healthy {

@@ -72,7 +72,12 @@ class Cluster:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.compose = compose_command() + ["-f", str(ROOT / "deploy/compose.yaml"), "-f", str(ROOT / "tests/containers/compose.test.yaml"), "-p", PROJECT]
-        self.env = dict(os.environ, KILN_PORT=str(self.port), KILN_MODELS=str(MODELS_DIR), KILN_PROMETHEUS_PORT=str(free_port()))
+        # Each worker gets one CPU where the host has room for three of them beside the rest
+        # of the cluster; a smaller host gets equal shares it can honour (0.5 on 2 CPUs), so
+        # no worker runs slower than another for want of a core.
+        self.worker_cpus = min(1.0, round((os.cpu_count() - 0.5) / 3, 2))
+        self.env = dict(os.environ, KILN_PORT=str(self.port), KILN_MODELS=str(MODELS_DIR), KILN_PROMETHEUS_PORT=str(free_port()),
+                        KILN_WORKER_CPUS=str(self.worker_cpus))
         self.network = f"{PROJECT}_default"
 
     def up(self, *args, timeout=300):
