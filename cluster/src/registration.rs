@@ -28,7 +28,7 @@ impl Registration {
                     Ok(()) => return,
                     Err(e) => {
                         if !was_down {
-                            eprintln!("kiln-worker: not registered in etcd ({e}); retrying");
+                            tracing::warn!("not registered in etcd ({e}); retrying");
                         }
                         was_down = true;
                     }
@@ -70,7 +70,7 @@ async fn register_once(
         async move { client.put(key, value, Some(PutOptions::new().with_lease(lease))).await.map(|_| ()).map_err(|e| e.to_string()) }
     };
     put(&mut client, &record).await?;
-    eprintln!("kiln-worker: registered in etcd as `{}` (lease {lease:x}, ttl {ttl_secs} s)", record.id);
+    tracing::info!("registered in etcd as `{}` (lease {lease:x}, ttl {ttl_secs} s)", record.id);
     let mut keep_alive = tokio::time::interval(Duration::from_secs((ttl_secs as u64 / 3).max(1)));
     let mut republish = tokio::time::interval(refresh);
     loop {
@@ -78,7 +78,7 @@ async fn register_once(
             _ = stopped(&mut stop) => {
                 let _ = tokio::time::timeout(Duration::from_secs(2), client.delete(key.clone(), None)).await;
                 let _ = tokio::time::timeout(Duration::from_secs(2), client.lease_revoke(lease)).await;
-                eprintln!("kiln-worker: deregistered from etcd");
+                tracing::info!("deregistered from etcd");
                 return Ok(());
             }
             _ = keep_alive.tick() => {

@@ -68,8 +68,8 @@ fn set_health(h: &Mutex<EtcdHealth>, connected: bool, error: Option<String>, syn
     if h.connected != connected {
         h.since = Instant::now();
         match (&error, connected) {
-            (Some(e), false) => eprintln!("kiln: etcd unreachable, keeping the last cluster view: {e}"),
-            _ => eprintln!("kiln: etcd reachable"),
+            (Some(e), false) => tracing::warn!("etcd unreachable, keeping the last cluster view: {e}"),
+            _ => tracing::info!("etcd reachable"),
         }
     }
     h.connected = connected;

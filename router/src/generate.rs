@@ -28,6 +28,8 @@ struct Attempt {
     /// The first event, read to learn that the worker took the request.
     first: Option<pb::GenerateEvent>,
     last_progress: Instant,
+    /// The call's span, a child of the request's; the worker's spans are its children.
+    span: tracing::Span,
 }
 
 pub struct Generation {
@@ -47,6 +49,11 @@ pub struct Generation {
     settled: Vec<pb::DoneEvent>,
     done: usize,
     n: usize,
+    /// The HTTP request's span, which lives until the generation ends.
+    span: tracing::Span,
+    calls: u32,
+    resumes: u32,
+    generated: u32,
 }
 
 /// Whether a failed call may be retried on another worker: the worker could not be reached,
@@ -123,7 +130,13 @@ impl Generation {
             settled: Vec::new(),
             done: 0,
             n,
+            span: tracing::Span::current(),
+            calls: 0,
+            resumes: 0,
+            generated: 0,
         };
+        g.span.record("kiln.policy", format!("{:?}", state.pool.policy).to_lowercase());
+        g.span.record("gen_ai.usage.input_tokens", g.request.prompt.len() as i64);
         g.open(g.request.clone(), (0..n).collect()).await?;
         state.metrics.add("kiln_router_prompt_tokens_total", g.model_label.clone(), g.request.prompt.len() as f64);
         Ok(g)
@@ -148,14 +161,31 @@ impl Generation {
             };
             let worker = Arc::clone(in_flight.worker());
             let mut client = worker.client.clone();
+            self.calls += 1;
+            self.span.record("kiln.attempts", i64::from(self.calls));
+            self.span.record("kiln.worker", worker.id.as_str());
+            let span = tracing::info_span!(
+                parent: &self.span,
+                "router.worker_call",
+                otel.kind = "client",
+                otel.status_code = tracing::field::Empty,
+                kiln.worker = %worker.id,
+                kiln.worker.addr = %worker.addr,
+                kiln.worker.load = worker.load() as i64,
+                kiln.resume = request.resume.is_some(),
+                kiln.completions = indices.len() as i64,
+                kiln.outcome = tracing::field::Empty,
+            );
+            let mut call = tonic::Request::new(request.clone());
+            kiln_telemetry::propagate_to_grpc(&span, call.metadata_mut());
             let attempt = async {
-                let mut stream = client.generate(request.clone()).await?.into_inner();
+                let mut stream = client.generate(call).await?.into_inner();
                 let first = stream.message().await?;
                 Ok::<_, Status>((stream, first))
             };
             let reason = match first_event(attempt, &worker, timeouts.first_token).await {
                 Ok(Ok((stream, Some(first)))) => {
-                    self.attempts.push(Attempt { in_flight, stream, indices, first: Some(first), last_progress: Instant::now() });
+                    self.attempts.push(Attempt { in_flight, stream, indices, first: Some(first), last_progress: Instant::now(), span });
                     return Ok(());
                 }
                 Ok(Ok((_, None))) => {
@@ -167,6 +197,7 @@ impl Generation {
                     s.message().to_string()
                 }
                 Ok(Err(s)) => {
+                    span.record("kiln.outcome", format!("refused: {}", s.message()));
                     self.upstream_error(&worker.id);
                     return Err(from_status(&s));
                 }
@@ -176,7 +207,9 @@ impl Generation {
                     why
                 }
             };
-            eprintln!("kiln-router: worker {} failed ({reason}); trying another", worker.id);
+            span.record("otel.status_code", "ERROR");
+            span.record("kiln.outcome", format!("failed: {reason}"));
+            span.in_scope(|| tracing::warn!("worker {} failed ({reason}); trying another", worker.id));
             self.upstream_error(&worker.id);
             self.failed.push(worker.id.clone());
             last_error = Some(format!("worker {}: {reason}", worker.id));
@@ -261,7 +294,9 @@ impl Generation {
                 }
             }
         };
-        eprintln!("kiln-router: worker {} {why}; resuming elsewhere", worker.id);
+        attempt.span.record("otel.status_code", "ERROR");
+        attempt.span.record("kiln.outcome", format!("{why}; resumed elsewhere"));
+        attempt.span.in_scope(|| tracing::warn!("worker {} {why}; resuming elsewhere", worker.id));
         self.failed.push(worker.id.clone());
         // Dropping the stream cancels whatever the worker may still be doing.
         let indices: Vec<usize> = attempt.indices.iter().copied().filter(|&x| !self.finished[x]).collect();
@@ -281,6 +316,8 @@ impl Generation {
             request.n = 1;
             request.resume = Some(pb::Resume { index: index as u32, tokens: self.produced[index].clone() });
             self.state.metrics.add("kiln_router_resumed_total", self.model_label.clone(), 1.0);
+            self.resumes += 1;
+            self.span.record("kiln.resumes", i64::from(self.resumes));
             if let Err(e) = self.open(request, vec![index]).await {
                 return Err(ApiError::upstream(format!("worker {} {why}, and the generation could not be resumed: {}", worker.id, e.message)));
             }
@@ -305,8 +342,11 @@ impl Generation {
                 self.done += 1;
                 let generated = d.usage.as_ref().map_or(0, |u| u.completion_tokens);
                 self.state.metrics.add("kiln_router_generated_tokens_total", self.model_label.clone(), generated as f64);
+                self.generated += generated;
+                self.span.record("gen_ai.usage.output_tokens", i64::from(self.generated));
                 if self.attempts[attempt].indices.iter().all(|&x| self.finished[x]) {
-                    self.attempts.remove(attempt);
+                    let done = self.attempts.remove(attempt);
+                    done.span.record("kiln.outcome", "finished");
                 }
                 if self.done == self.n {
                     self.flush_gaps();
@@ -323,7 +363,9 @@ impl Generation {
         match slot.replace(now) {
             Some(prev) => self.gaps.push((now - prev).as_secs_f64()),
             None if index == 0 => {
-                self.state.metrics.observe("kiln_router_time_to_first_token_seconds", self.model_label.clone(), (now - self.started).as_secs_f64())
+                let ttft = (now - self.started).as_secs_f64();
+                self.span.record("kiln.time_to_first_token_ms", ttft * 1e3);
+                self.state.metrics.observe("kiln_router_time_to_first_token_seconds", self.model_label.clone(), ttft)
             }
             None => {}
         }

@@ -76,6 +76,10 @@ struct Args {
     /// Most tokens one completion may ask for (default: the model's context length)
     #[arg(long)]
     max_tokens: Option<u32>,
+    /// Log lines as `text` or `json` (filtered by RUST_LOG; traces go to OTLP when
+    /// OTEL_EXPORTER_OTLP_ENDPOINT is set)
+    #[arg(long, default_value = "text")]
+    log_format: kiln_telemetry::LogFormat,
 }
 
 async fn shutdown_signal() {
@@ -85,7 +89,7 @@ async fn shutdown_signal() {
         let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
             Ok(s) => s,
             Err(e) => {
-                eprintln!("kiln-router: cannot watch for SIGTERM ({e}); Ctrl-C still stops the router");
+                tracing::warn!("cannot watch for SIGTERM ({e}); Ctrl-C still stops the router");
                 let _ = ctrl_c.await;
                 return;
             }
@@ -144,6 +148,10 @@ fn main() -> anyhow::Result<()> {
     };
     let client_timeout = config.limits.client_timeout;
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let telemetry = {
+        let _in_runtime = runtime.enter();
+        kiln_telemetry::init("kiln-router", args.log_format)?
+    };
     runtime.block_on(async move {
         // Channels are built inside the runtime: they spawn their connection tasks on it.
         let mut pool = WorkerPool::new(&args.workers).map_err(anyhow::Error::msg)?.with_policy(args.policy);
@@ -157,14 +165,14 @@ fn main() -> anyhow::Result<()> {
             cfg.keys = kiln_cluster::Keys::new(&args.etcd_prefix);
             let view = kiln_cluster::ClusterView::spawn(cfg);
             if !view.synced(Duration::from_secs(5)).await {
-                eprintln!("kiln-router: etcd at {} is not answering yet; serving the static workers until it does", args.etcd.join(","));
+                tracing::warn!("etcd at {} is not answering yet; serving the static workers until it does", args.etcd.join(","));
             }
             tokio::spawn(kiln_router::membership::follow(view.clone(), pool.clone(), args.workers.clone()));
             state.cluster = Some(view);
         }
         let state = Arc::new(state);
         let app = api::router(Arc::clone(&state));
-        eprintln!("kiln-router: listening on http://{}", listener.local_addr()?);
+        tracing::info!("listening on http://{}", listener.local_addr()?);
         let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
         let server = tokio::spawn(kiln_router::serve::serve(listener, app, client_timeout, async move {
             while stop_rx.changed().await.is_ok() && !*stop_rx.borrow() {}
@@ -172,7 +180,7 @@ fn main() -> anyhow::Result<()> {
         shutdown_signal().await;
         // Draining: the listener stays open so probes see /health turn 503 and new API
         // requests get a 503 to retry elsewhere, while generations in flight finish.
-        eprintln!("kiln-router: draining (up to {} s for in-flight requests)", args.grace_secs);
+        tracing::info!("draining (up to {} s for in-flight requests)", args.grace_secs);
         state.draining.store(true, Ordering::Relaxed);
         let deadline = tokio::time::Instant::now() + Duration::from_secs(args.grace_secs);
         while state.pool.load().0 > 0 && tokio::time::Instant::now() < deadline {
@@ -180,11 +188,16 @@ fn main() -> anyhow::Result<()> {
         }
         let _ = stop_tx.send(true);
         match tokio::time::timeout_at(deadline.max(tokio::time::Instant::now() + Duration::from_secs(1)), server).await {
-            Ok(_) => eprintln!("kiln-router: stopped"),
-            Err(_) => eprintln!("kiln-router: grace period over; closing the remaining requests"),
+            Ok(_) => tracing::info!("stopped"),
+            Err(_) => tracing::warn!("grace period over; closing the remaining requests"),
         }
         Ok::<(), anyhow::Error>(())
     })?;
+    // Exports the last spans while the runtime still runs the exporter's connection.
+    {
+        let _in_runtime = runtime.enter();
+        drop(telemetry);
+    }
     runtime.shutdown_timeout(Duration::from_secs(1));
     Ok(())
 }

@@ -26,19 +26,19 @@ pub fn reconcile(pool: &WorkerPool, snap: &Snapshot, static_ids: &[String]) {
         match pool.add(&w.id, &w.addr) {
             Ok(p) => {
                 if !known {
-                    eprintln!("kiln-router: worker {} joined at {}", w.id, w.addr);
+                    tracing::info!("worker {} joined at {}", w.id, w.addr);
                 }
                 let draining = snap.is_draining(&w.id);
                 if p.draining.swap(draining, Ordering::Relaxed) != draining {
-                    eprintln!("kiln-router: worker {} {}", w.id, if draining { "is draining" } else { "is no longer draining" });
+                    tracing::info!("worker {} {}", w.id, if draining { "is draining" } else { "is no longer draining" });
                 }
             }
-            Err(e) => eprintln!("kiln-router: worker {} registered a bad address: {e}", w.id),
+            Err(e) => tracing::warn!("worker {} registered a bad address: {e}", w.id),
         }
     }
     for p in pool.workers() {
         if !snap.workers.contains_key(&p.id) && !static_ids.contains(&p.id) {
-            eprintln!("kiln-router: worker {} left the cluster", p.id);
+            tracing::info!("worker {} left the cluster", p.id);
             pool.remove(&p.id);
         }
     }

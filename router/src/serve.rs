@@ -25,7 +25,7 @@ pub async fn serve(listener: TcpListener, app: Router, header_timeout: Duration,
                 Ok(conn) => conn,
                 Err(e) => {
                     // Out of file descriptors and the like: wait a moment rather than spin.
-                    eprintln!("kiln-router: accept failed: {e}");
+                    tracing::warn!("accept failed: {e}");
                     tokio::time::sleep(Duration::from_millis(50)).await;
                     continue;
                 }

@@ -300,11 +300,11 @@ async fn refresh(w: Arc<Worker>) {
     if healthy && (model_changed || !w.is_healthy()) {
         match tokio::time::timeout(Duration::from_secs(10), fetch_model(&mut client)).await {
             Ok(Ok(m)) => {
-                eprintln!("kiln-router: worker {} ({}) serves `{}`", w.id, w.addr, m.info.model_id);
+                tracing::info!("worker {} ({}) serves `{}`", w.id, w.addr, m.info.model_id);
                 *w.model.write().unwrap_or_else(|e| e.into_inner()) = Some(Arc::new(m));
             }
             Ok(Err(e)) => {
-                eprintln!("kiln-router: worker {}: cannot read its model: {e}", w.id);
+                tracing::warn!("worker {}: cannot read its model: {e}", w.id);
                 healthy = false;
             }
             Err(_) => healthy = false,
@@ -317,7 +317,11 @@ async fn refresh(w: Arc<Worker>) {
         }
     }
     if w.is_healthy() != healthy {
-        eprintln!("kiln-router: worker {} ({}) is {}", w.id, w.addr, if healthy { "up" } else { "down" });
+        if healthy {
+            tracing::info!("worker {} ({}) is up", w.id, w.addr);
+        } else {
+            tracing::warn!("worker {} ({}) is down", w.id, w.addr);
+        }
     }
     w.healthy.store(healthy, Ordering::Relaxed);
 }

@@ -37,10 +37,10 @@ def wait_until(check, timeout, what):
 
 
 class Process:
-    def __init__(self, args, log_name):
+    def __init__(self, args, log_name, env=None):
         self.log_path = Path(os.environ.get("TMPDIR", "/tmp")) / f"kiln-test-{log_name}-{os.getpid()}.log"
         self.log = open(self.log_path, "w")
-        self.proc = subprocess.Popen(args, stdout=self.log, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(args, stdout=self.log, stderr=subprocess.STDOUT, env=None if env is None else {**os.environ, **env})
 
     def log_text(self):
         self.log.flush()
@@ -62,7 +62,7 @@ class Worker(Process):
     """A worker on the test model; with `etcd`, registered in that cluster as `name`
     (and, with model=None, waiting for placement)."""
 
-    def __init__(self, name, *extra, etcd=None, model=MODEL, lease_ttl=3):
+    def __init__(self, name, *extra, etcd=None, model=MODEL, lease_ttl=3, env=None):
         self.name = name
         self.grpc = f"127.0.0.1:{free_port()}"
         self.metrics_url = f"http://127.0.0.1:{free_port()}"
@@ -71,7 +71,7 @@ class Worker(Process):
             args += ["-m", model]
         if etcd:
             args += ["--etcd", etcd, "--worker-id", name, "--lease-ttl", str(lease_ttl)]
-        super().__init__(args + list(extra), f"worker-{name}")
+        super().__init__(args + list(extra), f"worker-{name}", env)
         wait_until(lambda: httpx.get(f"{self.metrics_url}/health").status_code == 200, 300, f"worker {name}")
 
     def metric(self, name):
@@ -82,7 +82,7 @@ class Worker(Process):
 
 
 class Router(Process):
-    def __init__(self, name, workers, *extra, wait=True, etcd=None):
+    def __init__(self, name, workers, *extra, wait=True, etcd=None, env=None):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         args = [str(BIN / "kiln-router"), "--port", str(self.port)]
@@ -90,7 +90,7 @@ class Router(Process):
             args += ["--workers", ",".join(workers)]
         if etcd:
             args += ["--etcd", etcd]
-        super().__init__(args + list(extra), f"router-{name}")
+        super().__init__(args + list(extra), f"router-{name}", env)
         if wait:
             wait_until(lambda: httpx.get(f"{self.url}/health").status_code == 200, 60, f"router {name}")
         else:

@@ -141,7 +141,7 @@ impl LoadedModel {
         };
         let chat_template = ChatTemplate::or_refusing(&source, tokenizer.bos_text().unwrap_or(""), tokenizer.eos_text().unwrap_or(""));
         if let Some(why) = chat_template.refusal() {
-            eprintln!("kiln: {why}; chat requests to this model will fail with this error, raw completions still work");
+            tracing::warn!("{why}; chat requests to this model will fail with this error, raw completions still work");
         }
         Ok(LoadedModel {
             path,

@@ -23,6 +23,7 @@ use axum::Router;
 use kiln_shared::chat::ChatMessage;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use tracing::Instrument as _;
 use std::time::Instant;
 
 /// The model a response was for, attached so the metrics layer can label it.
@@ -113,7 +114,37 @@ async fn require_api_key(State(state): State<Arc<AppState>>, request: Request, n
 async fn record(State(state): State<Arc<AppState>>, request: Request, next: Next) -> Response {
     let route = request.extensions().get::<MatchedPath>().map_or_else(|| "unmatched".to_string(), |p| p.as_str().to_string());
     let started = Instant::now();
-    let response = next.run(request).await;
+    // API requests are traced (probes and scrapes are not): one span from the request to the
+    // end of its response, streams included, continuing the client's trace if it sent one.
+    let span = if route.starts_with("/v1/") {
+        let span = tracing::info_span!(
+            "router.request",
+            otel.name = %format!("{} {route}", request.method()),
+            otel.kind = "server",
+            otel.status_code = tracing::field::Empty,
+            http.request.method = %request.method(),
+            http.route = %route,
+            http.response.status_code = tracing::field::Empty,
+            gen_ai.request.model = tracing::field::Empty,
+            kiln.policy = tracing::field::Empty,
+            kiln.worker = tracing::field::Empty,
+            kiln.attempts = tracing::field::Empty,
+            kiln.resumes = tracing::field::Empty,
+            gen_ai.usage.input_tokens = tracing::field::Empty,
+            gen_ai.usage.output_tokens = tracing::field::Empty,
+            kiln.time_to_first_token_ms = tracing::field::Empty,
+            error.message = tracing::field::Empty,
+        );
+        kiln_telemetry::continue_from_http(&span, request.headers());
+        span
+    } else {
+        tracing::Span::none()
+    };
+    let response = next.run(request).instrument(span.clone()).await;
+    span.record("http.response.status_code", i64::from(response.status().as_u16()));
+    if response.status().is_server_error() {
+        span.record("otel.status_code", "ERROR");
+    }
     let model = match response.extensions().get::<ModelLabel>() {
         None => String::new(),
         Some(m) if m.0.is_empty() || state.pool.models().iter().any(|s| s.info.model_id == m.0) => m.0.clone(),
@@ -122,6 +153,9 @@ async fn record(State(state): State<Arc<AppState>>, request: Request, next: Next
         // and every scraper's).
         Some(_) => "unknown".to_string(),
     };
+    if !model.is_empty() {
+        span.record("gen_ai.request.model", model.as_str());
+    }
     let status = response.status().as_u16().to_string();
     state.metrics.add("kiln_router_requests_total", vec![("route", route.clone()), ("model", model), ("status", status)], 1.0);
     if route.starts_with("/v1/") {
@@ -288,7 +322,10 @@ pub fn unix_now() -> u64 {
 /// and its result: errors in `flavor`'s shape, labelled with the model for the metrics layer.
 pub async fn answer(flavor: Flavor, work: impl std::future::Future<Output = (Option<String>, Result<Response, ApiError>)>) -> Response {
     let (model, result) = work.await;
-    let response = result.unwrap_or_else(|e| e.with_flavor(flavor).into_response());
+    let response = result.unwrap_or_else(|e| {
+        tracing::Span::current().record("error.message", e.message.as_str());
+        e.with_flavor(flavor).into_response()
+    });
     labelled(model.as_deref().unwrap_or(""), response)
 }
 

@@ -60,6 +60,10 @@ pub struct ServeArgs {
     /// Seconds the registration outlives the worker if it dies without deregistering
     #[arg(long, default_value_t = 5)]
     pub lease_ttl: i64,
+    /// Log lines as `text` or `json` (filtered by RUST_LOG; traces go to OTLP when
+    /// OTEL_EXPORTER_OTLP_ENDPOINT is set)
+    #[arg(long, default_value = "text")]
+    pub log_format: kiln_telemetry::LogFormat,
     #[command(flatten)]
     pub engine: super::EngineArgs,
 }
@@ -157,6 +161,11 @@ pub fn main(args: ServeArgs) -> anyhow::Result<()> {
     if args.max_seqs == 0 {
         anyhow::bail!("--max-seqs must be at least 1");
     }
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    let telemetry = {
+        let _in_runtime = runtime.enter();
+        kiln_telemetry::init("kiln-worker", args.log_format)?
+    };
     let placed = args.model.is_none() && !args.etcd.is_empty();
     let slot = Arc::new(ModelSlot::default());
     let hosting = Arc::new(Hosting::default());
@@ -169,7 +178,6 @@ pub fn main(args: ServeArgs) -> anyhow::Result<()> {
     let service = WorkerService::with_slot(Arc::clone(&slot));
     let (worker_id, addr) = (worker_id(&args), advertised(&args)?);
     let args = Arc::new(args);
-    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     runtime.block_on(async move {
         let grpc = tokio::net::TcpListener::bind(args.grpc).await.map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", args.grpc))?;
         let http = match args.metrics {
@@ -177,12 +185,12 @@ pub fn main(args: ServeArgs) -> anyhow::Result<()> {
             None => None,
         };
         match hosting.status() {
-            Some(m) => eprintln!("kiln-worker: serving `{}` over gRPC on {}", m.id, args.grpc),
-            None => eprintln!("kiln-worker: gRPC on {}; waiting for placement", args.grpc),
+            Some(m) => tracing::info!("serving `{}` over gRPC on {}", m.id, args.grpc),
+            None => tracing::info!("gRPC on {}; waiting for placement", args.grpc),
         }
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         if let Some(listener) = http {
-            eprintln!("kiln-worker: metrics on http://{}/metrics", listener.local_addr()?);
+            tracing::info!("metrics on http://{}/metrics", listener.local_addr()?);
             let slot = Arc::clone(&slot);
             let app = axum::Router::new()
                 .route("/metrics", axum::routing::get(move || std::future::ready(slot.get().map(|s| metrics::render(&s.engine, &s.info.model_id)).unwrap_or_default())))
@@ -213,21 +221,26 @@ pub fn main(args: ServeArgs) -> anyhow::Result<()> {
                 }),
         );
         super::shutdown_signal().await;
-        eprintln!("kiln-worker: draining (up to {} s for running streams)", args.grace_secs);
+        tracing::info!("draining (up to {} s for running streams)", args.grace_secs);
         slot.refuse_new.store(true, Ordering::Relaxed);
         if let Some(reg) = cluster {
             reg.shutdown().await;
         }
         let _ = stop_tx.send(true);
         match tokio::time::timeout(Duration::from_secs(args.grace_secs), server).await {
-            Ok(_) => eprintln!("kiln-worker: stopped"),
-            Err(_) => eprintln!("kiln-worker: grace period over; ending the remaining streams"),
+            Ok(_) => tracing::info!("stopped"),
+            Err(_) => tracing::warn!("grace period over; ending the remaining streams"),
         }
         if let Some(s) = slot.replace(None) {
             s.engine.shutdown();
         }
         Ok::<(), anyhow::Error>(())
     })?;
+    // Exports the last spans while the runtime still runs the exporter's connection.
+    {
+        let _in_runtime = runtime.enter();
+        drop(telemetry);
+    }
     runtime.shutdown_timeout(Duration::from_secs(1));
     Ok(())
 }

@@ -8,7 +8,7 @@
 //! service runs; without a model every call but Health answers `Unavailable`.
 
 use super::convert;
-use crate::engine::{EngineHandle, RequestStream};
+use crate::engine::{EngineHandle, Event, RequestStream};
 use crate::loader::LoadedModel;
 use kiln_proto::v1 as pb;
 use kiln_proto::v1::worker_server::Worker;
@@ -94,12 +94,37 @@ impl WorkerService {
 type EventStream = Pin<Box<dyn tokio_stream::Stream<Item = Result<pb::GenerateEvent, Status>> + Send>>;
 
 /// Relays engine events to the gRPC stream until the last one, or until the client leaves.
-fn pump(mut events: RequestStream, tx: mpsc::Sender<Result<pb::GenerateEvent, Status>>, model: Arc<LoadedModel>) {
+/// Relays a request's events to its gRPC stream, recording its outcome on `span` (which
+/// ends with the stream).
+fn pump(mut events: RequestStream, tx: mpsc::Sender<Result<pb::GenerateEvent, Status>>, model: Arc<LoadedModel>, span: tracing::Span) {
+    let mut generated = 0;
+    let mut first = true;
     while !events.is_finished() {
         if tx.is_closed() {
+            span.record("kiln.outcome", "cancelled");
             return; // dropping `events` cancels the request
         }
         let Some(e) = events.next_timeout(Duration::from_millis(50)) else { continue };
+        match &e {
+            Event::Token { .. } if first => {
+                first = false;
+                span.in_scope(|| tracing::debug!("first token"));
+            }
+            Event::Done { finish, usage, .. } => {
+                generated += usage.completion_tokens;
+                span.record("gen_ai.usage.output_tokens", generated as i64);
+                span.record("kiln.cached_tokens", usage.cached_tokens as i64);
+                span.record("kiln.time_to_first_token_ms", usage.prefill_ms);
+                span.record("kiln.decode_ms", usage.decode_ms);
+                span.record("kiln.outcome", format!("{finish:?}").to_lowercase());
+            }
+            Event::Failed(msg) => {
+                span.record("otel.status_code", "ERROR");
+                span.record("kiln.outcome", "failed");
+                span.in_scope(|| tracing::warn!("generation failed: {msg}"));
+            }
+            Event::Token { .. } => {}
+        }
         if tx.blocking_send(convert::event(e, &model.tokenizer)).is_err() {
             return;
         }
@@ -119,13 +144,36 @@ impl Worker for WorkerService {
         if self.slot.refuse_new.load(Ordering::Relaxed) {
             return Err(Status::unavailable("this worker is draining"));
         }
-        let req = convert::generation_request(request.into_inner())?;
-        let events = serving.engine.submit(req).map_err(|e| convert::status(&e))?;
+        // One span per request, a child of the router's attempt when it sent its context.
+        let span = tracing::info_span!(
+            "worker.generate",
+            otel.kind = "server",
+            otel.status_code = tracing::field::Empty,
+            gen_ai.request.model = %serving.info.model_id,
+            kiln.prompt_tokens = request.get_ref().prompt.len() as i64,
+            kiln.n = i64::from(request.get_ref().n.max(1)),
+            kiln.resume = request.get_ref().resume.is_some(),
+            gen_ai.usage.output_tokens = tracing::field::Empty,
+            kiln.cached_tokens = tracing::field::Empty,
+            kiln.time_to_first_token_ms = tracing::field::Empty,
+            kiln.decode_ms = tracing::field::Empty,
+            kiln.outcome = tracing::field::Empty,
+        );
+        kiln_telemetry::continue_from_grpc(&span, request.metadata());
+        let req = convert::generation_request(request.into_inner()).inspect_err(|s| {
+            span.record("otel.status_code", "ERROR");
+            span.record("kiln.outcome", s.message());
+        })?;
+        let events = serving.engine.submit(req).map_err(|e| {
+            span.record("otel.status_code", "ERROR");
+            span.record("kiln.outcome", e.to_string());
+            convert::status(&e)
+        })?;
         let (tx, rx) = mpsc::channel(64);
         let model = Arc::clone(&serving.model);
         std::thread::Builder::new()
             .name("kiln-stream".into())
-            .spawn(move || pump(events, tx, model))
+            .spawn(move || pump(events, tx, model, span))
             .map_err(|e| Status::resource_exhausted(format!("cannot start a stream thread: {e}")))?;
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
