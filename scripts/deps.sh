@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # System tools the build and the tests need, from Debian's packages: protoc (the etcd client
-# compiles etcd's protocol at build time) and etcd (the cluster tests start real servers).
+# compiles etcd's protocol at build time), etcd (the cluster tests start real servers) and
+# Prometheus (promtool checks the alert rules and the daemons' metrics).
 # Installs what is missing when it can (root, or sudo without a password); otherwise says
 # what to install.
 set -euo pipefail
@@ -9,6 +10,8 @@ missing=()
 command -v protoc >/dev/null 2>&1 || missing+=(protobuf-compiler)
 if [ "${1:-}" = "--with-etcd" ]; then
     command -v etcd >/dev/null 2>&1 || missing+=(etcd-server)
+    # promtool checks the alert rules and the daemons' metrics.
+    command -v promtool >/dev/null 2>&1 || missing+=(prometheus)
 fi
 [ ${#missing[@]} -eq 0 ] && exit 0
 

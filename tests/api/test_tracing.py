@@ -4,6 +4,7 @@ continuing the client's `traceparent`, with the router's and the worker's spans 
 through the gRPC call; a worker killed mid-stream shows as a failed call and a resumed one."""
 import os
 import signal
+import subprocess
 import threading
 import time
 from concurrent import futures
@@ -149,6 +150,11 @@ def test_a_resume_on_a_second_worker_is_in_the_same_trace(collector):
         resumed = [s for _, s in collector.named("worker.generate", trace) if attrs(s)["kiln.resume"]]
         assert len(resumed) == 1 and resumed[0].parent_span_id == calls[1].span_id
         assert attrs(request)["kiln.resumes"] == 1 and attrs(request)["kiln.attempts"] == 2
+        # The failover's counters are well-formed metrics too.
+        text = httpx.get(f"{router.url}/metrics").text
+        assert "kiln_router_resumed_total" in text and "kiln_router_upstream_errors_total" in text
+        out = subprocess.run(["promtool", "check", "metrics"], input=text, capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0 and not (out.stdout + out.stderr).strip(), out.stdout + out.stderr
         print(f"\nworker killed mid-stream: trace {trace} holds the failed call to {busy.name} and the resumed one to {spare.name}")
     finally:
         router.stop()

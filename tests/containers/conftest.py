@@ -62,6 +62,9 @@ def run(*args, check=True, timeout=120):
 
 
 def compose_command():
+    """KILN_COMPOSE if set (as scripts/compose.sh), else Compose v2, else docker-compose v1."""
+    if os.environ.get("KILN_COMPOSE"):
+        return os.environ["KILN_COMPOSE"].split()
     if shutil.which("docker") and subprocess.run(["docker", "compose", "version"], capture_output=True).returncode == 0:
         return ["docker", "compose"]
     return ["docker-compose"]

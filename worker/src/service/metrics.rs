@@ -22,7 +22,7 @@ pub fn render(engine: &EngineHandle, model_id: &str) -> String {
     };
     metric("kiln_worker_kv_blocks_in_use", "gauge", "KV cache blocks referenced by sequences.", &groups(|b| b.in_use));
     metric("kiln_worker_kv_blocks_cached", "gauge", "Unreferenced KV cache blocks holding reusable prefixes.", &groups(|b| b.cached));
-    metric("kiln_worker_kv_blocks_total", "gauge", "KV cache blocks.", &groups(|b| b.num_blocks));
+    metric("kiln_worker_kv_blocks_capacity", "gauge", "KV cache blocks.", &groups(|b| b.num_blocks));
     metric("kiln_worker_kv_blocks_written", "gauge", "KV cache blocks written at least once since start.", &groups(|b| b.written));
     // The cache is allocated whole, but its pages become resident only as blocks are first
     // written: this is the part of the process's memory the cache accounts for.
