@@ -79,7 +79,8 @@ class Cluster:
         # of the cluster; a smaller host gets equal shares it can honour (0.5 on 2 CPUs), so
         # no worker runs slower than another for want of a core.
         self.worker_cpus = min(1.0, round((os.cpu_count() - 0.5) / 3, 2))
-        self.env = dict(os.environ, KILN_PORT=str(self.port), KILN_MODELS=str(MODELS_DIR), KILN_PROMETHEUS_PORT=str(free_port()),
+        self.prometheus = f"http://127.0.0.1:{free_port()}"
+        self.env = dict(os.environ, KILN_PORT=str(self.port), KILN_MODELS=str(MODELS_DIR), KILN_PROMETHEUS_PORT=self.prometheus.rsplit(":", 1)[1],
                         KILN_WORKER_CPUS=str(self.worker_cpus))
         self.network = f"{PROJECT}_default"
 

@@ -26,6 +26,21 @@ def ids(cluster):
     return [cluster.worker_id(w) for w in cluster.containers("worker")]
 
 
+def test_prometheus_scrapes_every_daemon_and_loads_the_rules(cluster):
+    def targets():
+        data = httpx.get(f"{cluster.prometheus}/api/v1/targets", timeout=10).json()["data"]["activeTargets"]
+        return {(t["labels"]["job"], t["health"]) for t in data}, len(data)
+
+    expected = 2 + len(cluster.containers("worker")) + 2  # routers, workers, etcd, HAProxy
+    wait_until(lambda: targets()[1] == expected and all(h == "up" for _, h in targets()[0]), 60, "every target to be up")
+    jobs = {job for job, _ in targets()[0]}
+    assert jobs == {"kiln-router", "kiln-worker", "etcd", "haproxy"}, jobs
+    groups = httpx.get(f"{cluster.prometheus}/api/v1/rules", timeout=10).json()["data"]["groups"]
+    rules = {r["name"]: r["health"] for g in groups for r in g["rules"]}
+    assert len(rules) == 7 and set(rules.values()) == {"ok"}, rules
+    report(f"Prometheus: {expected} targets up ({', '.join(sorted(jobs))}), {len(rules)} alert rules loaded and evaluating")
+
+
 def test_worker_killed_and_worker_partitioned_mid_stream(cluster):
     reference = cluster.reference()
     a, b = cluster.containers("worker")[:2]
