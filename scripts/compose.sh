@@ -19,6 +19,10 @@ else
     compose=(docker-compose)
 fi
 compose+=(-f deploy/compose.yaml -p "$PROJECT")
+# KILN_PROFILES=observability adds Grafana.
+for profile in ${KILN_PROFILES:-}; do
+    compose+=(--profile "$profile")
+done
 
 case "${1:-}" in
 up)
