@@ -13,6 +13,8 @@
 //!   metadata and put into outgoing gRPC metadata, so a request is one trace across router
 //!   and worker.
 
+pub mod heap;
+
 use opentelemetry::propagation::{Extractor, Injector};
 use opentelemetry::trace::TracerProvider as _;
 use opentelemetry_otlp::WithExportConfig as _;

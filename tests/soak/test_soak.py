@@ -6,7 +6,7 @@ invalid UTF-8, uploads abandoned half-way, streams dropped at random points, slo
 equals the reference run's, every bad request got its status and error shape, neither
 process restarted, the worker's KV blocks in use and the router's in-flight gauge are back to
 0, and both processes' resident memory (the worker's less the KV cache pages it has
-written) and the router's live heap are within 10% of what they were after warm-up.
+written) and both live heaps are within 10% of what they were after warm-up.
 """
 import asyncio
 import json
@@ -238,11 +238,11 @@ async def with_streamers(soak, kinds):
 def idle_rss(worker, router):
     """Both processes' memory once nothing is in flight, so that the sample after warm-up
     and the one at the end are taken in the same state (under load, the router's resident
-    size swings by several MiB from one moment to the next). The router's allocator keeps
+    size swings by several MiB from one moment to the next). The daemons' allocator keeps
     freed pages for 5 s before its background thread returns them, so the samples wait past
     that; the smallest of three is taken. The worker's KV cache is allocated whole but
     becomes resident block by block as blocks are first written, which is growth by design,
-    not a leak: the KiB it reports written are left out. The router's live heap (bytes
+    not a leak: the KiB it reports written are left out. Each daemon's live heap (bytes
     allocated and not freed, from its allocator) is the exact measure of a leak."""
     wait_until(lambda: metric(worker.metrics_url, "kiln_worker_kv_blocks_in_use") == 0
                and metric(router.url, "kiln_router_in_flight_requests") == 0, 30, "blocks and in-flight requests to return to 0")
@@ -251,7 +251,8 @@ def idle_rss(worker, router):
     for _ in range(3):
         kv_kib = metric(worker.metrics_url, "kiln_worker_kv_written_bytes") / 1024
         samples.append({"worker": rss_kib(worker.proc.pid) - kv_kib, "router": rss_kib(router.proc.pid),
-                        "router heap": metric(router.url, "kiln_router_heap_allocated_bytes") / 1024})
+                        "router heap": metric(router.url, "kiln_router_heap_allocated_bytes") / 1024,
+                        "worker heap": metric(worker.metrics_url, "kiln_worker_heap_allocated_bytes") / 1024})
         time.sleep(1)
     return {k: min(s[k] for s in samples) for k in samples[0]}
 
@@ -286,8 +287,9 @@ def test_soak():
         lines += [f"  {k}: {v}" for k, v in counts.items()]
         lines.append(f"  cancelled on the worker: {metric(worker.metrics_url, 'kiln_worker_cancelled_total'):.0f}, "
                      f"completed: {metric(worker.metrics_url, 'kiln_worker_completions_total'):.0f}")
-        lines.append(f"  router heap allocated: {warm['router heap'] / 1024:.1f} MiB after warm-up, {end['router heap'] / 1024:.1f} MiB at the end "
-                     f"({(end['router heap'] / warm['router heap'] - 1) * 100:+.1f}%)")
+        for name in ("worker heap", "router heap"):
+            lines.append(f"  {name} allocated: {warm[name] / 1024:.1f} MiB after warm-up, {end[name] / 1024:.1f} MiB at the end "
+                         f"({(end[name] / warm[name] - 1) * 100:+.1f}%)")
         for name in ("worker", "router"):
             lines.append(f"  {name} RSS{' less written KV cache' if name == 'worker' else ''}: {warm[name] / 1024:.1f} MiB after warm-up, {end[name] / 1024:.1f} MiB at the end "
                          f"({(end[name] / warm[name] - 1) * 100:+.1f}%)")
@@ -298,7 +300,7 @@ def test_soak():
         assert not soak.failures, f"{counts.get('FAILED', 0)} failures, first ones:\n" + "\n".join(soak.failures)
         assert total == OTHER_REQUESTS, f"{total} of {OTHER_REQUESTS} requests accounted for"
         assert counts.get("streamed, equal to the reference", 0) >= STREAMERS, counts
-        for name in ("worker", "router", "router heap"):
+        for name in ("worker", "router", "worker heap", "router heap"):
             assert end[name] <= warm[name] * 1.10, f"{name} memory grew from {warm[name]:.0f} KiB to {end[name]:.0f} KiB"
         assert worker.proc.poll() is None and router.proc.poll() is None
     finally:

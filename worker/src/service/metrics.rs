@@ -34,6 +34,10 @@ pub fn render(engine: &EngineHandle, model_id: &str) -> String {
     metric("kiln_worker_generated_tokens_total", "counter", "Tokens generated.", &[(m.clone(), s.generated_tokens as f64)]);
     metric("kiln_worker_completions_total", "counter", "Completions that ended on their own.", &[(m.clone(), s.completed as f64)]);
     metric("kiln_worker_cancelled_total", "counter", "Completions cancelled because the client left or asked to stop.", &[(m.clone(), s.cancelled as f64)]);
-    metric("kiln_worker_steps_total", "counter", "Engine steps run.", &[(m, s.steps as f64)]);
+    metric("kiln_worker_steps_total", "counter", "Engine steps run.", &[(m.clone(), s.steps as f64)]);
+    if let Some((allocated, resident)) = kiln_telemetry::heap::figures() {
+        metric("kiln_worker_heap_allocated_bytes", "gauge", "Heap bytes allocated and not yet freed (model weights mapped from the file are not heap).", &[(m.clone(), allocated as f64)]);
+        metric("kiln_worker_heap_resident_bytes", "gauge", "Bytes of the allocator's pages that are resident.", &[(m, resident as f64)]);
+    }
     out
 }
