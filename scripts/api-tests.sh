@@ -18,4 +18,4 @@ fi
 # `--venv-only`: just make the environment (other suites run their own pytest from it).
 [ "${1:-}" = "--venv-only" ] && exit 0
 # KILN_PYTEST_PATHS picks suites (make test-full runs a longer soak with it).
-exec "$VENV/bin/python" -m pytest ${KILN_PYTEST_PATHS:-tests/api tests/templates tests/soak} -q "$@"
+exec "$VENV/bin/python" -m pytest ${KILN_PYTEST_PATHS:-tests/api tests/templates tests/helm tests/soak} -q "$@"

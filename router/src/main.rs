@@ -14,29 +14,29 @@ use std::time::Duration;
 #[command(name = "kiln-router", version, about = "kiln's HTTP router: OpenAI- and Anthropic-compatible APIs over gRPC workers")]
 struct Args {
     /// Worker gRPC addresses, comma-separated (host:port): static membership
-    #[arg(long, value_delimiter = ',', required_unless_present = "etcd")]
+    #[arg(long, value_delimiter = ',', required_unless_present = "etcd", env = "KILN_ROUTER_WORKERS")]
     workers: Vec<String>,
     /// etcd endpoints, comma-separated: follow the cluster's registered workers
-    #[arg(long, value_delimiter = ',')]
+    #[arg(long, value_delimiter = ',', env = "KILN_ROUTER_ETCD")]
     etcd: Vec<String>,
     /// Key prefix of the cluster in etcd
-    #[arg(long, default_value = kiln_cluster::schema::DEFAULT_PREFIX)]
+    #[arg(long, default_value = kiln_cluster::schema::DEFAULT_PREFIX, env = "KILN_ROUTER_ETCD_PREFIX")]
     etcd_prefix: String,
     /// Routing policy: prefix (cache-aware, with x-session-id affinity), least-loaded, round-robin
-    #[arg(long, default_value = "prefix")]
+    #[arg(long, default_value = "prefix", env = "KILN_ROUTER_POLICY")]
     policy: Policy,
     /// Seconds a worker may take to start streaming a request before another is tried
-    #[arg(long, default_value_t = 120.0)]
+    #[arg(long, default_value_t = 120.0, env = "KILN_ROUTER_FIRST_TOKEN_TIMEOUT_SECS")]
     first_token_timeout_secs: f64,
     /// Seconds without progress after which a generation moves to another worker
-    #[arg(long, default_value_t = 30.0)]
+    #[arg(long, default_value_t = 30.0, env = "KILN_ROUTER_STALL_TIMEOUT_SECS")]
     stall_timeout_secs: f64,
     /// Seconds a worker that failed or stalled stays out before health checks may readmit it
-    #[arg(long, default_value_t = 5.0)]
+    #[arg(long, default_value_t = 5.0, env = "KILN_ROUTER_EJECT_SECS")]
     eject_secs: f64,
-    #[arg(long, default_value = "127.0.0.1")]
+    #[arg(long, default_value = "127.0.0.1", env = "KILN_ROUTER_HOST")]
     host: String,
-    #[arg(long, default_value_t = 8080)]
+    #[arg(long, default_value_t = 8080, env = "KILN_ROUTER_PORT")]
     port: u16,
     /// Require this key on API routes (also read from KILN_API_KEY)
     #[arg(long)]
@@ -46,39 +46,39 @@ struct Args {
     #[arg(long, conflicts_with = "api_key")]
     api_key_file: Option<std::path::PathBuf>,
     /// Allow browser calls from this origin (repeatable; `*` allows any)
-    #[arg(long = "cors-allow-origin")]
+    #[arg(long = "cors-allow-origin", value_delimiter = ',', env = "KILN_ROUTER_CORS_ALLOW_ORIGIN")]
     cors_origins: Vec<String>,
     /// Requests that may wait for a free sequence slot before new ones are refused with 429
-    #[arg(long, default_value_t = 256)]
+    #[arg(long, default_value_t = 256, env = "KILN_ROUTER_MAX_QUEUE")]
     max_queue: usize,
     /// Seconds in-flight requests may take to finish after SIGTERM
-    #[arg(long, default_value_t = 30)]
+    #[arg(long, default_value_t = 30, env = "KILN_ROUTER_GRACE_SECS")]
     grace_secs: u64,
     /// Largest request body accepted (bytes); larger ones get 413
-    #[arg(long, default_value_t = 32 << 20)]
+    #[arg(long, default_value_t = 32 << 20, env = "KILN_ROUTER_MAX_BODY_BYTES")]
     max_body_bytes: usize,
     /// Seconds a client may take to send a request's headers (also while idle between
     /// keep-alive requests) and, separately, its body
-    #[arg(long, default_value_t = 30.0)]
+    #[arg(long, default_value_t = 30.0, env = "KILN_ROUTER_CLIENT_TIMEOUT_SECS")]
     client_timeout_secs: f64,
     /// Most messages in one chat request
-    #[arg(long, default_value_t = 4096)]
+    #[arg(long, default_value_t = 4096, env = "KILN_ROUTER_MAX_MESSAGES")]
     max_messages: usize,
     /// Most completions one request may ask for (`n`)
-    #[arg(long, default_value_t = 16)]
+    #[arg(long, default_value_t = 16, env = "KILN_ROUTER_MAX_N")]
     max_n: u32,
     /// Most stop sequences in one request
-    #[arg(long, default_value_t = 16)]
+    #[arg(long, default_value_t = 16, env = "KILN_ROUTER_MAX_STOP_SEQUENCES")]
     max_stop_sequences: usize,
     /// Longest stop sequence, in bytes
-    #[arg(long, default_value_t = 512)]
+    #[arg(long, default_value_t = 512, env = "KILN_ROUTER_MAX_STOP_BYTES")]
     max_stop_bytes: usize,
     /// Most tokens one completion may ask for (default: the model's context length)
-    #[arg(long)]
+    #[arg(long, env = "KILN_ROUTER_MAX_TOKENS")]
     max_tokens: Option<u32>,
     /// Log lines as `text` or `json` (filtered by RUST_LOG; traces go to OTLP when
     /// OTEL_EXPORTER_OTLP_ENDPOINT is set)
-    #[arg(long, default_value = "text")]
+    #[arg(long, default_value = "text", env = "KILN_ROUTER_LOG_FORMAT")]
     log_format: kiln_telemetry::LogFormat,
 }
 

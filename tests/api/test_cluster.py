@@ -5,6 +5,7 @@ import threading
 import time
 
 import anthropic
+import grpc
 import httpx2 as httpx
 import openai
 import pytest
@@ -142,6 +143,8 @@ def test_no_worker_means_503(model):
     r = Router("lonely", ["127.0.0.1:1"], wait=False)
     try:
         assert httpx.get(f"{r.url}/health").status_code == 503
+        # Alive all the same: an orchestrator must not restart routers for their workers' state.
+        assert httpx.get(f"{r.url}/live").status_code == 200
         resp = httpx.post(f"{r.url}/v1/chat/completions", json={"model": model, "messages": MSG})
         assert resp.status_code == 503
         assert "no worker" in resp.json()["error"]["message"]
@@ -149,8 +152,30 @@ def test_no_worker_means_503(model):
         assert r.stop() == 0
 
 
+def grpc_health(address, service):
+    """grpc.health.v1.Health/Check, the request and answer encoded by hand: the status name."""
+    request = b"\x0a" + bytes([len(service)]) + service.encode() if service else b""
+    with grpc.insecure_channel(address) as channel:
+        check = channel.unary_unary("/grpc.health.v1.Health/Check", request_serializer=lambda b: b, response_deserializer=lambda b: b)
+        answer = check(request, timeout=5)
+    return {b"\x08\x01": "SERVING", b"\x08\x02": "NOT_SERVING"}.get(answer, repr(answer))
+
+
+def serving(address):
+    try:
+        return grpc_health(address, "kiln.v1.Worker") == "SERVING"
+    except grpc.RpcError as e:
+        assert e.code() == grpc.StatusCode.UNAVAILABLE, e
+        return False
+
+
 def test_sigterm_drains_router_and_worker(model):
     w = Worker("drain")
+    # Kubernetes' gRPC probes: alive, and ready for kiln.v1.Worker while a model is loaded.
+    assert grpc_health(w.grpc, "") == "SERVING" and grpc_health(w.grpc, "kiln.v1.Worker") == "SERVING"
+    with pytest.raises(grpc.RpcError) as unknown:
+        grpc_health(w.grpc, "no.such.Service")
+    assert unknown.value.code() == grpc.StatusCode.NOT_FOUND
     r = Router("drain", [w.grpc])
     results = []
     t = stream_in_thread(r.url, model, 400, results)
@@ -161,6 +186,7 @@ def test_sigterm_drains_router_and_worker(model):
     # and the running stream goes on.
     health = httpx.get(f"{r.url}/health")
     assert health.status_code == 503 and "draining" in health.text
+    assert httpx.get(f"{r.url}/live").status_code == 200
     refused = httpx.post(f"{r.url}/v1/chat/completions", json={"model": model, "messages": MSG})
     assert refused.status_code == 503 and "shutting down" in refused.json()["error"]["message"]
     assert r.proc.poll() is None and w.metric("kiln_worker_running_sequences") == 1
@@ -175,6 +201,9 @@ def test_sigterm_drains_router_and_worker(model):
     t = stream_in_thread(r2.url, model, 60, results)
     wait_until(lambda: w.metric("kiln_worker_running_sequences") == 1, 30, "the request to start")
     w.proc.send_signal(signal.SIGTERM)
+    # Out of rotation at once: readiness fails (NOT_SERVING, then no new connections) while
+    # the running stream finishes.
+    wait_until(lambda: not serving(w.grpc), 5, "the worker to stop reporting SERVING while draining")
     t.join()
     assert results[0][0] == 200 and results[0][1].rstrip().endswith("data: [DONE]")
     assert w.stop() == 0

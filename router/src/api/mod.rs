@@ -46,6 +46,10 @@ pub fn router(state: Arc<AppState>) -> Router {
     Router::new()
         .merge(api)
         .route("/health", get(health))
+        // Liveness: the process answers HTTP. Unlike /health it stays 200 while no worker serves
+        // a model or while draining, so an orchestrator does not restart a router for its
+        // workers' state.
+        .route("/live", get(|| std::future::ready("ok\n")))
         .route("/metrics", get(metrics))
         .layer(middleware::from_fn_with_state(Arc::clone(&state), record))
         .layer(middleware::from_fn_with_state(Arc::clone(&state), cors::cors))

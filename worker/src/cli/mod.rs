@@ -76,17 +76,17 @@ pub fn load_model(arg: &str, quiet: bool, isq: Option<kiln_kernels::DType>) -> a
 pub struct EngineArgs {
     /// KV cache size in MiB (default: room for every sequence at full context, at most a
     /// quarter of free memory)
-    #[arg(long)]
+    #[arg(long, env = "KILN_WORKER_KV_CACHE_MB")]
     pub kv_cache_mb: Option<usize>,
     /// Token slots per KV cache block
-    #[arg(long, default_value_t = 16)]
+    #[arg(long, default_value_t = 16, env = "KILN_WORKER_BLOCK_SIZE")]
     pub block_size: usize,
     /// Most tokens computed in one engine step (prompt chunks and decodes together)
-    #[arg(long, default_value_t = 512)]
+    #[arg(long, default_value_t = 512, env = "KILN_WORKER_MAX_BATCH_TOKENS")]
     pub max_batch_tokens: usize,
     /// Quantize projection weights while loading: q4_0 q4_1 q5_0 q5_1 q8_0 q2k q3k q4k q5k q6k
     /// (embeddings and the output head keep their precision)
-    #[arg(long, value_parser = kiln_worker::loader::parse_isq)]
+    #[arg(long, value_parser = kiln_worker::loader::parse_isq, env = "KILN_WORKER_ISQ")]
     pub isq: Option<kiln_kernels::DType>,
 }
 

@@ -19,50 +19,51 @@ use std::time::Duration;
 pub struct ServeArgs {
     /// Model file, or a known model name (fetched on first use). Without it, a worker given
     /// --etcd hosts what placement assigns; otherwise it serves smollm2.
-    #[arg(short, long)]
+    #[arg(short, long, env = "KILN_WORKER_MODEL")]
     pub model: Option<String>,
     /// Name clients use for the model (default: the known name, or the file's stem)
-    #[arg(long)]
+    #[arg(long, env = "KILN_WORKER_MODEL_ID")]
     pub model_id: Option<String>,
     /// Address of the gRPC service
-    #[arg(long, default_value = "127.0.0.1:50051")]
+    #[arg(long, default_value = "127.0.0.1:50051", env = "KILN_WORKER_GRPC")]
     pub grpc: SocketAddr,
     /// Address of the HTTP endpoint serving /metrics and /health (off unless given)
-    #[arg(long)]
+    #[arg(long, env = "KILN_WORKER_METRICS")]
     pub metrics: Option<SocketAddr>,
     /// Most sequences computed at once
-    #[arg(long, default_value_t = 16)]
+    #[arg(long, default_value_t = 16, env = "KILN_WORKER_MAX_SEQS")]
     pub max_seqs: usize,
     /// Longest sequence, prompt and output, in tokens (default: the model's, at most 4096)
-    #[arg(short = 'c', long)]
+    #[arg(short = 'c', long, env = "KILN_WORKER_CTX_SIZE")]
     pub ctx_size: Option<usize>,
-    #[arg(short = 't', long)]
+    /// Compute threads (default: the CPUs this process may use)
+    #[arg(short = 't', long, env = "KILN_WORKER_THREADS")]
     pub threads: Option<usize>,
     /// Seconds running streams may take to finish after SIGTERM
-    #[arg(long, default_value_t = 30)]
+    #[arg(long, default_value_t = 30, env = "KILN_WORKER_GRACE_SECS")]
     pub grace_secs: u64,
     /// etcd endpoints, comma-separated: register in the cluster and follow placement
-    #[arg(long, value_delimiter = ',')]
+    #[arg(long, value_delimiter = ',', env = "KILN_WORKER_ETCD")]
     pub etcd: Vec<String>,
     /// Key prefix of the cluster in etcd
-    #[arg(long, default_value = kiln_cluster::schema::DEFAULT_PREFIX)]
+    #[arg(long, default_value = kiln_cluster::schema::DEFAULT_PREFIX, env = "KILN_WORKER_ETCD_PREFIX")]
     pub etcd_prefix: String,
     /// This worker's name in the cluster (default: host name and gRPC port)
-    #[arg(long)]
+    #[arg(long, env = "KILN_WORKER_ID")]
     pub worker_id: Option<String>,
     /// gRPC address routers should dial (default: --grpc; when that is every interface, the
     /// local address that reaches etcd)
-    #[arg(long)]
+    #[arg(long, env = "KILN_WORKER_ADVERTISE")]
     pub advertise: Option<String>,
     /// Labels placement can select on, as key=value (repeatable)
-    #[arg(long = "label", value_parser = parse_label)]
+    #[arg(long = "label", value_parser = parse_label, value_delimiter = ',', env = "KILN_WORKER_LABELS")]
     pub labels: Vec<(String, String)>,
     /// Seconds the registration outlives the worker if it dies without deregistering
-    #[arg(long, default_value_t = 5)]
+    #[arg(long, default_value_t = 5, env = "KILN_WORKER_LEASE_TTL")]
     pub lease_ttl: i64,
     /// Log lines as `text` or `json` (filtered by RUST_LOG; traces go to OTLP when
     /// OTEL_EXPORTER_OTLP_ENDPOINT is set)
-    #[arg(long, default_value = "text")]
+    #[arg(long, default_value = "text", env = "KILN_WORKER_LOG_FORMAT")]
     pub log_format: kiln_telemetry::LogFormat,
     #[command(flatten)]
     pub engine: super::EngineArgs,
@@ -157,6 +158,34 @@ fn record(id: &str, addr: &str, args: &ServeArgs, slot: &ModelSlot, hosting: &Ho
     }
 }
 
+/// The standard gRPC health service (grpc.health.v1, as Kubernetes' grpc probes and
+/// grpc_health_probe ask it): the empty service name is SERVING while the process runs and is
+/// not draining (liveness); `kiln.v1.Worker` is SERVING only while a model is loaded as well
+/// (readiness). Placement loads and unloads models at any time, so the state is re-read every
+/// half second rather than pushed from each place that changes it.
+fn spawn_health(
+    slot: Arc<ModelSlot>,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) -> tonic_health::pb::health_server::HealthServer<impl tonic_health::pb::health_server::Health> {
+    use tonic_health::ServingStatus;
+    let (reporter, service) = tonic_health::server::health_reporter();
+    tokio::spawn(async move {
+        let worker = <WorkerServer<WorkerService> as tonic::server::NamedService>::NAME;
+        loop {
+            let draining = *stop.borrow() || slot.refuse_new.load(Ordering::Relaxed);
+            let alive = if draining { ServingStatus::NotServing } else { ServingStatus::Serving };
+            let ready = if !draining && slot.get().is_some() { ServingStatus::Serving } else { ServingStatus::NotServing };
+            reporter.set_service_status("", alive).await;
+            reporter.set_service_status(worker, ready).await;
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+                changed = stop.changed() => if changed.is_err() { break },
+            }
+        }
+    });
+    service
+}
+
 pub fn main(args: ServeArgs) -> anyhow::Result<()> {
     if args.max_seqs == 0 {
         anyhow::bail!("--max-seqs must be at least 1");
@@ -211,9 +240,11 @@ pub fn main(args: ServeArgs) -> anyhow::Result<()> {
             let reg = kiln_cluster::registration::Registration::spawn(cfg, args.lease_ttl, Duration::from_secs(1), move || record(&id, &a, &ar, &s, &h));
             Some(reg)
         };
+        let health = spawn_health(Arc::clone(&slot), stop_rx.clone());
         let mut stop = stop_rx.clone();
         let server = tokio::spawn(
             tonic::transport::Server::builder()
+                .add_service(health)
                 .add_service(WorkerServer::new(service).max_encoding_message_size(256 << 20).max_decoding_message_size(64 << 20))
                 // Without TCP_NODELAY each small streamed event can wait out a delayed ACK.
                 .serve_with_incoming_shutdown(tonic::transport::server::TcpIncoming::from(grpc).with_nodelay(Some(true)), async move {

@@ -81,12 +81,26 @@ pub struct Engine {
     pub(super) stats: EngineStats,
 }
 
-/// Bytes of memory the system reports available, or None where it cannot tell.
+/// Bytes of memory this process may still use, or None where it cannot tell: what the system
+/// reports available, and no more than the container's memory limit leaves (a pod's limit is
+/// far below the node's free memory, which is all /proc/meminfo shows inside a container).
 fn available_memory() -> Option<usize> {
     let info = std::fs::read_to_string("/proc/meminfo").ok()?;
     let line = info.lines().find(|l| l.starts_with("MemAvailable:"))?;
     let kib: usize = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kib * 1024)
+    let system = kib * 1024;
+    Some(cgroup_memory_left().map_or(system, |left| left.min(system)))
+}
+
+/// The cgroup memory limit less current use (cgroup v2, else v1), when a limit is set.
+fn cgroup_memory_left() -> Option<usize> {
+    let read = |path: &str| std::fs::read_to_string(path).ok().and_then(|s| s.trim().parse::<usize>().ok());
+    let (limit, used) = match read("/sys/fs/cgroup/memory.max") {
+        Some(limit) => (limit, read("/sys/fs/cgroup/memory.current")?),
+        // "max" (no limit) does not parse; v1 reports no limit as a huge number.
+        None => (read("/sys/fs/cgroup/memory/memory.limit_in_bytes")?, read("/sys/fs/cgroup/memory/memory.usage_in_bytes")?),
+    };
+    (limit < (1 << 50)).then(|| limit.saturating_sub(used))
 }
 
 /// Blocks per cache group for the budget: full-attention groups get as many as fit; sliding
