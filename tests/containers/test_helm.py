@@ -24,7 +24,7 @@ import grpc
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "helm"))
-from chart import container_env, expand, find, pod_templates, render  # noqa: E402
+from chart import ROOT, container_env, expand, find, pod_templates, render  # noqa: E402
 from conftest import MODELS_DIR, run, wait_until  # noqa: E402
 
 NETWORK = "kilnhelm"
@@ -251,9 +251,14 @@ def test_rendered_release_comes_up_and_serves(tag):
         [etcd] = workloads(docs, "etcd")
         kubelet.wait_healthy(kubelet.start(etcd))
         [pool] = workloads(docs, "worker-cpu")
-        model_dir = MODELS_DIR
-        assert any(model_dir.iterdir()), f"{model_dir} holds no model (scripts/container-tests.sh pulls smollm2 there)"
-        workers = kubelet.start(pool, seed={"models": str(model_dir)})
+        # The cache holds just the model the pool serves, where `kiln-worker pull` puts it.
+        pulled = Path(run(str(ROOT / "target/release/kiln-worker"), "pull", "smollm2", timeout=600).stdout.strip())
+        seed = kubelet.tmp / "models-seed"
+        seed.mkdir()
+        (seed / pulled.relative_to(MODELS_DIR)).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(pulled, seed / pulled.relative_to(MODELS_DIR))
+        seed.chmod(0o755)
+        workers = kubelet.start(pool, seed={"models": str(seed)})
         kubelet.wait_healthy(workers)
         [router_deployment] = workloads(docs, "router")
         routers = kubelet.start(router_deployment, replicas=1)
