@@ -153,6 +153,7 @@ async fn messages_inner(state: &Arc<AppState>, headers: &HeaderMap, body: &[u8],
         top_logprobs: 0,
         request_id: id.clone(),
         resume: None,
+        constraint: None,
     };
     let mut generation = Generation::start(state, &model, request, key, started).await?;
     if stream {

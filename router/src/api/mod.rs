@@ -7,6 +7,7 @@ mod cors;
 mod openai;
 mod openai_format;
 mod sse;
+mod structured;
 mod tokenize;
 
 pub use collect::{collect, Choice, Totals};

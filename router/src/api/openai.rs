@@ -20,7 +20,7 @@ use serde_json::{json, Map, Value};
 use std::sync::Arc;
 use std::time::Instant;
 
-const CHAT_FIELDS: &[&str] = &["messages", "max_completion_tokens", "logprobs", "top_logprobs", "response_format", "tools", "tool_choice"];
+const CHAT_FIELDS: &[&str] = &["messages", "max_completion_tokens", "logprobs", "top_logprobs", "response_format", "grammar", "tools", "tool_choice"];
 const CHAT_UNSUPPORTED: &[&str] = &[
     "functions",
     "function_call",
@@ -35,7 +35,7 @@ const CHAT_UNSUPPORTED: &[&str] = &[
     "web_search_options",
     "verbosity",
 ];
-const COMPLETION_FIELDS: &[&str] = &["prompt", "logprobs", "echo", "best_of"];
+const COMPLETION_FIELDS: &[&str] = &["prompt", "logprobs", "echo", "best_of", "grammar"];
 const COMPLETION_UNSUPPORTED: &[&str] = &["suffix"];
 
 fn fields<'a>(map: &'a Map<String, Value>, own: &[&str], unsupported: &[&str]) -> Result<Fields<'a>, ApiError> {
@@ -94,13 +94,8 @@ fn chat_messages(f: &Fields, max: usize) -> Result<Vec<ChatMessage>, ApiError> {
     Ok(out)
 }
 
-/// Tool calling and structured output are not served yet; their neutral values are accepted.
+/// Tool calling is not served yet; its neutral values are accepted.
 fn check_chat_extras(f: &Fields) -> Result<(), ApiError> {
-    if let Some(rf) = f.object("response_format")? {
-        if rf.get("type").and_then(Value::as_str) != Some("text") {
-            return Err(ApiError::field("response_format", "only {\"type\": \"text\"} is supported"));
-        }
-    }
     if f.array("tools")?.is_some_and(|t| !t.is_empty()) {
         return Err(ApiError::field("tools", "tool calling is not supported by this server"));
     }
@@ -111,7 +106,7 @@ fn check_chat_extras(f: &Fields) -> Result<(), ApiError> {
     }
 }
 
-fn generate_request(prompt: Vec<u32>, c: &Common, logprobs: bool, top_logprobs: u32, id: &str) -> pb::GenerateRequest {
+fn generate_request(prompt: Vec<u32>, c: &Common, logprobs: bool, top_logprobs: u32, id: &str, constraint: Option<pb::Constraint>) -> pb::GenerateRequest {
     pb::GenerateRequest {
         prompt,
         sampling: Some(c.sampling.clone()),
@@ -126,6 +121,7 @@ fn generate_request(prompt: Vec<u32>, c: &Common, logprobs: bool, top_logprobs: 
             None => id.to_string(),
         },
         resume: None,
+        constraint,
     }
 }
 
@@ -146,6 +142,7 @@ async fn chat_inner(state: &Arc<AppState>, headers: &HeaderMap, body: &[u8], mod
     *model_id = Some(model.info.model_id.clone());
     let messages = chat_messages(&f, state.config.limits.max_messages)?;
     check_chat_extras(&f)?;
+    let constraint = super::structured::chat(&f)?;
     let max_completion = f.int("max_completion_tokens", 1, i64::from(model.info.context_length))?.map(|m| m as u32);
     let c = fmt::common(&f, &model, max_completion, &state.config.limits)?;
     let logprobs = f.bool("logprobs")?.unwrap_or(false);
@@ -158,7 +155,7 @@ async fn chat_inner(state: &Arc<AppState>, headers: &HeaderMap, body: &[u8], mod
     admit(state)?;
     let id = random_id("chatcmpl-");
     let key = route_key(headers, &prompt);
-    let request = generate_request(prompt, &c, logprobs, top_logprobs.unwrap_or(0) as u32, &id);
+    let request = generate_request(prompt, &c, logprobs, top_logprobs.unwrap_or(0) as u32, &id, constraint);
     let mut generation = Generation::start(state, &model, request, key, started).await?;
     let created = unix_now();
     if c.stream {
@@ -307,6 +304,7 @@ async fn completions_inner(state: &Arc<AppState>, headers: &HeaderMap, body: &[u
     *model_id = Some(model.info.model_id.clone());
     let (prompt, prompt_text) = completion_prompt(&f, &model)?;
     let c = fmt::common(&f, &model, None, &state.config.limits)?;
+    let constraint = super::structured::completion(&f)?;
     let logprobs = f.int("logprobs", 0, 20)?;
     let echo = f.bool("echo")?.unwrap_or(false);
     if echo && logprobs.is_some() {
@@ -321,7 +319,7 @@ async fn completions_inner(state: &Arc<AppState>, headers: &HeaderMap, body: &[u
     admit(state)?;
     let id = random_id("cmpl-");
     let key = route_key(headers, &prompt);
-    let request = generate_request(prompt, &c, logprobs.is_some(), logprobs.unwrap_or(0) as u32, &id);
+    let request = generate_request(prompt, &c, logprobs.is_some(), logprobs.unwrap_or(0) as u32, &id, constraint);
     let mut generation = Generation::start(state, &model, request, key, started).await?;
     let created = unix_now();
     let echoed = if echo { prompt_text } else { String::new() };

@@ -2,6 +2,7 @@
 
 use kiln_shared::chat::ChatMessage;
 use kiln_shared::sampling::SamplingParams;
+use kiln_worker::constraint::{Constraint, GrammarSpec, Grammars};
 use kiln_worker::engine::{Engine, EngineHandle, Event, FinishReason, GenerationRequest, Usage};
 use kiln_worker::loader::LoadedModel;
 use std::io::{BufRead, Write};
@@ -63,9 +64,35 @@ pub struct RunArgs {
     /// Print timings after each answer
     #[arg(short, long)]
     pub verbose: bool,
+    /// Answers are JSON valid against the JSON Schema in this file
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["regex", "grammar"])]
+    pub json_schema: Option<std::path::PathBuf>,
+    /// Answers are matched in full by this regular expression
+    #[arg(long, conflicts_with = "grammar")]
+    pub regex: Option<String>,
+    /// Answers follow the Lark grammar in this file (root rule `start`)
+    #[arg(long, value_name = "FILE")]
+    pub grammar: Option<std::path::PathBuf>,
+    #[arg(skip)]
+    pub constraint: Option<Arc<Constraint>>,
 }
 
 impl RunArgs {
+    /// The grammar the options ask for, read and checked.
+    fn grammar(&self) -> anyhow::Result<Option<GrammarSpec>> {
+        let read = |p: &std::path::Path| std::fs::read_to_string(p).map_err(|e| anyhow::anyhow!("cannot read {}: {e}", p.display()));
+        Ok(if let Some(path) = &self.json_schema {
+            let schema = serde_json::from_str(&read(path)?).map_err(|e| anyhow::anyhow!("{} is not JSON: {e}", path.display()))?;
+            Some(GrammarSpec::JsonSchema(schema))
+        } else if let Some(rx) = &self.regex {
+            Some(GrammarSpec::Regex(rx.clone()))
+        } else if let Some(path) = &self.grammar {
+            Some(GrammarSpec::Lark(read(path)?))
+        } else {
+            None
+        })
+    }
+
     fn sampling(&self) -> SamplingParams {
         SamplingParams {
             temperature: self.temperature.unwrap_or(0.8),
@@ -98,7 +125,9 @@ pub fn main(mut args: RunArgs) -> anyhow::Result<()> {
     if args.ctx_size == Some(0) {
         anyhow::bail!("--ctx-size must be positive");
     }
+    let grammar = args.grammar()?;
     let model = super::load_model(&args.model, args.input.is_some() && !args.verbose, args.engine.isq)?;
+    args.constraint = grammar.map(|g| Grammars::new(Arc::clone(&model.tokenizer)).compile(&g)).transpose()?;
     args.fill_from(&model.sampling_defaults);
     args.sampling().validate()?;
     let compute = super::compute(args.threads);
@@ -120,7 +149,15 @@ pub fn main(mut args: RunArgs) -> anyhow::Result<()> {
 }
 
 fn request(args: &RunArgs, prompt: Vec<u32>) -> GenerationRequest {
-    GenerationRequest { prompt, sampling: args.sampling(), max_tokens: args.max_tokens, stop: args.stop.clone(), ignore_eos: args.ignore_eos, logprobs: false, ..Default::default() }
+    GenerationRequest {
+        prompt,
+        sampling: args.sampling(),
+        max_tokens: args.max_tokens,
+        stop: args.stop.clone(),
+        ignore_eos: args.ignore_eos,
+        constraint: args.constraint.clone(),
+        ..Default::default()
+    }
 }
 
 /// Streams one answer to stdout; returns its text and why it ended.

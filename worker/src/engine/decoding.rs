@@ -2,6 +2,7 @@
 //! token limits. Shared by the batching engine and the single-sequence session.
 
 use super::{FinishReason, GenerationRequest};
+use crate::constraint::TokenMatcher;
 use crate::sampler::select::{log_sum_exp, top_log_probs};
 use crate::sampler::{apply_penalties, sample, Candidates, Rng, StopMatch, StopMatcher};
 use kiln_shared::tokenizer::{StreamDecoder, Tokenizer};
@@ -14,6 +15,8 @@ pub struct Decoding {
     decoder: StreamDecoder,
     stops: StopMatcher,
     stopped_by_string: bool,
+    /// Where the output stands in the request's grammar, when it has one.
+    pub matcher: Option<TokenMatcher>,
     pub generated: usize,
     pub text: String,
 }
@@ -23,6 +26,8 @@ pub struct Sampled {
     pub token: u32,
     pub logprob: Option<f32>,
     pub top: Vec<(u32, f32)>,
+    /// The grammar could not give the allowed tokens (the completion cannot go on).
+    pub error: Option<String>,
 }
 
 /// What one accepted token produced.
@@ -32,6 +37,8 @@ pub struct Accepted {
     pub finish: Option<FinishReason>,
     /// The token ended generation by itself (end-of-generation) and is not part of the output.
     pub is_end_token: bool,
+    /// The token does not fit the request's grammar (only a replayed token can do that).
+    pub error: Option<String>,
 }
 
 impl Decoding {
@@ -48,6 +55,7 @@ impl Decoding {
             decoder: StreamDecoder::after(&req.prompt),
             stops: StopMatcher::new(req.stop.clone()),
             stopped_by_string: false,
+            matcher: req.constraint.as_ref().map(|c| c.start()),
             generated: 0,
             text: String::new(),
         }
@@ -60,6 +68,9 @@ impl Decoding {
         let mut d = Self::for_choice(req, index);
         for (k, &t) in tokens.iter().enumerate() {
             let accepted = d.accept(req, tokenizer, t);
+            if let Some(e) = accepted.error {
+                return Err(format!("resumed token {k} ({t}): {e}"));
+            }
             if accepted.is_end_token || accepted.finish.is_some() {
                 return Err(format!("resumed token {k} ({t}) already ends the completion"));
             }
@@ -72,20 +83,30 @@ impl Decoding {
     /// `logprobs`, log-probabilities are those of the penalized logits at temperature 1.
     pub fn sample(&mut self, req: &GenerationRequest, logits: &mut [f32], history: &[u32]) -> Sampled {
         apply_penalties(logits, history, &req.sampling);
+        if let Some(m) = &mut self.matcher {
+            if let Err(e) = m.restrict(logits) {
+                return Sampled { token: 0, logprob: None, top: Vec::new(), error: Some(e.to_string()) };
+            }
+        }
         let mut rng = Rng::seeded(self.seed ^ (self.generated as u64).wrapping_mul(0xD1B5_4A32_D192_ED03));
         let token = sample(logits, &req.sampling, &mut rng, &mut self.candidates);
         if !req.logprobs {
-            return Sampled { token, logprob: None, top: Vec::new() };
+            return Sampled { token, logprob: None, top: Vec::new(), error: None };
         }
         let lse = log_sum_exp(logits);
-        Sampled { token, logprob: Some(logits[token as usize] - lse), top: top_log_probs(logits, req.top_logprobs.min(20)) }
+        Sampled { token, logprob: Some(logits[token as usize] - lse), top: top_log_probs(logits, req.top_logprobs.min(20)), error: None }
     }
 
-    /// Takes a sampled token: end-of-generation, stop strings and the token limit decide
-    /// whether generation ends.
+    /// Takes a sampled token: end-of-generation, stop strings, the token limit and the end of
+    /// the grammar decide whether generation ends.
     pub fn accept(&mut self, req: &GenerationRequest, tokenizer: &Tokenizer, token: u32) -> Accepted {
-        if !req.ignore_eos && tokenizer.is_eog(token) {
-            return Accepted { text: self.flush(tokenizer), finish: Some(FinishReason::Stop), is_end_token: true };
+        if let Some(m) = &mut self.matcher {
+            if let Err(e) = m.consume(token) {
+                return Accepted { text: String::new(), finish: None, is_end_token: false, error: Some(e.to_string()) };
+            }
+        }
+        if (!req.ignore_eos || self.matcher.is_some()) && tokenizer.is_eog(token) {
+            return Accepted { text: self.flush(tokenizer), finish: Some(FinishReason::Stop), is_end_token: true, error: None };
         }
         self.generated += 1;
         let piece = self.decoder.push(tokenizer, token, false);
@@ -96,6 +117,10 @@ impl Decoding {
                 (before, Some(FinishReason::Stop))
             }
         };
+        // A finished grammar ends the output even at the token limit: the value is complete.
+        if finish.is_none() && self.matcher.as_ref().is_some_and(TokenMatcher::is_finished) {
+            finish = Some(FinishReason::Stop);
+        }
         if finish.is_none() && req.max_tokens.is_some_and(|m| self.generated >= m) {
             finish = Some(FinishReason::Length);
         }
@@ -103,7 +128,7 @@ impl Decoding {
             text.push_str(&self.flush(tokenizer));
         }
         self.text.push_str(&text);
-        Accepted { text, finish, is_end_token: false }
+        Accepted { text, finish, is_end_token: false, error: None }
     }
 
     /// The stop string that ended generation, if one did.

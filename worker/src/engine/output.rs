@@ -75,7 +75,26 @@ impl Engine {
         let tokenizer = Arc::clone(&self.model.tokenizer);
         let (Some(a), Some(seq)) = (self.active.get_mut(&id), self.scheduler.get(id)) else { return };
         let sampled = a.decoding.sample(&a.req, logits, &seq.tokens);
-        let accepted = a.decoding.accept(&a.req, &tokenizer, sampled.token);
+        let accepted = match sampled.error {
+            Some(e) => Err(e),
+            None => {
+                let accepted = a.decoding.accept(&a.req, &tokenizer, sampled.token);
+                match accepted.error {
+                    Some(e) => Err(e),
+                    None => Ok(accepted),
+                }
+            }
+        };
+        let accepted = match accepted {
+            Ok(accepted) => accepted,
+            Err(e) => {
+                // The grammar cannot go on: the request fails rather than emit text outside it.
+                let request = a.request;
+                let _ = a.events.send(Event::Failed(e));
+                self.cancel_request(request);
+                return;
+            }
+        };
         a.first_token.get_or_insert_with(Instant::now);
         if accepted.is_end_token {
             self.finish_with(id, FinishReason::Stop, accepted.text);

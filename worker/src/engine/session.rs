@@ -38,6 +38,8 @@ pub struct GenerationRequest {
     /// produced (when the worker running it went away): the result is the one that
     /// request would have given.
     pub resume: Option<Resume>,
+    /// A grammar the output must match (JSON schema, regex, Lark), compiled for this model.
+    pub constraint: Option<Arc<crate::constraint::Constraint>>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -221,8 +223,15 @@ impl Session {
                 break FinishReason::Cancelled;
             }
             let last = self.logits.len() - vocab;
-            let token = decoding.sample(req, &mut self.logits[last..], &history).token;
+            let sampled = decoding.sample(req, &mut self.logits[last..], &history);
+            if let Some(e) = sampled.error {
+                return Err(Error::InvalidRequest(e));
+            }
+            let token = sampled.token;
             let accepted = decoding.accept(req, &tokenizer, token);
+            if let Some(e) = accepted.error {
+                return Err(Error::InvalidRequest(e));
+            }
             if !accepted.text.is_empty() {
                 on_text(&accepted.text);
             }

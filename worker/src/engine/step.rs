@@ -273,7 +273,19 @@ impl Engine {
             std::thread::yield_now();
             return;
         }
-        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.forward(&plan)));
+        // Grammar masks of the constrained sequences sampling this step are computed on a
+        // helper thread while the model runs, so they add nothing to the step unless they
+        // take longer than the forward pass itself.
+        let sampling: Vec<SeqId> = plan.entries.iter().filter(|e| e.wants_logits).map(|e| e.id).collect();
+        let Engine { model, compute, kv, scratch, logits, scheduler, active, .. } = self;
+        let matchers: Vec<&mut crate::constraint::TokenMatcher> =
+            active.iter_mut().filter(|(id, _)| sampling.contains(id)).filter_map(|(_, a)| a.decoding.matcher.as_mut()).collect();
+        let result = std::thread::scope(|s| {
+            if !matchers.is_empty() {
+                s.spawn(move || matchers.into_iter().for_each(|m| m.prepare()));
+            }
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| forward(model, compute, scheduler, kv, scratch, logits, &plan)))
+        });
         match result {
             Ok(Ok(())) => self.after_forward(&plan),
             Ok(Err(e)) => self.fail_plan(&plan, &e.to_string()),
@@ -283,22 +295,24 @@ impl Engine {
         self.publish_stats();
     }
 
-    fn forward(&mut self, plan: &Plan) -> Result<()> {
-        let bs = self.kv.block_size;
-        let mut batch = Batch::new(bs);
-        for e in &plan.entries {
-            let seq = self.scheduler.get(e.id).expect("planned sequences are known to the scheduler");
-            let blocks = (e.start + e.len).div_ceil(bs);
-            let tables = seq.block_tables.iter().map(|t| t[..blocks].to_vec()).collect();
-            let logits = if e.wants_logits { Logits::Last } else { Logits::None };
-            batch.push_seq(&seq.tokens[e.start..e.start + e.len], e.start, tables, logits);
-        }
-        self.model.model.forward(&self.compute, &batch, &mut self.kv, &mut self.scratch, &mut self.logits)
-    }
-
     fn publish_stats(&mut self) {
         self.stats.scheduler = self.scheduler.stats();
         self.stats.blocks = self.scheduler.pools().iter().map(|p| p.stats()).collect();
         *self.shared.stats.lock().unwrap_or_else(|e| e.into_inner()) = self.stats.clone();
     }
+}
+
+/// Runs the model over a step's plan, leaving the logits of the sequences that sample in
+/// `logits` (one row each, in plan order).
+fn forward(model: &LoadedModel, compute: &Compute, scheduler: &Scheduler, kv: &mut KvCache, scratch: &mut Scratch, logits: &mut Vec<f32>, plan: &Plan) -> Result<()> {
+    let bs = kv.block_size;
+    let mut batch = Batch::new(bs);
+    for e in &plan.entries {
+        let seq = scheduler.get(e.id).expect("planned sequences are known to the scheduler");
+        let blocks = (e.start + e.len).div_ceil(bs);
+        let tables = seq.block_tables.iter().map(|t| t[..blocks].to_vec()).collect();
+        let wanted = if e.wants_logits { Logits::Last } else { Logits::None };
+        batch.push_seq(&seq.tokens[e.start..e.start + e.len], e.start, tables, wanted);
+    }
+    model.model.forward(compute, &batch, kv, scratch, logits)
 }

@@ -1,11 +1,27 @@
 //! Conversions between the gRPC messages and the engine's types, with the checks a request
 //! from the network needs.
 
+use crate::constraint::GrammarSpec;
 use crate::engine::{Event, FinishReason, GenerationRequest, Usage};
 use crate::error::Error;
 use kiln_proto::v1 as pb;
 use kiln_shared::tokenizer::Tokenizer;
 use tonic::Status;
+
+/// The grammar a request carries, as the engine takes it (compiled later, off the async
+/// runtime); malformed JSON Schema text is the caller's mistake.
+pub fn grammar_spec(c: &pb::Constraint) -> Result<Option<GrammarSpec>, Status> {
+    use pb::constraint::Kind;
+    Ok(match &c.kind {
+        None => None,
+        Some(Kind::JsonObject(_)) => Some(GrammarSpec::JsonObject),
+        Some(Kind::JsonSchema(text)) => Some(GrammarSpec::JsonSchema(
+            serde_json::from_str(text).map_err(|e| Status::invalid_argument(format!("invalid JSON schema: not JSON ({e})")))?,
+        )),
+        Some(Kind::Regex(rx)) => Some(GrammarSpec::Regex(rx.clone())),
+        Some(Kind::Lark(g)) => Some(GrammarSpec::Lark(g.clone())),
+    })
+}
 
 pub fn generation_request(r: pb::GenerateRequest) -> Result<GenerationRequest, Status> {
     let sampling = kiln_proto::sampling_params(&r.sampling.unwrap_or_default());
@@ -19,6 +35,7 @@ pub fn generation_request(r: pb::GenerateRequest) -> Result<GenerationRequest, S
         top_logprobs: r.top_logprobs as usize,
         n: r.n.max(1) as usize,
         resume: r.resume.map(|x| crate::engine::Resume { index: x.index as usize, tokens: x.tokens }),
+        constraint: None,
     })
 }
 

@@ -25,6 +25,8 @@ pub struct Serving {
     pub engine: EngineHandle,
     pub model: Arc<LoadedModel>,
     pub info: pb::ModelInfoResponse,
+    /// Compiles requests' grammars against the model's vocabulary.
+    pub grammars: Arc<crate::constraint::Grammars>,
 }
 
 impl Serving {
@@ -42,7 +44,8 @@ impl Serving {
             eos_token: model.tokenizer.eos_text().unwrap_or("").to_string(),
             max_seqs: max_seqs as u32,
         };
-        Ok(Serving { engine, model, info })
+        let grammars = Arc::new(crate::constraint::Grammars::new(Arc::clone(&model.tokenizer)));
+        Ok(Serving { engine, model, info, grammars })
     }
 }
 
@@ -160,10 +163,23 @@ impl Worker for WorkerService {
             kiln.outcome = tracing::field::Empty,
         );
         kiln_telemetry::continue_from_grpc(&span, request.metadata());
-        let req = convert::generation_request(request.into_inner()).inspect_err(|s| {
+        let fail = |s: Status| {
             span.record("otel.status_code", "ERROR");
             span.record("kiln.outcome", s.message());
-        })?;
+            s
+        };
+        let mut request = request.into_inner();
+        let spec = request.constraint.take().as_ref().map(convert::grammar_spec).transpose().map_err(fail)?.flatten();
+        let mut req = convert::generation_request(request).map_err(fail)?;
+        if let Some(spec) = spec {
+            // Compiling a grammar (and, the first time, indexing the vocabulary) is CPU work.
+            let grammars = Arc::clone(&serving.grammars);
+            let compiled = tokio::task::spawn_blocking(move || grammars.compile(&spec))
+                .await
+                .map_err(|e| Status::internal(format!("grammar compilation failed: {e}")))
+                .map_err(fail)?;
+            req.constraint = Some(compiled.map_err(|e| fail(constraint_status(&e)))?);
+        }
         let events = serving.engine.submit(req).map_err(|e| {
             span.record("otel.status_code", "ERROR");
             span.record("kiln.outcome", e.to_string());
@@ -219,5 +235,12 @@ impl Worker for WorkerService {
             generated_tokens: s.generated_tokens,
             max_seqs: serving.info.max_seqs,
         }))
+    }
+}
+
+fn constraint_status(e: &crate::constraint::ConstraintError) -> Status {
+    match e {
+        crate::constraint::ConstraintError::Invalid { .. } => Status::invalid_argument(e.to_string()),
+        _ => Status::internal(e.to_string()),
     }
 }
