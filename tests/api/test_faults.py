@@ -1,12 +1,15 @@
 """Faults in an etcd-coordinated cluster, with real processes: a real etcd (one member, or
 three), workers registered under leases, two routers following etcd, and the official
 openai client streaming through them. Each test prints what the fault cost."""
+import json
 import signal
 import subprocess
 import threading
 import time
+from pathlib import Path
 
 import httpx2 as httpx
+import jsonschema
 import openai
 import pytest
 
@@ -148,6 +151,51 @@ def test_kill_9_mid_stream_resumes_every_stream(etcd, pair):
               f"worst gap between chunks {s.worst_gap() * 1e3:.0f} ms (fault-free {clean.worst_gap() * 1e3:.0f} ms), "
               f"last stream done {max(max(t) for t in s.times) - killed_at:.2f} s after the kill")
         wait_until(lambda: 'kiln_router_worker_up{worker="victim"}' not in metrics(r), 15, "the dead worker's lease to expire")
+    finally:
+        victim.stop(signal.SIGKILL)
+
+
+SHOPPING = json.loads((Path(__file__).parent / "schemas" / "11_array_of_objects.json").read_text())
+
+
+def constrained_stream(router, seed, out):
+    """A streamed, sampled completion held to a JSON schema; its text lands in out[seed]."""
+    body = {"model": "smollm2", "messages": messages(SHOPPING["prompt"]), "max_tokens": 300, "temperature": 1, "seed": seed, "stream": True,
+            "response_format": {"type": "json_schema", "json_schema": {"name": "list", "schema": SHOPPING["schema"]}}}
+    text = ""
+    with httpx.stream("POST", f"{router.url}/v1/chat/completions", json=body, timeout=120) as r:
+        for line in r.iter_lines():
+            if line.startswith("data: {"):
+                text += "".join(c["delta"].get("content") or "" for c in json.loads(line[6:])["choices"])
+    out[seed] = text
+
+
+def test_kill_9_resumes_constrained_streams_inside_their_schema(etcd, pair):
+    """The grammar's state is rebuilt on the second worker from the tokens already sent: every
+    stream still validates and equals its fault-free run (same seed, same draws)."""
+    a, b, r, _ = pair
+    seeds = range(8)
+    clean = {}
+    for seed in seeds:
+        constrained_stream(r, seed, clean)
+    victim = Worker("victim-constrained", *WORKER_ARGS, etcd=etcd.url)
+    try:
+        wait_until(lambda: router_sees(r, victim), 30, "the router to see the new worker")
+        resumed_before = metric(r, "kiln_router_resumed_total")
+        got = {}
+        threads = [threading.Thread(target=constrained_stream, args=(r, seed, got)) for seed in seeds]
+        for t in threads:
+            t.start()
+        wait_until(lambda: victim.metric("kiln_worker_running_sequences") > 0 and victim.metric("kiln_worker_generated_tokens_total") >= 8, 60,
+                   "constrained streams under way on the victim")
+        victim.stop(signal.SIGKILL)
+        for t in threads:
+            t.join(120)
+        assert metric(r, "kiln_router_resumed_total") - resumed_before >= 1
+        validator = jsonschema.Draft202012Validator(SHOPPING["schema"])
+        for seed in seeds:
+            validator.validate(json.loads(got[seed]))
+        assert got == clean
     finally:
         victim.stop(signal.SIGKILL)
 

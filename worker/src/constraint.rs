@@ -213,17 +213,22 @@ impl TokenMatcher {
     /// allowed exactly when the grammar could end here.
     pub fn restrict(&mut self, logits: &mut [f32]) -> Result<(), ConstraintError> {
         self.prepare();
-        let mask = self.mask.take().unwrap_or_else(|| Err("no mask".into())).map_err(ConstraintError::Matcher)?;
-        let may_end = self.eog.iter().any(|&t| mask.is_allowed(t));
-        let mut any = false;
-        for (t, l) in logits.iter_mut().enumerate() {
-            let allowed = if self.eog.contains(&(t as u32)) { may_end } else { mask.is_allowed(t as u32) };
-            if !allowed {
-                *l = f32::NEG_INFINITY;
-            } else if l.is_finite() {
-                any = true;
-            }
+        let mut mask = self.mask.take().unwrap_or_else(|| Err("no mask".into())).map_err(ConstraintError::Matcher)?;
+        let may_end = self.eog.iter().any(|&t| (t as usize) < mask.len() && mask.is_allowed(t));
+        let size = mask.len();
+        for &t in self.eog.iter().filter(|&&t| (t as usize) < size) {
+            mask.set(t as usize, may_end);
         }
+        // Word by word over the bit set: whole runs of allowed or refused tokens at a time.
+        mask.iter_unset_entries(|t| {
+            if let Some(l) = logits.get_mut(t) {
+                *l = f32::NEG_INFINITY;
+            }
+        });
+        // Rows past the tokenizer's vocabulary (padding) are never text.
+        logits.iter_mut().skip(mask.len()).for_each(|l| *l = f32::NEG_INFINITY);
+        let mut any = false;
+        mask.iter_set_entries(|t| any |= logits.get(t).is_some_and(|l| l.is_finite()));
         if !any {
             return Err(ConstraintError::Matcher("no token the grammar allows has a finite probability".into()));
         }

@@ -31,6 +31,12 @@ pub struct BenchArgs {
     /// Print a JSON array (llama-bench's key names)
     #[arg(long)]
     pub json: bool,
+    /// With --concurrency: hold some of the requests to the JSON Schema in this file
+    #[arg(long, value_name = "FILE", requires = "concurrency")]
+    pub json_schema: Option<std::path::PathBuf>,
+    /// How many of each concurrency level's requests carry --json-schema (default: half)
+    #[arg(long, requires = "json_schema")]
+    pub constrained: Option<usize>,
 }
 
 #[derive(Serialize)]
