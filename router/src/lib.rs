@@ -11,6 +11,7 @@ pub mod membership;
 pub mod params;
 pub mod routing;
 pub mod serve;
+pub mod tools;
 pub mod upstream;
 
 use std::sync::atomic::AtomicBool;

@@ -40,8 +40,9 @@ def test_malformed_json(router):
     ("presence_penalty", -7, "out of range"),
     ("stream_options", {"include_usage": True}, "only allowed when `stream`"),
     ("frobnicate", 1, "not a recognized field"),
-    ("tools", [{"type": "function", "function": {"name": "f"}}], "not supported"),
-    ("response_format", {"type": "json_object"}, "response_format"),
+    ("tools", [{"type": "function", "function": {"name": "f", "parameters": []}}], "JSON Schema object"),
+    ("response_format", {"type": "yaml"}, "unknown type"),
+    ("functions", [{"name": "f"}], "not supported"),
 ])
 def test_field_errors_name_the_field(router, model, field, value, needle):
     e = error_of(post(router, {"model": model, "messages": MSG, field: value}), 400)

@@ -7,6 +7,7 @@ use super::{admit, answer, chat_prompt, check_context, collect, random_id, resol
 use crate::error::{ApiError, Flavor};
 use crate::generate::{Generation, Update};
 use crate::params::{parse_object, Fields};
+use crate::tools::{self, CallReader, Delta, Format, Tool, ToolCall, ToolChoice, Turn};
 use crate::upstream::ModelState;
 use crate::AppState;
 use axum::body::Bytes;
@@ -22,11 +23,22 @@ use std::sync::Arc;
 use std::time::Instant;
 
 // Prompt caching is automatic, so `cache_control` hints are accepted and need no action.
-const MESSAGE_FIELDS: &[&str] =
-    &["model", "messages", "system", "max_tokens", "stop_sequences", "temperature", "top_p", "top_k", "stream", "metadata", "cache_control"];
-const MESSAGE_UNSUPPORTED: &[&str] = &[
+const MESSAGE_FIELDS: &[&str] = &[
+    "model",
+    "messages",
+    "system",
+    "max_tokens",
+    "stop_sequences",
+    "temperature",
+    "top_p",
+    "top_k",
+    "stream",
+    "metadata",
+    "cache_control",
     "tools",
     "tool_choice",
+];
+const MESSAGE_UNSUPPORTED: &[&str] = &[
     "thinking",
     "service_tier",
     "container",
@@ -37,7 +49,7 @@ const MESSAGE_UNSUPPORTED: &[&str] = &[
     "speed",
     "inference_geo",
 ];
-const COUNT_FIELDS: &[&str] = &["model", "messages", "system", "cache_control"];
+const COUNT_FIELDS: &[&str] = &["model", "messages", "system", "cache_control", "tools", "tool_choice"];
 
 /// Text of a `content` or `system` value: a string or an array of text blocks.
 fn blocks_text(value: &Value, name: &str) -> Result<String, ApiError> {
@@ -62,10 +74,10 @@ fn blocks_text(value: &Value, name: &str) -> Result<String, ApiError> {
     }
 }
 
-fn conversation(f: &Fields, max: usize) -> Result<Vec<ChatMessage>, ApiError> {
+fn conversation(f: &Fields, max: usize) -> Result<Vec<Turn>, ApiError> {
     let mut out = Vec::new();
     if let Some(system) = f.get("system") {
-        out.push(ChatMessage::new("system", blocks_text(system, "system")?));
+        out.push(Turn { role: "system".into(), content: blocks_text(system, "system")?, ..Turn::default() });
     }
     let items = super::message_items(f, max)?;
     for (i, item) in items.iter().enumerate() {
@@ -77,9 +89,114 @@ fn conversation(f: &Fields, max: usize) -> Result<Vec<ChatMessage>, ApiError> {
             None => return Err(ApiError::field(m.name("role"), "is required")),
         };
         let content = m.require("content")?;
-        out.push(ChatMessage::new(role, blocks_text(content, &m.name("content"))?));
+        let name = m.name("content");
+        match content {
+            Value::Array(blocks) if blocks.iter().any(|b| matches!(b.get("type").and_then(Value::as_str), Some("tool_use" | "tool_result"))) => {
+                out.extend(tool_blocks(role, blocks, &name)?);
+            }
+            _ => out.push(Turn { role: role.into(), content: blocks_text(content, &name)?, ..Turn::default() }),
+        }
     }
     Ok(out)
+}
+
+/// A message holding `tool_use` (assistant) or `tool_result` (user) blocks, with any text.
+fn tool_blocks(role: &str, blocks: &[Value], name: &str) -> Result<Vec<Turn>, ApiError> {
+    let mut text = String::new();
+    let mut calls = Vec::new();
+    let mut results = Vec::new();
+    for (j, block) in blocks.iter().enumerate() {
+        let path = format!("{name}[{j}].");
+        let Some(obj) = block.as_object() else { return Err(ApiError::field(format!("{name}[{j}]"), "expected a content block object")) };
+        match (role, obj.get("type").and_then(Value::as_str)) {
+            (_, Some("text")) => text.push_str(&blocks_text(&Value::Array(vec![block.clone()]), name)?),
+            ("assistant", Some("tool_use")) => {
+                let b = Fields::new(obj, &path, &["type", "id", "name", "input", "cache_control"], &[])?;
+                let id = b.str("id")?.ok_or_else(|| ApiError::field(b.name("id"), "is required"))?;
+                let tool = b.str("name")?.ok_or_else(|| ApiError::field(b.name("name"), "is required"))?;
+                let input = b.object("input")?.ok_or_else(|| ApiError::field(b.name("input"), "is required (an object)"))?;
+                calls.push(ToolCall { id: id.into(), name: tool.into(), arguments: Value::Object(input.clone()).to_string() });
+            }
+            ("user", Some("tool_result")) => {
+                let b = Fields::new(obj, &path, &["type", "tool_use_id", "content", "is_error", "cache_control"], &[])?;
+                let id = b.str("tool_use_id")?.ok_or_else(|| ApiError::field(b.name("tool_use_id"), "is required"))?;
+                let content = match b.get("content") {
+                    None => String::new(),
+                    Some(c) => blocks_text(c, &b.name("content"))?,
+                };
+                let content = if b.bool("is_error")?.unwrap_or(false) { format!("Error: {content}") } else { content };
+                results.push(Turn { role: "tool".into(), content, tool_call_id: Some(id.into()), ..Turn::default() });
+            }
+            (_, Some(other)) => return Err(ApiError::field(format!("{path}type"), format!("`{other}` blocks are not supported in {role} messages"))),
+            (_, None) => return Err(ApiError::field(format!("{path}type"), "is required (a string)")),
+        }
+    }
+    let mut out = results;
+    if role == "assistant" || !text.is_empty() {
+        out.push(Turn { role: role.into(), content: text, tool_calls: calls, ..Turn::default() });
+    }
+    Ok(out)
+}
+
+/// `tools` and `tool_choice`: `[{name, description?, input_schema, strict?}]`,
+/// `{type: auto | any | tool | none, name?, disable_parallel_tool_use?}`.
+fn message_tools(f: &Fields) -> Result<(Vec<Tool>, ToolChoice, bool), ApiError> {
+    let mut tools: Vec<Tool> = Vec::new();
+    for (i, item) in f.array("tools")?.map(Vec::as_slice).unwrap_or_default().iter().enumerate() {
+        let Some(obj) = item.as_object() else { return Err(ApiError::field(format!("tools[{i}]"), "expected an object")) };
+        let t = Fields::new(obj, &format!("tools[{i}]."), &["type", "name", "description", "input_schema", "strict", "cache_control"], &[])?;
+        if t.str("type")?.is_some_and(|ty| ty != "custom") {
+            return Err(ApiError::field(t.name("type"), "only custom tools are supported"));
+        }
+        let name = t.str("name")?.ok_or_else(|| ApiError::field(t.name("name"), "is required"))?;
+        super::valid_tool_name(name).map_err(|e| ApiError::field(t.name("name"), e))?;
+        if tools.iter().any(|x| x.name == name) {
+            return Err(ApiError::field(t.name("name"), format!("`{name}` is given twice")));
+        }
+        let schema = t.object("input_schema")?.ok_or_else(|| ApiError::field(t.name("input_schema"), "is required (a JSON Schema object)"))?;
+        tools.push(Tool {
+            name: name.into(),
+            description: t.str("description")?.map(str::to_string),
+            parameters: Value::Object(schema.clone()),
+            strict: t.bool("strict")?.unwrap_or(false),
+        });
+    }
+    let Some(tc) = f.object("tool_choice")? else {
+        return Ok((tools.clone(), if tools.is_empty() { ToolChoice::None } else { ToolChoice::Auto }, true));
+    };
+    let c = Fields::new(tc, "tool_choice.", &["type", "name", "disable_parallel_tool_use"], &[])?;
+    let parallel = !c.bool("disable_parallel_tool_use")?.unwrap_or(false);
+    let choice = match c.str("type")? {
+        Some("auto") => ToolChoice::Auto,
+        Some("any") => ToolChoice::Required,
+        Some("none") => ToolChoice::None,
+        Some("tool") => {
+            let name = c.str("name")?.ok_or_else(|| ApiError::field(c.name("name"), "is required when type is tool"))?;
+            if !tools.iter().any(|t| t.name == name) {
+                return Err(ApiError::field(c.name("name"), format!("`{name}` is not one of the tools")));
+            }
+            ToolChoice::Named(name.into())
+        }
+        Some(other) => return Err(ApiError::field(c.name("type"), format!("unknown type `{other}`; expected auto, any, tool or none"))),
+        None => return Err(ApiError::field(c.name("type"), "is required")),
+    };
+    if choice != ToolChoice::None && tools.is_empty() {
+        return Err(ApiError::field("tool_choice", "needs `tools`"));
+    }
+    Ok((tools, choice, parallel))
+}
+
+/// The prompt for a conversation, and the call format to read the answer with when tools
+/// may be called. Without tools a final assistant message is continued, not answered.
+fn prompt_for(model: &ModelState, f: &Fields, turns: &[Turn]) -> Result<(Vec<u32>, Option<(Format, Option<String>)>), ApiError> {
+    let (tools, choice, parallel) = message_tools(f)?;
+    if tools.is_empty() && !turns.iter().any(|t| !t.tool_calls.is_empty() || t.role == "tool") {
+        let messages: Vec<ChatMessage> = turns.iter().map(|t| ChatMessage::new(t.role.clone(), t.content.clone())).collect();
+        return Ok((chat_prompt(model, &messages, true)?, None));
+    }
+    let (prompt, format) = super::tool_prompt(model, turns, &tools, &choice)?;
+    let calls = (choice != ToolChoice::None).then(|| (format, tools::grammar(&tools, &choice, parallel, format)));
+    Ok((prompt, calls))
 }
 
 fn stop_reason(d: &pb::DoneEvent) -> &'static str {
@@ -136,7 +253,7 @@ async fn messages_inner(state: &Arc<AppState>, headers: &HeaderMap, body: &[u8],
     };
     validate_sampling(&sampling)?;
     let stream = f.bool("stream")?.unwrap_or(false);
-    let prompt = chat_prompt(&model, &conversation, true)?;
+    let (prompt, calls) = prompt_for(&model, &f, &conversation)?;
     check_context(&model, prompt.len(), Some(max_tokens), "messages")?;
     admit(state)?;
     let id = random_id("msg_");
@@ -153,22 +270,47 @@ async fn messages_inner(state: &Arc<AppState>, headers: &HeaderMap, body: &[u8],
         top_logprobs: 0,
         request_id: id.clone(),
         resume: None,
-        constraint: None,
+        constraint: calls.as_ref().and_then(|(_, g)| g.clone()).map(|lark| pb::Constraint { kind: Some(pb::constraint::Kind::Lark(lark)) }),
     };
+    let format = calls.map(|(f, _)| f);
     let mut generation = Generation::start(state, &model, request, key, started).await?;
     if stream {
-        return Ok(stream_message(generation, &model, id, prompt_tokens));
+        return Ok(stream_message(generation, &model, id, prompt_tokens, format));
     }
     let (choices, totals) = collect(&mut generation, 1, false).await?;
     let choice = choices.into_iter().next().unwrap_or_default();
     let done = choice.done.unwrap_or_default();
+    let mut stop = stop_reason(&done);
+    let content = match format {
+        Some(format) => {
+            let mut reader = CallReader::new(format);
+            reader.push(&choice.text);
+            reader.finish();
+            if reader.is_calls() {
+                if stop == "end_turn" {
+                    stop = "tool_use";
+                }
+                reader
+                    .calls()
+                    .filter(|c| c.2)
+                    .map(|(name, args, _)| {
+                        let input = serde_json::from_str::<Value>(args).unwrap_or_else(|_| json!({}));
+                        json!({ "type": "tool_use", "id": random_id("toolu_"), "name": name, "input": input })
+                    })
+                    .collect()
+            } else {
+                vec![json!({ "type": "text", "text": choice.text })]
+            }
+        }
+        None => vec![json!({ "type": "text", "text": choice.text })],
+    };
     Ok(Json(json!({
         "id": id,
         "type": "message",
         "role": "assistant",
         "model": model.info.model_id,
-        "content": [{ "type": "text", "text": choice.text }],
-        "stop_reason": stop_reason(&done),
+        "content": content,
+        "stop_reason": stop,
         "stop_sequence": done.stop_sequence,
         "usage": usage(&totals),
     }))
@@ -179,31 +321,98 @@ fn named(name: &str, data: Value) -> Event {
     Event::default().event(name).data(data.to_string())
 }
 
-fn text_delta(text: &str) -> Event {
-    named("content_block_delta", json!({ "type": "content_block_delta", "index": 0, "delta": { "type": "text_delta", "text": text } }))
+fn text_delta(index: usize, text: &str) -> Event {
+    named("content_block_delta", json!({ "type": "content_block_delta", "index": index, "delta": { "type": "text_delta", "text": text } }))
 }
 
-fn stream_message(generation: Generation, model: &ModelState, id: String, prompt_tokens: u32) -> Response {
-    let first = vec![
-        named(
-            "message_start",
-            json!({
-                "type": "message_start",
-                "message": {
-                    "id": id, "type": "message", "role": "assistant", "model": model.info.model_id,
-                    "content": [], "stop_reason": null, "stop_sequence": null,
-                    "usage": { "input_tokens": prompt_tokens, "output_tokens": 0 },
-                },
-            }),
-        ),
-        named("content_block_start", json!({ "type": "content_block_start", "index": 0, "content_block": { "type": "text", "text": "" } })),
-        named("ping", json!({ "type": "ping" })),
-    ];
+/// Content blocks as they stream: text, or tool_use blocks whose input arrives as
+/// `input_json_delta`s. Without tools there is one text block, opened at once.
+struct Blocks {
+    reader: Option<CallReader>,
+    /// The open block's index and whether it is text.
+    open: Option<(usize, bool)>,
+    next: usize,
+}
+
+impl Blocks {
+    fn events(&mut self, deltas: Vec<Delta>) -> Vec<Event> {
+        let mut out = Vec::new();
+        for d in deltas {
+            match d {
+                Delta::Text(t) if t.is_empty() => {}
+                Delta::Text(t) => {
+                    if !matches!(self.open, Some((_, true))) {
+                        out.extend(self.close());
+                        out.push(self.start(json!({ "type": "text", "text": "" }), true));
+                    }
+                    out.push(text_delta(self.open.map_or(0, |o| o.0), &t));
+                }
+                Delta::CallStart { name, .. } => {
+                    out.extend(self.close());
+                    out.push(self.start(json!({ "type": "tool_use", "id": random_id("toolu_"), "name": name, "input": {} }), false));
+                }
+                Delta::Arguments { fragment, .. } => {
+                    let index = self.open.map_or(0, |o| o.0);
+                    out.push(named("content_block_delta", json!({ "type": "content_block_delta", "index": index, "delta": { "type": "input_json_delta", "partial_json": fragment } })));
+                }
+            }
+        }
+        out
+    }
+
+    fn start(&mut self, block: Value, text: bool) -> Event {
+        let index = self.next;
+        self.next += 1;
+        self.open = Some((index, text));
+        named("content_block_start", json!({ "type": "content_block_start", "index": index, "content_block": block }))
+    }
+
+    fn close(&mut self) -> Option<Event> {
+        self.open.take().map(|(index, _)| named("content_block_stop", json!({ "type": "content_block_stop", "index": index })))
+    }
+
+    fn push(&mut self, text: &str) -> Vec<Event> {
+        let deltas = match &mut self.reader {
+            Some(r) => r.push(text),
+            None => vec![Delta::Text(text.to_string())],
+        };
+        self.events(deltas)
+    }
+
+    fn finish(&mut self) -> Vec<Event> {
+        let deltas = self.reader.as_mut().map(CallReader::finish).unwrap_or_default();
+        let mut out = self.events(deltas);
+        // Every message has at least one block.
+        if self.next == 0 {
+            out.push(self.start(json!({ "type": "text", "text": "" }), true));
+        }
+        out.extend(self.close());
+        out
+    }
+}
+
+fn stream_message(generation: Generation, model: &ModelState, id: String, prompt_tokens: u32, calls: Option<Format>) -> Response {
+    let mut first = vec![named(
+        "message_start",
+        json!({
+            "type": "message_start",
+            "message": {
+                "id": id, "type": "message", "role": "assistant", "model": model.info.model_id,
+                "content": [], "stop_reason": null, "stop_sequence": null,
+                "usage": { "input_tokens": prompt_tokens, "output_tokens": 0 },
+            },
+        }),
+    )];
+    let mut blocks = Blocks { reader: calls.map(CallReader::new), open: None, next: 0 };
+    if calls.is_none() {
+        first.push(blocks.start(json!({ "type": "text", "text": "" }), true));
+    }
+    first.push(named("ping", json!({ "type": "ping" })));
     let mut totals = Totals::default();
     let mut done: Option<pb::DoneEvent> = None;
     sse::stream(generation, first, move |step: Step| match step {
         Some(Ok(Update::Token(t))) if t.text.is_empty() => Vec::new(),
-        Some(Ok(Update::Token(t))) => vec![text_delta(&t.text)],
+        Some(Ok(Update::Token(t))) => blocks.push(&t.text),
         Some(Ok(Update::Done(d))) => {
             if let Err(e) = super::collect::cancelled_is_error(&d) {
                 return vec![error_event(e)];
@@ -214,24 +423,27 @@ fn stream_message(generation: Generation, model: &ModelState, id: String, prompt
             if tail.is_empty() {
                 Vec::new()
             } else {
-                vec![text_delta(&tail)]
+                blocks.push(&tail)
             }
         }
         Some(Err(e)) => vec![error_event(e)],
         None => {
             let d = done.take().unwrap_or_default();
-            vec![
-                named("content_block_stop", json!({ "type": "content_block_stop", "index": 0 })),
-                named(
-                    "message_delta",
-                    json!({
-                        "type": "message_delta",
-                        "delta": { "stop_reason": stop_reason(&d), "stop_sequence": d.stop_sequence },
-                        "usage": usage(&totals),
-                    }),
-                ),
-                named("message_stop", json!({ "type": "message_stop" })),
-            ]
+            let mut stop = stop_reason(&d);
+            if blocks.reader.as_ref().is_some_and(CallReader::is_calls) && stop == "end_turn" {
+                stop = "tool_use";
+            }
+            let mut out = blocks.finish();
+            out.push(named(
+                "message_delta",
+                json!({
+                    "type": "message_delta",
+                    "delta": { "stop_reason": stop, "stop_sequence": d.stop_sequence },
+                    "usage": usage(&totals),
+                }),
+            ));
+            out.push(named("message_stop", json!({ "type": "message_stop" })));
+            out
         }
     })
 }
@@ -245,10 +457,10 @@ pub async fn count_tokens(State(state): State<Arc<AppState>>, body: Bytes) -> Re
         let mut model_id = None;
         let result = async {
             let map = parse_object(&body)?;
-            let f = Fields::new(&map, "", COUNT_FIELDS, &["tools", "tool_choice", "thinking"])?;
+            let f = Fields::new(&map, "", COUNT_FIELDS, &["thinking"])?;
             let model = resolve_model(&state, f.str("model")?.ok_or_else(|| ApiError::field("model", "is required"))?)?;
             model_id = Some(model.info.model_id.clone());
-            let prompt = chat_prompt(&model, &conversation(&f, state.config.limits.max_messages)?, true)?;
+            let (prompt, _) = prompt_for(&model, &f, &conversation(&f, state.config.limits.max_messages)?)?;
             Ok(Json(json!({ "input_tokens": prompt.len() })).into_response())
         }
         .await;

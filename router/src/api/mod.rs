@@ -26,6 +26,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use tracing::Instrument as _;
 use std::time::Instant;
+use crate::tools::{Format, Tool, ToolChoice, Turn};
 
 /// The model a response was for, attached so the metrics layer can label it.
 #[derive(Clone)]
@@ -269,6 +270,25 @@ pub fn chat_prompt(model: &ModelState, messages: &[ChatMessage], continue_last: 
     let mut text = model.template.render(history, true).map_err(|e| ApiError::field("messages", e.to_string()))?;
     text.push_str(prefill);
     Ok(kiln_shared::chat::encode_rendered(&model.tokenizer, &text))
+}
+
+/// The prompt of a conversation with tools: offered to the template when it renders tools
+/// itself, otherwise described in the system prompt with calls and results written as text
+/// (crate::tools). Returns the call format to read the answer with.
+pub fn tool_prompt(model: &ModelState, turns: &[Turn], tools: &[Tool], choice: &ToolChoice) -> Result<(Vec<u32>, Format), ApiError> {
+    let (format, native) = crate::tools::format_for(&model.info.chat_template);
+    let mut variables = crate::tools::template_variables(turns, tools, choice, format, native);
+    variables["add_generation_prompt"] = serde_json::Value::Bool(true);
+    let text = model.template.render_with(&variables).map_err(|e| ApiError::field("messages", e.to_string()))?;
+    Ok((kiln_shared::chat::encode_rendered(&model.tokenizer, &text), format))
+}
+
+/// Tool names as OpenAI and Anthropic allow them.
+pub fn valid_tool_name(name: &str) -> Result<(), &'static str> {
+    if name.is_empty() || name.len() > 64 || !name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-') {
+        return Err("must be 1 to 64 letters, digits, underscores or dashes");
+    }
+    Ok(())
 }
 
 /// Checks that the prompt and the requested completion fit the model's context.

@@ -6,6 +6,7 @@ use super::{admit, answer, chat_prompt, check_context, collect, labelled, random
 use crate::error::{ApiError, Flavor};
 use crate::generate::{Generation, Update};
 use crate::params::{parse_object, Fields};
+use crate::tools::{self, CallReader, Delta, Format, Tool, ToolCall, ToolChoice, Turn};
 use crate::upstream::ModelState;
 use crate::AppState;
 use axum::body::Bytes;
@@ -20,11 +21,11 @@ use serde_json::{json, Map, Value};
 use std::sync::Arc;
 use std::time::Instant;
 
-const CHAT_FIELDS: &[&str] = &["messages", "max_completion_tokens", "logprobs", "top_logprobs", "response_format", "grammar", "tools", "tool_choice"];
+const CHAT_FIELDS: &[&str] =
+    &["messages", "max_completion_tokens", "logprobs", "top_logprobs", "response_format", "grammar", "tools", "tool_choice", "parallel_tool_calls"];
 const CHAT_UNSUPPORTED: &[&str] = &[
     "functions",
     "function_call",
-    "parallel_tool_calls",
     "audio",
     "modalities",
     "prediction",
@@ -74,36 +75,115 @@ fn text_content(m: &Fields, i: usize, role: &str) -> Result<String, ApiError> {
     }
 }
 
-fn chat_messages(f: &Fields, max: usize) -> Result<Vec<ChatMessage>, ApiError> {
+fn chat_messages(f: &Fields, max: usize) -> Result<Vec<Turn>, ApiError> {
     let items = super::message_items(f, max)?;
     let mut out = Vec::with_capacity(items.len());
     for (i, item) in items.iter().enumerate() {
         let Some(obj) = item.as_object() else { return Err(ApiError::field(format!("messages[{i}]"), "expected an object")) };
-        let m = Fields::new(obj, &format!("messages[{i}]."), &["role", "content", "tool_call_id"], &["name", "tool_calls", "function_call", "audio", "refusal"])?;
+        let m = Fields::new(obj, &format!("messages[{i}]."), &["role", "content", "tool_call_id", "tool_calls", "name", "refusal"], &["function_call", "audio"])?;
         let role = match m.str("role")? {
             Some("developer") => "system",
             Some(r @ ("system" | "user" | "assistant" | "tool")) => r,
             Some(other) => return Err(ApiError::field(m.name("role"), format!("unknown role `{other}`; expected system, developer, user, assistant or tool"))),
             None => return Err(ApiError::field(m.name("role"), "is required")),
         };
-        if m.get("tool_call_id").is_some() && role != "tool" {
-            return Err(ApiError::field(m.name("tool_call_id"), "is only allowed on tool messages"));
+        m.str("name")?;
+        let tool_call_id = m.str("tool_call_id")?.map(str::to_string);
+        match (role, &tool_call_id) {
+            ("tool", None) => return Err(ApiError::field(m.name("tool_call_id"), "is required on tool messages")),
+            ("tool", Some(_)) | (_, None) => {}
+            (_, Some(_)) => return Err(ApiError::field(m.name("tool_call_id"), "is only allowed on tool messages")),
         }
-        out.push(ChatMessage::new(role, text_content(&m, i, role)?));
+        let tool_calls = match m.array("tool_calls")? {
+            Some(_) if role != "assistant" => return Err(ApiError::field(m.name("tool_calls"), "is only allowed on assistant messages")),
+            Some(calls) => message_tool_calls(calls, &m.name("tool_calls"))?,
+            None => Vec::new(),
+        };
+        let content = if role == "assistant" && !tool_calls.is_empty() && m.get("content").is_none() { String::new() } else { text_content(&m, i, role)? };
+        out.push(Turn { role: role.to_string(), content, tool_calls, tool_call_id });
     }
     Ok(out)
 }
 
-/// Tool calling is not served yet; its neutral values are accepted.
-fn check_chat_extras(f: &Fields) -> Result<(), ApiError> {
-    if f.array("tools")?.is_some_and(|t| !t.is_empty()) {
-        return Err(ApiError::field("tools", "tool calling is not supported by this server"));
+/// An assistant message's `tool_calls`: `[{id, type: "function", function: {name, arguments}}]`,
+/// the arguments a string of JSON.
+fn message_tool_calls(calls: &[Value], path: &str) -> Result<Vec<ToolCall>, ApiError> {
+    let mut out = Vec::with_capacity(calls.len());
+    for (j, call) in calls.iter().enumerate() {
+        let p = format!("{path}[{j}].");
+        let Some(obj) = call.as_object() else { return Err(ApiError::field(format!("{path}[{j}]"), "expected an object")) };
+        let c = Fields::new(obj, &p, &["id", "type", "function"], &[])?;
+        if c.str("type")?.is_some_and(|t| t != "function") {
+            return Err(ApiError::field(c.name("type"), "only `function` calls are supported"));
+        }
+        let id = c.str("id")?.ok_or_else(|| ApiError::field(c.name("id"), "is required"))?.to_string();
+        let Some(function) = c.object("function")? else { return Err(ApiError::field(c.name("function"), "is required")) };
+        let fun = Fields::new(function, &format!("{p}function."), &["name", "arguments"], &[])?;
+        let name = fun.str("name")?.ok_or_else(|| ApiError::field(fun.name("name"), "is required"))?.to_string();
+        let arguments = fun.str("arguments")?.unwrap_or("{}").to_string();
+        if serde_json::from_str::<Value>(&arguments).is_err() {
+            return Err(ApiError::field(fun.name("arguments"), "must be a string of JSON"));
+        }
+        out.push(ToolCall { id, name, arguments });
     }
-    match f.get("tool_choice") {
-        None => Ok(()),
-        Some(Value::String(s)) if s == "none" => Ok(()),
-        Some(_) => Err(ApiError::field("tool_choice", "tool calling is not supported by this server")),
+    Ok(out)
+}
+
+/// `tools`, `tool_choice` and `parallel_tool_calls`.
+fn chat_tools(f: &Fields) -> Result<(Vec<Tool>, ToolChoice, bool), ApiError> {
+    let mut tools: Vec<Tool> = Vec::new();
+    for (i, item) in f.array("tools")?.map(Vec::as_slice).unwrap_or_default().iter().enumerate() {
+        let p = format!("tools[{i}].");
+        let Some(obj) = item.as_object() else { return Err(ApiError::field(format!("tools[{i}]"), "expected an object")) };
+        let t = Fields::new(obj, &p, &["type", "function"], &[])?;
+        if t.str("type")? != Some("function") {
+            return Err(ApiError::field(t.name("type"), "must be `function`"));
+        }
+        let Some(function) = t.object("function")? else { return Err(ApiError::field(t.name("function"), "is required")) };
+        let fun = Fields::new(function, &format!("{p}function."), &["name", "description", "parameters", "strict"], &[])?;
+        let name = fun.str("name")?.ok_or_else(|| ApiError::field(fun.name("name"), "is required"))?;
+        super::valid_tool_name(name).map_err(|e| ApiError::field(fun.name("name"), e))?;
+        if tools.iter().any(|t| t.name == name) {
+            return Err(ApiError::field(fun.name("name"), format!("`{name}` is given twice")));
+        }
+        let parameters = match fun.get("parameters") {
+            None => json!({"type": "object", "properties": {}}),
+            Some(p @ Value::Object(_)) => p.clone(),
+            Some(_) => return Err(ApiError::field(fun.name("parameters"), "expected a JSON Schema object")),
+        };
+        tools.push(Tool {
+            name: name.to_string(),
+            description: fun.str("description")?.map(str::to_string),
+            parameters,
+            strict: fun.bool("strict")?.unwrap_or(false),
+        });
     }
+    let choice = match f.get("tool_choice") {
+        None if tools.is_empty() => ToolChoice::None,
+        None => ToolChoice::Auto,
+        Some(Value::String(s)) => match s.as_str() {
+            "none" => ToolChoice::None,
+            "auto" => ToolChoice::Auto,
+            "required" => ToolChoice::Required,
+            other => return Err(ApiError::field("tool_choice", format!("unknown value `{other}`; expected none, auto, required or a function"))),
+        },
+        Some(Value::Object(o)) => {
+            let c = Fields::new(o, "tool_choice.", &["type", "function"], &[])?;
+            if c.str("type")? != Some("function") {
+                return Err(ApiError::field(c.name("type"), "must be `function`"));
+            }
+            let name = c.object("function")?.and_then(|fun| fun.get("name")).and_then(Value::as_str);
+            let name = name.ok_or_else(|| ApiError::field("tool_choice.function.name", "is required"))?;
+            ToolChoice::Named(name.to_string())
+        }
+        Some(_) => return Err(ApiError::field("tool_choice", "expected a string or an object")),
+    };
+    match &choice {
+        ToolChoice::Named(n) if !tools.iter().any(|t| &t.name == n) => return Err(ApiError::field("tool_choice.function.name", format!("`{n}` is not one of the tools"))),
+        ToolChoice::Auto | ToolChoice::Required | ToolChoice::Named(_) if tools.is_empty() => return Err(ApiError::field("tool_choice", "needs `tools`")),
+        _ => {}
+    }
+    Ok((tools, choice, f.bool("parallel_tool_calls")?.unwrap_or(true)))
 }
 
 fn generate_request(prompt: Vec<u32>, c: &Common, logprobs: bool, top_logprobs: u32, id: &str, constraint: Option<pb::Constraint>) -> pb::GenerateRequest {
@@ -140,9 +220,9 @@ async fn chat_inner(state: &Arc<AppState>, headers: &HeaderMap, body: &[u8], mod
     let f = fields(&map, CHAT_FIELDS, CHAT_UNSUPPORTED)?;
     let model = resolve_model(state, &model_of(&f)?)?;
     *model_id = Some(model.info.model_id.clone());
-    let messages = chat_messages(&f, state.config.limits.max_messages)?;
-    check_chat_extras(&f)?;
-    let constraint = super::structured::chat(&f)?;
+    let turns = chat_messages(&f, state.config.limits.max_messages)?;
+    let (tools, choice, parallel) = chat_tools(&f)?;
+    let mut constraint = super::structured::chat(&f)?;
     let max_completion = f.int("max_completion_tokens", 1, i64::from(model.info.context_length))?.map(|m| m as u32);
     let c = fmt::common(&f, &model, max_completion, &state.config.limits)?;
     let logprobs = f.bool("logprobs")?.unwrap_or(false);
@@ -150,7 +230,21 @@ async fn chat_inner(state: &Arc<AppState>, headers: &HeaderMap, body: &[u8], mod
     if top_logprobs.is_some() && !logprobs {
         return Err(ApiError::field("top_logprobs", "requires `logprobs` to be true"));
     }
-    let prompt = chat_prompt(&model, &messages, false)?;
+    let uses_tools = !tools.is_empty() || turns.iter().any(|t| !t.tool_calls.is_empty() || t.role == "tool");
+    let (prompt, calls) = if uses_tools {
+        let (prompt, format) = super::tool_prompt(&model, &turns, &tools, &choice)?;
+        let grammar = tools::grammar(&tools, &choice, parallel, format);
+        if grammar.is_some() && constraint.is_some() {
+            return Err(ApiError::field("tool_choice", "tool calls cannot be combined with a response_format or grammar; set tool_choice to none"));
+        }
+        if let Some(lark) = grammar {
+            constraint = Some(pb::Constraint { kind: Some(pb::constraint::Kind::Lark(lark)) });
+        }
+        (prompt, (choice != ToolChoice::None).then_some(format))
+    } else {
+        let messages: Vec<ChatMessage> = turns.iter().map(|t| ChatMessage::new(t.role.clone(), t.content.clone())).collect();
+        (chat_prompt(&model, &messages, false)?, None)
+    };
     check_context(&model, prompt.len(), c.max_tokens, "messages")?;
     admit(state)?;
     let id = random_id("chatcmpl-");
@@ -159,18 +253,40 @@ async fn chat_inner(state: &Arc<AppState>, headers: &HeaderMap, body: &[u8], mod
     let mut generation = Generation::start(state, &model, request, key, started).await?;
     let created = unix_now();
     if c.stream {
-        return Ok(stream_chat(generation, model, c, id, created, logprobs));
+        return Ok(stream_chat(generation, model, c, id, created, logprobs, calls));
     }
     let (choices, totals) = collect(&mut generation, c.n as usize, logprobs).await?;
     let choices: Vec<Value> = choices
         .iter()
         .enumerate()
         .map(|(i, ch)| {
+            let mut finish = ch.done.as_ref().map(fmt::finish_reason);
+            let message = match calls {
+                Some(format) => {
+                    let mut reader = CallReader::new(format);
+                    reader.push(&ch.text);
+                    reader.finish();
+                    if reader.is_calls() {
+                        let calls: Vec<Value> = reader
+                            .calls()
+                            .filter(|c| c.2)
+                            .map(|(name, args, _)| json!({"id": random_id("call_"), "type": "function", "function": {"name": name, "arguments": args}}))
+                            .collect();
+                        if finish == Some("stop") {
+                            finish = Some("tool_calls");
+                        }
+                        json!({ "role": "assistant", "content": null, "tool_calls": calls, "refusal": null })
+                    } else {
+                        json!({ "role": "assistant", "content": ch.text, "refusal": null })
+                    }
+                }
+                None => json!({ "role": "assistant", "content": ch.text, "refusal": null }),
+            };
             json!({
                 "index": i,
-                "message": { "role": "assistant", "content": ch.text, "refusal": null },
+                "message": message,
                 "logprobs": if logprobs { fmt::chat_logprobs(&model.tokenizer, &ch.tokens) } else { Value::Null },
-                "finish_reason": ch.done.as_ref().map(fmt::finish_reason),
+                "finish_reason": finish,
             })
         })
         .collect();
@@ -221,14 +337,32 @@ fn error_event(e: &ApiError) -> Vec<Event> {
     vec![json_event(&e.body())]
 }
 
-fn stream_chat(generation: Generation, model: Arc<ModelState>, c: Common, id: String, created: u64, logprobs: bool) -> Response {
+/// One streamed chunk for what a tool-reading completion added.
+fn delta_chunk(chunker: &Chunker, index: u32, delta: Delta) -> Event {
+    let delta = match delta {
+        Delta::Text(t) => json!({ "content": t }),
+        Delta::CallStart { index: k, name } => {
+            json!({ "tool_calls": [{ "index": k, "id": random_id("call_"), "type": "function", "function": { "name": name, "arguments": "" } }] })
+        }
+        Delta::Arguments { index: k, fragment } => json!({ "tool_calls": [{ "index": k, "function": { "arguments": fragment } }] }),
+    };
+    chunker.chunk(json!([{ "index": index, "delta": delta, "logprobs": null, "finish_reason": null }]))
+}
+
+fn stream_chat(generation: Generation, model: Arc<ModelState>, c: Common, id: String, created: u64, logprobs: bool, calls: Option<Format>) -> Response {
     let chunker = Chunker { id, object: "chat.completion.chunk", created, model: model.info.model_id.clone(), include_usage: c.include_usage };
     let first = (0..c.n)
         .map(|i| chunker.chunk(json!([{ "index": i, "delta": { "role": "assistant", "content": "" }, "logprobs": null, "finish_reason": null }])))
         .collect();
     let mut totals = Totals::default();
+    // With tools, each completion's text goes through a reader that turns calls into
+    // `tool_calls` deltas (name first, then the arguments as they are written).
+    let mut readers: Vec<CallReader> = calls.map(|f| (0..c.n).map(|_| CallReader::new(f)).collect()).unwrap_or_default();
     sse::stream(generation, first, move |step: Step| match step {
         Some(Ok(Update::Token(t))) => {
+            if let Some(reader) = readers.get_mut(t.index as usize) {
+                return reader.push(&t.text).into_iter().map(|d| delta_chunk(&chunker, t.index, d)).collect();
+            }
             if t.text.is_empty() && !logprobs {
                 return Vec::new();
             }
@@ -241,10 +375,18 @@ fn stream_chat(generation: Generation, model: Arc<ModelState>, c: Common, id: St
             }
             totals.add(&d);
             let mut out = Vec::new();
-            if !d.tail.is_empty() {
+            let mut finish = fmt::finish_reason(&d);
+            if let Some(reader) = readers.get_mut(d.index as usize) {
+                let mut deltas = reader.push(&d.tail);
+                deltas.extend(reader.finish());
+                out.extend(deltas.into_iter().map(|delta| delta_chunk(&chunker, d.index, delta)));
+                if reader.is_calls() && finish == "stop" {
+                    finish = "tool_calls";
+                }
+            } else if !d.tail.is_empty() {
                 out.push(chunker.chunk(json!([{ "index": d.index, "delta": { "content": d.tail }, "logprobs": null, "finish_reason": null }])));
             }
-            out.push(chunker.chunk(json!([{ "index": d.index, "delta": {}, "logprobs": null, "finish_reason": fmt::finish_reason(&d) }])));
+            out.push(chunker.chunk(json!([{ "index": d.index, "delta": {}, "logprobs": null, "finish_reason": finish }])));
             out
         }
         Some(Err(e)) => error_event(&e),
