@@ -54,8 +54,11 @@ impl GrammarSpec {
 /// llguidance's message, with where in the schema the offending keyword or value sits (as a
 /// JSON pointer) when the message names one.
 fn explain(spec: &GrammarSpec, message: &str) -> String {
+    // One line: errors travel in HTTP bodies and log lines.
+    let message = message.lines().map(str::trim).filter(|l| !l.is_empty()).collect::<Vec<_>>().join(" ");
+    let message = message.as_str();
     let GrammarSpec::JsonSchema(schema) = spec else { return message.to_string() };
-    let quoted = |prefix: &str| message.split_once(prefix).map(|(_, rest)| rest.lines().next().unwrap_or("").trim().to_string());
+    let quoted = |prefix: &str| message.split_once(prefix).map(|(_, rest)| rest.split(" (").next().unwrap_or("").trim().to_string());
     let at = if let Some(keys) = quoted("Unimplemented keys: ") {
         let keys: Vec<String> = keys.trim_matches(|c| c == '[' || c == ']').split(',').map(|k| k.trim().trim_matches('"').to_string()).collect();
         find(schema, "", &|obj| keys.iter().any(|k| obj.contains_key(k)))

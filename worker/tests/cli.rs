@@ -108,6 +108,34 @@ fn bad_inputs_give_one_line_errors() {
 }
 
 #[test]
+fn constrained_answers_follow_their_grammar() {
+    let dir = std::env::temp_dir().join(format!("kiln-cli-grammar-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let out = run(&["run", "-m", "smollm2", "-i", "When did people land on the moon?", "--regex", "[0-9]{4}", "--temperature", "0"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let year = text(&out.stdout);
+    assert!(year.trim_end().len() == 4 && year.trim_end().bytes().all(|b| b.is_ascii_digit()), "{year:?}");
+
+    let schema = dir.join("city.json");
+    std::fs::write(&schema, r#"{"type": "object", "properties": {"city": {"type": "string", "maxLength": 20}, "rank": {"type": "integer", "minimum": 1, "maximum": 9}}, "required": ["city", "rank"], "additionalProperties": false}"#).unwrap();
+    let out = run(&["run", "-m", "smollm2", "-i", "Name a big city.", "--json-schema", schema.to_str().unwrap(), "--temperature", "1", "--seed", "5"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let v: serde_json::Value = serde_json::from_str(text(&out.stdout).trim_end()).expect("JSON");
+    assert!(v["city"].is_string() && (1..=9).contains(&v["rank"].as_i64().unwrap()), "{v}");
+
+    let lark = dir.join("yes-no.lark");
+    std::fs::write(&lark, "start: (\"yes\" | \"no\") \".\"\n").unwrap();
+    let out = run(&["run", "-m", "smollm2", "-i", "Is water wet?", "--grammar", lark.to_str().unwrap()]);
+    assert!(["yes.\n", "no.\n"].contains(&text(&out.stdout).as_str()), "{:?}", text(&out.stdout));
+
+    assert_one_line_error(&run(&["run", "-m", "smollm2", "-i", "x", "--regex", "[a-"]), "invalid regular expression");
+    assert_one_line_error(&run(&["run", "-m", "smollm2", "-i", "x", "--json-schema", "/no/such.json"]), "cannot read /no/such.json");
+    std::fs::write(&schema, r#"{"type": "array", "uniqueItems": true}"#).unwrap();
+    assert_one_line_error(&run(&["run", "-m", "smollm2", "-i", "x", "--json-schema", schema.to_str().unwrap()]), "uniqueItems");
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
 fn bench_json_uses_llama_bench_keys() {
     let out = run(&["bench", "-m", "smollm2", "-p", "16", "-n", "4", "-r", "2", "--json"]);
     assert!(out.status.success(), "{}", text(&out.stderr));
