@@ -78,6 +78,11 @@ impl Format {
 /// (`native`); when it does not, kiln describes the tools in the system prompt and writes
 /// calls and results into the messages as text.
 pub fn format_for(template: &str) -> (Format, bool) {
+    // Mistral's calls open with a control token, which never reaches the text a worker
+    // streams: those models get kiln's generic format, described in the system prompt.
+    if template.contains("[TOOL_CALLS]") {
+        return (Format::Hermes, false);
+    }
     let knows_tools = template.contains("tools") || template.contains("tool_calls");
     if template.contains("<|python_tag|>") && knows_tools {
         return (Format::LlamaJson, true);
@@ -183,6 +188,14 @@ pub fn template_variables(turns: &[Turn], tools: &[Tool], choice: &ToolChoice, f
             }
             role => (role, t.content.clone()),
         };
+        // Results of one round of calls go back as one message: templates that insist on
+        // alternating roles would refuse consecutive user messages.
+        if t.role == "tool" {
+            if let Some(last) = messages.last_mut().filter(|m: &&mut Value| m["role"] == "user" && m["content"].as_str().is_some_and(|c| c.ends_with("</tool_response>"))) {
+                last["content"] = json!(format!("{}\n{content}", last["content"].as_str().unwrap_or_default()));
+                continue;
+            }
+        }
         messages.push(json!({"role": role, "content": content}));
     }
     if let Some(i) = pending {
@@ -496,6 +509,12 @@ mod tests {
         assert!(m[0]["content"].as_str().unwrap().contains("\"name\":\"get_weather\""));
         assert_eq!(m[2]["content"], "<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Paris\"}}\n</tool_call>");
         assert_eq!(m[3], json!({"role": "user", "content": "<tool_response>\n18 C\n</tool_response>"}));
+        // Two results of one round share a message.
+        let mut two = turns.clone();
+        two.push(Turn { role: "tool".into(), content: "19 C".into(), tool_call_id: Some("c2".into()), ..Turn::default() });
+        let v = template_variables(&two, &[weather()], &ToolChoice::Auto, Format::Hermes, false);
+        assert_eq!(v["messages"].as_array().unwrap().len(), 4);
+        assert_eq!(v["messages"][3]["content"], "<tool_response>\n18 C\n</tool_response>\n<tool_response>\n19 C\n</tool_response>");
         let native = template_variables(&turns, &[weather()], &ToolChoice::Auto, Format::Hermes, true);
         assert_eq!(native["messages"][1]["tool_calls"][0]["function"]["arguments"], json!({"city": "Paris"}));
         assert_eq!(native["messages"][2]["name"], "get_weather");
@@ -507,5 +526,6 @@ mod tests {
         assert_eq!(format_for("{{ messages }}"), (Format::Hermes, false));
         assert_eq!(format_for("{% if tools %}<tool_call>{% endif %}"), (Format::Hermes, true));
         assert_eq!(format_for("{% if tools %}<|python_tag|>{% endif %}"), (Format::LlamaJson, true));
+        assert_eq!(format_for("{% if tools %}[AVAILABLE_TOOLS]{% endif %}[TOOL_CALLS]"), (Format::Hermes, false));
     }
 }
