@@ -6,6 +6,7 @@ pub mod api;
 pub mod error;
 pub mod generate;
 pub mod heap;
+pub mod mcp;
 pub mod metrics;
 pub mod membership;
 pub mod params;

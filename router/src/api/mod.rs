@@ -4,7 +4,7 @@
 mod anthropic;
 mod collect;
 mod cors;
-mod openai;
+pub(crate) mod openai;
 mod openai_format;
 mod sse;
 mod structured;
@@ -45,8 +45,14 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route_layer(middleware::from_fn_with_state(Arc::clone(&state), bounded_body))
         .route_layer(middleware::from_fn_with_state(Arc::clone(&state), require_api_key))
         .route_layer(middleware::from_fn_with_state(Arc::clone(&state), refuse_while_draining));
+    // MCP: the same key and drain rules as the API; its own body limit (rmcp's).
+    let mcp = Router::new()
+        .nest_service("/mcp", crate::mcp::service(Arc::clone(&state)))
+        .layer(middleware::from_fn_with_state(Arc::clone(&state), require_api_key))
+        .layer(middleware::from_fn_with_state(Arc::clone(&state), refuse_while_draining));
     Router::new()
         .merge(api)
+        .merge(mcp)
         .route("/health", get(health))
         // Liveness: the process answers HTTP. Unlike /health it stays 200 while no worker serves
         // a model or while draining, so an orchestrator does not restart a router for its
@@ -281,6 +287,17 @@ pub fn tool_prompt(model: &ModelState, turns: &[Turn], tools: &[Tool], choice: &
     variables["add_generation_prompt"] = serde_json::Value::Bool(true);
     let text = model.template.render_with(&variables).map_err(|e| ApiError::field("messages", e.to_string()))?;
     Ok((kiln_shared::chat::encode_rendered(&model.tokenizer, &text), format))
+}
+
+/// Runs the chat or completions handler on `body` as a request to `route` would (the MCP
+/// tools' way into the API, with its checks, limits and errors).
+pub async fn route_body(state: &Arc<AppState>, route: &str, headers: &HeaderMap, body: &[u8]) -> Result<Response, ApiError> {
+    let mut model_id = None;
+    match route {
+        "/v1/chat/completions" => openai::chat_inner(state, headers, body, &mut model_id).await,
+        "/v1/completions" => openai::completions_inner(state, headers, body, &mut model_id).await,
+        other => Err(ApiError::internal(format!("no route {other}"))),
+    }
 }
 
 /// Tool names as OpenAI and Anthropic allow them.

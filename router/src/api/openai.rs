@@ -214,7 +214,7 @@ pub async fn chat(State(state): State<Arc<AppState>>, headers: HeaderMap, body: 
     .await
 }
 
-async fn chat_inner(state: &Arc<AppState>, headers: &HeaderMap, body: &[u8], model_id: &mut Option<String>) -> Result<Response, ApiError> {
+pub(crate) async fn chat_inner(state: &Arc<AppState>, headers: &HeaderMap, body: &[u8], model_id: &mut Option<String>) -> Result<Response, ApiError> {
     let started = Instant::now();
     let map = parse_object(body)?;
     let f = fields(&map, CHAT_FIELDS, CHAT_UNSUPPORTED)?;
@@ -438,7 +438,7 @@ pub async fn completions(State(state): State<Arc<AppState>>, headers: HeaderMap,
     .await
 }
 
-async fn completions_inner(state: &Arc<AppState>, headers: &HeaderMap, body: &[u8], model_id: &mut Option<String>) -> Result<Response, ApiError> {
+pub(crate) async fn completions_inner(state: &Arc<AppState>, headers: &HeaderMap, body: &[u8], model_id: &mut Option<String>) -> Result<Response, ApiError> {
     let started = Instant::now();
     let map = parse_object(body)?;
     let f = fields(&map, COMPLETION_FIELDS, COMPLETION_UNSUPPORTED)?;
