@@ -4,6 +4,7 @@ mod chat;
 mod cluster;
 mod http;
 mod load;
+mod mcp;
 
 use clap::{Parser, Subcommand};
 
@@ -50,6 +51,9 @@ enum Command {
     Drain { worker: String },
     /// Let a drained worker take requests again (needs --etcd)
     Undrain { worker: String },
+    /// Serve the router's MCP endpoint on standard input and output (for MCP hosts that
+    /// launch servers as programs)
+    Mcp,
 }
 
 impl Command {
@@ -66,7 +70,8 @@ fn main() {
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {
-    let client = http::Client::new(&cli.router, cli.api_key.or_else(|| std::env::var("KILN_API_KEY").ok()))?;
+    let api_key = cli.api_key.or_else(|| std::env::var("KILN_API_KEY").ok());
+    let client = http::Client::new(&cli.router, api_key.clone())?;
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     if !cli.etcd.is_empty() && matches!(cli.command, Command::Status | Command::Models) || cli.command.needs_etcd() {
         if cli.etcd.is_empty() {
@@ -79,6 +84,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     runtime.block_on(async move {
         match cli.command {
             Command::Chat(args) => chat::run(&client, args).await,
+            Command::Mcp => mcp::run(&cli.router, api_key).await,
             Command::Load(args) => load::run(client, args).await,
             Command::Workers | Command::Place(_) | Command::Unplace { .. } | Command::Drain { .. } | Command::Undrain { .. } => unreachable!("handled above"),
             Command::Models => {

@@ -4,13 +4,14 @@ for the same greedy request (with progress as tokens arrive), errors carry the A
 as tool errors, the router's API key applies, and cancelling a call frees the worker."""
 import asyncio
 import json
+import subprocess
 
 import httpx2 as httpx
 import mcp
 import pytest
 from mcp.client.streamable_http import streamable_http_client
 
-from conftest import Router, wait_until
+from conftest import BIN, Router, wait_until
 
 HELLO = [{"role": "user", "content": "Write a short poem about the sea."}]
 
@@ -102,3 +103,56 @@ def test_cancelling_a_call_frees_the_workers_slot(router, worker, model):
 
     run(go())
     wait_until(lambda: worker.metric("kiln_worker_running_sequences") == 0, 10, "the cancelled generation to end on the worker")
+
+
+def kilnctl_mcp(router_url, *extra):
+    return mcp.StdioServerParameters(command=str(BIN / "kilnctl"), args=["--router", router_url, *extra, "mcp"])
+
+
+def test_kilnctl_mcp_serves_the_same_over_stdio(router, worker, model):
+    """`kilnctl mcp` as a desktop host launches it: the same tools, resources and answers,
+    progress under the host's own token, and a cancelled call frees the worker."""
+    async def go():
+        async with mcp.Client(kilnctl_mcp(router.url)) as c:
+            assert {t.name for t in (await c.list_tools()).tools} == {"chat", "complete", "list_models"}
+            resources = (await c.list_resources()).resources
+            assert json.loads((await c.read_resource(resources[0].uri)).contents[0].text)["id"] == model
+            progress = []
+
+            async def on_progress(done, total, message):
+                progress.append(done)
+
+            chat = await c.call_tool("chat", {"messages": HELLO, "temperature": 0, "max_tokens": 24}, progress_callback=on_progress)
+            unknown = await c.call_tool("chat", {"model": "no-such-model", "messages": HELLO})
+            call = asyncio.create_task(c.call_tool("chat", {"messages": HELLO, "max_tokens": 2000, "temperature": 1, "ignore_eos": True}))
+            for _ in range(300):
+                await asyncio.sleep(0.1)
+                if worker.metric("kiln_worker_running_sequences") == 1:
+                    break
+            assert worker.metric("kiln_worker_running_sequences") == 1
+            call.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await call
+            return chat, unknown, progress
+
+    chat, unknown, progress = run(go())
+    http_chat = httpx.post(f"{router.url}/v1/chat/completions", json={"model": model, "messages": HELLO, "temperature": 0, "max_tokens": 24}).json()
+    assert chat.content[0].text == http_chat["choices"][0]["message"]["content"]
+    assert len(progress) >= 10 and progress == sorted(progress)
+    assert unknown.is_error and "model `no-such-model` does not exist" in unknown.content[0].text
+    wait_until(lambda: worker.metric("kiln_worker_running_sequences") == 0, 10, "the cancelled generation to end on the worker")
+
+
+def test_kilnctl_mcp_passes_the_api_key(worker, model):
+    r = Router("mcp-stdio-keyed", [worker.grpc], "--api-key", "sekrit")
+    try:
+        async def go(*extra):
+            async with mcp.Client(kilnctl_mcp(r.url, *extra)) as c:
+                return await c.call_tool("chat", {"messages": HELLO, "temperature": 0, "max_tokens": 4})
+
+        assert not run(go("--api-key", "sekrit")).is_error
+        # A wrong key: kilnctl says so and exits, instead of serving a host nothing.
+        refused = subprocess.run([str(BIN / "kilnctl"), "--router", r.url, "--api-key", "wrong", "mcp"], input="", capture_output=True, text=True, timeout=30)
+        assert refused.returncode == 1 and "401" in refused.stderr and "missing or invalid API key" in refused.stderr
+    finally:
+        r.stop()
