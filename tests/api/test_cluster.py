@@ -68,6 +68,16 @@ def test_cors_preflight(worker):
         assert pre.headers["access-control-allow-origin"] == "https://app.example"
         other = httpx.get(f"{r.url}/v1/models", headers={"Origin": "https://evil.example", "Authorization": "Bearer k"})
         assert "access-control-allow-origin" not in other.headers
+        # The MCP endpoint follows the same rules; browsers may end sessions and read their id.
+        pre = httpx.options(f"{r.url}/mcp", headers={"Origin": "https://app.example", "Access-Control-Request-Method": "DELETE",
+                                                     "Access-Control-Request-Headers": "authorization, mcp-session-id, mcp-protocol-version"})
+        assert pre.status_code == 204 and "DELETE" in pre.headers["access-control-allow-methods"]
+        assert "mcp-session-id" in pre.headers["access-control-allow-headers"]
+        listed = httpx.post(f"{r.url}/mcp", json={"jsonrpc": "2.0", "id": 1, "method": "tools/list"}, headers={
+            "Origin": "https://app.example", "Authorization": "Bearer k", "Accept": "application/json, text/event-stream",
+            "MCP-Protocol-Version": "2026-07-28", "Mcp-Method": "tools/list"})
+        assert listed.headers["access-control-allow-origin"] == "https://app.example", listed.text
+        assert listed.headers["access-control-expose-headers"] == "mcp-session-id"
     finally:
         r.stop()
 

@@ -25,7 +25,8 @@ pub async fn cors(State(state): State<Arc<AppState>>, request: Request, next: Ne
         let mut r = StatusCode::NO_CONTENT.into_response();
         let h = r.headers_mut();
         h.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, allow_origin);
-        h.insert(header::ACCESS_CONTROL_ALLOW_METHODS, HeaderValue::from_static("GET, POST, OPTIONS"));
+        // DELETE ends an MCP session.
+        h.insert(header::ACCESS_CONTROL_ALLOW_METHODS, HeaderValue::from_static("GET, POST, DELETE, OPTIONS"));
         h.insert(
             header::ACCESS_CONTROL_ALLOW_HEADERS,
             requested.unwrap_or(HeaderValue::from_static("authorization, content-type, x-api-key, anthropic-version")),
@@ -36,6 +37,8 @@ pub async fn cors(State(state): State<Arc<AppState>>, request: Request, next: Ne
     }
     let mut r = next.run(request).await;
     r.headers_mut().insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, allow_origin);
+    // A browser MCP client must read the session it was given.
+    r.headers_mut().insert(header::ACCESS_CONTROL_EXPOSE_HEADERS, HeaderValue::from_static("mcp-session-id"));
     r.headers_mut().insert(header::VARY, HeaderValue::from_static("Origin"));
     r
 }
