@@ -150,6 +150,7 @@ impl KilnMcp {
             "architecture": m.info.architecture,
             "context_length": m.info.context_length,
             "vocab_size": m.info.vocab_size,
+            "weight_format": m.info.weight_format,
             "workers": workers,
         }))
     }

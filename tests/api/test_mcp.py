@@ -30,6 +30,7 @@ def test_tools_resources_and_chat_equal_the_http_api(router, worker, model):
             assert [str(r.uri) for r in resources] == [f"kiln://models/{model}"]
             meta = json.loads((await c.read_resource(resources[0].uri)).contents[0].text)
             assert meta["id"] == model and meta["context_length"] > 0 and meta["workers"] == [worker.grpc]
+            assert meta["weight_format"].startswith("Q4_1"), meta  # SmolLM2-135M-Instruct.Q4_1.gguf
             progress = []
 
             async def on_progress(done, total, message):

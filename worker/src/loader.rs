@@ -22,6 +22,9 @@ pub struct LoadedModel {
     pub chat_template_builtin: bool,
     /// Tensors in the file that the architecture did not use (usually a wrong guess).
     pub unused_tensors: Vec<String>,
+    /// The weights' formats, as a user would name them: the format of most matrix elements,
+    /// then the others (`Q4_1 (also Q8_0)`), and load-time quantization when it ran.
+    pub weight_format: String,
     /// What load-time quantization did, when it was asked for.
     pub isq: Option<crate::layers::weights::IsqReport>,
     /// Sampling settings the model's authors recommend (generation_config.json).
@@ -75,6 +78,30 @@ pub fn parse_isq(name: &str) -> std::result::Result<DType, String> {
         .ok_or_else(|| format!("unknown quantization `{name}` (one of {})", ISQ_TYPES.iter().map(|t| t.0).collect::<Vec<_>>().join(", ")))
 }
 
+/// Names the formats of a model's matrices (tensors of two or more dimensions), by element
+/// count: `Q4_1`, `Q4_1 (also Q8_0)`, `BF16`; with load-time quantization, `BF16, projections
+/// quantized at load to Q4_K`.
+fn weight_format(tensors: impl Iterator<Item = (DType, usize, u64)>, isq: Option<DType>) -> String {
+    let mut counts: Vec<(DType, u64)> = Vec::new();
+    for (dtype, _, elements) in tensors.filter(|t| t.1 >= 2) {
+        match counts.iter_mut().find(|c| c.0 == dtype) {
+            Some(c) => c.1 += elements,
+            None => counts.push((dtype, elements)),
+        }
+    }
+    counts.sort_by(|a, b| b.1.cmp(&a.1));
+    let mut names = counts.iter().map(|c| c.0.name());
+    let file = match (names.next(), names.collect::<Vec<_>>()) {
+        (None, _) => "none".to_string(),
+        (Some(main), rest) if rest.is_empty() => main.to_string(),
+        (Some(main), rest) => format!("{main} (also {})", rest.join(", ")),
+    };
+    match isq {
+        Some(t) => format!("{file}, projections quantized at load to {}", t.name()),
+        None => file,
+    }
+}
+
 impl LoadedModel {
     /// Loads a GGUF file, or a Hugging Face model directory.
     pub fn load(path: &Path) -> Result<LoadedModel> {
@@ -119,8 +146,9 @@ impl LoadedModel {
             SamplingDefaults::default()
         };
         let checkpoint = Arc::new(crate::formats::safetensors::Checkpoint::open_dir(dir)?);
+        let format = weight_format(checkpoint.names().filter_map(|n| checkpoint.tensor(n)).map(|(t, _)| (t.dtype, t.dims.len(), t.num_elements())), isq);
         let weights = WeightSource::from_checkpoint(checkpoint, &cfg.architecture).with_isq(isq);
-        Self::assemble(dir.to_path_buf(), &cfg, tokenizer, &weights, template, isq.is_some(), sampling_defaults)
+        Self::assemble(dir.to_path_buf(), &cfg, tokenizer, &weights, template, format, isq.is_some(), sampling_defaults)
     }
 
     /// The model built from its weights, with its tokenizer and chat template (the file's, or
@@ -131,6 +159,7 @@ impl LoadedModel {
         tokenizer: Arc<Tokenizer>,
         weights: &WeightSource,
         template: Option<String>,
+        weight_format: String,
         quantized: bool,
         sampling_defaults: SamplingDefaults,
     ) -> Result<LoadedModel> {
@@ -151,6 +180,7 @@ impl LoadedModel {
             chat_template_source: source,
             chat_template_builtin: builtin,
             unused_tensors,
+            weight_format,
             isq: quantized.then(|| weights.isq_report.borrow().clone()),
             sampling_defaults,
         })
@@ -174,9 +204,10 @@ impl LoadedModel {
                 what: format!("{} differs from the tokenizer's {} tokens", cfg.vocab_size, tokenizer.vocab_size()),
             });
         }
+        let format = weight_format(gguf.tensors().iter().map(|t| (t.dtype, t.dims.len(), t.num_elements())), isq);
         let weights = WeightSource::new(Arc::clone(&gguf), &arch).with_isq(isq);
         let template = gguf.opt_string("tokenizer.chat_template")?.map(str::to_string);
-        Self::assemble(path, &cfg, tokenizer, &weights, template, isq.is_some(), SamplingDefaults::default())
+        Self::assemble(path, &cfg, tokenizer, &weights, template, format, isq.is_some(), SamplingDefaults::default())
     }
 
     /// Plain-text prompt: BOS as the model asks, control tokens in the text recognized.
@@ -191,5 +222,18 @@ impl LoadedModel {
     /// Renders and tokenizes a conversation, ready for the assistant's turn.
     pub fn encode_chat(&self, messages: &[ChatMessage]) -> Result<Vec<u32>> {
         Ok(kiln_shared::chat::encode_rendered(&self.tokenizer, &self.render_chat(messages)?))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn weight_formats_are_named_by_element_count() {
+        let t = |d, dims, n| (d, dims, n);
+        assert_eq!(weight_format([t(DType::Q8_0, 2, 10), t(DType::Q4_1, 2, 90), t(DType::F32, 1, 1000)].into_iter(), None), "Q4_1 (also Q8_0)");
+        assert_eq!(weight_format([t(DType::BF16, 2, 5)].into_iter(), Some(DType::Q4K)), "BF16, projections quantized at load to Q4_K");
+        assert_eq!(weight_format(std::iter::empty(), None), "none");
     }
 }

@@ -536,6 +536,7 @@ fn model_object(m: &ModelState, anthropic: bool) -> Value {
             "owned_by": "kiln",
             "max_model_len": m.info.context_length,
             "architecture": m.info.architecture,
+            "weight_format": m.info.weight_format,
         })
     }
 }

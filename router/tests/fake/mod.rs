@@ -116,6 +116,7 @@ impl Worker for FakeWorker {
             bos_token: String::new(),
             eos_token: "<|im_end|>".into(),
             max_seqs: 2,
+            weight_format: "F32".into(),
         }))
     }
 

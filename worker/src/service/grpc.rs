@@ -43,6 +43,7 @@ impl Serving {
             bos_token: model.tokenizer.bos_text().unwrap_or("").to_string(),
             eos_token: model.tokenizer.eos_text().unwrap_or("").to_string(),
             max_seqs: max_seqs as u32,
+            weight_format: model.weight_format.clone(),
         };
         let grammars = Arc::new(crate::constraint::Grammars::new(Arc::clone(&model.tokenizer)));
         Ok(Serving { engine, model, info, grammars })
