@@ -60,7 +60,7 @@ fn tools() -> Vec<Tool> {
     vec![
         Tool::new("chat", "Answer a conversation with a model served by this kiln cluster", schema(json!({"messages": {"type": "array", "items": message, "minItems": 1}}), &["messages"])),
         Tool::new("complete", "Continue a text with a model served by this kiln cluster", schema(json!({"prompt": {"type": "string"}}), &["prompt"])),
-        Tool::new("list_models", "The models this kiln cluster serves", Arc::new(serde_json::from_value(json!({"type": "object", "properties": {}})).unwrap_or_default())),
+        Tool::new("list_models", "The models this kiln cluster serves", Arc::new(Map::from_iter([("type".into(), json!("object")), ("properties".into(), json!({}))]))),
     ]
 }
 

@@ -168,9 +168,10 @@ pub fn template_variables(turns: &[Turn], tools: &[Tool], choice: &ToolChoice, f
         let tools = if offered.is_empty() { Value::Null } else { openai_tools(offered) };
         return json!({"messages": messages, "tools": tools});
     }
-    let mut messages = Vec::with_capacity(turns.len() + 1);
+    let mut messages: Vec<Value> = Vec::with_capacity(turns.len() + 1);
     let instructions = (!offered.is_empty()).then(|| generic_instructions(offered, choice));
     let mut pending = instructions.clone();
+    let mut previous_was_tool = false;
     for t in turns {
         let (role, content) = match t.role.as_str() {
             "system" => {
@@ -190,11 +191,11 @@ pub fn template_variables(turns: &[Turn], tools: &[Tool], choice: &ToolChoice, f
         };
         // Results of one round of calls go back as one message: templates that insist on
         // alternating roles would refuse consecutive user messages.
-        if t.role == "tool" {
-            if let Some(last) = messages.last_mut().filter(|m: &&mut Value| m["role"] == "user" && m["content"].as_str().is_some_and(|c| c.ends_with("</tool_response>"))) {
-                last["content"] = json!(format!("{}\n{content}", last["content"].as_str().unwrap_or_default()));
-                continue;
-            }
+        let merge = t.role == "tool" && previous_was_tool;
+        previous_was_tool = t.role == "tool";
+        if let (true, Some(last)) = (merge, messages.last_mut()) {
+            last["content"] = json!(format!("{}\n{content}", last["content"].as_str().unwrap_or_default()));
+            continue;
         }
         messages.push(json!({"role": role, "content": content}));
     }
@@ -254,6 +255,15 @@ pub fn grammar(tools: &[Tool], choice: &ToolChoice, parallel: bool, format: Form
 /// A character for a regex character class, as a hex escape (valid whatever the character).
 fn regex_escape_char(c: char) -> String {
     format!("\\x{{{:X}}}", c as u32)
+}
+
+/// The complete calls of a whole answer, as (name, arguments), or None when the answer is
+/// text. A call cut off by the token limit is left out.
+pub fn read_calls(format: Format, text: &str) -> Option<Vec<(String, String)>> {
+    let mut reader = CallReader::new(format);
+    reader.push(text);
+    reader.finish();
+    reader.is_calls().then(|| reader.calls().filter(|c| c.2).map(|(name, args, _)| (name.to_string(), args.to_string())).collect())
 }
 
 /// What a piece of streamed output adds.

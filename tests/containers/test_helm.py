@@ -24,15 +24,11 @@ import grpc
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "helm"))
-from chart import ROOT, container_env, expand, find, pod_templates, render  # noqa: E402
+from chart import ROOT, container_env, expand, find, matches, pod_templates, render  # noqa: E402
 from conftest import MODELS_DIR, run, wait_until  # noqa: E402
 
 NETWORK = "kilnhelm"
 SUBNET = "10.213.9"
-
-
-def matches(selector, labels):
-    return all(labels.get(k) == v for k, v in selector.items())
 
 
 def grpc_health(address, service, timeout):

@@ -48,6 +48,11 @@ def find(docs, kind, name):
     return found[0]
 
 
+def matches(selector, labels):
+    """Whether a label selector's matchLabels select `labels`."""
+    return all(labels.get(k) == v for k, v in selector.items())
+
+
 def pod_templates(docs):
     """(workload, pod spec, pod labels) of every Deployment and StatefulSet."""
     return [(d, d["spec"]["template"]["spec"], d["spec"]["template"]["metadata"]["labels"])

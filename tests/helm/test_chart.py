@@ -16,7 +16,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from chart import CHART, RELEASE, ROOT, VALUE_SETS, by_kind, container_env, find, helm, pod_templates, render, values_args
+from chart import CHART, RELEASE, ROOT, VALUE_SETS, by_kind, container_env, find, helm, matches, pod_templates, render, values_args
 
 KUBERNETES = "1.30.0"
 OPERATOR_KINDS = {"ServiceMonitor", "PrometheusRule"}
@@ -43,10 +43,6 @@ def test_every_object_validates_against_kubernetes(value_set):
             pytest.fail(f"{doc['kind']}/{doc['metadata']['name']} ({value_set}): {e.message} at {list(e.path)}")
         except kubernetes_validate.SchemaNotFoundError:
             pytest.fail(f"{doc['kind']} ({doc['apiVersion']}) is not a Kubernetes {KUBERNETES} kind")
-
-
-def matches(selector, labels):
-    return all(labels.get(k) == v for k, v in selector.items())
 
 
 @pytest.mark.parametrize("value_set", VALUE_SETS)

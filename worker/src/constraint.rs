@@ -183,12 +183,6 @@ impl std::fmt::Debug for Constraint {
     }
 }
 
-impl PartialEq for Constraint {
-    fn eq(&self, other: &Self) -> bool {
-        self.spec == other.spec
-    }
-}
-
 impl Constraint {
     pub fn start(&self) -> TokenMatcher {
         let matcher = self.start.lock().unwrap_or_else(|e| e.into_inner()).deep_clone();

@@ -3,7 +3,7 @@
 
 use super::openai_format::validate_sampling;
 use super::sse::{self, Step};
-use super::{admit, answer, chat_prompt, check_context, collect, random_id, resolve_model, route_key, Totals};
+use super::{admit, answer, check_context, collect, random_id, resolve_model, route_key, Totals};
 use crate::error::{ApiError, Flavor};
 use crate::generate::{Generation, Update};
 use crate::params::{parse_object, Fields};
@@ -17,7 +17,6 @@ use axum::response::sse::Event;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use kiln_proto::v1 as pb;
-use kiln_shared::chat::ChatMessage;
 use serde_json::{json, Value};
 use std::sync::Arc;
 use std::time::Instant;
@@ -162,7 +161,8 @@ fn message_tools(f: &Fields) -> Result<(Vec<Tool>, ToolChoice, bool), ApiError> 
         });
     }
     let Some(tc) = f.object("tool_choice")? else {
-        return Ok((tools.clone(), if tools.is_empty() { ToolChoice::None } else { ToolChoice::Auto }, true));
+        let choice = if tools.is_empty() { ToolChoice::None } else { ToolChoice::Auto };
+        return Ok((tools, choice, true));
     };
     let c = Fields::new(tc, "tool_choice.", &["type", "name", "disable_parallel_tool_use"], &[])?;
     let parallel = !c.bool("disable_parallel_tool_use")?.unwrap_or(false);
@@ -184,19 +184,6 @@ fn message_tools(f: &Fields) -> Result<(Vec<Tool>, ToolChoice, bool), ApiError> 
         return Err(ApiError::field("tool_choice", "needs `tools`"));
     }
     Ok((tools, choice, parallel))
-}
-
-/// The prompt for a conversation, and the call format to read the answer with when tools
-/// may be called. Without tools a final assistant message is continued, not answered.
-fn prompt_for(model: &ModelState, f: &Fields, turns: &[Turn]) -> Result<(Vec<u32>, Option<(Format, Option<String>)>), ApiError> {
-    let (tools, choice, parallel) = message_tools(f)?;
-    if tools.is_empty() && !turns.iter().any(|t| !t.tool_calls.is_empty() || t.role == "tool") {
-        let messages: Vec<ChatMessage> = turns.iter().map(|t| ChatMessage::new(t.role.clone(), t.content.clone())).collect();
-        return Ok((chat_prompt(model, &messages, true)?, None));
-    }
-    let (prompt, format) = super::tool_prompt(model, turns, &tools, &choice)?;
-    let calls = (choice != ToolChoice::None).then(|| (format, tools::grammar(&tools, &choice, parallel, format)));
-    Ok((prompt, calls))
 }
 
 fn stop_reason(d: &pb::DoneEvent) -> &'static str {
@@ -253,7 +240,8 @@ async fn messages_inner(state: &Arc<AppState>, headers: &HeaderMap, body: &[u8],
     };
     validate_sampling(&sampling)?;
     let stream = f.bool("stream")?.unwrap_or(false);
-    let (prompt, calls) = prompt_for(&model, &f, &conversation)?;
+    let (tools, choice, parallel) = message_tools(&f)?;
+    let super::ConversationPrompt { tokens: prompt, calls: format, grammar } = super::conversation_prompt(&model, &conversation, &tools, &choice, parallel, true)?;
     check_context(&model, prompt.len(), Some(max_tokens), "messages")?;
     admit(state)?;
     let id = random_id("msg_");
@@ -270,9 +258,8 @@ async fn messages_inner(state: &Arc<AppState>, headers: &HeaderMap, body: &[u8],
         top_logprobs: 0,
         request_id: id.clone(),
         resume: None,
-        constraint: calls.as_ref().and_then(|(_, g)| g.clone()).map(|lark| pb::Constraint { kind: Some(pb::constraint::Kind::Lark(lark)) }),
+        constraint: grammar,
     };
-    let format = calls.map(|(f, _)| f);
     let mut generation = Generation::start(state, &model, request, key, started).await?;
     if stream {
         return Ok(stream_message(generation, &model, id, prompt_tokens, format));
@@ -281,26 +268,18 @@ async fn messages_inner(state: &Arc<AppState>, headers: &HeaderMap, body: &[u8],
     let choice = choices.into_iter().next().unwrap_or_default();
     let done = choice.done.unwrap_or_default();
     let mut stop = stop_reason(&done);
-    let content = match format {
-        Some(format) => {
-            let mut reader = CallReader::new(format);
-            reader.push(&choice.text);
-            reader.finish();
-            if reader.is_calls() {
-                if stop == "end_turn" {
-                    stop = "tool_use";
-                }
-                reader
-                    .calls()
-                    .filter(|c| c.2)
-                    .map(|(name, args, _)| {
-                        let input = serde_json::from_str::<Value>(args).unwrap_or_else(|_| json!({}));
-                        json!({ "type": "tool_use", "id": random_id("toolu_"), "name": name, "input": input })
-                    })
-                    .collect()
-            } else {
-                vec![json!({ "type": "text", "text": choice.text })]
+    let content = match format.and_then(|format| tools::read_calls(format, &choice.text)) {
+        Some(calls) => {
+            if stop == "end_turn" {
+                stop = "tool_use";
             }
+            calls
+                .iter()
+                .map(|(name, args)| {
+                    let input = serde_json::from_str::<Value>(args).unwrap_or_else(|_| json!({}));
+                    json!({ "type": "tool_use", "id": random_id("toolu_"), "name": name, "input": input })
+                })
+                .collect()
         }
         None => vec![json!({ "type": "text", "text": choice.text })],
     };
@@ -460,7 +439,9 @@ pub async fn count_tokens(State(state): State<Arc<AppState>>, body: Bytes) -> Re
             let f = Fields::new(&map, "", COUNT_FIELDS, &["thinking"])?;
             let model = resolve_model(&state, f.str("model")?.ok_or_else(|| ApiError::field("model", "is required"))?)?;
             model_id = Some(model.info.model_id.clone());
-            let (prompt, _) = prompt_for(&model, &f, &conversation(&f, state.config.limits.max_messages)?)?;
+            let (tools, choice, parallel) = message_tools(&f)?;
+            let turns = conversation(&f, state.config.limits.max_messages)?;
+            let prompt = super::conversation_prompt(&model, &turns, &tools, &choice, parallel, true)?.tokens;
             Ok(Json(json!({ "input_tokens": prompt.len() })).into_response())
         }
         .await;

@@ -278,15 +278,35 @@ pub fn chat_prompt(model: &ModelState, messages: &[ChatMessage], continue_last: 
     Ok(kiln_shared::chat::encode_rendered(&model.tokenizer, &text))
 }
 
-/// The prompt of a conversation with tools: offered to the template when it renders tools
-/// itself, otherwise described in the system prompt with calls and results written as text
-/// (crate::tools). Returns the call format to read the answer with.
-pub fn tool_prompt(model: &ModelState, turns: &[Turn], tools: &[Tool], choice: &ToolChoice) -> Result<(Vec<u32>, Format), ApiError> {
+/// A conversation's prompt and, when tools may be called, how to read the answer.
+pub struct ConversationPrompt {
+    pub tokens: Vec<u32>,
+    /// The call format the answer is read with (None: plain text).
+    pub calls: Option<Format>,
+    /// The grammar that holds the answer to calls (or text that cannot start like one).
+    pub grammar: Option<kiln_proto::v1::Constraint>,
+}
+
+/// The prompt for `turns`. With tools offered or in the history, the tools go to the template
+/// when it renders them itself, otherwise into the system prompt with calls and results
+/// written as text (crate::tools); without, the plain template renders the messages,
+/// `continue_last` continuing a final assistant message rather than answering it.
+pub fn conversation_prompt(model: &ModelState, turns: &[Turn], tools: &[Tool], choice: &ToolChoice, parallel: bool, continue_last: bool) -> Result<ConversationPrompt, ApiError> {
+    if tools.is_empty() && !turns.iter().any(|t| !t.tool_calls.is_empty() || t.role == "tool") {
+        let messages: Vec<ChatMessage> = turns.iter().map(|t| ChatMessage::new(t.role.clone(), t.content.clone())).collect();
+        return Ok(ConversationPrompt { tokens: chat_prompt(model, &messages, continue_last)?, calls: None, grammar: None });
+    }
     let (format, native) = crate::tools::format_for(&model.info.chat_template);
     let mut variables = crate::tools::template_variables(turns, tools, choice, format, native);
     variables["add_generation_prompt"] = serde_json::Value::Bool(true);
     let text = model.template.render_with(&variables).map_err(|e| ApiError::field("messages", e.to_string()))?;
-    Ok((kiln_shared::chat::encode_rendered(&model.tokenizer, &text), format))
+    let grammar = crate::tools::grammar(tools, choice, parallel, format)
+        .map(|lark| kiln_proto::v1::Constraint { kind: Some(kiln_proto::v1::constraint::Kind::Lark(lark)) });
+    Ok(ConversationPrompt {
+        tokens: kiln_shared::chat::encode_rendered(&model.tokenizer, &text),
+        calls: (*choice != ToolChoice::None).then_some(format),
+        grammar,
+    })
 }
 
 /// Runs the chat or completions handler on `body` as a request to `route` would (the MCP

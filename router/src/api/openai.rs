@@ -2,7 +2,7 @@
 
 use super::openai_format::{self as fmt, Common, COMMON_FIELDS};
 use super::sse::{self, json_event, Step};
-use super::{admit, answer, chat_prompt, check_context, collect, labelled, random_id, resolve_model, route_key, unix_now, Totals};
+use super::{admit, answer, check_context, collect, labelled, random_id, resolve_model, route_key, unix_now, Totals};
 use crate::error::{ApiError, Flavor};
 use crate::generate::{Generation, Update};
 use crate::params::{parse_object, Fields};
@@ -16,7 +16,6 @@ use axum::response::sse::Event;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use kiln_proto::v1 as pb;
-use kiln_shared::chat::ChatMessage;
 use serde_json::{json, Map, Value};
 use std::sync::Arc;
 use std::time::Instant;
@@ -222,7 +221,7 @@ pub(crate) async fn chat_inner(state: &Arc<AppState>, headers: &HeaderMap, body:
     *model_id = Some(model.info.model_id.clone());
     let turns = chat_messages(&f, state.config.limits.max_messages)?;
     let (tools, choice, parallel) = chat_tools(&f)?;
-    let mut constraint = super::structured::chat(&f)?;
+    let constraint = super::structured::chat(&f)?;
     let max_completion = f.int("max_completion_tokens", 1, i64::from(model.info.context_length))?.map(|m| m as u32);
     let c = fmt::common(&f, &model, max_completion, &state.config.limits)?;
     let logprobs = f.bool("logprobs")?.unwrap_or(false);
@@ -230,21 +229,12 @@ pub(crate) async fn chat_inner(state: &Arc<AppState>, headers: &HeaderMap, body:
     if top_logprobs.is_some() && !logprobs {
         return Err(ApiError::field("top_logprobs", "requires `logprobs` to be true"));
     }
-    let uses_tools = !tools.is_empty() || turns.iter().any(|t| !t.tool_calls.is_empty() || t.role == "tool");
-    let (prompt, calls) = if uses_tools {
-        let (prompt, format) = super::tool_prompt(&model, &turns, &tools, &choice)?;
-        let grammar = tools::grammar(&tools, &choice, parallel, format);
-        if grammar.is_some() && constraint.is_some() {
-            return Err(ApiError::field("tool_choice", "tool calls cannot be combined with a response_format or grammar; set tool_choice to none"));
-        }
-        if let Some(lark) = grammar {
-            constraint = Some(pb::Constraint { kind: Some(pb::constraint::Kind::Lark(lark)) });
-        }
-        (prompt, (choice != ToolChoice::None).then_some(format))
-    } else {
-        let messages: Vec<ChatMessage> = turns.iter().map(|t| ChatMessage::new(t.role.clone(), t.content.clone())).collect();
-        (chat_prompt(&model, &messages, false)?, None)
-    };
+    let conversation = super::conversation_prompt(&model, &turns, &tools, &choice, parallel, false)?;
+    if conversation.grammar.is_some() && constraint.is_some() {
+        return Err(ApiError::field("tool_choice", "tool calls cannot be combined with a response_format or grammar; set tool_choice to none"));
+    }
+    let constraint = conversation.grammar.or(constraint);
+    let (prompt, calls) = (conversation.tokens, conversation.calls);
     check_context(&model, prompt.len(), c.max_tokens, "messages")?;
     admit(state)?;
     let id = random_id("chatcmpl-");
@@ -261,24 +251,16 @@ pub(crate) async fn chat_inner(state: &Arc<AppState>, headers: &HeaderMap, body:
         .enumerate()
         .map(|(i, ch)| {
             let mut finish = ch.done.as_ref().map(fmt::finish_reason);
-            let message = match calls {
-                Some(format) => {
-                    let mut reader = CallReader::new(format);
-                    reader.push(&ch.text);
-                    reader.finish();
-                    if reader.is_calls() {
-                        let calls: Vec<Value> = reader
-                            .calls()
-                            .filter(|c| c.2)
-                            .map(|(name, args, _)| json!({"id": random_id("call_"), "type": "function", "function": {"name": name, "arguments": args}}))
-                            .collect();
-                        if finish == Some("stop") {
-                            finish = Some("tool_calls");
-                        }
-                        json!({ "role": "assistant", "content": null, "tool_calls": calls, "refusal": null })
-                    } else {
-                        json!({ "role": "assistant", "content": ch.text, "refusal": null })
+            let message = match calls.and_then(|format| tools::read_calls(format, &ch.text)) {
+                Some(calls) => {
+                    let calls: Vec<Value> = calls
+                        .iter()
+                        .map(|(name, args)| json!({"id": random_id("call_"), "type": "function", "function": {"name": name, "arguments": args}}))
+                        .collect();
+                    if finish == Some("stop") {
+                        finish = Some("tool_calls");
                     }
+                    json!({ "role": "assistant", "content": null, "tool_calls": calls, "refusal": null })
                 }
                 None => json!({ "role": "assistant", "content": ch.text, "refusal": null }),
             };
