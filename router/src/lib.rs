@@ -15,7 +15,8 @@ pub mod serve;
 pub mod tools;
 pub mod upstream;
 
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, AtomicUsize};
+use std::sync::Arc;
 
 pub struct RouterConfig {
     /// When set, API routes need this key as `Authorization: Bearer` or `x-api-key`.
@@ -26,11 +27,13 @@ pub struct RouterConfig {
     pub max_queue: usize,
     pub limits: Limits,
     pub timeouts: generate::Timeouts,
+    /// Rounds of MCP tool calls one request may run before the model must answer.
+    pub max_tool_rounds: usize,
 }
 
 impl Default for RouterConfig {
     fn default() -> Self {
-        RouterConfig { api_key: None, cors_origins: Vec::new(), max_queue: 256, limits: Limits::default(), timeouts: generate::Timeouts::default() }
+        RouterConfig { api_key: None, cors_origins: Vec::new(), max_queue: 256, limits: Limits::default(), timeouts: generate::Timeouts::default(), max_tool_rounds: 8 }
     }
 }
 
@@ -68,16 +71,21 @@ impl Default for Limits {
 
 pub struct AppState {
     pub pool: upstream::WorkerPool,
-    pub metrics: metrics::Metrics,
+    pub metrics: Arc<metrics::Metrics>,
     pub config: RouterConfig,
     /// Set on SIGTERM: health turns 503 so load balancers stop sending.
     pub draining: AtomicBool,
     /// The etcd view membership follows, when the router runs with `--etcd`.
     pub cluster: Option<kiln_cluster::ClusterView>,
+    /// The MCP servers of `--mcp-config`, whose tools requests may opt into.
+    pub mcp: Option<Arc<mcp::client::McpHub>>,
+    /// Requests in an MCP tool loop: between rounds they have nothing on a worker, but a
+    /// draining router must still wait for them.
+    pub tool_loops: AtomicUsize,
 }
 
 impl AppState {
     pub fn new(pool: upstream::WorkerPool, config: RouterConfig) -> AppState {
-        AppState { pool, metrics: metrics::Metrics::default(), config, draining: AtomicBool::new(false), cluster: None }
+        AppState { pool, metrics: Arc::default(), config, draining: AtomicBool::new(false), cluster: None, mcp: None, tool_loops: AtomicUsize::new(0) }
     }
 }

@@ -76,6 +76,19 @@ struct Args {
     /// Most tokens one completion may ask for (default: the model's context length)
     #[arg(long, env = "KILN_ROUTER_MAX_TOKENS")]
     max_tokens: Option<u32>,
+    /// MCP servers whose tools requests may use (`"mcp": true` or a list of server names in
+    /// the body): JSON in the `mcpServers` shape desktop hosts use (docs/api.md)
+    #[arg(long, env = "KILN_ROUTER_MCP_CONFIG")]
+    mcp_config: Option<std::path::PathBuf>,
+    /// Rounds of MCP tool calls one request may run before the model must answer in text
+    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..=64), env = "KILN_ROUTER_MAX_TOOL_ROUNDS")]
+    max_tool_rounds: u32,
+    /// Seconds an MCP server may take to start and list its tools, and to answer a ping
+    #[arg(long, default_value_t = 10.0, env = "KILN_ROUTER_MCP_CONNECT_TIMEOUT_SECS")]
+    mcp_connect_timeout_secs: f64,
+    /// Seconds one MCP tool call may take; past it the model reads a timeout as the result
+    #[arg(long, default_value_t = 60.0, env = "KILN_ROUTER_MCP_CALL_TIMEOUT_SECS")]
+    mcp_call_timeout_secs: f64,
     /// Log lines as `text` or `json` (filtered by RUST_LOG; traces go to OTLP when
     /// OTEL_EXPORTER_OTLP_ENDPOINT is set)
     #[arg(long, default_value = "text", env = "KILN_ROUTER_LOG_FORMAT")]
@@ -145,6 +158,16 @@ fn main() -> anyhow::Result<()> {
             stall: secs("--stall-timeout-secs", args.stall_timeout_secs)?,
             eject: secs("--eject-secs", args.eject_secs)?,
         },
+        max_tool_rounds: args.max_tool_rounds as usize,
+    };
+    let mcp_servers = match &args.mcp_config {
+        Some(path) => Some(kiln_router::mcp::client::load(path)?),
+        None => None,
+    };
+    let mcp_settings = kiln_router::mcp::client::Settings {
+        connect_timeout: secs("--mcp-connect-timeout-secs", args.mcp_connect_timeout_secs)?,
+        call_timeout: secs("--mcp-call-timeout-secs", args.mcp_call_timeout_secs)?,
+        ..Default::default()
     };
     let client_timeout = config.limits.client_timeout;
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
@@ -170,6 +193,17 @@ fn main() -> anyhow::Result<()> {
             tokio::spawn(kiln_router::membership::follow(view.clone(), pool.clone(), args.workers.clone()));
             state.cluster = Some(view);
         }
+        if let Some(servers) = mcp_servers {
+            let wait = mcp_settings.connect_timeout + Duration::from_secs(1);
+            let hub = kiln_router::mcp::client::McpHub::start(servers, mcp_settings, Arc::clone(&state.metrics));
+            // Requests right after start-up should see the tools of servers that come up;
+            // one that hangs or fails delays start-up by its connect timeout at most.
+            hub.settled(wait).await;
+            for r in hub.report() {
+                tracing::info!("MCP server `{}`: {}", r.name, r.detail);
+            }
+            state.mcp = Some(hub);
+        }
         let state = Arc::new(state);
         let app = api::router(Arc::clone(&state));
         tracing::info!("listening on http://{}", listener.local_addr()?);
@@ -183,7 +217,7 @@ fn main() -> anyhow::Result<()> {
         tracing::info!("draining (up to {} s for in-flight requests)", args.grace_secs);
         state.draining.store(true, Ordering::Relaxed);
         let deadline = tokio::time::Instant::now() + Duration::from_secs(args.grace_secs);
-        while state.pool.load().0 > 0 && tokio::time::Instant::now() < deadline {
+        while (state.pool.load().0 > 0 || state.tool_loops.load(Ordering::Relaxed) > 0) && tokio::time::Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         let _ = stop_tx.send(true);

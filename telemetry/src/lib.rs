@@ -111,7 +111,7 @@ pub fn init(service: &str, format: LogFormat) -> Result<Telemetry, Error> {
     let filter = match env("RUST_LOG") {
         Some(directives) => EnvFilter::try_new(&directives).map_err(|e| Error::Filter(e.to_string()))?,
         // The HTTP and gRPC stacks log connection details at info and below.
-        None => EnvFilter::new("info,h2=warn,hyper=warn,hyper_util=warn,tower=warn,tonic=warn"),
+        None => EnvFilter::new("info,h2=warn,hyper=warn,hyper_util=warn,tower=warn,tonic=warn,rmcp=warn"),
     };
     let fmt = match format {
         LogFormat::Text => {

@@ -21,6 +21,13 @@ pub struct Totals {
 }
 
 impl Totals {
+    /// Adds another generation's counts (the rounds of one request: each has its prompt).
+    pub fn plus(&mut self, other: &Totals) {
+        self.prompt_tokens += other.prompt_tokens;
+        self.cached_tokens += other.cached_tokens;
+        self.completion_tokens += other.completion_tokens;
+    }
+
     pub fn add(&mut self, done: &pb::DoneEvent) {
         if let Some(u) = &done.usage {
             self.prompt_tokens = u.prompt_tokens;

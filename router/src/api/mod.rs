@@ -4,6 +4,7 @@
 mod anthropic;
 mod collect;
 mod cors;
+mod mcp_loop;
 pub(crate) mod openai;
 mod openai_format;
 mod sse;
@@ -194,10 +195,13 @@ async fn health(State(state): State<Arc<AppState>>) -> Response {
         }
         None => String::new(),
     };
+    // MCP servers are reported but never make the router unready: requests that do not use
+    // their tools are unaffected, and those that do see only the connected ones.
+    let mcp: String = state.mcp.iter().flat_map(|hub| hub.report()).map(|r| format!("mcp {}: {}\n", r.name, r.detail)).collect();
     if models.is_empty() {
-        (StatusCode::SERVICE_UNAVAILABLE, format!("no worker is serving a model\n{etcd}")).into_response()
+        (StatusCode::SERVICE_UNAVAILABLE, format!("no worker is serving a model\n{etcd}{mcp}")).into_response()
     } else {
-        (StatusCode::OK, format!("ok: {}\n{etcd}", models.join(", "))).into_response()
+        (StatusCode::OK, format!("ok: {}\n{etcd}{mcp}", models.join(", "))).into_response()
     }
 }
 
@@ -221,6 +225,10 @@ async fn metrics(State(state): State<Arc<AppState>>) -> Response {
         let h = view.health();
         gauges.push(("kiln_router_etcd_connected", "Whether the router's etcd watch is live (0: routing from the last view).", vec![], f64::from(u8::from(h.connected))));
         gauges.push(("kiln_router_etcd_syncs", "Times the cluster view was read in full from etcd.", vec![], h.syncs as f64));
+    }
+    for r in state.mcp.iter().flat_map(|hub| hub.report()) {
+        gauges.push(("kiln_router_mcp_server_up", "Whether an MCP server of --mcp-config is connected.", vec![("server", r.name.clone())], f64::from(u8::from(r.up))));
+        gauges.push(("kiln_router_mcp_server_tools", "Tools a connected MCP server offers.", vec![("server", r.name)], r.tools as f64));
     }
     gauges.extend(crate::heap::gauges());
     // Each metric's samples must be together under one HELP/TYPE header.

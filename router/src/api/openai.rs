@@ -21,7 +21,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 const CHAT_FIELDS: &[&str] =
-    &["messages", "max_completion_tokens", "logprobs", "top_logprobs", "response_format", "grammar", "tools", "tool_choice", "parallel_tool_calls"];
+    &["messages", "max_completion_tokens", "logprobs", "top_logprobs", "response_format", "grammar", "tools", "tool_choice", "parallel_tool_calls", "mcp"];
 const CHAT_UNSUPPORTED: &[&str] = &[
     "functions",
     "function_call",
@@ -128,8 +128,9 @@ fn message_tool_calls(calls: &[Value], path: &str) -> Result<Vec<ToolCall>, ApiE
     Ok(out)
 }
 
-/// `tools`, `tool_choice` and `parallel_tool_calls`.
-fn chat_tools(f: &Fields) -> Result<(Vec<Tool>, ToolChoice, bool), ApiError> {
+/// `tools`, `tool_choice` and `parallel_tool_calls`; `mcp` names the MCP tools the request
+/// opted into, which `tool_choice` may name too.
+fn chat_tools(f: &Fields, mcp: &[&str]) -> Result<(Vec<Tool>, ToolChoice, bool), ApiError> {
     let mut tools: Vec<Tool> = Vec::new();
     for (i, item) in f.array("tools")?.map(Vec::as_slice).unwrap_or_default().iter().enumerate() {
         let p = format!("tools[{i}].");
@@ -145,6 +146,9 @@ fn chat_tools(f: &Fields) -> Result<(Vec<Tool>, ToolChoice, bool), ApiError> {
         if tools.iter().any(|t| t.name == name) {
             return Err(ApiError::field(fun.name("name"), format!("`{name}` is given twice")));
         }
+        if mcp.contains(&name) {
+            return Err(ApiError::field(fun.name("name"), format!("`{name}` is also the name of an MCP tool this request uses")));
+        }
         let parameters = match fun.get("parameters") {
             None => json!({"type": "object", "properties": {}}),
             Some(p @ Value::Object(_)) => p.clone(),
@@ -157,8 +161,9 @@ fn chat_tools(f: &Fields) -> Result<(Vec<Tool>, ToolChoice, bool), ApiError> {
             strict: fun.bool("strict")?.unwrap_or(false),
         });
     }
+    let none_offered = tools.is_empty() && mcp.is_empty();
     let choice = match f.get("tool_choice") {
-        None if tools.is_empty() => ToolChoice::None,
+        None if none_offered => ToolChoice::None,
         None => ToolChoice::Auto,
         Some(Value::String(s)) => match s.as_str() {
             "none" => ToolChoice::None,
@@ -178,14 +183,16 @@ fn chat_tools(f: &Fields) -> Result<(Vec<Tool>, ToolChoice, bool), ApiError> {
         Some(_) => return Err(ApiError::field("tool_choice", "expected a string or an object")),
     };
     match &choice {
-        ToolChoice::Named(n) if !tools.iter().any(|t| &t.name == n) => return Err(ApiError::field("tool_choice.function.name", format!("`{n}` is not one of the tools"))),
-        ToolChoice::Auto | ToolChoice::Required | ToolChoice::Named(_) if tools.is_empty() => return Err(ApiError::field("tool_choice", "needs `tools`")),
+        ToolChoice::Named(n) if !tools.iter().any(|t| &t.name == n) && !mcp.contains(&n.as_str()) => {
+            return Err(ApiError::field("tool_choice.function.name", format!("`{n}` is not one of the tools")))
+        }
+        ToolChoice::Auto | ToolChoice::Required | ToolChoice::Named(_) if none_offered => return Err(ApiError::field("tool_choice", "needs `tools`")),
         _ => {}
     }
     Ok((tools, choice, f.bool("parallel_tool_calls")?.unwrap_or(true)))
 }
 
-fn generate_request(prompt: Vec<u32>, c: &Common, logprobs: bool, top_logprobs: u32, id: &str, constraint: Option<pb::Constraint>) -> pb::GenerateRequest {
+pub(super) fn generate_request(prompt: Vec<u32>, c: &Common, logprobs: bool, top_logprobs: u32, id: &str, constraint: Option<pb::Constraint>) -> pb::GenerateRequest {
     pb::GenerateRequest {
         prompt,
         sampling: Some(c.sampling.clone()),
@@ -220,7 +227,9 @@ pub(crate) async fn chat_inner(state: &Arc<AppState>, headers: &HeaderMap, body:
     let model = resolve_model(state, &model_of(&f)?)?;
     *model_id = Some(model.info.model_id.clone());
     let turns = chat_messages(&f, state.config.limits.max_messages)?;
-    let (tools, choice, parallel) = chat_tools(&f)?;
+    let mcp_tools = super::mcp_loop::requested_tools(state, &f)?;
+    let mcp_names: Vec<&str> = mcp_tools.iter().flatten().map(|t| t.name.as_str()).collect();
+    let (tools, choice, parallel) = chat_tools(&f, &mcp_names)?;
     let constraint = super::structured::chat(&f)?;
     let max_completion = f.int("max_completion_tokens", 1, i64::from(model.info.context_length))?.map(|m| m as u32);
     let c = fmt::common(&f, &model, max_completion, &state.config.limits)?;
@@ -228,6 +237,21 @@ pub(crate) async fn chat_inner(state: &Arc<AppState>, headers: &HeaderMap, body:
     let top_logprobs = f.int("top_logprobs", 0, 20)?;
     if top_logprobs.is_some() && !logprobs {
         return Err(ApiError::field("top_logprobs", "requires `logprobs` to be true"));
+    }
+    if let Some(remote) = mcp_tools {
+        if c.n != 1 {
+            return Err(ApiError::field("n", "a request using MCP tools makes one completion"));
+        }
+        if logprobs {
+            return Err(ApiError::field("logprobs", "log-probabilities are not returned for requests using MCP tools"));
+        }
+        if constraint.is_some() {
+            return Err(ApiError::field("mcp", "MCP tools cannot be combined with a response_format or grammar"));
+        }
+        admit(state)?;
+        let session = headers.get(super::SESSION_HEADER).and_then(|v| v.to_str().ok()).map(str::to_string);
+        let run = super::mcp_loop::ToolLoop { state: Arc::clone(state), model, turns, tools, remote, choice, parallel, c, session, started };
+        return run.respond().await;
     }
     let conversation = super::conversation_prompt(&model, &turns, &tools, &choice, parallel, false)?;
     if conversation.grammar.is_some() && constraint.is_some() {
@@ -284,16 +308,26 @@ pub(crate) async fn chat_inner(state: &Arc<AppState>, headers: &HeaderMap, body:
 }
 
 /// The shape of every streamed chunk of one request.
-struct Chunker {
-    id: String,
-    object: &'static str,
-    created: u64,
-    model: String,
-    include_usage: bool,
+pub(super) struct Chunker {
+    pub id: String,
+    pub object: &'static str,
+    pub created: u64,
+    pub model: String,
+    pub include_usage: bool,
 }
 
 impl Chunker {
-    fn chunk(&self, choices: Value) -> Event {
+    /// A chunk with no choices that carries `key: value` (kiln's extra events).
+    pub fn extra(&self, key: &str, value: Value) -> Event {
+        let mut v = json!({ "id": self.id, "object": self.object, "created": self.created, "model": self.model, "choices": [] });
+        v[key] = value;
+        if self.include_usage {
+            v["usage"] = Value::Null;
+        }
+        json_event(&v)
+    }
+
+    pub fn chunk(&self, choices: Value) -> Event {
         let mut v = json!({ "id": self.id, "object": self.object, "created": self.created, "model": self.model, "choices": choices });
         if self.include_usage {
             v["usage"] = Value::Null;
@@ -302,7 +336,7 @@ impl Chunker {
     }
 
     /// The closing events: usage when asked for, then `[DONE]`.
-    fn end(&self, totals: &Totals) -> Vec<Event> {
+    pub fn end(&self, totals: &Totals) -> Vec<Event> {
         let mut out = Vec::new();
         if self.include_usage {
             out.push(json_event(&json!({
@@ -320,7 +354,7 @@ fn error_event(e: &ApiError) -> Vec<Event> {
 }
 
 /// One streamed chunk for what a tool-reading completion added.
-fn delta_chunk(chunker: &Chunker, index: u32, delta: Delta) -> Event {
+pub(super) fn delta_chunk(chunker: &Chunker, index: u32, delta: Delta) -> Event {
     let delta = match delta {
         Delta::Text(t) => json!({ "content": t }),
         Delta::CallStart { index: k, name } => {

@@ -1,0 +1,214 @@
+"""kiln as an MCP client: a router started with --mcp-config connects to MCP servers written
+with the official `mcp` SDK (tests/api/mcp_tool_server.py, over stdio and streamable HTTP) and
+to broken ones (one exits at once, one writes garbage, one hangs). Requests that opt in with
+`"mcp"` get the servers' tools; the model is tiny, so calls are forced with `tool_choice`, and
+the tests check the server's own log of what it received, that the result reached the final
+answer, and that failures of every kind leave the router serving."""
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import httpx2 as httpx
+import openai
+import pytest
+
+from conftest import BIN, Process, Router, free_port, wait_until
+
+SERVER = Path(__file__).resolve().parent / "mcp_tool_server.py"
+PY = sys.executable
+
+
+def force(name):
+    return {"type": "function", "function": {"name": name}}
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory, worker):
+    d = tmp_path_factory.mktemp("mcp-client")
+    log = d / "calls.jsonl"
+    log.touch()
+    port = free_port()
+    http_server = Process([PY, str(SERVER), str(log), "http", str(port)], "mcp-http-tools")
+    wait_until(lambda: httpx.get(f"http://127.0.0.1:{port}/mcp").status_code > 0, 60, "the MCP HTTP server")
+    config = {"mcpServers": {
+        "notes": {"command": PY, "args": [str(SERVER), str(log), "stdio"]},
+        "web": {"type": "http", "url": f"http://127.0.0.1:{port}/mcp", "headers": {"X-Test-Token": "s3cret"}},
+        "exits": {"command": PY, "args": ["-c", "import sys; sys.exit(3)"]},
+        "garbage": {"command": PY, "args": ["-c", "import time\nwhile True:\n    print('this is not JSON-RPC', flush=True)\n    time.sleep(0.1)"]},
+        "hangs": {"command": PY, "args": ["-c", "import time; time.sleep(3600)"]},
+        "off": {"command": "/nonexistent", "disabled": True},
+    }}
+    path = d / "mcp.json"
+    path.write_text(json.dumps(config))
+    router = Router("mcp-client", [worker.grpc], "--mcp-config", str(path), "--mcp-connect-timeout-secs", "3",
+                    "--mcp-call-timeout-secs", "3", "--max-tool-rounds", "1")
+    client = openai.OpenAI(base_url=f"{router.url}/v1", api_key="unused", max_retries=0, timeout=120)
+    yield SimpleNamespace(router=router, log=log, client=client)
+    router.stop()
+    http_server.stop()
+
+
+def received(env, tool):
+    return [c for c in map(json.loads, env.log.read_text().splitlines()) if c["tool"] == tool]
+
+
+def health_lines(env):
+    r = httpx.get(f"{env.router.url}/health")
+    assert r.status_code == 200, r.text
+    return {line.split(":")[0]: line for line in r.text.splitlines() if line.startswith("mcp ")}
+
+
+def metric(env, name, server):
+    text = httpx.get(f"{env.router.url}/metrics").text
+    for line in text.splitlines():
+        if line.startswith(f'{name}{{server="{server}"'):
+            return float(line.rsplit(" ", 1)[1])
+    return None
+
+
+def test_broken_servers_are_reported_and_the_router_keeps_serving(env, model):
+    lines = health_lines(env)
+    assert set(lines) == {"mcp notes", "mcp web", "mcp exits", "mcp garbage", "mcp hangs"}, lines
+    assert lines["mcp notes"] == "mcp notes: ready, 5 tools"
+    assert lines["mcp web"] == "mcp web: ready, 5 tools"
+    assert "down for" in lines["mcp exits"] and "handshake failed" in lines["mcp exits"], lines
+    assert "down for" in lines["mcp garbage"], lines
+    assert "down for" in lines["mcp hangs"] and "did not finish connecting within 3 s" in lines["mcp hangs"], lines
+    assert metric(env, "kiln_router_mcp_server_up", "notes") == 1 and metric(env, "kiln_router_mcp_server_tools", "web") == 5
+    for broken in ("exits", "garbage", "hangs"):
+        assert metric(env, "kiln_router_mcp_server_up", broken) == 0
+    # Reconnected with backoff: failures keep being counted while the server stays broken.
+    wait_until(lambda: metric(env, "kiln_router_mcp_connect_failures_total", "exits") >= 4, 30, "reconnection attempts")
+    # A server's stderr is in the router's log under its name.
+    assert "kiln-test-tools ready on stdio" in env.router.log_text()
+    # Plain requests and requests using every connected server are served meanwhile.
+    plain = env.client.chat.completions.create(model=model, messages=[{"role": "user", "content": "Hi"}], max_tokens=4, temperature=0)
+    assert plain.choices[0].message.content and "mcp" not in (plain.model_extra or {})
+    every = env.client.chat.completions.create(model=model, messages=[{"role": "user", "content": "Hi"}], max_tokens=4, temperature=0,
+                                               tool_choice="none", extra_body={"mcp": True})
+    assert every.model_extra["mcp"] == {"rounds": 0, "messages": []}
+    # Naming a server that is down is refused with why.
+    with pytest.raises(openai.APIStatusError) as e:
+        env.client.chat.completions.create(model=model, messages=[{"role": "user", "content": "Hi"}], extra_body={"mcp": ["exits"]})
+    assert e.value.status_code == 503 and "the MCP server `exits` is not connected" in e.value.message
+
+
+def test_forced_stdio_call_reaches_the_server_and_its_result_the_answer(env, model):
+    question = [{"role": "user", "content": "Please record the word apple in the archive."}]
+    before = len(received(env, "record"))
+    r = env.client.chat.completions.create(model=model, messages=question, tool_choice=force("notes__record"), temperature=0, max_tokens=40,
+                                           extra_body={"mcp": ["notes"]})
+    mcp = r.model_extra["mcp"]
+    assert mcp["rounds"] == 1
+    call, result = mcp["messages"]
+    args = json.loads(call["tool_calls"][0]["function"]["arguments"])
+    assert call["tool_calls"][0]["function"]["name"] == "notes__record" and set(args) == {"word"}
+    # The server really received the call, with the model's arguments.
+    calls = received(env, "record")
+    assert len(calls) == before + 1 and calls[-1]["word"] == args["word"]
+    assert result == {"role": "tool", "tool_call_id": call["tool_calls"][0]["id"], "content": f"Recorded '{args['word']}'. The archive code is 7316."}
+    # The final answer is the model's answer to the conversation with the call and its
+    # result, as a client would send it, and it uses the result.
+    answer = r.choices[0].message.content
+    plain = env.client.chat.completions.create(model=model, messages=question + mcp["messages"], temperature=0, max_tokens=40)
+    assert answer == plain.choices[0].message.content
+    assert "7316" in answer
+    assert r.usage.prompt_tokens > plain.usage.prompt_tokens and r.usage.completion_tokens > plain.usage.completion_tokens
+
+
+def test_streamed_http_call_shows_the_call_and_result_events(env, model):
+    question = [{"role": "user", "content": "What is the weather in Paris?"}]
+    request = dict(model=model, messages=question, tool_choice=force("web__weather"), temperature=0, max_tokens=30, extra_body={"mcp": ["web"]})
+    events, text, order, finish = [], "", [], None
+    for chunk in env.client.chat.completions.create(stream=True, **request):
+        if (chunk.model_extra or {}).get("mcp"):
+            events.append(chunk.model_extra["mcp"])
+            order.append(chunk.model_extra["mcp"]["type"])
+            assert chunk.choices == []
+        for c in chunk.choices:
+            if c.delta.content:
+                text += c.delta.content
+                order.append("content")
+            finish = c.finish_reason or finish
+    call, result = events
+    assert call["type"] == "tool_call" and call["server"] == "web" and call["round"] == 1
+    city = json.loads(call["call"]["function"]["arguments"])["city"]
+    assert result == {"type": "tool_result", "round": 1, "server": "web", "tool_call_id": call["call"]["id"],
+                      "content": f"It is 21 degrees and sunny in {city}.", "is_error": False}
+    assert order[:2] == ["tool_call", "tool_result"] and set(order[2:]) == {"content"}
+    # The server got the call, with the configured headers.
+    assert received(env, "weather")[-1] == {"tool": "weather", "pid": received(env, "weather")[-1]["pid"], "city": city, "token": "s3cret"}
+    whole = env.client.chat.completions.create(**request)
+    assert text == whole.choices[0].message.content and finish == whole.choices[0].finish_reason
+
+
+def test_tool_errors_and_timeouts_are_results_for_the_model(env, model):
+    def result_of(tool, prompt):
+        r = env.client.chat.completions.create(model=model, messages=[{"role": "user", "content": prompt}], tool_choice=force(f"notes__{tool}"),
+                                               temperature=0, max_tokens=60, extra_body={"mcp": ["notes"]})
+        assert r.choices[0].message.content is not None
+        return r.model_extra["mcp"]["messages"][1]["content"]
+
+    assert result_of("fail", "Fail because the disk is full.").startswith("Error: ")
+    assert "the archive is locked" in result_of("fail", "Fail because the disk is full.")
+    started = time.monotonic()
+    assert result_of("slow", "Wait for 5 seconds.") == "Error: the tool did not answer within 3 s"
+    assert time.monotonic() - started < 30
+    assert received(env, "slow"), "the slow tool was called"
+    assert health_lines(env)["mcp notes"] == "mcp notes: ready, 5 tools"
+    assert metric(env, "kiln_router_mcp_tool_calls_total", "notes") is not None
+    assert 'outcome="timeout"' in httpx.get(f"{env.router.url}/metrics").text
+
+
+def test_a_server_that_dies_is_reconnected(env, model):
+    old = received(env, "record")[-1]["pid"] if received(env, "record") else None
+    r = env.client.chat.completions.create(model=model, messages=[{"role": "user", "content": "Crash."}], tool_choice=force("notes__crash"),
+                                           temperature=0, max_tokens=30, extra_body={"mcp": ["notes"]})
+    assert r.model_extra["mcp"]["messages"][1]["content"].startswith("Error: ")
+    wait_until(lambda: health_lines(env)["mcp notes"] == "mcp notes: ready, 5 tools" and metric(env, "kiln_router_mcp_connect_failures_total", "notes") >= 1,
+               30, "the notes server to be reconnected")
+    env.client.chat.completions.create(model=model, messages=[{"role": "user", "content": "Record the word pear."}], tool_choice=force("notes__record"),
+                                       temperature=0, max_tokens=40, extra_body={"mcp": ["notes"]})
+    assert received(env, "record")[-1]["pid"] != old
+
+
+def test_client_tools_still_come_back_to_the_client(env, model):
+    before = env.log.read_text()
+    tools = [{"type": "function", "function": {"name": "get_time", "strict": True, "parameters": {"type": "object", "properties": {"zone": {"type": "string"}}, "required": ["zone"], "additionalProperties": False}}}]
+    r = env.client.chat.completions.create(model=model, messages=[{"role": "user", "content": "What time is it in Tokyo?"}], tools=tools,
+                                           tool_choice=force("get_time"), parallel_tool_calls=False, temperature=0, max_tokens=40, extra_body={"mcp": True})
+    assert r.choices[0].finish_reason == "tool_calls"
+    assert [c.function.name for c in r.choices[0].message.tool_calls] == ["get_time"]
+    assert "zone" in json.loads(r.choices[0].message.tool_calls[0].function.arguments)
+    assert env.log.read_text() == before, "no MCP tool was called"
+
+
+def test_bad_mcp_requests_are_refused_with_reasons(env, router, model):
+    def error(url, body):
+        r = httpx.post(f"{url}/v1/chat/completions", json={"model": model, "messages": [{"role": "user", "content": "Hi"}], **body})
+        assert r.status_code == 400, r.text
+        return r.json()["error"]["message"]
+
+    assert "no MCP server `nope`; this router has notes, web, exits, garbage, hangs" in error(env.router.url, {"mcp": ["nope"]})
+    assert "expected true or an array of MCP server names" in error(env.router.url, {"mcp": 7})
+    assert "one completion" in error(env.router.url, {"mcp": True, "n": 2})
+    clash = [{"type": "function", "function": {"name": "notes__record"}}]
+    assert "also the name of an MCP tool" in error(env.router.url, {"mcp": ["notes"], "tools": clash})
+    assert "has no MCP servers" in error(router.url, {"mcp": True})
+
+
+@pytest.mark.parametrize("text, message", [
+    ("{", "is not valid JSON"),
+    ('{"servers": {}}', "has no `mcpServers` object"),
+    ('{"mcpServers": {"x": {"url": "http://h", "command": "y"}}}', "server `x`: has both `command` and `url`"),
+])
+def test_a_bad_config_stops_the_router_with_a_clear_error(tmp_path, text, message):
+    path = tmp_path / "mcp.json"
+    path.write_text(text)
+    p = subprocess.run([str(BIN / "kiln-router"), "--workers", "127.0.0.1:1", "--port", str(free_port()), "--mcp-config", str(path)],
+                       capture_output=True, text=True, timeout=30)
+    assert p.returncode == 1 and message in p.stderr and str(path) in p.stderr, p.stderr
+    assert "panicked" not in p.stderr
