@@ -198,6 +198,9 @@ def test_bad_mcp_requests_are_refused_with_reasons(env, router, model):
     clash = [{"type": "function", "function": {"name": "notes__record"}}]
     assert "also the name of an MCP tool" in error(env.router.url, {"mcp": ["notes"], "tools": clash})
     assert "has no MCP servers" in error(router.url, {"mcp": True})
+    r = httpx.post(f"{env.router.url}/v1/messages", headers={"anthropic-version": "2023-06-01"},
+                   json={"model": model, "max_tokens": 8, "messages": [{"role": "user", "content": "Hi"}], "mcp": True})
+    assert r.status_code == 400 and "offered on /v1/chat/completions" in r.json()["error"]["message"], r.text
 
 
 @pytest.mark.parametrize("text, message", [

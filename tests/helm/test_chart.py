@@ -6,10 +6,15 @@ Prometheus Operator objects checked with promtool. (tests/containers/test_helm.p
 rendered pods on Docker.)"""
 import base64
 import json
+import os
 import re
 import shutil
+import socket
 import subprocess
 import tempfile
+import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import kubernetes_validate
@@ -217,6 +222,50 @@ def test_api_keys():
     before = find(docs, "Deployment", f"{FULLNAME}-router")["spec"]["template"]["metadata"]["annotations"]["checksum/config"]
     after = find(other, "Deployment", f"{FULLNAME}-router")["spec"]["template"]["metadata"]["annotations"]["checksum/config"]
     assert before != after
+
+
+def test_mcp_servers_reach_the_router_as_its_config_file():
+    docs, _ = render("observability")
+    secret = find(docs, "Secret", f"{FULLNAME}-router-mcp")
+    config = json.loads(base64.b64decode(secret["data"]["mcp.json"]))
+    assert config == {"mcpServers": {"search": {"url": "http://mcp-search.tools:8000/mcp", "headers": {"Authorization": "Bearer search-token"}}}}
+    router = find(docs, "Deployment", f"{FULLNAME}-router")
+    spec = router["spec"]["template"]["spec"]
+    c = spec["containers"][0]
+    env = container_env(docs, c, {})
+    mount = next(m for m in c["volumeMounts"] if m["name"] == "mcp-config")
+    volume = next(v for v in spec["volumes"] if v["name"] == "mcp-config")
+    assert env["KILN_ROUTER_MCP_CONFIG"] == f"{mount['mountPath']}/{volume['secret']['items'][0]['path']}"
+    assert env["KILN_ROUTER_MAX_TOOL_ROUNDS"] == "4" and volume["secret"]["secretName"] == secret["metadata"]["name"]
+    # The router reads the rendered file as it is: it starts and reports the server (down
+    # here, as nothing answers at its URL).
+    with tempfile.TemporaryDirectory() as d:
+        path = Path(d) / "mcp.json"
+        path.write_text(json.dumps(config))
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        env_vars = {**os.environ, "KILN_ROUTER_MCP_CONFIG": str(path), "KILN_ROUTER_MCP_CONNECT_TIMEOUT_SECS": "0.5"}
+        proc = subprocess.Popen([str(ROOT / "target/release/kiln-router"), "--workers", "127.0.0.1:1", "--port", str(port)], env=env_vars,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            health = ""
+            for _ in range(100):
+                try:
+                    urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
+                except urllib.error.HTTPError as e:  # 503: no worker
+                    health = e.read().decode()
+                    break
+                except OSError:
+                    time.sleep(0.1)
+            assert "mcp search: down for" in health, health
+        finally:
+            proc.kill()
+            proc.wait()
+    # Without servers there is no config, mount or Secret.
+    default, _ = render("default")
+    assert not [d for d in by_kind(default, "Secret") if d["metadata"]["name"].endswith("-router-mcp")]
+    assert "KILN_ROUTER_MCP_CONFIG" not in container_env(default, find(default, "Deployment", f"{FULLNAME}-router")["spec"]["template"]["spec"]["containers"][0], {})
 
 
 def test_observability_objects():

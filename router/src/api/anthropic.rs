@@ -215,6 +215,9 @@ pub async fn messages(State(state): State<Arc<AppState>>, headers: HeaderMap, bo
 async fn messages_inner(state: &Arc<AppState>, headers: &HeaderMap, body: &[u8], model_id: &mut Option<String>) -> Result<Response, ApiError> {
     let started = Instant::now();
     let map = parse_object(body)?;
+    if map.get("mcp").is_some_and(|v| !v.is_null()) {
+        return Err(ApiError::field("mcp", "MCP tools are offered on /v1/chat/completions; this route does not run the tool loop"));
+    }
     let f = Fields::new(&map, "", MESSAGE_FIELDS, MESSAGE_UNSUPPORTED)?;
     let model = resolve_model(state, f.str("model")?.ok_or_else(|| ApiError::field("model", "is required"))?)?;
     *model_id = Some(model.info.model_id.clone());

@@ -582,7 +582,8 @@ mod tests {
     fn offered_names_fit_the_apis() {
         assert_eq!(offered_name("files", "read_file").as_deref(), Some("files__read_file"));
         assert_eq!(offered_name("web", "search.query v2").as_deref(), Some("web__search_query_v2"));
-        assert_eq!(offered_name("s", &"x".repeat(61)), None);
+        assert_eq!(offered_name("s", &"x".repeat(61)).map(|n| n.len()), Some(64));
+        assert_eq!(offered_name("s", &"x".repeat(62)), None);
         assert_eq!(offered_name("s", ""), None);
     }
 
