@@ -161,6 +161,9 @@ def test_tool_errors_and_timeouts_are_results_for_the_model(env, model):
     assert health_lines(env)["mcp notes"] == "mcp notes: ready, 5 tools"
     assert metric(env, "kiln_router_mcp_tool_calls_total", "notes") is not None
     assert 'outcome="timeout"' in httpx.get(f"{env.router.url}/metrics").text
+    # The MCP metrics pass Prometheus's own lint.
+    out = subprocess.run(["promtool", "check", "metrics"], input=httpx.get(f"{env.router.url}/metrics").text, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and not (out.stdout + out.stderr).strip(), out.stdout + out.stderr
 
 
 def test_a_server_that_dies_is_reconnected(env, model):
