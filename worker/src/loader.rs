@@ -81,7 +81,7 @@ pub fn parse_isq(name: &str) -> std::result::Result<DType, String> {
 /// Names the formats of a model's matrices (tensors of two or more dimensions), by element
 /// count: `Q4_1`, `Q4_1 (also Q8_0)`, `BF16`; with load-time quantization, `BF16, projections
 /// quantized at load to Q4_K`.
-fn weight_format(tensors: impl Iterator<Item = (DType, usize, u64)>, isq: Option<DType>) -> String {
+pub(crate) fn weight_format(tensors: impl Iterator<Item = (DType, usize, u64)>, isq: Option<DType>) -> String {
     let mut counts: Vec<(DType, u64)> = Vec::new();
     for (dtype, _, elements) in tensors.filter(|t| t.1 >= 2) {
         match counts.iter_mut().find(|c| c.0 == dtype) {
@@ -123,6 +123,12 @@ impl LoadedModel {
     }
 
     fn hf_dir(dir: &Path, isq: Option<DType>) -> Result<LoadedModel> {
+        if crate::embedding::is_encoder_dir(dir) {
+            return Err(Error::InvalidRequest(format!(
+                "{} holds an embedding model (an encoder), which does not generate text: embed with it (`kiln-worker run --embed`, /v1/embeddings)",
+                dir.display()
+            )));
+        }
         let config = crate::formats::hf_tokenizer::read_json(&dir.join("config.json"))?;
         let name = dir.file_name().map_or_else(|| dir.display().to_string(), |n| n.to_string_lossy().into_owned());
         let mut cfg = crate::models::hf_config::from_hf(&config, &name)?;

@@ -15,7 +15,7 @@ use std::sync::{Arc, OnceLock};
 fn minilm_dir() -> PathBuf {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
     DIR.get_or_init(|| {
-        let d = kiln_worker::assets_dir::known_directory("all-minilm-l6-v2").expect("a known directory");
+        let d = kiln_worker::assets_dir::known_directory("minilm").expect("a known directory");
         kiln_worker::assets_dir::pull_directory(d, &mut |m| eprintln!("test: {m}")).unwrap_or_else(|e| panic!("cannot fetch all-MiniLM-L6-v2: {e}"))
     })
     .clone()

@@ -1,4 +1,5 @@
-//! `kiln-worker run`: an interactive chat, or one completion with `-i`.
+//! `kiln-worker run`: an interactive chat, or one completion with `-i`; `--embed` prints
+//! embeddings instead.
 
 use kiln_shared::chat::ChatMessage;
 use kiln_shared::sampling::SamplingParams;
@@ -73,6 +74,13 @@ pub struct RunArgs {
     /// Answers follow the Lark grammar in this file (root rule `start`)
     #[arg(long, value_name = "FILE")]
     pub grammar: Option<std::path::PathBuf>,
+    /// Print the embedding of the input (-i), or of each line of standard input, as a JSON
+    /// array per line (embedding models such as minilm)
+    #[arg(long, conflicts_with_all = ["raw", "system", "json_schema", "regex", "grammar"])]
+    pub embed: bool,
+    /// With --embed: cut inputs longer than the model reads instead of refusing them
+    #[arg(long, requires = "embed")]
+    pub truncate: bool,
     #[arg(skip)]
     pub constraint: Option<Arc<Constraint>>,
 }
@@ -121,6 +129,9 @@ static CANCEL: AtomicBool = AtomicBool::new(false);
 static GENERATING: AtomicBool = AtomicBool::new(false);
 
 pub fn main(mut args: RunArgs) -> anyhow::Result<()> {
+    if args.embed {
+        return embed(&args);
+    }
     args.sampling().validate()?;
     if args.ctx_size == Some(0) {
         anyhow::bail!("--ctx-size must be positive");
@@ -295,6 +306,33 @@ fn chat(args: &RunArgs, model: &LoadedModel, engine: &EngineHandle) -> anyhow::R
                 eprintln!("error: {e}");
                 history.pop();
             }
+        }
+    }
+}
+
+/// `--embed`: one JSON array per input on stdout.
+fn embed(args: &RunArgs) -> anyhow::Result<()> {
+    let path = kiln_worker::assets::resolve(&args.model, &mut |msg| eprintln!("kiln: {msg}"))?;
+    let embedder = kiln_worker::embedding::Embedder::load(&path)?;
+    let compute = super::compute(args.threads);
+    let mut scratch = kiln_worker::models::scratch::Scratch::default();
+    let mut one = |text: &str| -> anyhow::Result<()> {
+        let ids = embedder.encode(text, args.truncate)?;
+        let t = std::time::Instant::now();
+        let v = embedder.embed(&compute, &[&ids], &mut scratch)?.pop().unwrap_or_default();
+        if args.verbose {
+            eprintln!("kiln: {} tokens embedded in {:.1} ms", ids.len(), t.elapsed().as_secs_f64() * 1e3);
+        }
+        println!("{}", serde_json::to_string(&v)?);
+        Ok(())
+    };
+    match &args.input {
+        Some(text) => one(text),
+        None => {
+            for line in std::io::stdin().lock().lines() {
+                one(&line?)?;
+            }
+            Ok(())
         }
     }
 }

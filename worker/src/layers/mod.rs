@@ -2,6 +2,7 @@
 //! over any ggml format, norms, embeddings, rotary embeddings and attention.
 
 pub mod attention;
+pub mod bidirectional;
 pub mod embedding;
 pub mod linear;
 pub mod mlp;
@@ -13,7 +14,7 @@ pub mod weights;
 pub use attention::Attention;
 pub use embedding::Embedding;
 pub use linear::{project, Linear, Projection};
-pub use norm::RmsNorm;
+pub use norm::{LayerNorm, RmsNorm};
 pub use weights::WeightSource;
 
 pub use kiln_kernels::Compute;

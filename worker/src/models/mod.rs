@@ -2,6 +2,7 @@
 //! the architecture name in the file.
 
 pub mod batch;
+pub mod bert;
 pub mod config;
 pub mod gemma3;
 pub mod hf_config;
@@ -23,6 +24,18 @@ pub trait CausalLm: Send + Sync {
     /// Runs `batch`, storing its keys and values in `kv`, and writes the logits of
     /// `batch.logit_rows` to `logits` (`[logit_rows, vocab_size]`).
     fn forward(&self, compute: &Compute, batch: &Batch, kv: &mut KvCache, scratch: &mut Scratch, logits: &mut Vec<f32>) -> Result<()>;
+}
+
+/// An encoder: every token's final hidden state, each sequence attending to all of itself.
+pub trait Encoder: Send + Sync {
+    fn hidden_size(&self) -> usize;
+
+    /// Positions the model has embeddings for: the longest input it can read.
+    fn max_positions(&self) -> usize;
+
+    /// The hidden states of `seqs`, `[total tokens, hidden]`, sequences in order. A
+    /// sequence's rows do not depend on the others in the batch.
+    fn forward(&self, compute: &Compute, seqs: &[&[u32]], scratch: &mut Scratch, out: &mut Vec<f32>) -> Result<()>;
 }
 
 /// Norm weights as the model uses them: `w + offset` (see `ModelConfig::norm_offset`).
