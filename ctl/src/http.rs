@@ -57,6 +57,18 @@ impl Client {
         Ok(value)
     }
 
+    /// POSTs `body` and returns the JSON answer, or the API's error message.
+    pub async fn post_json(&self, path: &str, body: &Value) -> Result<Value> {
+        let response = self.send("POST", path, Some(body)).await?;
+        let status = response.status();
+        let bytes = response.into_body().collect().await?.to_bytes();
+        let value: Value = serde_json::from_slice(&bytes).with_context(|| format!("{path}: not JSON: {}", String::from_utf8_lossy(&bytes)))?;
+        if status != 200 {
+            bail!("{}", error_message(&value));
+        }
+        Ok(value)
+    }
+
     /// POSTs `body` and returns the event stream, or the API's error message.
     pub async fn post_stream(&self, path: &str, body: &Value) -> Result<EventStream> {
         let response = self.send("POST", path, Some(body)).await?;

@@ -54,6 +54,34 @@ enum Command {
     /// Serve the router's MCP endpoint on standard input and output (for MCP hosts that
     /// launch servers as programs)
     Mcp,
+    /// Embeddings of texts (arguments, or each line of standard input), one JSON array per line
+    Embed(EmbedArgs),
+}
+
+#[derive(clap::Args)]
+struct EmbedArgs {
+    /// An embedding model the cluster serves
+    #[arg(short, long, default_value = "minilm")]
+    model: String,
+    /// Cut texts longer than the model reads instead of failing
+    #[arg(long)]
+    truncate: bool,
+    /// Texts to embed (default: each line of standard input)
+    texts: Vec<String>,
+}
+
+/// Prints one JSON array per text, in order; texts are sent in requests of up to 64.
+async fn embed(client: &http::Client, args: EmbedArgs) -> anyhow::Result<()> {
+    use std::io::BufRead;
+    let texts = if args.texts.is_empty() { std::io::stdin().lock().lines().collect::<Result<Vec<_>, _>>()? } else { args.texts };
+    for chunk in texts.chunks(64) {
+        let body = serde_json::json!({"model": args.model, "input": chunk, "truncate": args.truncate});
+        let answer = client.post_json("/v1/embeddings", &body).await?;
+        for item in answer["data"].as_array().into_iter().flatten() {
+            println!("{}", item["embedding"]);
+        }
+    }
+    Ok(())
 }
 
 impl Command {
@@ -85,12 +113,17 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         match cli.command {
             Command::Chat(args) => chat::run(&client, args).await,
             Command::Mcp => mcp::run(&cli.router, api_key).await,
+            Command::Embed(args) => embed(&client, args).await,
             Command::Load(args) => load::run(client, args).await,
             Command::Workers | Command::Place(_) | Command::Unplace { .. } | Command::Drain { .. } | Command::Undrain { .. } => unreachable!("handled above"),
             Command::Models => {
                 let models = client.get_json("/v1/models").await?;
                 for m in models["data"].as_array().into_iter().flatten() {
-                    println!("{}\t(context {} tokens, {})", m["id"].as_str().unwrap_or("?"), m["max_model_len"], m["architecture"].as_str().unwrap_or("?"));
+                    let kind = match m["dimensions"].as_u64() {
+                        Some(d) => format!("embeddings of {d} dimensions, inputs up to {} tokens", m["max_model_len"]),
+                        None => format!("context {} tokens", m["max_model_len"]),
+                    };
+                    println!("{}\t({kind}, {})", m["id"].as_str().unwrap_or("?"), m["architecture"].as_str().unwrap_or("?"));
                 }
                 Ok(())
             }

@@ -58,7 +58,7 @@ pub struct Generation {
 
 /// Whether a failed call may be retried on another worker: the worker could not be reached,
 /// went away or broke, as opposed to rejecting the request.
-fn worker_failed(s: &Status) -> bool {
+pub(crate) fn worker_failed(s: &Status) -> bool {
     matches!(s.code(), Code::Unavailable | Code::Unknown | Code::Cancelled | Code::Aborted | Code::Internal)
 }
 

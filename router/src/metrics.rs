@@ -58,6 +58,7 @@ fn help(name: &str) -> (&'static str, &'static str) {
         "kiln_router_mcp_connect_failures_total" => ("counter", "Times an MCP server failed to connect or was lost."),
         "kiln_router_mcp_tool_calls_total" => ("counter", "MCP tool calls the router made for models, by server and outcome (ok, error, timeout, unavailable)."),
         "kiln_router_mcp_tool_call_duration_seconds" => ("histogram", "Time an MCP tool call took."),
+        "kiln_router_embed_duration_seconds" => ("histogram", "Time to answer an embeddings request."),
         "kiln_router_request_duration_seconds" => ("histogram", "Time from request to the end of the response."),
         "kiln_router_time_to_first_token_seconds" => ("histogram", "Time from request to the first generated token."),
         "kiln_router_inter_token_latency_seconds" => ("histogram", "Time between consecutive tokens of a completion."),

@@ -38,6 +38,10 @@ pub enum Error {
     #[error("{0}")]
     InvalidRequest(String),
 
+    /// No room for the request now; a later try may succeed.
+    #[error("{0}")]
+    Busy(String),
+
     #[error("prompt has {prompt_tokens} tokens but the context holds {context_len}")]
     PromptTooLong { prompt_tokens: usize, context_len: usize },
 

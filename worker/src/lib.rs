@@ -4,6 +4,7 @@ pub mod assets;
 pub mod assets_dir;
 pub mod assets_hub;
 pub mod constraint;
+pub mod embed_queue;
 pub mod embedding;
 pub mod engine;
 pub mod error;

@@ -3,7 +3,7 @@
 
 use super::openai_format::validate_sampling;
 use super::sse::{self, Step};
-use super::{admit, answer, check_context, collect, random_id, resolve_model, route_key, Totals};
+use super::{admit, answer, check_context, collect, random_id, route_key, Totals};
 use crate::error::{ApiError, Flavor};
 use crate::generate::{Generation, Update};
 use crate::params::{parse_object, Fields};
@@ -219,7 +219,7 @@ async fn messages_inner(state: &Arc<AppState>, headers: &HeaderMap, body: &[u8],
         return Err(ApiError::field("mcp", "MCP tools are offered on /v1/chat/completions; this route does not run the tool loop"));
     }
     let f = Fields::new(&map, "", MESSAGE_FIELDS, MESSAGE_UNSUPPORTED)?;
-    let model = resolve_model(state, f.str("model")?.ok_or_else(|| ApiError::field("model", "is required"))?)?;
+    let model = super::resolve_generator(state, f.str("model")?.ok_or_else(|| ApiError::field("model", "is required"))?)?;
     *model_id = Some(model.info.model_id.clone());
     let conversation = conversation(&f, state.config.limits.max_messages)?;
     let context = i64::from(model.info.context_length);
@@ -440,7 +440,7 @@ pub async fn count_tokens(State(state): State<Arc<AppState>>, body: Bytes) -> Re
         let result = async {
             let map = parse_object(&body)?;
             let f = Fields::new(&map, "", COUNT_FIELDS, &["thinking"])?;
-            let model = resolve_model(&state, f.str("model")?.ok_or_else(|| ApiError::field("model", "is required"))?)?;
+            let model = super::resolve_generator(&state, f.str("model")?.ok_or_else(|| ApiError::field("model", "is required"))?)?;
             model_id = Some(model.info.model_id.clone());
             let (tools, choice, parallel) = message_tools(&f)?;
             let turns = conversation(&f, state.config.limits.max_messages)?;

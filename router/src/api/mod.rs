@@ -4,6 +4,7 @@
 mod anthropic;
 mod collect;
 mod cors;
+mod embeddings;
 mod mcp_loop;
 pub(crate) mod openai;
 mod openai_format;
@@ -37,6 +38,7 @@ pub fn router(state: Arc<AppState>) -> Router {
     let api = Router::new()
         .route("/v1/chat/completions", post(openai::chat))
         .route("/v1/completions", post(openai::completions))
+        .route("/v1/embeddings", post(embeddings::embeddings))
         .route("/v1/models", get(openai::models))
         .route("/v1/models/{id}", get(openai::model))
         .route("/v1/messages", post(anthropic::messages))
@@ -248,6 +250,16 @@ pub fn message_items<'a>(f: &crate::params::Fields<'a>, max: usize) -> Result<&'
         return Err(ApiError::field("messages", format!("{} messages; at most {max} are allowed", items.len())));
     }
     Ok(items)
+}
+
+/// The model a request names, which must generate text: an embedding model gets a 400 that
+/// says so.
+pub fn resolve_generator(state: &AppState, id: &str) -> Result<Arc<ModelState>, ApiError> {
+    let model = resolve_model(state, id)?;
+    if model.info.kind == kiln_proto::v1::ModelKind::Embed as i32 {
+        return Err(ApiError::field("model", format!("`{id}` is an embedding model; it does not generate text (use /v1/embeddings)")));
+    }
+    Ok(model)
 }
 
 pub fn resolve_model(state: &AppState, id: &str) -> Result<Arc<ModelState>, ApiError> {

@@ -224,7 +224,7 @@ pub(crate) async fn chat_inner(state: &Arc<AppState>, headers: &HeaderMap, body:
     let started = Instant::now();
     let map = parse_object(body)?;
     let f = fields(&map, CHAT_FIELDS, CHAT_UNSUPPORTED)?;
-    let model = resolve_model(state, &model_of(&f)?)?;
+    let model = super::resolve_generator(state, &model_of(&f)?)?;
     *model_id = Some(model.info.model_id.clone());
     let turns = chat_messages(&f, state.config.limits.max_messages)?;
     let mcp_tools = super::mcp_loop::requested_tools(state, &f)?;
@@ -458,7 +458,7 @@ pub(crate) async fn completions_inner(state: &Arc<AppState>, headers: &HeaderMap
     let started = Instant::now();
     let map = parse_object(body)?;
     let f = fields(&map, COMPLETION_FIELDS, COMPLETION_UNSUPPORTED)?;
-    let model = resolve_model(state, &model_of(&f)?)?;
+    let model = super::resolve_generator(state, &model_of(&f)?)?;
     *model_id = Some(model.info.model_id.clone());
     let (prompt, prompt_text) = completion_prompt(&f, &model)?;
     let c = fmt::common(&f, &model, None, &state.config.limits)?;
@@ -553,6 +553,8 @@ fn model_object(m: &ModelState, anthropic: bool) -> Value {
             "max_model_len": m.info.context_length,
             "architecture": m.info.architecture,
             "weight_format": m.info.weight_format,
+            "kind": if m.info.kind == pb::ModelKind::Embed as i32 { "embedding" } else { "generation" },
+            "dimensions": (m.info.dimensions > 0).then_some(m.info.dimensions),
         })
     }
 }

@@ -69,8 +69,9 @@ fn tool_error(message: impl Into<String>) -> CallToolResponse {
 }
 
 impl KilnMcp {
+    /// The first served model that generates text.
     fn default_model(&self) -> Option<String> {
-        self.state.pool.models().first().map(|m| m.info.model_id.clone())
+        self.state.pool.models().iter().find(|m| m.info.kind != kiln_proto::v1::ModelKind::Embed as i32).map(|m| m.info.model_id.clone())
     }
 
     /// Runs an API route with a streamed body built from the tool's arguments, collecting the
@@ -151,6 +152,7 @@ impl KilnMcp {
             "context_length": m.info.context_length,
             "vocab_size": m.info.vocab_size,
             "weight_format": m.info.weight_format,
+            "kind": if m.info.kind == kiln_proto::v1::ModelKind::Embed as i32 { "embedding" } else { "generation" },
             "workers": workers,
         }))
     }

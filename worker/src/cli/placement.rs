@@ -41,7 +41,7 @@ pub async fn follow(view: ClusterView, id: String, args: Arc<ServeArgs>, slot: A
             if changed && !(failed_here && want.is_none()) {
                 if let Some(old) = slot.replace(None) {
                     eprintln!("kiln-worker: unloading `{}`", old.info.model_id);
-                    old.engine.shutdown();
+                    old.shutdown();
                 }
                 hosting.set(None);
                 if let Some(model) = want {

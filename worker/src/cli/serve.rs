@@ -65,6 +65,12 @@ pub struct ServeArgs {
     /// OTEL_EXPORTER_OTLP_ENDPOINT is set)
     #[arg(long, default_value = "text", env = "KILN_WORKER_LOG_FORMAT")]
     pub log_format: kiln_telemetry::LogFormat,
+    /// Embedding models: most tokens one pass embeds (queued requests join a pass while they fit)
+    #[arg(long, default_value_t = 8192, env = "KILN_WORKER_EMBED_BATCH_TOKENS")]
+    pub embed_batch_tokens: usize,
+    /// Embedding models: requests that may wait for a pass before new ones are refused
+    #[arg(long, default_value_t = 256, env = "KILN_WORKER_EMBED_QUEUE")]
+    pub embed_queue: usize,
     #[command(flatten)]
     pub engine: super::EngineArgs,
 }
@@ -87,10 +93,27 @@ pub fn model_id(model: &str, explicit: Option<&str>) -> String {
     std::path::Path::new(model).file_stem().map_or_else(|| model.to_string(), |s| s.to_string_lossy().into_owned())
 }
 
-/// Loads `source` and starts an engine on it (blocking: reads the model file).
+/// Loads `source` and starts an engine on it (blocking: reads the model file): the
+/// generation engine, or for an embedding model the embedding queue.
 pub fn load_serving(args: &ServeArgs, source: &str, id: &str) -> anyhow::Result<Serving> {
-    let model = super::load_model(source, false, args.engine.isq)?;
+    let path = kiln_worker::assets::resolve(source, &mut |msg| eprintln!("kiln: {msg}"))?;
     let compute = super::compute(args.threads);
+    if path.is_dir() && kiln_worker::embedding::is_encoder_dir(&path) {
+        let embedder = Arc::new(kiln_worker::embedding::Embedder::load(&path)?);
+        eprintln!(
+            "kiln: loaded {} ({}, {} dimensions, {} pooling{}, inputs up to {} tokens) from {}",
+            embedder.name,
+            embedder.architecture,
+            embedder.dimensions(),
+            embedder.pooling.pooling.name(),
+            if embedder.pooling.normalize { ", normalized" } else { "" },
+            embedder.pooling.max_tokens,
+            path.display()
+        );
+        let queue = kiln_worker::embed_queue::EmbedQueue::start(embedder, compute, args.embed_batch_tokens, args.embed_queue)?;
+        return Ok(Serving::embedding(Arc::new(queue), id, args.max_seqs)?);
+    }
+    let model = super::load_model(&path.to_string_lossy(), false, args.engine.isq)?;
     let engine = Engine::start(Arc::clone(&model), compute, args.engine.config(args.max_seqs, args.ctx_size))?;
     Ok(Serving::new(engine, model, id, args.max_seqs)?)
 }
@@ -138,12 +161,13 @@ fn local_address_towards(endpoint: &str) -> Option<std::net::IpAddr> {
 fn record(id: &str, addr: &str, args: &ServeArgs, slot: &ModelSlot, hosting: &Hosting) -> WorkerRecord {
     let serving = slot.get();
     let load = serving.as_ref().map_or_else(LoadSummary::default, |s| {
-        let st = s.engine.stats();
+        let (running, waiting) = s.load();
+        let blocks = s.engine().map(|e| e.stats().blocks).unwrap_or_default();
         LoadSummary {
-            running: st.scheduler.running as u32,
-            waiting: st.scheduler.waiting as u32,
-            kv_blocks_used: st.blocks.first().map_or(0, |b| b.in_use as u32),
-            kv_blocks_total: st.blocks.first().map_or(0, |b| b.num_blocks as u32),
+            running: running as u32,
+            waiting: waiting as u32,
+            kv_blocks_used: blocks.first().map_or(0, |b| b.in_use as u32),
+            kv_blocks_total: blocks.first().map_or(0, |b| b.num_blocks as u32),
         }
     });
     WorkerRecord {
@@ -222,7 +246,7 @@ pub fn main(args: ServeArgs) -> anyhow::Result<()> {
             tracing::info!("metrics on http://{}/metrics", listener.local_addr()?);
             let slot = Arc::clone(&slot);
             let app = axum::Router::new()
-                .route("/metrics", axum::routing::get(move || std::future::ready(slot.get().map(|s| metrics::render(&s.engine, &s.info.model_id)).unwrap_or_default())))
+                .route("/metrics", axum::routing::get(move || std::future::ready(slot.get().map(|s| metrics::render(&s)).unwrap_or_default())))
                 .route("/health", axum::routing::get(|| std::future::ready("ok")));
             let mut stop = stop_rx.clone();
             tokio::spawn(async move {
@@ -263,7 +287,7 @@ pub fn main(args: ServeArgs) -> anyhow::Result<()> {
             Err(_) => tracing::warn!("grace period over; ending the remaining streams"),
         }
         if let Some(s) = slot.replace(None) {
-            s.engine.shutdown();
+            s.shutdown();
         }
         Ok::<(), anyhow::Error>(())
     })?;

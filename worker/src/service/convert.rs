@@ -44,6 +44,7 @@ pub fn generation_request(r: pb::GenerateRequest) -> Result<GenerationRequest, S
 pub fn status(e: &Error) -> Status {
     match e {
         Error::InvalidRequest(_) | Error::PromptTooLong { .. } => Status::invalid_argument(e.to_string()),
+        Error::Busy(_) => Status::resource_exhausted(e.to_string()),
         _ => Status::internal(e.to_string()),
     }
 }

@@ -5,9 +5,11 @@
 //! engine stream, which cancels the generation and frees its blocks.
 //!
 //! The model sits in a `ModelSlot` that placement can fill, empty or replace while the
-//! service runs; without a model every call but Health answers `Unavailable`.
+//! service runs; without a model every call but Health answers `Unavailable`. A generating
+//! model answers Generate, an embedding model Embed; each refuses the other's call.
 
 use super::convert;
+use crate::embed_queue::EmbedQueue;
 use crate::engine::{EngineHandle, Event, RequestStream};
 use crate::loader::LoadedModel;
 use kiln_proto::v1 as pb;
@@ -20,13 +22,20 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
+/// What a loaded model does.
+pub enum Backend {
+    /// A generating model and its engine; `grammars` compiles requests' grammars against the
+    /// model's vocabulary.
+    Generate { engine: EngineHandle, model: Arc<LoadedModel>, grammars: Arc<crate::constraint::Grammars> },
+    /// An embedding model and its queue.
+    Embed(Arc<EmbedQueue>),
+}
+
 /// A loaded model with its engine, as the service exposes it.
 pub struct Serving {
-    pub engine: EngineHandle,
-    pub model: Arc<LoadedModel>,
+    pub backend: Backend,
     pub info: pb::ModelInfoResponse,
-    /// Compiles requests' grammars against the model's vocabulary.
-    pub grammars: Arc<crate::constraint::Grammars>,
+    pub tokenizer: Arc<kiln_shared::tokenizer::Tokenizer>,
 }
 
 impl Serving {
@@ -44,9 +53,61 @@ impl Serving {
             eos_token: model.tokenizer.eos_text().unwrap_or("").to_string(),
             max_seqs: max_seqs as u32,
             weight_format: model.weight_format.clone(),
+            kind: pb::ModelKind::Generate as i32,
+            dimensions: 0,
         };
         let grammars = Arc::new(crate::constraint::Grammars::new(Arc::clone(&model.tokenizer)));
-        Ok(Serving { engine, model, info, grammars })
+        let tokenizer = Arc::clone(&model.tokenizer);
+        Ok(Serving { backend: Backend::Generate { engine, model, grammars }, info, tokenizer })
+    }
+
+    /// An embedding model, served through its queue.
+    pub fn embedding(queue: Arc<EmbedQueue>, model_id: &str, max_seqs: usize) -> Result<Serving, serde_json::Error> {
+        let e = &queue.embedder;
+        let info = pb::ModelInfoResponse {
+            model_id: model_id.to_string(),
+            display_name: e.name.clone(),
+            architecture: e.architecture.clone(),
+            context_length: e.pooling.max_tokens as u32,
+            vocab_size: e.tokenizer.vocab_size() as u32,
+            tokenizer_json: serde_json::to_vec(&e.tokenizer.wire_spec())?,
+            chat_template: String::new(),
+            bos_token: e.tokenizer.bos_text().unwrap_or("").to_string(),
+            eos_token: e.tokenizer.eos_text().unwrap_or("").to_string(),
+            max_seqs: max_seqs as u32,
+            weight_format: e.weight_format.clone(),
+            kind: pb::ModelKind::Embed as i32,
+            dimensions: e.dimensions() as u32,
+        };
+        let tokenizer = Arc::clone(&e.tokenizer);
+        Ok(Serving { backend: Backend::Embed(queue), info, tokenizer })
+    }
+
+    /// The generation engine, for a generating model.
+    pub fn engine(&self) -> Option<&EngineHandle> {
+        match &self.backend {
+            Backend::Generate { engine, .. } => Some(engine),
+            Backend::Embed(_) => None,
+        }
+    }
+
+    /// Stops the engine or queue (after what is running).
+    pub fn shutdown(&self) {
+        match &self.backend {
+            Backend::Generate { engine, .. } => engine.shutdown(),
+            Backend::Embed(queue) => queue.shutdown(),
+        }
+    }
+
+    /// (running, waiting) sequences or embedding requests.
+    pub fn load(&self) -> (usize, usize) {
+        match &self.backend {
+            Backend::Generate { engine, .. } => {
+                let s = engine.stats();
+                (s.scheduler.running, s.scheduler.waiting)
+            }
+            Backend::Embed(q) => (q.stats.running.load(Ordering::Relaxed), q.stats.waiting.load(Ordering::Relaxed)),
+        }
     }
 }
 
@@ -148,6 +209,9 @@ impl Worker for WorkerService {
         if self.slot.refuse_new.load(Ordering::Relaxed) {
             return Err(Status::unavailable("this worker is draining"));
         }
+        let Backend::Generate { engine, model, grammars } = &serving.backend else {
+            return Err(Status::invalid_argument(format!("`{}` is an embedding model; it does not generate text (use /v1/embeddings)", serving.info.model_id)));
+        };
         // One span per request, a child of the router's attempt when it sent its context.
         let span = tracing::info_span!(
             "worker.generate",
@@ -174,20 +238,20 @@ impl Worker for WorkerService {
         let mut req = convert::generation_request(request).map_err(fail)?;
         if let Some(spec) = spec {
             // Compiling a grammar (and, the first time, indexing the vocabulary) is CPU work.
-            let grammars = Arc::clone(&serving.grammars);
+            let grammars = Arc::clone(grammars);
             let compiled = tokio::task::spawn_blocking(move || grammars.compile(&spec))
                 .await
                 .map_err(|e| Status::internal(format!("grammar compilation failed: {e}")))
                 .map_err(fail)?;
             req.constraint = Some(compiled.map_err(|e| fail(constraint_status(&e)))?);
         }
-        let events = serving.engine.submit(req).map_err(|e| {
+        let events = engine.submit(req).map_err(|e| {
             span.record("otel.status_code", "ERROR");
             span.record("kiln.outcome", e.to_string());
             convert::status(&e)
         })?;
         let (tx, rx) = mpsc::channel(64);
-        let model = Arc::clone(&serving.model);
+        let model = Arc::clone(model);
         std::thread::Builder::new()
             .name("kiln-stream".into())
             .spawn(move || pump(events, tx, model, span))
@@ -197,18 +261,18 @@ impl Worker for WorkerService {
 
     async fn tokenize(&self, request: Request<pb::TokenizeRequest>) -> Result<Response<pb::TokenizeResponse>, Status> {
         let r = request.into_inner();
-        let tokens = self.serving()?.model.tokenizer.encode(&r.text, r.add_special, r.parse_special);
+        let tokens = self.serving()?.tokenizer.encode(&r.text, r.add_special, r.parse_special);
         Ok(Response::new(pb::TokenizeResponse { tokens }))
     }
 
     async fn detokenize(&self, request: Request<pb::DetokenizeRequest>) -> Result<Response<pb::DetokenizeResponse>, Status> {
         let r = request.into_inner();
         let serving = self.serving()?;
-        let vocab = serving.model.tokenizer.vocab_size();
+        let vocab = serving.tokenizer.vocab_size();
         if let Some(&bad) = r.tokens.iter().find(|&&t| t as usize >= vocab) {
             return Err(Status::invalid_argument(format!("token id {bad} is outside the vocabulary of {vocab}")));
         }
-        Ok(Response::new(pb::DetokenizeResponse { text: serving.model.tokenizer.decode(&r.tokens, r.render_special) }))
+        Ok(Response::new(pb::DetokenizeResponse { text: serving.tokenizer.decode(&r.tokens, r.render_special) }))
     }
 
     async fn health(&self, _: Request<pb::HealthRequest>) -> Result<Response<pb::HealthResponse>, Status> {
@@ -219,9 +283,20 @@ impl Worker for WorkerService {
         }))
     }
 
+    async fn embed(&self, request: Request<pb::EmbedRequest>) -> Result<Response<pb::EmbedResponse>, Status> {
+        let span = tracing::info_span!("worker.embed", otel.kind = "server", kiln.inputs = request.get_ref().inputs.len() as i64);
+        kiln_telemetry::continue_from_grpc(&span, request.metadata());
+        use tracing::Instrument as _;
+        self.embed_inner(request.into_inner()).instrument(span).await.map(Response::new)
+    }
+
     async fn load(&self, _: Request<pb::LoadRequest>) -> Result<Response<pb::LoadResponse>, Status> {
         let serving = self.serving()?;
-        let s = serving.engine.stats();
+        let Some(engine) = serving.engine() else {
+            let (running, waiting) = serving.load();
+            return Ok(Response::new(pb::LoadResponse { running: running as u32, waiting: waiting as u32, max_seqs: serving.info.max_seqs, ..Default::default() }));
+        };
+        let s = engine.stats();
         Ok(Response::new(pb::LoadResponse {
             running: s.scheduler.running as u32,
             waiting: s.scheduler.waiting as u32,
@@ -236,6 +311,25 @@ impl Worker for WorkerService {
             generated_tokens: s.generated_tokens,
             max_seqs: serving.info.max_seqs,
         }))
+    }
+}
+
+impl WorkerService {
+    async fn embed_inner(&self, request: pb::EmbedRequest) -> Result<pb::EmbedResponse, Status> {
+        let serving = self.serving()?;
+        if self.slot.refuse_new.load(Ordering::Relaxed) {
+            return Err(Status::unavailable("this worker is draining"));
+        }
+        let Backend::Embed(queue) = &serving.backend else {
+            return Err(Status::invalid_argument(format!("`{}` generates text; it is not an embedding model", serving.info.model_id)));
+        };
+        let inputs: Vec<Vec<u32>> = request.inputs.into_iter().map(|t| t.ids).collect();
+        let (done, tokens) = queue.submit(inputs, request.truncate).map_err(|e| convert::status(&e))?;
+        let vectors = done.await.map_err(|_| Status::internal("the embedding engine stopped"))?.map_err(|e| convert::status(&e))?;
+        Ok(pb::EmbedResponse {
+            prompt_tokens: tokens as u32,
+            embeddings: vectors.into_iter().map(|values| pb::Embedding { values }).collect(),
+        })
     }
 }
 

@@ -1,20 +1,54 @@
 //! The worker's Prometheus endpoint: engine gauges and counters in text exposition format.
 
-use crate::engine::EngineHandle;
+use super::grpc::{Backend, Serving};
+use crate::embed_queue::EmbedStats;
 use crate::kv_cache::block_pool::PoolStats;
 use std::fmt::Write;
+use std::sync::atomic::Ordering;
 
-pub fn render(engine: &EngineHandle, model_id: &str) -> String {
-    let s = engine.stats();
-    let mut out = String::new();
-    let m = format!("model=\"{}\"", model_id.replace('"', "'"));
-    let mut metric = |name: &str, kind: &str, help: &str, samples: &[(String, f64)]| {
+fn writer(out: &mut String) -> impl FnMut(&str, &str, &str, &[(String, f64)]) + '_ {
+    move |name, kind, help, samples| {
         let _ = writeln!(out, "# HELP {name} {help}");
         let _ = writeln!(out, "# TYPE {name} {kind}");
         for (labels, v) in samples {
             let _ = writeln!(out, "{name}{{{labels}}} {v}");
         }
+    }
+}
+
+pub fn render(serving: &Serving) -> String {
+    let m = format!("model=\"{}\"", serving.info.model_id.replace('"', "'"));
+    let mut out = match &serving.backend {
+        Backend::Generate { engine, .. } => generation(engine, &m),
+        Backend::Embed(queue) => embedding(&queue.stats, &m),
     };
+    if let Some((allocated, resident)) = kiln_telemetry::heap::figures() {
+        let mut metric = writer(&mut out);
+        metric("kiln_worker_heap_allocated_bytes", "gauge", "Heap bytes allocated and not yet freed (model weights mapped from the file are not heap).", &[(m.clone(), allocated as f64)]);
+        metric("kiln_worker_heap_resident_bytes", "gauge", "Bytes of the allocator's pages that are resident.", &[(m, resident as f64)]);
+    }
+    out
+}
+
+fn embedding(s: &EmbedStats, m: &str) -> String {
+    let mut out = String::new();
+    let mut metric = writer(&mut out);
+    let v = |n: f64| [(m.to_string(), n)];
+    metric("kiln_worker_embed_running_requests", "gauge", "Embedding requests in the pass being computed.", &v(s.running.load(Ordering::Relaxed) as f64));
+    metric("kiln_worker_embed_waiting_requests", "gauge", "Embedding requests waiting for a pass.", &v(s.waiting.load(Ordering::Relaxed) as f64));
+    metric("kiln_worker_embed_requests_total", "counter", "Embedding requests computed.", &v(s.requests.load(Ordering::Relaxed) as f64));
+    metric("kiln_worker_embed_inputs_total", "counter", "Inputs embedded.", &v(s.inputs.load(Ordering::Relaxed) as f64));
+    metric("kiln_worker_embed_tokens_total", "counter", "Tokens embedded.", &v(s.tokens.load(Ordering::Relaxed) as f64));
+    metric("kiln_worker_embed_passes_total", "counter", "Embedding passes run (each over one or more requests).", &v(s.batches.load(Ordering::Relaxed) as f64));
+    drop(metric);
+    out
+}
+
+fn generation(engine: &crate::engine::EngineHandle, m: &str) -> String {
+    let s = engine.stats();
+    let mut out = String::new();
+    let m = m.to_string();
+    let mut metric = writer(&mut out);
     metric("kiln_worker_running_sequences", "gauge", "Sequences being computed.", &[(m.clone(), s.scheduler.running as f64)]);
     metric("kiln_worker_waiting_sequences", "gauge", "Sequences waiting to be admitted.", &[(m.clone(), s.scheduler.waiting as f64)]);
     let groups = |f: fn(&PoolStats) -> usize| -> Vec<(String, f64)> {
@@ -34,10 +68,7 @@ pub fn render(engine: &EngineHandle, model_id: &str) -> String {
     metric("kiln_worker_generated_tokens_total", "counter", "Tokens generated.", &[(m.clone(), s.generated_tokens as f64)]);
     metric("kiln_worker_completions_total", "counter", "Completions that ended on their own.", &[(m.clone(), s.completed as f64)]);
     metric("kiln_worker_cancelled_total", "counter", "Completions cancelled because the client left or asked to stop.", &[(m.clone(), s.cancelled as f64)]);
-    metric("kiln_worker_steps_total", "counter", "Engine steps run.", &[(m.clone(), s.steps as f64)]);
-    if let Some((allocated, resident)) = kiln_telemetry::heap::figures() {
-        metric("kiln_worker_heap_allocated_bytes", "gauge", "Heap bytes allocated and not yet freed (model weights mapped from the file are not heap).", &[(m.clone(), allocated as f64)]);
-        metric("kiln_worker_heap_resident_bytes", "gauge", "Bytes of the allocator's pages that are resident.", &[(m, resident as f64)]);
-    }
+    metric("kiln_worker_steps_total", "counter", "Engine steps run.", &[(m, s.steps as f64)]);
+    drop(metric);
     out
 }
