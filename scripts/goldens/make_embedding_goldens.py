@@ -72,8 +72,8 @@ SENTENCES = [
     "   leading and trailing spaces   ",
     "ALL CAPS SENTENCE WITH SHOUTING",
     "Naïve café résumé façade coöperate",
-    LONG * 3,  # past 256 tokens: sentence-transformers truncates to its max_seq_length
-    " ".join(["token"] * 300),
+    LONG * 3,
+    " ".join(["token"] * 300),  # past 256 tokens: sentence-transformers truncates to its max_seq_length
 ]
 assert len(SENTENCES) == 50
 

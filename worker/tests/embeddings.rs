@@ -116,3 +116,40 @@ fn a_generating_load_of_an_encoder_says_what_it_is() {
     let err = kiln_worker::loader::LoadedModel::load(&dir).err().expect("an encoder does not load for generation").to_string();
     assert!(err.contains("embedding model"), "{err}");
 }
+
+#[test]
+fn the_queue_batches_concurrent_requests_without_changing_them() {
+    let e = std::sync::Arc::new({
+        let d = kiln_worker::assets_dir::known_directory("minilm").unwrap();
+        Embedder::load(&kiln_worker::assets_dir::pull_directory(d, &mut |_| {}).unwrap()).unwrap()
+    });
+    let cases = cases();
+    let compute = common::compute();
+    let mut scratch = Scratch::default();
+    let queue = kiln_worker::embed_queue::EmbedQueue::start(std::sync::Arc::clone(&e), std::sync::Arc::clone(&compute), 4096, 64).unwrap();
+    let runtime = tokio::runtime::Builder::new_current_thread().build().unwrap();
+    // Twenty requests of two or three inputs each, all queued before the first answer.
+    let requests: Vec<Vec<Vec<u32>>> = cases.chunks(5).flat_map(|c| [c[..2].iter().map(|x| x.ids.clone()).collect(), c[2..].iter().map(|x| x.ids.clone()).collect()]).collect();
+    let pending: Vec<_> = requests.iter().map(|r| queue.submit(r.clone(), false).unwrap()).collect();
+    for ((rx, tokens), inputs) in pending.into_iter().zip(&requests) {
+        assert_eq!(tokens, inputs.iter().map(Vec::len).sum::<usize>());
+        let got = runtime.block_on(rx).unwrap().unwrap();
+        let refs: Vec<&[u32]> = inputs.iter().map(Vec::as_slice).collect();
+        let want: Vec<Vec<f32>> = refs.iter().map(|ids| e.embed(&compute, &[ids], &mut scratch).unwrap().pop().unwrap()).collect();
+        assert_eq!(got, want);
+    }
+    let s = &queue.stats;
+    use std::sync::atomic::Ordering::Relaxed;
+    assert_eq!((s.requests.load(Relaxed), s.inputs.load(Relaxed), s.waiting.load(Relaxed)), (20, 50, 0));
+    assert!(s.batches.load(Relaxed) <= 20);
+    // Bad inputs are refused at once, with the input named.
+    let err = queue.submit(vec![vec![101, 102], vec![101; 300]], false).unwrap_err().to_string();
+    assert!(err.contains("input 1") && err.contains("300 tokens"), "{err}");
+    let err = queue.submit(vec![vec![101, 40_000, 102]], false).unwrap_err().to_string();
+    assert!(err.contains("input 0: token id 40000"), "{err}");
+    let (rx, tokens) = queue.submit(vec![vec![101; 300]], true).unwrap();
+    assert_eq!(tokens, 256);
+    assert_eq!(runtime.block_on(rx).unwrap().unwrap().len(), 1);
+    queue.shutdown();
+    assert!(queue.submit(vec![vec![101, 102]], false).unwrap_err().to_string().contains("stopped"));
+}
