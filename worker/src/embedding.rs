@@ -1,4 +1,5 @@
-//! Sentence embeddings: an encoder, its tokenizer, and the pooling its sentence-transformers
+//! Sentence embeddings: an encoder (BERT) or a decoder-only model read for its hidden states
+//! (Qwen3-Embedding and the like), its tokenizer, and the pooling its sentence-transformers
 //! directory describes (`modules.json`; `1_Pooling/config.json`: mean, CLS, max or last
 //! token; a `Normalize` module for unit-length vectors; `sentence_bert_config.json`: the
 //! longest input).
@@ -138,20 +139,87 @@ pub struct Embedder {
 /// The encoder architectures kiln runs, by `model_type`.
 pub const ENCODERS: &[&str] = &["bert"];
 
-/// Whether `dir` holds an encoder checkpoint (rather than a decoder to generate with).
+/// Whether `dir` holds an encoder checkpoint, which cannot generate text.
 pub fn is_encoder_dir(dir: &Path) -> bool {
     let Ok(config) = read_json(&dir.join("config.json")) else { return false };
     config["model_type"].as_str().is_some_and(|t| ENCODERS.contains(&t))
 }
 
+/// Whether `dir` holds an embedding model: an encoder, or any checkpoint whose
+/// sentence-transformers modules pool its hidden states.
+pub fn is_embedding_dir(dir: &Path) -> bool {
+    if is_encoder_dir(dir) {
+        return true;
+    }
+    let Ok(modules) = read_json(&dir.join("modules.json")) else { return false };
+    modules.as_array().is_some_and(|m| m.iter().any(|m| m["type"].as_str().is_some_and(|t| t.ends_with(".Pooling"))))
+}
+
+/// A decoder-only model read as an encoder: each sequence runs alone from an empty cache,
+/// attending causally, and gives its final-normed hidden states.
+struct DecoderStates {
+    model: Arc<crate::loader::LoadedModel>,
+}
+
+impl Encoder for DecoderStates {
+    fn hidden_size(&self) -> usize {
+        self.model.model.config().hidden_size
+    }
+
+    fn max_positions(&self) -> usize {
+        self.model.model.config().max_context_len
+    }
+
+    fn forward(&self, compute: &Compute, seqs: &[&[u32]], scratch: &mut Scratch, out: &mut Vec<f32>) -> Result<()> {
+        use crate::models::batch::{Batch, Logits};
+        const BLOCK: usize = 16;
+        let cfg = self.model.model.config();
+        let groups = crate::kv_cache::group_layouts(cfg).len();
+        out.clear();
+        let mut states = Vec::new();
+        for seq in seqs {
+            if seq.len() > cfg.max_context_len {
+                return Err(Error::InvalidRequest(format!("{} tokens; the model has positions for {}", seq.len(), cfg.max_context_len)));
+            }
+            let blocks = seq.len().div_ceil(BLOCK);
+            let mut kv = crate::kv_cache::KvCache::new(cfg, BLOCK, &vec![blocks; groups]);
+            let mut batch = Batch::new(BLOCK);
+            batch.push_seq(seq, 0, vec![(0..blocks as u32).collect(); groups], Logits::All);
+            self.model.model.run(compute, &batch, &mut kv, scratch, crate::models::Output::Hidden, &mut states)?;
+            out.extend_from_slice(&states);
+        }
+        Ok(())
+    }
+}
+
 impl Embedder {
-    /// Loads a Hugging Face directory holding an encoder and its sentence-transformers config.
+    /// Loads a Hugging Face directory holding an encoder, or a decoder with
+    /// sentence-transformers modules, and its pooling.
     pub fn load(dir: &Path) -> Result<Embedder> {
         let config_path = dir.join("config.json");
         let config = read_json(&config_path)?;
         let model_type = config["model_type"].as_str().unwrap_or_default().to_string();
+        let name = dir.file_name().map_or_else(|| dir.display().to_string(), |n| n.to_string_lossy().into_owned());
         if !ENCODERS.contains(&model_type.as_str()) {
-            return Err(Error::UnsupportedArchitecture { found: model_type, supported: ENCODERS.join(", ") });
+            if !is_embedding_dir(dir) {
+                return Err(Error::InvalidRequest(format!(
+                    "{} is not an embedding model: an encoder ({}) or a checkpoint with sentence-transformers pooling (modules.json)",
+                    dir.display(),
+                    ENCODERS.join(", ")
+                )));
+            }
+            let model = Arc::new(crate::loader::LoadedModel::load(dir)?);
+            let cfg = model.model.config();
+            let pooling = read_pooling(dir, cfg.max_context_len)?;
+            return Ok(Embedder {
+                path: dir.to_path_buf(),
+                name,
+                architecture: if model_type.is_empty() { cfg.architecture.clone() } else { model_type },
+                tokenizer: Arc::clone(&model.tokenizer),
+                weight_format: model.weight_format.clone(),
+                encoder: Box::new(DecoderStates { model }),
+                pooling,
+            });
         }
         let cfg = crate::models::bert::BertConfig::from_hf(&config)?;
         let (tokenizer, _) = crate::formats::hf_tokenizer::load(dir)?;
@@ -167,7 +235,6 @@ impl Embedder {
             tracing::warn!("{} tensors were not used: {}", unused.len(), unused.join(", "));
         }
         let pooling = read_pooling(dir, cfg.max_positions)?;
-        let name = dir.file_name().map_or_else(|| dir.display().to_string(), |n| n.to_string_lossy().into_owned());
         Ok(Embedder { path: dir.to_path_buf(), name, architecture: model_type, encoder: Box::new(encoder), tokenizer: Arc::new(tokenizer), pooling, weight_format })
     }
 

@@ -153,3 +153,32 @@ fn the_queue_batches_concurrent_requests_without_changing_them() {
     queue.shutdown();
     assert!(queue.submit(vec![vec![101, 102]], false).unwrap_err().to_string().contains("stopped"));
 }
+
+#[test]
+fn a_decoder_embedding_model_matches_sentence_transformers() {
+    // A tiny random Qwen3 with last-token pooling and normalization, as Qwen3-Embedding
+    // (fixture and reference from scripts/goldens/make_embedding_fixture.py).
+    let e = Embedder::load(&common::hf_fixture("qwen3-embedding")).unwrap_or_else(|err| panic!("{err}"));
+    assert_eq!((e.pooling.pooling, e.pooling.normalize, e.architecture.as_str(), e.dimensions()), (Pooling::LastToken, true, "qwen3", 64));
+    let reference = common::hf_reference("qwen3-embedding");
+    let compute = common::compute();
+    let mut scratch = Scratch::default();
+    let mut all: Vec<Vec<u32>> = Vec::new();
+    let mut alone = Vec::new();
+    for c in reference["cases"].as_array().unwrap() {
+        let ids = e.encode(c["text"].as_str().unwrap(), false).unwrap();
+        assert_eq!(ids, common::ids(&c["ids"]), "token ids of {}", c["text"]);
+        let v = e.embed(&compute, &[&ids], &mut scratch).unwrap().pop().unwrap();
+        let want: Vec<f32> = c["embedding"].as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32).collect();
+        let worst = v.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
+        eprintln!("{:?}: largest difference {worst:.2e}, cosine {:.9}", c["text"], cosine(&v, &want));
+        assert!(worst <= 1e-5 && cosine(&v, &want) >= 0.9999, "{}: differs by {worst}", c["text"]);
+        alone.push(v);
+        all.push(ids);
+    }
+    let refs: Vec<&[u32]> = all.iter().map(Vec::as_slice).collect();
+    assert_eq!(e.embed(&compute, &refs, &mut scratch).unwrap(), alone, "batched equals alone");
+    // A generating checkpoint without sentence-transformers modules is not an embedding model.
+    let err = Embedder::load(&common::hf_fixture("qwen3")).err().expect("refused").to_string();
+    assert!(err.contains("not an embedding model"), "{err}");
+}

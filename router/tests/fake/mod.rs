@@ -117,6 +117,8 @@ impl Worker for FakeWorker {
             eos_token: "<|im_end|>".into(),
             max_seqs: 2,
             weight_format: "F32".into(),
+            kind: pb::ModelKind::Generate as i32,
+            dimensions: 0,
         }))
     }
 
@@ -190,6 +192,10 @@ impl Worker for FakeWorker {
 
     async fn load(&self, _: Request<pb::LoadRequest>) -> Result<Response<pb::LoadResponse>, Status> {
         Ok(Response::new(pb::LoadResponse::default()))
+    }
+
+    async fn embed(&self, _: Request<pb::EmbedRequest>) -> Result<Response<pb::EmbedResponse>, Status> {
+        Err(Status::invalid_argument("the fake worker generates text; it is not an embedding model"))
     }
 }
 

@@ -98,7 +98,7 @@ pub fn model_id(model: &str, explicit: Option<&str>) -> String {
 pub fn load_serving(args: &ServeArgs, source: &str, id: &str) -> anyhow::Result<Serving> {
     let path = kiln_worker::assets::resolve(source, &mut |msg| eprintln!("kiln: {msg}"))?;
     let compute = super::compute(args.threads);
-    if path.is_dir() && kiln_worker::embedding::is_encoder_dir(&path) {
+    if path.is_dir() && kiln_worker::embedding::is_embedding_dir(&path) {
         let embedder = Arc::new(kiln_worker::embedding::Embedder::load(&path)?);
         eprintln!(
             "kiln: loaded {} ({}, {} dimensions, {} pooling{}, inputs up to {} tokens) from {}",

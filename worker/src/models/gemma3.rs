@@ -6,7 +6,7 @@
 use super::batch::Batch;
 use super::config::ModelConfig;
 use super::scratch::{tap, Scratch};
-use super::{CausalLm, LmHead};
+use super::{CausalLm, LmHead, Output};
 use crate::error::Result;
 use crate::kv_cache::KvCache;
 use crate::layers::attention::{AttentionConfig, AttentionInput};
@@ -91,7 +91,7 @@ impl CausalLm for Gemma3 {
         &self.cfg
     }
 
-    fn forward(&self, compute: &Compute, batch: &Batch, kv: &mut KvCache, s: &mut Scratch, logits: &mut Vec<f32>) -> Result<()> {
+    fn run(&self, compute: &Compute, batch: &Batch, kv: &mut KvCache, s: &mut Scratch, output: Output, out: &mut Vec<f32>) -> Result<()> {
         let rows = batch.num_rows();
         s.prepare(rows, self.cfg.hidden_size);
         self.embed_tokens.forward(&batch.tokens, &mut s.x)?;
@@ -122,6 +122,6 @@ impl CausalLm for Gemma3 {
             kiln_kernels::ops::add_in_place(&mut s.x, &s.xn);
             tap(&mut s.tap, || format!("l_out-{i}"), &s.x);
         }
-        self.head.forward(compute, batch, s, logits)
+        self.head.output(compute, batch, s, output, out)
     }
 }

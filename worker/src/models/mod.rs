@@ -17,13 +17,27 @@ use batch::Batch;
 use config::ModelConfig;
 use scratch::Scratch;
 
+/// What a forward pass writes for the rows of `Batch::logit_rows`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Output {
+    /// Logits, `[rows, vocab_size]`.
+    Logits,
+    /// The final-normed hidden states, `[rows, hidden_size]` (embeddings from a decoder).
+    Hidden,
+}
+
 /// A decoder-only language model.
 pub trait CausalLm: Send + Sync {
     fn config(&self) -> &ModelConfig;
 
-    /// Runs `batch`, storing its keys and values in `kv`, and writes the logits of
-    /// `batch.logit_rows` to `logits` (`[logit_rows, vocab_size]`).
-    fn forward(&self, compute: &Compute, batch: &Batch, kv: &mut KvCache, scratch: &mut Scratch, logits: &mut Vec<f32>) -> Result<()>;
+    /// Runs `batch`, storing its keys and values in `kv`, and writes `output` for
+    /// `batch.logit_rows` to `out`.
+    fn run(&self, compute: &Compute, batch: &Batch, kv: &mut KvCache, scratch: &mut Scratch, output: Output, out: &mut Vec<f32>) -> Result<()>;
+
+    /// `run` for the logits of `batch.logit_rows` (`[logit_rows, vocab_size]`).
+    fn forward(&self, compute: &Compute, batch: &Batch, kv: &mut KvCache, scratch: &mut Scratch, logits: &mut Vec<f32>) -> Result<()> {
+        self.run(compute, batch, kv, scratch, Output::Logits, logits)
+    }
 }
 
 /// An encoder: every token's final hidden state, each sequence attending to all of itself.
@@ -67,13 +81,20 @@ impl LmHead {
         })
     }
 
-    pub fn forward(&self, compute: &Compute, batch: &Batch, s: &mut Scratch, logits: &mut Vec<f32>) -> Result<()> {
+    /// Writes `output` for `batch.logit_rows` from the residual stream `s.x`.
+    pub fn output(&self, compute: &Compute, batch: &Batch, s: &mut Scratch, output: Output, out: &mut Vec<f32>) -> Result<()> {
         let hidden = self.norm.weight.len();
         let n = batch.logit_rows.len();
         s.head_in.resize(n * hidden, 0.0);
         for (i, &row) in batch.logit_rows.iter().enumerate() {
             self.norm.forward(&s.x[row * hidden..(row + 1) * hidden], &mut s.head_in[i * hidden..(i + 1) * hidden]);
         }
+        if output == Output::Hidden {
+            out.clear();
+            out.extend_from_slice(&s.head_in);
+            return Ok(());
+        }
+        let logits = out;
         logits.resize(n * self.lm_head.rows(), 0.0);
         crate::layers::project(compute, &s.head_in, n, &mut s.layer.acts, &mut [Projection { linear: &self.lm_head, out: logits }])?;
         if let Some(cap) = self.softcap {
