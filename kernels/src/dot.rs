@@ -44,6 +44,18 @@ pub fn kernel_xn<const N: usize>(wt: DType, isa: Isa) -> Option<DotManyFn<N>> {
             // SAFETY: N == 8, so both are the same function pointer type.
             return Some(unsafe { std::mem::transmute::<DotManyFn<8>, DotManyFn<N>>(f) });
         }
+        // Four rows at once keep the f32 kernel's accumulators in registers (eight would not).
+        if isa.avx2() && wt == DType::F32 {
+            if N != 4 {
+                return None;
+            }
+            if vnni {
+                let f: DotManyFn<4> = crate::x86::f32_x4_zmm;
+                // SAFETY: N == 4, so both are the same function pointer type.
+                return Some(unsafe { std::mem::transmute::<DotManyFn<4>, DotManyFn<N>>(f) });
+            }
+            return Some(avx2::f32_xn::<N>);
+        }
         if isa.avx2() {
             return Some(match (wt, vnni) {
                 (DType::Q4_0, true) => vnni::q4_0_xn::<N>,
@@ -240,7 +252,8 @@ pub fn kernel(wt: DType, isa: Isa) -> DotFn {
         }
         if isa.avx2() {
             return match wt {
-                DType::F32 => pick!(f32),
+                DType::F32 if isa.vnni() => crate::x86::f32_zmm as DotFn,
+                DType::F32 => avx2::f32 as DotFn,
                 DType::F16 => pick!(f16),
                 DType::BF16 => pick!(bf16),
                 DType::Q4_0 => pick!(q4_0),

@@ -39,6 +39,41 @@ pub fn scale_in_place(x: &mut [f32], s: f32) {
     }
 }
 
+/// `a · b` over the shorter of the two, with the widest f32 kernel `isa` has (the result's
+/// rounding depends on `isa` only, never on where the slices sit).
+pub fn dot_f32(isa: crate::Isa, a: &[f32], b: &[f32]) -> f32 {
+    let n = a.len().min(b.len());
+    #[cfg(target_arch = "x86_64")]
+    {
+        if isa.vnni() {
+            // SAFETY: both slices hold at least n values; AVX-512 presence is implied by `isa`.
+            return unsafe { crate::x86::f32_zmm(a.as_ptr() as *const u8, b.as_ptr() as *const u8, n) };
+        }
+        if isa.avx2() {
+            // SAFETY: as above, for AVX2/FMA.
+            return unsafe { crate::x86::f32_dot(a.as_ptr(), b.as_ptr(), n) };
+        }
+    }
+    let _ = isa;
+    a[..n].iter().zip(&b[..n]).map(|(x, y)| x * y).sum()
+}
+
+/// `acc += p · x`, element by element (each element one fused multiply-add where `isa` has
+/// FMA, so the result does not depend on the vector width).
+pub fn axpy_f32(isa: crate::Isa, acc: &mut [f32], p: f32, x: &[f32]) {
+    let n = acc.len().min(x.len());
+    #[cfg(target_arch = "x86_64")]
+    if isa.avx2() {
+        // SAFETY: both slices hold at least n values; AVX2/FMA presence is implied by `isa`.
+        unsafe { crate::x86::axpy_f32(acc.as_mut_ptr(), p, x.as_ptr(), n) };
+        return;
+    }
+    let _ = isa;
+    for (a, &v) in acc[..n].iter_mut().zip(&x[..n]) {
+        *a = p.mul_add(v, *a);
+    }
+}
+
 /// SwiGLU: `gate = silu(gate) * up`, written into `gate`. Whole groups of 16 use the
 /// polynomial exponential, the remainder the C library's, as llama.cpp does.
 pub fn silu_mul(isa: crate::Isa, gate: &mut [f32], up: &[f32]) {

@@ -505,6 +505,42 @@ macro_rules! x86_kernels {
                 f32_dot(w as *const f32, a as *const f32, n)
             }
 
+            /// `f32` for N activation rows against one weight row: each weight vector is
+            /// loaded once for all N rows, and each row's sums are those of `f32_dot` (four
+            /// accumulators over 32-value steps, then eight-value steps, the tail, one
+            /// horizontal sum), so the results are identical.
+            #[target_feature(enable = $features)]
+            pub unsafe fn f32_xn<const N: usize>(w: *const u8, a: &[*const u8; N], _: &ActScales<N>, n: usize, out: &mut [f32; N]) {
+                let w = w as *const f32;
+                let a = a.map(|p| p as *const f32);
+                let mut acc = [[_mm256_setzero_ps(); 4]; N];
+                let mut i = 0;
+                while i + 32 <= n {
+                    let wv = [0, 1, 2, 3].map(|k| _mm256_loadu_ps(w.add(i + 8 * k)));
+                    for t in 0..N {
+                        for k in 0..4 {
+                            acc[t][k] = _mm256_fmadd_ps(wv[k], _mm256_loadu_ps(a[t].add(i + 8 * k)), acc[t][k]);
+                        }
+                    }
+                    i += 32;
+                }
+                while i + 8 <= n {
+                    let wv = _mm256_loadu_ps(w.add(i));
+                    for t in 0..N {
+                        acc[t][0] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(a[t].add(i)), acc[t][0]);
+                    }
+                    i += 8;
+                }
+                for t in 0..N {
+                    let mut tail = 0.0f32;
+                    for j in i..n {
+                        tail += *w.add(j) * *a[t].add(j);
+                    }
+                    let [a0, a1, a2, a3] = acc[t];
+                    out[t] = hsum_f32(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3))) + tail;
+                }
+            }
+
             #[target_feature(enable = $features)]
             pub unsafe fn f16(w: *const u8, a: *const u8, n: usize) -> f32 {
                 f16_dot(w as *const u16, a as *const u16, n)
@@ -573,6 +609,21 @@ unsafe fn bytes_from_bits(bits: u32) -> __m256i {
     let bytes = _mm256_shuffle_epi8(_mm256_set1_epi32(bits as i32), spread);
     let others = _mm256_set1_epi64x(0x7fbfdfeff7fbfdfe_u64 as i64);
     _mm256_cmpeq_epi8(_mm256_or_si256(bytes, others), _mm256_set1_epi64x(-1))
+}
+
+/// `acc[i] += p * x[i]` for i < n, each a fused multiply-add.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn axpy_f32(acc: *mut f32, p: f32, x: *const f32, n: usize) {
+    let pv = _mm256_set1_ps(p);
+    let mut i = 0;
+    while i + 8 <= n {
+        _mm256_storeu_ps(acc.add(i), _mm256_fmadd_ps(pv, _mm256_loadu_ps(x.add(i)), _mm256_loadu_ps(acc.add(i))));
+        i += 8;
+    }
+    while i < n {
+        *acc.add(i) = p.mul_add(*x.add(i), *acc.add(i));
+        i += 1;
+    }
 }
 
 #[target_feature(enable = "avx2,fma,f16c")]
@@ -751,6 +802,66 @@ unsafe fn hsum_i32(v: __m256i) -> i32 {
     let s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0b01_00_11_10));
     let s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0b10_11_00_01));
     _mm_cvtsi128_si32(s)
+}
+
+/// f32 dot product on AVX-512: four 16-lane accumulators over 64-value steps, then 16-value
+/// steps, the tail in scalar order, and one horizontal sum (the layout of ggml's AVX-512 f32
+/// dot product).
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+pub unsafe fn f32_zmm(w: *const u8, a: *const u8, n: usize) -> f32 {
+    let (w, a) = (w as *const f32, a as *const f32);
+    let mut acc = [_mm512_setzero_ps(); 4];
+    let mut i = 0;
+    while i + 64 <= n {
+        for (k, c) in acc.iter_mut().enumerate() {
+            *c = _mm512_fmadd_ps(_mm512_loadu_ps(w.add(i + 16 * k)), _mm512_loadu_ps(a.add(i + 16 * k)), *c);
+        }
+        i += 64;
+    }
+    while i + 16 <= n {
+        acc[0] = _mm512_fmadd_ps(_mm512_loadu_ps(w.add(i)), _mm512_loadu_ps(a.add(i)), acc[0]);
+        i += 16;
+    }
+    let mut tail = 0.0f32;
+    while i < n {
+        tail += *w.add(i) * *a.add(i);
+        i += 1;
+    }
+    _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3]))) + tail
+}
+
+/// `f32_zmm` for four activation rows against one weight row: each weight vector is loaded
+/// once for the four, and each row's arithmetic is exactly `f32_zmm`'s.
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+pub unsafe fn f32_x4_zmm(w: *const u8, a: &[*const u8; 4], _: &ActScales<4>, n: usize, out: &mut [f32; 4]) {
+    let w = w as *const f32;
+    let a = a.map(|p| p as *const f32);
+    let mut acc = [[_mm512_setzero_ps(); 4]; 4];
+    let mut i = 0;
+    while i + 64 <= n {
+        let wv = [0, 1, 2, 3].map(|k| _mm512_loadu_ps(w.add(i + 16 * k)));
+        for t in 0..4 {
+            for k in 0..4 {
+                acc[t][k] = _mm512_fmadd_ps(wv[k], _mm512_loadu_ps(a[t].add(i + 16 * k)), acc[t][k]);
+            }
+        }
+        i += 64;
+    }
+    while i + 16 <= n {
+        let wv = _mm512_loadu_ps(w.add(i));
+        for t in 0..4 {
+            acc[t][0] = _mm512_fmadd_ps(wv, _mm512_loadu_ps(a[t].add(i)), acc[t][0]);
+        }
+        i += 16;
+    }
+    for t in 0..4 {
+        let mut tail = 0.0f32;
+        for j in i..n {
+            tail += *w.add(j) * *a[t].add(j);
+        }
+        let [c0, c1, c2, c3] = acc[t];
+        out[t] = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(c0, c1), _mm512_add_ps(c2, c3))) + tail;
+    }
 }
 
 /// `vnni::q4_1_xn::<8>` with two rows per 512-bit register: the weight block is duplicated

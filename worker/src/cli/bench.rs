@@ -37,6 +37,10 @@ pub struct BenchArgs {
     /// How many of each concurrency level's requests carry --json-schema (default: half)
     #[arg(long, requires = "json_schema")]
     pub constrained: Option<usize>,
+    /// Embedding models: sentences per second embedding batches of each size given (e.g.
+    /// 1,64) of inputs of --n-prompt tokens
+    #[arg(long, value_delimiter = ',', conflicts_with = "concurrency")]
+    pub embed_batch: Vec<usize>,
 }
 
 #[derive(Serialize)]
@@ -67,6 +71,9 @@ pub fn main(args: BenchArgs) -> anyhow::Result<()> {
     }
     if !args.concurrency.is_empty() {
         return super::bench_parallel::main(&args);
+    }
+    if !args.embed_batch.is_empty() {
+        return embed(&args);
     }
     let model = super::load_model(&args.model, args.json, args.engine.isq)?;
     let threads = args.threads.unwrap_or_else(super::default_threads);
@@ -129,6 +136,44 @@ pub fn main(args: BenchArgs) -> anyhow::Result<()> {
             let test = if r.n_prompt > 0 { format!("pp{}", r.n_prompt) } else { format!("tg{}", r.n_gen) };
             println!("| {} | {:.2} MiB | {} | {} | {:.2} ± {:.2} |", r.model_type, size_mib, r.n_threads, test, r.avg_ts, r.stddev_ts);
         }
+    }
+    Ok(())
+}
+
+/// `--embed-batch`: batches of random-token inputs of `n_prompt` tokens (with the model's
+/// special tokens at the ends), each size timed `repetitions` times after a warm-up.
+fn embed(args: &BenchArgs) -> anyhow::Result<()> {
+    let path = kiln_worker::assets::resolve(&args.model, &mut |msg| eprintln!("kiln: {msg}"))?;
+    let e = kiln_worker::embedding::Embedder::load(&path)?;
+    let compute = super::compute(args.threads);
+    let len = args.n_prompt.clamp(2, e.pooling.max_tokens);
+    let vocab = e.tokenizer.vocab_size() as u64;
+    let ends = e.encode("", false)?;
+    let mut rng = Rng::seeded(7);
+    let mut scratch = kiln_worker::models::scratch::Scratch::default();
+    println!("| model | threads | tokens per input | batch | sentences/s | ms per batch |");
+    println!("|---|---|---|---|---|---|");
+    for &batch in &args.embed_batch {
+        let inputs: Vec<Vec<u32>> = (0..batch.max(1))
+            .map(|_| {
+                let mut ids: Vec<u32> = (0..len).map(|_| (1000 + rng.next_u64() % (vocab - 1000)) as u32).collect();
+                if let (Some(&first), Some(&last)) = (ends.first(), ends.last()) {
+                    ids[0] = first;
+                    ids[len - 1] = last;
+                }
+                ids
+            })
+            .collect();
+        let refs: Vec<&[u32]> = inputs.iter().map(Vec::as_slice).collect();
+        e.embed(&compute, &refs, &mut scratch)?;
+        let mut rates = Vec::new();
+        for _ in 0..args.repetitions {
+            let t = Instant::now();
+            e.embed(&compute, &refs, &mut scratch)?;
+            rates.push(refs.len() as f64 / t.elapsed().as_secs_f64());
+        }
+        let (mean, sd) = mean_sd(&rates);
+        println!("| {} | {} | {len} | {} | {mean:.1} ± {sd:.1} | {:.1} |", e.name, compute.pool.num_threads(), refs.len(), 1e3 * refs.len() as f64 / mean);
     }
     Ok(())
 }

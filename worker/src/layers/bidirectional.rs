@@ -4,7 +4,7 @@
 //! sequence's result does not depend on what it is batched with.
 
 use super::Compute;
-use kiln_kernels::ops::softmax_in_place;
+use kiln_kernels::ops::{axpy_f32, dot_f32, softmax_in_place};
 use kiln_kernels::pool::SharedMut;
 use std::ops::Range;
 
@@ -14,23 +14,6 @@ pub struct Heads {
     pub heads: usize,
     pub head_dim: usize,
     pub scale: f32,
-}
-
-/// Dot product in eight lanes, summed in a fixed order (vectorizes; same result every call).
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut lanes = [0f32; 8];
-    let (a8, b8) = (a.chunks_exact(8), b.chunks_exact(8));
-    let (ra, rb) = (a8.remainder(), b8.remainder());
-    for (x, y) in a8.zip(b8) {
-        for l in 0..8 {
-            lanes[l] += x[l] * y[l];
-        }
-    }
-    let mut sum = ((lanes[0] + lanes[4]) + (lanes[1] + lanes[5])) + ((lanes[2] + lanes[6]) + (lanes[3] + lanes[7]));
-    for (x, y) in ra.iter().zip(rb) {
-        sum += x * y;
-    }
-    sum
 }
 
 /// `out[r] = softmax(q[r]·k[s]ᵀ · scale) v[s]` per head, `s` ranging over the rows of `r`'s
@@ -54,14 +37,12 @@ pub fn attend(compute: &Compute, q: &[f32], k: &[f32], v: &[f32], seqs: &[Range<
                 let cols = h * shape.head_dim..(h + 1) * shape.head_dim;
                 let qh = &q[r * width..][cols.clone()];
                 scores.clear();
-                scores.extend(seq.clone().map(|s| dot(qh, &k[s * width..][cols.clone()]) * shape.scale));
+                scores.extend(seq.clone().map(|s| dot_f32(compute.isa, qh, &k[s * width..][cols.clone()]) * shape.scale));
                 softmax_in_place(&mut scores);
                 let o = &mut out_row[cols.clone()];
                 o.fill(0.0);
                 for (s, &p) in seq.clone().zip(&scores) {
-                    for (acc, &x) in o.iter_mut().zip(&v[s * width..][cols.clone()]) {
-                        *acc += p * x;
-                    }
+                    axpy_f32(compute.isa, o, p, &v[s * width..][cols.clone()]);
                 }
             }
         }
@@ -89,6 +70,7 @@ mod tests {
         assert_eq!(&together[2 * width..], &alone[..]);
         // Row 0, head 0 by hand: softmax over rows 0 and 1 of its sequence only.
         let s: Vec<f32> = (0..2).map(|j| (0..3).map(|d| q[d] * k[j * width + d]).sum::<f32>() * 0.5).collect();
+        // (kiln's dot kernels sum in another order than this loop: compare within rounding.)
         let m = s[0].max(s[1]);
         let e: Vec<f32> = s.iter().map(|x| (x - m).exp()).collect();
         let p: Vec<f32> = e.iter().map(|x| x / (e[0] + e[1])).collect();

@@ -133,6 +133,16 @@ pub fn load(cfg: &BertConfig, w: &WeightSource) -> Result<Bert> {
     })
 }
 
+/// GELU over `x`, rows split across `compute`'s threads.
+fn gelu_on(compute: &Compute, activation: Gelu, x: &mut [f32], width: usize) {
+    let rows = x.len() / width;
+    let dst = kiln_kernels::pool::SharedMut::new(x);
+    compute.pool.for_ranges(rows, 8, &|r| {
+        // SAFETY: each range of rows is written by one thread only.
+        gelu(activation, unsafe { dst.slice(r.start * width..r.end * width) });
+    });
+}
+
 fn gelu(activation: Gelu, x: &mut [f32]) {
     match activation {
         Gelu::Erf => x.iter_mut().for_each(|v| *v = 0.5 * *v * (1.0 + libm::erff(*v * std::f32::consts::FRAC_1_SQRT_2))),
@@ -195,7 +205,7 @@ impl Encoder for Bert {
             layer.attention_norm.forward_in_place_on(compute, &mut s.x);
             l.gate.resize(rows * self.cfg.intermediate_size, 0.0);
             project(compute, &s.x, rows, &mut l.acts, &mut [Projection { linear: &layer.intermediate, out: &mut l.gate }])?;
-            gelu(self.cfg.activation, &mut l.gate);
+            gelu_on(compute, self.cfg.activation, &mut l.gate, self.cfg.intermediate_size);
             project(compute, &l.gate, rows, &mut l.acts, &mut [Projection { linear: &layer.output, out: &mut s.y }])?;
             kiln_kernels::ops::add_in_place(&mut s.x, &s.y);
             layer.output_norm.forward_in_place_on(compute, &mut s.x);
