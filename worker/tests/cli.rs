@@ -192,3 +192,33 @@ fn pull_into_an_empty_home_fetches_and_verifies() {
     }
     std::fs::remove_dir_all(&home).ok();
 }
+
+#[test]
+fn embed_mode_prints_sentence_transformers_vectors() {
+    let d = kiln_worker::assets_dir::known_directory("minilm").unwrap();
+    kiln_worker::assets_dir::pull_directory(d, &mut |_| {}).unwrap();
+    let golden = common::golden("minilm_embeddings");
+    let cases = golden["cases"].as_array().unwrap();
+    // One input with -i; two from standard input, one vector per line.
+    let out = run(&["run", "-m", "minilm", "--embed", "-i", cases[0]["text"].as_str().unwrap()]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let mut child = kiln().args(["run", "-m", "minilm", "--embed"]).stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    let lines = format!("{}\n{}\n", cases[1]["text"].as_str().unwrap(), cases[2]["text"].as_str().unwrap());
+    child.stdin.take().unwrap().write_all(lines.as_bytes()).unwrap();
+    let piped = child.wait_with_output().unwrap();
+    assert!(piped.status.success(), "{}", text(&piped.stderr));
+    let printed: Vec<String> = text(&out.stdout).lines().chain(text(&piped.stdout).lines()).map(str::to_string).collect();
+    assert_eq!(printed.len(), 3);
+    for (line, case) in printed.iter().zip(cases) {
+        let got: Vec<f64> = serde_json::from_str(line).unwrap();
+        let want: Vec<f64> = case["embedding"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect();
+        assert_eq!(got.len(), 384);
+        let dot: f64 = got.iter().zip(&want).map(|(a, b)| a * b).sum();
+        assert!(dot >= 0.9999, "{}: cosine {dot}", case["text"]);
+    }
+    // Generating with an embedding model, and a text past its inputs, are one-line errors.
+    assert_one_line_error(&run(&["run", "-m", "minilm", "-i", "Hi"]), "holds an embedding model");
+    assert_one_line_error(&run(&["run", "-m", "minilm", "--embed", "-i", &"word ".repeat(300)]), "302 tokens");
+    let cut = run(&["run", "-m", "minilm", "--embed", "--truncate", "-i", &"word ".repeat(300)]);
+    assert!(cut.status.success(), "{}", text(&cut.stderr));
+}

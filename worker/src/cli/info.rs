@@ -15,6 +15,17 @@ pub struct InfoArgs {
 
 pub fn main(args: InfoArgs) -> anyhow::Result<()> {
     let path = kiln_worker::assets::resolve(&args.model, &mut |msg| eprintln!("kiln: {msg}"))?;
+    if path.is_dir() && kiln_worker::embedding::is_embedding_dir(&path) {
+        let e = kiln_worker::embedding::Embedder::load(&path)?;
+        println!("directory: {} (embedding model)", path.display());
+        println!("  architecture = {}", e.architecture);
+        println!("  dimensions = {}", e.dimensions());
+        println!("  pooling = {}{}", e.pooling.pooling.name(), if e.pooling.normalize { ", normalized" } else { "" });
+        println!("  longest input = {} tokens", e.pooling.max_tokens);
+        println!("  vocabulary = {} tokens", e.tokenizer.vocab_size());
+        println!("  weights = {}", e.weight_format);
+        return Ok(());
+    }
     if path.is_dir() {
         return hf_info(&path, args.tensors);
     }
