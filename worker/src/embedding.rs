@@ -126,6 +126,12 @@ pub fn pool(pooling: Pooling, normalize: bool, states: &[f32], hidden: usize, ou
     }
 }
 
+/// Most tokens one encoder pass computes (an input longer than this runs alone). Measured on
+/// all-MiniLM-L6-v2, 2 threads, 64 inputs of 128 tokens: 31.6 sentences/s in passes of 512
+/// tokens, 31.0 of 1024, 25.9 of 2048 and 28.6 in one pass of 8192, whose activations no
+/// longer stay in the caches.
+pub const PASS_TOKENS: usize = 512;
+
 pub struct Embedder {
     pub path: PathBuf,
     pub name: String,
@@ -281,18 +287,29 @@ impl Embedder {
         }
         let hidden = self.encoder.hidden_size();
         let mut states = Vec::new();
-        self.encoder.forward(compute, inputs, scratch, &mut states)?;
-        let mut at = 0;
-        Ok(inputs
-            .iter()
-            .map(|ids| {
+        let mut out = Vec::with_capacity(inputs.len());
+        // Passes of at most PASS_TOKENS tokens keep a pass's activations in cache; each
+        // sequence's result is the same whichever pass it is in.
+        let mut start = 0;
+        while start < inputs.len() {
+            let mut end = start + 1;
+            let mut tokens = inputs[start].len();
+            while end < inputs.len() && tokens + inputs[end].len() <= PASS_TOKENS {
+                tokens += inputs[end].len();
+                end += 1;
+            }
+            self.encoder.forward(compute, &inputs[start..end], scratch, &mut states)?;
+            let mut at = 0;
+            for ids in &inputs[start..end] {
                 let rows = &states[at * hidden..(at + ids.len()) * hidden];
                 at += ids.len();
                 let mut v = vec![0.0; hidden];
                 pool(self.pooling.pooling, self.pooling.normalize, rows, hidden, &mut v);
-                v
-            })
-            .collect())
+                out.push(v);
+            }
+            start = end;
+        }
+        Ok(out)
     }
 }
 
