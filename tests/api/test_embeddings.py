@@ -119,3 +119,17 @@ def test_worker_metrics_count_embeddings(both, embed_worker):
     client.embeddings.create(model="minilm", input=["one", "two", "three"])
     assert embed_worker.metric("kiln_worker_embed_inputs_total") == before + 3
     assert embed_worker.metric("kiln_worker_embed_waiting_requests") == 0
+
+
+def test_kilnctl_embed_prints_the_api_vectors(both):
+    import subprocess
+    from conftest import BIN
+    router, client = both
+    texts = [GOLDEN[0]["text"], GOLDEN[1]["text"]]
+    p = subprocess.run([str(BIN / "kilnctl"), "--router", router.url, "embed", *texts], capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0, p.stderr
+    printed = [json.loads(line) for line in p.stdout.splitlines()]
+    api = client.embeddings.create(model="minilm", input=texts, encoding_format="float")
+    assert printed == [d.embedding for d in api.data]
+    p = subprocess.run([str(BIN / "kilnctl"), "--router", router.url, "embed", "-m", "smollm2", "x"], capture_output=True, text=True, timeout=60)
+    assert p.returncode == 1 and "is not an embedding model" in p.stderr, p.stderr
