@@ -34,7 +34,10 @@ def live(tmp_path_factory):
     etcd = Etcd("dash", tmp / "etcd")
     etcd.wait_ready()
     workers = [Worker(f"dash-{i}", "--max-seqs", "1", etcd=etcd.url) for i in range(2)]
-    router = Router("dash", [], "--max-queue", "1", "--stall-timeout-secs", "2", "--eject-secs", "2", etcd=etcd.url)
+    # An MCP server that cannot start, so the MCP series (and their alert) have data.
+    mcp = tmp / "mcp.json"
+    mcp.write_text('{"mcpServers": {"absent": {"command": "/nonexistent/mcp-server"}}}')
+    router = Router("dash", [], "--max-queue", "1", "--stall-timeout-secs", "2", "--eject-secs", "2", "--mcp-config", str(mcp), etcd=etcd.url)
     wait_until(lambda: httpx.get(f"{router.url}/metrics").text.count('kiln_router_worker_up{') == 2, 30, "the router to see both workers")
     port = free_port()
     config = tmp / "prometheus.yml"
@@ -129,5 +132,5 @@ def test_every_metric_the_alert_rules_name_exists(live):
     assert not missing, missing
     rules = httpx.get(f"{live}/api/v1/rules", timeout=30).json()["data"]["groups"]
     health = {r["name"]: (r["health"], r.get("lastError", "")) for g in rules for r in g["rules"]}
-    assert len(health) == 7 and all(h == "ok" for h, _ in health.values()), health
+    assert len(health) == len(re.findall(r"- alert: ", RULES.read_text())) == 8 and all(h == "ok" for h, _ in health.values()), health
     print(f"\n{len(names)} metrics named by {len(health)} alert rules all present; every rule evaluates")

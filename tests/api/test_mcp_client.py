@@ -62,11 +62,12 @@ def health_lines(env):
 
 
 def metric(env, name, server):
+    """The value of a series of `server`; 0 while the series does not exist yet."""
     text = httpx.get(f"{env.router.url}/metrics").text
     for line in text.splitlines():
         if line.startswith(f'{name}{{server="{server}"'):
             return float(line.rsplit(" ", 1)[1])
-    return None
+    return 0.0
 
 
 def test_broken_servers_are_reported_and_the_router_keeps_serving(env, model):
@@ -82,8 +83,11 @@ def test_broken_servers_are_reported_and_the_router_keeps_serving(env, model):
         assert metric(env, "kiln_router_mcp_server_up", broken) == 0
     # Reconnected with backoff: failures keep being counted while the server stays broken.
     wait_until(lambda: metric(env, "kiln_router_mcp_connect_failures_total", "exits") >= 4, 30, "reconnection attempts")
-    # A server's stderr is in the router's log under its name.
-    assert "kiln-test-tools ready on stdio" in env.router.log_text()
+    # A server's stderr is in the router's log under its name, and each failure is logged.
+    log = env.router.log_text()
+    assert "kiln-test-tools ready on stdio" in log
+    for broken in ("exits", "garbage", "hangs"):
+        assert any("MCP server unavailable" in line and f"mcp_server={broken}" in line for line in log.splitlines()), broken
     # Plain requests and requests using every connected server are served meanwhile.
     plain = env.client.chat.completions.create(model=model, messages=[{"role": "user", "content": "Hi"}], max_tokens=4, temperature=0)
     assert plain.choices[0].message.content and "mcp" not in (plain.model_extra or {})
@@ -159,7 +163,7 @@ def test_tool_errors_and_timeouts_are_results_for_the_model(env, model):
     assert time.monotonic() - started < 30
     assert received(env, "slow"), "the slow tool was called"
     assert health_lines(env)["mcp notes"] == "mcp notes: ready, 5 tools"
-    assert metric(env, "kiln_router_mcp_tool_calls_total", "notes") is not None
+    assert metric(env, "kiln_router_mcp_tool_calls_total", "notes") > 0
     assert 'outcome="timeout"' in httpx.get(f"{env.router.url}/metrics").text
     # The MCP metrics pass Prometheus's own lint.
     out = subprocess.run(["promtool", "check", "metrics"], input=httpx.get(f"{env.router.url}/metrics").text, capture_output=True, text=True, timeout=60)
