@@ -1,5 +1,6 @@
 """The cluster's faults across real container networks, through the load balancer with the
 official openai client. Each test prints what it did and what it measured."""
+import re
 import subprocess
 import threading
 import time
@@ -7,7 +8,7 @@ import time
 import httpx2 as httpx
 import pytest
 
-from conftest import MODEL, QUESTIONS, Streams, report, run, wait_until
+from conftest import MODEL, QUESTIONS, ROOT, Streams, report, run, wait_until
 
 # How long HAProxy may take to notice a dead router: checks every 1 s, out after 2 failures,
 # each check allowed 2 s (deploy/haproxy.cfg).
@@ -37,7 +38,8 @@ def test_prometheus_scrapes_every_daemon_and_loads_the_rules(cluster):
     assert jobs == {"kiln-router", "kiln-worker", "etcd", "haproxy"}, jobs
     groups = httpx.get(f"{cluster.prometheus}/api/v1/rules", timeout=10).json()["data"]["groups"]
     rules = {r["name"]: r["health"] for g in groups for r in g["rules"]}
-    assert len(rules) == 7 and set(rules.values()) == {"ok"}, rules
+    alerts = re.findall(r"- alert: (\w+)", (ROOT / "deploy/prometheus/rules.yml").read_text())
+    assert sorted(rules) == sorted(alerts) and set(rules.values()) == {"ok"}, rules
     report(f"Prometheus: {expected} targets up ({', '.join(sorted(jobs))}), {len(rules)} alert rules loaded and evaluating")
 
 
