@@ -145,10 +145,14 @@ pub struct Embedder {
 /// The encoder architectures kiln runs, by `model_type`.
 pub const ENCODERS: &[&str] = &["bert"];
 
-/// Whether `dir` holds an encoder checkpoint, which cannot generate text.
-pub fn is_encoder_dir(dir: &Path) -> bool {
-    let Ok(config) = read_json(&dir.join("config.json")) else { return false };
+/// Whether a checkpoint's `config.json` names an encoder, which cannot generate text.
+pub fn is_encoder(config: &serde_json::Value) -> bool {
     config["model_type"].as_str().is_some_and(|t| ENCODERS.contains(&t))
+}
+
+/// Whether `dir` holds an encoder checkpoint.
+pub fn is_encoder_dir(dir: &Path) -> bool {
+    read_json(&dir.join("config.json")).is_ok_and(|config| is_encoder(&config))
 }
 
 /// Whether `dir` holds an embedding model: an encoder, or any checkpoint whose
@@ -206,7 +210,7 @@ impl Embedder {
         let config = read_json(&config_path)?;
         let model_type = config["model_type"].as_str().unwrap_or_default().to_string();
         let name = dir.file_name().map_or_else(|| dir.display().to_string(), |n| n.to_string_lossy().into_owned());
-        if !ENCODERS.contains(&model_type.as_str()) {
+        if !is_encoder(&config) {
             if !is_embedding_dir(dir) {
                 return Err(Error::InvalidRequest(format!(
                     "{} is not an embedding model: an encoder ({}) or a checkpoint with sentence-transformers pooling (modules.json)",

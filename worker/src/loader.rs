@@ -123,13 +123,13 @@ impl LoadedModel {
     }
 
     fn hf_dir(dir: &Path, isq: Option<DType>) -> Result<LoadedModel> {
-        if crate::embedding::is_encoder_dir(dir) {
+        let config = crate::formats::hf_tokenizer::read_json(&dir.join("config.json"))?;
+        if crate::embedding::is_encoder(&config) {
             return Err(Error::InvalidRequest(format!(
                 "{} holds an embedding model (an encoder), which does not generate text: embed with it (`kiln-worker run --embed`, /v1/embeddings)",
                 dir.display()
             )));
         }
-        let config = crate::formats::hf_tokenizer::read_json(&dir.join("config.json"))?;
         let name = dir.file_name().map_or_else(|| dir.display().to_string(), |n| n.to_string_lossy().into_owned());
         let mut cfg = crate::models::hf_config::from_hf(&config, &name)?;
         if isq.is_some() {

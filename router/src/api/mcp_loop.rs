@@ -106,6 +106,19 @@ impl Sink {
     async fn mcp(&self, event: Value) -> Result<(), ApiError> {
         self.send(self.chunker.extra("mcp", event)).await
     }
+
+    /// A content chunk of the answer, when there is text to send.
+    async fn content(&self, text: String) -> Result<(), ApiError> {
+        if text.is_empty() {
+            return Ok(());
+        }
+        self.send(self.chunker.chunk(json!([{ "index": 0, "delta": { "content": text }, "logprobs": null, "finish_reason": null }]))).await
+    }
+}
+
+/// The text among a call reader's deltas (a round's calls are sent as events once complete).
+fn text_of(deltas: Vec<Delta>) -> String {
+    deltas.into_iter().filter_map(|d| if let Delta::Text(t) = d { Some(t) } else { None }).collect()
 }
 
 fn gone() -> ApiError {
@@ -164,19 +177,14 @@ impl ToolLoop {
             };
             text.push_str(&piece);
             let Some(sink) = sink else { continue };
-            let shown: String = match &mut reader {
+            let shown = match &mut reader {
                 None => piece,
-                Some(r) => r.push(&piece).into_iter().filter_map(|d| if let Delta::Text(t) = d { Some(t) } else { None }).collect(),
+                Some(r) => text_of(r.push(&piece)),
             };
-            if !shown.is_empty() {
-                sink.send(sink.chunker.chunk(json!([{ "index": 0, "delta": { "content": shown }, "logprobs": null, "finish_reason": null }]))).await?;
-            }
+            sink.content(shown).await?;
         }
         if let (Some(sink), Some(r)) = (sink, &mut reader) {
-            let rest: String = r.finish().into_iter().filter_map(|d| if let Delta::Text(t) = d { Some(t) } else { None }).collect();
-            if !rest.is_empty() {
-                sink.send(sink.chunker.chunk(json!([{ "index": 0, "delta": { "content": rest }, "logprobs": null, "finish_reason": null }]))).await?;
-            }
+            sink.content(text_of(r.finish())).await?;
         }
         Ok((text, finish))
     }

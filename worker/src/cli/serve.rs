@@ -160,14 +160,19 @@ fn local_address_towards(endpoint: &str) -> Option<std::net::IpAddr> {
 /// The record this worker publishes, read fresh each time.
 fn record(id: &str, addr: &str, args: &ServeArgs, slot: &ModelSlot, hosting: &Hosting) -> WorkerRecord {
     let serving = slot.get();
-    let load = serving.as_ref().map_or_else(LoadSummary::default, |s| {
-        let (running, waiting) = s.load();
-        let blocks = s.engine().map(|e| e.stats().blocks).unwrap_or_default();
-        LoadSummary {
-            running: running as u32,
-            waiting: waiting as u32,
-            kv_blocks_used: blocks.first().map_or(0, |b| b.in_use as u32),
-            kv_blocks_total: blocks.first().map_or(0, |b| b.num_blocks as u32),
+    let load = serving.as_ref().map_or_else(LoadSummary::default, |s| match s.engine() {
+        Some(engine) => {
+            let st = engine.stats();
+            LoadSummary {
+                running: st.scheduler.running as u32,
+                waiting: st.scheduler.waiting as u32,
+                kv_blocks_used: st.blocks.first().map_or(0, |b| b.in_use as u32),
+                kv_blocks_total: st.blocks.first().map_or(0, |b| b.num_blocks as u32),
+            }
+        }
+        None => {
+            let (running, waiting) = s.load();
+            LoadSummary { running: running as u32, waiting: waiting as u32, ..LoadSummary::default() }
         }
     });
     WorkerRecord {
