@@ -7,7 +7,6 @@ answer, and that failures of every kind leave the router serving."""
 import json
 import subprocess
 import sys
-import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -159,9 +158,8 @@ def test_tool_errors_and_timeouts_are_results_for_the_model(env, model):
 
     assert result_of("fail", "Fail because the disk is full.").startswith("Error: ")
     assert "the archive is locked" in result_of("fail", "Fail because the disk is full.")
-    started = time.monotonic()
+    # Only the call timeout writes this result (the tool itself sleeps 60 s).
     assert result_of("slow", "Wait for 5 seconds.") == "Error: the tool did not answer within 3 s"
-    assert time.monotonic() - started < 30
     assert received(env, "slow"), "the slow tool was called"
     assert health_lines(env)["mcp notes"] == "mcp notes: ready, 5 tools"
     assert metric(env, "kiln_router_mcp_tool_calls_total", "notes") > 0
