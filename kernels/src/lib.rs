@@ -24,6 +24,8 @@ pub mod x86;
 #[cfg(target_arch = "x86_64")]
 pub mod x86_packed;
 #[cfg(target_arch = "x86_64")]
+pub mod x86_packed_avx2;
+#[cfg(target_arch = "x86_64")]
 pub mod x86_wide;
 
 pub use dot::Isa;

@@ -134,7 +134,7 @@ impl Activations {
         self.pairs.resize(if tables { pairs * 64 } else { 0 }, 0);
         self.pair_corr.resize(if with_corr { pairs * 16 } else { 0 }, 0);
         // Only CPUs that run the packed kernels read these.
-        let packed_rows = matches!(at, DType::Q8_0 | DType::Q8_1) && crate::Isa::detect().vnni();
+        let packed_rows = matches!(at, DType::Q8_0 | DType::Q8_1) && crate::Isa::detect().avx2();
         let per_block = if packed_rows { num_rows * blocks } else { 0 };
         self.blocks.d.resize(per_block, 0.0);
         self.blocks.corrections.resize(if at == DType::Q8_0 { per_block * CORRECTIONS } else { 0 }, 0);
@@ -330,21 +330,29 @@ const ROW_TILE: usize = GROUP;
 /// The packed kernel for `m` on `isa`, where there is one.
 #[cfg(target_arch = "x86_64")]
 fn packed_kernel(m: &PackedMatrix, isa: crate::Isa) -> Option<crate::x86_packed::PackedFn> {
-    use crate::x86_packed as k;
-    if !isa.vnni() {
-        return None;
+    macro_rules! pick {
+        ($k:ident) => {
+            Some(match m.dtype {
+                DType::Q4_0 => $k::q4_0,
+                DType::Q4_1 => $k::q4_1,
+                DType::Q5_0 => $k::q5_0,
+                DType::Q5_1 => $k::q5_1,
+                DType::Q8_0 => $k::q8_0,
+                DType::Q4K => $k::q4k,
+                DType::Q5K => $k::q5k,
+                DType::Q6K => $k::q6k,
+                _ => return None,
+            })
+        };
     }
-    Some(match m.dtype {
-        DType::Q4_0 => k::q4_0,
-        DType::Q4_1 => k::q4_1,
-        DType::Q5_0 => k::q5_0,
-        DType::Q5_1 => k::q5_1,
-        DType::Q8_0 => k::q8_0,
-        DType::Q4K => k::q4k,
-        DType::Q5K => k::q5k,
-        DType::Q6K => k::q6k,
-        _ => return None,
-    })
+    use crate::{x86_packed as vnni, x86_packed_avx2 as avx2};
+    if isa.vnni() {
+        pick!(vnni)
+    } else if isa.avx2() {
+        pick!(avx2)
+    } else {
+        None
+    }
 }
 
 /// Multiplies every matrix in `jobs` with the same prepared activations, in one pool dispatch.

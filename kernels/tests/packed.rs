@@ -21,14 +21,22 @@ fn random_matrix(dtype: DType, rows: usize, cols: usize, rng: &mut Rng) -> Align
     w
 }
 
-/// Two threads on AVX-512 VNNI, the only CPUs that use packed weights; elsewhere None, said
-/// on stderr so the skip is visible.
-fn vnni(test: &str) -> Option<Compute> {
-    if !Isa::detect().vnni() {
-        common::skip(test, "no AVX-512 VNNI here (packed kernels are not used on this CPU)");
-        return None;
-    }
-    Some(Compute { pool: ThreadPool::new(2), isa: Isa::detect() })
+/// Two threads on each instruction set with packed kernels (AVX2, AVX-512 VNNI) that this
+/// CPU runs, each named explicitly rather than left to detection; those it lacks are
+/// recorded as skipped.
+fn packed_isas(test: &str) -> Vec<Compute> {
+    let isas: Vec<Isa> = ["avx2", "avx512-vnni"]
+        .into_iter()
+        .filter_map(|name| {
+            let isa = Isa::named(name);
+            if isa.is_none() {
+                common::skip(test, &format!("{name} not run: this CPU lacks it"));
+            }
+            isa
+        })
+        .collect();
+    eprintln!("{test}: on {isas:?}");
+    isas.into_iter().map(|isa| Compute { pool: ThreadPool::new(2), isa }).collect()
 }
 
 /// A random matrix, its packed copy, and a random input of `tokens` rows.
@@ -66,10 +74,9 @@ impl Case {
 
 #[test]
 fn packed_products_equal_the_reference_bit_for_bit() {
-    let Some(compute) = vnni("packed_products_equal_the_reference_bit_for_bit") else { return };
-    let mut rng = Rng(11);
-    for dtype in TYPES {
-        for (rows, cols, tokens) in [(16, 256, 1), (32, 256, 3), (48, 768, 5), (64, 1280, 9), (16, 512, 17), (192, 768, 257), (576, 1536, 40)] {
+    for compute in packed_isas("packed_products_equal_the_reference_bit_for_bit") {
+        let mut rng = Rng(11);
+        for (dtype, (rows, cols, tokens)) in TYPES.into_iter().flat_map(|d| [(16, 256, 1), (32, 256, 3), (48, 768, 5), (64, 1280, 9), (16, 512, 17), (192, 768, 257), (576, 1536, 40)].map(|s| (d, s))) {
             let case = Case::new(dtype, rows, cols, tokens, &mut rng);
             let view = case.view();
             let (out, act) = case.product(&compute, 0, tokens);
@@ -77,10 +84,11 @@ fn packed_products_equal_the_reference_bit_for_bit() {
                 for r in 0..rows {
                     let want = packed::reference(dtype, view.row(r), act.row(t), cols);
                     let got = out[t * rows + r];
-                    assert_eq!(want.to_bits(), got.to_bits(), "{dtype} {rows}x{cols} t{t} r{r}: {want} vs {got}");
+                    let isa = compute.isa;
+                    assert_eq!(want.to_bits(), got.to_bits(), "{dtype} {rows}x{cols} t{t} r{r} on {isa:?}: {want} vs {got}");
                     // SAFETY: the row and the activations hold `cols` values of their formats.
-                    let single = unsafe { kernel_for_matrix(dtype, rows, Isa::named("avx2").expect("AVX-512 VNNI CPUs run AVX2"))(view.row(r).as_ptr(), act.row(t).as_ptr(), cols) };
-                    assert_eq!(single.to_bits(), got.to_bits(), "{dtype} {rows}x{cols} t{t} r{r}: single-row kernel {single} vs {got}");
+                    let single = unsafe { kernel_for_matrix(dtype, rows, Isa::named("avx2").expect("packed kernels need AVX2"))(view.row(r).as_ptr(), act.row(t).as_ptr(), cols) };
+                    assert_eq!(single.to_bits(), got.to_bits(), "{dtype} {rows}x{cols} t{t} r{r} on {isa:?}: single-row kernel {single} vs {got}");
                 }
             }
         }
@@ -113,14 +121,13 @@ fn packed_reference_matches_the_dequantized_product() {
 
 #[test]
 fn a_rows_result_does_not_depend_on_the_batch() {
-    let Some(compute) = vnni("a_rows_result_does_not_depend_on_the_batch") else { return };
-    let mut rng = Rng(13);
-    for dtype in TYPES {
+    for (compute, dtype) in packed_isas("a_rows_result_does_not_depend_on_the_batch").iter().flat_map(|c| TYPES.map(|d| (c, d))) {
+        let mut rng = Rng(13);
         let case = Case::new(dtype, 32, 768, 11, &mut rng);
         let (all, _) = case.product(&compute, 0, case.tokens);
         for t in 0..case.tokens {
             let (one, _) = case.product(&compute, t, 1);
-            assert_eq!(one, all[t * case.rows..(t + 1) * case.rows], "{dtype}: row {t} alone differs from row {t} in a batch of {}", case.tokens);
+            assert_eq!(one, all[t * case.rows..(t + 1) * case.rows], "{dtype} on {:?}: row {t} alone differs from row {t} in a batch of {}", compute.isa, case.tokens);
         }
     }
 }
@@ -146,8 +153,13 @@ fn packing_refuses_what_it_cannot_lay_out() {
 
 #[test]
 fn grouped_products_use_each_matrix_packed_or_not() {
+    for compute in packed_isas("grouped_products_use_each_matrix_packed_or_not") {
+        grouped_products_on(&compute);
+    }
+}
+
+fn grouped_products_on(compute: &Compute) {
     use kiln_kernels::matmul::{matmul_group, MatMulJob};
-    let Some(compute) = vnni("grouped_products_use_each_matrix_packed_or_not") else { return };
     let mut rng = Rng(15);
     let (cols, tokens) = (128, 6);
     // A matrix without a packed copy between two packed ones shifts the global row offsets.
@@ -161,7 +173,7 @@ fn grouped_products_use_each_matrix_packed_or_not() {
     let mut outs: Vec<Vec<f32>> = shapes.iter().map(|&(_, r, _)| vec![0.0; r * tokens]).collect();
     let mut jobs: Vec<MatMulJob> =
         views.iter().zip(&packs).zip(outs.iter_mut()).map(|((v, p), out)| MatMulJob { weight: *v, packed: p.as_ref(), out }).collect();
-    matmul_group(&compute, &act, &mut jobs).unwrap();
+    matmul_group(compute, &act, &mut jobs).unwrap();
     for ((view, p), out) in views.iter().zip(&packs).zip(&outs) {
         for t in 0..tokens {
             for r in 0..view.rows {
@@ -171,7 +183,7 @@ fn grouped_products_use_each_matrix_packed_or_not() {
                 } else {
                     kiln_kernels::dot_ref::dot(view.dtype, view.row(r), act.row(t))
                 };
-                assert!((want - got).abs() <= 1e-4 * (1.0 + want.abs()), "{} {}x{cols} t{t} r{r}: {want} vs {got}", view.dtype, view.rows);
+                assert!((want - got).abs() <= 1e-4 * (1.0 + want.abs()), "{} {}x{cols} t{t} r{r} on {:?}: {want} vs {got}", view.dtype, view.rows, compute.isa);
             }
         }
     }

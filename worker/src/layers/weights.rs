@@ -70,7 +70,7 @@ impl MatrixRef {
     pub fn packed(&self) -> Option<&PackedMatrix> {
         self.packed
             .get_or_init(|| {
-                let wanted = std::env::var_os("KILN_REPACK").is_none_or(|v| v != "0") && kiln_kernels::Isa::detect().vnni()
+                let wanted = std::env::var_os("KILN_REPACK").is_none_or(|v| v != "0") && kiln_kernels::Isa::detect().avx2()
                     && packed::supports(self.dtype)
                     && self.rows.is_multiple_of(packed::GROUP);
                 wanted.then(|| PackedMatrix::pack(&self.view()).ok()).flatten()
