@@ -347,7 +347,7 @@ fn attend(isa: Isa, p: &AttentionParams, kv: &KvStore, span: &SeqSpan, queries: 
     }
     ts.scores.resize(heads * n_keys, 0.0);
     #[cfg(target_arch = "x86_64")]
-    let shared = !full && isa.vnni() && d.is_multiple_of(64);
+    let shared = !full && isa.avx2() && d.is_multiple_of(64);
     #[cfg(not(target_arch = "x86_64"))]
     let shared = false;
     if shared {
@@ -418,8 +418,15 @@ fn scores_shared(isa: Isa, qs: &[f32], d: usize, kv: &KvStore, slots: &[u32], kv
         let mut j = 0;
         while j + 8 <= n {
             let keys: [*const u16; 8] = std::array::from_fn(|k| kv.key(slots[j + k] as usize, kv_head).as_ptr());
-            // SAFETY: the caller checked AVX-512; every key and query holds `d` values.
-            let r = unsafe { crate::x86_wide::dot8_queries::<Q>(&xs, &keys, d) };
+            // SAFETY: the caller checked AVX2 (AVX-512 for the wide form); every key and
+            // query holds `d` values.
+            let r = unsafe {
+                if isa.vnni() {
+                    crate::x86_wide::dot8_queries::<Q>(&xs, &keys, d)
+                } else {
+                    crate::x86::dot8_queries::<Q>(&xs, &keys, d)
+                }
+            };
             for (h, r) in r.iter().enumerate() {
                 out[h * n + j..h * n + j + 8].copy_from_slice(r);
             }
@@ -460,17 +467,23 @@ fn weigh_values_by_bucket(isa: Isa, d: usize, kv: &KvStore, kv_head: usize, firs
                 let j0 = (b + 64 - first % 64) % 64;
                 let at = &ts.value_at;
                 let buckets = ts.buckets.as_mut_ptr();
-                // SAFETY: AVX-512 checked by the caller; every value holds `d` halves, so
+                // SAFETY: AVX2 (and for the wide forms AVX-512) checked by the caller; every
+                // value holds `d` halves, so
                 // dimensions dim..dim + 64 are in bounds; bucket b of head h lies inside
                 // `buckets` (SHARED_QUERIES * 64 blocks of 64).
                 unsafe {
                     let dst = |h: usize| buckets.add((h * 64 + b) * 64);
                     let w = |h: usize| &scores[h * n_keys..(h + 1) * n_keys];
-                    match h1 - h0 {
-                        1 => crate::x86_wide::bucket_sum_queries::<1>(&[w(0)], at, j0, &kv.v, dim, [dst(0)]),
-                        2 => crate::x86_wide::bucket_sum_queries::<2>(&[w(0), w(1)], at, j0, &kv.v, dim, [dst(0), dst(1)]),
-                        3 => crate::x86_wide::bucket_sum_queries::<3>(&[w(0), w(1), w(2)], at, j0, &kv.v, dim, [dst(0), dst(1), dst(2)]),
-                        _ => crate::x86_wide::bucket_sum_queries::<4>(&[w(0), w(1), w(2), w(3)], at, j0, &kv.v, dim, [dst(0), dst(1), dst(2), dst(3)]),
+                    use crate::{x86, x86_wide};
+                    match (h1 - h0, isa.vnni()) {
+                        (1, true) => x86_wide::bucket_sum_queries::<1>(&[w(0)], at, j0, &kv.v, dim, [dst(0)]),
+                        (2, true) => x86_wide::bucket_sum_queries::<2>(&[w(0), w(1)], at, j0, &kv.v, dim, [dst(0), dst(1)]),
+                        (3, true) => x86_wide::bucket_sum_queries::<3>(&[w(0), w(1), w(2)], at, j0, &kv.v, dim, [dst(0), dst(1), dst(2)]),
+                        (_, true) => x86_wide::bucket_sum_queries::<4>(&[w(0), w(1), w(2), w(3)], at, j0, &kv.v, dim, [dst(0), dst(1), dst(2), dst(3)]),
+                        (1, false) => x86::bucket_sum_queries::<1>(&[w(0)], at, j0, &kv.v, dim, [dst(0)]),
+                        (2, false) => x86::bucket_sum_queries::<2>(&[w(0), w(1)], at, j0, &kv.v, dim, [dst(0), dst(1)]),
+                        (3, false) => x86::bucket_sum_queries::<3>(&[w(0), w(1), w(2)], at, j0, &kv.v, dim, [dst(0), dst(1), dst(2)]),
+                        (_, false) => x86::bucket_sum_queries::<4>(&[w(0), w(1), w(2), w(3)], at, j0, &kv.v, dim, [dst(0), dst(1), dst(2), dst(3)]),
                     }
                 }
             }

@@ -944,6 +944,78 @@ pub unsafe fn dot8_f32_f16_ordered(x: *const f32, keys: &[*const u16; 8], n: usi
     finish_tree16x8(folded)
 }
 
+/// `dot8_f32_f16_ordered` for `Q` queries against the same eight keys (the AVX2 form of
+/// `x86_wide::dot8_queries`): each key chunk is widened once for every query, and each
+/// query's lanes get exactly the arithmetic of the single-query kernel.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn dot8_queries<const Q: usize>(xs: &[*const f32; Q], keys: &[*const u16; 8], n: usize) -> [[f32; 8]; Q] {
+    let mut folded = [[_mm256_setzero_ps(); 8]; Q];
+    for (k, &key) in keys.iter().enumerate() {
+        for (f, (lo, hi)) in folded.iter_mut().zip(fold64_queries(xs, key, n)) {
+            // tree16's first step: lanes 8..16 onto lanes 0..8.
+            f[k] = _mm256_add_ps(hi, lo);
+        }
+    }
+    folded.map(|f| finish_tree16x8(f))
+}
+
+/// `fold64` for `Q` queries against the same `y`. One of the four 16-lane accumulators at a
+/// time, so that every query's copy of it stays in registers; each accumulator still sees
+/// its products in the same order.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn fold64_queries<const Q: usize>(xs: &[*const f32; Q], y: *const u16, n: usize) -> [(__m256, __m256); Q] {
+    // sums[q][2c] holds lanes 0-7 of query q's accumulator c, sums[q][2c + 1] lanes 8-15.
+    let mut sums = [[_mm256_setzero_ps(); 8]; Q];
+    for c in 0..4 {
+        let mut acc = [[_mm256_setzero_ps(); 2]; Q];
+        let mut i = 0;
+        while i + 64 <= n {
+            let (lo, hi) = (load_f16(y.add(i + 16 * c)), load_f16(y.add(i + 16 * c + 8)));
+            for (a, &x) in acc.iter_mut().zip(xs) {
+                a[0] = _mm256_fmadd_ps(_mm256_loadu_ps(x.add(i + 16 * c)), lo, a[0]);
+                a[1] = _mm256_fmadd_ps(_mm256_loadu_ps(x.add(i + 16 * c + 8)), hi, a[1]);
+            }
+            i += 64;
+        }
+        for (s, a) in sums.iter_mut().zip(acc) {
+            s[2 * c] = a[0];
+            s[2 * c + 1] = a[1];
+        }
+    }
+    sums.map(|a| {
+        let lo = _mm256_add_ps(_mm256_add_ps(a[0], a[4]), _mm256_add_ps(a[2], a[6]));
+        let hi = _mm256_add_ps(_mm256_add_ps(a[1], a[5]), _mm256_add_ps(a[3], a[7]));
+        (lo, hi)
+    })
+}
+
+/// `x86_wide::bucket_sum_queries` on AVX2: dimensions `dim..dim + 64` of `Σ fma(w[j],
+/// values[at[j]..], acc)` over keys `j = j0, j0 + 64, ...` in that order, starting from zero,
+/// for `Q` queries sharing the values; sixteen dimensions at a time so that every query's
+/// sums stay in registers.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn bucket_sum_queries<const Q: usize>(ws: &[&[f32]; Q], at: &[usize], j0: usize, values: &[u16], dim: usize, outs: [*mut f32; Q]) {
+    for part in 0..4 {
+        let mut acc = [[_mm256_setzero_ps(); 2]; Q];
+        let mut j = j0;
+        while j < at.len() {
+            let v = values[at[j] + dim + 16 * part..at[j] + dim + 16 * part + 16].as_ptr();
+            let (lo, hi) = (load_f16(v), load_f16(v.add(8)));
+            for (a, w) in acc.iter_mut().zip(ws) {
+                let wv = _mm256_set1_ps(w[j]);
+                a[0] = _mm256_fmadd_ps(wv, lo, a[0]);
+                a[1] = _mm256_fmadd_ps(wv, hi, a[1]);
+            }
+            j += 64;
+        }
+        for (a, &o) in acc.iter().zip(&outs) {
+            _mm256_storeu_ps(o.add(16 * part), a[0]);
+            _mm256_storeu_ps(o.add(16 * part + 8), a[1]);
+        }
+    }
+}
+
 /// The rest of `tree16` for eight dot products at once, each given as its eight lanes after
 /// the first step (lanes 8..16 added onto 0..8).
 #[inline]

@@ -104,21 +104,23 @@ unsafe fn product(
     row: impl Fn(*const __m256i, usize, *mut f32),
 ) {
     let (per_block, bb) = (unpacked_regs(dtype), block_bytes(dtype));
-    UNPACKED.with(|buf| {
+    // The buffer is only ever touched here, and products do not nest, so the pointer stays
+    // valid (and unaliased) until this returns.
+    let u = UNPACKED.with(|buf| {
         let mut buf = buf.borrow_mut();
         if buf.len() < per_block * acts.blocks {
             buf.resize(per_block * acts.blocks, _mm256_setzero_si256());
         }
-        let u = buf.as_mut_ptr();
-        for h in 0..2 {
-            for b in 0..acts.blocks {
-                unpack(group.add(b * bb), h, u.add(b * per_block));
-            }
-            for t in t0..t0 + count {
-                row(u, t, out.add(t * stride + HALF * h));
-            }
-        }
+        buf.as_mut_ptr()
     });
+    for h in 0..2 {
+        for b in 0..acts.blocks {
+            unpack(group.add(b * bb), h, u.add(b * per_block));
+        }
+        for t in t0..t0 + count {
+            row(u, t, out.add(t * stride + HALF * h));
+        }
+    }
 }
 
 /// `PackedFn`s for the 32-value formats. Unpacked block: `d` (f32), `m` (f32, Q4_1 and Q5_1),
@@ -130,15 +132,16 @@ macro_rules! block_kernels {
         /// A `PackedFn` for one format.
         #[target_feature(enable = "avx2,fma,f16c")]
         pub unsafe fn $fname(group: *const u8, acts: &PackedActs, t0: usize, count: usize, out: *mut f32, stride: usize) {
-            let dtype = $dtype;
+            // The format is written out in each closure (not captured) so that it stays a
+            // constant there.
             let row = |u: *const __m256i, t: usize, out: *mut f32| {
-                if dtype == DType::Q4_0 {
+                if $dtype == DType::Q4_0 {
                     q4_0_row(u, acts, t, out)
                 } else {
-                    lanes_row(dtype, u, acts, t, out)
+                    lanes_row($dtype, u, acts, t, out)
                 }
             };
-            product(dtype, group, acts, (t0, count), (out, stride), |p, h, u| unpack_block(dtype, p, h, u), row);
+            product($dtype, group, acts, (t0, count), (out, stride), |p, h, u| unpack_block($dtype, p, h, u), row);
         }
     )*};
 }

@@ -64,7 +64,7 @@ fn repacked_products_equal_llama_cpp_bit_for_bit() {
             }
             let view = WeightView::new(case.dtype, case.rows, case.cols, case.weights.bytes()).unwrap();
             // As the worker runs them: packed at load on CPUs that use packed kernels.
-            let packed = (isa.vnni() && packed::supports(case.dtype) && case.rows.is_multiple_of(packed::GROUP)).then(|| PackedMatrix::pack(&view).unwrap());
+            let packed = (isa.avx2() && packed::supports(case.dtype) && case.rows.is_multiple_of(packed::GROUP)).then(|| PackedMatrix::pack(&view).unwrap());
             let mut out = vec![0.0f32; case.rows];
             matmul_packed(&compute, view, packed.as_ref(), &case.input, 1, &mut Activations::default(), &mut out).unwrap();
             for (r, (&got, &want)) in out.iter().zip(&case.outputs).enumerate() {
