@@ -6,6 +6,7 @@
 
 use crate::blocks::*;
 use crate::dtype::QK_K;
+use crate::Isa;
 
 /// Round half to even for |v| < 2^22: adding 1.5 * 2^23 leaves no fraction bits, so the
 /// hardware's default rounding does the work (ggml's `nearest_int`), with no libm call.
@@ -19,28 +20,29 @@ fn max_abs(x: &[f32]) -> f32 {
     x.iter().fold(0.0f32, |m, v| m.max(v.abs()))
 }
 
-/// Whether the AVX-512 quantizers may run (they agree with the scalar code on every block
-/// without NaNs, and leave blocks with NaNs to it).
+/// Quantizes one block of 32 values: returns (scale, quants). The vector forms agree with
+/// the scalar code on every block without NaNs and leave blocks with NaNs to it.
 #[inline]
-fn wide() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    return crate::Isa::detect().vnni();
-    #[cfg(not(target_arch = "x86_64"))]
-    false
-}
-
-/// Quantizes one block of 32 values: returns (scale, quants).
-#[inline]
-fn q8_block(x: &[f32], wide: bool) -> (f32, [i8; 32]) {
+fn q8_block(x: &[f32], isa: Isa) -> (f32, [i8; 32]) {
     let mut qs = [0i8; 32];
     #[cfg(target_arch = "x86_64")]
-    if wide {
-        // SAFETY: `wide` is only set where AVX-512 is present; x holds 32 values.
-        if let Some(d) = unsafe { crate::x86_wide::q8_block(x, &mut qs) } {
+    {
+        // SAFETY: each form runs only where `isa` says its instructions are present; x holds
+        // 32 values.
+        let vector = unsafe {
+            if isa.vnni() {
+                crate::x86_wide::q8_block(x, &mut qs)
+            } else if isa.avx2() {
+                crate::x86::q8_block(x, &mut qs)
+            } else {
+                None
+            }
+        };
+        if let Some(d) = vector {
             return (d, qs);
         }
     }
-    let _ = wide;
+    let _ = isa;
     let amax = max_abs(x);
     let d = amax / 127.0;
     let inv = if amax != 0.0 { 127.0 / amax } else { 0.0 };
@@ -52,18 +54,20 @@ fn q8_block(x: &[f32], wide: bool) -> (f32, [i8; 32]) {
 
 /// `x.len()` must be a multiple of 32 and `out.len() == x.len() / 32`.
 pub fn quantize_q8_0(x: &[f32], out: &mut [BlockQ8_0]) {
-    quantize_q8_0_on(x, out, wide())
+    quantize_q8_0_on(Isa::detect(), x, out)
 }
 
 /// `quantize_q8_0` in scalar code only (the vector path's test oracle).
 pub fn quantize_q8_0_scalar(x: &[f32], out: &mut [BlockQ8_0]) {
-    quantize_q8_0_on(x, out, false)
+    quantize_q8_0_on(Isa::scalar(), x, out)
 }
 
-fn quantize_q8_0_on(x: &[f32], out: &mut [BlockQ8_0], wide: bool) {
+/// `quantize_q8_0` with the kernels of `isa` (one of `Isa::available()`); every ISA gives
+/// the same quants.
+pub fn quantize_q8_0_on(isa: Isa, x: &[f32], out: &mut [BlockQ8_0]) {
     debug_assert_eq!(x.len(), out.len() * 32);
     for (chunk, b) in x.chunks_exact(32).zip(out.iter_mut()) {
-        let (d, qs) = q8_block(chunk, wide);
+        let (d, qs) = q8_block(chunk, isa);
         b.d = f32_to_f16_bits(d);
         b.qs = qs;
     }
@@ -71,18 +75,20 @@ fn quantize_q8_0_on(x: &[f32], out: &mut [BlockQ8_0], wide: bool) {
 
 /// `x.len()` must be a multiple of 32 and `out.len() == x.len() / 32`.
 pub fn quantize_q8_1(x: &[f32], out: &mut [BlockQ8_1]) {
-    quantize_q8_1_on(x, out, wide())
+    quantize_q8_1_on(Isa::detect(), x, out)
 }
 
 /// `quantize_q8_1` in scalar code only (the vector path's test oracle).
 pub fn quantize_q8_1_scalar(x: &[f32], out: &mut [BlockQ8_1]) {
-    quantize_q8_1_on(x, out, false)
+    quantize_q8_1_on(Isa::scalar(), x, out)
 }
 
-fn quantize_q8_1_on(x: &[f32], out: &mut [BlockQ8_1], wide: bool) {
+/// `quantize_q8_1` with the kernels of `isa` (one of `Isa::available()`); every ISA gives
+/// the same quants.
+pub fn quantize_q8_1_on(isa: Isa, x: &[f32], out: &mut [BlockQ8_1]) {
     debug_assert_eq!(x.len(), out.len() * 32);
     for (chunk, b) in x.chunks_exact(32).zip(out.iter_mut()) {
-        let (d, qs) = q8_block(chunk, wide);
+        let (d, qs) = q8_block(chunk, isa);
         let sum: i32 = qs.iter().map(|&q| q as i32).sum();
         b.d = f32_to_f16_bits(d);
         b.s = f32_to_f16_bits(d * sum as f32);
@@ -92,21 +98,33 @@ fn quantize_q8_1_on(x: &[f32], out: &mut [BlockQ8_1], wide: bool) {
 
 /// `x.len()` must be a multiple of 256 and `out.len() == x.len() / 256`.
 pub fn quantize_q8k(x: &[f32], out: &mut [BlockQ8K]) {
-    quantize_q8k_on(x, out, wide())
+    quantize_q8k_on(Isa::detect(), x, out)
 }
 
 /// `quantize_q8k` in scalar code only (the vector path's test oracle).
 pub fn quantize_q8k_scalar(x: &[f32], out: &mut [BlockQ8K]) {
-    quantize_q8k_on(x, out, false)
+    quantize_q8k_on(Isa::scalar(), x, out)
 }
 
-fn quantize_q8k_on(x: &[f32], out: &mut [BlockQ8K], wide: bool) {
+/// `quantize_q8k` with the kernels of `isa` (one of `Isa::available()`); every ISA gives
+/// the same quants.
+pub fn quantize_q8k_on(isa: Isa, x: &[f32], out: &mut [BlockQ8K]) {
     debug_assert_eq!(x.len(), out.len() * QK_K);
     for (chunk, b) in x.chunks_exact(QK_K).zip(out.iter_mut()) {
         #[cfg(target_arch = "x86_64")]
-        if wide {
-            // SAFETY: `wide` is only set where AVX-512 is present; the chunk holds QK_K values.
-            if let Some(d) = unsafe { crate::x86_wide::q8k_block(chunk, &mut b.qs, &mut b.bsums) } {
+        {
+            // SAFETY: each form runs only where `isa` says its instructions are present; the
+            // chunk holds QK_K values.
+            let vector = unsafe {
+                if isa.vnni() {
+                    crate::x86_wide::q8k_block(chunk, &mut b.qs, &mut b.bsums)
+                } else if isa.avx2() {
+                    crate::x86::q8k_block(chunk, &mut b.qs, &mut b.bsums)
+                } else {
+                    None
+                }
+            };
+            if let Some(d) = vector {
                 b.d = d;
                 continue;
             }

@@ -1016,6 +1016,92 @@ pub unsafe fn bucket_sum_queries<const Q: usize>(ws: &[&[f32]; Q], at: &[usize],
     }
 }
 
+/// The largest of eight lanes (exact in any order).
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn hmax_f32(v: __m256) -> f32 {
+    let m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    let m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+    _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)))
+}
+
+/// Whether any of `v` is NaN, and the largest magnitude among them.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn nan_and_amax(v: impl Iterator<Item = __m256>) -> (bool, f32) {
+    let (mut nan, mut amax) = (0, _mm256_setzero_ps());
+    for r in v {
+        nan |= _mm256_movemask_ps(_mm256_cmp_ps::<_CMP_UNORD_Q>(r, r));
+        amax = _mm256_max_ps(amax, _mm256_andnot_ps(_mm256_set1_ps(-0.0), r));
+    }
+    (nan != 0, hmax_f32(amax))
+}
+
+/// `activation::q8_block` for 32 values (the AVX2 form of `x86_wide::q8_block`): scale from
+/// the largest magnitude, quants rounded half to even. Returns d, or None (writing nothing)
+/// when a value is NaN.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn q8_block(x: &[f32], qs: &mut [i8; 32]) -> Option<f32> {
+    assert!(x.len() >= 32, "a block is 32 values");
+    let v: [__m256; 4] = std::array::from_fn(|k| _mm256_loadu_ps(x.as_ptr().add(8 * k)));
+    let (nan, amax) = nan_and_amax(v.into_iter());
+    if nan {
+        return None;
+    }
+    let d = amax / 127.0;
+    let inv = _mm256_set1_ps(if amax != 0.0 { 127.0 / amax } else { 0.0 });
+    let q = v.map(|r| _mm256_cvtps_epi32(_mm256_mul_ps(r, inv)));
+    // The packs work within 128-bit lanes: dwords come out as quants 0-3 of q[0], q[1],
+    // q[2], q[3], then 4-7 of each; the permutation puts them back in order.
+    let bytes = _mm256_packs_epi16(_mm256_packs_epi32(q[0], q[1]), _mm256_packs_epi32(q[2], q[3]));
+    let bytes = _mm256_permutevar8x32_epi32(bytes, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+    _mm256_storeu_si256(qs.as_mut_ptr() as *mut __m256i, bytes);
+    Some(d)
+}
+
+/// `activation::quantize_q8k` for one super-block (the AVX2 form of `x86_wide::q8k_block`):
+/// the first value of largest magnitude sets the scale, quants are rounded half to even,
+/// sums taken per 16. Returns d, or None (writing nothing) when the block holds a NaN.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn q8k_block(x: &[f32], qs: &mut [i8], bsums: &mut [i16]) -> Option<f32> {
+    assert!(x.len() >= 256 && qs.len() >= 256 && bsums.len() >= 16, "a super-block is 256 values");
+    let load = |k: usize| _mm256_loadu_ps(x.as_ptr().add(8 * k));
+    let (nan, amax) = nan_and_amax((0..32).map(load));
+    if nan {
+        return None;
+    }
+    if amax == 0.0 {
+        qs[..256].fill(0);
+        bsums[..16].fill(0);
+        return Some(0.0);
+    }
+    // The first value whose magnitude is the largest, as the scalar scan finds it.
+    let target = _mm256_set1_ps(amax);
+    let mut max = 0.0f32;
+    for k in 0..32 {
+        let hit = _mm256_movemask_ps(_mm256_cmp_ps::<_CMP_EQ_OQ>(_mm256_andnot_ps(_mm256_set1_ps(-0.0), load(k)), target));
+        if hit != 0 {
+            max = x[8 * k + hit.trailing_zeros() as usize];
+            break;
+        }
+    }
+    let iscale = -127.0 / max;
+    let s = _mm256_set1_ps(iscale);
+    for g in 0..16 {
+        let quant = |k: usize| _mm256_min_epi32(_mm256_cvtps_epi32(_mm256_mul_ps(s, load(k))), _mm256_set1_epi32(127));
+        let (a, b) = (quant(2 * g), quant(2 * g + 1));
+        let sum = _mm256_add_epi32(a, b);
+        let sum = _mm_add_epi32(_mm256_castsi256_si128(sum), _mm256_extracti128_si256(sum, 1));
+        let sum = _mm_add_epi32(sum, _mm_shuffle_epi32(sum, 0b01_00_11_10));
+        bsums[g] = (_mm_cvtsi128_si32(sum) + _mm_extract_epi32(sum, 1)) as i16;
+        // i16 lanes [a0..4, b0..4 | a4..8, b4..8], reordered to a0..8, b0..8 before narrowing.
+        let words = _mm256_permute4x64_epi64(_mm256_packs_epi32(a, b), 0b11_01_10_00);
+        let bytes = _mm_packs_epi16(_mm256_castsi256_si128(words), _mm256_extracti128_si256(words, 1));
+        _mm_storeu_si128(qs.as_mut_ptr().add(16 * g) as *mut __m128i, bytes);
+    }
+    Some(1.0 / iscale)
+}
+
 /// The rest of `tree16` for eight dot products at once, each given as its eight lanes after
 /// the first step (lanes 8..16 added onto 0..8).
 #[inline]

@@ -195,6 +195,9 @@ fn vector_activation_quantizers_equal_the_scalar_ones() {
     use kiln_kernels::blocks::{BlockQ8K, BlockQ8_0, BlockQ8_1};
     let mut rng = Rng(16);
     let n = 1024;
+    // Every instruction set this CPU runs, named explicitly (the scalar code is the oracle).
+    let isas = Isa::available();
+    common::covered("vector_activation_quantizers_equal_the_scalar_ones", &isas);
     for case in 0..40 {
         let mut x = random_f32(n, &mut rng);
         match case % 5 {
@@ -214,18 +217,24 @@ fn vector_activation_quantizers_equal_the_scalar_ones() {
         }
         let zero8 = BlockQ8_0 { d: 0, qs: [0; 32] };
         let (mut a, mut b) = (vec![zero8; n / 32], vec![zero8; n / 32]);
-        quantize_q8_0(&x, &mut a);
         quantize_q8_0_scalar(&x, &mut b);
-        assert!(a.iter().zip(&b).all(|(p, q)| p.d == q.d && p.qs == q.qs), "Q8_0 case {case}");
+        for &isa in &isas {
+            quantize_q8_0_on(isa, &x, &mut a);
+            assert!(a.iter().zip(&b).all(|(p, q)| p.d == q.d && p.qs == q.qs), "Q8_0 case {case} on {isa:?}");
+        }
         let zero81 = BlockQ8_1 { d: 0, s: 0, qs: [0; 32] };
         let (mut a, mut b) = (vec![zero81; n / 32], vec![zero81; n / 32]);
-        quantize_q8_1(&x, &mut a);
         quantize_q8_1_scalar(&x, &mut b);
-        assert!(a.iter().zip(&b).all(|(p, q)| p.d == q.d && p.s == q.s && p.qs == q.qs), "Q8_1 case {case}");
+        for &isa in &isas {
+            quantize_q8_1_on(isa, &x, &mut a);
+            assert!(a.iter().zip(&b).all(|(p, q)| p.d == q.d && p.s == q.s && p.qs == q.qs), "Q8_1 case {case} on {isa:?}");
+        }
         let zerok = BlockQ8K { d: 0.0, qs: [0; 256], bsums: [0; 16] };
         let (mut a, mut b) = (vec![zerok; n / 256], vec![zerok; n / 256]);
-        quantize_q8k(&x, &mut a);
         quantize_q8k_scalar(&x, &mut b);
-        assert!(a.iter().zip(&b).all(|(p, q)| p.d.to_bits() == q.d.to_bits() && p.qs == q.qs && p.bsums == q.bsums), "Q8_K case {case}");
+        for &isa in &isas {
+            quantize_q8k_on(isa, &x, &mut a);
+            assert!(a.iter().zip(&b).all(|(p, q)| p.d.to_bits() == q.d.to_bits() && p.qs == q.qs && p.bsums == q.bsums), "Q8_K case {case} on {isa:?}");
+        }
     }
 }
