@@ -30,6 +30,9 @@ test: test-rust test-api
 test-rust: deps
 	@rm -f target/tmp/kiln-skipped.txt target/tmp/soak-report.txt
 	$(CARGO) test --release --workspace
+	@# On AVX-512 CPUs the run above used the AVX-512 kernels; the golden logits (bit for bit
+	@# llama.cpp's) are checked again through the AVX2 ones, which AVX2-only CPUs run.
+	if grep -qw avx512f /proc/cpuinfo; then KILN_ISA=avx2 $(CARGO) test --release -p kiln-worker --test goldens logits_match; fi
 
 # The HTTP API through the official openai and anthropic Python clients, and the cluster's
 # fault tests against real etcd servers.
@@ -60,7 +63,9 @@ compose-down:
 test-containers: build
 	scripts/container-tests.sh
 
-# Prefill/decode speed of both models, side by side with llama-bench when it is on PATH.
+# Prefill/decode speed of both models, side by side with llama-bench when it is on PATH;
+# `make bench ISA=avx2` (or avx512) builds llama.cpp for that instruction set and holds kiln
+# to it too.
 bench: build
 	scripts/bench.sh
 

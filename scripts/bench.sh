@@ -4,11 +4,30 @@
 #  - aggregate decode with 1, 4 and 16 parallel sequences on SmolLM2 (128 prompt and 128
 #    generated tokens each), against `llama-batched-bench`.
 # The llama.cpp tools are used when on PATH (or given by LLAMA_BENCH / LLAMA_BATCHED_BENCH).
+#
+# ISA=avx2 or ISA=avx512 compares ISA for ISA: llama.cpp is built for that instruction set
+# (scripts/build_llama_cpp.sh, about 10 minutes on 2 cores the first time) and kiln is held to
+# it with KILN_ISA, so an AVX-512 machine can measure the AVX2 paths of both.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 KILN=./target/release/kiln-worker
 THREADS=${THREADS:-$(nproc)}
 REPS=${REPS:-3}
+ISA=${ISA:-}
+case "$ISA" in
+  '') ;;
+  avx2) export KILN_ISA=avx2 ;;
+  avx512) export KILN_ISA=avx512-vnni ;;
+  *) echo "bench.sh: ISA must be avx2 or avx512, not '$ISA'" >&2; exit 2 ;;
+esac
+if [ -n "$ISA" ]; then
+  grep -q "${ISA}" /proc/cpuinfo || { echo "bench.sh: this CPU has no $ISA" >&2; exit 2; }
+  LLAMA_BIN=$(scripts/build_llama_cpp.sh "$ISA")
+  LLAMA_BENCH=${LLAMA_BENCH:-$LLAMA_BIN/llama-bench}
+  LLAMA_BATCHED_BENCH=${LLAMA_BATCHED_BENCH:-$LLAMA_BIN/llama-batched-bench}
+  echo "kiln with KILN_ISA=$KILN_ISA; llama.cpp from $LLAMA_BIN"
+  echo
+fi
 LLAMA_BENCH=${LLAMA_BENCH:-$(command -v llama-bench || true)}
 LLAMA_BATCHED_BENCH=${LLAMA_BATCHED_BENCH:-$(command -v llama-batched-bench || true)}
 
