@@ -91,36 +91,78 @@ fn unpacked_regs(dtype: DType) -> usize {
     }
 }
 
-/// For each half of the group: its blocks unpacked by `unpack(block, h, into)`, then
-/// `row(unpacked, t, out)` for every input row `t` in `t0..t0 + count`.
-#[inline(always)]
-unsafe fn product(
-    dtype: DType,
-    group: *const u8,
-    acts: &PackedActs,
-    (t0, count): (usize, usize),
-    (out, stride): (*mut f32, usize),
-    unpack: impl Fn(*const u8, usize, *mut __m256i),
-    row: impl Fn(*const __m256i, usize, *mut f32),
-) {
-    let (per_block, bb) = (unpacked_regs(dtype), block_bytes(dtype));
-    // The buffer is only ever touched here, and products do not nest, so the pointer stays
-    // valid (and unaliased) until this returns.
-    let u = UNPACKED.with(|buf| {
+/// The most registers a block takes once unpacked.
+const MAX_REGS: usize = 89;
+
+/// A buffer of `regs` registers for this thread's unpacked weights. Only `packed_product!`
+/// uses it, and products do not nest, so the pointer stays valid (and unaliased) until the
+/// product returns.
+fn unpacked_buffer(regs: usize) -> *mut __m256i {
+    UNPACKED.with(|buf| {
         let mut buf = buf.borrow_mut();
-        if buf.len() < per_block * acts.blocks {
-            buf.resize(per_block * acts.blocks, _mm256_setzero_si256());
+        if buf.len() < regs {
+            buf.resize(regs, unsafe { _mm256_setzero_si256() });
         }
         buf.as_mut_ptr()
-    });
-    for h in 0..2 {
-        for b in 0..acts.blocks {
-            unpack(group.add(b * bb), h, u.add(b * per_block));
-        }
-        for t in t0..t0 + count {
-            row(u, t, out.add(t * stride + HALF * h));
-        }
+    })
+}
+
+/// Asks for the `len` bytes at `p` to be brought into cache. A prefetch never faults, so `p`
+/// may point past the matrix (after its last group).
+#[inline(always)]
+unsafe fn prefetch(p: *const u8, len: usize) {
+    for line in (0..len).step_by(64) {
+        _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(line) as *const i8);
     }
+}
+
+/// A packed product, each half of the group in turn: `$unpack` writes block `$p`'s half `$h`
+/// unpacked to `$u`; `$row` computes input row `$t` into `$o` reading block `b` unpacked at
+/// `$blocks(b)`. One input row (decode) unpacks each block just before its products, where
+/// it stays in registers; several rows unpack the whole half once into a per-thread buffer
+/// that each of them reads, so the unpacking is paid once per group.
+macro_rules! packed_product {
+    ($dtype:expr, $group:expr, $acts:expr, ($t0:expr, $count:expr), ($out:expr, $stride:expr),
+     |$p:ident, $h:ident, $u:ident| $unpack:expr, |$blocks:ident, $t:ident, $o:ident| $row:expr) => {{
+        let (per_block, bb, group, acts, out, stride) = (unpacked_regs($dtype), block_bytes($dtype), $group, $acts, $out, $stride);
+        let (t0, count): (usize, usize) = ($t0, $count);
+        if count == 1 {
+            for $h in 0..2 {
+                let mut one = [_mm256_setzero_si256(); MAX_REGS];
+                let $blocks = |b: usize| {
+                    let ($p, $u) = (group.add(b * bb), one.as_mut_ptr());
+                    if $h == 1 {
+                        // The first half brought this group in from memory and the second
+                        // reads it from cache: fetch the next group meanwhile, which keeps
+                        // memory busy while this one computes.
+                        prefetch(group.add((acts.blocks + b) * bb), bb);
+                    }
+                    $unpack;
+                    one.as_ptr()
+                };
+                let ($t, $o) = (t0, out.add(t0 * stride + HALF * $h));
+                $row;
+            }
+        } else {
+            let unpacked = unpacked_buffer(per_block * acts.blocks);
+            for $h in 0..2 {
+                for b in 0..acts.blocks {
+                    let ($p, $u) = (group.add(b * bb), unpacked.add(b * per_block));
+                    $unpack;
+                }
+                for $t in t0..t0 + count {
+                    let $blocks = |b: usize| {
+                        if $h == 1 && $t == t0 {
+                            prefetch(group.add((acts.blocks + b) * bb), bb);
+                        }
+                        unpacked.add(b * per_block) as *const __m256i
+                    };
+                    let $o = out.add($t * stride + HALF * $h);
+                    $row;
+                }
+            }
+        }
+    }};
 }
 
 /// `PackedFn`s for the 32-value formats. Unpacked block: `d` (f32), `m` (f32, Q4_1 and Q5_1),
@@ -132,16 +174,13 @@ macro_rules! block_kernels {
         /// A `PackedFn` for one format.
         #[target_feature(enable = "avx2,fma,f16c")]
         pub unsafe fn $fname(group: *const u8, acts: &PackedActs, t0: usize, count: usize, out: *mut f32, stride: usize) {
-            // The format is written out in each closure (not captured) so that it stays a
-            // constant there.
-            let row = |u: *const __m256i, t: usize, out: *mut f32| {
+            packed_product!($dtype, group, acts, (t0, count), (out, stride), |p, h, u| unpack_block($dtype, p, h, u), |blocks, t, o| {
                 if $dtype == DType::Q4_0 {
-                    q4_0_row(u, acts, t, out)
+                    q4_0_row(blocks, acts, t, o)
                 } else {
-                    lanes_row($dtype, u, acts, t, out)
+                    lanes_row($dtype, blocks, acts, t, o)
                 }
-            };
-            product($dtype, group, acts, (t0, count), (out, stride), |p, h, u| unpack_block($dtype, p, h, u), row);
+            });
         }
     )*};
 }
@@ -188,15 +227,14 @@ unsafe fn unpack_block(dtype: DType, p: *const u8, h: usize, u: *mut __m256i) {
 /// Q4_1, Q5_0, Q5_1 and Q8_0, one input row: eight lanes per output scaled and accumulated
 /// per block, folded at the end, the minima's terms added last.
 #[inline(always)]
-unsafe fn lanes_row(dtype: DType, u: *const __m256i, acts: &PackedActs, t: usize, out: *mut f32) {
+unsafe fn lanes_row(dtype: DType, mut blocks: impl FnMut(usize) -> *const __m256i, acts: &PackedActs, t: usize, out: *mut f32) {
     let with_min = has_min(dtype);
-    let per_block = unpacked_regs(dtype);
     let zero_point = zero_point_index(dtype).filter(|_| dtype != DType::Q8_0);
     let mut acc = [_mm256_setzero_ps(); 8];
     let mut off = _mm256_setzero_ps();
     let table = acts.table;
     for b in 0..acts.blocks {
-        let u = u.add(b * per_block);
+        let u = blocks(b);
         let at = t * acts.blocks + b;
         let a = acts.base.add(t * acts.row_bytes + b * acts.block_bytes + acts.quants_at) as *const i32;
         let d = _mm256_mul_ps(_mm256_castsi256_ps(*u), _mm256_set1_ps(*table.d.get_unchecked(at)));
@@ -226,12 +264,11 @@ unsafe fn lanes_row(dtype: DType, u: *const __m256i, acts: &PackedActs, t: usize
 /// Q4_0, one input row: each block's integer sum scaled and accumulated on its own (ggml's
 /// 8-row interleaved order).
 #[inline(always)]
-unsafe fn q4_0_row(u: *const __m256i, acts: &PackedActs, t: usize, out: *mut f32) {
-    let per_block = unpacked_regs(DType::Q4_0);
+unsafe fn q4_0_row(mut blocks: impl FnMut(usize) -> *const __m256i, acts: &PackedActs, t: usize, out: *mut f32) {
     let mut acc = _mm256_setzero_ps();
     let table = acts.table;
     for b in 0..acts.blocks {
-        let u = u.add(b * per_block);
+        let u = blocks(b);
         let at = t * acts.blocks + b;
         let a = acts.base.add(t * acts.row_bytes + b * acts.block_bytes + acts.quants_at) as *const i32;
         // Eight pairs of products of 4-bit weights and i8 activations, at most 8 x 2 x 15 x
@@ -286,7 +323,7 @@ unsafe fn k_minima(u: *const __m256i, a: *const u8) -> __m256i {
 /// then for each of the 32 registers its low and high nibbles.
 #[target_feature(enable = "avx2,fma,f16c")]
 pub unsafe fn q4k(group: *const u8, acts: &PackedActs, t0: usize, count: usize, out: *mut f32, stride: usize) {
-    product(DType::Q4K, group, acts, (t0, count), (out, stride), |p, h, u| unpack_k4(p, h, u, false), |u, t, out| q4k_row(u, acts, t, out));
+    packed_product!(DType::Q4K, group, acts, (t0, count), (out, stride), |p, h, u| unpack_k4(p, h, u, false), |blocks, t, o| q4k_row(blocks, acts, t, o));
 }
 
 /// The Q4_K layout shared by Q5_K: header and quants (with the fifth bits for Q5_K).
@@ -308,11 +345,10 @@ unsafe fn unpack_k4(p: *const u8, h: usize, u: *mut __m256i, fifth: bool) {
 }
 
 #[inline(always)]
-unsafe fn q4k_row(u: *const __m256i, acts: &PackedActs, t: usize, out: *mut f32) {
-    let per_block = unpacked_regs(DType::Q4K);
+unsafe fn q4k_row(mut blocks: impl FnMut(usize) -> *const __m256i, acts: &PackedActs, t: usize, out: *mut f32) {
     let (mut acc, mut acc_min) = (_mm256_setzero_ps(), _mm256_setzero_ps());
     for b in 0..acts.blocks {
-        let u = u.add(b * per_block);
+        let u = blocks(b);
         let a = acts.base.add(t * acts.row_bytes + b * acts.block_bytes);
         let mut total = _mm256_setzero_si256();
         for c in 0..4 {
@@ -338,16 +374,15 @@ unsafe fn q4k_row(u: *const __m256i, acts: &PackedActs, t: usize, out: *mut f32)
 /// `PackedFn` for Q5_K against Q8_K activations; unpacked as Q4_K with the fifth bits added.
 #[target_feature(enable = "avx2,fma,f16c")]
 pub unsafe fn q5k(group: *const u8, acts: &PackedActs, t0: usize, count: usize, out: *mut f32, stride: usize) {
-    product(DType::Q5K, group, acts, (t0, count), (out, stride), |p, h, u| unpack_k4(p, h, u, true), |u, t, out| q5k_row(u, acts, t, out));
+    packed_product!(DType::Q5K, group, acts, (t0, count), (out, stride), |p, h, u| unpack_k4(p, h, u, true), |blocks, t, o| q5k_row(blocks, acts, t, o));
 }
 
 #[inline(always)]
-unsafe fn q5k_row(u: *const __m256i, acts: &PackedActs, t: usize, out: *mut f32) {
-    let per_block = unpacked_regs(DType::Q5K);
+unsafe fn q5k_row(mut blocks: impl FnMut(usize) -> *const __m256i, acts: &PackedActs, t: usize, out: *mut f32) {
     let mut acc = [_mm256_setzero_ps(); 8];
     let mut mins = _mm256_setzero_ps();
     for b in 0..acts.blocks {
-        let u = u.add(b * per_block);
+        let u = blocks(b);
         let a = acts.base.add(t * acts.row_bytes + b * acts.block_bytes);
         let dy = std::ptr::read_unaligned(a as *const f32);
         let total_min = k_minima(u, a);
@@ -375,7 +410,7 @@ unsafe fn q5k_row(u: *const __m256i, acts: &PackedActs, t: usize, out: *mut f32)
 /// lane.
 #[target_feature(enable = "avx2,fma,f16c")]
 pub unsafe fn q6k(group: *const u8, acts: &PackedActs, t0: usize, count: usize, out: *mut f32, stride: usize) {
-    product(DType::Q6K, group, acts, (t0, count), (out, stride), |p, h, u| unpack_q6k(p, h, u), |u, t, out| q6k_row(u, acts, t, out));
+    packed_product!(DType::Q6K, group, acts, (t0, count), (out, stride), |p, h, u| unpack_q6k(p, h, u), |blocks, t, o| q6k_row(blocks, acts, t, o));
 }
 
 #[inline(always)]
@@ -410,11 +445,10 @@ unsafe fn unpack_q6k(p: *const u8, h: usize, u: *mut __m256i) {
 }
 
 #[inline(always)]
-unsafe fn q6k_row(u: *const __m256i, acts: &PackedActs, t: usize, out: *mut f32) {
-    let per_block = unpacked_regs(DType::Q6K);
+unsafe fn q6k_row(mut blocks: impl FnMut(usize) -> *const __m256i, acts: &PackedActs, t: usize, out: *mut f32) {
     let mut acc = [_mm256_setzero_ps(); 8];
     for b in 0..acts.blocks {
-        let u = u.add(b * per_block);
+        let u = blocks(b);
         let a = acts.base.add(t * acts.row_bytes + b * acts.block_bytes);
         let d = _mm256_mul_ps(_mm256_set1_ps(std::ptr::read_unaligned(a as *const f32)), _mm256_castsi256_ps(*u));
         for (l, acc) in acc.iter_mut().enumerate() {
