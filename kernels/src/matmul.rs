@@ -338,6 +338,8 @@ fn packed_kernel(m: &PackedMatrix, isa: crate::Isa) -> Option<crate::x86_packed:
                 DType::Q5_0 => $k::q5_0,
                 DType::Q5_1 => $k::q5_1,
                 DType::Q8_0 => $k::q8_0,
+                DType::Q2K => $k::q2k,
+                DType::Q3K => $k::q3k,
                 DType::Q4K => $k::q4k,
                 DType::Q5K => $k::q5k,
                 DType::Q6K => $k::q6k,

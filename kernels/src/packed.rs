@@ -45,7 +45,7 @@
 //! interleaved kernels), so its packed kernel does the same, as `x86::*::q4_0_interleaved`
 //! does for a single row.
 
-use crate::blocks::{f16_bits_to_f32, BlockQ4K, BlockQ5K, BlockQ6K, BlockQ4_0, BlockQ4_1, BlockQ5_0, BlockQ5_1, BlockQ8K, BlockQ8_0, BlockQ8_1};
+use crate::blocks::{f16_bits_to_f32, BlockQ2K, BlockQ3K, BlockQ4K, BlockQ5K, BlockQ6K, BlockQ4_0, BlockQ4_1, BlockQ5_0, BlockQ5_1, BlockQ8K, BlockQ8_0, BlockQ8_1};
 use crate::dtype::DType;
 use crate::matmul::{AlignedBuf, WeightView};
 use crate::KernelError;
@@ -55,7 +55,7 @@ pub const GROUP: usize = 16;
 
 /// Formats with a packed layout.
 pub fn supports(dtype: DType) -> bool {
-    matches!(dtype, DType::Q4_0 | DType::Q4_1 | DType::Q5_0 | DType::Q5_1 | DType::Q8_0 | DType::Q4K | DType::Q5K | DType::Q6K)
+    matches!(dtype, DType::Q4_0 | DType::Q4_1 | DType::Q5_0 | DType::Q5_1 | DType::Q8_0 | DType::Q2K | DType::Q3K | DType::Q4K | DType::Q5K | DType::Q6K)
 }
 
 /// Bytes of one group's block (32 columns; a 256-column super-block for the K formats).
@@ -69,6 +69,8 @@ pub fn block_bytes(dtype: DType) -> usize {
         DType::Q4K => Q4K_QUANTS + 2048,
         DType::Q5K => Q5K_HIGHS + 512,
         DType::Q6K => Q6K_LOWS + 2048 + 1024,
+        DType::Q2K => Q2K_QUANTS + 1024,
+        DType::Q3K => Q3K_HIGHS + 512,
         _ => 0,
     }
 }
@@ -84,6 +86,19 @@ pub const Q5K_HIGHS: usize = Q4K_QUANTS + 2048;
 /// scales (`[8 pairs][16 rows][2]` bytes). The two high bits follow the low bits.
 pub const Q6K_LOWS: usize = 32 + 256;
 pub const Q6K_HIGHS: usize = Q6K_LOWS + 2048;
+
+/// Where a packed Q2_K super-block's quants start: after `d` and `dmin` (16 f16 each) and
+/// the sixteen 16-value sub-blocks' scales and minima (`[16 sub-blocks][16 rows]` bytes
+/// each). Quants take two bits: register `8c + l` (c = 0, 1) holds in byte `4j + t` quant
+/// `4l + t` of the 32-value chunks `4c..4c + 4` of row `j`, chunk `4c + u` at bits `2u`.
+pub const Q2K_QUANTS: usize = 64 + 512;
+
+/// Where a packed Q3_K super-block's low two quant bits start (laid out as Q2_K's), after
+/// `d` (16 f16) and the sixteen signed scales (`[16 sub-blocks][16 rows]`); the third bits
+/// follow as 64-bit masks, one per chunk `c` and lane `l` (`Q3K_HIGHS + 8 * (8c + l)`, bit
+/// `4j + t` for quant `4l + t` of row `j`), set where the stored quant is not lowered by 4.
+pub const Q3K_QUANTS: usize = 32 + 256;
+pub const Q3K_HIGHS: usize = Q3K_QUANTS + 1024;
 
 /// Formats with a per-block minimum (read against Q8_1 activations).
 pub fn has_min(dtype: DType) -> bool {
@@ -226,6 +241,7 @@ fn pack_block(dtype: DType, rows: &[&[u8]; GROUP], b: usize, dst: &mut [u8]) {
         DType::Q4K => return pack_q4k(rows, b, dst),
         DType::Q5K => return pack_q5k(rows, b, dst),
         DType::Q6K => return pack_q6k(rows, b, dst),
+        DType::Q2K | DType::Q3K => return pack_k2(dtype, rows, b, dst),
         _ => {}
     }
     let unpacked: [([u8; 32], u16, u16); GROUP] = std::array::from_fn(|j| unsigned_quants(dtype, rows[j], b));
@@ -311,6 +327,57 @@ fn pack_k4(scales: &[(u16, u16); GROUP], unpacked: &[crate::unpack::KBlock; GROU
                     let (lo, hi) = (u.q[64 * c + 4 * k + t] as u8 & 0xF, u.q[64 * c + 32 + 4 * k + t] as u8 & 0xF);
                     dst[Q4K_QUANTS + 64 * (8 * c + k) + 4 * j + t] = lo | (hi << 4);
                 }
+            }
+        }
+    }
+}
+
+/// Q2_K and Q3_K: header, scales (and Q2_K's minima) as bytes, the low two bits of every
+/// quant, and (Q3_K) the third bits.
+fn pack_k2(dtype: DType, rows: &[&[u8]; GROUP], b: usize, dst: &mut [u8]) {
+    // Each row's block unpacked, with its `d` and `dmin` as stored.
+    let unpacked: [(crate::unpack::KBlock, u16, u16); GROUP] = std::array::from_fn(|j| {
+        if dtype == DType::Q2K {
+            let x: &BlockQ2K = bytemuck_block(&rows[j][b * 84..(b + 1) * 84]);
+            (crate::unpack::q2k(x), x.d, x.dmin)
+        } else {
+            let x: &BlockQ3K = bytemuck_block(&rows[j][b * 110..(b + 1) * 110]);
+            (crate::unpack::q3k(x), x.d, 0)
+        }
+    });
+    let quants_at = if dtype == DType::Q2K { Q2K_QUANTS } else { Q3K_QUANTS };
+    for (j, (u, d, dmin)) in unpacked.iter().enumerate() {
+        dst[2 * j..2 * j + 2].copy_from_slice(&d.to_le_bytes());
+        let scales_at = if dtype == DType::Q2K {
+            dst[32 + 2 * j..34 + 2 * j].copy_from_slice(&dmin.to_le_bytes());
+            64
+        } else {
+            32
+        };
+        for sub in 0..16 {
+            dst[scales_at + 16 * sub + j] = u.scales[sub] as u8;
+            if dtype == DType::Q2K {
+                dst[scales_at + 256 + 16 * sub + j] = u.mins[sub] as u8;
+            }
+        }
+    }
+    // Q3_K quants are -4..3: the low two bits of q + 4, and its third bit.
+    let unsigned = |j: usize, i: usize| (unpacked[j].0.q[i] + if dtype == DType::Q3K { 4 } else { 0 }) as u8;
+    for c in 0..2 {
+        for l in 0..8 {
+            for j in 0..GROUP {
+                for t in 0..4 {
+                    dst[quants_at + 64 * (8 * c + l) + 4 * j + t] = (0..4).map(|u| (unsigned(j, 32 * (4 * c + u) + 4 * l + t) & 3) << (2 * u)).sum::<u8>();
+                }
+            }
+        }
+    }
+    if dtype == DType::Q3K {
+        for c in 0..8 {
+            for l in 0..8 {
+                let mask = fifth_bit_mask(|j, t| unsigned(j, 32 * c + 4 * l + t) & 4 != 0);
+                let at = Q3K_HIGHS + 8 * (8 * c + l);
+                dst[at..at + 8].copy_from_slice(&mask.to_le_bytes());
             }
         }
     }
@@ -425,6 +492,47 @@ fn reference_q4k(w: &[u8], a: &[u8], cols: usize) -> f32 {
     acc - acc_min
 }
 
+/// `reference` for Q2_K and Q3_K against Q8_K activations, in the order of the single-row
+/// kernels (`x86::*::q2k`, `q3k`): eight lanes of integer sums, lane `l` holding quants
+/// `4l..4l + 4` of every 32-value chunk times its 16-value scale. Q3_K adds each lane scaled
+/// once per super-block; Q2_K first adds the minima's lanes (lane `l`: sub-blocks `2l` and
+/// `2l + 1`), scaled by -dmin, then the products'. With `interleaved` (Q2_K matrices on
+/// AVX-512 CPUs), llama.cpp's 8-row order instead: whole super-block sums of products and of
+/// minima, each scaled and accumulated on its own, the minima subtracted at the end.
+fn reference_k2(dtype: DType, interleaved: bool, w: &[u8], a: &[u8], cols: usize) -> f32 {
+    let mut acc = [0f32; 8];
+    let (mut total, mut mins) = (0f32, 0f32);
+    for b in 0..cols / 256 {
+        let y: &BlockQ8K = bytemuck_block(&a[b * 292..(b + 1) * 292]);
+        let u = if dtype == DType::Q2K {
+            crate::unpack::q2k(bytemuck_block::<BlockQ2K>(&w[b * 84..(b + 1) * 84]))
+        } else {
+            crate::unpack::q3k(bytemuck_block::<BlockQ3K>(&w[b * 110..(b + 1) * 110]))
+        };
+        let lanes: [i32; 8] = std::array::from_fn(|l| {
+            (0..8).map(|c| u.scales[2 * c + usize::from(l >= 4)] * (0..4).map(|t| u.q[32 * c + 4 * l + t] as i32 * y.qs[32 * c + 4 * l + t] as i32).sum::<i32>()).sum()
+        });
+        if interleaved {
+            let summ: i32 = (0..16).map(|s| u.mins[s] * y.bsums[s] as i32).sum();
+            total = (lanes.iter().sum::<i32>() as f32).mul_add(u.d * y.d, total);
+            mins = (summ as f32).mul_add(u.dmin * y.d, mins);
+            continue;
+        }
+        for (l, acc) in acc.iter_mut().enumerate() {
+            if dtype == DType::Q2K {
+                let m = u.mins[2 * l] * y.bsums[2 * l] as i32 + u.mins[2 * l + 1] * y.bsums[2 * l + 1] as i32;
+                *acc = (-y.d * u.dmin).mul_add(m as f32, *acc);
+            }
+            *acc = (y.d * u.d).mul_add(lanes[l] as f32, *acc);
+        }
+    }
+    if interleaved {
+        total - mins
+    } else {
+        fold8(&acc)
+    }
+}
+
 /// ggml's horizontal sum of eight lanes (`hsum_float_8`).
 fn fold8(acc: &[f32; 8]) -> f32 {
     ((acc[0] + acc[4]) + (acc[2] + acc[6])) + ((acc[1] + acc[5]) + (acc[3] + acc[7]))
@@ -450,8 +558,12 @@ pub struct BlockTable {
 /// products): eight lanes, lane `l` holding the integer sum over quants `4l..4l + 4` of each
 /// block, scaled and accumulated with a fused multiply-add per block, the lanes added
 /// pairwise at the end; the `m·s` terms summed separately in block order and added last.
-pub fn reference(dtype: DType, w: &[u8], a: &[u8], cols: usize) -> f32 {
+///
+/// Q2_K is the one format whose order depends on the CPU (see `dot::interleaved_order`): its
+/// packed matrices are summed in llama.cpp's 8-row order on AVX-512 CPUs, as `isa` says.
+pub fn reference(isa: crate::Isa, dtype: DType, w: &[u8], a: &[u8], cols: usize) -> f32 {
     match dtype {
+        DType::Q2K | DType::Q3K => return reference_k2(dtype, crate::dot::interleaved_order(dtype, GROUP, isa), w, a, cols),
         DType::Q4K => return reference_q4k(w, a, cols),
         DType::Q5K => return reference_q5k(w, a, cols),
         DType::Q6K => return reference_q6k(w, a, cols),

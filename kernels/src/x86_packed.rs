@@ -8,7 +8,7 @@
 #![allow(unsafe_op_in_unsafe_fn, clippy::missing_safety_doc)]
 
 use crate::dtype::DType;
-use crate::packed::{block_bytes, has_min, zero_point, zero_point_index, BlockTable, ZERO_POINTS, Q4K_QUANTS, Q5K_HIGHS, Q6K_HIGHS, Q6K_LOWS};
+use crate::packed::{block_bytes, has_min, zero_point, zero_point_index, BlockTable, Q2K_QUANTS, Q3K_HIGHS, Q3K_QUANTS, Q4K_QUANTS, Q5K_HIGHS, Q6K_HIGHS, Q6K_LOWS, ZERO_POINTS};
 use std::arch::x86_64::*;
 
 /// A packed product: rows `t0..t0 + count` of the activations against one packed group,
@@ -283,6 +283,118 @@ unsafe fn q6k_tile<const N: usize>(group: *const u8, acts: &PackedActs, t0: usiz
             for t in 0..N {
                 let dy = _mm512_set1_ps(std::ptr::read_unaligned(a[t] as *const f32));
                 let d = _mm512_mul_ps(dy, _mm512_cvtph_ps(_mm256_loadu_si256(p as *const __m256i)));
+                acc[t][l] = _mm512_fmadd_ps(d, _mm512_cvtepi32_ps(lane[t]), acc[t][l]);
+            }
+        }
+    }
+    for (t, a) in acc.iter().enumerate() {
+        _mm512_storeu_ps(out.add((t0 + t) * stride), fold_lanes(*a));
+    }
+}
+
+/// The low two bits of chunk `c`, lane `l` of a packed Q2_K or Q3_K super-block whose quants
+/// start at `quants`.
+#[inline(always)]
+unsafe fn k2_low_bits(quants: *const u8, c: usize, l: usize) -> __m512i {
+    let r = _mm512_loadu_si512(quants.add(64 * (8 * (c / 4) + l)) as *const __m512i);
+    // Shifting 16-bit lanes drags the upper byte's bits down, but only above bit 1.
+    _mm512_and_si512(_mm512_srl_epi16(r, _mm_cvtsi32_si128(2 * (c % 4) as i32)), _mm512_set1_epi8(3))
+}
+
+/// A sub-block's byte per row (sixteen at `p`) in both i16 halves of each lane, unsigned or
+/// signed.
+#[inline(always)]
+unsafe fn scale_pairs(p: *const u8, signed: bool) -> __m512i {
+    let b = _mm_loadu_si128(p as *const __m128i);
+    let s = if signed { _mm512_and_si512(_mm512_cvtepi8_epi32(b), _mm512_set1_epi32(0xFFFF)) } else { _mm512_cvtepu8_epi32(b) };
+    _mm512_or_si512(s, _mm512_slli_epi32(s, 16))
+}
+
+/// `PackedFn` for Q2_K against Q8_K activations, in the order of llama.cpp's 8-row
+/// interleaved Q2_K kernels, which it uses on AVX-512 CPUs (`x86::*::q2k_interleaved`).
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+pub unsafe fn q2k(group: *const u8, acts: &PackedActs, t0: usize, count: usize, out: *mut f32, stride: usize) {
+    in_tiles!(t from t0, count; 3 => 2, 1; q2k_tile(group, acts, t, out, stride));
+}
+
+#[inline(always)]
+unsafe fn q2k_tile<const N: usize>(group: *const u8, acts: &PackedActs, t0: usize, out: *mut f32, stride: usize) {
+    let bb = block_bytes(DType::Q2K);
+    let (mut acc, mut acc_min) = ([_mm512_setzero_ps(); N], [_mm512_setzero_ps(); N]);
+    for b in 0..acts.blocks {
+        let p = group.add(b * bb);
+        let a: [*const u8; N] = std::array::from_fn(|t| acts.base.add((t0 + t) * acts.row_bytes + b * acts.block_bytes));
+        let (mut total, mut total_min) = ([_mm512_setzero_si512(); N], [_mm512_setzero_si512(); N]);
+        for sub in 0..16 {
+            // A 16-value sub-block's products: four lanes of one chunk, at most 4 x 2 x 3 x
+            // 128 per i16.
+            let (c, first) = (sub / 2, 4 * (sub % 2));
+            let mut pairs = [_mm512_setzero_si512(); N];
+            for l in first..first + 4 {
+                let q = k2_low_bits(p.add(Q2K_QUANTS), c, l);
+                for t in 0..N {
+                    let y = _mm512_set1_epi32(std::ptr::read_unaligned(a[t].add(4 + 32 * c + 4 * l) as *const i32));
+                    pairs[t] = _mm512_add_epi16(pairs[t], _mm512_maddubs_epi16(q, y));
+                }
+            }
+            let scale = scale_pairs(p.add(64 + 16 * sub), false);
+            for t in 0..N {
+                total[t] = _mm512_dpwssd_epi32(total[t], pairs[t], scale);
+            }
+        }
+        for k in 0..8 {
+            let mins = _mm512_or_si512(_mm512_cvtepu8_epi32(_mm_loadu_si128(p.add(320 + 16 * (2 * k)) as *const __m128i)), _mm512_slli_epi32(_mm512_cvtepu8_epi32(_mm_loadu_si128(p.add(320 + 16 * (2 * k + 1)) as *const __m128i)), 16));
+            for t in 0..N {
+                let bsums = std::ptr::read_unaligned(a[t].add(260 + 4 * k) as *const i32);
+                total_min[t] = _mm512_dpwssd_epi32(total_min[t], mins, _mm512_set1_epi32(bsums));
+            }
+        }
+        let dw = _mm512_cvtph_ps(_mm256_loadu_si256(p as *const __m256i));
+        let dmin = _mm512_cvtph_ps(_mm256_loadu_si256(p.add(32) as *const __m256i));
+        for t in 0..N {
+            let dy = _mm512_set1_ps(std::ptr::read_unaligned(a[t] as *const f32));
+            acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(total[t]), _mm512_mul_ps(dw, dy), acc[t]);
+            acc_min[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(total_min[t]), _mm512_mul_ps(dmin, dy), acc_min[t]);
+        }
+    }
+    for t in 0..N {
+        _mm512_storeu_ps(out.add((t0 + t) * stride), _mm512_sub_ps(acc[t], acc_min[t]));
+    }
+}
+
+/// `PackedFn` for Q3_K against Q8_K activations, in ggml's single-row order
+/// (`x86::*::q3k`): eight lanes, each scaled once per super-block.
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+pub unsafe fn q3k(group: *const u8, acts: &PackedActs, t0: usize, count: usize, out: *mut f32, stride: usize) {
+    in_tiles!(t from t0, count; 3 => 2, 1; q3k_tile(group, acts, t, out, stride));
+}
+
+#[inline(always)]
+unsafe fn q3k_tile<const N: usize>(group: *const u8, acts: &PackedActs, t0: usize, out: *mut f32, stride: usize) {
+    let bb = block_bytes(DType::Q3K);
+    let mut acc = [[_mm512_setzero_ps(); 8]; N];
+    for b in 0..acts.blocks {
+        let p = group.add(b * bb);
+        let a: [*const u8; N] = std::array::from_fn(|t| acts.base.add((t0 + t) * acts.row_bytes + b * acts.block_bytes));
+        let dw = _mm512_cvtph_ps(_mm256_loadu_si256(p as *const __m256i));
+        for l in 0..8 {
+            let mut lane = [_mm512_setzero_si512(); N];
+            for c in 0..8 {
+                let third = std::ptr::read_unaligned(p.add(Q3K_HIGHS + 8 * (8 * c + l)) as *const u64);
+                let low = k2_low_bits(p.add(Q3K_QUANTS), c, l);
+                let q = _mm512_sub_epi8(_mm512_mask_add_epi8(low, third, low, _mm512_set1_epi8(4)), _mm512_set1_epi8(4));
+                // The sign trick: |q| against the activations negated where q < 0 (they are
+                // -127..127, so negation cannot overflow).
+                let (magnitude, negative) = (_mm512_abs_epi8(q), _mm512_movepi8_mask(q));
+                let scale = scale_pairs(p.add(32 + 16 * (2 * c + usize::from(l >= 4))), true);
+                for t in 0..N {
+                    let y = _mm512_set1_epi32(std::ptr::read_unaligned(a[t].add(4 + 32 * c + 4 * l) as *const i32));
+                    let y = _mm512_mask_sub_epi8(y, negative, _mm512_setzero_si512(), y);
+                    lane[t] = _mm512_dpwssd_epi32(lane[t], _mm512_maddubs_epi16(magnitude, y), scale);
+                }
+            }
+            for t in 0..N {
+                let d = _mm512_mul_ps(_mm512_set1_ps(std::ptr::read_unaligned(a[t] as *const f32)), dw);
                 acc[t][l] = _mm512_fmadd_ps(d, _mm512_cvtepi32_ps(lane[t]), acc[t][l]);
             }
         }

@@ -19,7 +19,7 @@
 #![allow(unsafe_op_in_unsafe_fn, clippy::missing_safety_doc)]
 
 use crate::dtype::DType;
-use crate::packed::{block_bytes, has_min, zero_point, zero_point_index, Q4K_QUANTS, Q5K_HIGHS, Q6K_HIGHS, Q6K_LOWS, ZERO_POINTS};
+use crate::packed::{block_bytes, has_min, zero_point, zero_point_index, Q2K_QUANTS, Q3K_HIGHS, Q3K_QUANTS, Q4K_QUANTS, Q5K_HIGHS, Q6K_HIGHS, Q6K_LOWS, ZERO_POINTS};
 use crate::x86_packed::PackedActs;
 use std::arch::x86_64::*;
 use std::cell::RefCell;
@@ -65,6 +65,12 @@ unsafe fn half_bytes_u32(p: *const u8, h: usize) -> __m256i {
 /// (bit `4j + t` for byte `4j + t`), else 0: the fifth bits of Q5 quants.
 #[inline(always)]
 unsafe fn fifth_bits(mask: *const u64, h: usize) -> __m256i {
+    mask_bytes(mask, h, 16)
+}
+
+/// `value` in each byte of half `h` of a register whose bit is set in `mask`, else 0.
+#[inline(always)]
+unsafe fn mask_bytes(mask: *const u64, h: usize, value: i8) -> __m256i {
     let bits = std::ptr::read_unaligned((mask as *const u32).add(h));
     // Byte i of the result takes byte i / 8 of `bits`, then is all ones iff bit i % 8 is set.
     let spread = _mm256_shuffle_epi8(
@@ -72,7 +78,7 @@ unsafe fn fifth_bits(mask: *const u64, h: usize) -> __m256i {
         _mm256_set_epi64x(0x0303_0303_0303_0303, 0x0202_0202_0202_0202, 0x0101_0101_0101_0101, 0),
     );
     let others = _mm256_or_si256(spread, _mm256_set1_epi64x(0x7fbf_dfef_f7fb_fdfe));
-    _mm256_and_si256(_mm256_cmpeq_epi8(others, _mm256_set1_epi8(-1)), _mm256_set1_epi8(16))
+    _mm256_and_si256(_mm256_cmpeq_epi8(others, _mm256_set1_epi8(-1)), _mm256_set1_epi8(value))
 }
 
 thread_local! {
@@ -87,12 +93,14 @@ fn unpacked_regs(dtype: DType) -> usize {
         DType::Q8_0 => 18,
         DType::Q4K | DType::Q5K => 82,
         DType::Q6K => 89,
+        DType::Q2K => 90,
+        DType::Q3K => 145,
         _ => 10,
     }
 }
 
 /// The most registers a block takes once unpacked.
-const MAX_REGS: usize = 89;
+const MAX_REGS: usize = 145;
 
 /// A buffer of `regs` registers for this thread's unpacked weights. Only `packed_product!`
 /// uses it, and products do not nest, so the pointer stays valid (and unaliased) until the
@@ -460,6 +468,111 @@ unsafe fn q6k_row(mut blocks: impl FnMut(usize) -> *const __m256i, acts: &Packed
                 let scale = *u.add(9 + 2 * chunk + usize::from(l >= 4));
                 let y = _mm256_set1_epi32(std::ptr::read_unaligned(a.add(4 + 32 * chunk + 4 * l) as *const i32));
                 lane = _mm256_add_epi32(lane, _mm256_madd_epi16(_mm256_maddubs_epi16(*u.add(25 + 8 * chunk + l), y), scale));
+            }
+            *acc = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(lane), *acc);
+        }
+    }
+    _mm256_storeu_ps(out, fold_lanes(acc));
+}
+
+/// Half `h` of the low two bits of chunk `c`, lane `l` of a packed Q2_K or Q3_K super-block
+/// whose quants start at `quants`.
+#[inline(always)]
+unsafe fn k2_low_bits(quants: *const u8, c: usize, l: usize, h: usize) -> __m256i {
+    let r = half_reg(quants.add(64 * (8 * (c / 4) + l)), h);
+    // Shifting 16-bit lanes drags the upper byte's bits down, but only above bit 1.
+    _mm256_and_si256(_mm256_srl_epi16(r, _mm_cvtsi32_si128(2 * (c % 4) as i32)), _mm256_set1_epi8(3))
+}
+
+/// `PackedFn` for Q2_K against Q8_K activations, in ggml's single-row order (`x86::*::q2k`).
+/// Unpacked super-block: `d`, `dmin` (f32), the sixteen scales (`scale_pairs`), each lane's
+/// minima pair `(min[2l], min[2l + 1])` as i16, then the quants (0..4) of each chunk and lane.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn q2k(group: *const u8, acts: &PackedActs, t0: usize, count: usize, out: *mut f32, stride: usize) {
+    packed_product!(DType::Q2K, group, acts, (t0, count), (out, stride), |p, h, u| unpack_q2k(p, h, u), |blocks, t, o| q2k_row(blocks, acts, t, o));
+}
+
+#[inline(always)]
+unsafe fn unpack_q2k(p: *const u8, h: usize, u: *mut __m256i) {
+    *u = _mm256_castps_si256(half_f16(p, h));
+    *u.add(1) = _mm256_castps_si256(half_f16(p.add(32), h));
+    for sub in 0..16 {
+        *u.add(2 + sub) = scale_pairs(p.add(64 + 16 * sub), h);
+    }
+    for l in 0..8 {
+        let (lo, hi) = (half_bytes_u32(p.add(320 + 16 * (2 * l)), h), half_bytes_u32(p.add(320 + 16 * (2 * l + 1)), h));
+        *u.add(18 + l) = _mm256_or_si256(lo, _mm256_slli_epi32(hi, 16));
+    }
+    for c in 0..8 {
+        for l in 0..8 {
+            *u.add(26 + 8 * c + l) = k2_low_bits(p.add(Q2K_QUANTS), c, l, h);
+        }
+    }
+}
+
+#[inline(always)]
+unsafe fn q2k_row(mut blocks: impl FnMut(usize) -> *const __m256i, acts: &PackedActs, t: usize, out: *mut f32) {
+    let mut acc = [_mm256_setzero_ps(); 8];
+    for b in 0..acts.blocks {
+        let u = blocks(b);
+        let a = acts.base.add(t * acts.row_bytes + b * acts.block_bytes);
+        let dy = std::ptr::read_unaligned(a as *const f32);
+        let (d, dmin) = (_mm256_mul_ps(_mm256_set1_ps(dy), _mm256_castsi256_ps(*u)), _mm256_mul_ps(_mm256_set1_ps(-dy), _mm256_castsi256_ps(*u.add(1))));
+        for (l, acc) in acc.iter_mut().enumerate() {
+            // The minima of sub-blocks 2l and 2l + 1 against their activation sums.
+            let bsums = std::ptr::read_unaligned(a.add(260 + 4 * l) as *const i32);
+            let m = _mm256_madd_epi16(*u.add(18 + l), _mm256_set1_epi32(bsums));
+            *acc = _mm256_fmadd_ps(dmin, _mm256_cvtepi32_ps(m), *acc);
+            let mut lane = _mm256_setzero_si256();
+            for c in 0..8 {
+                let y = _mm256_set1_epi32(std::ptr::read_unaligned(a.add(4 + 32 * c + 4 * l) as *const i32));
+                lane = _mm256_add_epi32(lane, _mm256_madd_epi16(_mm256_maddubs_epi16(*u.add(26 + 8 * c + l), y), *u.add(2 + 2 * c + usize::from(l >= 4))));
+            }
+            *acc = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(lane), *acc);
+        }
+    }
+    _mm256_storeu_ps(out, fold_lanes(acc));
+}
+
+/// `PackedFn` for Q3_K against Q8_K activations, in ggml's single-row order (`x86::*::q3k`).
+/// Unpacked super-block: `d` (f32), the sixteen signed scales in both i16 halves of each
+/// lane, then each chunk and lane's quants (-4..4) as absolute values and as signed values
+/// (the sign trick: activations are -127..127, so negating them cannot overflow).
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn q3k(group: *const u8, acts: &PackedActs, t0: usize, count: usize, out: *mut f32, stride: usize) {
+    packed_product!(DType::Q3K, group, acts, (t0, count), (out, stride), |p, h, u| unpack_q3k(p, h, u), |blocks, t, o| q3k_row(blocks, acts, t, o));
+}
+
+#[inline(always)]
+unsafe fn unpack_q3k(p: *const u8, h: usize, u: *mut __m256i) {
+    *u = _mm256_castps_si256(half_f16(p, h));
+    for sub in 0..16 {
+        let s = _mm256_cvtepi8_epi32(_mm_loadl_epi64(p.add(32 + 16 * sub + 8 * h) as *const __m128i));
+        *u.add(1 + sub) = _mm256_or_si256(_mm256_and_si256(s, _mm256_set1_epi32(0xFFFF)), _mm256_slli_epi32(s, 16));
+    }
+    for c in 0..8 {
+        for l in 0..8 {
+            let third = mask_bytes(p.add(Q3K_HIGHS + 8 * (8 * c + l)) as *const u64, h, 4);
+            let q = _mm256_sub_epi8(_mm256_or_si256(k2_low_bits(p.add(Q3K_QUANTS), c, l, h), third), _mm256_set1_epi8(4));
+            *u.add(17 + 8 * c + l) = _mm256_abs_epi8(q);
+            *u.add(81 + 8 * c + l) = q;
+        }
+    }
+}
+
+#[inline(always)]
+unsafe fn q3k_row(mut blocks: impl FnMut(usize) -> *const __m256i, acts: &PackedActs, t: usize, out: *mut f32) {
+    let mut acc = [_mm256_setzero_ps(); 8];
+    for b in 0..acts.blocks {
+        let u = blocks(b);
+        let a = acts.base.add(t * acts.row_bytes + b * acts.block_bytes);
+        let d = _mm256_mul_ps(_mm256_set1_ps(std::ptr::read_unaligned(a as *const f32)), _mm256_castsi256_ps(*u));
+        for (l, acc) in acc.iter_mut().enumerate() {
+            let mut lane = _mm256_setzero_si256();
+            for c in 0..8 {
+                let y = _mm256_set1_epi32(std::ptr::read_unaligned(a.add(4 + 32 * c + 4 * l) as *const i32));
+                let products = _mm256_maddubs_epi16(*u.add(17 + 8 * c + l), _mm256_sign_epi8(y, *u.add(81 + 8 * c + l)));
+                lane = _mm256_add_epi32(lane, _mm256_madd_epi16(products, *u.add(1 + 2 * c + usize::from(l >= 4))));
             }
             *acc = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(lane), *acc);
         }

@@ -59,8 +59,8 @@ fn dot_products_equal_llama_cpp_bit_for_bit() {
             let row = &case.weights.bytes()[r * row_bytes..(r + 1) * row_bytes];
             // Packed matrices have whole groups of 16 rows; where llama.cpp sums such matrices
             // in another order than its single-row kernels, so does the packed reference.
-            if packed::supports(case.dtype) && Isa::named("avx2").is_some_and(|avx2| !interleaved_order(case.dtype, packed::GROUP, avx2)) {
-                let reference = packed::reference(case.dtype, row, case.activations.bytes(), case.cols);
+            if let Some(avx2) = Isa::named("avx2").filter(|&avx2| packed::supports(case.dtype) && !interleaved_order(case.dtype, packed::GROUP, avx2)) {
+                let reference = packed::reference(avx2, case.dtype, row, case.activations.bytes(), case.cols);
                 assert_eq!(reference.to_bits(), want, "{} {} row {r}: packed reference {reference} vs llama.cpp {}", case.dtype, case.label, f32::from_bits(want));
             }
             // The scalar kernels are the portable reference (`dot_ref`), not llama.cpp's x86
