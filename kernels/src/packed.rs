@@ -1,4 +1,5 @@
-//! Weights repacked at load time for the AVX-512 VNNI products.
+//! Weights repacked at load time for the packed products (`x86_packed` for AVX-512 VNNI,
+//! `x86_packed_avx2` for AVX2, which reads each register as two halves of eight rows).
 //!
 //! A ggml row stores its blocks one after another, so a kernel that reads it produces one
 //! output at a time and must reduce eight or sixteen lanes at the end of every row. Here
@@ -29,6 +30,9 @@
 //! nibbles, then high nibbles; bit `4j + t` for byte `4j + t`). Its products keep ggml's
 //! single-row Q5_K order: eight lanes of integer sums scaled per 32 values, one fused
 //! multiply-add per super-block and lane, the minima accumulated apart and added last.
+//!
+//! Q2_K and Q3_K: see `Q2K_QUANTS` and `Q3K_QUANTS`. Their products keep the order each ISA
+//! used for them before packing (see `reference`).
 //!
 //! Q6_K super-blocks hold `d` (f16), the sixteen 8-bit scales of each row as eight pairs
 //! (`[pair][row][2]`), then the unsigned 6-bit quants (stored value + 32) split in two: 32
