@@ -31,6 +31,17 @@ pub struct PackedActs<'a> {
 // SAFETY: the rows are only read, and outlive every product that reads them.
 unsafe impl Sync for PackedActs<'_> {}
 
+/// Asks for the block `ahead` bytes past the `len` bytes at `p` (the same block of the next
+/// group, which the same thread computes next) to be brought into cache, so that memory
+/// keeps streaming while this group computes. A prefetch never faults, so the address may
+/// lie past the matrix.
+#[inline(always)]
+unsafe fn prefetch_next_group(p: *const u8, ahead: usize, len: usize) {
+    for line in (0..len).step_by(64) {
+        _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(ahead + line) as *const i8);
+    }
+}
+
 /// ggml's horizontal sum of eight lanes (`hsum_float_8`), for sixteen rows at once.
 #[inline(always)]
 unsafe fn fold_lanes(a: [__m512; 8]) -> __m512 {
@@ -88,6 +99,7 @@ unsafe fn q4_0_tile<const N: usize>(group: *const u8, acts: &PackedActs, t0: usi
     let table = acts.table;
     for b in 0..acts.blocks {
         let p = group.add(b * bb);
+        prefetch_next_group(p, acts.blocks * bb, bb);
         let dw = _mm512_cvtph_ps(_mm256_loadu_si256(p as *const __m256i));
         let w = weights(DType::Q4_0, p.add(32));
         for (t, acc) in acc.iter_mut().enumerate() {
@@ -120,6 +132,7 @@ unsafe fn q4k_tile<const N: usize>(group: *const u8, acts: &PackedActs, t0: usiz
     let mut acc_min = [_mm512_setzero_ps(); N];
     for b in 0..acts.blocks {
         let p = group.add(b * bb);
+        prefetch_next_group(p, acts.blocks * bb, bb);
         let a: [*const u8; N] = std::array::from_fn(|t| acts.base.add((t0 + t) * acts.row_bytes + b * acts.block_bytes));
         let mut total = [_mm512_setzero_si512(); N];
         let mut total_min = [_mm512_setzero_si512(); N];
@@ -180,6 +193,7 @@ unsafe fn q5k_tile<const N: usize>(group: *const u8, acts: &PackedActs, t0: usiz
     let mut mins = [_mm512_setzero_ps(); N];
     for b in 0..acts.blocks {
         let p = group.add(b * bb);
+        prefetch_next_group(p, acts.blocks * bb, bb);
         let a: [*const u8; N] = std::array::from_fn(|t| acts.base.add((t0 + t) * acts.row_bytes + b * acts.block_bytes));
         let per_row = |at: usize| _mm512_cvtepu8_epi32(_mm_loadu_si128(p.add(at) as *const __m128i));
         // Each sub-block's scale of the sixteen rows in both i16 halves of a 32-bit lane.
@@ -262,6 +276,7 @@ unsafe fn q6k_tile<const N: usize>(group: *const u8, acts: &PackedActs, t0: usiz
     let dup_second = _mm512_broadcast_i32x4(_mm_setr_epi32(0x0302_0302, 0x0706_0706, 0x0B0A_0B0A, 0x0F0E_0F0E));
     for b in 0..acts.blocks {
         let p = group.add(b * bb);
+        prefetch_next_group(p, acts.blocks * bb, bb);
         let a: [*const u8; N] = std::array::from_fn(|t| acts.base.add((t0 + t) * acts.row_bytes + b * acts.block_bytes));
         // Scale pairs (s[2k], s[2k + 1]) of the sixteen rows as i16.
         let pairs: [__m512i; 8] = std::array::from_fn(|k| _mm512_cvtepi8_epi16(_mm256_loadu_si256(p.add(32 + 32 * k) as *const __m256i)));
@@ -323,6 +338,7 @@ unsafe fn q2k_tile<const N: usize>(group: *const u8, acts: &PackedActs, t0: usiz
     let (mut acc, mut acc_min) = ([_mm512_setzero_ps(); N], [_mm512_setzero_ps(); N]);
     for b in 0..acts.blocks {
         let p = group.add(b * bb);
+        prefetch_next_group(p, acts.blocks * bb, bb);
         let a: [*const u8; N] = std::array::from_fn(|t| acts.base.add((t0 + t) * acts.row_bytes + b * acts.block_bytes));
         let (mut total, mut total_min) = ([_mm512_setzero_si512(); N], [_mm512_setzero_si512(); N]);
         for sub in 0..16 {
@@ -375,6 +391,7 @@ unsafe fn q3k_tile<const N: usize>(group: *const u8, acts: &PackedActs, t0: usiz
     let mut acc = [[_mm512_setzero_ps(); 8]; N];
     for b in 0..acts.blocks {
         let p = group.add(b * bb);
+        prefetch_next_group(p, acts.blocks * bb, bb);
         let a: [*const u8; N] = std::array::from_fn(|t| acts.base.add((t0 + t) * acts.row_bytes + b * acts.block_bytes));
         let dw = _mm512_cvtph_ps(_mm256_loadu_si256(p as *const __m256i));
         for l in 0..8 {
@@ -441,6 +458,7 @@ unsafe fn tile<const N: usize>(dtype: DType, group: *const u8, acts: &PackedActs
     let table = acts.table;
     for b in 0..acts.blocks {
         let p = group.add(b * bb);
+        prefetch_next_group(p, acts.blocks * bb, bb);
         let dw = _mm512_cvtph_ps(_mm256_loadu_si256(p as *const __m256i));
         let w = weights(dtype, p.add(header));
         for (t, acc) in acc.iter_mut().enumerate() {
