@@ -956,7 +956,13 @@ pub unsafe fn dot8_queries<const Q: usize>(xs: &[*const f32; Q], keys: &[*const 
             f[k] = _mm256_add_ps(hi, lo);
         }
     }
-    folded.map(|f| finish_tree16x8(f))
+    // Loops rather than closures here and below: a closure does not inherit this function's
+    // target features, so the intrinsics in it would not be inlined.
+    let mut out = [[0f32; 8]; Q];
+    for (o, f) in out.iter_mut().zip(folded) {
+        *o = finish_tree16x8(f);
+    }
+    out
 }
 
 /// `fold64` for `Q` queries against the same `y`. One of the four 16-lane accumulators at a
@@ -983,11 +989,13 @@ unsafe fn fold64_queries<const Q: usize>(xs: &[*const f32; Q], y: *const u16, n:
             s[2 * c + 1] = a[1];
         }
     }
-    sums.map(|a| {
+    let mut out = [(_mm256_setzero_ps(), _mm256_setzero_ps()); Q];
+    for (o, a) in out.iter_mut().zip(sums) {
         let lo = _mm256_add_ps(_mm256_add_ps(a[0], a[4]), _mm256_add_ps(a[2], a[6]));
         let hi = _mm256_add_ps(_mm256_add_ps(a[1], a[5]), _mm256_add_ps(a[3], a[7]));
-        (lo, hi)
-    })
+        *o = (lo, hi);
+    }
+    out
 }
 
 /// `x86_wide::bucket_sum_queries` on AVX2: dimensions `dim..dim + 64` of `Σ fma(w[j],
@@ -1028,9 +1036,9 @@ unsafe fn hmax_f32(v: __m256) -> f32 {
 /// Whether any of `v` is NaN, and the largest magnitude among them.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn nan_and_amax(v: impl Iterator<Item = __m256>) -> (bool, f32) {
+unsafe fn nan_and_amax(v: &[__m256]) -> (bool, f32) {
     let (mut nan, mut amax) = (0, _mm256_setzero_ps());
-    for r in v {
+    for &r in v {
         nan |= _mm256_movemask_ps(_mm256_cmp_ps::<_CMP_UNORD_Q>(r, r));
         amax = _mm256_max_ps(amax, _mm256_andnot_ps(_mm256_set1_ps(-0.0), r));
     }
@@ -1043,14 +1051,20 @@ unsafe fn nan_and_amax(v: impl Iterator<Item = __m256>) -> (bool, f32) {
 #[target_feature(enable = "avx2,fma,f16c")]
 pub unsafe fn q8_block(x: &[f32], qs: &mut [i8; 32]) -> Option<f32> {
     assert!(x.len() >= 32, "a block is 32 values");
-    let v: [__m256; 4] = std::array::from_fn(|k| _mm256_loadu_ps(x.as_ptr().add(8 * k)));
-    let (nan, amax) = nan_and_amax(v.into_iter());
+    let mut v = [_mm256_setzero_ps(); 4];
+    for (k, v) in v.iter_mut().enumerate() {
+        *v = _mm256_loadu_ps(x.as_ptr().add(8 * k));
+    }
+    let (nan, amax) = nan_and_amax(&v);
     if nan {
         return None;
     }
     let d = amax / 127.0;
     let inv = _mm256_set1_ps(if amax != 0.0 { 127.0 / amax } else { 0.0 });
-    let q = v.map(|r| _mm256_cvtps_epi32(_mm256_mul_ps(r, inv)));
+    let mut q = [_mm256_setzero_si256(); 4];
+    for (q, &v) in q.iter_mut().zip(&v) {
+        *q = _mm256_cvtps_epi32(_mm256_mul_ps(v, inv));
+    }
     // The packs work within 128-bit lanes: dwords come out as quants 0-3 of q[0], q[1],
     // q[2], q[3], then 4-7 of each; the permutation puts them back in order.
     let bytes = _mm256_packs_epi16(_mm256_packs_epi32(q[0], q[1]), _mm256_packs_epi32(q[2], q[3]));
@@ -1065,8 +1079,11 @@ pub unsafe fn q8_block(x: &[f32], qs: &mut [i8; 32]) -> Option<f32> {
 #[target_feature(enable = "avx2,fma,f16c")]
 pub unsafe fn q8k_block(x: &[f32], qs: &mut [i8], bsums: &mut [i16]) -> Option<f32> {
     assert!(x.len() >= 256 && qs.len() >= 256 && bsums.len() >= 16, "a super-block is 256 values");
-    let load = |k: usize| _mm256_loadu_ps(x.as_ptr().add(8 * k));
-    let (nan, amax) = nan_and_amax((0..32).map(load));
+    let mut v = [_mm256_setzero_ps(); 32];
+    for (k, v) in v.iter_mut().enumerate() {
+        *v = _mm256_loadu_ps(x.as_ptr().add(8 * k));
+    }
+    let (nan, amax) = nan_and_amax(&v);
     if nan {
         return None;
     }
@@ -1078,8 +1095,8 @@ pub unsafe fn q8k_block(x: &[f32], qs: &mut [i8], bsums: &mut [i16]) -> Option<f
     // The first value whose magnitude is the largest, as the scalar scan finds it.
     let target = _mm256_set1_ps(amax);
     let mut max = 0.0f32;
-    for k in 0..32 {
-        let hit = _mm256_movemask_ps(_mm256_cmp_ps::<_CMP_EQ_OQ>(_mm256_andnot_ps(_mm256_set1_ps(-0.0), load(k)), target));
+    for (k, &r) in v.iter().enumerate() {
+        let hit = _mm256_movemask_ps(_mm256_cmp_ps::<_CMP_EQ_OQ>(_mm256_andnot_ps(_mm256_set1_ps(-0.0), r), target));
         if hit != 0 {
             max = x[8 * k + hit.trailing_zeros() as usize];
             break;
@@ -1088,8 +1105,8 @@ pub unsafe fn q8k_block(x: &[f32], qs: &mut [i8], bsums: &mut [i16]) -> Option<f
     let iscale = -127.0 / max;
     let s = _mm256_set1_ps(iscale);
     for g in 0..16 {
-        let quant = |k: usize| _mm256_min_epi32(_mm256_cvtps_epi32(_mm256_mul_ps(s, load(k))), _mm256_set1_epi32(127));
-        let (a, b) = (quant(2 * g), quant(2 * g + 1));
+        let a = _mm256_min_epi32(_mm256_cvtps_epi32(_mm256_mul_ps(s, v[2 * g])), _mm256_set1_epi32(127));
+        let b = _mm256_min_epi32(_mm256_cvtps_epi32(_mm256_mul_ps(s, v[2 * g + 1])), _mm256_set1_epi32(127));
         let sum = _mm256_add_epi32(a, b);
         let sum = _mm_add_epi32(_mm256_castsi256_si128(sum), _mm256_extracti128_si256(sum, 1));
         let sum = _mm_add_epi32(sum, _mm_shuffle_epi32(sum, 0b01_00_11_10));
