@@ -164,16 +164,24 @@ unsafe fn q4k_tile<const N: usize>(group: *const u8, acts: &PackedActs, t0: usiz
                 total_min[t] = _mm512_add_epi32(total_min[t], _mm512_mullo_epi32(mins, _mm512_set1_epi32(pair)));
             }
         }
-        let dw = _mm512_cvtph_ps(_mm256_loadu_si256(p as *const __m256i));
-        let dmin = _mm512_cvtph_ps(_mm256_loadu_si256(p.add(32) as *const __m256i));
-        for t in 0..N {
-            let dy = _mm512_set1_ps(std::ptr::read_unaligned(a[t] as *const f32));
-            acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(total[t]), _mm512_mul_ps(dw, dy), acc[t]);
-            acc_min[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(total_min[t]), _mm512_mul_ps(dmin, dy), acc_min[t]);
-        }
+        accumulate_with_minima(p, &a, &total, &total_min, &mut acc, &mut acc_min);
     }
     for t in 0..N {
         _mm512_storeu_ps(out.add((t0 + t) * stride), _mm512_sub_ps(acc[t], acc_min[t]));
+    }
+}
+
+/// The whole-super-block order of Q4_K and interleaved Q2_K: the products' and the minima's
+/// integer sums of each input row scaled by `d · dy` and `dmin · dy` (`d`, `dmin` at the
+/// start of the packed super-block `p`) and accumulated apart.
+#[inline(always)]
+unsafe fn accumulate_with_minima<const N: usize>(p: *const u8, a: &[*const u8; N], total: &[__m512i; N], total_min: &[__m512i; N], acc: &mut [__m512; N], acc_min: &mut [__m512; N]) {
+    let dw = _mm512_cvtph_ps(_mm256_loadu_si256(p as *const __m256i));
+    let dmin = _mm512_cvtph_ps(_mm256_loadu_si256(p.add(32) as *const __m256i));
+    for t in 0..N {
+        let dy = _mm512_set1_ps(std::ptr::read_unaligned(a[t] as *const f32));
+        acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(total[t]), _mm512_mul_ps(dw, dy), acc[t]);
+        acc_min[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(total_min[t]), _mm512_mul_ps(dmin, dy), acc_min[t]);
     }
 }
 
@@ -365,13 +373,7 @@ unsafe fn q2k_tile<const N: usize>(group: *const u8, acts: &PackedActs, t0: usiz
                 total_min[t] = _mm512_dpwssd_epi32(total_min[t], mins, _mm512_set1_epi32(bsums));
             }
         }
-        let dw = _mm512_cvtph_ps(_mm256_loadu_si256(p as *const __m256i));
-        let dmin = _mm512_cvtph_ps(_mm256_loadu_si256(p.add(32) as *const __m256i));
-        for t in 0..N {
-            let dy = _mm512_set1_ps(std::ptr::read_unaligned(a[t] as *const f32));
-            acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(total[t]), _mm512_mul_ps(dw, dy), acc[t]);
-            acc_min[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(total_min[t]), _mm512_mul_ps(dmin, dy), acc_min[t]);
-        }
+        accumulate_with_minima(p, &a, &total, &total_min, &mut acc, &mut acc_min);
     }
     for t in 0..N {
         _mm512_storeu_ps(out.add((t0 + t) * stride), _mm512_sub_ps(acc[t], acc_min[t]));

@@ -489,7 +489,7 @@ unsafe fn k2_low_bits(quants: *const u8, c: usize, l: usize, h: usize) -> __m256
 /// minima pair `(min[2l], min[2l + 1])` as i16, then the quants (0..4) of each chunk and lane.
 #[target_feature(enable = "avx2,fma,f16c")]
 pub unsafe fn q2k(group: *const u8, acts: &PackedActs, t0: usize, count: usize, out: *mut f32, stride: usize) {
-    packed_product!(DType::Q2K, group, acts, (t0, count), (out, stride), |p, h, u| unpack_q2k(p, h, u), |blocks, t, o| q2k_row(blocks, acts, t, o));
+    packed_product!(DType::Q2K, group, acts, (t0, count), (out, stride), |p, h, u| unpack_q2k(p, h, u), |blocks, t, o| k2_row(DType::Q2K, blocks, acts, t, o));
 }
 
 #[inline(always)]
@@ -510,37 +510,13 @@ unsafe fn unpack_q2k(p: *const u8, h: usize, u: *mut __m256i) {
     }
 }
 
-#[inline(always)]
-unsafe fn q2k_row(mut blocks: impl FnMut(usize) -> *const __m256i, acts: &PackedActs, t: usize, out: *mut f32) {
-    let mut acc = [_mm256_setzero_ps(); 8];
-    for b in 0..acts.blocks {
-        let u = blocks(b);
-        let a = acts.base.add(t * acts.row_bytes + b * acts.block_bytes);
-        let dy = std::ptr::read_unaligned(a as *const f32);
-        let (d, dmin) = (_mm256_mul_ps(_mm256_set1_ps(dy), _mm256_castsi256_ps(*u)), _mm256_mul_ps(_mm256_set1_ps(-dy), _mm256_castsi256_ps(*u.add(1))));
-        for (l, acc) in acc.iter_mut().enumerate() {
-            // The minima of sub-blocks 2l and 2l + 1 against their activation sums.
-            let bsums = std::ptr::read_unaligned(a.add(260 + 4 * l) as *const i32);
-            let m = _mm256_madd_epi16(*u.add(18 + l), _mm256_set1_epi32(bsums));
-            *acc = _mm256_fmadd_ps(dmin, _mm256_cvtepi32_ps(m), *acc);
-            let mut lane = _mm256_setzero_si256();
-            for c in 0..8 {
-                let y = _mm256_set1_epi32(std::ptr::read_unaligned(a.add(4 + 32 * c + 4 * l) as *const i32));
-                lane = _mm256_add_epi32(lane, _mm256_madd_epi16(_mm256_maddubs_epi16(*u.add(26 + 8 * c + l), y), *u.add(2 + 2 * c + usize::from(l >= 4))));
-            }
-            *acc = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(lane), *acc);
-        }
-    }
-    _mm256_storeu_ps(out, fold_lanes(acc));
-}
-
 /// `PackedFn` for Q3_K against Q8_K activations, in ggml's single-row order (`x86::*::q3k`).
 /// Unpacked super-block: `d` (f32), the sixteen signed scales in both i16 halves of each
 /// lane, then each chunk and lane's quants (-4..4) as absolute values and as signed values
 /// (the sign trick: activations are -127..127, so negating them cannot overflow).
 #[target_feature(enable = "avx2,fma,f16c")]
 pub unsafe fn q3k(group: *const u8, acts: &PackedActs, t0: usize, count: usize, out: *mut f32, stride: usize) {
-    packed_product!(DType::Q3K, group, acts, (t0, count), (out, stride), |p, h, u| unpack_q3k(p, h, u), |blocks, t, o| q3k_row(blocks, acts, t, o));
+    packed_product!(DType::Q3K, group, acts, (t0, count), (out, stride), |p, h, u| unpack_q3k(p, h, u), |blocks, t, o| k2_row(DType::Q3K, blocks, acts, t, o));
 }
 
 #[inline(always)]
@@ -560,19 +536,31 @@ unsafe fn unpack_q3k(p: *const u8, h: usize, u: *mut __m256i) {
     }
 }
 
+/// Q2_K or Q3_K, one input row: eight lanes per output, each scaled once per super-block
+/// (Q2_K's minima lanes, scaled by -dmin, added before its products').
 #[inline(always)]
-unsafe fn q3k_row(mut blocks: impl FnMut(usize) -> *const __m256i, acts: &PackedActs, t: usize, out: *mut f32) {
+unsafe fn k2_row(dtype: DType, mut blocks: impl FnMut(usize) -> *const __m256i, acts: &PackedActs, t: usize, out: *mut f32) {
+    // Where the scales and quants sit in the unpacked super-block (`unpack_q2k`, `unpack_q3k`).
+    let (scales, quants) = if dtype == DType::Q2K { (2, 26) } else { (1, 17) };
     let mut acc = [_mm256_setzero_ps(); 8];
     for b in 0..acts.blocks {
         let u = blocks(b);
         let a = acts.base.add(t * acts.row_bytes + b * acts.block_bytes);
-        let d = _mm256_mul_ps(_mm256_set1_ps(std::ptr::read_unaligned(a as *const f32)), _mm256_castsi256_ps(*u));
+        let dy = std::ptr::read_unaligned(a as *const f32);
+        let d = _mm256_mul_ps(_mm256_set1_ps(dy), _mm256_castsi256_ps(*u));
         for (l, acc) in acc.iter_mut().enumerate() {
+            if dtype == DType::Q2K {
+                // The minima of sub-blocks 2l and 2l + 1 against their activation sums.
+                let bsums = std::ptr::read_unaligned(a.add(260 + 4 * l) as *const i32);
+                let m = _mm256_madd_epi16(*u.add(18 + l), _mm256_set1_epi32(bsums));
+                *acc = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_set1_ps(-dy), _mm256_castsi256_ps(*u.add(1))), _mm256_cvtepi32_ps(m), *acc);
+            }
             let mut lane = _mm256_setzero_si256();
             for c in 0..8 {
                 let y = _mm256_set1_epi32(std::ptr::read_unaligned(a.add(4 + 32 * c + 4 * l) as *const i32));
-                let products = _mm256_maddubs_epi16(*u.add(17 + 8 * c + l), _mm256_sign_epi8(y, *u.add(81 + 8 * c + l)));
-                lane = _mm256_add_epi32(lane, _mm256_madd_epi16(products, *u.add(1 + 2 * c + usize::from(l >= 4))));
+                let q = *u.add(quants + 8 * c + l);
+                let products = if dtype == DType::Q2K { _mm256_maddubs_epi16(q, y) } else { _mm256_maddubs_epi16(q, _mm256_sign_epi8(y, *u.add(quants + 64 + 8 * c + l))) };
+                lane = _mm256_add_epi32(lane, _mm256_madd_epi16(products, *u.add(scales + 2 * c + usize::from(l >= 4))));
             }
             *acc = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(lane), *acc);
         }
