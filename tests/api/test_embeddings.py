@@ -2,11 +2,12 @@
 openai client: strings, lists, token ids and base64 give the vectors sentence-transformers
 gives (goldens: worker/tests/goldens/minilm_embeddings.json, cosine >= 0.9999), usage counts
 the tokens read, and bad requests (empty, too long, the wrong kind of model either way) get a
-400 that says what is wrong."""
+400 that says what is wrong; a dead worker is tried once and then left out."""
 import base64
 import concurrent.futures
 import json
 import math
+import signal
 import struct
 
 import httpx2 as httpx
@@ -133,3 +134,28 @@ def test_kilnctl_embed_prints_the_api_vectors(both):
     assert printed == [d.embedding for d in api.data]
     p = subprocess.run([str(BIN / "kilnctl"), "--router", router.url, "embed", "-m", "smollm2", "x"], capture_output=True, text=True, timeout=60)
     assert p.returncode == 1 and "is not an embedding model" in p.stderr, p.stderr
+
+
+def test_a_dead_worker_is_tried_once_then_left_out():
+    """Two embedding workers; one is killed. The first request sent there fails over to the
+    other and marks it down, so the requests right after it (well inside the router's
+    one-second health check) go straight to the live one: at most one upstream error."""
+    live, doomed = Worker("embed-live", model="minilm"), Worker("embed-doomed", model="minilm")
+    router = Router("embed-failover", [live.grpc, doomed.grpc])
+    try:
+        client = openai.OpenAI(base_url=f"{router.url}/v1", api_key="unused", max_retries=0, timeout=60)
+        want = client.embeddings.create(model="minilm", input="a dead worker").data[0].embedding
+        # Static workers are named by their address in the router's series.
+        assert f'kiln_router_worker_up{{worker="{doomed.grpc}"}} 1' in httpx.get(f"{router.url}/metrics").text
+        doomed.stop(signal.SIGKILL)
+        for _ in range(8):
+            got = client.embeddings.create(model="minilm", input="a dead worker").data[0].embedding
+            assert cosine(got, want) > 0.99999
+        text = httpx.get(f"{router.url}/metrics").text
+        errors = sum(float(l.rsplit(" ", 1)[1]) for l in text.splitlines()
+                     if l.startswith(f'kiln_router_upstream_errors_total{{worker="{doomed.grpc}"}}'))
+        assert errors <= 1, f"the dead worker was tried {errors:.0f} times:\n{text}"
+    finally:
+        router.stop()
+        live.stop()
+        doomed.stop()

@@ -160,6 +160,9 @@ async fn call(state: &Arc<AppState>, model: &ModelState, request: pb::EmbedReque
             Ok(Ok(r)) => return Ok(r.into_inner()),
             Ok(Err(status)) if !crate::generate::worker_failed(&status) => return Err(crate::generate::from_status(&status)),
             Ok(Err(status)) => {
+                // As for generation: the worker is out until a health check passes, so the
+                // requests after this one do not try it first.
+                worker.mark_down();
                 state.metrics.add("kiln_router_upstream_errors_total", vec![("worker", worker.id.clone())], 1.0);
                 last_error = Some(format!("{}: {}", worker.id, status.message()));
             }
