@@ -474,16 +474,21 @@ fn weigh_values_by_bucket(isa: Isa, d: usize, kv: &KvStore, kv_head: usize, firs
                 unsafe {
                     let dst = |h: usize| buckets.add((h * 64 + b) * 64);
                     let w = |h: usize| &scores[h * n_keys..(h + 1) * n_keys];
-                    use crate::{x86, x86_wide};
-                    match (h1 - h0, isa.vnni()) {
-                        (1, true) => x86_wide::bucket_sum_queries::<1>(&[w(0)], at, j0, &kv.v, dim, [dst(0)]),
-                        (2, true) => x86_wide::bucket_sum_queries::<2>(&[w(0), w(1)], at, j0, &kv.v, dim, [dst(0), dst(1)]),
-                        (3, true) => x86_wide::bucket_sum_queries::<3>(&[w(0), w(1), w(2)], at, j0, &kv.v, dim, [dst(0), dst(1), dst(2)]),
-                        (_, true) => x86_wide::bucket_sum_queries::<4>(&[w(0), w(1), w(2), w(3)], at, j0, &kv.v, dim, [dst(0), dst(1), dst(2), dst(3)]),
-                        (1, false) => x86::bucket_sum_queries::<1>(&[w(0)], at, j0, &kv.v, dim, [dst(0)]),
-                        (2, false) => x86::bucket_sum_queries::<2>(&[w(0), w(1)], at, j0, &kv.v, dim, [dst(0), dst(1)]),
-                        (3, false) => x86::bucket_sum_queries::<3>(&[w(0), w(1), w(2)], at, j0, &kv.v, dim, [dst(0), dst(1), dst(2)]),
-                        (_, false) => x86::bucket_sum_queries::<4>(&[w(0), w(1), w(2), w(3)], at, j0, &kv.v, dim, [dst(0), dst(1), dst(2), dst(3)]),
+                    macro_rules! bucket_sums {
+                        ($k:path) => {{
+                            use $k as k;
+                            match h1 - h0 {
+                                1 => k::bucket_sum_queries::<1>(&[w(0)], at, j0, &kv.v, dim, [dst(0)]),
+                                2 => k::bucket_sum_queries::<2>(&[w(0), w(1)], at, j0, &kv.v, dim, [dst(0), dst(1)]),
+                                3 => k::bucket_sum_queries::<3>(&[w(0), w(1), w(2)], at, j0, &kv.v, dim, [dst(0), dst(1), dst(2)]),
+                                _ => k::bucket_sum_queries::<4>(&[w(0), w(1), w(2), w(3)], at, j0, &kv.v, dim, [dst(0), dst(1), dst(2), dst(3)]),
+                            }
+                        }};
+                    }
+                    if isa.vnni() {
+                        bucket_sums!(crate::x86_wide)
+                    } else {
+                        bucket_sums!(crate::x86)
                     }
                 }
             }

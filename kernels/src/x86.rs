@@ -698,18 +698,7 @@ pub unsafe fn axpy_f16(acc: &mut [f32], w: f32, v: &[u16], start: bool) {
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn fold64(x: *const f32, y: *const u16, n: usize) -> (__m256, __m256) {
-    let mut acc = [_mm256_setzero_ps(); 8];
-    let mut i = 0;
-    while i + 64 <= n {
-        for (k, a) in acc.iter_mut().enumerate() {
-            *a = _mm256_fmadd_ps(_mm256_loadu_ps(x.add(i + 8 * k)), load_f16(y.add(i + 8 * k)), *a);
-        }
-        i += 64;
-    }
-    // acc[2j] holds lanes 0-7 of accumulator j, acc[2j+1] lanes 8-15.
-    let lo = _mm256_add_ps(_mm256_add_ps(acc[0], acc[4]), _mm256_add_ps(acc[2], acc[6]));
-    let hi = _mm256_add_ps(_mm256_add_ps(acc[1], acc[5]), _mm256_add_ps(acc[3], acc[7]));
-    (lo, hi)
+    fold64_queries(&[x], y, n)[0]
 }
 
 /// `numerics::dot_f16`, bit for bit, with the first operand already widened to single
@@ -1107,10 +1096,7 @@ pub unsafe fn q8k_block(x: &[f32], qs: &mut [i8], bsums: &mut [i16]) -> Option<f
     for g in 0..16 {
         let a = _mm256_min_epi32(_mm256_cvtps_epi32(_mm256_mul_ps(s, v[2 * g])), _mm256_set1_epi32(127));
         let b = _mm256_min_epi32(_mm256_cvtps_epi32(_mm256_mul_ps(s, v[2 * g + 1])), _mm256_set1_epi32(127));
-        let sum = _mm256_add_epi32(a, b);
-        let sum = _mm_add_epi32(_mm256_castsi256_si128(sum), _mm256_extracti128_si256(sum, 1));
-        let sum = _mm_add_epi32(sum, _mm_shuffle_epi32(sum, 0b01_00_11_10));
-        bsums[g] = (_mm_cvtsi128_si32(sum) + _mm_extract_epi32(sum, 1)) as i16;
+        bsums[g] = hsum_i32(_mm256_add_epi32(a, b)) as i16;
         // i16 lanes [a0..4, b0..4 | a4..8, b4..8], reordered to a0..8, b0..8 before narrowing.
         let words = _mm256_permute4x64_epi64(_mm256_packs_epi32(a, b), 0b11_01_10_00);
         let bytes = _mm_packs_epi16(_mm256_castsi256_si128(words), _mm256_extracti128_si256(words, 1));

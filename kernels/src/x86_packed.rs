@@ -36,7 +36,7 @@ unsafe impl Sync for PackedActs<'_> {}
 /// keeps streaming while this group computes. A prefetch never faults, so the address may
 /// lie past the matrix.
 #[inline(always)]
-unsafe fn prefetch_next_group(p: *const u8, ahead: usize, len: usize) {
+pub(crate) unsafe fn prefetch_next_group(p: *const u8, ahead: usize, len: usize) {
     for line in (0..len).step_by(64) {
         _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(ahead + line) as *const i8);
     }
@@ -390,13 +390,14 @@ pub unsafe fn q3k(group: *const u8, acts: &PackedActs, t0: usize, count: usize, 
 #[inline(always)]
 unsafe fn q3k_tile<const N: usize>(group: *const u8, acts: &PackedActs, t0: usize, out: *mut f32, stride: usize) {
     let bb = block_bytes(DType::Q3K);
-    let mut acc = [[_mm512_setzero_ps(); 8]; N];
+    // acc[l][t]: lane l of ggml's eight for input row t, sixteen weight rows wide.
+    let mut acc = [[_mm512_setzero_ps(); N]; 8];
     for b in 0..acts.blocks {
         let p = group.add(b * bb);
         prefetch_next_group(p, acts.blocks * bb, bb);
         let a: [*const u8; N] = std::array::from_fn(|t| acts.base.add((t0 + t) * acts.row_bytes + b * acts.block_bytes));
         let dw = _mm512_cvtph_ps(_mm256_loadu_si256(p as *const __m256i));
-        for l in 0..8 {
+        for (l, acc) in acc.iter_mut().enumerate() {
             let mut lane = [_mm512_setzero_si512(); N];
             for c in 0..8 {
                 let third = std::ptr::read_unaligned(p.add(Q3K_HIGHS + 8 * (8 * c + l)) as *const u64);
@@ -414,12 +415,12 @@ unsafe fn q3k_tile<const N: usize>(group: *const u8, acts: &PackedActs, t0: usiz
             }
             for t in 0..N {
                 let d = _mm512_mul_ps(_mm512_set1_ps(std::ptr::read_unaligned(a[t] as *const f32)), dw);
-                acc[t][l] = _mm512_fmadd_ps(d, _mm512_cvtepi32_ps(lane[t]), acc[t][l]);
+                acc[t] = _mm512_fmadd_ps(d, _mm512_cvtepi32_ps(lane[t]), acc[t]);
             }
         }
     }
-    for (t, a) in acc.iter().enumerate() {
-        _mm512_storeu_ps(out.add((t0 + t) * stride), fold_lanes(*a));
+    for (t, row) in (t0..t0 + N).enumerate() {
+        _mm512_storeu_ps(out.add(row * stride), fold_lanes(std::array::from_fn(|l| acc[l][t])));
     }
 }
 

@@ -20,7 +20,7 @@
 
 use crate::dtype::DType;
 use crate::packed::{block_bytes, has_min, zero_point, zero_point_index, Q2K_QUANTS, Q3K_HIGHS, Q3K_QUANTS, Q4K_QUANTS, Q5K_HIGHS, Q6K_HIGHS, Q6K_LOWS, ZERO_POINTS};
-use crate::x86_packed::PackedActs;
+use crate::x86_packed::{prefetch_next_group, PackedActs};
 use std::arch::x86_64::*;
 use std::cell::RefCell;
 
@@ -88,7 +88,7 @@ thread_local! {
 }
 
 /// Registers one block (a super-block for the K formats) takes once unpacked.
-fn unpacked_regs(dtype: DType) -> usize {
+const fn unpacked_regs(dtype: DType) -> usize {
     match dtype {
         DType::Q8_0 => 18,
         DType::Q4K | DType::Q5K => 82,
@@ -98,9 +98,6 @@ fn unpacked_regs(dtype: DType) -> usize {
         _ => 10,
     }
 }
-
-/// The most registers a block takes once unpacked.
-const MAX_REGS: usize = 145;
 
 /// A buffer of `regs` registers for this thread's unpacked weights. Only `packed_product!`
 /// uses it, and products do not nest, so the pointer stays valid (and unaliased) until the
@@ -115,15 +112,6 @@ fn unpacked_buffer(regs: usize) -> *mut __m256i {
     })
 }
 
-/// Asks for the `len` bytes at `p` to be brought into cache. A prefetch never faults, so `p`
-/// may point past the matrix (after its last group).
-#[inline(always)]
-unsafe fn prefetch(p: *const u8, len: usize) {
-    for line in (0..len).step_by(64) {
-        _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(line) as *const i8);
-    }
-}
-
 /// A packed product, each half of the group in turn: `$unpack` writes block `$p`'s half `$h`
 /// unpacked to `$u`; `$row` computes input row `$t` into `$o` reading block `b` unpacked at
 /// `$blocks(b)`. One input row (decode) unpacks each block just before its products, where
@@ -136,14 +124,14 @@ macro_rules! packed_product {
         let (t0, count): (usize, usize) = ($t0, $count);
         if count == 1 {
             for $h in 0..2 {
-                let mut one = [_mm256_setzero_si256(); MAX_REGS];
+                let mut one = [_mm256_setzero_si256(); unpacked_regs($dtype)];
                 let $blocks = |b: usize| {
                     let ($p, $u) = (group.add(b * bb), one.as_mut_ptr());
                     if $h == 1 {
                         // The first half brought this group in from memory and the second
                         // reads it from cache: fetch the next group meanwhile, which keeps
                         // memory busy while this one computes.
-                        prefetch(group.add((acts.blocks + b) * bb), bb);
+                        prefetch_next_group(group.add(b * bb), acts.blocks * bb, bb);
                     }
                     $unpack;
                     one.as_ptr()
@@ -161,7 +149,7 @@ macro_rules! packed_product {
                 for $t in t0..t0 + count {
                     let $blocks = |b: usize| {
                         if $h == 1 && $t == t0 {
-                            prefetch(group.add((acts.blocks + b) * bb), bb);
+                            prefetch_next_group(group.add(b * bb), acts.blocks * bb, bb);
                         }
                         unpacked.add(b * per_block) as *const __m256i
                     };
