@@ -45,6 +45,14 @@ pub enum Error {
     #[error("prompt has {prompt_tokens} tokens but the context holds {context_len}")]
     PromptTooLong { prompt_tokens: usize, context_len: usize },
 
+    /// A rank of a tensor-parallel group died, hung or fell out of step.
+    #[error(transparent)]
+    Collective(#[from] crate::parallel::CollectiveError),
+
+    /// The model cannot be split as asked (heads, blocks or experts do not divide).
+    #[error("cannot split the model over {size} tensor-parallel ranks: {what}")]
+    Sharding { size: usize, what: String },
+
     #[error("model `{name}`: {what}")]
     ModelSource { name: String, what: String },
 }

@@ -6,6 +6,8 @@ use crate::formats::gguf_vocab::tokenizer_spec;
 use crate::layers::WeightSource;
 use crate::models::config::ModelConfig;
 use crate::models::{registry, CausalLm};
+use crate::parallel::step::Leader;
+use crate::parallel::Shard;
 use kiln_shared::chat::{builtin_template, ChatMessage, ChatTemplate};
 use kiln_shared::tokenizer::Tokenizer;
 use kiln_kernels::DType;
@@ -110,19 +112,25 @@ impl LoadedModel {
 
     /// Loads a model, quantizing its projection weights to `isq` on the way when given.
     pub fn load_quantized(path: &Path, isq: Option<DType>) -> Result<LoadedModel> {
+        Self::load_shard(path, isq, None)
+    }
+
+    /// Loads tensor-parallel rank `shard`'s share of a model (the whole model for None). Rank
+    /// 0's model sends each step to the other ranks before running it (`parallel::step`).
+    pub fn load_shard(path: &Path, isq: Option<DType>, shard: Option<Shard>) -> Result<LoadedModel> {
         if path.is_dir() {
-            return Self::hf_dir(path, isq);
+            return Self::hf_dir(path, isq, shard);
         }
-        Self::gguf(Arc::new(GgufFile::open(path)?), isq)
+        Self::gguf(Arc::new(GgufFile::open(path)?), isq, shard)
     }
 
     /// Builds the model from a Hugging Face directory: config.json, safetensors weights
     /// (one file or shards), tokenizer.json with tokenizer_config.json.
     pub fn from_hf_dir(dir: &Path) -> Result<LoadedModel> {
-        Self::hf_dir(dir, None)
+        Self::hf_dir(dir, None, None)
     }
 
-    fn hf_dir(dir: &Path, isq: Option<DType>) -> Result<LoadedModel> {
+    fn hf_dir(dir: &Path, isq: Option<DType>, shard: Option<Shard>) -> Result<LoadedModel> {
         let config = crate::formats::hf_tokenizer::read_json(&dir.join("config.json"))?;
         if crate::embedding::is_encoder(&config) {
             return Err(Error::InvalidRequest(format!(
@@ -153,7 +161,7 @@ impl LoadedModel {
         };
         let checkpoint = Arc::new(crate::formats::safetensors::Checkpoint::open_dir(dir)?);
         let format = weight_format(checkpoint.names().filter_map(|n| checkpoint.tensor(n)).map(|(t, _)| (t.dtype, t.dims.len(), t.num_elements())), isq);
-        let weights = WeightSource::from_checkpoint(checkpoint, &cfg.architecture).with_isq(isq);
+        let weights = WeightSource::from_checkpoint(checkpoint, &cfg.architecture).with_isq(isq).with_shard(shard);
         Self::assemble(dir.to_path_buf(), &cfg, tokenizer, &weights, template, format, isq.is_some(), sampling_defaults)
     }
 
@@ -169,7 +177,10 @@ impl LoadedModel {
         quantized: bool,
         sampling_defaults: SamplingDefaults,
     ) -> Result<LoadedModel> {
-        let (model, unused_tensors) = registry::build(cfg, weights)?;
+        let (mut model, unused_tensors) = registry::build(cfg, weights)?;
+        if let Some(shard) = weights.shard().filter(|s| s.rank == 0 && s.size > 1) {
+            model = Box::new(Leader { inner: model, shard: shard.clone() });
+        }
         let (source, builtin) = match template {
             Some(t) => (t, false),
             None => (builtin_template(&cfg.architecture).to_string(), true),
@@ -194,10 +205,10 @@ impl LoadedModel {
 
     /// Builds the model from an opened (or in-memory) GGUF file.
     pub fn from_gguf(gguf: Arc<GgufFile>) -> Result<LoadedModel> {
-        Self::gguf(gguf, None)
+        Self::gguf(gguf, None, None)
     }
 
-    fn gguf(gguf: Arc<GgufFile>, isq: Option<DType>) -> Result<LoadedModel> {
+    fn gguf(gguf: Arc<GgufFile>, isq: Option<DType>, shard: Option<Shard>) -> Result<LoadedModel> {
         let path = gguf.path().to_path_buf();
         let arch = gguf.string("general.architecture")?.to_string();
         registry::check_supported(&arch)?;
@@ -211,7 +222,7 @@ impl LoadedModel {
             });
         }
         let format = weight_format(gguf.tensors().iter().map(|t| (t.dtype, t.dims.len(), t.num_elements())), isq);
-        let weights = WeightSource::new(Arc::clone(&gguf), &arch).with_isq(isq);
+        let weights = WeightSource::new(Arc::clone(&gguf), &arch).with_isq(isq).with_shard(shard);
         let template = gguf.opt_string("tokenizer.chat_template")?.map(str::to_string);
         Self::assemble(path, &cfg, tokenizer, &weights, template, format, isq.is_some(), SamplingDefaults::default())
     }

@@ -69,13 +69,16 @@ pub fn main(args: BenchArgs) -> anyhow::Result<()> {
     if args.repetitions == 0 {
         anyhow::bail!("--repetitions must be at least 1");
     }
+    if args.engine.tp.is_follower() {
+        return super::tp::follow(&args.model, args.engine.isq, args.threads, &args.engine.tp);
+    }
     if !args.concurrency.is_empty() {
         return super::bench_parallel::main(&args);
     }
     if !args.embed_batch.is_empty() {
         return embed(&args);
     }
-    let model = super::load_model(&args.model, args.json, args.engine.isq)?;
+    let model = super::load_model(&args.model, args.json, args.engine.isq, Some(&args.engine.tp))?;
     let threads = args.threads.unwrap_or_else(super::default_threads);
     let compute = super::compute(Some(threads));
     let ctx = (args.n_prompt.max(args.n_gen) + 1).max(16);

@@ -9,6 +9,7 @@ pub mod quantize;
 pub mod run;
 pub mod serve;
 pub mod template;
+pub mod tp;
 
 use kiln_worker::layers::Compute;
 use kiln_worker::loader::LoadedModel;
@@ -33,11 +34,20 @@ pub fn default_threads() -> usize {
 }
 
 /// Resolves a model argument (path, directory, known name or repo id, fetched on first use)
-/// and loads it, quantizing its projection weights to `isq` when given.
-pub fn load_model(arg: &str, quiet: bool, isq: Option<kiln_kernels::DType>) -> anyhow::Result<Arc<LoadedModel>> {
+/// and loads it, quantizing its projection weights to `isq` when given; with `tp`, rank 0's
+/// share of it, once every rank of the group has joined and loaded its own.
+pub fn load_model(arg: &str, quiet: bool, isq: Option<kiln_kernels::DType>, tp: Option<&tp::TpArgs>) -> anyhow::Result<Arc<LoadedModel>> {
     let path = kiln_worker::assets::resolve(arg, &mut |msg| eprintln!("kiln: {msg}"))?;
     let t = Instant::now();
-    let model = LoadedModel::load_quantized(&path, isq)?;
+    let model = match tp.map(tp::TpArgs::config).transpose()?.flatten() {
+        Some(cfg) => {
+            if !quiet {
+                eprintln!("kiln: rank 0 of group `{}`: waiting for {} more ranks at {}", cfg.group, cfg.size - 1, cfg.leader);
+            }
+            kiln_worker::parallel::load_rank(&path, isq, &cfg)?.model
+        }
+        None => LoadedModel::load_quantized(&path, isq)?,
+    };
     if let (Some(r), Some(dtype)) = (&model.isq, isq) {
         if !quiet {
             let mib = |b: usize| b as f64 / (1 << 20) as f64;
@@ -88,6 +98,8 @@ pub struct EngineArgs {
     /// (embeddings and the output head keep their precision)
     #[arg(long, value_parser = kiln_worker::loader::parse_isq, env = "KILN_WORKER_ISQ")]
     pub isq: Option<kiln_kernels::DType>,
+    #[command(flatten)]
+    pub tp: tp::TpArgs,
 }
 
 impl EngineArgs {

@@ -129,6 +129,9 @@ static CANCEL: AtomicBool = AtomicBool::new(false);
 static GENERATING: AtomicBool = AtomicBool::new(false);
 
 pub fn main(mut args: RunArgs) -> anyhow::Result<()> {
+    if args.engine.tp.is_follower() {
+        return super::tp::follow(&args.model, args.engine.isq, args.threads, &args.engine.tp);
+    }
     if args.embed {
         return embed(&args);
     }
@@ -137,7 +140,7 @@ pub fn main(mut args: RunArgs) -> anyhow::Result<()> {
         anyhow::bail!("--ctx-size must be positive");
     }
     let grammar = args.grammar()?;
-    let model = super::load_model(&args.model, args.input.is_some() && !args.verbose, args.engine.isq)?;
+    let model = super::load_model(&args.model, args.input.is_some() && !args.verbose, args.engine.isq, Some(&args.engine.tp))?;
     args.constraint = grammar.map(|g| Grammars::new(Arc::clone(&model.tokenizer)).compile(&g)).transpose()?;
     args.fill_from(&model.sampling_defaults);
     args.sampling().validate()?;

@@ -113,7 +113,7 @@ pub fn load_serving(args: &ServeArgs, source: &str, id: &str) -> anyhow::Result<
         let queue = kiln_worker::embed_queue::EmbedQueue::start(embedder, compute, args.embed_batch_tokens, args.embed_queue)?;
         return Ok(Serving::embedding(Arc::new(queue), id, args.max_seqs)?);
     }
-    let model = super::load_model(&path.to_string_lossy(), false, args.engine.isq)?;
+    let model = super::load_model(&path.to_string_lossy(), false, args.engine.isq, Some(&args.engine.tp))?;
     let engine = Engine::start(Arc::clone(&model), compute, args.engine.config(args.max_seqs, args.ctx_size))?;
     Ok(Serving::new(engine, model, id, args.max_seqs)?)
 }
@@ -218,6 +218,10 @@ fn spawn_health(
 pub fn main(args: ServeArgs) -> anyhow::Result<()> {
     if args.max_seqs == 0 {
         anyhow::bail!("--max-seqs must be at least 1");
+    }
+    if args.engine.tp.is_follower() {
+        let Some(model) = &args.model else { anyhow::bail!("a tensor-parallel rank other than 0 needs --model") };
+        return super::tp::follow(model, args.engine.isq, args.threads, &args.engine.tp);
     }
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     let telemetry = {

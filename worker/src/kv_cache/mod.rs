@@ -46,6 +46,11 @@ pub struct KvCache {
     pub groups: Vec<KvGroup>,
     /// For each model layer: (group, index within the group).
     layer_slot: Vec<(usize, usize)>,
+    /// Whether `copy_block` records its copies in `copies`: set by a tensor-parallel leader,
+    /// which sends them to the other ranks with the next step.
+    pub record_copies: bool,
+    /// Block copies (group, from, to) made since the leader last sent a step.
+    pub copies: Vec<(usize, u32, u32)>,
 }
 
 impl KvCache {
@@ -66,7 +71,7 @@ impl KvCache {
                 KvGroup { layout, num_blocks, stores }
             })
             .collect();
-        KvCache { block_size, groups, layer_slot }
+        KvCache { block_size, groups, layer_slot, record_copies: false, copies: Vec::new() }
     }
 
     /// The group of `layer` and its storage.
@@ -78,6 +83,9 @@ impl KvCache {
     /// Copies block `from` onto block `to` in every layer of group `g`.
     pub fn copy_block(&mut self, g: usize, from: u32, to: u32) {
         let bs = self.block_size;
+        if self.record_copies {
+            self.copies.push((g, from, to));
+        }
         for store in &mut self.groups[g].stores {
             for i in 0..bs {
                 store.copy_slot(from as usize * bs + i, to as usize * bs + i);

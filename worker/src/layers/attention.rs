@@ -9,6 +9,7 @@ use super::Compute;
 use crate::error::Result;
 use crate::models::batch::Batch;
 use crate::models::scratch::LayerScratch;
+use crate::parallel::Combine;
 use kiln_kernels::attention::{attention, AttentionParams, KvStore, SeqSpan};
 use kiln_kernels::pool::SharedMut;
 
@@ -44,6 +45,8 @@ pub struct Attention {
     pub q_norm: Option<RmsNorm>,
     pub k_norm: Option<RmsNorm>,
     pub cfg: AttentionConfig,
+    /// How the output projection gives every rank of a split model the whole result.
+    pub combine: Combine,
 }
 
 impl Attention {
@@ -104,6 +107,9 @@ impl Attention {
             block_size: batch.block_size,
         };
         attention(compute, &params, kv, &spans, &s.q, &mut s.attn, &mut s.attention);
-        project(compute, &s.attn, rows, &mut s.acts, &mut [Projection { linear: &self.o_proj, out }])
+        let attn = std::mem::take(&mut s.attn);
+        let result = super::linear::project_out(compute, &self.combine, &self.o_proj, &attn, rows, s, out);
+        s.attn = attn;
+        result
     }
 }

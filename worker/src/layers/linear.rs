@@ -4,6 +4,8 @@
 use super::weights::MatrixRef;
 use super::Compute;
 use crate::error::Result;
+use crate::models::scratch::LayerScratch;
+use crate::parallel::{gather_rows, Combine};
 use kiln_kernels::matmul::{matmul_group, Activations, MatMulJob};
 use kiln_kernels::DType;
 
@@ -27,6 +29,29 @@ impl Linear {
 pub struct Projection<'a, 'b> {
     pub linear: &'a Linear,
     pub out: &'b mut [f32],
+}
+
+/// The output projection of a split block (o, down) from this rank's share of its input
+/// `[num_rows, share]`, the whole result `[num_rows, hidden]` going to `out` on every rank.
+pub fn project_out(compute: &Compute, combine: &Combine, linear: &Linear, input: &[f32], num_rows: usize, s: &mut LayerScratch, out: &mut [f32]) -> Result<()> {
+    match combine {
+        Combine::Whole => project(compute, input, num_rows, &mut s.acts, &mut [Projection { linear, out }]),
+        Combine::Sum(c) => {
+            project(compute, input, num_rows, &mut s.acts, &mut [Projection { linear, out: &mut *out }])?;
+            Ok(c.all_reduce_sum(&mut out[..num_rows * linear.rows()])?)
+        }
+        Combine::Gather(c) => {
+            let (mut whole, mut mine) = (std::mem::take(&mut s.gathered), std::mem::take(&mut s.partial));
+            whole.resize(num_rows * linear.cols(), 0.0);
+            mine.resize(num_rows * linear.rows(), 0.0);
+            let result = gather_rows(c.as_ref(), input, num_rows, &mut whole)
+                .map_err(crate::error::Error::from)
+                .and_then(|()| project(compute, &whole, num_rows, &mut s.acts, &mut [Projection { linear, out: &mut mine }]))
+                .and_then(|()| Ok(gather_rows(c.as_ref(), &mine, num_rows, out)?));
+            (s.gathered, s.partial) = (whole, mine);
+            result
+        }
+    }
 }
 
 /// Computes several linear layers that read the same input (`[num_rows, cols]`): the input

@@ -3,7 +3,9 @@
 use super::linear::{project, Linear, Projection};
 use super::Compute;
 use crate::error::Result;
+use super::WeightSource;
 use crate::models::scratch::LayerScratch;
+use crate::parallel::Combine;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Activation {
@@ -28,9 +30,25 @@ pub struct GatedMlp {
     pub up_proj: Linear,
     pub down_proj: Linear,
     pub activation: Activation,
+    /// How the down projection gives every rank of a split model the whole result.
+    pub combine: Combine,
 }
 
 impl GatedMlp {
+    /// `gate`, `up` and `down` of a dense block, this rank's share of the `inter` hidden
+    /// units when the model is split: gate and up by rows, down as the layout splits it.
+    pub fn load(w: &WeightSource, [gate, up, down]: [&str; 3], inter: usize, hidden: usize, activation: Activation) -> Result<GatedMlp> {
+        let range = w.inner_split(down, hidden, inter)?;
+        let linear = |weight| Linear { weight, bias: None };
+        Ok(GatedMlp {
+            gate_proj: linear(w.linear_rows(gate, inter, hidden, range.clone())?),
+            up_proj: linear(w.linear_rows(up, inter, hidden, range.clone())?),
+            down_proj: linear(w.out_projection(down, hidden, inter, range)?),
+            activation,
+            combine: w.combine(),
+        })
+    }
+
     /// `x` is `[rows, hidden]`; the result goes to `out` `[rows, hidden]`.
     pub fn forward(&self, compute: &Compute, x: &[f32], rows: usize, s: &mut LayerScratch, out: &mut [f32]) -> Result<()> {
         let inter = self.gate_proj.rows();
@@ -57,6 +75,9 @@ impl GatedMlp {
                 }
             }
         });
-        project(compute, &s.gate, rows, &mut s.acts, &mut [Projection { linear: &self.down_proj, out }])
+        let gate = std::mem::take(&mut s.gate);
+        let result = super::linear::project_out(compute, &self.combine, &self.down_proj, &gate, rows, s, out);
+        s.gate = gate;
+        result
     }
 }

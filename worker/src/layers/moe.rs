@@ -9,11 +9,17 @@ use super::mlp::GatedMlp;
 use super::Compute;
 use crate::error::Result;
 use crate::models::scratch::LayerScratch;
+use crate::parallel::Combine;
 
 pub struct MoeMlp {
     /// `[num_experts, hidden]`.
     pub router: Linear,
+    /// The experts this rank computes (all of them unless the model is split).
     pub experts: Vec<GatedMlp>,
+    /// The index of `experts[0]` among all the model's experts.
+    pub first_expert: usize,
+    /// How the ranks' expert outputs reach every rank of a split model.
+    pub combine: Combine,
     pub top_k: usize,
     /// Divide the chosen experts' probabilities by their sum.
     pub renormalize: bool,
@@ -37,32 +43,70 @@ pub fn route(logits: &[f32], k: usize, renormalize: bool) -> Vec<(usize, f32)> {
     chosen
 }
 
+/// Adds each chosen row's expert output, times its weight, to `out`.
+fn accumulate(out: &mut [f32], chosen: &[(usize, f32)], result: &[f32], hidden: usize) {
+    for (i, &(r, w)) in chosen.iter().enumerate() {
+        for (o, &y) in out[r * hidden..(r + 1) * hidden].iter_mut().zip(&result[i * hidden..(i + 1) * hidden]) {
+            *o += y * w;
+        }
+    }
+}
+
 impl MoeMlp {
     /// `x` is `[rows, hidden]`; the result goes to `out` `[rows, hidden]`.
     pub fn forward(&self, compute: &Compute, x: &[f32], rows: usize, s: &mut LayerScratch, out: &mut [f32]) -> Result<()> {
         let hidden = self.router.cols();
-        let n_experts = self.experts.len();
+        let n_experts = self.router.rows();
+        let mine = self.first_expert..self.first_expert + self.experts.len();
         let mut logits = vec![0.0; rows * n_experts];
         project(compute, x, rows, &mut s.acts, &mut [Projection { linear: &self.router, out: &mut logits }])?;
-        // Per expert: the rows that chose it and with what weight.
+        // Per expert: the rows that chose it and with what weight. Every rank routes every
+        // row alike (the router is whole on each), so each knows what the others compute.
         let mut assigned: Vec<Vec<(usize, f32)>> = vec![Vec::new(); n_experts];
         for r in 0..rows {
             for (e, w) in route(&logits[r * n_experts..(r + 1) * n_experts], self.top_k, self.renormalize) {
                 assigned[e].push((r, w));
             }
         }
-        out[..rows * hidden].fill(0.0);
-        let (mut input, mut result) = (Vec::new(), Vec::new());
-        for (e, chosen) in assigned.iter().enumerate().filter(|(_, c)| !c.is_empty()) {
+        let out = &mut out[..rows * hidden];
+        out.fill(0.0);
+        // This rank's experts' outputs, one after the other in expert order.
+        let (mut input, mut results) = (Vec::new(), Vec::new());
+        for e in mine.clone().filter(|&e| !assigned[e].is_empty()) {
             input.clear();
-            for &(r, _) in chosen {
+            for &(r, _) in &assigned[e] {
                 input.extend_from_slice(&x[r * hidden..(r + 1) * hidden]);
             }
-            result.resize(chosen.len() * hidden, 0.0);
-            self.experts[e].forward(compute, &input, chosen.len(), s, &mut result)?;
-            for (i, &(r, w)) in chosen.iter().enumerate() {
-                for (o, &y) in out[r * hidden..(r + 1) * hidden].iter_mut().zip(&result[i * hidden..(i + 1) * hidden]) {
-                    *o += y * w;
+            let at = results.len();
+            results.resize(at + assigned[e].len() * hidden, 0.0);
+            self.experts[e - mine.start].forward(compute, &input, assigned[e].len(), s, &mut results[at..])?;
+        }
+        let add_mine = |out: &mut [f32]| {
+            let mut at = 0;
+            for e in mine.clone() {
+                accumulate(out, &assigned[e], &results[at..], hidden);
+                at += assigned[e].len() * hidden;
+            }
+        };
+        match &self.combine {
+            Combine::Whole => add_mine(out),
+            Combine::Sum(c) => {
+                add_mine(out);
+                c.all_reduce_sum(out)?;
+            }
+            // Every expert's outputs on every rank, added in expert order as one worker adds them.
+            Combine::Gather(c) => {
+                let parts = c.all_gather(&results)?;
+                for (rank, part) in parts.iter().enumerate() {
+                    let mut at = 0;
+                    for e in crate::parallel::split_even(n_experts, rank, c.size()) {
+                        let len = assigned[e].len() * hidden;
+                        let values = part.get(at..at + len).ok_or_else(|| {
+                            crate::parallel::CollectiveError::Peer { rank, what: format!("sent {} expert outputs where routing expects more", part.len() / hidden.max(1)) }
+                        })?;
+                        accumulate(out, &assigned[e], values, hidden);
+                        at += len;
+                    }
                 }
             }
         }

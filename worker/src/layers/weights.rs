@@ -12,7 +12,9 @@ use kiln_kernels::DType;
 use memmap2::Mmap;
 use std::cell::RefCell;
 use std::collections::BTreeSet;
+use std::ops::Range;
 use std::sync::{Arc, OnceLock};
+use crate::parallel::{Combine, Layout, Shard};
 
 /// Where a weight's bytes live: in place in the file's mapping, or (quantized at load) in
 /// memory of its own.
@@ -65,6 +67,33 @@ impl MatrixRef {
         })
     }
 
+    /// Columns `start..start + cols` of every row, copied into a matrix of their own (a
+    /// row-parallel projection's share); None unless both fall on the format's blocks.
+    pub fn column_slice(&self, start: usize, cols: usize) -> Option<MatrixRef> {
+        let block = self.dtype.block_len();
+        if !start.is_multiple_of(block) || !cols.is_multiple_of(block) || start + cols > self.cols {
+            return None;
+        }
+        if start == 0 && cols == self.cols {
+            return Some(self.clone());
+        }
+        let (row_bytes, skip, take) = (self.dtype.row_bytes(self.cols)?, self.dtype.row_bytes(start)?, self.dtype.row_bytes(cols)?);
+        let mut out = Vec::with_capacity(take * self.rows);
+        for row in self.bytes().chunks_exact(row_bytes) {
+            out.extend_from_slice(&row[skip..skip + take]);
+        }
+        Some(MatrixRef {
+            name: format!("{}[:, {start}..{}]", self.name, start + cols),
+            dtype: self.dtype,
+            rows: self.rows,
+            cols,
+            len: out.len(),
+            backing: Backing::Owned(Arc::new(out)),
+            offset: 0,
+            packed: Arc::default(),
+        })
+    }
+
     /// The packed copy the kernels prefer on this CPU, made now if not yet; None where the
     /// CPU or the format has no packed product.
     pub fn packed(&self) -> Option<&PackedMatrix> {
@@ -96,6 +125,8 @@ pub struct WeightSource {
     /// Load-time quantization of projection weights (`linear`), and what it did.
     isq: Option<DType>,
     pub isq_report: RefCell<IsqReport>,
+    /// The tensor-parallel rank being loaded, when the model is split.
+    shard: Option<Shard>,
 }
 
 /// What load-time quantization did to the projection weights.
@@ -121,13 +152,128 @@ impl WeightSource {
     }
 
     fn with_store(store: Store, arch: &str) -> WeightSource {
-        WeightSource { store, arch: arch.to_string(), used: RefCell::new(BTreeSet::new()), isq: None, isq_report: RefCell::default() }
+        WeightSource { store, arch: arch.to_string(), used: RefCell::new(BTreeSet::new()), isq: None, isq_report: RefCell::default(), shard: None }
     }
 
     /// Quantizes projection weights to `dtype` as they are loaded.
     pub fn with_isq(mut self, dtype: Option<DType>) -> WeightSource {
         self.isq = dtype;
         self
+    }
+
+    /// Loads only the slices of tensor-parallel rank `shard` (see `crate::parallel`).
+    pub fn with_shard(mut self, shard: Option<Shard>) -> WeightSource {
+        self.shard = shard;
+        self
+    }
+
+    pub fn shard(&self) -> Option<&Shard> {
+        self.shard.as_ref()
+    }
+
+    /// (rank, size) of the tensor-parallel group; (0, 1) for a whole model.
+    pub fn tp(&self) -> (usize, usize) {
+        self.shard.as_ref().map_or((0, 1), |s| (s.rank, s.size))
+    }
+
+    /// How a split block's output projection combines the ranks' shares.
+    pub fn combine(&self) -> Combine {
+        Combine::over(self.shard.as_ref())
+    }
+
+    fn layout(&self) -> Layout {
+        self.shard.as_ref().map_or(Layout::Exact, |s| s.layout)
+    }
+
+    /// The output projection of a block (o or down, `[rows, cols]`) whose input this rank
+    /// computes columns `inner` of: in the Megatron layout those columns, in the exact layout
+    /// the whole input and this rank's share of the output rows (see `Layout`).
+    pub fn out_projection(&self, name: &str, rows: usize, cols: usize, inner: Range<usize>) -> Result<MatrixRef> {
+        match self.layout() {
+            Layout::Megatron => self.linear_cols(name, rows, cols, inner),
+            Layout::Exact => self.linear_rows(name, rows, cols, self.even_split(rows)),
+        }
+    }
+
+    /// This rank's share of `len` outputs: in groups of 16 rows where they divide (the packed
+    /// kernels' row groups), else as evenly as possible.
+    pub fn even_split(&self, len: usize) -> Range<usize> {
+        let (rank, size) = self.tp();
+        let unit = if len.is_multiple_of(16) && len / 16 >= size { 16 } else { 1 };
+        let part = crate::parallel::split_even(len / unit, rank, size);
+        part.start * unit..part.end * unit
+    }
+
+    /// Output rows `range` of a projection (a column-parallel share): a view of the file.
+    pub fn linear_rows(&self, name: &str, rows: usize, cols: usize, range: Range<usize>) -> Result<MatrixRef> {
+        let m = self.matrix(name, rows, cols)?;
+        let m = if range == (0..rows) { m } else { self.rows_of(&m, range)? };
+        let m = self.quantized(m)?;
+        m.packed();
+        Ok(m)
+    }
+
+    /// Input columns `range` of a projection (a row-parallel share), copied; quantized at load
+    /// to the type the whole matrix would get, so every rank's blocks are the whole model's.
+    pub fn linear_cols(&self, name: &str, rows: usize, cols: usize, range: Range<usize>) -> Result<MatrixRef> {
+        let m = self.matrix(name, rows, cols)?;
+        let target = self.isq_type(&m);
+        let m = if range == (0..cols) {
+            m
+        } else {
+            m.column_slice(range.start, range.len()).ok_or_else(|| Error::Tensor {
+                name: m.name.clone(),
+                what: format!("cannot be split at columns {range:?}: its {} blocks hold {} values", m.dtype.name(), m.dtype.block_len()),
+            })?
+        };
+        let m = self.quantize_to(m, target)?;
+        m.packed();
+        Ok(m)
+    }
+
+    /// Rows `range` of a matrix read as it is stored (embedding tables, the output head).
+    pub fn matrix_rows(&self, name: &str, rows: usize, cols: usize, range: Range<usize>) -> Result<MatrixRef> {
+        let m = self.matrix(name, rows, cols)?;
+        if range == (0..rows) {
+            return Ok(m);
+        }
+        self.rows_of(&m, range)
+    }
+
+    fn rows_of(&self, m: &MatrixRef, range: Range<usize>) -> Result<MatrixRef> {
+        m.row_slice(range.start, range.len()).ok_or_else(|| Error::Tensor { name: m.name.clone(), what: format!("has no rows {range:?}") })
+    }
+
+    /// The values the columns of projection `name` can be split at: its blocks, and those of
+    /// the type load-time quantization gives it.
+    pub fn column_block(&self, name: &str, rows: usize, cols: usize) -> Result<usize> {
+        let m = self.matrix(name, rows, cols)?;
+        let block = m.dtype.block_len();
+        let target = self.isq_type(&m).map_or(1, |t| t.block_len());
+        // Both are powers of two (1, 32 or 256): the larger is their least common multiple.
+        Ok(block.max(target))
+    }
+
+    /// This rank's share of a hidden dimension of `len` read by `reader` (the block's output
+    /// projection, of `rows` outputs): in the Megatron layout the reader's columns are split
+    /// with it, so the split falls on whole blocks of the reader's format.
+    pub fn inner_split(&self, reader: &str, rows: usize, len: usize) -> Result<Range<usize>> {
+        let (rank, size) = self.tp();
+        if size == 1 {
+            return Ok(0..len);
+        }
+        if self.layout() == Layout::Exact {
+            // The reader takes the whole input: any split of it will do.
+            return Ok(self.even_split(len));
+        }
+        let block = self.column_block(reader, rows, len)?;
+        crate::parallel::split_blocks(len, block, rank, size, &format!("the hidden layer read by `{}`", self.file_name(reader))).map_err(|what| Error::Sharding { size, what })
+    }
+
+    /// Values `range` of a 1-D tensor of `len` (the biases of a column-parallel share).
+    pub fn vector_range(&self, name: &str, len: usize, range: Range<usize>) -> Result<Vec<f32>> {
+        let all = self.vector(name, len)?;
+        all.get(range.clone()).map(<[f32]>::to_vec).ok_or_else(|| Error::Tensor { name: name.into(), what: format!("has no values {range:?}") })
     }
 
     /// A projection weight: like `matrix`, quantized to the load-time type when one is set
@@ -140,28 +286,48 @@ impl WeightSource {
     }
 
     fn stored_linear(&self, name: &str, rows: usize, cols: usize) -> Result<MatrixRef> {
-        let m = self.matrix(name, rows, cols)?;
-        let Some(target) = self.isq else { return Ok(m) };
+        self.quantized(self.matrix(name, rows, cols)?)
+    }
+
+    /// The type load-time quantization gives `m`, if any. Like llama.cpp, rows that do not
+    /// divide into 256-value super-blocks take a 32-value format of similar size instead.
+    fn isq_type(&self, m: &MatrixRef) -> Option<DType> {
+        let target = self.isq?;
+        if !matches!(m.dtype, DType::F32 | DType::F16 | DType::BF16) {
+            return None;
+        }
+        if m.cols.is_multiple_of(target.block_len()) {
+            Some(target)
+        } else if m.cols.is_multiple_of(32) {
+            Some(match target {
+                DType::Q2K | DType::Q3K | DType::Q4K => DType::Q4_1,
+                DType::Q5K => DType::Q5_1,
+                _ => DType::Q8_0,
+            })
+        } else {
+            None
+        }
+    }
+
+    /// `m` quantized as load-time quantization asks.
+    fn quantized(&self, m: MatrixRef) -> Result<MatrixRef> {
+        let target = self.isq_type(&m);
+        self.quantize_to(m, target)
+    }
+
+    fn quantize_to(&self, m: MatrixRef, target: Option<DType>) -> Result<MatrixRef> {
+        let Some(wanted) = self.isq else { return Ok(m) };
         if !matches!(m.dtype, DType::F32 | DType::F16 | DType::BF16) {
             self.isq_report.borrow_mut().kept += 1;
             return Ok(m);
         }
-        // Like llama.cpp, rows that do not divide into 256-value super-blocks take a
-        // 32-value format of similar size instead.
-        let dtype = if cols.is_multiple_of(target.block_len()) {
-            target
-        } else if cols.is_multiple_of(32) {
-            let fallback = match target {
-                DType::Q2K | DType::Q3K | DType::Q4K => DType::Q4_1,
-                DType::Q5K => DType::Q5_1,
-                _ => DType::Q8_0,
-            };
-            self.isq_report.borrow_mut().fallbacks.push((m.name.clone(), fallback));
-            fallback
-        } else {
+        let Some(dtype) = target else {
             self.isq_report.borrow_mut().fallbacks.push((m.name.clone(), m.dtype));
             return Ok(m);
         };
+        if dtype != wanted {
+            self.isq_report.borrow_mut().fallbacks.push((m.name.clone(), dtype));
+        }
         let q = quantize_matrix(&m, dtype).map_err(|e| Error::Tensor { name: m.name.clone(), what: format!("cannot be quantized: {e}") })?;
         let mut report = self.isq_report.borrow_mut();
         report.quantized += 1;
@@ -182,6 +348,11 @@ impl WeightSource {
             Store::Gguf(g) => g.tensor(file_name).map(|t| (t, g.mmap())),
             Store::Safetensors(c) => c.tensor(file_name),
         }
+    }
+
+    /// Counts `name` as used without reading it (another rank's share).
+    pub fn mark_used(&self, name: &str) {
+        self.used.borrow_mut().insert(self.file_name(name));
     }
 
     pub fn has(&self, name: &str) -> bool {

@@ -104,7 +104,7 @@ pub fn load(cfg: &BertConfig, w: &WeightSource) -> Result<Bert> {
         Ok(LayerNorm { weight: w.vector(&format!("{name}.weight"), h)?, bias: w.vector(&format!("{name}.bias"), h)?, eps: cfg.eps })
     };
     let table = |name: &str, rows: usize| -> Result<Embedding> {
-        Ok(Embedding { table: Linear { weight: w.matrix(&format!("{root}embeddings.{name}.weight"), rows, h)?, bias: None }, scale: None })
+        Ok(Embedding::whole(w.matrix(&format!("{root}embeddings.{name}.weight"), rows, h)?, None))
     };
     let types = table("token_type_embeddings", cfg.type_vocab_size)?;
     let mut token_type = vec![0.0; h];

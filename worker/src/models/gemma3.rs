@@ -6,7 +6,7 @@
 use super::batch::Batch;
 use super::config::ModelConfig;
 use super::scratch::{tap, Scratch};
-use super::{CausalLm, LmHead, Output};
+use super::{CausalLm, HeadShare, LmHead, Output};
 use crate::error::Result;
 use crate::kv_cache::KvCache;
 use crate::layers::attention::{AttentionConfig, AttentionInput};
@@ -43,7 +43,9 @@ pub fn load(cfg: &ModelConfig, w: &WeightSource) -> Result<Box<dyn CausalLm>> {
     // f32 checkpoints are checked against an f32 reference: GELU computed exactly rather
     // than through llama.cpp's half-precision table.
     let gelu = if cfg.kv_precision == kiln_kernels::attention::KvPrecision::Full { Activation::GeluTanhExact } else { Activation::GeluTanh };
-    let linear = |name: String, rows: usize, cols: usize| -> Result<Linear> { Ok(Linear { weight: w.linear(&name, rows, cols)?, bias: None }) };
+    let share = HeadShare::new(cfg, w, "model.layers.0.self_attn.o_proj.weight")?;
+    let (q_range, kv_range, q_rows, kv_rows) = (share.q_rows(), share.kv_rows(), cfg.num_heads * hd, cfg.num_kv_heads * hd);
+    let rows = |name: String, all: usize, range: &std::ops::Range<usize>| -> Result<Linear> { Ok(Linear { weight: w.linear_rows(&name, all, h, range.clone())?, bias: None }) };
     let mut layers = Vec::with_capacity(cfg.num_layers);
     for i in 0..cfg.num_layers {
         let p = format!("model.layers.{i}");
@@ -51,15 +53,15 @@ pub fn load(cfg: &ModelConfig, w: &WeightSource) -> Result<Box<dyn CausalLm>> {
         layers.push(DecoderLayer {
             input_layernorm: norm(format!("{p}.input_layernorm.weight"), h)?,
             self_attn: Attention {
-                q_proj: linear(format!("{p}.self_attn.q_proj.weight"), cfg.num_heads * hd, h)?,
-                k_proj: linear(format!("{p}.self_attn.k_proj.weight"), cfg.num_kv_heads * hd, h)?,
-                v_proj: linear(format!("{p}.self_attn.v_proj.weight"), cfg.num_kv_heads * hd, h)?,
-                o_proj: linear(format!("{p}.self_attn.o_proj.weight"), h, cfg.num_heads * hd)?,
+                q_proj: rows(format!("{p}.self_attn.q_proj.weight"), q_rows, &q_range)?,
+                k_proj: rows(format!("{p}.self_attn.k_proj.weight"), kv_rows, &kv_range)?,
+                v_proj: rows(format!("{p}.self_attn.v_proj.weight"), kv_rows, &kv_range)?,
+                o_proj: Linear { weight: w.out_projection(&format!("{p}.self_attn.o_proj.weight"), h, q_rows, q_range.clone())?, bias: None },
                 q_norm: head_norm(format!("{p}.self_attn.q_norm.weight"))?,
                 k_norm: head_norm(format!("{p}.self_attn.k_norm.weight"))?,
                 cfg: AttentionConfig {
-                    num_heads: cfg.num_heads,
-                    num_kv_heads: cfg.num_kv_heads,
+                    num_heads: share.heads.q.len(),
+                    num_kv_heads: share.heads.kv.len(),
                     head_dim: hd,
                     score_scale: 1.0,
                     // query_pre_attn_scalar = head_dim for the released Gemma 3 text models.
@@ -68,22 +70,24 @@ pub fn load(cfg: &ModelConfig, w: &WeightSource) -> Result<Box<dyn CausalLm>> {
                     softcap: cfg.attn_softcap,
                     rope: if sliding { local } else { global },
                 },
+                combine: w.combine(),
             },
             post_attention_layernorm: norm(format!("{p}.post_attention_layernorm.weight"), h)?,
             pre_feedforward_layernorm: norm(format!("{p}.pre_feedforward_layernorm.weight"), h)?,
-            mlp: GatedMlp {
-                gate_proj: linear(format!("{p}.mlp.gate_proj.weight"), cfg.intermediate_size, h)?,
-                up_proj: linear(format!("{p}.mlp.up_proj.weight"), cfg.intermediate_size, h)?,
-                down_proj: linear(format!("{p}.mlp.down_proj.weight"), h, cfg.intermediate_size)?,
-                activation: gelu,
-            },
+            mlp: GatedMlp::load(
+                w,
+                ["gate_proj", "up_proj", "down_proj"].map(|n| format!("{p}.mlp.{n}.weight")).each_ref().map(String::as_str),
+                cfg.intermediate_size,
+                h,
+                gelu,
+            )?,
             post_feedforward_layernorm: norm(format!("{p}.post_feedforward_layernorm.weight"), h)?,
             rope_table: usize::from(sliding),
         });
     }
-    let embed_tokens = Embedding { table: Linear { weight: w.matrix("model.embed_tokens.weight", cfg.vocab_size, h)?, bias: None }, scale: Some((h as f32).sqrt()) };
+    let embed_tokens = Embedding::load(w, "model.embed_tokens.weight", cfg.vocab_size, h, Some((h as f32).sqrt()))?;
     let head = LmHead::load(w, cfg)?;
-    Ok(Box::new(Gemma3 { cfg: cfg.clone(), embed_tokens, layers, head, ropes: [global, local] }))
+    Ok(Box::new(Gemma3 { cfg: share.local_config(cfg), embed_tokens, layers, head, ropes: [global, local] }))
 }
 
 impl CausalLm for Gemma3 {

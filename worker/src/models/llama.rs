@@ -6,7 +6,7 @@
 use super::batch::Batch;
 use super::config::ModelConfig;
 use super::scratch::{tap, Scratch};
-use super::{CausalLm, LmHead, Output};
+use super::{CausalLm, HeadShare, LmHead, Output};
 use crate::error::Result;
 use crate::kv_cache::KvCache;
 use crate::layers::attention::{AttentionConfig, AttentionInput};
@@ -38,6 +38,8 @@ pub struct Llama {
 
 pub fn load(cfg: &ModelConfig, w: &WeightSource) -> Result<Box<dyn CausalLm>> {
     let (h, hd) = (cfg.hidden_size, cfg.head_dim);
+    let share = HeadShare::new(cfg, w, "model.layers.0.self_attn.o_proj.weight")?;
+    let (q_range, kv_range) = (share.q_rows(), share.kv_rows());
     let rope = Rope { base: cfg.rope_base, rotary_dims: cfg.rope_dims, style: cfg.rope_style };
     let norm = |name: &str| -> Result<RmsNorm> { Ok(RmsNorm { weight: w.vector(name, h)?, eps: cfg.rms_eps }) };
     let head_norm = |name: String| -> Result<Option<RmsNorm>> {
@@ -47,21 +49,22 @@ pub fn load(cfg: &ModelConfig, w: &WeightSource) -> Result<Box<dyn CausalLm>> {
         Ok(Some(RmsNorm { weight: w.vector(&name, hd)?, eps: cfg.rms_eps }))
     };
     let linear = |name: String, rows: usize, cols: usize| -> Result<Linear> { Ok(Linear { weight: w.linear(&name, rows, cols)?, bias: None }) };
-    // Qwen2 adds biases to the q/k/v projections.
-    let biased = |name: String, rows: usize, cols: usize| -> Result<Linear> {
-        let mut l = linear(format!("{name}.weight"), rows, cols)?;
+    // Qwen2 adds biases to the q/k/v projections. `range`: this rank's rows.
+    let biased = |name: String, rows: usize, range: std::ops::Range<usize>| -> Result<Linear> {
+        let mut l = Linear { weight: w.linear_rows(&format!("{name}.weight"), rows, h, range.clone())?, bias: None };
         if cfg.qkv_bias {
-            l.bias = Some(w.vector(&format!("{name}.bias"), rows)?);
+            l.bias = Some(w.vector_range(&format!("{name}.bias"), rows, range)?);
         }
         Ok(l)
     };
-    // Phi-3 keeps q, k and v in one matrix, and gate and up in another: split by rows.
-    let split = |name: String, parts: &[usize]| -> Result<Vec<Linear>> {
-        let fused = w.linear(&name, parts.iter().sum(), h)?;
+    // Phi-3 keeps q, k and v in one matrix, and gate and up in another: each part is rows
+    // `range` of its block of `rows` (this rank's share of it).
+    let split = |name: String, parts: &[(usize, std::ops::Range<usize>)]| -> Result<Vec<Linear>> {
+        let total = parts.iter().map(|p| p.0).sum();
         let mut start = 0;
         let mut out = Vec::with_capacity(parts.len());
-        for &rows in parts {
-            let weight = fused.row_slice(start, rows).ok_or_else(|| crate::error::Error::Tensor { name: name.clone(), what: "cannot be split by rows".into() })?;
+        for (rows, range) in parts {
+            let weight = w.linear_rows(&name, total, h, start + range.start..start + range.end)?;
             out.push(Linear { weight, bias: None });
             start += rows;
         }
@@ -72,34 +75,33 @@ pub fn load(cfg: &ModelConfig, w: &WeightSource) -> Result<Box<dyn CausalLm>> {
     for i in 0..cfg.num_layers {
         let p = format!("model.layers.{i}");
         let (q_proj, k_proj, v_proj) = if cfg.fused_projections {
-            let mut qkv = split(format!("{p}.self_attn.qkv_proj.weight"), &[q_rows, kv_rows, kv_rows])?.into_iter();
+            let parts = [(q_rows, q_range.clone()), (kv_rows, kv_range.clone()), (kv_rows, kv_range.clone())];
+            let mut qkv = split(format!("{p}.self_attn.qkv_proj.weight"), &parts)?.into_iter();
             let mut next = || qkv.next().ok_or_else(|| crate::error::Error::Tensor { name: format!("{p}.self_attn.qkv_proj.weight"), what: "split failed".into() });
             (next()?, next()?, next()?)
         } else {
             (
-                biased(format!("{p}.self_attn.q_proj"), q_rows, h)?,
-                biased(format!("{p}.self_attn.k_proj"), kv_rows, h)?,
-                biased(format!("{p}.self_attn.v_proj"), kv_rows, h)?,
+                biased(format!("{p}.self_attn.q_proj"), q_rows, q_range.clone())?,
+                biased(format!("{p}.self_attn.k_proj"), kv_rows, kv_range.clone())?,
+                biased(format!("{p}.self_attn.v_proj"), kv_rows, kv_range.clone())?,
             )
         };
         let mlp = match &cfg.moe {
             Some(m) => FeedForward::Experts(load_moe(m, &p, h, w, &linear)?),
-            None => {
-                let (gate_proj, up_proj) = if cfg.fused_projections {
-                    let mut gu = split(format!("{p}.mlp.gate_up_proj.weight"), &[cfg.intermediate_size, cfg.intermediate_size])?.into_iter();
-                    match (gu.next(), gu.next()) {
-                        (Some(g), Some(u)) => (g, u),
-                        _ => return Err(crate::error::Error::Tensor { name: format!("{p}.mlp.gate_up_proj.weight"), what: "split failed".into() }),
-                    }
-                } else {
-                    (linear(format!("{p}.mlp.gate_proj.weight"), cfg.intermediate_size, h)?, linear(format!("{p}.mlp.up_proj.weight"), cfg.intermediate_size, h)?)
+            None if cfg.fused_projections => {
+                let inter = cfg.intermediate_size;
+                let down = format!("{p}.mlp.down_proj.weight");
+                let range = w.inner_split(&down, h, inter)?;
+                let mut gu = split(format!("{p}.mlp.gate_up_proj.weight"), &[(inter, range.clone()), (inter, range.clone())])?.into_iter();
+                let (Some(gate_proj), Some(up_proj)) = (gu.next(), gu.next()) else {
+                    return Err(crate::error::Error::Tensor { name: format!("{p}.mlp.gate_up_proj.weight"), what: "split failed".into() });
                 };
-                FeedForward::Dense(GatedMlp {
-                    gate_proj,
-                    up_proj,
-                    down_proj: linear(format!("{p}.mlp.down_proj.weight"), h, cfg.intermediate_size)?,
-                    activation: Activation::Silu,
-                })
+                let down_proj = Linear { weight: w.out_projection(&down, h, inter, range)?, bias: None };
+                FeedForward::Dense(GatedMlp { gate_proj, up_proj, down_proj, activation: Activation::Silu, combine: w.combine() })
+            }
+            None => {
+                let names = ["gate_proj", "up_proj", "down_proj"].map(|n| format!("{p}.mlp.{n}.weight"));
+                FeedForward::Dense(GatedMlp::load(w, names.each_ref().map(String::as_str), cfg.intermediate_size, h, Activation::Silu)?)
             }
         };
         layers.push(DecoderLayer {
@@ -108,12 +110,12 @@ pub fn load(cfg: &ModelConfig, w: &WeightSource) -> Result<Box<dyn CausalLm>> {
                 q_proj,
                 k_proj,
                 v_proj,
-                o_proj: linear(format!("{p}.self_attn.o_proj.weight"), h, cfg.num_heads * hd)?,
+                o_proj: Linear { weight: w.out_projection(&format!("{p}.self_attn.o_proj.weight"), h, q_rows, q_range.clone())?, bias: None },
                 q_norm: head_norm(format!("{p}.self_attn.q_norm.weight"))?,
                 k_norm: head_norm(format!("{p}.self_attn.k_norm.weight"))?,
                 cfg: AttentionConfig {
-                    num_heads: cfg.num_heads,
-                    num_kv_heads: cfg.num_kv_heads,
+                    num_heads: share.heads.q.len(),
+                    num_kv_heads: share.heads.kv.len(),
                     head_dim: hd,
                     score_scale: 1.0 / (hd as f32).sqrt(),
                     query_scale: None,
@@ -121,57 +123,60 @@ pub fn load(cfg: &ModelConfig, w: &WeightSource) -> Result<Box<dyn CausalLm>> {
                     softcap: None,
                     rope,
                 },
+                combine: w.combine(),
             },
             post_attention_layernorm: norm(&format!("{p}.post_attention_layernorm.weight"))?,
             mlp,
         });
     }
-    let embed_tokens = Embedding { table: Linear { weight: w.matrix("model.embed_tokens.weight", cfg.vocab_size, h)?, bias: None }, scale: None };
+    let embed_tokens = Embedding::load(w, "model.embed_tokens.weight", cfg.vocab_size, h, None)?;
     let head = LmHead::load(w, cfg)?;
-    Ok(Box::new(Llama { cfg: cfg.clone(), embed_tokens, layers, head, rope }))
+    Ok(Box::new(Llama { cfg: share.local_config(cfg), embed_tokens, layers, head, rope }))
 }
 
-/// A mixture-of-experts block: the router and every expert of layer prefix `p`.
+/// A mixture-of-experts block of layer prefix `p`: the router and this rank's experts (all of
+/// them unless the model is split; whole experts otherwise, their outputs summed over ranks).
 fn load_moe(m: &MoeConfig, p: &str, h: usize, w: &WeightSource, linear: &dyn Fn(String, usize, usize) -> Result<Linear>) -> Result<MoeMlp> {
+    let (rank, size) = w.tp();
+    if size > m.num_experts {
+        return Err(crate::error::Error::Sharding { size, what: format!("{p} has {} experts, fewer than the ranks", m.num_experts) });
+    }
+    let mine = crate::parallel::split_even(m.num_experts, rank, size);
     let (router, expert) = match m.naming {
         MoeNaming::Mixtral => (format!("{p}.block_sparse_moe.gate.weight"), format!("{p}.block_sparse_moe.experts")),
         MoeNaming::Qwen => (format!("{p}.mlp.gate.weight"), format!("{p}.mlp.experts")),
     };
+    let gated = |gate: Linear, up: Linear, down: Linear| GatedMlp { gate_proj: gate, up_proj: up, down_proj: down, activation: Activation::Silu, combine: Default::default() };
     // GGUF files merge each layer's experts into one tensor per matrix.
-    if !w.has(&format!("{expert}.0.{}", if m.naming == MoeNaming::Mixtral { "w1.weight" } else { "gate_proj.weight" })) && w.has(&format!("{p}.mlp.experts.gate_proj.weight")) {
+    let experts = if !w.has(&format!("{expert}.0.{}", if m.naming == MoeNaming::Mixtral { "w1.weight" } else { "gate_proj.weight" }))
+        && w.has(&format!("{p}.mlp.experts.gate_proj.weight"))
+    {
         let merged = |part: &str, rows: usize, cols: usize| w.experts(&format!("{p}.mlp.experts.{part}.weight"), m.num_experts, rows, cols);
         let (gates, ups, downs) = (merged("gate_proj", m.expert_size, h)?, merged("up_proj", m.expert_size, h)?, merged("down_proj", h, m.expert_size)?);
-        let experts = gates
-            .into_iter()
-            .zip(ups)
-            .zip(downs)
-            .map(|((g, u), d)| GatedMlp {
-                gate_proj: Linear { weight: g, bias: None },
-                up_proj: Linear { weight: u, bias: None },
-                down_proj: Linear { weight: d, bias: None },
-                activation: Activation::Silu,
-            })
-            .collect();
-        let router = Linear { weight: w.matrix(&router, m.num_experts, h)?, bias: None };
-        return Ok(MoeMlp { router, experts, top_k: m.top_k, renormalize: m.renormalize });
-    }
-    let experts = (0..m.num_experts)
-        .map(|e| {
-            let [gate, up, down] = match m.naming {
-                MoeNaming::Mixtral => ["w1", "w3", "w2"].map(|n| format!("{expert}.{e}.{n}.weight")),
-                MoeNaming::Qwen => ["gate_proj", "up_proj", "down_proj"].map(|n| format!("{expert}.{e}.{n}.weight")),
+        let linear = |weight| Linear { weight, bias: None };
+        gates.into_iter().zip(ups).zip(downs).skip(mine.start).take(mine.len()).map(|((g, u), d)| gated(linear(g), linear(u), linear(d))).collect()
+    } else {
+        // Other ranks' experts are theirs, not tensors this architecture failed to use.
+        for e in (0..m.num_experts).filter(|e| !mine.contains(e)) {
+            let names = match m.naming {
+                MoeNaming::Mixtral => ["w1", "w3", "w2"],
+                MoeNaming::Qwen => ["gate_proj", "up_proj", "down_proj"],
             };
-            Ok(GatedMlp {
-                gate_proj: linear(gate, m.expert_size, h)?,
-                up_proj: linear(up, m.expert_size, h)?,
-                down_proj: linear(down, h, m.expert_size)?,
-                activation: Activation::Silu,
+            names.iter().for_each(|n| w.mark_used(&format!("{expert}.{e}.{n}.weight")));
+        }
+        mine.clone()
+            .map(|e| {
+                let [gate, up, down] = match m.naming {
+                    MoeNaming::Mixtral => ["w1", "w3", "w2"].map(|n| format!("{expert}.{e}.{n}.weight")),
+                    MoeNaming::Qwen => ["gate_proj", "up_proj", "down_proj"].map(|n| format!("{expert}.{e}.{n}.weight")),
+                };
+                Ok(gated(linear(gate, m.expert_size, h)?, linear(up, m.expert_size, h)?, linear(down, h, m.expert_size)?))
             })
-        })
-        .collect::<Result<Vec<_>>>()?;
+            .collect::<Result<Vec<_>>>()?
+    };
     // The router stays at the checkpoint's precision: it picks experts, and is small.
     let router = Linear { weight: w.matrix(&router, m.num_experts, h)?, bias: None };
-    Ok(MoeMlp { router, experts, top_k: m.top_k, renormalize: m.renormalize })
+    Ok(MoeMlp { router, experts, first_expert: mine.start, combine: w.combine(), top_k: m.top_k, renormalize: m.renormalize })
 }
 
 impl CausalLm for Llama {

@@ -60,24 +60,70 @@ pub fn offset(mut weight: Vec<f32>, offset: f32) -> Vec<f32> {
     weight
 }
 
+/// The attention heads of this rank (all of them unless the model is split), and where its
+/// slices of the q/k/v rows and o columns lie.
+pub struct HeadShare {
+    pub heads: crate::parallel::HeadSplit,
+    pub head_dim: usize,
+}
+
+impl HeadShare {
+    /// Splits the heads for `w`'s rank; `o_proj` (one layer's output projection) must split
+    /// at the heads' columns in whole blocks of its format.
+    pub fn new(cfg: &ModelConfig, w: &WeightSource, o_proj: &str) -> Result<HeadShare> {
+        let (rank, size) = w.tp();
+        let heads = crate::parallel::split_heads(cfg.num_heads, cfg.num_kv_heads, rank, size).map_err(|what| crate::error::Error::Sharding { size, what })?;
+        let share = HeadShare { heads, head_dim: cfg.head_dim };
+        if size > 1 && w.shard().is_some_and(|s| s.layout == crate::parallel::Layout::Megatron) {
+            let block = w.column_block(o_proj, cfg.hidden_size, cfg.num_heads * cfg.head_dim)?;
+            let cols = share.q_rows();
+            if !cols.start.is_multiple_of(block) || !cols.len().is_multiple_of(block) {
+                return Err(crate::error::Error::Sharding {
+                    size,
+                    what: format!("rank {rank}'s heads {:?} are columns {cols:?} of the output projection, which is stored in blocks of {block}", share.heads.q),
+                });
+            }
+        }
+        Ok(share)
+    }
+
+    pub fn q_rows(&self) -> std::ops::Range<usize> {
+        self.heads.q.start * self.head_dim..self.heads.q.end * self.head_dim
+    }
+
+    pub fn kv_rows(&self) -> std::ops::Range<usize> {
+        self.heads.kv.start * self.head_dim..self.heads.kv.end * self.head_dim
+    }
+
+    /// `cfg` as this rank computes it: its heads (what its KV cache holds).
+    pub fn local_config(&self, cfg: &ModelConfig) -> ModelConfig {
+        ModelConfig { num_heads: self.heads.q.len(), num_kv_heads: self.heads.kv.len(), ..cfg.clone() }
+    }
+}
+
 /// Final norm and output projection, shared by every architecture.
 pub struct LmHead {
     pub norm: RmsNorm,
+    /// This rank's rows of the vocabulary (all of them unless the model is split).
     pub lm_head: Linear,
     pub softcap: Option<f32>,
+    /// Gathers the ranks' logits to rank 0 when the vocabulary is split.
+    pub shard: Option<crate::parallel::Shard>,
 }
 
 impl LmHead {
     /// The output projection is `lm_head.weight`, or the embedding table when tied.
     pub fn load(w: &WeightSource, cfg: &ModelConfig) -> Result<LmHead> {
         let name = if w.has("lm_head.weight") { "lm_head.weight" } else { "model.embed_tokens.weight" };
-        let head = w.matrix(name, cfg.vocab_size, cfg.hidden_size)?;
+        let rows = crate::layers::embedding::vocab_split(w, cfg.vocab_size);
+        let head = w.matrix_rows(name, cfg.vocab_size, cfg.hidden_size, rows)?;
         // Packed now, like every projection, not during the first request.
         head.packed();
         Ok(LmHead {
             norm: RmsNorm { weight: offset(w.vector("model.norm.weight", cfg.hidden_size)?, cfg.norm_offset), eps: cfg.rms_eps },
             lm_head: Linear { weight: head, bias: None },
             softcap: cfg.final_logit_softcap,
+            shard: w.shard().filter(|s| s.size > 1).cloned(),
         })
     }
 
@@ -94,12 +140,29 @@ impl LmHead {
             out.extend_from_slice(&s.head_in);
             return Ok(());
         }
-        let logits = out;
-        logits.resize(n * self.lm_head.rows(), 0.0);
-        crate::layers::project(compute, &s.head_in, n, &mut s.layer.acts, &mut [Projection { linear: &self.lm_head, out: logits }])?;
+        let mut local = std::mem::take(&mut s.head_out);
+        local.resize(n * self.lm_head.rows(), 0.0);
+        crate::layers::project(compute, &s.head_in, n, &mut s.layer.acts, &mut [Projection { linear: &self.lm_head, out: &mut local }])?;
         if let Some(cap) = self.softcap {
-            for v in logits.iter_mut() {
+            for v in local.iter_mut() {
                 *v = cap * (*v / cap).tanh();
+            }
+        }
+        let Some(shard) = &self.shard else {
+            std::mem::swap(out, &mut local);
+            s.head_out = local;
+            return Ok(());
+        };
+        // Rank 0 puts each row back together from the ranks' slices of the vocabulary.
+        let gathered = shard.collective.gather(&local)?;
+        s.head_out = local;
+        out.clear();
+        if let Some(parts) = gathered {
+            let widths: Vec<usize> = parts.iter().map(|p| p.len() / n.max(1)).collect();
+            for row in 0..n {
+                for (p, &w) in parts.iter().zip(&widths) {
+                    out.extend_from_slice(&p[row * w..(row + 1) * w]);
+                }
             }
         }
         Ok(())

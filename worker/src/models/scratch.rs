@@ -16,6 +16,10 @@ pub struct LayerScratch {
     pub up: Vec<f32>,
     pub acts: Activations,
     pub attention: AttentionScratch,
+    /// A split block's whole input, gathered from the ranks (exact layout).
+    pub gathered: Vec<f32>,
+    /// This rank's share of a split block's output rows, before they are gathered.
+    pub partial: Vec<f32>,
 }
 
 #[derive(Default)]
@@ -28,6 +32,8 @@ pub struct Scratch {
     pub y: Vec<f32>,
     /// Rows that need logits, final-normed `[logit_rows, hidden]`.
     pub head_in: Vec<f32>,
+    /// This rank's logits before they are gathered (or the logits themselves, moved out).
+    pub head_out: Vec<f32>,
     /// Rotary angles, one table per distinct frequency base of the model.
     pub rope: Vec<RopeTable>,
     pub layer: LayerScratch,
