@@ -89,8 +89,8 @@ impl Admin {
         if p.model.is_empty() || p.model.contains('/') {
             return Err(ClusterError::Invalid(format!("`{}` is not a valid model id (non-empty, no `/`)", p.model)));
         }
-        if p.tensor_parallel != 1 {
-            return Err(ClusterError::Invalid("tensor parallelism is not supported yet; use --tensor-parallel 1".into()));
+        if p.tensor_parallel == 0 || p.tensor_parallel > 64 {
+            return Err(ClusterError::Invalid(format!("--tensor-parallel {} is out of range (1 to 64 workers per replica)", p.tensor_parallel)));
         }
         let value = serde_json::to_vec(p).map_err(|e| ClusterError::Invalid(e.to_string()))?;
         self.client.put(self.keys.placement(&p.model), value, None).await?;

@@ -10,5 +10,5 @@ pub mod schema;
 pub mod view;
 
 pub use etcd::{ClusterError, EtcdConfig};
-pub use schema::{DrainMark, Keys, LoadSummary, ModelPhase, ModelStatus, Placement, Snapshot, WorkerRecord, SCHEMA_VERSION};
+pub use schema::{DrainMark, GroupRole, Keys, LoadSummary, ModelPhase, ModelStatus, Placement, Snapshot, WorkerRecord, SCHEMA_VERSION};
 pub use view::{ClusterView, EtcdHealth};

@@ -93,11 +93,32 @@ pub struct WorkerRecord {
     pub max_seqs: u32,
     #[serde(default)]
     pub load: LoadSummary,
+    /// Where this worker listens for its group's traffic when it is rank 0 of a
+    /// tensor-parallel group (host:port).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tp_addr: Option<String>,
+    /// The tensor-parallel group this worker is a rank of, while it is one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group: Option<GroupRole>,
+}
+
+/// A worker's place in a tensor-parallel group. Rank 0 serves the model for the group (its
+/// record is the group's, `model` ready only once every rank has loaded); the other ranks
+/// compute their share of its steps and serve nothing themselves.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GroupRole {
+    pub id: String,
+    pub rank: u32,
+    /// The members' worker ids, in rank order.
+    pub members: Vec<String>,
 }
 
 impl WorkerRecord {
-    /// The model this worker serves now, if it is ready.
+    /// The model this worker serves now, if it is ready (a group's other ranks serve none).
     pub fn ready_model(&self) -> Option<&str> {
+        if self.group.as_ref().is_some_and(|g| g.rank > 0) {
+            return None;
+        }
         self.model.as_ref().filter(|m| m.phase == ModelPhase::Ready).map(|m| m.id.as_str())
     }
 }
@@ -116,7 +137,7 @@ pub struct Placement {
     /// Only workers carrying all these labels.
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
-    /// GPUs per replica; 1 until tensor parallelism lands.
+    /// Workers per replica: more than 1 splits the model over a tensor-parallel group.
     #[serde(default = "one")]
     pub tensor_parallel: u32,
 }
@@ -212,7 +233,7 @@ mod tests {
     use super::*;
 
     fn worker(id: &str) -> WorkerRecord {
-        WorkerRecord { schema: 1, id: id.into(), addr: "127.0.0.1:1".into(), labels: BTreeMap::new(), placeable: true, model: None, max_seqs: 16, load: LoadSummary::default() }
+        WorkerRecord { schema: 1, id: id.into(), addr: "127.0.0.1:1".into(), labels: BTreeMap::new(), placeable: true, model: None, max_seqs: 16, load: LoadSummary::default(), tp_addr: None, group: None }
     }
 
     #[test]

@@ -21,6 +21,8 @@ pub struct PlaceArgs {
     /// Only workers with this label, key=value (repeatable)
     #[arg(long = "label")]
     pub labels: Vec<String>,
+    /// Workers per replica: more than 1 splits the model over a tensor-parallel group of
+    /// that many workers (rank 0 serves it once all have loaded their shares)
     #[arg(long, default_value_t = 1)]
     pub tensor_parallel: u32,
 }
@@ -115,7 +117,7 @@ pub async fn run(cfg: &EtcdConfig, command: &crate::Command, as_json: bool) -> R
                 println!("{}", workers_json(&snap));
                 return Ok(());
             }
-            let mut rows = vec![["WORKER", "ADDRESS", "MODEL", "STATE", "RUNNING", "WAITING", "KV BLOCKS", "LABELS"].map(String::from).to_vec()];
+            let mut rows = vec![["WORKER", "ADDRESS", "MODEL", "STATE", "GROUP", "RUNNING", "WAITING", "KV BLOCKS", "LABELS"].map(String::from).to_vec()];
             for w in snap.workers.values() {
                 let (model, state) = match &w.model {
                     Some(m) => (m.id.clone(), phase(m.phase).to_string()),
@@ -123,11 +125,14 @@ pub async fn run(cfg: &EtcdConfig, command: &crate::Command, as_json: bool) -> R
                 };
                 let state = if snap.is_draining(&w.id) { format!("{state},draining") } else { state };
                 let labels: Vec<String> = w.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+                // A tensor-parallel rank: its group, rank of size (rank 0 serves for the group).
+                let group = w.group.as_ref().map_or("-".into(), |g| format!("{} rank {}/{}", g.id, g.rank, g.members.len()));
                 rows.push(vec![
                     w.id.clone(),
                     w.addr.clone(),
                     model,
                     state,
+                    group,
                     w.load.running.to_string(),
                     w.load.waiting.to_string(),
                     format!("{}/{}", w.load.kv_blocks_used, w.load.kv_blocks_total),
@@ -178,9 +183,14 @@ pub async fn run(cfg: &EtcdConfig, command: &crate::Command, as_json: bool) -> R
             };
             admin.place(&p).await?;
             let eligible = snap.workers.values().filter(|w| w.placeable && p.admits(w) && !snap.is_draining(&w.id)).count();
-            println!("placed `{}`: {} replica(s) from {}", p.model, p.replicas, p.source);
-            if eligible < p.replicas as usize {
-                println!("note: only {eligible} registered worker(s) can take it now; the rest will be placed as workers join");
+            let wanted = p.replicas as usize * p.tensor_parallel as usize;
+            if p.tensor_parallel > 1 {
+                println!("placed `{}`: {} replica(s) of {} workers each (tensor-parallel groups) from {}", p.model, p.replicas, p.tensor_parallel, p.source);
+            } else {
+                println!("placed `{}`: {} replica(s) from {}", p.model, p.replicas, p.source);
+            }
+            if eligible < wanted {
+                println!("note: only {eligible} registered worker(s) can take it now ({wanted} wanted); the rest will be placed as workers join");
             }
         }
         crate::Command::Unplace { model } => {

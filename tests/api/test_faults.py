@@ -50,7 +50,7 @@ def reference(router, questions=QUESTIONS):
 class Streams:
     """Concurrent greedy streams through a router, recording text and chunk arrival times."""
 
-    def __init__(self, router, questions=QUESTIONS, max_tokens=TOKENS):
+    def __init__(self, router, questions=QUESTIONS, max_tokens=TOKENS, model="smollm2"):
         self.texts = [""] * len(questions)
         self.times = [[] for _ in questions]
         self.errors = []
@@ -59,7 +59,7 @@ class Streams:
 
         def run(i, q):
             try:
-                stream = c.chat.completions.create(model="smollm2", messages=messages(q), max_tokens=max_tokens, temperature=0, stream=True)
+                stream = c.chat.completions.create(model=model, messages=messages(q), max_tokens=max_tokens, temperature=0, stream=True)
                 for chunk in stream:
                     if chunk.choices and chunk.choices[0].delta.content:
                         self.texts[i] += chunk.choices[0].delta.content

@@ -31,6 +31,8 @@ pub struct LoadedModel {
     pub isq: Option<crate::layers::weights::IsqReport>,
     /// Sampling settings the model's authors recommend (generation_config.json).
     pub sampling_defaults: SamplingDefaults,
+    /// The tensor-parallel group this share of the model computes with, when it is split.
+    pub group: Option<Arc<dyn crate::parallel::Collective>>,
 }
 
 /// Sampling defaults from `generation_config.json`; unset fields are left to the caller.
@@ -200,6 +202,7 @@ impl LoadedModel {
             weight_format,
             isq: quantized.then(|| weights.isq_report.borrow().clone()),
             sampling_defaults,
+            group: weights.shard().map(|s| Arc::clone(&s.collective)),
         })
     }
 

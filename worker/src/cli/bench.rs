@@ -78,7 +78,7 @@ pub fn main(args: BenchArgs) -> anyhow::Result<()> {
     if !args.embed_batch.is_empty() {
         return embed(&args);
     }
-    let model = super::load_model(&args.model, args.json, args.engine.isq, Some(&args.engine.tp))?;
+    let model = super::load_model(&args.model, args.json, args.engine.isq, args.engine.tp.config()?.as_ref())?;
     let threads = args.threads.unwrap_or_else(super::default_threads);
     let compute = super::compute(Some(threads));
     let ctx = (args.n_prompt.max(args.n_gen) + 1).max(16);

@@ -36,10 +36,10 @@ pub fn default_threads() -> usize {
 /// Resolves a model argument (path, directory, known name or repo id, fetched on first use)
 /// and loads it, quantizing its projection weights to `isq` when given; with `tp`, rank 0's
 /// share of it, once every rank of the group has joined and loaded its own.
-pub fn load_model(arg: &str, quiet: bool, isq: Option<kiln_kernels::DType>, tp: Option<&tp::TpArgs>) -> anyhow::Result<Arc<LoadedModel>> {
+pub fn load_model(arg: &str, quiet: bool, isq: Option<kiln_kernels::DType>, tp: Option<&kiln_worker::parallel::TpConfig>) -> anyhow::Result<Arc<LoadedModel>> {
     let path = kiln_worker::assets::resolve(arg, &mut |msg| eprintln!("kiln: {msg}"))?;
     let t = Instant::now();
-    let model = match tp.map(tp::TpArgs::config).transpose()?.flatten() {
+    let model = match tp {
         Some(cfg) => {
             if !quiet {
                 eprintln!("kiln: rank 0 of group `{}`: waiting for {} more ranks at {}", cfg.group, cfg.size - 1, cfg.leader);

@@ -8,6 +8,7 @@ use super::placement::{self, Hosting};
 use kiln_cluster::{EtcdConfig, LoadSummary, ModelPhase, ModelStatus, WorkerRecord, SCHEMA_VERSION};
 use kiln_proto::v1::worker_server::WorkerServer;
 use kiln_worker::engine::Engine;
+use kiln_worker::parallel::{Collective, TpConfig};
 use kiln_worker::service::{metrics, ModelSlot, Serving, WorkerService};
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -71,8 +72,20 @@ pub struct ServeArgs {
     /// Embedding models: requests that may wait for a pass before new ones are refused
     #[arg(long, default_value_t = 256, env = "KILN_WORKER_EMBED_QUEUE")]
     pub embed_queue: usize,
+    /// Where this worker listens for its group's traffic when placement makes it rank 0 of
+    /// a tensor-parallel group (default: the gRPC host, the gRPC port + 1); published in its
+    /// record with the advertised host
+    #[arg(long, env = "KILN_WORKER_TP_LISTEN")]
+    pub tp_listen: Option<SocketAddr>,
     #[command(flatten)]
     pub engine: super::EngineArgs,
+}
+
+impl ServeArgs {
+    /// The address this worker binds as rank 0 of a placed group.
+    pub fn tp_listen_addr(&self) -> String {
+        self.tp_listen.unwrap_or_else(|| SocketAddr::new(self.grpc.ip(), self.grpc.port().wrapping_add(1))).to_string()
+    }
 }
 
 fn parse_label(s: &str) -> Result<(String, String), String> {
@@ -95,7 +108,7 @@ pub fn model_id(model: &str, explicit: Option<&str>) -> String {
 
 /// Loads `source` and starts an engine on it (blocking: reads the model file): the
 /// generation engine, or for an embedding model the embedding queue.
-pub fn load_serving(args: &ServeArgs, source: &str, id: &str) -> anyhow::Result<Serving> {
+pub fn load_serving(args: &ServeArgs, source: &str, id: &str, tp: Option<&TpConfig>) -> anyhow::Result<(Serving, Option<Arc<dyn Collective>>)> {
     let path = kiln_worker::assets::resolve(source, &mut |msg| eprintln!("kiln: {msg}"))?;
     let compute = super::compute(args.threads);
     if path.is_dir() && kiln_worker::embedding::is_embedding_dir(&path) {
@@ -111,11 +124,15 @@ pub fn load_serving(args: &ServeArgs, source: &str, id: &str) -> anyhow::Result<
             path.display()
         );
         let queue = kiln_worker::embed_queue::EmbedQueue::start(embedder, compute, args.embed_batch_tokens, args.embed_queue)?;
-        return Ok(Serving::embedding(Arc::new(queue), id, args.max_seqs)?);
+        if tp.is_some() {
+            anyhow::bail!("{} is an embedding model, which kiln does not split over tensor-parallel ranks", path.display());
+        }
+        return Ok((Serving::embedding(Arc::new(queue), id, args.max_seqs)?, None));
     }
-    let model = super::load_model(&path.to_string_lossy(), false, args.engine.isq, Some(&args.engine.tp))?;
+    let model = super::load_model(&path.to_string_lossy(), false, args.engine.isq, tp)?;
+    let group = model.group.clone();
     let engine = Engine::start(Arc::clone(&model), compute, args.engine.config(args.max_seqs, args.ctx_size))?;
-    Ok(Serving::new(engine, model, id, args.max_seqs)?)
+    Ok((Serving::new(engine, model, id, args.max_seqs)?, group))
 }
 
 fn worker_id(args: &ServeArgs) -> String {
@@ -157,6 +174,13 @@ fn local_address_towards(endpoint: &str) -> Option<std::net::IpAddr> {
     (!ip.is_unspecified()).then_some(ip)
 }
 
+/// The group address other ranks dial: the advertised gRPC host with the group port.
+fn tp_advertised(grpc_advertised: &str, args: &ServeArgs) -> String {
+    let port = args.tp_listen.map_or(args.grpc.port().wrapping_add(1), |a| a.port());
+    let host = grpc_advertised.rsplit_once(':').map_or(grpc_advertised, |(h, _)| h);
+    format!("{host}:{port}")
+}
+
 /// The record this worker publishes, read fresh each time.
 fn record(id: &str, addr: &str, args: &ServeArgs, slot: &ModelSlot, hosting: &Hosting) -> WorkerRecord {
     let serving = slot.get();
@@ -184,6 +208,8 @@ fn record(id: &str, addr: &str, args: &ServeArgs, slot: &ModelSlot, hosting: &Ho
         model: hosting.status(),
         max_seqs: args.max_seqs as u32,
         load,
+        tp_addr: args.model.is_none().then(|| tp_advertised(addr, args)),
+        group: hosting.role(),
     }
 }
 
@@ -234,7 +260,8 @@ pub fn main(args: ServeArgs) -> anyhow::Result<()> {
     if !placed {
         let source = args.model.clone().unwrap_or_else(|| "smollm2".into());
         let id = model_id(&source, args.model_id.as_deref());
-        slot.replace(Some(Arc::new(load_serving(&args, &source, &id)?)));
+        let tp = args.engine.tp.config()?;
+        slot.replace(Some(Arc::new(load_serving(&args, &source, &id, tp.as_ref())?.0)));
         hosting.set(Some(ModelStatus { id, phase: ModelPhase::Ready, reason: None }));
     }
     let service = WorkerService::with_slot(Arc::clone(&slot));

@@ -51,6 +51,11 @@ pub trait Collective: Send + Sync {
     fn next_broadcast(&self) -> Result<Option<Vec<u8>>, CollectiveError>;
     /// Seconds spent in collectives so far (for metrics).
     fn seconds(&self) -> f64;
+    /// Whether every other rank is still there, checked without disturbing a step: a rank
+    /// whose connection closed fails the group at once instead of at the next step.
+    fn check_alive(&self) -> Result<(), CollectiveError>;
+    /// Ends this rank's part in the group; the other ranks see it leave.
+    fn close(&self);
 }
 
 /// The rank a model is loaded as, and the group it computes with.

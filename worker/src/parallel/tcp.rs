@@ -50,6 +50,9 @@ pub struct GroupSpec {
 pub struct TcpGroup {
     rank: usize,
     size: usize,
+    /// A second handle on a follower's connection to rank 0, to close it while the follower
+    /// waits for a step (holding the links).
+    closer: Option<TcpStream>,
     /// Rank 0: the connections to ranks 1.., in rank order. Others: the connection to rank 0.
     links: Mutex<Links>,
     timeout: Duration,
@@ -135,7 +138,8 @@ impl TcpGroup {
             return Err(group_err(format!("rank {} is not in a group of {}", m.rank, m.size)));
         }
         let streams = if m.rank == 0 { Self::gather_members(spec)? } else { vec![Self::connect_to_leader(spec)?] };
-        Ok(TcpGroup { rank: m.rank, size: m.size, links: Mutex::new(Links { streams, scratch: Vec::new(), spent: Duration::ZERO, failed: None }), timeout: spec.timeout })
+        let closer = if m.rank == 0 { None } else { streams.first().and_then(|s| s.try_clone().ok()) };
+        Ok(TcpGroup { rank: m.rank, size: m.size, closer, links: Mutex::new(Links { streams, scratch: Vec::new(), spent: Duration::ZERO, failed: None }), timeout: spec.timeout })
     }
 
     fn gather_members(spec: &GroupSpec) -> Result<Vec<TcpStream>, CollectiveError> {
@@ -442,5 +446,50 @@ impl Collective for TcpGroup {
 
     fn seconds(&self) -> f64 {
         self.links().spent.as_secs_f64()
+    }
+
+    fn check_alive(&self) -> Result<(), CollectiveError> {
+        // A step in progress holds the links: it will notice a dead rank itself.
+        let Ok(mut links) = self.links.try_lock() else { return Ok(()) };
+        if let Some(why) = &links.failed {
+            return Err(group_err(format!("failed earlier: {why}")));
+        }
+        // Between steps nothing is in flight, so anything readable is an end of stream.
+        let mut dead = None;
+        for (i, s) in links.streams.iter().enumerate() {
+            let rank = if self.rank == 0 { i + 1 } else { 0 };
+            if s.set_nonblocking(true).is_err() {
+                continue;
+            }
+            let mut byte = [0u8; 1];
+            match s.peek(&mut byte) {
+                Ok(0) => dead = Some(CollectiveError::Peer { rank, what: "closed its connection between steps (the process exited or was killed)".into() }),
+                Err(e) if e.kind() != ErrorKind::WouldBlock => dead = Some(peer_err(rank, &e, "idle")),
+                _ => {}
+            }
+            let _ = s.set_nonblocking(false);
+            if dead.is_some() {
+                break;
+            }
+        }
+        match dead {
+            Some(e) => {
+                links.failed = Some(e.to_string());
+                for s in &links.streams {
+                    let _ = s.shutdown(std::net::Shutdown::Both);
+                }
+                Err(e)
+            }
+            None => Ok(()),
+        }
+    }
+
+    fn close(&self) {
+        // Not through the lock: a follower waiting for its next step holds it.
+        if let Ok(links) = self.links.try_lock() {
+            links.streams.iter().for_each(|s| drop(s.shutdown(std::net::Shutdown::Both)));
+        } else if let Some(s) = &self.closer {
+            let _ = s.shutdown(std::net::Shutdown::Both);
+        }
     }
 }
