@@ -110,7 +110,20 @@ pub fn main(args: BenchArgs) -> anyhow::Result<()> {
             Ok(t.elapsed().as_nanos() as u64)
         };
         run()?; // warm-up, as llama-bench does
+        let collectives_before = model.group.as_ref().map(|g| g.seconds());
         let samples_ns: Vec<u64> = (0..args.repetitions).map(|_| run()).collect::<anyhow::Result<_>>()?;
+        if let (Some(g), Some(before)) = (&model.group, collectives_before) {
+            // Decode runs one step per token; prefill one step for the prompt.
+            let steps = args.repetitions * if n_prompt > 0 { 1 } else { n_gen };
+            let total_s = samples_ns.iter().sum::<u64>() as f64 / 1e9;
+            eprintln!(
+                "kiln: {} ranks, {}: collectives {:.3} ms per step ({:.0}% of the time)",
+                g.size(),
+                if n_prompt > 0 { format!("pp{n_prompt}") } else { format!("tg{n_gen}") },
+                (g.seconds() - before) * 1e3 / steps as f64,
+                100.0 * (g.seconds() - before) / total_s
+            );
+        }
         let n = (n_prompt + n_gen) as f64;
         let samples_ts: Vec<f64> = samples_ns.iter().map(|&ns| n / (ns as f64 / 1e9)).collect();
         let (avg_ts, stddev_ts) = mean_sd(&samples_ts);

@@ -19,7 +19,20 @@ fn writer(out: &mut String) -> impl FnMut(&str, &str, &str, &[(String, f64)]) + 
 pub fn render(serving: &Serving) -> String {
     let m = format!("model=\"{}\"", serving.info.model_id.replace('"', "'"));
     let mut out = match &serving.backend {
-        Backend::Generate { engine, .. } => generation(engine, &m),
+        Backend::Generate { engine, model, .. } => {
+            let mut out = generation(engine, &m);
+            if let Some(group) = &model.group {
+                let mut metric = writer(&mut out);
+                metric("kiln_worker_tp_ranks", "gauge", "Ranks of the tensor-parallel group this worker leads (rank 0).", &[(m.clone(), group.size() as f64)]);
+                metric(
+                    "kiln_worker_tp_collective_seconds_total",
+                    "counter",
+                    "Seconds rank 0 spent in the group's collectives (sending steps, all-reduces, gathers), waits for slower ranks included.",
+                    &[(m.clone(), group.seconds())],
+                );
+            }
+            out
+        }
         Backend::Embed(queue) => embedding(&queue.stats, &m),
     };
     if let Some((allocated, resident)) = kiln_telemetry::heap::figures() {
