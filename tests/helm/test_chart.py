@@ -303,7 +303,7 @@ def test_observability_objects():
 
 @pytest.mark.parametrize("extra, error", [
     (["workerPools[0].name=cpu", "workerPools[0].gpu.enabled=true", "workerPools[0].gpu.tensorParallelSize=2", "workerPools[0].gpu.count=2"],
-     "no tensor parallelism"),
+     "needs NCCL"),
     (["workerPools[0].name=cpu", "workerPools[0].kind=Deployment"], "needs kind StatefulSet"),
     (["workerPools[0].name=a", "workerPools[1].name=a"], "is used twice"),
     (["auth.enabled=true"], "give auth.apiKey"),

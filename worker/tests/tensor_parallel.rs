@@ -336,3 +336,37 @@ fn a_rank_that_dies_fails_the_next_step_with_its_rank_named() {
         assert!(stderr.contains("rank 0"), "{stderr}");
     }
 }
+
+#[test]
+fn rank_0_started_by_hand_exits_when_a_rank_dies() {
+    let dir = common::hf_fixture("llama");
+    let (leader, grpc) = (free_addr(), free_addr());
+    let mut followers = Followers::start(&dir, 2, &leader, 1..2, 30, Layout::Exact);
+    let mut rank0 = Command::new(env!("CARGO_BIN_EXE_kiln-worker"))
+        .args(["serve", "--model"])
+        .arg(&dir)
+        .args(["--grpc", &grpc, "--threads", "1", "--tp-size", "2", "--tp-leader", &leader, "--tp-group", "test"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while std::net::TcpStream::connect(&grpc).is_err() {
+        assert!(Instant::now() < deadline && rank0.try_wait().unwrap().is_none(), "rank 0 never started serving");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    followers.0[0].kill().unwrap();
+    followers.0[0].wait().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(s) = rank0.try_wait().unwrap() {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "rank 0 kept running without its group");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let mut err = String::new();
+    std::io::Read::read_to_string(rank0.stderr.as_mut().unwrap(), &mut err).unwrap();
+    assert_eq!(status.code(), Some(1), "{err}");
+    assert!(err.contains("tensor-parallel group failed") && err.contains("rank 1"), "{err}");
+}

@@ -174,6 +174,22 @@ fn local_address_towards(endpoint: &str) -> Option<std::net::IpAddr> {
     (!ip.is_unspecified()).then_some(ip)
 }
 
+/// Rank 0 of a group started by hand: when a rank dies the group cannot serve again, so the
+/// worker stops serving and exits 1 for its supervisor to restart the group.
+fn watch_static_group(group: Arc<dyn Collective>, slot: Arc<ModelSlot>) {
+    std::thread::spawn(move || loop {
+        std::thread::sleep(Duration::from_millis(250));
+        if let Err(e) = group.check_alive() {
+            tracing::error!("the tensor-parallel group failed: {e}; exiting");
+            eprintln!("kiln-worker: the tensor-parallel group failed: {e}; exiting");
+            if let Some(s) = slot.replace(None) {
+                s.shutdown();
+            }
+            std::process::exit(1);
+        }
+    });
+}
+
 /// The group address other ranks dial: the advertised gRPC host with the group port.
 fn tp_advertised(grpc_advertised: &str, args: &ServeArgs) -> String {
     let port = args.tp_listen.map_or(args.grpc.port().wrapping_add(1), |a| a.port());
@@ -261,7 +277,11 @@ pub fn main(args: ServeArgs) -> anyhow::Result<()> {
         let source = args.model.clone().unwrap_or_else(|| "smollm2".into());
         let id = model_id(&source, args.model_id.as_deref());
         let tp = args.engine.tp.config()?;
-        slot.replace(Some(Arc::new(load_serving(&args, &source, &id, tp.as_ref())?.0)));
+        let (serving, group) = load_serving(&args, &source, &id, tp.as_ref())?;
+        slot.replace(Some(Arc::new(serving)));
+        if let Some(group) = group {
+            watch_static_group(group, Arc::clone(&slot));
+        }
         hosting.set(Some(ModelStatus { id, phase: ModelPhase::Ready, reason: None }));
     }
     let service = WorkerService::with_slot(Arc::clone(&slot));

@@ -90,8 +90,27 @@ fn write_frame(stream: &mut TcpStream, op: u8, payload: &[u8]) -> std::io::Resul
     stream.write_all(payload)
 }
 
+/// How long a rank polls for a frame before it sleeps in the kernel: inside a step the next
+/// frame usually comes within tens of microseconds, sooner than a sleeping thread wakes.
+const SPIN: Duration = Duration::from_micros(200);
+
+/// Polls `stream` until it has something to read or `SPIN` has passed, yielding the core to
+/// any thread that wants it (ranks sharing cores with other ranks stay fast).
+fn spin_until_readable(stream: &TcpStream) {
+    if stream.set_nonblocking(true).is_err() {
+        return;
+    }
+    let start = Instant::now();
+    let mut byte = [0u8; 1];
+    while matches!(stream.peek(&mut byte), Err(ref e) if e.kind() == ErrorKind::WouldBlock) && start.elapsed() < SPIN {
+        std::thread::yield_now();
+    }
+    let _ = stream.set_nonblocking(false);
+}
+
 /// Reads one frame into `out`, returning its operation.
 fn read_frame(stream: &mut TcpStream, out: &mut Vec<u8>) -> std::io::Result<u8> {
+    spin_until_readable(stream);
     let mut head = [0u8; 9];
     stream.read_exact(&mut head)?;
     let len = u64::from_le_bytes(head[1..].try_into().unwrap_or_default());
