@@ -71,7 +71,9 @@ fn models_json(s: &Snapshot) -> Value {
         ids.iter()
             .map(|id| {
                 let hosts: Vec<_> = s.workers.values().filter(|w| w.model.as_ref().is_some_and(|m| &m.id == id)).collect();
-                let count = |p: ModelPhase| hosts.iter().filter(|w| w.model.as_ref().is_some_and(|m| m.phase == p)).count();
+                // Replicas: a tensor-parallel group counts once, by its rank 0.
+                let leads = |w: &&&kiln_cluster::WorkerRecord| w.group.as_ref().is_none_or(|g| g.rank == 0);
+                let count = |p: ModelPhase| hosts.iter().filter(leads).filter(|w| w.model.as_ref().is_some_and(|m| m.phase == p)).count();
                 let failures: Vec<Value> = hosts
                     .iter()
                     .filter_map(|w| w.model.as_ref().filter(|m| m.phase == ModelPhase::Failed).map(|m| json!({ "worker": w.id, "reason": m.reason })))
@@ -81,6 +83,7 @@ fn models_json(s: &Snapshot) -> Value {
                     "model": id,
                     "placed": p.is_some(),
                     "replicas": p.map(|p| p.replicas),
+                    "tensor_parallel": p.map(|p| p.tensor_parallel),
                     "source": p.map(|p| p.source.clone()),
                     "ready": count(ModelPhase::Ready),
                     "loading": count(ModelPhase::Loading),

@@ -61,6 +61,8 @@ def test_a_placed_group_serves_then_survives_a_dead_rank(tmp_path):
         follower = next(w for w in members if ranks[w.name] == 1)
         table = kilnctl(etcd.url, "workers").stdout
         assert "rank 0/2" in table and "rank 1/2" in table, table
+        placed = next(m for m in json.loads(kilnctl(etcd.url, "--json", "models").stdout) if m["model"] == MODEL)
+        assert placed["ready"] == 1 and placed["tensor_parallel"] == 2, placed
         loaded_rss = {w.name: rss_mib(w) for w in members}
 
         # The group's answers, then a whole-model worker under the same name: the same text.
