@@ -370,3 +370,37 @@ fn rank_0_started_by_hand_exits_when_a_rank_dies() {
     assert_eq!(status.code(), Some(1), "{err}");
     assert!(err.contains("tensor-parallel group failed") && err.contains("rank 1"), "{err}");
 }
+
+#[test]
+fn a_stopped_rank_fails_the_group_between_steps() {
+    let dir = common::hf_fixture("llama");
+    let ids = common::ids(&common::hf_reference("llama")["ids"]);
+    let (model, followers) = group(&dir, 2, Layout::Exact);
+    let mut s = Session::new(Arc::clone(&model), common::compute(), 256);
+    s.score(&ids).unwrap();
+    let group = model.group.clone().expect("a split model knows its group");
+    group.check_alive().expect("every rank is up");
+    let pid = followers.0[0].id().to_string();
+    assert!(Command::new("kill").args(["-STOP", &pid]).status().unwrap().success());
+    let start = Instant::now();
+    let err = loop {
+        if let Err(e) = group.check_alive() {
+            break e.to_string();
+        }
+        assert!(start.elapsed() < Duration::from_secs(15), "a stopped rank went unnoticed");
+        std::thread::sleep(Duration::from_millis(250));
+    };
+    let _ = Command::new("kill").args(["-CONT", &pid]).status();
+    assert!(err.contains("rank 1") && err.contains("did not answer"), "{err}");
+    // The failure sticks: the next step fails at once instead of waiting for the rank.
+    let start = Instant::now();
+    s.reset();
+    assert!(s.score(&ids).is_err());
+    assert!(start.elapsed() < Duration::from_secs(2), "a failed group still waited for its ranks");
+    drop(s);
+    drop(group);
+    drop(model);
+    for (_, stderr) in followers.wait(Duration::from_secs(20)) {
+        assert!(stderr.contains("rank 0"), "{stderr}");
+    }
+}

@@ -19,9 +19,16 @@ const REDUCE: u8 = 1;
 const GATHER: u8 = 2;
 const BROADCAST: u8 = 3;
 const BARRIER: u8 = 4;
+/// Rank 0 asks a rank waiting for its next step whether it is still running.
+const PING: u8 = 5;
+const PONG: u8 = 6;
 const HELLO: u8 = 10;
 const WELCOME: u8 = 11;
 const REFUSED: u8 = 12;
+
+/// How long rank 0 waits for a ping's answer between steps: a rank that is stopped or stuck
+/// fails the group after this, not at the next step's timeout.
+const PING_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// The largest frame a rank accepts (a prefill step's all-reduce is rows x hidden values).
 const MAX_FRAME: u64 = 1 << 32;
@@ -65,6 +72,8 @@ struct Links {
     /// The first failure: after it the ranks are out of step for good, and every later
     /// collective fails at once with it.
     failed: Option<String>,
+    /// When rank 0 last pinged the other ranks.
+    last_ping: Instant,
 }
 
 fn group_err(what: impl Into<String>) -> CollectiveError {
@@ -158,7 +167,7 @@ impl TcpGroup {
         }
         let streams = if m.rank == 0 { Self::gather_members(spec)? } else { vec![Self::connect_to_leader(spec)?] };
         let closer = if m.rank == 0 { None } else { streams.first().and_then(|s| s.try_clone().ok()) };
-        Ok(TcpGroup { rank: m.rank, size: m.size, closer, links: Mutex::new(Links { streams, scratch: Vec::new(), spent: Duration::ZERO, failed: None }), timeout: spec.timeout })
+        Ok(TcpGroup { rank: m.rank, size: m.size, closer, links: Mutex::new(Links { streams, scratch: Vec::new(), spent: Duration::ZERO, failed: None, last_ping: Instant::now() }), timeout: spec.timeout })
     }
 
     fn gather_members(spec: &GroupSpec) -> Result<Vec<TcpStream>, CollectiveError> {
@@ -440,16 +449,24 @@ impl Collective for TcpGroup {
         }
         let mut links = self.links();
         let s = &mut links.streams[0];
-        // Idle for as long as rank 0 has nothing to run; only the frame itself is timed.
-        let _ = s.set_read_timeout(None);
         let mut op = [0u8; 1];
-        let first = s.read(&mut op);
-        let _ = s.set_read_timeout(Some(self.timeout));
-        match first {
-            Ok(0) => return Ok(None),
-            Ok(_) => {}
-            Err(e) if matches!(e.kind(), ErrorKind::ConnectionReset | ErrorKind::ConnectionAborted) => return Ok(None),
-            Err(e) => return Err(peer_err(0, &e, "waiting for a step")),
+        loop {
+            // Idle for as long as rank 0 has nothing to run; only the frame itself is timed.
+            let _ = s.set_read_timeout(None);
+            let first = s.read(&mut op);
+            let _ = s.set_read_timeout(Some(self.timeout));
+            match first {
+                Ok(0) => return Ok(None),
+                Ok(_) => {}
+                Err(e) if matches!(e.kind(), ErrorKind::ConnectionReset | ErrorKind::ConnectionAborted) => return Ok(None),
+                Err(e) => return Err(peer_err(0, &e, "waiting for a step")),
+            }
+            if op[0] != PING {
+                break;
+            }
+            let mut len = [0u8; 8];
+            s.read_exact(&mut len).map_err(|e| peer_err(0, &e, "being pinged"))?;
+            write_frame(s, PONG, &[]).map_err(|e| peer_err(0, &e, "answering a ping"))?;
         }
         expect(0, op[0], BROADCAST, "waiting for a step")?;
         let mut len = [0u8; 8];
@@ -489,6 +506,27 @@ impl Collective for TcpGroup {
             let _ = s.set_nonblocking(false);
             if dead.is_some() {
                 break;
+            }
+        }
+        // A rank can be there and not running (stopped, stuck): rank 0 asks each to answer.
+        if dead.is_none() && self.rank == 0 && links.last_ping.elapsed() >= Duration::from_secs(1) {
+            links.last_ping = Instant::now();
+            let Links { streams, scratch, .. } = &mut *links;
+            for (i, s) in streams.iter_mut().enumerate() {
+                let _ = s.set_read_timeout(Some(PING_TIMEOUT));
+                let answer = write_frame(s, PING, &[]).and_then(|()| read_frame(s, scratch));
+                let _ = s.set_read_timeout(Some(self.timeout));
+                match answer {
+                    Ok(PONG) => {}
+                    Ok(op) => dead = Some(CollectiveError::Peer { rank: i + 1, what: format!("answered a ping with operation {op}") }),
+                    Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
+                        dead = Some(CollectiveError::Peer { rank: i + 1, what: format!("did not answer within {} s between steps (stopped or stuck)", PING_TIMEOUT.as_secs()) })
+                    }
+                    Err(e) => dead = Some(peer_err(i + 1, &e, "being pinged")),
+                }
+                if dead.is_some() {
+                    break;
+                }
             }
         }
         match dead {
