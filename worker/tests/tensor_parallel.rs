@@ -67,22 +67,24 @@ impl Followers {
     /// Waits for every follower to exit, returning (success, stderr) of each.
     fn wait(mut self, within: Duration) -> Vec<(bool, String)> {
         let deadline = Instant::now() + within;
-        let mut out = Vec::new();
-        for c in &mut self.0 {
-            let status = loop {
-                if let Some(s) = c.try_wait().unwrap() {
-                    break s;
-                }
-                assert!(Instant::now() < deadline, "a follower rank did not exit within {within:?} of rank 0 closing the group");
-                std::thread::sleep(Duration::from_millis(20));
-            };
-            let mut err = String::new();
-            std::io::Read::read_to_string(c.stderr.as_mut().unwrap(), &mut err).unwrap();
-            out.push((status.success(), err));
-        }
+        let out = self.0.iter_mut().map(|c| exit_of(c, deadline, "a follower rank did not exit in time after rank 0 closed the group")).map(|(s, e)| (s.success(), e)).collect();
         self.0.clear();
         out
     }
+}
+
+/// Waits until `child` exits (failing with `late` after `deadline`): its status and stderr.
+fn exit_of(child: &mut Child, deadline: Instant, late: &str) -> (std::process::ExitStatus, String) {
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "{late}");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let mut err = String::new();
+    std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut err).unwrap();
+    (status, err)
 }
 
 fn tp(size: usize, leader: &str, timeout_secs: u64, layout: Layout) -> TpConfig {
@@ -357,16 +359,7 @@ fn rank_0_started_by_hand_exits_when_a_rank_dies() {
     }
     followers.0[0].kill().unwrap();
     followers.0[0].wait().unwrap();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let status = loop {
-        if let Some(s) = rank0.try_wait().unwrap() {
-            break s;
-        }
-        assert!(Instant::now() < deadline, "rank 0 kept running without its group");
-        std::thread::sleep(Duration::from_millis(50));
-    };
-    let mut err = String::new();
-    std::io::Read::read_to_string(rank0.stderr.as_mut().unwrap(), &mut err).unwrap();
+    let (status, err) = exit_of(&mut rank0, Instant::now() + Duration::from_secs(20), "rank 0 kept running without its group");
     assert_eq!(status.code(), Some(1), "{err}");
     assert!(err.contains("tensor-parallel group failed") && err.contains("rank 1"), "{err}");
 }

@@ -44,7 +44,7 @@ pub fn load_model(arg: &str, quiet: bool, isq: Option<kiln_kernels::DType>, tp: 
             if !quiet {
                 eprintln!("kiln: rank 0 of group `{}`: waiting for {} more ranks at {}", cfg.group, cfg.size - 1, cfg.leader);
             }
-            kiln_worker::parallel::load_rank(&path, isq, &cfg)?.model
+            kiln_worker::parallel::load_rank(&path, isq, cfg)?.model
         }
         None => LoadedModel::load_quantized(&path, isq)?,
     };

@@ -51,8 +51,12 @@ pub trait Collective: Send + Sync {
     fn next_broadcast(&self) -> Result<Option<Vec<u8>>, CollectiveError>;
     /// Seconds spent in collectives so far (for metrics).
     fn seconds(&self) -> f64;
-    /// Whether every other rank is still there, checked without disturbing a step: a rank
-    /// whose connection closed fails the group at once instead of at the next step.
+    /// Runs one step (a forward pass, many collectives) with the group to itself: the checks
+    /// of `check_alive` wait until it is over.
+    fn run_step(&self, step: &mut dyn FnMut() -> crate::Result<()>) -> crate::Result<()>;
+    /// Whether every other rank is still there and running, checked between steps only: a
+    /// rank whose connection closed, or that does not answer, fails the group at once instead
+    /// of at the next step.
     fn check_alive(&self) -> Result<(), CollectiveError>;
     /// Ends this rank's part in the group; the other ranks see it leave.
     fn close(&self);

@@ -28,8 +28,10 @@ impl CausalLm for Leader {
         kv.record_copies = true;
         let mut msg = encode(batch, kv, output);
         kv.copies.clear();
-        self.shard.collective.broadcast(&mut msg)?;
-        self.inner.run(compute, batch, kv, scratch, output, out)
+        self.shard.collective.run_step(&mut || {
+            self.shard.collective.broadcast(&mut msg)?;
+            self.inner.run(compute, batch, kv, scratch, output, out)
+        })
     }
 }
 

@@ -60,6 +60,8 @@ pub struct TcpGroup {
     /// A second handle on a follower's connection to rank 0, to close it while the follower
     /// waits for a step (holding the links).
     closer: Option<TcpStream>,
+    /// Held by rank 0 for a whole step, whose collectives each take `links` in turn.
+    stepping: Mutex<()>,
     /// Rank 0: the connections to ranks 1.., in rank order. Others: the connection to rank 0.
     links: Mutex<Links>,
     timeout: Duration,
@@ -167,7 +169,7 @@ impl TcpGroup {
         }
         let streams = if m.rank == 0 { Self::gather_members(spec)? } else { vec![Self::connect_to_leader(spec)?] };
         let closer = if m.rank == 0 { None } else { streams.first().and_then(|s| s.try_clone().ok()) };
-        Ok(TcpGroup { rank: m.rank, size: m.size, closer, links: Mutex::new(Links { streams, scratch: Vec::new(), spent: Duration::ZERO, failed: None, last_ping: Instant::now() }), timeout: spec.timeout })
+        Ok(TcpGroup { rank: m.rank, size: m.size, closer, stepping: Mutex::new(()), links: Mutex::new(Links { streams, scratch: Vec::new(), spent: Duration::ZERO, failed: None, last_ping: Instant::now() }), timeout: spec.timeout })
     }
 
     fn gather_members(spec: &GroupSpec) -> Result<Vec<TcpStream>, CollectiveError> {
@@ -484,8 +486,15 @@ impl Collective for TcpGroup {
         self.links().spent.as_secs_f64()
     }
 
+    fn run_step(&self, step: &mut dyn FnMut() -> crate::Result<()>) -> crate::Result<()> {
+        let _step = self.stepping.lock().unwrap_or_else(|e| e.into_inner());
+        step()
+    }
+
     fn check_alive(&self) -> Result<(), CollectiveError> {
-        // A step in progress holds the links: it will notice a dead rank itself.
+        // A step in progress notices a dead rank itself; its frames must not be mistaken for
+        // answers.
+        let Ok(_between_steps) = self.stepping.try_lock() else { return Ok(()) };
         let Ok(mut links) = self.links.try_lock() else { return Ok(()) };
         if let Some(why) = &links.failed {
             return Err(group_err(format!("failed earlier: {why}")));
