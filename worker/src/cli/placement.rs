@@ -177,7 +177,10 @@ async fn load(ctx: Context, snap: &Snapshot, a: Assignment, source: String) {
             eprintln!("kiln-worker: serving `{model}`");
             if let (Some(group), Some(cfg)) = (group, tp) {
                 ctx.membership.lock().unwrap_or_else(|e| e.into_inner()).group = Some(Arc::clone(&group));
-                std::thread::spawn(move || watch_group(ctx, group, cfg.group));
+                let membership = Arc::clone(&ctx.membership);
+                let watched = Arc::clone(&group);
+                let ours = move || membership.lock().unwrap_or_else(|e| e.into_inner()).group.as_ref().is_some_and(|g| Arc::ptr_eq(g, &watched));
+                super::tp::watch(group, ours, move |e| ctx.group_over(&cfg.group, Some(e.to_string())));
             }
         }
         Ok(Err(e)) => {
@@ -189,22 +192,6 @@ async fn load(ctx: Context, snap: &Snapshot, a: Assignment, source: String) {
             ctx.hosting.set(Some(ModelStatus { id: model, phase: ModelPhase::Failed, reason: Some(reason) }));
         }
         Err(e) => ctx.hosting.set(Some(ModelStatus { id: model, phase: ModelPhase::Failed, reason: Some(format!("the loader crashed: {e}")) })),
-    }
-}
-
-/// Rank 0 of a group: checks four times a second, between steps, that every rank is still
-/// connected; a step that meets a dead rank fails the group the same way.
-fn watch_group(ctx: Context, group: Arc<dyn Collective>, id: String) {
-    loop {
-        std::thread::sleep(Duration::from_millis(250));
-        let ours = ctx.membership.lock().unwrap_or_else(|e| e.into_inner()).group.as_ref().is_some_and(|g| Arc::ptr_eq(g, &group));
-        if !ours {
-            return;
-        }
-        if let Err(e) = group.check_alive() {
-            ctx.group_over(&id, Some(e.to_string()));
-            return;
-        }
     }
 }
 

@@ -177,16 +177,13 @@ fn local_address_towards(endpoint: &str) -> Option<std::net::IpAddr> {
 /// Rank 0 of a group started by hand: when a rank dies the group cannot serve again, so the
 /// worker stops serving and exits 1 for its supervisor to restart the group.
 fn watch_static_group(group: Arc<dyn Collective>, slot: Arc<ModelSlot>) {
-    std::thread::spawn(move || loop {
-        std::thread::sleep(Duration::from_millis(250));
-        if let Err(e) = group.check_alive() {
-            tracing::error!("the tensor-parallel group failed: {e}; exiting");
-            eprintln!("kiln-worker: the tensor-parallel group failed: {e}; exiting");
-            if let Some(s) = slot.replace(None) {
-                s.shutdown();
-            }
-            std::process::exit(1);
+    super::tp::watch(group, || true, move |e| {
+        tracing::error!("the tensor-parallel group failed: {e}; exiting");
+        eprintln!("kiln-worker: the tensor-parallel group failed: {e}; exiting");
+        if let Some(s) = slot.replace(None) {
+            s.shutdown();
         }
+        std::process::exit(1);
     });
 }
 

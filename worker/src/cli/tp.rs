@@ -2,7 +2,7 @@
 //! routers talk to (`serve`), or the process that runs or benchmarks the model (`run`,
 //! `bench`); the other ranks only compute their share of each step, whatever the command.
 
-use kiln_worker::parallel::{step, Collective, Layout, TpConfig};
+use kiln_worker::parallel::{step, Collective, CollectiveError, Layout, TpConfig};
 use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::time::Duration;
@@ -62,6 +62,22 @@ impl TpArgs {
     pub fn is_follower(&self) -> bool {
         self.tp_size > 1 && self.tp_rank > 0
     }
+}
+
+/// Rank 0's watch over its group, on a thread of its own: four times a second, between steps,
+/// whether every rank is still there and running. Ends when `wanted` says the group is no
+/// longer this worker's, or at the first failure, which goes to `failed`.
+pub fn watch(group: Arc<dyn Collective>, wanted: impl Fn() -> bool + Send + 'static, failed: impl FnOnce(CollectiveError) + Send + 'static) {
+    std::thread::spawn(move || loop {
+        std::thread::sleep(Duration::from_millis(250));
+        if !wanted() {
+            return;
+        }
+        if let Err(e) = group.check_alive() {
+            failed(e);
+            return;
+        }
+    });
 }
 
 /// A rank other than 0: loads its share, then computes every step rank 0 sends until rank 0

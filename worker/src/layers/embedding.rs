@@ -5,7 +5,6 @@ use super::linear::Linear;
 use super::weights::{MatrixRef, WeightSource};
 use crate::error::{Error, Result};
 use crate::parallel::Combine;
-use std::ops::Range;
 
 pub struct Embedding {
     /// Rows `first_row..` of the table (all of it unless the model is split).
@@ -20,12 +19,6 @@ pub struct Embedding {
     pub combine: Combine,
 }
 
-/// This rank's share of a vocabulary of `vocab`: in whole groups of 16 rows where it divides,
-/// so the output head keeps the packed kernels' row groups.
-pub fn vocab_split(w: &WeightSource, vocab: usize) -> Range<usize> {
-    w.even_split(vocab)
-}
-
 impl Embedding {
     /// A whole table.
     pub fn whole(weight: MatrixRef, scale: Option<f32>) -> Embedding {
@@ -35,7 +28,7 @@ impl Embedding {
 
     /// Table `name` (`[vocab, hidden]`), this rank's rows of it when the model is split.
     pub fn load(w: &WeightSource, name: &str, vocab: usize, hidden: usize, scale: Option<f32>) -> Result<Embedding> {
-        let rows = vocab_split(w, vocab);
+        let rows = w.even_split(vocab);
         let first_row = rows.start;
         let weight = w.matrix_rows(name, vocab, hidden, rows)?;
         Ok(Embedding { table: Linear { weight, bias: None }, scale, first_row, vocab, combine: w.combine() })

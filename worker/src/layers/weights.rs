@@ -206,9 +206,7 @@ impl WeightSource {
 
     /// Output rows `range` of a projection (a column-parallel share): a view of the file.
     pub fn linear_rows(&self, name: &str, rows: usize, cols: usize, range: Range<usize>) -> Result<MatrixRef> {
-        let m = self.matrix(name, rows, cols)?;
-        let m = if range == (0..rows) { m } else { self.rows_of(&m, range)? };
-        let m = self.quantized(m)?;
+        let m = self.quantized(self.matrix_rows(name, rows, cols, range)?)?;
         m.packed();
         Ok(m)
     }
@@ -237,10 +235,6 @@ impl WeightSource {
         if range == (0..rows) {
             return Ok(m);
         }
-        self.rows_of(&m, range)
-    }
-
-    fn rows_of(&self, m: &MatrixRef, range: Range<usize>) -> Result<MatrixRef> {
         m.row_slice(range.start, range.len()).ok_or_else(|| Error::Tensor { name: m.name.clone(), what: format!("has no rows {range:?}") })
     }
 
@@ -280,13 +274,7 @@ impl WeightSource {
     /// and the stored weight is in a float format, and packed for this CPU's kernels now
     /// rather than during the first request.
     pub fn linear(&self, name: &str, rows: usize, cols: usize) -> Result<MatrixRef> {
-        let m = self.stored_linear(name, rows, cols)?;
-        m.packed();
-        Ok(m)
-    }
-
-    fn stored_linear(&self, name: &str, rows: usize, cols: usize) -> Result<MatrixRef> {
-        self.quantized(self.matrix(name, rows, cols)?)
+        self.linear_rows(name, rows, cols, 0..rows)
     }
 
     /// The type load-time quantization gives `m`, if any. Like llama.cpp, rows that do not

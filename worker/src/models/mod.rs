@@ -115,7 +115,8 @@ impl LmHead {
     /// The output projection is `lm_head.weight`, or the embedding table when tied.
     pub fn load(w: &WeightSource, cfg: &ModelConfig) -> Result<LmHead> {
         let name = if w.has("lm_head.weight") { "lm_head.weight" } else { "model.embed_tokens.weight" };
-        let rows = crate::layers::embedding::vocab_split(w, cfg.vocab_size);
+        // The same rows as the embedding table's, in whole groups of 16 (the packed kernels').
+        let rows = w.even_split(cfg.vocab_size);
         let head = w.matrix_rows(name, cfg.vocab_size, cfg.hidden_size, rows)?;
         // Packed now, like every projection, not during the first request.
         head.packed();
@@ -154,16 +155,12 @@ impl LmHead {
             return Ok(());
         };
         // Rank 0 puts each row back together from the ranks' slices of the vocabulary.
-        let gathered = shard.collective.gather(&local)?;
+        let gathered = shard.collective.gather(&local);
         s.head_out = local;
         out.clear();
-        if let Some(parts) = gathered {
-            let widths: Vec<usize> = parts.iter().map(|p| p.len() / n.max(1)).collect();
-            for row in 0..n {
-                for (p, &w) in parts.iter().zip(&widths) {
-                    out.extend_from_slice(&p[row * w..(row + 1) * w]);
-                }
-            }
+        if let Some(parts) = gathered? {
+            out.resize(parts.iter().map(Vec::len).sum(), 0.0);
+            crate::parallel::join_rows(&parts, n, out)?;
         }
         Ok(())
     }

@@ -213,7 +213,11 @@ impl Combine {
 /// Puts the ranks' `[rows, w_r]` slices together row by row, in rank order, into
 /// `[rows, sum of w_r]` on every rank.
 pub fn gather_rows(c: &dyn Collective, local: &[f32], rows: usize, out: &mut [f32]) -> Result<(), CollectiveError> {
-    let parts = c.all_gather(local)?;
+    join_rows(&c.all_gather(local)?, rows, out)
+}
+
+/// Puts `[rows, w_r]` slices together row by row, in order, into `[rows, sum of w_r]`.
+pub fn join_rows(parts: &[Vec<f32>], rows: usize, out: &mut [f32]) -> Result<(), CollectiveError> {
     let widths: Vec<usize> = parts.iter().map(|p| p.len().checked_div(rows).unwrap_or(0)).collect();
     let total: usize = widths.iter().sum();
     if parts.iter().zip(&widths).any(|(p, w)| p.len() != w * rows) || out.len() < rows * total {

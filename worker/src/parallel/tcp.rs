@@ -141,6 +141,32 @@ fn expect(rank: usize, op: u8, wanted: u8, doing: &str) -> Result<(), Collective
     }
 }
 
+/// Sends `payload` as an `op` frame on every link; `first` is the rank at the far end of the
+/// first link (1 on rank 0, whose links are ranks 1.., else 0).
+fn send_all(streams: &mut [TcpStream], first: usize, op: u8, payload: &[u8], doing: &str) -> Result<(), CollectiveError> {
+    for (i, s) in streams.iter_mut().enumerate() {
+        write_frame(s, op, payload).map_err(|e| peer_err(first + i, &e, doing))?;
+    }
+    Ok(())
+}
+
+/// Reads one `op` frame from every link in rank order, handing each rank's payload to `take`.
+fn recv_all(
+    streams: &mut [TcpStream],
+    first: usize,
+    scratch: &mut Vec<u8>,
+    op: u8,
+    doing: &str,
+    mut take: impl FnMut(usize, &[u8]) -> Result<(), CollectiveError>,
+) -> Result<(), CollectiveError> {
+    for (i, s) in streams.iter_mut().enumerate() {
+        let got = read_frame(s, scratch).map_err(|e| peer_err(first + i, &e, doing))?;
+        expect(first + i, got, op, doing)?;
+        take(first + i, scratch)?;
+    }
+    Ok(())
+}
+
 fn to_bytes(values: &[f32], out: &mut Vec<u8>) {
     out.clear();
     out.reserve(values.len() * 4);
@@ -318,31 +344,31 @@ impl Collective for TcpGroup {
         let doing = "summing a layer's partial outputs";
         self.timed(|l| {
             let Links { streams, scratch, .. } = l;
+            let expected = buf.len();
+            let sized = |rank: usize, bytes: &[u8], what: &dyn Fn(usize) -> String| {
+                if bytes.len() == expected * 4 {
+                    Ok(())
+                } else {
+                    Err(CollectiveError::Peer { rank, what: what(bytes.len() / 4) })
+                }
+            };
             if self.rank == 0 {
-                for (i, s) in streams.iter_mut().enumerate() {
-                    let op = read_frame(s, scratch).map_err(|e| peer_err(i + 1, &e, doing))?;
-                    expect(i + 1, op, REDUCE, doing)?;
-                    if scratch.len() != buf.len() * 4 {
-                        return Err(CollectiveError::Peer { rank: i + 1, what: format!("sent {} values to sum with {}", scratch.len() / 4, buf.len()) });
-                    }
-                    buf.iter_mut().zip(from_bytes(scratch)).for_each(|(a, b)| *a += b);
-                }
+                recv_all(streams, 1, scratch, REDUCE, doing, |rank, bytes| {
+                    sized(rank, bytes, &|got| format!("sent {got} values to sum with {expected}"))?;
+                    buf.iter_mut().zip(from_bytes(bytes)).for_each(|(a, b)| *a += b);
+                    Ok(())
+                })?;
                 to_bytes(buf, scratch);
-                for (i, s) in streams.iter_mut().enumerate() {
-                    write_frame(s, REDUCE, scratch).map_err(|e| peer_err(i + 1, &e, doing))?;
-                }
+                send_all(streams, 1, REDUCE, scratch, doing)
             } else {
-                let s = &mut streams[0];
                 to_bytes(buf, scratch);
-                write_frame(s, REDUCE, scratch).map_err(|e| peer_err(0, &e, doing))?;
-                let op = read_frame(s, scratch).map_err(|e| peer_err(0, &e, doing))?;
-                expect(0, op, REDUCE, doing)?;
-                if scratch.len() != buf.len() * 4 {
-                    return Err(CollectiveError::Peer { rank: 0, what: format!("returned {} summed values for {}", scratch.len() / 4, buf.len()) });
-                }
-                buf.iter_mut().zip(from_bytes(scratch)).for_each(|(a, b)| *a = b);
+                send_all(streams, 0, REDUCE, scratch, doing)?;
+                recv_all(streams, 0, scratch, REDUCE, doing, |rank, bytes| {
+                    sized(rank, bytes, &|got| format!("returned {got} summed values for {expected}"))?;
+                    buf.iter_mut().zip(from_bytes(bytes)).for_each(|(a, b)| *a = b);
+                    Ok(())
+                })
             }
-            Ok(())
         })
     }
 
@@ -355,15 +381,14 @@ impl Collective for TcpGroup {
             let Links { streams, scratch, .. } = l;
             if self.rank == 0 {
                 let mut parts = vec![local.to_vec()];
-                for (i, s) in streams.iter_mut().enumerate() {
-                    let op = read_frame(s, scratch).map_err(|e| peer_err(i + 1, &e, doing))?;
-                    expect(i + 1, op, GATHER, doing)?;
-                    parts.push(from_bytes(scratch).collect());
-                }
+                recv_all(streams, 1, scratch, GATHER, doing, |_, bytes| {
+                    parts.push(from_bytes(bytes).collect());
+                    Ok(())
+                })?;
                 Ok(Some(parts))
             } else {
                 to_bytes(local, scratch);
-                write_frame(&mut streams[0], GATHER, scratch).map_err(|e| peer_err(0, &e, doing))?;
+                send_all(streams, 0, GATHER, scratch, doing)?;
                 Ok(None)
             }
         })
@@ -410,9 +435,7 @@ impl Collective for TcpGroup {
         let doing = "sending a step";
         self.timed(|l| {
             if self.rank == 0 {
-                for (i, s) in l.streams.iter_mut().enumerate() {
-                    write_frame(s, BROADCAST, bytes).map_err(|e| peer_err(i + 1, &e, doing))?;
-                }
+                send_all(&mut l.streams, 1, BROADCAST, bytes, doing)?;
             } else {
                 let op = read_frame(&mut l.streams[0], bytes).map_err(|e| peer_err(0, &e, doing))?;
                 expect(0, op, BROADCAST, doing)?;
@@ -429,19 +452,12 @@ impl Collective for TcpGroup {
         self.timed(|l| {
             let Links { streams, scratch, .. } = l;
             if self.rank == 0 {
-                for (i, s) in streams.iter_mut().enumerate() {
-                    let op = read_frame(s, scratch).map_err(|e| peer_err(i + 1, &e, doing))?;
-                    expect(i + 1, op, BARRIER, doing)?;
-                }
-                for (i, s) in streams.iter_mut().enumerate() {
-                    write_frame(s, BARRIER, &[]).map_err(|e| peer_err(i + 1, &e, doing))?;
-                }
+                recv_all(streams, 1, scratch, BARRIER, doing, |_, _| Ok(()))?;
+                send_all(streams, 1, BARRIER, &[], doing)
             } else {
-                write_frame(&mut streams[0], BARRIER, &[]).map_err(|e| peer_err(0, &e, doing))?;
-                let op = read_frame(&mut streams[0], scratch).map_err(|e| peer_err(0, &e, doing))?;
-                expect(0, op, BARRIER, doing)?;
+                send_all(streams, 0, BARRIER, &[], doing)?;
+                recv_all(streams, 0, scratch, BARRIER, doing, |_, _| Ok(()))
             }
-            Ok(())
         })
     }
 
