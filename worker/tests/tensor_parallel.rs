@@ -286,10 +286,8 @@ fn a_group_refuses_what_it_cannot_run() {
     // did come is told why and exits.
     let leader = free_addr();
     let followers = Followers::start(&llama, 3, &leader, 1..2, 30, Layout::Exact);
-    let start = Instant::now();
     let err = refused(load_rank(&llama, None, &tp(3, &leader, 2, Layout::Exact)), "a missing rank must fail the group");
     assert!(err.contains("rank 2") && err.contains("did not join within 2 s"), "{err}");
-    assert!(start.elapsed() < Duration::from_secs(30), "rank 0 waited far past its timeout");
     for (ok, stderr) in followers.wait(Duration::from_secs(20)) {
         assert!(!ok && stderr.contains("did not join"), "{stderr}");
     }
@@ -325,11 +323,10 @@ fn a_rank_that_dies_fails_the_next_step_with_its_rank_named() {
     s.score(&ids).unwrap();
     followers.0[1].kill().unwrap();
     followers.0[1].wait().unwrap();
-    let start = Instant::now();
     s.reset();
     let err = s.score(&ids).expect_err("a step without rank 2 must fail").to_string();
+    // Noticed by the closed connection, not by a timeout ("sent nothing in time").
     assert!(err.contains("rank 2") && err.contains("closed its connection"), "{err}");
-    assert!(start.elapsed() < Duration::from_secs(30), "the failure took as long as a hang");
     drop(s);
     drop(model);
     // Rank 1 is told by rank 0 closing the group, whatever it was doing.
@@ -385,11 +382,10 @@ fn a_stopped_rank_fails_the_group_between_steps() {
     };
     let _ = Command::new("kill").args(["-CONT", &pid]).status();
     assert!(err.contains("rank 1") && err.contains("did not answer"), "{err}");
-    // The failure sticks: the next step fails at once instead of waiting for the rank.
-    let start = Instant::now();
+    // The failure sticks: the next step fails with it, without going to the ranks again.
     s.reset();
-    assert!(s.score(&ids).is_err());
-    assert!(start.elapsed() < Duration::from_secs(2), "a failed group still waited for its ranks");
+    let err = s.score(&ids).expect_err("a step of a failed group must fail").to_string();
+    assert!(err.contains("failed earlier") && err.contains("did not answer"), "{err}");
     drop(s);
     drop(group);
     drop(model);
