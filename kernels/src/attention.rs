@@ -197,6 +197,9 @@ pub struct SeqSpan<'a> {
     pub rows: Range<usize>,
     pub first_pos: usize,
     pub block_table: &'a [u32],
+    /// Position ranges whose queries also see the later keys of their own range (an image's
+    /// tokens attend to the whole image, as Gemma 3 does); each lies inside these rows.
+    pub bidirectional: &'a [Range<usize>],
 }
 
 /// Per-thread buffers, kept between calls.
@@ -305,6 +308,13 @@ fn check_shapes(p: &AttentionParams, kv: &KvStore, spans: &[SeqSpan], q: &[f32],
         assert!(pair[0].end <= pair[1].start, "spans {:?} and {:?} overlap", pair[0], pair[1]);
     }
     assert!(taken.last().is_none_or(|r| r.end <= rows), "a span reaches past the {rows} rows");
+    for s in spans {
+        let computed = s.first_pos..s.first_pos + s.rows.len();
+        for r in s.bidirectional {
+            // Later keys of a range must be in this batch, or they would be read unwritten.
+            assert!(r.end <= computed.end && r.start < r.end, "bidirectional range {r:?} reaches past the rows {computed:?}");
+        }
+    }
 }
 
 /// Consecutive query heads of one row that read the same key/value head: their position,
@@ -319,7 +329,8 @@ struct Queries<'a> {
 /// registers).
 const SHARED_QUERIES: usize = 4;
 
-/// Query heads against their sequence's keys `first..=pos`; `out` is `[heads, head_dim]`.
+/// Query heads against their sequence's keys `first..=pos` (further inside a bidirectional
+/// range); `out` is `[heads, head_dim]`.
 fn attend(isa: Isa, p: &AttentionParams, kv: &KvStore, span: &SeqSpan, queries: &Queries, ts: &mut ThreadScratch, out: &mut [f32]) {
     let Queries { pos, q, kv_head } = *queries;
     let d = p.head_dim;
@@ -328,7 +339,9 @@ fn attend(isa: Isa, p: &AttentionParams, kv: &KvStore, span: &SeqSpan, queries: 
         Some(w) => (pos + 1).saturating_sub(w),
         None => 0,
     };
-    let n_keys = pos + 1 - first;
+    // A query inside a bidirectional range also sees the rest of the range.
+    let last = span.bidirectional.iter().find(|r| r.contains(&pos)).map_or(pos, |r| r.end - 1);
+    let n_keys = last + 1 - first;
     let full = kv.precision() == KvPrecision::Full;
     // Queries rounded to half precision (in half mode), held as f32 for the products.
     ts.q.clear();
@@ -339,10 +352,10 @@ fn attend(isa: Isa, p: &AttentionParams, kv: &KvStore, span: &SeqSpan, queries: 
     ts.slots.clear();
     let bs = p.block_size;
     let mut key = first;
-    while key <= pos {
+    while key <= last {
         let base = span.block_table[key / bs] as usize * bs;
         let end = (key / bs + 1) * bs;
-        ts.slots.extend((key..end.min(pos + 1)).map(|k| (base + k % bs) as u32));
+        ts.slots.extend((key..end.min(last + 1)).map(|k| (base + k % bs) as u32));
         key = end;
     }
     ts.scores.resize(heads * n_keys, 0.0);

@@ -195,8 +195,8 @@ fn paged_attention_matches_contiguous_attention() {
             }
             // The last 3 tokens of sequence 0 and the last 1 of sequence 1 are "new" rows.
             let spans = [
-                SeqSpan { rows: 0..3, first_pos: 8, block_table: &tables[0] },
-                SeqSpan { rows: 3..4, first_pos: 5, block_table: &tables[1] },
+                SeqSpan { rows: 0..3, first_pos: 8, block_table: &tables[0], bidirectional: &[] },
+                SeqSpan { rows: 3..4, first_pos: 5, block_table: &tables[1], bidirectional: &[] },
             ];
             let q = random_f32(4 * p.num_heads * p.head_dim, &mut rng);
             let mut out = vec![0.0; q.len()];
@@ -299,7 +299,7 @@ fn paged_attention_equals_contiguous_layout_exactly() {
             }
             let q = random_f32(5 * p.num_heads * p.head_dim, &mut rng);
             let run = |kv: &KvStore, table: &[u32]| {
-                let spans = [SeqSpan { rows: 0..5, first_pos: len - 5, block_table: table }];
+                let spans = [SeqSpan { rows: 0..5, first_pos: len - 5, block_table: table, bidirectional: &[] }];
                 let mut out = vec![0.0; q.len()];
                 attention(&compute, &p, kv, &spans, &q, &mut out, &mut AttentionScratch::default());
                 out
@@ -337,10 +337,10 @@ fn attention_is_identical_on_every_isa_and_head_grouping() {
             for isa in Isa::available() {
                 let compute = kiln_kernels::Compute { pool: ThreadPool::new(2), isa };
                 let mut all = vec![0.0; q.len()];
-                let spans = [SeqSpan { rows: 0..len, first_pos: 0, block_table: &table }];
+                let spans = [SeqSpan { rows: 0..len, first_pos: 0, block_table: &table, bidirectional: &[] }];
                 attention(&compute, &p, &kv, &spans, &q, &mut all, &mut AttentionScratch::default());
                 let mut last = vec![0.0; width];
-                let spans = [SeqSpan { rows: 0..1, first_pos: len - 1, block_table: &table }];
+                let spans = [SeqSpan { rows: 0..1, first_pos: len - 1, block_table: &table, bidirectional: &[] }];
                 attention(&compute, &p, &kv, &spans, &q[(len - 1) * width..], &mut last, &mut AttentionScratch::default());
                 let case = format!("{isa:?} heads {num_heads}/{num_kv_heads} dim {head_dim} window {window:?}");
                 assert!(all[(len - 1) * width..].iter().zip(&last).all(|(a, b)| a.to_bits() == b.to_bits()), "{case}: last row alone differs");

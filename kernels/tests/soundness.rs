@@ -56,7 +56,7 @@ fn attention_spans_must_be_disjoint_and_inside_the_batch() {
         let mut out = vec![0.0f32; rows * 16];
         attention(&compute, &p, &kv, spans, &q[..rows * 16], &mut out, &mut AttentionScratch::default());
     };
-    let span = |rows: std::ops::Range<usize>| SeqSpan { first_pos: 0, rows, block_table: &table };
+    let span = |rows: std::ops::Range<usize>| SeqSpan { first_pos: 0, rows, block_table: &table, bidirectional: &[] };
     panics("overlapping spans", || run(&[span(0..2), span(1..3)], 4));
     panics("a span past the batch", || run(&[span(0..2), span(2..5)], 4));
     let bad = AttentionParams { num_heads: 3, ..p };

@@ -17,5 +17,6 @@ pub mod parallel;
 pub mod sampler;
 pub mod scheduler;
 pub mod service;
+pub mod vision;
 
 pub use error::{Error, Result};

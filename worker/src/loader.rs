@@ -33,6 +33,8 @@ pub struct LoadedModel {
     pub sampling_defaults: SamplingDefaults,
     /// The tensor-parallel group this share of the model computes with, when it is split.
     pub group: Option<Arc<dyn crate::parallel::Collective>>,
+    /// The image processor and encoder of a vision-language model.
+    pub vision: Option<Arc<crate::vision::VisionModel>>,
 }
 
 /// Sampling defaults from `generation_config.json`; unset fields are left to the caller.
@@ -141,7 +143,9 @@ impl LoadedModel {
             )));
         }
         let name = dir.file_name().map_or_else(|| dir.display().to_string(), |n| n.to_string_lossy().into_owned());
-        let mut cfg = crate::models::hf_config::from_hf(&config, &name)?;
+        let multimodal = crate::models::hf_config::multimodal(&config)?;
+        let text_config = multimodal.as_ref().map_or(&config, |m| &m.text);
+        let mut cfg = crate::models::hf_config::from_hf(text_config, &name)?;
         if isq.is_some() {
             // Quantized weights run with the half-precision cache and llama.cpp's numerics,
             // as the same model written to GGUF would.
@@ -163,8 +167,19 @@ impl LoadedModel {
         };
         let checkpoint = Arc::new(crate::formats::safetensors::Checkpoint::open_dir(dir)?);
         let format = weight_format(checkpoint.names().filter_map(|n| checkpoint.tensor(n)).map(|(t, _)| (t.dtype, t.dims.len(), t.num_elements())), isq);
-        let weights = WeightSource::from_checkpoint(checkpoint, &cfg.architecture).with_isq(isq).with_shard(shard);
-        Self::assemble(dir.to_path_buf(), &cfg, tokenizer, &weights, template, format, isq.is_some(), sampling_defaults)
+        let mut weights = WeightSource::from_checkpoint(Arc::clone(&checkpoint), &cfg.architecture).with_isq(isq);
+        let mut vision = None;
+        if multimodal.is_some() {
+            if shard.as_ref().is_some_and(|s| s.size > 1) {
+                return Err(Error::InvalidRequest(format!("{} is a vision-language model; splitting those across ranks is not supported yet", dir.display())));
+            }
+            weights = weights.with_renames(crate::vision::gemma3_renames(|n| checkpoint.tensor(n).is_some())?);
+            vision = Some(Arc::new(crate::vision::VisionModel::load_gemma3(&config, dir, &weights, cfg.hidden_size, &tokenizer)?));
+        }
+        let weights = weights.with_shard(shard);
+        let mut model = Self::assemble(dir.to_path_buf(), &cfg, tokenizer, &weights, template, format, isq.is_some(), sampling_defaults)?;
+        model.vision = vision;
+        Ok(model)
     }
 
     /// The model built from its weights, with its tokenizer and chat template (the file's, or
@@ -203,6 +218,7 @@ impl LoadedModel {
             isq: quantized.then(|| weights.isq_report.borrow().clone()),
             sampling_defaults,
             group: weights.shard().map(|s| Arc::clone(&s.collective)),
+            vision: None,
         })
     }
 

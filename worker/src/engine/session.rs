@@ -7,7 +7,7 @@ use crate::error::{Error, Result};
 use crate::kv_cache::KvCache;
 use crate::layers::Compute;
 use crate::loader::LoadedModel;
-use crate::models::batch::{Batch, Logits};
+use crate::models::batch::{Batch, ImageSpan, Logits};
 use crate::models::scratch::Scratch;
 use super::decoding::Decoding;
 use kiln_shared::sampling::SamplingParams;
@@ -127,11 +127,16 @@ impl Session {
     /// Runs `tokens` after the first `start` cached tokens; keeps logits of the last row, or
     /// of every row with `all_logits`.
     fn forward(&mut self, tokens: &[u32], start: usize, all_logits: bool) -> Result<()> {
+        self.forward_placed(tokens, start, all_logits, &[])
+    }
+
+    fn forward_placed(&mut self, tokens: &[u32], start: usize, all_logits: bool, images: &[ImageSpan]) -> Result<()> {
         let mut batch = Batch::new(BLOCK_SIZE);
         let blocks = (start + tokens.len()).div_ceil(BLOCK_SIZE);
         // One sequence owns the whole cache: block i of every group is block i.
         let tables = vec![self.block_table[..blocks].to_vec(); self.kv.groups.len()];
         batch.push_seq(tokens, start, tables, if all_logits { Logits::All } else { Logits::Last });
+        batch.place_images(images);
         self.model.model.forward(&self.compute, &batch, &mut self.kv, &mut self.scratch, &mut self.logits)?;
         self.cached.truncate(start);
         self.cached.extend_from_slice(tokens);
@@ -201,6 +206,17 @@ impl Session {
             start = end;
         }
         Ok(all)
+    }
+
+    /// Logits of every position of a prompt holding images (`[tokens.len(), vocab]`), from
+    /// an empty cache, in one pass (an image's tokens attend to each other, so no chunk may
+    /// end inside one). The cache is left empty: it is keyed by tokens alone.
+    pub fn score_with_images(&mut self, tokens: &[u32], images: &[ImageSpan]) -> Result<Vec<f32>> {
+        self.check_prompt(tokens)?;
+        self.reset();
+        let result = self.forward_placed(tokens, 0, true, images);
+        self.reset();
+        result.map(|()| self.logits.clone())
     }
 
     /// Generates a completion, calling `on_text` with each new piece of text as it becomes

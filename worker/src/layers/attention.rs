@@ -95,7 +95,7 @@ impl Attention {
         let spans: Vec<SeqSpan> = batch
             .seqs
             .iter()
-            .map(|seq| SeqSpan { rows: seq.rows.clone(), first_pos: seq.first_pos, block_table: &seq.block_tables[group] })
+            .map(|seq| SeqSpan { rows: seq.rows.clone(), first_pos: seq.first_pos, block_table: &seq.block_tables[group], bidirectional: &seq.bidirectional })
             .collect();
         let params = AttentionParams {
             num_heads: c.num_heads,

@@ -41,6 +41,13 @@ pub struct MatrixRef {
 }
 
 impl MatrixRef {
+    /// A matrix of f32 values made in memory (`values` is `[rows, cols]`).
+    pub fn from_f32(name: &str, rows: usize, cols: usize, values: &[f32]) -> MatrixRef {
+        let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+        let len = bytes.len();
+        MatrixRef { name: name.to_string(), dtype: DType::F32, rows, cols, backing: Backing::Owned(Arc::new(bytes)), offset: 0, len, packed: Arc::default() }
+    }
+
     pub fn bytes(&self) -> &[u8] {
         let all: &[u8] = match &self.backing {
             Backing::Mapped(m) => m,
@@ -127,6 +134,9 @@ pub struct WeightSource {
     pub isq_report: RefCell<IsqReport>,
     /// The tensor-parallel rank being loaded, when the model is split.
     shard: Option<Shard>,
+    /// Name prefixes models ask for and where the checkpoint keeps them (a multimodal
+    /// checkpoint nests its language model under `language_model.` or similar).
+    renames: Vec<(String, String)>,
 }
 
 /// What load-time quantization did to the projection weights.
@@ -152,7 +162,13 @@ impl WeightSource {
     }
 
     fn with_store(store: Store, arch: &str) -> WeightSource {
-        WeightSource { store, arch: arch.to_string(), used: RefCell::new(BTreeSet::new()), isq: None, isq_report: RefCell::default(), shard: None }
+        WeightSource { store, arch: arch.to_string(), used: RefCell::new(BTreeSet::new()), isq: None, isq_report: RefCell::default(), shard: None, renames: Vec::new() }
+    }
+
+    /// Finds tensors asked for under `asked` at `stored` instead (first matching rule wins).
+    pub fn with_renames(mut self, renames: Vec<(String, String)>) -> WeightSource {
+        self.renames = renames;
+        self
     }
 
     /// Quantizes projection weights to `dtype` as they are loaded.
@@ -327,7 +343,10 @@ impl WeightSource {
     fn file_name(&self, name: &str) -> String {
         match self.store {
             Store::Gguf(_) => gguf_name(&self.arch, name).unwrap_or_else(|| name.to_string()),
-            Store::Safetensors(_) => name.to_string(),
+            Store::Safetensors(_) => match self.renames.iter().find(|(asked, _)| name.starts_with(asked.as_str())) {
+                Some((asked, stored)) => format!("{stored}{}", &name[asked.len()..]),
+                None => name.to_string(),
+            },
         }
     }
 
@@ -415,6 +434,23 @@ impl WeightSource {
         let bytes = &mmap[info.file_offset as usize..(info.file_offset + info.num_bytes) as usize];
         kiln_kernels::dequant::dequantize_row(info.dtype, bytes, &mut out)
             .map_err(|e| Error::Tensor { name: label.clone(), what: e.to_string() })?;
+        if let Some(i) = out.iter().position(|v| !v.is_finite()) {
+            return Err(Error::Tensor { name: label, what: format!("holds a non-finite value at index {i}") });
+        }
+        Ok(out)
+    }
+
+    /// A tensor of any shape (`dims` outermost first, as Hugging Face writes them), converted
+    /// to f32: convolution kernels, position tables, weights stored transposed.
+    pub fn tensor_f32(&self, name: &str, dims: &[usize]) -> Result<Vec<f32>> {
+        let (info, mmap, label) = self.info(name)?;
+        let expected: Vec<u64> = dims.iter().rev().map(|&d| d as u64).collect();
+        if info.dims != expected {
+            return Err(Error::Tensor { name: label, what: format!("has shape {:?}, expected {expected:?}", info.dims) });
+        }
+        let mut out = vec![0.0; dims.iter().product()];
+        let bytes = &mmap[info.file_offset as usize..(info.file_offset + info.num_bytes) as usize];
+        kiln_kernels::dequant::dequantize_row(info.dtype, bytes, &mut out).map_err(|e| Error::Tensor { name: label.clone(), what: e.to_string() })?;
         if let Some(i) = out.iter().position(|v| !v.is_finite()) {
             return Err(Error::Tensor { name: label, what: format!("holds a non-finite value at index {i}") });
         }

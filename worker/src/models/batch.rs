@@ -2,6 +2,30 @@
 //! and values go in the cache, and which rows need logits.
 
 use std::ops::Range;
+use std::sync::Arc;
+
+/// An image's place in a sequence: `len` token positions from `start` whose input rows are
+/// the image's embeddings (`[len, hidden]`) instead of the token table's, attending to each
+/// other in both directions. `key` identifies the image's content (for the prefix cache).
+#[derive(Clone)]
+pub struct ImageSpan {
+    pub start: usize,
+    pub len: usize,
+    pub embeddings: Arc<[f32]>,
+    pub key: u64,
+}
+
+impl ImageSpan {
+    pub fn positions(&self) -> Range<usize> {
+        self.start..self.start + self.len
+    }
+}
+
+impl std::fmt::Debug for ImageSpan {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "ImageSpan {{ positions: {:?}, key: {:016x} }}", self.positions(), self.key)
+    }
+}
 
 pub struct SeqBatch {
     /// Rows of the batch holding this sequence's new tokens.
@@ -11,6 +35,16 @@ pub struct SeqBatch {
     /// One block table per cache group, covering positions `0..first_pos + rows.len()`
     /// (entries out of a group's window may be `NO_BLOCK`).
     pub block_tables: Vec<Vec<u32>>,
+    /// Positions of images whose tokens attend to each other both ways.
+    pub bidirectional: Vec<Range<usize>>,
+}
+
+/// An input row taken from an image's embeddings: batch row, the image, its row there.
+#[derive(Clone, Debug)]
+pub struct PlacedRow {
+    pub row: usize,
+    pub image: ImageSpan,
+    pub index: usize,
 }
 
 #[derive(Default)]
@@ -23,6 +57,8 @@ pub struct Batch {
     /// Rows whose logits are wanted, in the order they are returned.
     pub logit_rows: Vec<usize>,
     pub block_size: usize,
+    /// Rows whose input is an image embedding rather than their token's.
+    pub placed: Vec<PlacedRow>,
 }
 
 impl Batch {
@@ -54,7 +90,38 @@ impl Batch {
             Logits::Last if end > start => self.logit_rows.push(end - 1),
             _ => {}
         }
-        self.seqs.push(SeqBatch { rows: start..end, first_pos, block_tables });
+        self.seqs.push(SeqBatch { rows: start..end, first_pos, block_tables, bidirectional: Vec::new() });
+    }
+
+    /// Places the images of the sequence pushed last: rows at image positions take the
+    /// image's embeddings, and the image's positions attend both ways. An image must lie
+    /// wholly inside the new rows or wholly before them (its keys are then in the cache).
+    pub fn place_images(&mut self, images: &[ImageSpan]) {
+        let Some(seq) = self.seqs.last_mut() else { return };
+        let computed = seq.first_pos..seq.first_pos + seq.rows.len();
+        for image in images {
+            let p = image.positions();
+            if p.end <= computed.start || p.start >= computed.end {
+                continue;
+            }
+            seq.bidirectional.push(p.start.max(computed.start)..p.end);
+            for pos in p.start.max(computed.start)..p.end.min(computed.end) {
+                self.placed.push(PlacedRow { row: seq.rows.start + pos - computed.start, image: image.clone(), index: pos - p.start });
+            }
+        }
+    }
+
+    /// Overwrites the input rows of placed images in `x` (`[rows, hidden]`).
+    pub fn apply_placed(&self, x: &mut [f32], hidden: usize) -> crate::error::Result<()> {
+        for p in &self.placed {
+            let src = p.image.embeddings.get(p.index * hidden..(p.index + 1) * hidden);
+            let dst = x.get_mut(p.row * hidden..(p.row + 1) * hidden);
+            match (src, dst) {
+                (Some(src), Some(dst)) => dst.copy_from_slice(src),
+                _ => return Err(crate::error::Error::InvalidRequest(format!("image embeddings of width {} do not fit row {} of width {hidden}", p.image.embeddings.len() / p.image.len.max(1), p.row))),
+            }
+        }
+        Ok(())
     }
 }
 

@@ -134,7 +134,7 @@ pub fn load(cfg: &BertConfig, w: &WeightSource) -> Result<Bert> {
 }
 
 /// GELU over `x`, rows split across `compute`'s threads.
-fn gelu_on(compute: &Compute, activation: Gelu, x: &mut [f32], width: usize) {
+pub(crate) fn gelu_on(compute: &Compute, activation: Gelu, x: &mut [f32], width: usize) {
     let rows = x.len() / width;
     let dst = kiln_kernels::pool::SharedMut::new(x);
     compute.pool.for_ranges(rows, 8, &|r| {

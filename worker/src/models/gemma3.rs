@@ -99,6 +99,8 @@ impl CausalLm for Gemma3 {
         let rows = batch.num_rows();
         s.prepare(rows, self.cfg.hidden_size);
         self.embed_tokens.forward(&batch.tokens, &mut s.x)?;
+        // Image rows take the projected image embeddings as they are (not scaled).
+        batch.apply_placed(&mut s.x, self.cfg.hidden_size)?;
         tap(&mut s.tap, || "inp_scaled".into(), &s.x);
         s.rope.resize_with(2, Default::default);
         for (table, rope) in s.rope.iter_mut().zip(&self.ropes) {

@@ -9,6 +9,7 @@ use serde_json::Value;
 
 /// `architectures` entries kiln reads, and the model code that runs them.
 const HF_ARCHITECTURES: &[(&str, &str)] = &[
+    ("Gemma3ForConditionalGeneration", "gemma3"),
     ("LlamaForCausalLM", "llama"), ("MistralForCausalLM", "llama"), ("Qwen2ForCausalLM", "llama"), ("Qwen3ForCausalLM", "llama"), ("Phi3ForCausalLM", "llama"), ("MixtralForCausalLM", "llama"),
     ("Qwen3MoeForCausalLM", "llama"),
     ("Gemma2ForCausalLM", "gemma3"),
@@ -42,6 +43,42 @@ fn float(v: &Value, key: &str) -> Result<Option<f32>> {
     match &v[key] {
         Value::Null => Ok(None),
         x => x.as_f64().map(|f| Some(f as f32)).ok_or_else(|| field_err(key, format!("{x} is not a number"))),
+    }
+}
+
+/// A vision-language checkpoint: its language model's config (as a text-only checkpoint of
+/// that architecture would have it) beside the vision parts in the full config.
+pub struct Multimodal {
+    pub text: Value,
+}
+
+/// The language model inside a vision-language `config.json`, or None for a text model.
+pub fn multimodal(v: &Value) -> Result<Option<Multimodal>> {
+    let text_arch = match v["architectures"][0].as_str() {
+        Some("Gemma3ForConditionalGeneration") => "Gemma3ForCausalLM",
+        _ => return Ok(None),
+    };
+    let mut text = v["text_config"].clone();
+    let Some(fields) = text.as_object_mut() else {
+        return Err(field_err("text_config", "is missing"));
+    };
+    fields.insert("architectures".into(), Value::from(vec![text_arch]));
+    for key in ["torch_dtype", "dtype"] {
+        if !v[key].is_null() && !fields.contains_key(key) {
+            fields.insert(key.into(), v[key].clone());
+        }
+    }
+    Ok(Some(Multimodal { text }))
+}
+
+/// `rope_theta` at the top level, in `rope_parameters`, or in its part for `layer_type`.
+fn rope_theta(v: &Value, layer_type: &str) -> Result<Option<f32>> {
+    if let Some(t) = float(v, "rope_theta")? {
+        return Ok(Some(t));
+    }
+    match float(&v["rope_parameters"], "rope_theta")? {
+        Some(t) => Ok(Some(t)),
+        None => float(&v["rope_parameters"][layer_type], "rope_theta"),
     }
 }
 
@@ -92,10 +129,16 @@ pub fn from_hf(v: &Value, name: &str) -> Result<ModelConfig> {
         (false, Some("silu") | None) | (true, Some("gelu_pytorch_tanh") | None) => {}
         (_, Some(other)) => return Err(field_err("hidden_act", format!("`{other}` is not supported for {hf_arch}"))),
     }
-    if !v["rope_scaling"].is_null() {
-        let kind = v["rope_scaling"]["rope_type"].as_str().or(v["rope_scaling"]["type"].as_str()).unwrap_or("?");
-        if kind != "default" {
-            return Err(field_err("rope_scaling", format!("RoPE scaling `{kind}` is not supported yet")));
+    // RoPE settings: `rope_scaling` and `rope_theta` (older files), or `rope_parameters`,
+    // whole or per layer type (`full_attention`, `sliding_attention`).
+    let params = &v["rope_parameters"];
+    let scalings = [("rope_scaling", &v["rope_scaling"]), ("rope_parameters", params), ("rope_parameters.full_attention", &params["full_attention"]), ("rope_parameters.sliding_attention", &params["sliding_attention"])];
+    for (key, s) in scalings {
+        if s.is_object() {
+            let kind = s["rope_type"].as_str().or(s["type"].as_str()).unwrap_or("default");
+            if kind != "default" {
+                return Err(field_err(key, format!("RoPE scaling `{kind}` is not supported yet")));
+            }
         }
     }
     if v["mlp_bias"].as_bool() == Some(true) {
@@ -132,13 +175,20 @@ pub fn from_hf(v: &Value, name: &str) -> Result<ModelConfig> {
         vocab_size: required(v, "vocab_size", 1 << 24)?,
         max_context_len: required(v, "max_position_embeddings", 1 << 24)?,
         rms_eps: float(v, "rms_norm_eps")?.ok_or_else(|| field_err("rms_norm_eps", "is missing"))?,
-        rope_base: float(v, "rope_theta")?.unwrap_or(10_000.0),
+        rope_base: rope_theta(v, "full_attention")?.unwrap_or(10_000.0),
         rope_dims,
         // Checkpoints keep each head's rotated halves apart (transformers' rotate_half).
         rope_style: RopeStyle::SplitHalf,
         sliding_window,
         is_sliding,
-        rope_base_local: if hf_arch == "Gemma3ForCausalLM" { Some(float(v, "rope_local_base_freq")?.unwrap_or(10_000.0)) } else { None },
+        rope_base_local: if hf_arch == "Gemma3ForCausalLM" {
+            Some(match float(v, "rope_local_base_freq")? {
+                Some(f) => f,
+                None => float(&v["rope_parameters"]["sliding_attention"], "rope_theta")?.unwrap_or(10_000.0),
+            })
+        } else {
+            None
+        },
         final_logit_softcap: float(v, "final_logit_softcapping")?.filter(|&c| c > 0.0),
         attn_softcap: float(v, "attn_logit_softcapping")?.filter(|&c| c > 0.0),
         query_scale: float(v, "query_pre_attn_scalar")?.map(|s| 1.0 / s.sqrt()),
@@ -147,7 +197,7 @@ pub fn from_hf(v: &Value, name: &str) -> Result<ModelConfig> {
         qkv_bias: v["architectures"][0] == "Qwen2ForCausalLM" || v["attention_bias"].as_bool() == Some(true),
         fused_projections: v["architectures"][0] == "Phi3ForCausalLM",
         moe: moe(v)?,
-        kv_precision: match v["torch_dtype"].as_str() {
+        kv_precision: match v["torch_dtype"].as_str().or(v["dtype"].as_str()) {
             Some("float16") | Some("bfloat16") => KvPrecision::Half,
             _ => KvPrecision::Full,
         },

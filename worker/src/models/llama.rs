@@ -188,6 +188,7 @@ impl CausalLm for Llama {
         let rows = batch.num_rows();
         s.prepare(rows, self.cfg.hidden_size);
         self.embed_tokens.forward(&batch.tokens, &mut s.x)?;
+        batch.apply_placed(&mut s.x, self.cfg.hidden_size)?;
         s.rope.resize_with(1, Default::default);
         s.rope[0].fill(&self.rope, &batch.positions);
         for (i, layer) in self.layers.iter().enumerate() {

@@ -195,7 +195,7 @@ fn decode(bytes: &[u8]) -> std::result::Result<Step, String> {
         if start > end || end > rows || tables != groups || block_tables.iter().any(|t| t.len() < covered) {
             return Err("a sequence's rows or block tables are out of range".into());
         }
-        batch.seqs.push(SeqBatch { rows: start..end, first_pos, block_tables });
+        batch.seqs.push(SeqBatch { rows: start..end, first_pos, block_tables, bidirectional: Vec::new() });
     }
     batch.logit_rows = r.list()?.into_iter().map(|x| x as usize).collect();
     if batch.logit_rows.iter().any(|&x| x >= rows) || r.at != bytes.len() {

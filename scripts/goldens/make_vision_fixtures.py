@@ -1,0 +1,144 @@
+"""Tiny random-weight vision-language checkpoints, test images, and transformers' outputs.
+
+Writes worker/tests/fixtures/vision/:
+- images/: real photographs from scikit-image's bundled data (public domain: `chelsea`, a
+  cat, RGB PNG; `camera`, greyscale PNG; `rocket`, a JPEG) and synthetic images of odd sizes
+  (RGBA with a gradient alpha, a palette GIF with a transparent colour, a lossless WebP, a
+  one-pixel-tall strip) made here with Pillow.
+- images/<name>.<model>.f32: the model's Hugging Face image processor output for the image
+  (`pixel_values`, little-endian f32, channels first), from the PIL backend.
+- gemma3/: a Gemma3ForConditionalGeneration checkpoint (SigLIP tower, projector, Gemma 3 text
+  model) in the current transformers layout, with a tokenizer holding the image tokens, a
+  chat template that emits `<start_of_image>` for image parts, and reference.json: for each
+  prompt the processor's token ids, the logits of the last 8 prompt positions, and 16 greedy
+  tokens (recomputed from scratch each step, so no cache path is involved).
+
+Needs: pip install torch transformers tokenizers safetensors pillow scikit-image
+"""
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+import transformers
+from PIL import Image
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+ROOT = Path(__file__).resolve().parents[2]
+OUT = ROOT / "worker" / "tests" / "fixtures" / "vision"
+IMAGES = OUT / "images"
+
+SPECIALS = ["<pad>", "<bos>", "<eos>", "<start_of_turn>", "<end_of_turn>", "<start_of_image>", "<end_of_image>", "<image_soft_token>"]
+CORPUS = [
+    "Describe this image.", "What is in the picture?", "Compare the two images.", "A cat sits on a mat.",
+    "The rocket stands on the launch pad.", "Hello, world! How are you today?", "user model assistant",
+] * 20
+GEMMA3_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}<start_of_turn>{{ 'model' if m['role'] == 'assistant' else m['role'] }}\n"
+    "{% if m['content'] is string %}{{ m['content'] }}{% else %}{% for p in m['content'] %}"
+    "{% if p['type'] == 'image' %}<start_of_image>{% elif p['type'] == 'text' %}{{ p['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}<end_of_turn>\n{% endfor %}{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}"
+)
+
+
+def tokenizer():
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=320, special_tokens=SPECIALS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)
+    tok.train_from_iterator(CORPUS, trainer)
+    return tok
+
+
+def write_images():
+    import skimage
+    IMAGES.mkdir(parents=True, exist_ok=True)
+    data = Path(skimage.__file__).parent / "data"
+    # Scaled down to keep the repository small; still photographs, still odd sizes.
+    Image.open(data / "chelsea.png").convert("RGB").resize((151, 100), Image.LANCZOS).save(IMAGES / "chelsea.png")
+    Image.open(data / "camera.png").resize((128, 128), Image.LANCZOS).save(IMAGES / "camera.png")
+    Image.open(data / "rocket.jpg").resize((107, 160), Image.LANCZOS).save(IMAGES / "rocket.jpg", quality=90)
+    y, x = np.mgrid[0:23, 0:37]
+    rgba = np.stack([x * 7 % 256, y * 11 % 256, (x + y) * 5 % 256, (x * 255 // 36)], axis=-1).astype(np.uint8)
+    Image.fromarray(rgba, "RGBA").save(IMAGES / "gradient_alpha.png")
+    pal = Image.fromarray(((x * 3 + y * 5) % 16).astype(np.uint8), "P")
+    pal.putpalette([v for i in range(16) for v in (i * 16, 255 - i * 16, (i * 40) % 256)])
+    pal.save(IMAGES / "palette.gif", transparency=3)
+    Image.fromarray(rgba[..., :3].copy(), "RGB").save(IMAGES / "lossless.webp", lossless=True)
+    Image.fromarray(np.tile(np.arange(0, 250, 5, dtype=np.uint8), (1, 1, 3)).reshape(1, 50, 3), "RGB").save(IMAGES / "strip.png")
+    return sorted(p for p in IMAGES.iterdir() if p.suffix in (".png", ".jpg", ".gif", ".webp"))
+
+
+def gemma3(images):
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration, Gemma3Processor, PreTrainedTokenizerFast
+    from transformers.models.gemma3.image_processing_pil_gemma3 import Gemma3ImageProcessorPil
+
+    d = OUT / "gemma3"
+    shutil.rmtree(d, ignore_errors=True)
+    d.mkdir(parents=True)
+    tok = tokenizer()
+    vocab = tok.get_vocab_size()
+    ids = {s: tok.token_to_id(s) for s in SPECIALS}
+    text = dict(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, head_dim=16, max_position_embeddings=256, rms_norm_eps=1e-6, rope_theta=10000.0,
+                # A window shorter than an image: sliding layers see only part of it.
+                sliding_window=8, query_pre_attn_scalar=16, sliding_window_pattern=2, rope_local_base_freq=10000.0,
+                hidden_activation="gelu_pytorch_tanh", tie_word_embeddings=False, bos_token_id=ids["<bos>"], eos_token_id=ids["<eos>"], pad_token_id=ids["<pad>"])
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=64, patch_size=8,
+                  layer_norm_eps=1e-6, vision_use_head=False, hidden_act="gelu_pytorch_tanh")
+    # Untied output head: with random weights a tied one keeps predicting the last token,
+    # which would make the greedy comparison say little.
+    config = Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=16, boi_token_index=ids["<start_of_image>"],
+                          eoi_token_index=ids["<end_of_image>"], image_token_index=ids["<image_soft_token>"], tie_word_embeddings=False)
+    # (seed 0 happens to give a model whose greedy output repeats one token)
+    torch.manual_seed(1)
+    model = Gemma3ForConditionalGeneration._from_config(config, attn_implementation="eager").eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.2)
+    model.save_pretrained(d, safe_serialization=True)
+    tok.save(str(d / "tokenizer.json"))
+    tok_config = {"bos_token": "<bos>", "eos_token": "<eos>", "pad_token": "<pad>", "add_bos_token": False, "tokenizer_class": "PreTrainedTokenizerFast",
+                  "extra_special_tokens": {"boi_token": "<start_of_image>", "eoi_token": "<end_of_image>", "image_token": "<image_soft_token>"}}
+    (d / "tokenizer_config.json").write_text(json.dumps(tok_config, indent=1))
+    (d / "chat_template.jinja").write_text(GEMMA3_TEMPLATE)
+    hf_tok = PreTrainedTokenizerFast.from_pretrained(d)
+    image_processor = Gemma3ImageProcessorPil(size={"height": 64, "width": 64}, image_mean=[0.5] * 3, image_std=[0.5] * 3)
+    processor = Gemma3Processor(image_processor=image_processor, tokenizer=hf_tok, chat_template=GEMMA3_TEMPLATE, image_seq_length=16)
+    processor.save_pretrained(d)
+
+    for path in images:
+        pixels = image_processor(Image.open(path), return_tensors="np")["pixel_values"][0].astype("<f4")
+        pixels.tofile(IMAGES / f"{path.name}.gemma3.f32")
+
+    def reference(name, messages, image_names):
+        pics = [Image.open(IMAGES / n) for n in image_names]
+        prompt = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        inputs = processor(text=prompt, images=pics or None, return_tensors="pt")
+        input_ids = inputs["input_ids"]
+        extra = {k: inputs[k] for k in ("pixel_values", "token_type_ids") if k in inputs}
+        with torch.no_grad():
+            logits = model(input_ids=input_ids, **extra).logits[0]
+            seq, greedy = input_ids, []
+            for _ in range(16):
+                tt = {"token_type_ids": torch.cat([extra["token_type_ids"], torch.zeros(1, seq.shape[1] - input_ids.shape[1], dtype=torch.long)], 1)} if "token_type_ids" in extra else {}
+                px = {"pixel_values": extra["pixel_values"]} if "pixel_values" in extra else {}
+                nxt = model(input_ids=seq, **px, **tt).logits[0, -1].argmax().item()
+                greedy.append(nxt)
+                seq = torch.cat([seq, torch.tensor([[nxt]])], 1)
+        return {"name": name, "messages": messages, "images": image_names, "prompt": prompt, "ids": input_ids[0].tolist(),
+                "last_logits": [[round(float(x), 7) for x in row] for row in logits[-8:]], "greedy": greedy}
+
+    one = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe this image."}]}]
+    two = [{"role": "user", "content": [{"type": "text", "text": "Compare the two images."}, {"type": "image"}, {"type": "image"}]}]
+    text_only = [{"role": "user", "content": "What is in the picture?"}]
+    cases = [reference("one_image", one, ["chelsea.png"]), reference("two_images", two, ["gradient_alpha.png", "camera.png"]),
+             reference("text_only", text_only, [])]
+    (d / "reference.json").write_text(json.dumps({"transformers": transformers.__version__, "torch": torch.__version__,
+                                                   "image_token_id": ids["<image_soft_token>"], "cases": cases}))
+    print(f"gemma3: {sum(p.numel() for p in model.parameters())} parameters, vocab {vocab}, prompts {[len(c['ids']) for c in cases]}")
+
+
+gemma3(write_images())
