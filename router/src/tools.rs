@@ -44,6 +44,47 @@ pub struct Turn {
     pub tool_calls: Vec<ToolCall>,
     /// A tool result's call.
     pub tool_call_id: Option<String>,
+    /// The content in order when it holds images (empty otherwise: `content` is all of it).
+    pub parts: Vec<Part>,
+}
+
+/// A piece of a message's content.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Part {
+    Text(String),
+    /// An image's bytes; `path` names the request field it came from.
+    Image { path: String, data: Vec<u8> },
+}
+
+impl Turn {
+    /// The content as the template sees it: text, or the parts as transformers passes them
+    /// (`{"type": "text", "text": ...}`, `{"type": "image"}`) when the message holds images.
+    pub fn content_value(&self) -> Value {
+        if self.parts.is_empty() {
+            return json!(self.content);
+        }
+        Value::Array(
+            self.parts
+                .iter()
+                .map(|p| match p {
+                    Part::Text(t) => json!({"type": "text", "text": t}),
+                    Part::Image { .. } => json!({"type": "image"}),
+                })
+                .collect(),
+        )
+    }
+}
+
+/// The images of a conversation in order, with the fields they came from.
+pub fn images(turns: &[Turn]) -> Vec<(String, Vec<u8>)> {
+    turns
+        .iter()
+        .flat_map(|t| &t.parts)
+        .filter_map(|p| match p {
+            Part::Image { path, data } => Some((path.clone(), data.clone())),
+            Part::Text(_) => None,
+        })
+        .collect()
 }
 
 /// How a model writes a call.
@@ -143,7 +184,7 @@ pub fn template_variables(turns: &[Turn], tools: &[Tool], choice: &ToolChoice, f
             .map(|t| {
                 let mut m = Map::new();
                 m.insert("role".into(), json!(t.role));
-                m.insert("content".into(), json!(t.content));
+                m.insert("content".into(), t.content_value());
                 if !t.tool_calls.is_empty() {
                     let calls: Vec<Value> = t
                         .tool_calls
@@ -197,6 +238,7 @@ pub fn template_variables(turns: &[Turn], tools: &[Tool], choice: &ToolChoice, f
             last["content"] = json!(format!("{}\n{content}", last["content"].as_str().unwrap_or_default()));
             continue;
         }
+        let content = if t.parts.is_empty() || t.role != "user" { json!(content) } else { t.content_value() };
         messages.push(json!({"role": role, "content": content}));
     }
     if let Some(i) = pending {

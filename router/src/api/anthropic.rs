@@ -7,7 +7,7 @@ use super::{admit, answer, check_context, collect, random_id, route_key, Totals}
 use crate::error::{ApiError, Flavor};
 use crate::generate::{Generation, Update};
 use crate::params::{parse_object, Fields};
-use crate::tools::{self, CallReader, Delta, Format, Tool, ToolCall, ToolChoice, Turn};
+use crate::tools::{self, CallReader, Delta, Format, Part, Tool, ToolCall, ToolChoice, Turn};
 use crate::upstream::ModelState;
 use crate::AppState;
 use axum::body::Bytes;
@@ -93,10 +93,45 @@ fn conversation(f: &Fields, max: usize) -> Result<Vec<Turn>, ApiError> {
             Value::Array(blocks) if blocks.iter().any(|b| matches!(b.get("type").and_then(Value::as_str), Some("tool_use" | "tool_result"))) => {
                 out.extend(tool_blocks(role, blocks, &name)?);
             }
+            Value::Array(blocks) if role == "user" && blocks.iter().any(|b| b.get("type").and_then(Value::as_str) == Some("image")) => {
+                out.push(image_blocks(blocks, &name)?);
+            }
             _ => out.push(Turn { role: role.into(), content: blocks_text(content, &name)?, ..Turn::default() }),
         }
     }
     Ok(out)
+}
+
+/// A user message holding `image` blocks (`source`: `{type: base64, media_type, data}` or a
+/// `data:` URL as `{type: url, url}`) among text blocks.
+fn image_blocks(blocks: &[Value], name: &str) -> Result<Turn, ApiError> {
+    let (mut text, mut parts) = (String::new(), Vec::new());
+    for (j, block) in blocks.iter().enumerate() {
+        let path = format!("{name}[{j}].");
+        let Some(obj) = block.as_object() else { return Err(ApiError::field(format!("{name}[{j}]"), "expected a content block object")) };
+        if obj.get("type").and_then(Value::as_str) != Some("image") {
+            let t = blocks_text(&Value::Array(vec![block.clone()]), name)?;
+            text.push_str(&t);
+            parts.push(Part::Text(t));
+            continue;
+        }
+        let b = Fields::new(obj, &path, &["type", "source", "cache_control"], &[])?;
+        let source = b.object("source")?.ok_or_else(|| ApiError::field(b.name("source"), "is required (an object)"))?;
+        let sp = format!("{path}source.");
+        let s = Fields::new(source, &sp, &["type", "media_type", "data", "url"], &[])?;
+        let data = match s.str("type")? {
+            Some("base64") => {
+                let media_type = s.str("media_type")?.ok_or_else(|| ApiError::field(s.name("media_type"), "is required"))?;
+                let data = s.str("data")?.ok_or_else(|| ApiError::field(s.name("data"), "is required"))?;
+                super::images::from_base64(media_type, data, &s.name("data"), &Default::default())?
+            }
+            Some("url") => super::images::from_url(s.str("url")?.ok_or_else(|| ApiError::field(s.name("url"), "is required"))?, &s.name("url"), &Default::default())?,
+            Some(other) => return Err(ApiError::field(s.name("type"), format!("unknown image source `{other}`; expected base64 or url"))),
+            None => return Err(ApiError::field(s.name("type"), "is required")),
+        };
+        parts.push(Part::Image { path: format!("{path}source"), data });
+    }
+    Ok(Turn { role: "user".into(), content: text, parts, ..Turn::default() })
 }
 
 /// A message holding `tool_use` (assistant) or `tool_result` (user) blocks, with any text.
@@ -244,8 +279,9 @@ async fn messages_inner(state: &Arc<AppState>, headers: &HeaderMap, body: &[u8],
     validate_sampling(&sampling)?;
     let stream = f.bool("stream")?.unwrap_or(false);
     let (tools, choice, parallel) = message_tools(&f)?;
-    let super::ConversationPrompt { tokens: prompt, calls: format, grammar } = super::conversation_prompt(&model, &conversation, &tools, &choice, parallel, true)?;
+    let super::ConversationPrompt { tokens: prompt, calls: format, grammar, images } = super::conversation_prompt(&model, &conversation, &tools, &choice, parallel, true)?;
     check_context(&model, prompt.len(), Some(max_tokens), "messages")?;
+    super::images::check_all(&crate::tools::images(&conversation), Default::default()).await?;
     admit(state)?;
     let id = random_id("msg_");
     let prompt_tokens = prompt.len() as u32;
@@ -262,6 +298,7 @@ async fn messages_inner(state: &Arc<AppState>, headers: &HeaderMap, body: &[u8],
         request_id: id.clone(),
         resume: None,
         constraint: grammar,
+        images,
     };
     let mut generation = Generation::start(state, &model, request, key, started).await?;
     if stream {

@@ -153,7 +153,8 @@ impl ToolLoop {
         let conversation = super::conversation_prompt(&self.model, &self.turns, &self.all_tools(), &choice, self.parallel, false)?;
         check_context(&self.model, conversation.tokens.len(), self.c.max_tokens, "messages")?;
         let key = crate::routing::RouteKey::new(self.session.as_deref(), &conversation.tokens);
-        let request = generate_request(conversation.tokens, &self.c, false, 0, &random_id("chatcmpl-"), conversation.grammar);
+        let mut request = generate_request(conversation.tokens, &self.c, false, 0, &random_id("chatcmpl-"), conversation.grammar);
+        request.images = conversation.images;
         let generation = Generation::start(&self.state, &self.model, request, key, self.started).await?;
         Ok((generation, conversation.calls))
     }
@@ -214,7 +215,7 @@ impl ToolLoop {
                     }
                 }
                 let outcomes = unless_gone(sink, futures_util::future::join_all(ours.iter().zip(&targets).map(|(call, tool)| hub.call(tool, &call.arguments)))).await?;
-                self.turns.push(Turn { role: "assistant".into(), content: String::new(), tool_calls: ours.clone(), tool_call_id: None });
+                self.turns.push(Turn { role: "assistant".into(), content: String::new(), tool_calls: ours.clone(), tool_call_id: None, parts: Vec::new() });
                 messages.push(json!({"role": "assistant", "content": null, "tool_calls": ours.iter().map(call_message).collect::<Vec<_>>()}));
                 for ((call, tool), outcome) in ours.iter().zip(&targets).zip(outcomes) {
                     if let Some(s) = sink {
@@ -224,7 +225,7 @@ impl ToolLoop {
                     // The model reads a failure as the result, so it can answer or try again.
                     let content = if outcome.is_error { format!("Error: {}", outcome.content) } else { outcome.content };
                     messages.push(json!({"role": "tool", "tool_call_id": call.id, "content": content}));
-                    self.turns.push(Turn { role: "tool".into(), content, tool_calls: Vec::new(), tool_call_id: Some(call.id.clone()) });
+                    self.turns.push(Turn { role: "tool".into(), content, tool_calls: Vec::new(), tool_call_id: Some(call.id.clone()), parts: Vec::new() });
                 }
             }
             round += 1;

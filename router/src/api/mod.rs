@@ -5,6 +5,7 @@ mod anthropic;
 mod collect;
 mod cors;
 mod embeddings;
+mod images;
 mod mcp_loop;
 pub(crate) mod openai;
 mod openai_format;
@@ -305,6 +306,8 @@ pub struct ConversationPrompt {
     pub calls: Option<Format>,
     /// The grammar that holds the answer to calls (or text that cannot start like one).
     pub grammar: Option<kiln_proto::v1::Constraint>,
+    /// The images the prompt holds, in order.
+    pub images: Vec<Vec<u8>>,
 }
 
 /// The prompt for `turns`. With tools offered or in the history, the tools go to the template
@@ -312,20 +315,38 @@ pub struct ConversationPrompt {
 /// written as text (crate::tools); without, the plain template renders the messages,
 /// `continue_last` continuing a final assistant message rather than answering it.
 pub fn conversation_prompt(model: &ModelState, turns: &[Turn], tools: &[Tool], choice: &ToolChoice, parallel: bool, continue_last: bool) -> Result<ConversationPrompt, ApiError> {
-    if tools.is_empty() && !turns.iter().any(|t| !t.tool_calls.is_empty() || t.role == "tool") {
+    let images = crate::tools::images(turns);
+    if images.is_empty() && tools.is_empty() && !turns.iter().any(|t| !t.tool_calls.is_empty() || t.role == "tool") {
         let messages: Vec<ChatMessage> = turns.iter().map(|t| ChatMessage::new(t.role.clone(), t.content.clone())).collect();
-        return Ok(ConversationPrompt { tokens: chat_prompt(model, &messages, continue_last)?, calls: None, grammar: None });
+        return Ok(ConversationPrompt { tokens: chat_prompt(model, &messages, continue_last)?, calls: None, grammar: None, images: Vec::new() });
+    }
+    if !images.is_empty() {
+        let Some(vision) = &model.info.vision else {
+            return Err(ApiError::field(images[0].0.as_str(), format!("`{}` does not take images; it is a text-only model", model.info.model_id)));
+        };
+        if images.len() > vision.max_images as usize {
+            return Err(ApiError::field("messages", format!("{} images; at most {} per request", images.len(), vision.max_images)));
+        }
     }
     let (format, native) = crate::tools::format_for(&model.info.chat_template);
     let mut variables = crate::tools::template_variables(turns, tools, choice, format, native);
     variables["add_generation_prompt"] = serde_json::Value::Bool(true);
-    let text = model.template.render_with(&variables).map_err(|e| ApiError::field("messages", e.to_string()))?;
+    let mut text = model.template.render_with(&variables).map_err(|e| ApiError::field("messages", e.to_string()))?;
+    if let Some(vision) = model.info.vision.as_ref().filter(|_| !images.is_empty()) {
+        let placed = text.matches(vision.placeholder.as_str()).count();
+        if placed != images.len() {
+            return Err(ApiError::field("messages", format!("the model's chat template placed {placed} of the {} images", images.len())));
+        }
+        let full = format!("{}{}{}", vision.before, vision.image_token.repeat(vision.tokens_per_image as usize), vision.after);
+        text = text.replace(vision.placeholder.as_str(), &full);
+    }
     let grammar = crate::tools::grammar(tools, choice, parallel, format)
         .map(|lark| kiln_proto::v1::Constraint { kind: Some(kiln_proto::v1::constraint::Kind::Lark(lark)) });
     Ok(ConversationPrompt {
         tokens: kiln_shared::chat::encode_rendered(&model.tokenizer, &text),
         calls: (*choice != ToolChoice::None).then_some(format),
         grammar,
+        images: images.into_iter().map(|(_, data)| data).collect(),
     })
 }
 

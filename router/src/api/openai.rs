@@ -6,7 +6,7 @@ use super::{admit, answer, check_context, collect, labelled, random_id, resolve_
 use crate::error::{ApiError, Flavor};
 use crate::generate::{Generation, Update};
 use crate::params::{parse_object, Fields};
-use crate::tools::{self, CallReader, Delta, Format, Tool, ToolCall, ToolChoice, Turn};
+use crate::tools::{self, CallReader, Delta, Format, Part, Tool, ToolCall, ToolChoice, Turn};
 use crate::upstream::ModelState;
 use crate::AppState;
 use axum::body::Bytes;
@@ -48,27 +48,44 @@ fn model_of(f: &Fields) -> Result<String, ApiError> {
     f.str("model")?.map(str::to_string).ok_or_else(|| ApiError::field("model", "is required"))
 }
 
-/// Text of a message's `content`: a string or an array of text parts.
-fn text_content(m: &Fields, i: usize, role: &str) -> Result<String, ApiError> {
+/// A message's `content`: a string, or an array of text parts and (in user messages)
+/// `image_url` parts; the text, and the parts in order when there are images.
+fn message_content(m: &Fields, i: usize, role: &str) -> Result<(String, Vec<Part>), ApiError> {
     let name = m.name("content");
     match m.get("content") {
-        None if role == "assistant" => Ok(String::new()),
+        None if role == "assistant" => Ok((String::new(), Vec::new())),
         None => Err(ApiError::field(name, "is required")),
-        Some(Value::String(s)) => Ok(s.clone()),
-        Some(Value::Array(parts)) => {
-            let mut text = String::new();
-            for (j, part) in parts.iter().enumerate() {
+        Some(Value::String(s)) => Ok((s.clone(), Vec::new())),
+        Some(Value::Array(items)) => {
+            let (mut text, mut parts, mut images) = (String::new(), Vec::new(), false);
+            for (j, part) in items.iter().enumerate() {
                 let path = format!("messages[{i}].content[{j}].");
                 let Some(obj) = part.as_object() else { return Err(ApiError::field(format!("{path}type"), "expected a content part object")) };
                 match obj.get("type").and_then(Value::as_str) {
-                    Some("text") => {}
-                    Some(other) => return Err(ApiError::field(format!("{path}type"), format!("`{other}` parts are not supported; only text"))),
+                    Some("text") => {
+                        let p = Fields::new(obj, &path, &["type", "text"], &[])?;
+                        let t = p.str("text")?.ok_or_else(|| ApiError::field(p.name("text"), "is required"))?;
+                        text.push_str(t);
+                        parts.push(Part::Text(t.to_string()));
+                    }
+                    Some("image_url") if role == "user" => {
+                        let p = Fields::new(obj, &path, &["type", "image_url"], &[])?;
+                        let image = p.object("image_url")?.ok_or_else(|| ApiError::field(p.name("image_url"), "is required (an object with `url`)"))?;
+                        let u = Fields::new(image, &format!("{path}image_url."), &["url", "detail"], &[])?;
+                        if let Some(d) = u.str("detail")?.filter(|d| !matches!(*d, "auto" | "low" | "high")) {
+                            return Err(ApiError::field(u.name("detail"), format!("unknown value `{d}`; expected auto, low or high")));
+                        }
+                        let url = u.str("url")?.ok_or_else(|| ApiError::field(u.name("url"), "is required"))?;
+                        let data = super::images::from_url(url, &u.name("url"), &Default::default())?;
+                        parts.push(Part::Image { path: u.name("url"), data });
+                        images = true;
+                    }
+                    Some("image_url") => return Err(ApiError::field(format!("{path}type"), "images are only allowed in user messages")),
+                    Some(other) => return Err(ApiError::field(format!("{path}type"), format!("`{other}` parts are not supported; only text and image_url"))),
                     None => return Err(ApiError::field(format!("{path}type"), "is required (a string)")),
                 }
-                let p = Fields::new(obj, &path, &["type", "text"], &[])?;
-                text.push_str(p.str("text")?.ok_or_else(|| ApiError::field(p.name("text"), "is required"))?);
             }
-            Ok(text)
+            Ok((text, if images { parts } else { Vec::new() }))
         }
         Some(_) => Err(ApiError::field(name, "expected a string or an array of content parts")),
     }
@@ -98,8 +115,8 @@ fn chat_messages(f: &Fields, max: usize) -> Result<Vec<Turn>, ApiError> {
             Some(calls) => message_tool_calls(calls, &m.name("tool_calls"))?,
             None => Vec::new(),
         };
-        let content = if role == "assistant" && !tool_calls.is_empty() && m.get("content").is_none() { String::new() } else { text_content(&m, i, role)? };
-        out.push(Turn { role: role.to_string(), content, tool_calls, tool_call_id });
+        let (content, parts) = if role == "assistant" && !tool_calls.is_empty() && m.get("content").is_none() { (String::new(), Vec::new()) } else { message_content(&m, i, role)? };
+        out.push(Turn { role: role.to_string(), content, tool_calls, tool_call_id, parts });
     }
     Ok(out)
 }
@@ -208,6 +225,7 @@ pub(super) fn generate_request(prompt: Vec<u32>, c: &Common, logprobs: bool, top
         },
         resume: None,
         constraint,
+        images: Vec::new(),
     }
 }
 
@@ -260,10 +278,12 @@ pub(crate) async fn chat_inner(state: &Arc<AppState>, headers: &HeaderMap, body:
     let constraint = conversation.grammar.or(constraint);
     let (prompt, calls) = (conversation.tokens, conversation.calls);
     check_context(&model, prompt.len(), c.max_tokens, "messages")?;
+    super::images::check_all(&crate::tools::images(&turns), Default::default()).await?;
     admit(state)?;
     let id = random_id("chatcmpl-");
     let key = route_key(headers, &prompt);
-    let request = generate_request(prompt, &c, logprobs, top_logprobs.unwrap_or(0) as u32, &id, constraint);
+    let mut request = generate_request(prompt, &c, logprobs, top_logprobs.unwrap_or(0) as u32, &id, constraint);
+    request.images = conversation.images;
     let mut generation = Generation::start(state, &model, request, key, started).await?;
     let created = unix_now();
     if c.stream {
@@ -555,6 +575,8 @@ fn model_object(m: &ModelState, anthropic: bool) -> Value {
             "weight_format": m.info.weight_format,
             "kind": if m.info.kind == pb::ModelKind::Embed as i32 { "embedding" } else { "generation" },
             "dimensions": (m.info.dimensions > 0).then_some(m.info.dimensions),
+            // Which input kinds the model takes: text, and images for vision-language models.
+            "input_modalities": if m.info.vision.is_some() { json!(["text", "image"]) } else { json!(["text"]) },
         })
     }
 }

@@ -76,6 +76,8 @@ pub(super) struct Shared {
     pub tokenizer: Arc<kiln_shared::tokenizer::Tokenizer>,
     pub stats: Mutex<EngineStats>,
     pub capacity: Capacity,
+    /// How the model's prompts hold images, for a vision-language model.
+    pub vision: Option<crate::vision::VisionInfo>,
 }
 
 #[derive(Clone)]
@@ -98,6 +100,13 @@ impl EngineHandle {
         }
         if req.prompt.len() >= cap.max_context_len {
             return Err(Error::PromptTooLong { prompt_tokens: req.prompt.len(), context_len: cap.max_context_len });
+        }
+        match &self.shared.vision {
+            Some(vision) => {
+                vision.image_runs(&req.prompt, req.images.len())?;
+            }
+            None if !req.images.is_empty() => return Err(Error::InvalidRequest("this model does not take images (it has no vision encoder)".into())),
+            None => {}
         }
         if req.max_tokens == Some(0) {
             return Err(Error::InvalidRequest("max_tokens must be at least 1".into()));

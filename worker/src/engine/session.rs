@@ -40,6 +40,8 @@ pub struct GenerationRequest {
     pub resume: Option<Resume>,
     /// A grammar the output must match (JSON schema, regex, Lark), compiled for this model.
     pub constraint: Option<Arc<crate::constraint::Constraint>>,
+    /// Images of the prompt, in order: each fills one run of the model's image token.
+    pub images: Vec<Arc<crate::vision::PreparedImage>>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq)]

@@ -79,6 +79,9 @@ pub struct Engine {
     pub(super) next_fork_id: SeqId,
     shared: Arc<Shared>,
     pub(super) stats: EngineStats,
+    /// Admitted sequences whose images are still to be encoded (together, before the next step).
+    awaiting_images: Vec<SeqState>,
+    vision_scratch: Scratch,
 }
 
 /// Bytes of memory this process may still use, or None where it cannot tell: what the system
@@ -163,6 +166,7 @@ impl Engine {
         let shared = Arc::new(Shared {
             next_id: AtomicU64::new(1),
             tokenizer: Arc::clone(&model.tokenizer),
+            vision: model.vision.as_ref().map(|v| v.info.clone()),
             stats: Mutex::new(EngineStats::default()),
             capacity: Capacity {
                 block_size: cfg.block_size,
@@ -185,6 +189,8 @@ impl Engine {
             next_fork_id: 1 << 48,
             shared: Arc::clone(&shared),
             stats: EngineStats { kv_block_bytes, ..EngineStats::default() },
+            awaiting_images: Vec::new(),
+            vision_scratch: Scratch::default(),
         };
         std::thread::Builder::new()
             .name("kiln-engine".into())
@@ -218,6 +224,9 @@ impl Engine {
                     Err(TryRecvError::Disconnected) => break,
                 }
             }
+            if !self.awaiting_images.is_empty() {
+                self.encode_images();
+            }
             if !self.scheduler.is_idle() {
                 self.step();
             }
@@ -237,6 +246,7 @@ impl Engine {
                     r.index
                 });
                 let seq = SeqState::new(a.id, tokens, self.kv.groups.len());
+                let has_images = !a.req.images.is_empty();
                 let req = Arc::new(a.req);
                 let resumed = a.resumed.is_some();
                 self.active.insert(
@@ -254,7 +264,11 @@ impl Engine {
                     },
                 );
                 self.requests.insert(a.id, vec![a.id]);
-                self.scheduler.add(seq);
+                if has_images {
+                    self.awaiting_images.push(seq);
+                } else {
+                    self.scheduler.add(seq);
+                }
             }
             Command::Cancel(request) => self.cancel_request(request),
             Command::Shutdown => {
@@ -265,6 +279,54 @@ impl Engine {
             }
         }
         true
+    }
+
+    /// Encodes the images of every sequence admitted since the last step in one batch (an
+    /// image sent by several requests once), places them, and lets the sequences run.
+    fn encode_images(&mut self) {
+        let waiting = std::mem::take(&mut self.awaiting_images);
+        let mut unique: Vec<Arc<crate::vision::PreparedImage>> = Vec::new();
+        for seq in &waiting {
+            for img in self.active.get(&seq.id).map(|a| a.req.images.as_slice()).unwrap_or_default() {
+                if !unique.iter().any(|u| u.key == img.key) {
+                    unique.push(Arc::clone(img));
+                }
+            }
+        }
+        let encoded = match &self.model.vision {
+            Some(vision) => {
+                let refs: Vec<&crate::vision::PreparedImage> = unique.iter().map(|i| i.as_ref()).collect();
+                let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| vision.encode(&self.compute, &refs, &mut self.vision_scratch)));
+                run.unwrap_or_else(|_| Err(Error::InvalidRequest("internal error while encoding images".into())))
+            }
+            None => Err(Error::InvalidRequest("this model does not take images".into())),
+        };
+        for mut seq in waiting {
+            if !self.active.contains_key(&seq.id) {
+                continue; // cancelled while waiting
+            }
+            let placed = encoded.as_ref().map_err(|e| e.to_string()).and_then(|embeddings| {
+                let images = self.active.get(&seq.id).map(|a| a.req.images.clone()).unwrap_or_default();
+                let keyed: Vec<(Arc<[f32]>, u64)> = images
+                    .iter()
+                    .map(|img| (Arc::clone(&embeddings[unique.iter().position(|u| u.key == img.key).unwrap_or(0)]), img.key))
+                    .collect();
+                let vision = self.model.vision.as_ref().ok_or("this model does not take images")?;
+                vision.info.place(&seq.tokens, &keyed).map_err(|e| e.to_string())
+            });
+            match placed {
+                Ok(spans) => {
+                    seq.images = spans;
+                    self.scheduler.add(seq);
+                }
+                Err(msg) => {
+                    if let Some(a) = self.active.remove(&seq.id) {
+                        let _ = a.events.send(Event::Failed(msg));
+                    }
+                    self.requests.remove(&seq.id);
+                }
+            }
+        }
     }
 
     fn step(&mut self) {
@@ -313,6 +375,7 @@ fn forward(model: &LoadedModel, compute: &Compute, scheduler: &Scheduler, kv: &m
         let tables = seq.block_tables.iter().map(|t| t[..blocks].to_vec()).collect();
         let wanted = if e.wants_logits { Logits::Last } else { Logits::None };
         batch.push_seq(&seq.tokens[e.start..e.start + e.len], e.start, tables, wanted);
+        batch.place_images(&seq.images);
     }
     model.model.forward(compute, &batch, kv, scratch, logits)
 }

@@ -13,6 +13,14 @@ pub fn block_hash(parent: u64, tokens: &[u32]) -> u64 {
     h.finish()
 }
 
+/// A well-spread 64-bit value of `key` and `index` (splitmix64 of their combination).
+pub fn mix(key: u64, index: u64) -> u64 {
+    let mut z = key ^ index.wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
 /// (hash, parent hash) of each full block of `tokens`.
 pub fn chain(tokens: &[u32], block_size: usize) -> Vec<(u64, u64)> {
     let mut parent = ROOT;

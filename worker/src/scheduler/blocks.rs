@@ -41,11 +41,12 @@ impl Scheduler {
     pub(super) fn reuse_prefix(&mut self, seq: &mut SeqState) {
         let bs = self.cfg.block_size;
         let max_blocks = (seq.tokens.len() - 1) / bs;
-        let hashes = chain(&seq.tokens[..max_blocks * bs], bs);
+        let keys = seq.cache_keys(0..max_blocks * bs).into_owned();
+        let hashes = chain(&keys, bs);
         self.stats.prefix_query_tokens += seq.tokens.len() as u64;
         let found = |s: &Scheduler, g: usize, b: usize| {
             let (h, parent) = hashes[b];
-            s.pools[g].lookup(h, parent, &seq.tokens[b * bs..(b + 1) * bs])
+            s.pools[g].lookup(h, parent, &keys[b * bs..(b + 1) * bs])
         };
         let mut k = max_blocks;
         'search: while k > 0 {
@@ -87,11 +88,11 @@ impl Scheduler {
         let full = seq.num_computed / bs;
         for b in seq.registered..full {
             let parent = if b == 0 { ROOT } else { seq.last_hash };
-            let tokens = &seq.tokens[b * bs..(b + 1) * bs];
-            let h = block_hash(parent, tokens);
+            let tokens = seq.cache_keys(b * bs..(b + 1) * bs);
+            let h = block_hash(parent, &tokens);
             for (pool, table) in self.pools.iter_mut().zip(&seq.block_tables) {
                 if table[b] != NO_BLOCK {
-                    pool.register(table[b], h, parent, tokens);
+                    pool.register(table[b], h, parent, &tokens);
                 }
             }
             seq.last_hash = h;

@@ -42,6 +42,9 @@ pub struct SeqState {
     last_hash: u64,
     admitted: u64,
     pub preemptions: u32,
+    /// Images placed in the prompt: a step never ends inside one (its tokens attend to each
+    /// other), and the prefix cache tells them apart by content, not by their tokens.
+    pub images: Vec<crate::models::batch::ImageSpan>,
 }
 
 impl SeqState {
@@ -57,7 +60,36 @@ impl SeqState {
             last_hash: crate::kv_cache::prefix::ROOT,
             admitted: 0,
             preemptions: 0,
+            images: Vec::new(),
         }
+    }
+
+    /// How many of `n` tokens from position `start` to compute in one step so that no image
+    /// is cut: a step ending inside an image stops before it, or, when the image begins at or
+    /// before `start`, takes the rest of it whatever the budget.
+    fn image_safe_len(&self, start: usize, n: usize) -> usize {
+        let mut end = start + n;
+        while let Some(img) = self.images.iter().find(|i| i.start < end && end < i.start + i.len) {
+            end = if img.start > start { img.start } else { img.start + img.len };
+        }
+        end - start
+    }
+
+    /// The tokens `range` as the prefix cache keys them: an image's positions carry values
+    /// derived from its content key (above every token id), so different images differ.
+    pub fn cache_keys(&self, range: std::ops::Range<usize>) -> std::borrow::Cow<'_, [u32]> {
+        let tokens = &self.tokens[range.clone()];
+        if !self.images.iter().any(|i| i.start < range.end && range.start < i.start + i.len) {
+            return std::borrow::Cow::Borrowed(tokens);
+        }
+        let mut keys = tokens.to_vec();
+        for img in &self.images {
+            for pos in img.start.max(range.start)..(img.start + img.len).min(range.end) {
+                let mixed = crate::kv_cache::prefix::mix(img.key, (pos - img.start) as u64);
+                keys[pos - range.start] = 0x8000_0000 | (mixed as u32 & 0x7fff_ffff);
+            }
+        }
+        std::borrow::Cow::Owned(keys)
     }
 
     fn pending(&self) -> usize {
@@ -241,7 +273,7 @@ impl Scheduler {
         self.running.sort_by_key(|s| s.admitted);
         let mut i = 0;
         while i < self.running.len() && budget > 0 {
-            let n = self.running[i].pending().min(budget);
+            let n = self.running[i].image_safe_len(self.running[i].num_computed, self.running[i].pending().min(budget));
             let target = self.running[i].num_computed + n;
             if !self.grow_with_preemption(i, target, &mut plan) {
                 // The sequence preempted itself; nothing after it remains either.
@@ -249,7 +281,7 @@ impl Scheduler {
             }
             let s = &self.running[i];
             plan.entries.push(PlanEntry { id: s.id, start: s.num_computed, len: n, wants_logits: target == s.tokens.len() });
-            budget -= n;
+            budget = budget.saturating_sub(n);
             i += 1;
         }
         while budget > 0 && self.running.len() < self.cfg.max_seqs && plan.preempted.is_empty() {
@@ -257,7 +289,7 @@ impl Scheduler {
             if seq.num_computed == 0 {
                 self.reuse_prefix(&mut seq);
             }
-            let n = seq.pending().min(budget);
+            let n = seq.image_safe_len(seq.num_computed, seq.pending().min(budget));
             let target = seq.num_computed + n;
             if !self.grow(&mut seq, target) {
                 self.release_blocks(&mut seq);
@@ -268,7 +300,7 @@ impl Scheduler {
             self.clock += 1;
             seq.admitted = self.clock;
             plan.entries.push(PlanEntry { id: seq.id, start: seq.num_computed, len: n, wants_logits: seq.num_computed + n == seq.tokens.len() });
-            budget -= n;
+            budget = budget.saturating_sub(n);
             self.running.push(seq);
         }
         plan

@@ -36,6 +36,8 @@ pub fn generation_request(r: pb::GenerateRequest) -> Result<GenerationRequest, S
         n: r.n.max(1) as usize,
         resume: r.resume.map(|x| crate::engine::Resume { index: x.index as usize, tokens: x.tokens }),
         constraint: None,
+        // Decoded and prepared by the caller (CPU work, off the async runtime).
+        images: Vec::new(),
     })
 }
 

@@ -55,6 +55,15 @@ impl Serving {
             weight_format: model.weight_format.clone(),
             kind: pb::ModelKind::Generate as i32,
             dimensions: 0,
+            vision: model.vision.as_ref().map(|v| pb::Vision {
+                placeholder: v.info.placeholder.clone(),
+                image_token: v.info.image_token.clone(),
+                image_token_id: v.info.image_token_id,
+                tokens_per_image: v.info.tokens as u32,
+                before: v.info.before.clone(),
+                after: v.info.after.clone(),
+                max_images: crate::vision::MAX_IMAGES as u32,
+            }),
         };
         let grammars = Arc::new(crate::constraint::Grammars::new(Arc::clone(&model.tokenizer)));
         let tokenizer = Arc::clone(&model.tokenizer);
@@ -78,6 +87,7 @@ impl Serving {
             weight_format: e.weight_format.clone(),
             kind: pb::ModelKind::Embed as i32,
             dimensions: e.dimensions() as u32,
+            vision: None,
         };
         let tokenizer = Arc::clone(&e.tokenizer);
         Ok(Serving { backend: Backend::Embed(queue), info, tokenizer })
@@ -234,6 +244,7 @@ impl Worker for WorkerService {
             s
         };
         let mut request = request.into_inner();
+        let images = std::mem::take(&mut request.images);
         let spec = request.constraint.take().as_ref().map(convert::grammar_spec).transpose().map_err(fail)?.flatten();
         let mut req = convert::generation_request(request).map_err(fail)?;
         if let Some(spec) = spec {
@@ -244,6 +255,21 @@ impl Worker for WorkerService {
                 .map_err(|e| Status::internal(format!("grammar compilation failed: {e}")))
                 .map_err(fail)?;
             req.constraint = Some(compiled.map_err(|e| fail(constraint_status(&e)))?);
+        }
+        if !images.is_empty() {
+            let Some(vision) = model.vision.clone() else {
+                return Err(fail(Status::invalid_argument(format!("`{}` does not take images", serving.info.model_id))));
+            };
+            if images.len() > crate::vision::MAX_IMAGES {
+                return Err(fail(Status::invalid_argument(format!("{} images; at most {} per request", images.len(), crate::vision::MAX_IMAGES))));
+            }
+            // Decoding and resizing are CPU work.
+            let prepared = tokio::task::spawn_blocking(move || {
+                images.iter().map(|data| vision.processor.prepare(data, &Default::default()).map(Arc::new)).collect::<crate::error::Result<Vec<_>>>()
+            })
+            .await
+            .map_err(|e| fail(Status::internal(format!("image preparation failed: {e}"))))?;
+            req.images = prepared.map_err(|e| fail(convert::status(&e)))?;
         }
         let events = engine.submit(req).map_err(|e| {
             span.record("otel.status_code", "ERROR");

@@ -11,8 +11,12 @@ use crate::models::scratch::Scratch;
 use kiln_shared::image::{ImageError, ImageLimits, RgbImage};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
+use std::ops::Range;
 use std::path::Path;
 use std::sync::Arc;
+
+/// Most images one request may hold.
+pub const MAX_IMAGES: usize = 16;
 
 impl From<ImageError> for Error {
     fn from(e: ImageError) -> Error {
@@ -34,11 +38,17 @@ pub struct ImageProcessor {
 }
 
 /// An image ready for the encoder: `[3, height, width]` values and a digest of its pixels.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct PreparedImage {
     pub pixels: Vec<f32>,
     /// Identifies the resized image's content: equal keys, equal embeddings.
     pub key: u64,
+}
+
+impl std::fmt::Debug for PreparedImage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "PreparedImage {{ values: {}, key: {:016x} }}", self.pixels.len(), self.key)
+    }
 }
 
 fn bad(key: &str, what: impl Into<String>) -> Error {
@@ -262,33 +272,35 @@ impl VisionInfo {
         text.replace(&self.placeholder, &full)
     }
 
-    /// Where each image's embeddings go in `prompt`: its runs of the image token, in order,
-    /// one per image and each `tokens` long.
-    pub fn place(&self, prompt: &[u32], images: &[(Arc<[f32]>, u64)]) -> Result<Vec<crate::models::batch::ImageSpan>> {
-        let mut runs = Vec::new();
-        let mut i = 0;
-        while i < prompt.len() {
-            if prompt[i] == self.image_token_id {
-                let start = i;
-                while i < prompt.len() && prompt[i] == self.image_token_id {
-                    i += 1;
-                }
-                runs.push(start..i);
-            } else {
-                i += 1;
+    /// The runs of image tokens in `prompt`, checked against the `images` given: one run per
+    /// image, each `tokens` long.
+    pub fn image_runs(&self, prompt: &[u32], images: usize) -> Result<Vec<Range<usize>>> {
+        let mut runs: Vec<Range<usize>> = Vec::new();
+        for (i, &t) in prompt.iter().enumerate() {
+            if t != self.image_token_id {
+                continue;
+            }
+            match runs.last_mut() {
+                Some(r) if r.end == i => r.end = i + 1,
+                _ => runs.push(i..i + 1),
             }
         }
-        if runs.len() != images.len() {
-            return Err(Error::InvalidRequest(format!("the prompt has places for {} images, but {} were given", runs.len(), images.len())));
+        if runs.len() != images {
+            return Err(Error::InvalidRequest(format!("the prompt has places for {} images, but {images} were given", runs.len())));
         }
-        runs.into_iter()
+        if let Some(bad) = runs.iter().find(|r| r.len() != self.tokens) {
+            return Err(Error::InvalidRequest(format!("an image takes {} tokens in the prompt; positions {bad:?} hold {}", self.tokens, bad.len())));
+        }
+        Ok(runs)
+    }
+
+    /// Where each image's embeddings go in `prompt` (`images`: embeddings and content key).
+    pub fn place(&self, prompt: &[u32], images: &[(Arc<[f32]>, u64)]) -> Result<Vec<crate::models::batch::ImageSpan>> {
+        let runs = self.image_runs(prompt, images.len())?;
+        Ok(runs
+            .into_iter()
             .zip(images)
-            .map(|(run, (embeddings, key))| {
-                if run.len() != self.tokens {
-                    return Err(Error::InvalidRequest(format!("an image takes {} tokens in the prompt; positions {run:?} hold {}", self.tokens, run.len())));
-                }
-                Ok(crate::models::batch::ImageSpan { start: run.start, len: run.len(), embeddings: Arc::clone(embeddings), key: *key })
-            })
-            .collect()
+            .map(|(run, (embeddings, key))| crate::models::batch::ImageSpan { start: run.start, len: run.len(), embeddings: Arc::clone(embeddings), key: *key })
+            .collect())
     }
 }
