@@ -120,3 +120,127 @@ fn gemma3_logits_and_greedy_tokens_match_transformers() {
         assert_eq!(greedy, common::ids(&case["greedy"]), "{name}: greedy tokens");
     }
 }
+
+mod engine {
+    use super::*;
+    use kiln_shared::sampling::SamplingParams;
+    use kiln_worker::engine::{Engine, EngineConfig, EngineHandle, Event, GenerationRequest, RequestStream, Usage};
+    use kiln_worker::vision::PreparedImage;
+
+    fn collect(stream: RequestStream) -> (Vec<u32>, Usage) {
+        let mut tokens = Vec::new();
+        for e in stream {
+            match e {
+                Event::Token { id, .. } => tokens.push(id),
+                Event::Done { usage, .. } => return (tokens, usage),
+                Event::Failed(msg) => panic!("request failed: {msg}"),
+            }
+        }
+        panic!("stream ended without Done")
+    }
+
+    fn images(names: &[&str]) -> Vec<Arc<PreparedImage>> {
+        let model = gemma3();
+        let processor = &model.vision.as_ref().unwrap().processor;
+        names.iter().map(|n| Arc::new(processor.prepare(&image_bytes(n), &ImageLimits::default()).unwrap())).collect()
+    }
+
+    /// The reference case as a greedy request of its 16 tokens.
+    fn request(case: &serde_json::Value) -> GenerationRequest {
+        let names: Vec<&str> = case["images"].as_array().unwrap().iter().map(|n| n.as_str().unwrap()).collect();
+        GenerationRequest {
+            prompt: common::ids(&case["ids"]),
+            sampling: SamplingParams::greedy(),
+            max_tokens: Some(16),
+            ignore_eos: true,
+            images: images(&names),
+            ..Default::default()
+        }
+    }
+
+    fn cases() -> Vec<serde_json::Value> {
+        let reference: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(fixtures().join("gemma3/reference.json")).unwrap()).unwrap();
+        reference["cases"].as_array().unwrap().clone()
+    }
+
+    fn start(cfg: EngineConfig) -> EngineHandle {
+        Engine::start(gemma3(), common::compute(), cfg).unwrap()
+    }
+
+    #[test]
+    fn alone_batched_and_in_small_chunks_give_transformers_tokens() {
+        let cases = cases();
+        // Alone, on the default engine.
+        let h = start(EngineConfig::default());
+        for case in &cases {
+            let (tokens, _) = collect(h.submit(request(case)).unwrap());
+            assert_eq!(tokens, common::ids(&case["greedy"]), "{} alone", case["name"]);
+        }
+        // Together with text-only requests, steps of 10 tokens (an image is 16: a step may
+        // not end inside one, so it stops before or takes all of it), blocks of 4 and a cache
+        // small enough to preempt.
+        let tight = EngineConfig { max_batch_tokens: 10, block_size: 4, kv_cache_bytes: Some(64 << 10), max_seqs: 8, ..EngineConfig::default() };
+        let h = start(tight);
+        let text_only: Vec<GenerationRequest> = (0..3)
+            .map(|k| GenerationRequest { prompt: (0..12 + k).map(|i| 10 + ((i * 7 + k) % 200) as u32).collect(), sampling: SamplingParams::greedy(), max_tokens: Some(8), ignore_eos: true, ..Default::default() })
+            .collect();
+        let alone: Vec<Vec<u32>> = text_only.iter().map(|r| collect(h.submit(r.clone()).unwrap()).0).collect();
+        let streams: Vec<RequestStream> = cases.iter().map(request).chain(text_only.iter().cloned()).map(|r| h.submit(r).unwrap()).collect();
+        let outcomes: Vec<(Vec<u32>, Usage)> = streams.into_iter().map(collect).collect();
+        for (case, (tokens, _)) in cases.iter().zip(&outcomes) {
+            assert_eq!(tokens, &common::ids(&case["greedy"]), "{} batched", case["name"]);
+        }
+        for (want, (got, _)) in alone.iter().zip(&outcomes[cases.len()..]) {
+            assert_eq!(got, want, "text-only request batched with images");
+        }
+        assert!(h.stats().scheduler.preemptions > 0, "the tight cache was meant to preempt");
+    }
+
+    #[test]
+    fn a_repeated_image_hits_the_prefix_cache_and_another_image_does_not() {
+        let case = &cases()[0];
+        let first_image = common::ids(&case["ids"]).iter().position(|&t| t == case_image_token()).unwrap();
+        let h = start(EngineConfig { block_size: 4, ..EngineConfig::default() });
+        let (miss, usage) = collect(h.submit(request(case)).unwrap());
+        assert_eq!(usage.cached_tokens, 0);
+        let (hit, usage) = collect(h.submit(request(case)).unwrap());
+        assert!(usage.cached_tokens > first_image + 16, "cached {} tokens", usage.cached_tokens);
+        assert_eq!(hit, miss, "a prefix-cache hit on the image equals the miss");
+        // Same tokens, another image: nothing from the image on may come from the cache.
+        let mut other = request(case);
+        other.images = images(&["camera.png"]);
+        let (tokens, usage) = collect(h.submit(other.clone()).unwrap());
+        assert!(usage.cached_tokens <= first_image, "cached {} tokens, but the image starts at {first_image}", usage.cached_tokens);
+        let fresh = start(EngineConfig { block_size: 4, ..EngineConfig::default() });
+        assert_eq!(tokens, collect(fresh.submit(other).unwrap()).0, "another image answered as on a fresh engine");
+        assert_ne!(tokens, miss, "another image should change this model's answer");
+    }
+
+    fn case_image_token() -> u32 {
+        let reference: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(fixtures().join("gemma3/reference.json")).unwrap()).unwrap();
+        reference["image_token_id"].as_u64().unwrap() as u32
+    }
+
+    #[test]
+    fn image_requests_that_do_not_fit_the_prompt_are_refused() {
+        let h = start(EngineConfig::default());
+        let case = &cases()[0];
+        let mut two = request(case);
+        two.images = images(&["camera.png", "strip.png"]);
+        let err = h.submit(two).err().expect("two images for one place").to_string();
+        assert!(err.contains("places for 1 images, but 2 were given"), "{err}");
+        let mut none = request(case);
+        none.images.clear();
+        let err = h.submit(none).err().expect("image tokens without an image").to_string();
+        assert!(err.contains("places for 1 images, but 0 were given"), "{err}");
+        let mut short = request(case);
+        short.prompt.retain(|&t| t != case_image_token());
+        short.prompt.insert(5, case_image_token());
+        let err = h.submit(short).err().expect("a run of the wrong length").to_string();
+        assert!(err.contains("an image takes 16 tokens"), "{err}");
+        // A text model refuses images outright.
+        let text = Engine::start(common::model("smollm2"), common::compute(), EngineConfig::default()).unwrap();
+        let err = text.submit(GenerationRequest { prompt: vec![1, 2, 3], images: images(&["strip.png"]), ..Default::default() }).err().unwrap().to_string();
+        assert!(err.contains("does not take images"), "{err}");
+    }
+}
