@@ -7,6 +7,10 @@ Writes worker/tests/fixtures/vision/:
   one-pixel-tall strip) made here with Pillow.
 - images/<name>.<model>.f32: the model's Hugging Face image processor output for the image
   (`pixel_values`, little-endian f32, channels first), from the PIL backend.
+- qwen25vl/: a Qwen2_5_VLForConditionalGeneration checkpoint (vision transformer with 2D
+  rotary positions, window and full attention blocks and the 2x2 patch merger; a Qwen2 text
+  model with M-RoPE), with the same kind of tokenizer, template and reference.json; the
+  processor's `max_pixels` is small so images stay a few dozen tokens.
 - gemma3/: a Gemma3ForConditionalGeneration checkpoint (SigLIP tower, projector, Gemma 3 text
   model) in the current transformers layout, with a tokenizer holding the image tokens, a
   chat template that emits `<start_of_image>` for image parts, and reference.json: for each
@@ -29,6 +33,7 @@ ROOT = Path(__file__).resolve().parents[2]
 OUT = ROOT / "worker" / "tests" / "fixtures" / "vision"
 IMAGES = OUT / "images"
 
+QWEN_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
 SPECIALS = ["<pad>", "<bos>", "<eos>", "<start_of_turn>", "<end_of_turn>", "<start_of_image>", "<end_of_image>", "<image_soft_token>"]
 CORPUS = [
     "Describe this image.", "What is in the picture?", "Compare the two images.", "A cat sits on a mat.",
@@ -42,11 +47,20 @@ GEMMA3_TEMPLATE = (
 )
 
 
-def tokenizer():
+QWEN_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
+    "{% if m['content'] is string %}{{ m['content'] }}{% else %}{% for p in m['content'] %}"
+    "{% if p['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>{% elif p['type'] == 'text' %}{{ p['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def tokenizer(specials=None):
+    specials = specials or SPECIALS
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=320, special_tokens=SPECIALS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    trainer = trainers.BpeTrainer(vocab_size=320, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
                                   show_progress=False)
     tok.train_from_iterator(CORPUS, trainer)
     return tok
@@ -134,6 +148,7 @@ def gemma3(images):
     one = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe this image."}]}]
     two = [{"role": "user", "content": [{"type": "text", "text": "Compare the two images."}, {"type": "image"}, {"type": "image"}]}]
     text_only = [{"role": "user", "content": "What is in the picture?"}]
+    # Lossless images only: JPEG decoders differ by a step here and there, which logits show.
     cases = [reference("one_image", one, ["chelsea.png"]), reference("two_images", two, ["gradient_alpha.png", "camera.png"]),
              reference("text_only", text_only, [])]
     (d / "reference.json").write_text(json.dumps({"transformers": transformers.__version__, "torch": torch.__version__,
@@ -141,4 +156,99 @@ def gemma3(images):
     print(f"gemma3: {sum(p.numel() for p in model.parameters())} parameters, vocab {vocab}, prompts {[len(c['ids']) for c in cases]}")
 
 
-gemma3(write_images())
+def greedy_from_scratch(model, inputs, extra_keys, steps=16):
+    """Greedy tokens, each step a whole forward pass over the prompt and what came before."""
+    input_ids = inputs["input_ids"]
+    seq, out = input_ids, []
+    for _ in range(steps):
+        extra = {}
+        for k in extra_keys:
+            if k not in inputs:
+                continue
+            v = inputs[k]
+            if k in ("token_type_ids", "mm_token_type_ids"):
+                v = torch.cat([v, torch.zeros(1, seq.shape[1] - input_ids.shape[1], dtype=v.dtype)], 1)
+            extra[k] = v
+        nxt = model(input_ids=seq, **extra).logits[0, -1].argmax().item()
+        out.append(nxt)
+        seq = torch.cat([seq, torch.tensor([[nxt]])], 1)
+    return out
+
+
+def qwen25vl(images):
+    from transformers import PreTrainedTokenizerFast, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    d = OUT / "qwen25vl"
+    shutil.rmtree(d, ignore_errors=True)
+    d.mkdir(parents=True)
+    tok = tokenizer(QWEN_SPECIALS)
+    vocab = tok.get_vocab_size()
+    ids = {s: tok.token_to_id(s) for s in QWEN_SPECIALS}
+    text = dict(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-6, tie_word_embeddings=False,
+                rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
+                bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"])
+    # Windows of 56 pixels (2x2 merged tokens) and one full-attention block of two.
+    vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=14, spatial_merge_size=2, temporal_patch_size=2,
+                  window_size=56, out_hidden_size=64, fullatt_block_indexes=[1], hidden_act="silu")
+    config = Qwen2_5_VLConfig(text_config=text, vision_config=vision, image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+                              vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"], tie_word_embeddings=False)
+    torch.manual_seed(2)
+    model = Qwen2_5_VLForConditionalGeneration._from_config(config, attn_implementation="eager").eval()
+    with torch.no_grad():
+        # Image features strong enough to steer a small text model's greedy choice.
+        for name, p in model.named_parameters():
+            p.normal_(0.0, 0.3 if "visual" in name else 0.1)
+    model.save_pretrained(d, safe_serialization=True)
+    tok.save(str(d / "tokenizer.json"))
+    (d / "tokenizer_config.json").write_text(json.dumps({"bos_token": None, "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>",
+                                                        "add_bos_token": False, "tokenizer_class": "PreTrainedTokenizerFast"}, indent=1))
+    (d / "chat_template.jinja").write_text(QWEN_TEMPLATE)
+    hf_tok = PreTrainedTokenizerFast.from_pretrained(d)
+    image_processor = Qwen2VLImageProcessorPil(size={"shortest_edge": 56 * 56, "longest_edge": 28 * 28 * 12})
+    # The processor class needs torchvision for its video half; its image half is the image
+    # processor plus the prompt expansion below (processing_qwen2_5_vl's replace_image_token).
+    image_processor.save_pretrained(d)
+
+    for path in images:
+        out = image_processor(Image.open(path), return_tensors="np")
+        out["pixel_values"].astype("<f4").tofile(IMAGES / f"{path.name}.qwen25vl.f32")
+        (IMAGES / f"{path.name}.qwen25vl.grid").write_text(" ".join(str(int(v)) for v in out["image_grid_thw"][0]))
+
+    def reference(name, messages, image_names):
+        prompt = hf_tok.apply_chat_template(messages, chat_template=QWEN_TEMPLATE, tokenize=False, add_generation_prompt=True)
+        inputs = {}
+        expanded = prompt
+        if image_names:
+            pics = image_processor([Image.open(IMAGES / n) for n in image_names], return_tensors="pt")
+            inputs.update(pixel_values=pics["pixel_values"], image_grid_thw=pics["image_grid_thw"])
+            pieces = expanded.split("<|image_pad|>")
+            counts = [int(g.prod()) // 4 for g in pics["image_grid_thw"]]
+            expanded = pieces[0] + "".join("<|placeholder|>" * n + rest for n, rest in zip(counts, pieces[1:]))
+            expanded = expanded.replace("<|placeholder|>", "<|image_pad|>")
+        input_ids = torch.tensor([hf_tok(expanded, add_special_tokens=False)["input_ids"]])
+        inputs["input_ids"] = input_ids
+        inputs["mm_token_type_ids"] = (input_ids == ids["<|image_pad|>"]).int()
+        keys = ("pixel_values", "image_grid_thw", "mm_token_type_ids")
+        with torch.no_grad():
+            logits = model(input_ids=inputs["input_ids"], **{k: inputs[k] for k in keys if k in inputs}).logits[0]
+            greedy = greedy_from_scratch(model, inputs, keys)
+        return {"name": name, "messages": messages, "images": image_names, "prompt": prompt, "ids": inputs["input_ids"][0].tolist(),
+                "grids": inputs["image_grid_thw"].tolist() if "image_grid_thw" in inputs else [],
+                "last_logits": [[round(float(x), 7) for x in row] for row in logits[-8:]], "greedy": greedy}
+
+    one = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe this image."}]}]
+    two = [{"role": "user", "content": [{"type": "text", "text": "Compare the two images."}, {"type": "image"}, {"type": "image"}]}]
+    text_only = [{"role": "user", "content": "What is in the picture?"}]
+    # Lossless images only: JPEG decoders differ by a step here and there, which logits show.
+    cases = [reference("one_image", one, ["chelsea.png"]), reference("two_images", two, ["gradient_alpha.png", "camera.png"]),
+             reference("text_only", text_only, [])]
+    (d / "reference.json").write_text(json.dumps({"transformers": transformers.__version__, "torch": torch.__version__,
+                                                   "image_token_id": ids["<|image_pad|>"], "cases": cases}))
+    print(f"qwen25vl: {sum(p.numel() for p in model.parameters())} parameters, vocab {vocab}, prompts {[len(c['ids']) for c in cases]}")
+
+
+pictures = write_images()
+gemma3(pictures)
+qwen25vl(pictures)

@@ -105,12 +105,56 @@ struct Coefficients {
     weights: Vec<Vec<i32>>,
 }
 
-/// Pillow's `precompute_coeffs` and `normalize_coeffs_8bpc` for the bilinear (triangle)
-/// filter, which widens to average every input pixel when shrinking.
-fn bilinear_coefficients(in_size: usize, out_size: usize) -> Coefficients {
+/// A resampling filter of Pillow's: its kernel and how far it reaches (at scale 1).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Filter {
+    /// Triangle, support 1 (`Image.BILINEAR`, resample 2).
+    Bilinear,
+    /// Keys cubic with a = -0.5, support 2 (`Image.BICUBIC`, resample 3).
+    Bicubic,
+}
+
+impl Filter {
+    /// The filter Pillow numbers `resample` (what processors' configs store).
+    pub fn from_pil(resample: u64) -> Option<Filter> {
+        match resample {
+            2 => Some(Filter::Bilinear),
+            3 => Some(Filter::Bicubic),
+            _ => None,
+        }
+    }
+
+    fn support(self) -> f64 {
+        match self {
+            Filter::Bilinear => 1.0,
+            Filter::Bicubic => 2.0,
+        }
+    }
+
+    fn weight(self, x: f64) -> f64 {
+        let x = x.abs();
+        match self {
+            Filter::Bilinear => (1.0 - x).max(0.0),
+            Filter::Bicubic => {
+                const A: f64 = -0.5;
+                if x < 1.0 {
+                    ((A + 2.0) * x - (A + 3.0)) * x * x + 1.0
+                } else if x < 2.0 {
+                    (((x - 5.0) * x + 8.0) * x - 4.0) * A
+                } else {
+                    0.0
+                }
+            }
+        }
+    }
+}
+
+/// Pillow's `precompute_coeffs` and `normalize_coeffs_8bpc`: the filter widens to cover every
+/// input pixel when shrinking.
+fn coefficients(filter: Filter, in_size: usize, out_size: usize) -> Coefficients {
     let scale = in_size as f64 / out_size as f64;
     let filter_scale = scale.max(1.0);
-    let support = filter_scale;
+    let support = filter.support() * filter_scale;
     let mut first = Vec::with_capacity(out_size);
     let mut weights = Vec::with_capacity(out_size);
     for xx in 0..out_size {
@@ -118,7 +162,7 @@ fn bilinear_coefficients(in_size: usize, out_size: usize) -> Coefficients {
         // C's truncating casts, as Pillow writes them.
         let xmin = ((center - support + 0.5) as i64).max(0) as usize;
         let xmax = ((center + support + 0.5) as i64).min(in_size as i64).max(xmin as i64) as usize;
-        let raw: Vec<f64> = (xmin..xmax).map(|x| (1.0 - ((x as f64 - center + 0.5) / filter_scale).abs()).max(0.0)).collect();
+        let raw: Vec<f64> = (xmin..xmax).map(|x| filter.weight((x as f64 - center + 0.5) / filter_scale)).collect();
         let total: f64 = raw.iter().sum();
         let fixed = raw
             .iter()
@@ -144,18 +188,23 @@ fn clip8(v: i64) -> u8 {
     }
 }
 
-/// Resizes to `width` x `height` exactly as Pillow's `Image.resize(..., BILINEAR)` does for an
-/// RGB image: a horizontal pass over the rows the vertical pass reads, then a vertical pass,
-/// each rounding to 8 bits.
+/// Resizes to `width` x `height` exactly as Pillow's `Image.resize(..., BILINEAR)` does.
 pub fn resize_bilinear(img: &RgbImage, width: u32, height: u32) -> RgbImage {
+    resize(img, width, height, Filter::Bilinear)
+}
+
+/// Resizes to `width` x `height` exactly as Pillow's `Image.resize` does for an RGB image with
+/// `filter`: a horizontal pass over the rows the vertical pass reads, then a vertical pass,
+/// each rounding to 8 bits.
+pub fn resize(img: &RgbImage, width: u32, height: u32, filter: Filter) -> RgbImage {
     let (in_w, in_h) = (img.width as usize, img.height as usize);
     let (out_w, out_h) = (width as usize, height as usize);
     let mut src = img.pixels.clone();
     let mut src_w = in_w;
-    let vertical = bilinear_coefficients(in_h, out_h);
+    let vertical = coefficients(filter, in_h, out_h);
     let mut row_offset = 0;
     if out_w != in_w {
-        let h = bilinear_coefficients(in_w, out_w);
+        let h = coefficients(filter, in_w, out_w);
         // Only the rows the vertical pass will read.
         let first_row = vertical.first.first().copied().unwrap_or(0);
         let last_row = vertical.first.last().zip(vertical.weights.last()).map_or(in_h, |(f, w)| f + w.len());
@@ -203,6 +252,32 @@ pub fn resize_bilinear(img: &RgbImage, width: u32, height: u32) -> RgbImage {
     RgbImage { width, height, pixels: src }
 }
 
+/// The size Qwen2-VL's processor resizes a `height` x `width` image to (`smart_resize`): each
+/// side a multiple of `factor`, the area within `min_pixels..=max_pixels`, the aspect kept
+/// as far as that allows. None when the aspect ratio exceeds 200 (the processor refuses it).
+pub fn smart_resize(height: u32, width: u32, factor: u32, min_pixels: u64, max_pixels: u64) -> Option<(u32, u32)> {
+    let (h, w, f) = (f64::from(height), f64::from(width), f64::from(factor));
+    if h.max(w) / h.min(w) > 200.0 || factor == 0 {
+        return None;
+    }
+    // Python's round() rounds halves to even.
+    let round = |v: f64| -> f64 {
+        let r = v.round();
+        if (v - v.trunc()).abs() == 0.5 && r % 2.0 != 0.0 { r - v.signum() } else { r }
+    };
+    let (mut hb, mut wb) = (round(h / f) * f, round(w / f) * f);
+    if hb * wb > max_pixels as f64 {
+        let beta = (h * w / max_pixels as f64).sqrt();
+        hb = f.max((h / beta / f).floor() * f);
+        wb = f.max((w / beta / f).floor() * f);
+    } else if hb * wb < min_pixels as f64 {
+        let beta = (min_pixels as f64 / (h * w)).sqrt();
+        hb = (h * beta / f).ceil() * f;
+        wb = (w * beta / f).ceil() * f;
+    }
+    Some((hb as u32, wb as u32))
+}
+
 /// Channels-first f32 values of an RGB image: each byte times `rescale` (in f64, as
 /// transformers rescales), then `(v - mean[c]) / std[c]` in f32.
 pub fn normalize(img: &RgbImage, rescale: f64, mean: [f32; 3], std: [f32; 3]) -> Vec<f32> {
@@ -246,10 +321,25 @@ mod tests {
 
     #[test]
     fn halving_averages_pairs() {
-        // Shrinking 4 -> 2 weighs pixels 0..3 as (1, 3, 3, 1)/8 around each center.
+        // Shrinking 4 -> 2 widens the triangle to 2 pixels each side of the centers 1.0 and
+        // 3.0: pixels 0, 1, 2 weigh 3/7, 3/7, 1/7 for the first (400/7 = 57.1) and pixels
+        // 1, 2, 3 weigh 1/7, 3/7, 3/7 for the second (1280/7 = 182.9).
         let img = image(4, 1, |x, _, _| [0, 80, 160, 240][x as usize]);
         let r = resize_bilinear(&img, 2, 1);
-        assert_eq!(r.pixels.chunks(3).map(|p| p[0]).collect::<Vec<_>>(), vec![50, 190]);
+        assert_eq!(r.pixels.chunks(3).map(|p| p[0]).collect::<Vec<_>>(), vec![57, 183]);
+    }
+
+    #[test]
+    fn smart_resize_matches_the_qwen2_vl_processor() {
+        // Values from transformers' smart_resize (factor 28, min 56*56, max 28*28*1280).
+        let (min, max) = (56 * 56, 28 * 28 * 1280);
+        assert_eq!(smart_resize(100, 151, 28, min, max), Some((112, 140)));
+        assert_eq!(smart_resize(2000, 3000, 28, min, max), Some((812, 1204)));
+        assert_eq!(smart_resize(42, 70, 28, min, max), Some((56, 56)));
+        assert_eq!(smart_resize(1, 50, 28, min, max), Some((28, 420)));
+        assert_eq!(smart_resize(23, 37, 28, min, max), Some((56, 84)));
+        assert_eq!(smart_resize(640, 427, 28, min, max), Some((644, 420)));
+        assert_eq!(smart_resize(10, 3000, 28, min, max), None);
     }
 
     #[test]

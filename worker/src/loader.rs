@@ -173,8 +173,9 @@ impl LoadedModel {
             if shard.as_ref().is_some_and(|s| s.size > 1) {
                 return Err(Error::InvalidRequest(format!("{} is a vision-language model; splitting those across ranks is not supported yet", dir.display())));
             }
-            weights = weights.with_renames(crate::vision::gemma3_renames(|n| checkpoint.tensor(n).is_some())?);
-            vision = Some(Arc::new(crate::vision::VisionModel::load_gemma3(&config, dir, &weights, cfg.hidden_size, &tokenizer)?));
+            let arch = config["architectures"][0].as_str().unwrap_or_default();
+            weights = weights.with_renames(crate::vision::renames(arch, |n| checkpoint.tensor(n).is_some())?);
+            vision = Some(Arc::new(crate::vision::VisionModel::load(arch, &config, dir, &weights, cfg.hidden_size, &tokenizer)?));
         }
         let weights = weights.with_shard(shard);
         let mut model = Self::assemble(dir.to_path_buf(), &cfg, tokenizer, &weights, template, format, isq.is_some(), sampling_defaults)?;

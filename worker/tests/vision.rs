@@ -1,8 +1,9 @@
-//! Vision input against transformers: the image processor's pixel values for photographs
-//! and odd synthetic images, and a tiny random-weight Gemma 3 vision-language checkpoint
-//! (worker/tests/fixtures/vision, made by scripts/goldens/make_vision_fixtures.py) giving the
-//! processor's token ids, the logits of the last 8 prompt positions within 1e-4 and the same
-//! 16 greedy tokens for prompts with one and with two images.
+//! Vision input against transformers: the image processors' pixel values for photographs
+//! and odd synthetic images, and tiny random-weight Gemma 3 and Qwen2.5-VL vision-language
+//! checkpoints (worker/tests/fixtures/vision, made by scripts/goldens/make_vision_fixtures.py)
+//! giving the processor's token ids, the logits of the last 8 prompt positions within 1e-4
+//! and the same 16 greedy tokens for prompts with one and with two images of different sizes,
+//! alone, batched, in small steps, from the prefix cache and resumed.
 
 mod common;
 
@@ -22,6 +23,13 @@ fn fixtures() -> PathBuf {
 }
 
 fn image_bytes(name: &str) -> Vec<u8> {
+    if name == "chelsea_flipped.png" {
+        // Another photograph of the same size: the cat mirrored, encoded afresh.
+        let img = image::load_from_memory(&image_bytes("chelsea.png")).unwrap().fliph();
+        let mut out = std::io::Cursor::new(Vec::new());
+        img.write_to(&mut out, image::ImageFormat::Png).unwrap();
+        return out.into_inner();
+    }
     std::fs::read(fixtures().join("images").join(name)).unwrap_or_else(|e| panic!("{name}: {e}"))
 }
 
@@ -30,66 +38,117 @@ fn reference_pixels(name: &str, model: &str) -> Vec<f32> {
     bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect()
 }
 
-fn gemma3() -> Arc<LoadedModel> {
-    let model = LoadedModel::load(&fixtures().join("gemma3")).unwrap_or_else(|e| panic!("gemma3: {e}"));
-    assert!(model.unused_tensors.is_empty(), "unused tensors {:?}", model.unused_tensors);
+fn load(name: &str) -> Arc<LoadedModel> {
+    let model = LoadedModel::load(&fixtures().join(name)).unwrap_or_else(|e| panic!("{name}: {e}"));
+    assert!(model.unused_tensors.is_empty(), "{name}: unused tensors {:?}", model.unused_tensors);
     Arc::new(model)
+}
+
+fn gemma3() -> Arc<LoadedModel> {
+    load("gemma3")
+}
+
+/// PNG, GIF and lossless WebP decode to the same bytes everywhere, and the resize is
+/// Pillow's integer arithmetic: every value equal. JPEG decoders may differ by a step.
+const IMAGES: [(&str, bool); 7] = [
+    ("chelsea.png", true),
+    ("camera.png", true),
+    ("gradient_alpha.png", true),
+    ("palette.gif", true),
+    ("lossless.webp", true),
+    ("strip.png", true),
+    ("rocket.jpg", false),
+];
+
+fn compare_pixels(name: &str, exact: bool, got: &[f32], want: &[f32], std: f32) {
+    assert_eq!(got.len(), want.len(), "{name}");
+    let worst = got.iter().zip(want).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
+    eprintln!("{name}: largest difference {worst:.2e}");
+    if exact {
+        assert!(worst == 0.0, "{name}: pixel values differ by up to {worst}");
+    } else {
+        // One 8-bit step after normalization is 1/255/std; allow a few.
+        assert!(worst <= 4.0 / 255.0 / std + 1e-6, "{name}: pixel values differ by up to {worst}");
+    }
 }
 
 #[test]
 fn gemma3_processor_matches_transformers() {
     let model = gemma3();
     let processor = &model.vision.as_ref().expect("a vision model").processor;
-    // PNG, GIF and lossless WebP decode to the same bytes everywhere, and the resize is
-    // Pillow's integer arithmetic: every value equal. JPEG decoders may differ by a step.
-    for (name, exact) in [
-        ("chelsea.png", true),
-        ("camera.png", true),
-        ("gradient_alpha.png", true),
-        ("palette.gif", true),
-        ("lossless.webp", true),
-        ("strip.png", true),
-        ("rocket.jpg", false),
-    ] {
+    for (name, exact) in IMAGES {
         let got = processor.prepare(&image_bytes(name), &ImageLimits::default()).unwrap_or_else(|e| panic!("{name}: {e}")).pixels;
-        let want = reference_pixels(name, "gemma3");
-        assert_eq!(got.len(), want.len(), "{name}");
-        let worst = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
-        eprintln!("{name}: largest difference {worst:.2e}");
-        if exact {
-            assert!(worst == 0.0, "{name}: pixel values differ by up to {worst}");
-        } else {
-            // One 8-bit step after normalization by std 0.5 is 2/255; allow a few.
-            assert!(worst <= 4.0 * 2.0 / 255.0 + 1e-6, "{name}: pixel values differ by up to {worst}");
+        compare_pixels(name, exact, &got, &reference_pixels(name, "gemma3"), 0.5);
+    }
+}
+
+/// Qwen2-VL's processor output: the image cut into 14-pixel patches, 2x2 groups of them
+/// together, each patch's values channel by channel with the frame repeated for both
+/// temporal slices.
+fn patchify(pixels: &[f32], height: usize, width: usize) -> Vec<f32> {
+    let (ps, m, t) = (14, 2, 2);
+    let (gh, gw) = (height / ps, width / ps);
+    let mut out = Vec::with_capacity(pixels.len() * t);
+    for by in 0..gh / m {
+        for bx in 0..gw / m {
+            for my in 0..m {
+                for mx in 0..m {
+                    for c in 0..3 {
+                        for _ in 0..t {
+                            for ky in 0..ps {
+                                let row = c * height * width + ((by * m + my) * ps + ky) * width + (bx * m + mx) * ps;
+                                out.extend_from_slice(&pixels[row..row + ps]);
+                            }
+                        }
+                    }
+                }
+            }
         }
+    }
+    out
+}
+
+#[test]
+fn qwen25vl_processor_matches_transformers() {
+    let model = load("qwen25vl");
+    let processor = &model.vision.as_ref().expect("a vision model").processor;
+    for (name, exact) in IMAGES {
+        let img = processor.prepare(&image_bytes(name), &ImageLimits::default()).unwrap_or_else(|e| panic!("{name}: {e}"));
+        let grid = std::fs::read_to_string(fixtures().join("images").join(format!("{name}.qwen25vl.grid"))).unwrap();
+        let grid: Vec<u32> = grid.split_whitespace().map(|v| v.parse().unwrap()).collect();
+        assert_eq!((img.height / 14, img.width / 14), (grid[1], grid[2]), "{name}: patch grid");
+        let got = patchify(&img.pixels, img.height as usize, img.width as usize);
+        compare_pixels(name, exact, &got, &reference_pixels(name, "qwen25vl"), 0.2613);
     }
 }
 
 /// The reference case's prompt tokens and its images placed in them.
 fn prepare(model: &LoadedModel, case: &serde_json::Value) -> (Vec<u32>, Vec<ImageSpan>) {
     let vision = model.vision.as_ref().unwrap();
-    let prompt = vision.info.expand(case["prompt"].as_str().unwrap());
-    let ids = model.tokenizer.encode(&prompt, false, true);
-    assert_eq!(ids, common::ids(&case["ids"]), "{}: prompt token ids", case["name"]);
-    let prepared: Vec<_> = case["images"]
+    let prepared: Vec<Arc<_>> = case["images"]
         .as_array()
         .unwrap()
         .iter()
-        .map(|n| vision.processor.prepare(&image_bytes(n.as_str().unwrap()), &ImageLimits::default()).unwrap())
+        .map(|n| Arc::new(vision.processor.prepare(&image_bytes(n.as_str().unwrap()), &ImageLimits::default()).unwrap()))
         .collect();
-    let refs: Vec<_> = prepared.iter().collect();
+    let prompt = vision.info.expand(case["prompt"].as_str().unwrap(), &vision.info.counts(&prepared));
+    let ids = model.tokenizer.encode(&prompt, false, true);
+    assert_eq!(ids, common::ids(&case["ids"]), "{}: prompt token ids", case["name"]);
+    let refs: Vec<_> = prepared.iter().map(|p| p.as_ref()).collect();
     let embeddings = vision.encode(&common::compute(), &refs, &mut Scratch::default()).unwrap();
-    let keyed: Vec<_> = embeddings.into_iter().zip(prepared.iter().map(|p| p.key)).collect();
-    (ids.clone(), vision.info.place(&ids, &keyed).unwrap())
+    let placed: Vec<_> = prepared.into_iter().zip(embeddings).collect();
+    (ids.clone(), vision.place(&ids, &placed).unwrap())
 }
 
-#[test]
-fn gemma3_logits_and_greedy_tokens_match_transformers() {
-    let model = gemma3();
-    let reference: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(fixtures().join("gemma3/reference.json")).unwrap()).unwrap();
+fn reference(name: &str) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(fixtures().join(name).join("reference.json")).unwrap()).unwrap()
+}
+
+fn logits_and_greedy_tokens_match_transformers(name: &str) {
+    let model = load(name);
     let vocab = model.model.config().vocab_size;
-    for case in reference["cases"].as_array().unwrap() {
-        let name = case["name"].as_str().unwrap();
+    for case in reference(name)["cases"].as_array().unwrap() {
+        let label = format!("{name} {}", case["name"].as_str().unwrap());
         let (ids, images) = prepare(&model, case);
         let mut session = Session::new(Arc::clone(&model), common::compute(), 256);
         let logits = session.score_with_images(&ids, &images).unwrap();
@@ -104,8 +163,8 @@ fn gemma3_logits_and_greedy_tokens_match_transformers() {
                 }
             }
         }
-        eprintln!("{name}: largest logit difference {:.2e} (position {}, token {})", worst.0, worst.1, worst.2);
-        assert!(worst.0 <= LOGIT_TOLERANCE, "{name}: logit at position {} token {} differs by {:.2e}", worst.1, worst.2, worst.0);
+        eprintln!("{label}: largest logit difference {:.2e} (position {}, token {})", worst.0, worst.1, worst.2);
+        assert!(worst.0 <= LOGIT_TOLERANCE, "{label}: logit at position {} token {} differs by {:.2e}", worst.1, worst.2, worst.0);
 
         // Greedy continuation, each step teacher-forced from scratch as the reference did.
         let mut seq = ids.clone();
@@ -117,8 +176,18 @@ fn gemma3_logits_and_greedy_tokens_match_transformers() {
             greedy.push(next);
             seq.push(next);
         }
-        assert_eq!(greedy, common::ids(&case["greedy"]), "{name}: greedy tokens");
+        assert_eq!(greedy, common::ids(&case["greedy"]), "{label}: greedy tokens");
     }
+}
+
+#[test]
+fn gemma3_logits_and_greedy_tokens_match_transformers() {
+    logits_and_greedy_tokens_match_transformers("gemma3");
+}
+
+#[test]
+fn qwen25vl_logits_and_greedy_tokens_match_transformers() {
+    logits_and_greedy_tokens_match_transformers("qwen25vl");
 }
 
 mod engine {
@@ -139,108 +208,134 @@ mod engine {
         panic!("stream ended without Done")
     }
 
-    fn images(names: &[&str]) -> Vec<Arc<PreparedImage>> {
-        let model = gemma3();
+    fn images(model: &str, names: &[&str]) -> Vec<Arc<PreparedImage>> {
+        let model = load(model);
         let processor = &model.vision.as_ref().unwrap().processor;
         names.iter().map(|n| Arc::new(processor.prepare(&image_bytes(n), &ImageLimits::default()).unwrap())).collect()
     }
 
     /// The reference case as a greedy request of its 16 tokens.
-    fn request(case: &serde_json::Value) -> GenerationRequest {
+    fn request(model: &str, case: &serde_json::Value) -> GenerationRequest {
         let names: Vec<&str> = case["images"].as_array().unwrap().iter().map(|n| n.as_str().unwrap()).collect();
         GenerationRequest {
             prompt: common::ids(&case["ids"]),
             sampling: SamplingParams::greedy(),
             max_tokens: Some(16),
             ignore_eos: true,
-            images: images(&names),
+            images: images(model, &names),
             ..Default::default()
         }
     }
 
-    fn cases() -> Vec<serde_json::Value> {
-        let reference: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(fixtures().join("gemma3/reference.json")).unwrap()).unwrap();
-        reference["cases"].as_array().unwrap().clone()
+    fn cases(model: &str) -> Vec<serde_json::Value> {
+        reference(model)["cases"].as_array().unwrap().clone()
     }
 
-    fn start(cfg: EngineConfig) -> EngineHandle {
-        Engine::start(gemma3(), common::compute(), cfg).unwrap()
+    fn start(model: &str, cfg: EngineConfig) -> EngineHandle {
+        Engine::start(load(model), common::compute(), cfg).unwrap()
     }
 
     #[test]
     fn alone_batched_and_in_small_chunks_give_transformers_tokens() {
-        let cases = cases();
+        for model in ["gemma3", "qwen25vl"] {
+            alone_batched_and_in_small_chunks(model);
+        }
+    }
+
+    fn alone_batched_and_in_small_chunks(model: &str) {
+        let cases = cases(model);
         // Alone, on the default engine.
-        let h = start(EngineConfig::default());
+        let h = start(model, EngineConfig::default());
         for case in &cases {
-            let (tokens, _) = collect(h.submit(request(case)).unwrap());
-            assert_eq!(tokens, common::ids(&case["greedy"]), "{} alone", case["name"]);
+            let (tokens, _) = collect(h.submit(request(model, case)).unwrap());
+            assert_eq!(tokens, common::ids(&case["greedy"]), "{model} {} alone", case["name"]);
         }
         // Together with text-only requests, steps of 10 tokens (an image is 16: a step may
         // not end inside one, so it stops before or takes all of it), blocks of 4 and a cache
         // small enough to preempt.
         let tight = EngineConfig { max_batch_tokens: 10, block_size: 4, kv_cache_bytes: Some(64 << 10), max_seqs: 8, ..EngineConfig::default() };
-        let h = start(tight);
+        let h = start(model, tight);
         let text_only: Vec<GenerationRequest> = (0..3)
             .map(|k| GenerationRequest { prompt: (0..12 + k).map(|i| 10 + ((i * 7 + k) % 200) as u32).collect(), sampling: SamplingParams::greedy(), max_tokens: Some(8), ignore_eos: true, ..Default::default() })
             .collect();
         let alone: Vec<Vec<u32>> = text_only.iter().map(|r| collect(h.submit(r.clone()).unwrap()).0).collect();
-        let streams: Vec<RequestStream> = cases.iter().map(request).chain(text_only.iter().cloned()).map(|r| h.submit(r).unwrap()).collect();
+        let streams: Vec<RequestStream> = cases.iter().map(|c| request(model, c)).chain(text_only.iter().cloned()).map(|r| h.submit(r).unwrap()).collect();
         let outcomes: Vec<(Vec<u32>, Usage)> = streams.into_iter().map(collect).collect();
         for (case, (tokens, _)) in cases.iter().zip(&outcomes) {
-            assert_eq!(tokens, &common::ids(&case["greedy"]), "{} batched", case["name"]);
+            assert_eq!(tokens, &common::ids(&case["greedy"]), "{model} {} batched", case["name"]);
         }
         for (want, (got, _)) in alone.iter().zip(&outcomes[cases.len()..]) {
             assert_eq!(got, want, "text-only request batched with images");
         }
-        assert!(h.stats().scheduler.preemptions > 0, "the tight cache was meant to preempt");
+        assert!(h.stats().scheduler.preemptions > 0, "{model}: the tight cache was meant to preempt");
     }
 
     #[test]
     fn a_repeated_image_hits_the_prefix_cache_and_another_image_does_not() {
-        let case = &cases()[0];
-        let first_image = common::ids(&case["ids"]).iter().position(|&t| t == case_image_token()).unwrap();
-        let h = start(EngineConfig { block_size: 4, ..EngineConfig::default() });
-        let (miss, usage) = collect(h.submit(request(case)).unwrap());
-        assert_eq!(usage.cached_tokens, 0);
-        let (hit, usage) = collect(h.submit(request(case)).unwrap());
-        assert!(usage.cached_tokens > first_image + 16, "cached {} tokens", usage.cached_tokens);
-        assert_eq!(hit, miss, "a prefix-cache hit on the image equals the miss");
-        // Same tokens, another image: nothing from the image on may come from the cache.
-        let mut other = request(case);
-        other.images = images(&["camera.png"]);
-        let (tokens, usage) = collect(h.submit(other.clone()).unwrap());
-        assert!(usage.cached_tokens <= first_image, "cached {} tokens, but the image starts at {first_image}", usage.cached_tokens);
-        let fresh = start(EngineConfig { block_size: 4, ..EngineConfig::default() });
-        assert_eq!(tokens, collect(fresh.submit(other).unwrap()).0, "another image answered as on a fresh engine");
-        assert_ne!(tokens, miss, "another image should change this model's answer");
+        for model in ["gemma3", "qwen25vl"] {
+            let case = &cases(model)[0];
+            let ids = common::ids(&case["ids"]);
+            let image_token = reference(model)["image_token_id"].as_u64().unwrap() as u32;
+            let first_image = ids.iter().position(|&t| t == image_token).unwrap();
+            let image_end = ids.iter().rposition(|&t| t == image_token).unwrap() + 1;
+            let h = start(model, EngineConfig { block_size: 4, ..EngineConfig::default() });
+            let (miss, usage) = collect(h.submit(request(model, case)).unwrap());
+            assert_eq!(usage.cached_tokens, 0);
+            let (hit, usage) = collect(h.submit(request(model, case)).unwrap());
+            assert!(usage.cached_tokens >= image_end, "{model}: cached {} tokens", usage.cached_tokens);
+            assert_eq!(hit, miss, "{model}: a prefix-cache hit on the image equals the miss");
+            // Same tokens, another image of the same size: nothing from the image on may
+            // come from the cache.
+            let mut other = request(model, case);
+            other.images = images(model, &["chelsea_flipped.png"]);
+            let (tokens, usage) = collect(h.submit(other.clone()).unwrap());
+            assert!(usage.cached_tokens <= first_image, "{model}: cached {} tokens, but the image starts at {first_image}", usage.cached_tokens);
+            let fresh = start(model, EngineConfig { block_size: 4, ..EngineConfig::default() });
+            assert_eq!(tokens, collect(fresh.submit(other).unwrap()).0, "{model}: another image answered as on a fresh engine");
+            assert_ne!(tokens, miss, "{model}: another image should change this model's answer");
+        }
     }
 
     fn case_image_token() -> u32 {
-        let reference: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(fixtures().join("gemma3/reference.json")).unwrap()).unwrap();
-        reference["image_token_id"].as_u64().unwrap() as u32
+        reference("gemma3")["image_token_id"].as_u64().unwrap() as u32
+    }
+
+    #[test]
+    fn a_resumed_completion_with_images_continues_as_the_original() {
+        // What a router sends another worker when the first died mid-stream: the same
+        // request, images included, with the tokens already produced.
+        for model in ["gemma3", "qwen25vl"] {
+            let h = start(model, EngineConfig::default());
+            for case in cases(model).iter().filter(|c| !c["images"].as_array().unwrap().is_empty()) {
+                let greedy = common::ids(&case["greedy"]);
+                let mut req = request(model, case);
+                req.resume = Some(kiln_worker::engine::Resume { index: 0, tokens: greedy[..5].to_vec() });
+                let (rest, _) = collect(h.submit(req).unwrap());
+                assert_eq!(rest, greedy[5..], "{model} {} resumed after 5 tokens", case["name"]);
+            }
+        }
     }
 
     #[test]
     fn image_requests_that_do_not_fit_the_prompt_are_refused() {
-        let h = start(EngineConfig::default());
-        let case = &cases()[0];
-        let mut two = request(case);
-        two.images = images(&["camera.png", "strip.png"]);
+        let h = start("gemma3", EngineConfig::default());
+        let case = &cases("gemma3")[0];
+        let mut two = request("gemma3", case);
+        two.images = images("gemma3", &["camera.png", "strip.png"]);
         let err = h.submit(two).err().expect("two images for one place").to_string();
         assert!(err.contains("places for 1 images, but 2 were given"), "{err}");
-        let mut none = request(case);
+        let mut none = request("gemma3", case);
         none.images.clear();
         let err = h.submit(none).err().expect("image tokens without an image").to_string();
         assert!(err.contains("places for 1 images, but 0 were given"), "{err}");
-        let mut short = request(case);
+        let mut short = request("gemma3", case);
         short.prompt.retain(|&t| t != case_image_token());
         short.prompt.insert(5, case_image_token());
         let err = h.submit(short).err().expect("a run of the wrong length").to_string();
         assert!(err.contains("an image takes 16 tokens"), "{err}");
         // A text model refuses images outright.
         let text = Engine::start(common::model("smollm2"), common::compute(), EngineConfig::default()).unwrap();
-        let err = text.submit(GenerationRequest { prompt: vec![1, 2, 3], images: images(&["strip.png"]), ..Default::default() }).err().unwrap().to_string();
+        let err = text.submit(GenerationRequest { prompt: vec![1, 2, 3], images: images("gemma3", &["strip.png"]), ..Default::default() }).err().unwrap().to_string();
         assert!(err.contains("does not take images"), "{err}");
     }
 }

@@ -103,7 +103,7 @@ impl EngineHandle {
         }
         match &self.shared.vision {
             Some(vision) => {
-                vision.image_runs(&req.prompt, req.images.len())?;
+                vision.image_runs(&req.prompt, &vision.counts(&req.images))?;
             }
             None if !req.images.is_empty() => return Err(Error::InvalidRequest("this model does not take images (it has no vision encoder)".into())),
             None => {}

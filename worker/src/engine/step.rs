@@ -307,12 +307,12 @@ impl Engine {
             }
             let placed = encoded.as_ref().map_err(|e| e.to_string()).and_then(|embeddings| {
                 let images = self.active.get(&seq.id).map(|a| a.req.images.clone()).unwrap_or_default();
-                let keyed: Vec<(Arc<[f32]>, u64)> = images
+                let with_embeddings: Vec<_> = images
                     .iter()
-                    .map(|img| (Arc::clone(&embeddings[unique.iter().position(|u| u.key == img.key).unwrap_or(0)]), img.key))
+                    .map(|img| (Arc::clone(img), Arc::clone(&embeddings[unique.iter().position(|u| u.key == img.key).unwrap_or(0)])))
                     .collect();
                 let vision = self.model.vision.as_ref().ok_or("this model does not take images")?;
-                vision.info.place(&seq.tokens, &keyed).map_err(|e| e.to_string())
+                vision.place(&seq.tokens, &with_embeddings).map_err(|e| e.to_string())
             });
             match placed {
                 Ok(spans) => {

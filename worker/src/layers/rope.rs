@@ -30,6 +30,26 @@ impl RopeTable {
         }
     }
 
+    /// Multimodal rotary angles (Qwen2-VL's M-RoPE): frequency `k` turns with the first
+    /// position component for the first `sections[0]` frequencies, the second for the next
+    /// `sections[1]`, the third for the rest.
+    pub fn fill_sections(&mut self, rope: &Rope, positions: &[[usize; 3]], sections: &[usize; 3]) {
+        self.half = rope.rotary_dims / 2;
+        self.cos.resize(positions.len() * self.half, 0.0);
+        self.sin.resize(positions.len() * self.half, 0.0);
+        let (mut cos, mut sin) = ([vec![0.0; self.half], vec![0.0; self.half], vec![0.0; self.half]], [vec![0.0; self.half], vec![0.0; self.half], vec![0.0; self.half]]);
+        for (i, p) in positions.iter().enumerate() {
+            for c in 0..3 {
+                ops::rope_angles(p[c], rope.rotary_dims, rope.base, &mut cos[c], &mut sin[c]);
+            }
+            for k in 0..self.half {
+                let c = if k < sections[0] { 0 } else if k < sections[0] + sections[1] { 1 } else { 2 };
+                self.cos[i * self.half + k] = cos[c][k];
+                self.sin[i * self.half + k] = sin[c][k];
+            }
+        }
+    }
+
     /// Rotates every `head_dim` piece of row `row` of `x` (`[heads * head_dim]`).
     pub fn apply(&self, rope: &Rope, row: usize, x: &mut [f32], head_dim: usize) {
         let range = row * self.half..(row + 1) * self.half;

@@ -13,6 +13,11 @@ pub struct ImageSpan {
     pub len: usize,
     pub embeddings: Arc<[f32]>,
     pub key: u64,
+    /// Rows and columns of the image's token grid, for models whose rotary positions follow
+    /// it (Qwen2.5-VL's M-RoPE); None where image tokens take plain positions.
+    pub grid: Option<(usize, usize)>,
+    /// Whether the image's tokens attend to each other both ways (Gemma 3).
+    pub bidirectional: bool,
 }
 
 impl ImageSpan {
@@ -59,6 +64,9 @@ pub struct Batch {
     pub block_size: usize,
     /// Rows whose input is an image embedding rather than their token's.
     pub placed: Vec<PlacedRow>,
+    /// Multimodal rotary positions (temporal, height, width) of rows of sequences holding
+    /// grid-positioned images; other rows use `[position; 3]`.
+    pub rope3: Vec<(usize, [usize; 3])>,
 }
 
 impl Batch {
@@ -97,6 +105,7 @@ impl Batch {
     /// image's embeddings, and the image's positions attend both ways. An image must lie
     /// wholly inside the new rows or wholly before them (its keys are then in the cache).
     pub fn place_images(&mut self, images: &[ImageSpan]) {
+        self.place_grid_positions(images);
         let Some(seq) = self.seqs.last_mut() else { return };
         let computed = seq.first_pos..seq.first_pos + seq.rows.len();
         for image in images {
@@ -104,10 +113,55 @@ impl Batch {
             if p.end <= computed.start || p.start >= computed.end {
                 continue;
             }
-            seq.bidirectional.push(p.start.max(computed.start)..p.end);
+            if image.bidirectional {
+                seq.bidirectional.push(p.start.max(computed.start)..p.end);
+            }
             for pos in p.start.max(computed.start)..p.end.min(computed.end) {
                 self.placed.push(PlacedRow { row: seq.rows.start + pos - computed.start, image: image.clone(), index: pos - p.start });
             }
+        }
+    }
+
+    /// The multimodal rotary positions of every row: M-RoPE gives an image's tokens the
+    /// position where the image starts plus their row and column on its grid, and moves
+    /// everything after the image on by the larger of its sides rather than its token count.
+    pub fn rope3_positions(&self) -> Vec<[usize; 3]> {
+        let mut out: Vec<[usize; 3]> = self.positions.iter().map(|&p| [p; 3]).collect();
+        for &(row, p) in &self.rope3 {
+            out[row] = p;
+        }
+        out
+    }
+
+    /// Records M-RoPE positions for the rows of the sequence pushed last, given all its images.
+    fn place_grid_positions(&mut self, images: &[ImageSpan]) {
+        let Some(seq) = self.seqs.last() else { return };
+        if !images.iter().any(|i| i.grid.is_some()) {
+            return;
+        }
+        for (i, row) in seq.rows.clone().enumerate() {
+            let pos = seq.first_pos + i;
+            // Shift of text positions from the images wholly before `pos`.
+            let mut shift: isize = 0;
+            let mut at = [0usize; 3];
+            let mut inside = false;
+            for img in images {
+                let (gh, gw) = img.grid.unwrap_or((1, img.len));
+                if pos >= img.start + img.len {
+                    shift += gh.max(gw) as isize - img.len as isize;
+                } else if pos >= img.start {
+                    let base = (img.start as isize + shift) as usize;
+                    let k = pos - img.start;
+                    at = [base, base + k / gw.max(1), base + k % gw.max(1)];
+                    inside = true;
+                    break;
+                }
+            }
+            if !inside {
+                let p = (pos as isize + shift).max(0) as usize;
+                at = [p; 3];
+            }
+            self.rope3.push((row, at));
         }
     }
 

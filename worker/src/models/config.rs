@@ -46,6 +46,9 @@ pub struct ModelConfig {
     pub query_scale: Option<f32>,
     /// Gemma 2's attention-score soft cap.
     pub attn_softcap: Option<f32>,
+    /// Qwen2-VL's multimodal RoPE: how many rotary frequencies follow each of the temporal,
+    /// height and width position components.
+    pub mrope_sections: Option<[usize; 3]>,
 }
 
 #[derive(Clone, Debug)]
@@ -178,6 +181,7 @@ impl ModelConfig {
             qkv_bias: arch_is_qwen2,
             fused_projections: arch_is_phi3,
             moe,
+            mrope_sections: None,
             norm_offset: 0.0,
             query_scale: None,
             attn_softcap: attn_softcap.filter(|&c| c > 0.0),

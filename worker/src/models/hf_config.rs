@@ -10,6 +10,7 @@ use serde_json::Value;
 /// `architectures` entries kiln reads, and the model code that runs them.
 const HF_ARCHITECTURES: &[(&str, &str)] = &[
     ("Gemma3ForConditionalGeneration", "gemma3"),
+    ("Qwen2_5_VLForConditionalGeneration", "llama"),
     ("LlamaForCausalLM", "llama"), ("MistralForCausalLM", "llama"), ("Qwen2ForCausalLM", "llama"), ("Qwen3ForCausalLM", "llama"), ("Phi3ForCausalLM", "llama"), ("MixtralForCausalLM", "llama"),
     ("Qwen3MoeForCausalLM", "llama"),
     ("Gemma2ForCausalLM", "gemma3"),
@@ -56,6 +57,7 @@ pub struct Multimodal {
 pub fn multimodal(v: &Value) -> Result<Option<Multimodal>> {
     let text_arch = match v["architectures"][0].as_str() {
         Some("Gemma3ForConditionalGeneration") => "Gemma3ForCausalLM",
+        Some("Qwen2_5_VLForConditionalGeneration") => "Qwen2ForCausalLM",
         _ => return Ok(None),
     };
     let mut text = v["text_config"].clone();
@@ -131,13 +133,22 @@ pub fn from_hf(v: &Value, name: &str) -> Result<ModelConfig> {
     }
     // RoPE settings: `rope_scaling` and `rope_theta` (older files), or `rope_parameters`,
     // whole or per layer type (`full_attention`, `sliding_attention`).
+    // Qwen2-VL's multimodal sections ride along in either (older files say type `mrope`).
     let params = &v["rope_parameters"];
     let scalings = [("rope_scaling", &v["rope_scaling"]), ("rope_parameters", params), ("rope_parameters.full_attention", &params["full_attention"]), ("rope_parameters.sliding_attention", &params["sliding_attention"])];
+    let mut mrope_sections = None;
     for (key, s) in scalings {
         if s.is_object() {
             let kind = s["rope_type"].as_str().or(s["type"].as_str()).unwrap_or("default");
-            if kind != "default" {
+            if kind != "default" && kind != "mrope" {
                 return Err(field_err(key, format!("RoPE scaling `{kind}` is not supported yet")));
+            }
+            if let Some(sections) = s["mrope_section"].as_array() {
+                let n: Vec<usize> = sections.iter().filter_map(Value::as_u64).map(|n| n as usize).collect();
+                match n[..] {
+                    [t, h, w] if sections.len() == 3 => mrope_sections = Some([t, h, w]),
+                    _ => return Err(field_err(&format!("{key}.mrope_section"), "expected three counts of frequencies")),
+                }
             }
         }
     }
@@ -146,6 +157,9 @@ pub fn from_hf(v: &Value, name: &str) -> Result<ModelConfig> {
     }
     let rotary_factor = float(v, "partial_rotary_factor")?.unwrap_or(1.0);
     let rope_dims = ((head_dim as f32 * rotary_factor) as usize) & !1;
+    if let Some(sections) = mrope_sections.filter(|s| s.iter().sum::<usize>() != rope_dims / 2) {
+        return Err(field_err("rope_parameters.mrope_section", format!("{sections:?} does not add up to the {} rotary frequencies", rope_dims / 2)));
+    }
     if rope_dims == 0 || rope_dims > head_dim {
         return Err(field_err("partial_rotary_factor", format!("{rotary_factor} gives {rope_dims} rotated dimensions of {head_dim}")));
     }
@@ -197,6 +211,7 @@ pub fn from_hf(v: &Value, name: &str) -> Result<ModelConfig> {
         qkv_bias: v["architectures"][0] == "Qwen2ForCausalLM" || v["attention_bias"].as_bool() == Some(true),
         fused_projections: v["architectures"][0] == "Phi3ForCausalLM",
         moe: moe(v)?,
+        mrope_sections,
         kv_precision: match v["torch_dtype"].as_str().or(v["dtype"].as_str()) {
             Some("float16") | Some("bfloat16") => KvPrecision::Half,
             _ => KvPrecision::Full,

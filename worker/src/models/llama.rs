@@ -190,7 +190,10 @@ impl CausalLm for Llama {
         self.embed_tokens.forward(&batch.tokens, &mut s.x)?;
         batch.apply_placed(&mut s.x, self.cfg.hidden_size)?;
         s.rope.resize_with(1, Default::default);
-        s.rope[0].fill(&self.rope, &batch.positions);
+        match &self.cfg.mrope_sections {
+            Some(sections) => s.rope[0].fill_sections(&self.rope, &batch.rope3_positions(), sections),
+            None => s.rope[0].fill(&self.rope, &batch.positions),
+        }
         for (i, layer) in self.layers.iter().enumerate() {
             let (group, kv_layer) = kv.layer(i);
             layer.input_layernorm.forward_on(compute, &s.x, &mut s.xn);

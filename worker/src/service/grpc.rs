@@ -59,7 +59,22 @@ impl Serving {
                 placeholder: v.info.placeholder.clone(),
                 image_token: v.info.image_token.clone(),
                 image_token_id: v.info.image_token_id,
-                tokens_per_image: v.info.tokens as u32,
+                tokens_per_image: match v.info.count {
+                    crate::vision::TokenCount::Fixed(n) => n as u32,
+                    crate::vision::TokenCount::Grid { .. } => 0,
+                },
+                pixels_per_token: match v.info.count {
+                    crate::vision::TokenCount::Grid { pixels } => pixels,
+                    crate::vision::TokenCount::Fixed(_) => 0,
+                },
+                min_pixels: match v.processor.resize {
+                    crate::vision::Resize::Fit { min_pixels, .. } => min_pixels,
+                    crate::vision::Resize::Exact { .. } => 0,
+                },
+                max_pixels: match v.processor.resize {
+                    crate::vision::Resize::Fit { max_pixels, .. } => max_pixels,
+                    crate::vision::Resize::Exact { .. } => 0,
+                },
                 before: v.info.before.clone(),
                 after: v.info.after.clone(),
                 max_images: crate::vision::MAX_IMAGES as u32,

@@ -2,13 +2,14 @@
 //! Hugging Face processor does) and vision encoder, whose output rows take the places of
 //! the prompt's image tokens.
 
+pub mod qwen25vl;
 pub mod siglip;
 
 use crate::error::{Error, Result};
 use crate::layers::weights::MatrixRef;
 use crate::layers::{project, Compute, Linear, Projection, RmsNorm, WeightSource};
 use crate::models::scratch::Scratch;
-use kiln_shared::image::{ImageError, ImageLimits, RgbImage};
+use kiln_shared::image::{Filter, ImageError, ImageLimits, RgbImage};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 use std::ops::Range;
@@ -24,11 +25,21 @@ impl From<ImageError> for Error {
     }
 }
 
+/// How the processor sizes an image.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Resize {
+    /// To exactly this size (Gemma 3: the tower's square).
+    Exact { width: u32, height: u32 },
+    /// Keeping the aspect, each side a multiple of `factor`, the area within the bounds
+    /// (Qwen2-VL's `smart_resize`).
+    Fit { factor: u32, min_pixels: u64, max_pixels: u64 },
+}
+
 /// How the model's image processor turns an image into pixel values.
 #[derive(Clone, Debug, PartialEq)]
 pub struct ImageProcessor {
-    pub width: u32,
-    pub height: u32,
+    pub resize: Resize,
+    pub filter: Filter,
     /// Bytes are multiplied by this (1/255) when `rescale` is on.
     pub rescale_factor: f64,
     pub rescale: bool,
@@ -41,13 +52,15 @@ pub struct ImageProcessor {
 #[derive(Clone)]
 pub struct PreparedImage {
     pub pixels: Vec<f32>,
+    pub width: u32,
+    pub height: u32,
     /// Identifies the resized image's content: equal keys, equal embeddings.
     pub key: u64,
 }
 
 impl std::fmt::Debug for PreparedImage {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "PreparedImage {{ values: {}, key: {:016x} }}", self.pixels.len(), self.key)
+        write!(f, "PreparedImage {{ {}x{}, key: {:016x} }}", self.width, self.height, self.key)
     }
 }
 
@@ -57,10 +70,8 @@ fn bad(key: &str, what: impl Into<String>) -> Error {
 
 impl ImageProcessor {
     /// Reads `processor_config.json` (its `image_processor` part) or
-    /// `preprocessor_config.json` from `dir`; without either, the defaults of the model's
-    /// processor for a square `size`.
-    pub fn from_dir(dir: &Path, size: u32) -> Result<ImageProcessor> {
-        let defaults = ImageProcessor { width: size, height: size, rescale_factor: 1.0 / 255.0, rescale: true, normalize: true, mean: [0.5; 3], std: [0.5; 3] };
+    /// `preprocessor_config.json` from `dir`; without either, `defaults`.
+    pub fn from_dir(dir: &Path, defaults: ImageProcessor) -> Result<ImageProcessor> {
         for (file, part) in [("processor_config.json", Some("image_processor")), ("preprocessor_config.json", None)] {
             let path = dir.join(file);
             if !path.exists() {
@@ -79,9 +90,10 @@ impl ImageProcessor {
 
     fn from_json(v: &Value, file: &str, defaults: ImageProcessor) -> Result<ImageProcessor> {
         let key = |k: &str| format!("{file}: {k}");
-        if let Some(r) = v["resample"].as_u64().filter(|&r| r != 2) {
-            return Err(bad(&key("resample"), format!("filter {r} is not supported (2, bilinear)")));
-        }
+        let filter = match v["resample"].as_u64() {
+            None => defaults.filter,
+            Some(r) => Filter::from_pil(r).ok_or_else(|| bad(&key("resample"), format!("filter {r} is not supported (2 bilinear, 3 bicubic)")))?,
+        };
         if v["do_pan_and_scan"].as_bool() == Some(true) {
             return Err(bad(&key("do_pan_and_scan"), "pan and scan is not supported; set it to false"));
         }
@@ -93,15 +105,39 @@ impl ImageProcessor {
                 other => Err(bad(&key(k), format!("{other} is not three numbers"))),
             }
         };
-        let dim = |k: &str, default: u32| -> Result<u32> {
-            match &v["size"][k] {
+        let number = |v: &Value, k: &str, default: u64| -> Result<u64> {
+            match v {
                 Value::Null => Ok(default),
-                x => x.as_u64().filter(|&n| n > 0 && n <= 1 << 14).map(|n| n as u32).ok_or_else(|| bad(&key(&format!("size.{k}")), format!("{x} is not a size"))),
+                x => x.as_u64().filter(|&n| n > 0 && n <= 1 << 30).ok_or_else(|| bad(&key(k), format!("{x} is not a size"))),
+            }
+        };
+        let resize = match defaults.resize {
+            Resize::Exact { width, height } => Resize::Exact {
+                width: number(&v["size"]["width"], "size.width", u64::from(width))?.min(1 << 14) as u32,
+                height: number(&v["size"]["height"], "size.height", u64::from(height))?.min(1 << 14) as u32,
+            },
+            Resize::Fit { factor, min_pixels, max_pixels } => {
+                let patch = number(&v["patch_size"], "patch_size", 14)?;
+                let merge = number(&v["merge_size"], "merge_size", 2)?;
+                let min = v["size"]["shortest_edge"].clone();
+                let max = v["size"]["longest_edge"].clone();
+                let (min, max) = (if min.is_null() { v["min_pixels"].clone() } else { min }, if max.is_null() { v["max_pixels"].clone() } else { max });
+                let fit = Resize::Fit {
+                    factor: if v["patch_size"].is_null() { factor } else { (patch * merge) as u32 },
+                    min_pixels: number(&min, "size.shortest_edge", min_pixels)?,
+                    max_pixels: number(&max, "size.longest_edge", max_pixels)?,
+                };
+                if let Resize::Fit { min_pixels, max_pixels, .. } = fit {
+                    if min_pixels > max_pixels {
+                        return Err(bad(&key("size"), format!("at least {min_pixels} pixels and at most {max_pixels}")));
+                    }
+                }
+                fit
             }
         };
         let p = ImageProcessor {
-            width: dim("width", defaults.width)?,
-            height: dim("height", defaults.height)?,
+            resize,
+            filter,
             rescale_factor: v["rescale_factor"].as_f64().unwrap_or(defaults.rescale_factor),
             rescale: v["do_rescale"].as_bool().unwrap_or(true),
             normalize: v["do_normalize"].as_bool().unwrap_or(true),
@@ -114,31 +150,51 @@ impl ImageProcessor {
         Ok(p)
     }
 
+    /// The size an image of `width` x `height` is resized to.
+    pub fn target_size(&self, width: u32, height: u32) -> Result<(u32, u32)> {
+        match self.resize {
+            Resize::Exact { width, height } => Ok((width, height)),
+            Resize::Fit { factor, min_pixels, max_pixels } => kiln_shared::image::smart_resize(height, width, factor, min_pixels, max_pixels)
+                .map(|(h, w)| (w, h))
+                .ok_or_else(|| Error::InvalidRequest(format!("bad image: a {width}x{height} image is too narrow (aspect ratio over 200)"))),
+        }
+    }
+
     /// Decodes and prepares an image (PNG, JPEG, WebP or GIF bytes).
     pub fn prepare(&self, data: &[u8], limits: &ImageLimits) -> Result<PreparedImage> {
         let img = kiln_shared::image::decode_rgb(data, limits)?;
-        Ok(self.prepare_rgb(&img))
+        self.prepare_rgb(&img)
     }
 
-    pub fn prepare_rgb(&self, img: &RgbImage) -> PreparedImage {
-        let resized = kiln_shared::image::resize_bilinear(img, self.width, self.height);
-        let digest = Sha256::new().chain_update(self.width.to_le_bytes()).chain_update(self.height.to_le_bytes()).chain_update(&resized.pixels).finalize();
+    pub fn prepare_rgb(&self, img: &RgbImage) -> Result<PreparedImage> {
+        let (width, height) = self.target_size(img.width, img.height)?;
+        let resized = kiln_shared::image::resize(img, width, height, self.filter);
+        let digest = Sha256::new().chain_update(width.to_le_bytes()).chain_update(height.to_le_bytes()).chain_update(&resized.pixels).finalize();
         let key = u64::from_le_bytes(digest[..8].try_into().unwrap_or_default());
         let scale = if self.rescale { self.rescale_factor } else { 1.0 };
         let (mean, std) = if self.normalize { (self.mean, self.std) } else { ([0.0; 3], [1.0; 3]) };
-        PreparedImage { pixels: kiln_shared::image::normalize(&resized, scale, mean, std), key }
+        Ok(PreparedImage { pixels: kiln_shared::image::normalize(&resized, scale, mean, std), width, height, key })
     }
 }
 
+/// How many tokens an image takes in the prompt.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TokenCount {
+    /// The same for every image.
+    Fixed(usize),
+    /// One per `pixels` x `pixels` square of the resized image.
+    Grid { pixels: u32 },
+}
+
 /// How a prompt holds an image, for whoever renders and tokenizes it (the router): the chat
-/// template writes `placeholder` for each image, which becomes `before`, `tokens` copies of
-/// `image_token`, then `after`.
+/// template writes `placeholder` for each image, which becomes `before`, the image's count
+/// of `image_token`, then `after`.
 #[derive(Clone, Debug, PartialEq)]
 pub struct VisionInfo {
     pub placeholder: String,
     pub image_token: String,
     pub image_token_id: u32,
-    pub tokens: usize,
+    pub count: TokenCount,
     pub before: String,
     pub after: String,
 }
@@ -153,26 +209,46 @@ struct Gemma3Projector {
     projection: Linear,
 }
 
+/// The encoder that turns prepared images into language-model rows.
+enum Encoder {
+    Gemma3 { tower: siglip::SiglipTower, projector: Gemma3Projector },
+    Qwen25(qwen25vl::Qwen25Vision),
+}
+
 pub struct VisionModel {
     pub processor: ImageProcessor,
     pub info: VisionInfo,
-    tower: siglip::SiglipTower,
-    projector: Gemma3Projector,
+    encoder: Encoder,
     /// Width of the language model's rows.
     pub hidden: usize,
+    /// Whether an image's tokens attend to each other both ways in the language model.
+    pub bidirectional: bool,
 }
 
-/// Where a checkpoint keeps the vision tower and projector, and the language model under the
-/// names the text models ask for (`model.`, `lm_head.`): the layouts transformers has written.
-pub fn gemma3_renames(has: impl Fn(&str) -> bool) -> Result<Vec<(String, String)>> {
+/// Where a checkpoint keeps the vision encoder and the language model, as the names models
+/// ask for (`vision_tower.` / `visual.`, `multi_modal_projector.`, `model.`, `lm_head.`):
+/// the layouts transformers has written over the years.
+pub fn renames(arch: &str, has: impl Fn(&str) -> bool) -> Result<Vec<(String, String)>> {
     let find = |candidates: &[&str], probe: &str| candidates.iter().find(|p| has(&format!("{p}{probe}"))).map(|p| p.to_string());
-    let vision = find(&["vision_tower.vision_model.", "model.vision_tower.vision_model.", "vision_tower.", "model.vision_tower."], "embeddings.patch_embedding.weight")
-        .ok_or_else(|| Error::Tensor { name: "vision_tower.vision_model.embeddings.patch_embedding.weight".into(), what: "is missing from the model file".into() })?;
-    let projector = find(&["multi_modal_projector.", "model.multi_modal_projector."], "mm_input_projection_weight")
-        .ok_or_else(|| Error::Tensor { name: "multi_modal_projector.mm_input_projection_weight".into(), what: "is missing from the model file".into() })?;
-    let text = find(&["language_model.model.", "model.language_model."], "embed_tokens.weight")
-        .ok_or_else(|| Error::Tensor { name: "language_model.model.embed_tokens.weight".into(), what: "is missing from the model file".into() })?;
-    let mut renames = vec![("vision_tower.".to_string(), vision), ("multi_modal_projector.".to_string(), projector), ("model.".to_string(), text)];
+    let missing = |name: &str| Error::Tensor { name: name.into(), what: "is missing from the model file".into() };
+    let mut renames = Vec::new();
+    match arch {
+        "Qwen2_5_VLForConditionalGeneration" => {
+            let visual = find(&["visual.", "model.visual."], "patch_embed.proj.weight").ok_or_else(|| missing("visual.patch_embed.proj.weight"))?;
+            let text = find(&["model.language_model.", "model."], "embed_tokens.weight").ok_or_else(|| missing("model.embed_tokens.weight"))?;
+            renames.push(("visual.".to_string(), visual));
+            renames.push(("model.".to_string(), text));
+        }
+        _ => {
+            let vision = find(&["vision_tower.vision_model.", "model.vision_tower.vision_model.", "vision_tower.", "model.vision_tower."], "embeddings.patch_embedding.weight")
+                .ok_or_else(|| missing("vision_tower.vision_model.embeddings.patch_embedding.weight"))?;
+            let projector = find(&["multi_modal_projector.", "model.multi_modal_projector."], "mm_input_projection_weight").ok_or_else(|| missing("multi_modal_projector.mm_input_projection_weight"))?;
+            let text = find(&["language_model.model.", "model.language_model."], "embed_tokens.weight").ok_or_else(|| missing("language_model.model.embed_tokens.weight"))?;
+            renames.push(("vision_tower.".to_string(), vision));
+            renames.push(("multi_modal_projector.".to_string(), projector));
+            renames.push(("model.".to_string(), text));
+        }
+    }
     if let Some(head) = find(&["language_model.lm_head.", "lm_head."], "weight") {
         renames.push(("lm_head.".to_string(), head));
     }
@@ -180,9 +256,50 @@ pub fn gemma3_renames(has: impl Fn(&str) -> bool) -> Result<Vec<(String, String)
 }
 
 impl VisionModel {
-    /// Gemma 3's vision tower and projector from a `Gemma3ForConditionalGeneration` checkpoint
-    /// (tensors renamed by `gemma3_renames`), for a language model `text_hidden` wide.
-    pub fn load_gemma3(config: &Value, dir: &Path, w: &WeightSource, text_hidden: usize, tokenizer: &kiln_shared::tokenizer::Tokenizer) -> Result<VisionModel> {
+    /// The vision side of a vision-language checkpoint (`arch`, its `config.json` as `config`),
+    /// tensors renamed by `renames`, for a language model `text_hidden` wide.
+    pub fn load(arch: &str, config: &Value, dir: &Path, w: &WeightSource, text_hidden: usize, tokenizer: &kiln_shared::tokenizer::Tokenizer) -> Result<VisionModel> {
+        let token_id = |key: &str| -> Result<u32> {
+            config[key].as_u64().filter(|&id| (id as usize) < tokenizer.vocab_size()).map(|id| id as u32).ok_or_else(|| bad(&format!("config.json: {key}"), "is missing or outside the vocabulary"))
+        };
+        let text = |id: u32| tokenizer.decode(&[id], true);
+        match arch {
+            "Qwen2_5_VLForConditionalGeneration" => {
+                let cfg = qwen25vl::Qwen25VisionConfig::from_hf(&config["vision_config"])?;
+                if cfg.out_hidden_size != text_hidden {
+                    return Err(bad("config.json: vision_config.out_hidden_size", format!("{} differs from the language model's {text_hidden}", cfg.out_hidden_size)));
+                }
+                let encoder = qwen25vl::load(&cfg, w, "visual.")?;
+                let image = token_id("image_token_id")?;
+                let pixels = cfg.token_pixels() as u32;
+                let defaults = ImageProcessor {
+                    resize: Resize::Fit { factor: pixels, min_pixels: 56 * 56, max_pixels: 28 * 28 * 1280 },
+                    filter: Filter::Bicubic,
+                    rescale_factor: 1.0 / 255.0,
+                    rescale: true,
+                    normalize: true,
+                    mean: [0.481_454_66, 0.457_827_5, 0.408_210_73],
+                    std: [0.268_629_54, 0.261_302_58, 0.275_777_11],
+                };
+                let processor = ImageProcessor::from_dir(dir, defaults)?;
+                if !matches!(processor.resize, Resize::Fit { factor, .. } if factor == pixels) {
+                    return Err(bad("preprocessor_config.json", format!("patch_size x merge_size must be the encoder's {pixels} pixels per token")));
+                }
+                let info = VisionInfo {
+                    placeholder: text(image),
+                    image_token: text(image),
+                    image_token_id: image,
+                    count: TokenCount::Grid { pixels },
+                    before: String::new(),
+                    after: String::new(),
+                };
+                Ok(VisionModel { processor, info, encoder: Encoder::Qwen25(encoder), hidden: text_hidden, bidirectional: false })
+            }
+            _ => Self::load_gemma3(config, dir, w, text_hidden, tokenizer),
+        }
+    }
+
+    fn load_gemma3(config: &Value, dir: &Path, w: &WeightSource, text_hidden: usize, tokenizer: &kiln_shared::tokenizer::Tokenizer) -> Result<VisionModel> {
         let cfg = siglip::SiglipConfig::from_hf(&config["vision_config"])?;
         let tokens = config["mm_tokens_per_image"].as_u64().unwrap_or(256) as usize;
         let tokens_per_side = (tokens as f64).sqrt() as usize;
@@ -211,34 +328,55 @@ impl VisionModel {
             placeholder: text(boi),
             image_token: text(image),
             image_token_id: image,
-            tokens,
+            count: TokenCount::Fixed(tokens),
             before: format!("\n\n{}", text(boi)),
             after: format!("{}\n\n", text(eoi)),
         };
         let size = cfg.image_size as u32;
-        let processor = ImageProcessor::from_dir(dir, size)?;
-        if (processor.width, processor.height) != (size, size) {
-            return Err(bad("processor size", format!("{}x{} differs from the vision tower's {size}x{size}", processor.width, processor.height)));
+        let defaults = ImageProcessor {
+            resize: Resize::Exact { width: size, height: size },
+            filter: Filter::Bilinear,
+            rescale_factor: 1.0 / 255.0,
+            rescale: true,
+            normalize: true,
+            mean: [0.5; 3],
+            std: [0.5; 3],
+        };
+        let processor = ImageProcessor::from_dir(dir, defaults)?;
+        if processor.resize != (Resize::Exact { width: size, height: size }) {
+            return Err(bad("processor size", format!("{:?} differs from the vision tower's {size}x{size}", processor.resize)));
         }
         Ok(VisionModel {
             processor,
             info,
-            projector: Gemma3Projector { tokens_per_side, pool: per_side / tokens_per_side, norm, projection },
-            tower,
+            encoder: Encoder::Gemma3 { tower, projector: Gemma3Projector { tokens_per_side, pool: per_side / tokens_per_side, norm, projection } },
             hidden: text_hidden,
+            bidirectional: true,
         })
     }
 
-    /// Embeddings of each image, `[info.tokens, hidden]`, the images encoded as one batch.
+    /// Embeddings of each image, `[tokens, hidden]`, the images encoded as one batch.
     pub fn encode(&self, compute: &Compute, images: &[&PreparedImage], s: &mut Scratch) -> Result<Vec<Arc<[f32]>>> {
         if images.is_empty() {
             return Ok(Vec::new());
         }
+        match &self.encoder {
+            Encoder::Gemma3 { tower, projector } => projector.forward(compute, tower, images, self.hidden, s),
+            Encoder::Qwen25(encoder) => {
+                let inputs: Vec<(&[f32], usize, usize)> = images.iter().map(|i| (i.pixels.as_slice(), i.height as usize, i.width as usize)).collect();
+                Ok(encoder.forward(compute, &inputs, s)?.into_iter().map(Arc::from).collect())
+            }
+        }
+    }
+}
+
+impl Gemma3Projector {
+    fn forward(&self, compute: &Compute, tower: &siglip::SiglipTower, images: &[&PreparedImage], hidden: usize, s: &mut Scratch) -> Result<Vec<Arc<[f32]>>> {
         let pixels: Vec<&[f32]> = images.iter().map(|i| i.pixels.as_slice()).collect();
         let mut patches = Vec::new();
-        self.tower.forward(compute, &pixels, s, &mut patches)?;
-        let (hv, per_side, n) = (self.tower.cfg.hidden_size, self.tower.cfg.patches_per_side(), self.tower.cfg.num_patches());
-        let (side, pool) = (self.projector.tokens_per_side, self.projector.pool);
+        tower.forward(compute, &pixels, s, &mut patches)?;
+        let (hv, per_side, n) = (tower.cfg.hidden_size, tower.cfg.patches_per_side(), tower.cfg.num_patches());
+        let (side, pool) = (self.tokens_per_side, self.pool);
         let tokens = side * side;
         // Average pooling of each pool x pool square of patches, summed row by row.
         let mut pooled = vec![0.0f32; images.len() * tokens * hv];
@@ -257,24 +395,45 @@ impl VisionModel {
             }
         }
         let mut normed = vec![0.0f32; pooled.len()];
-        self.projector.norm.forward(&pooled, &mut normed);
+        self.norm.forward(&pooled, &mut normed);
         let rows = images.len() * tokens;
-        let mut out = vec![0.0f32; rows * self.hidden];
-        project(compute, &normed, rows, &mut s.layer.acts, &mut [Projection { linear: &self.projector.projection, out: &mut out }])?;
-        Ok(out.chunks_exact(tokens * self.hidden).map(Arc::from).collect())
+        let mut out = vec![0.0f32; rows * hidden];
+        project(compute, &normed, rows, &mut s.layer.acts, &mut [Projection { linear: &self.projection, out: &mut out }])?;
+        Ok(out.chunks_exact(tokens * hidden).map(Arc::from).collect())
     }
 }
 
 impl VisionInfo {
-    /// The prompt text with each image placeholder expanded to the image's token sequence.
-    pub fn expand(&self, text: &str) -> String {
-        let full = format!("{}{}{}", self.before, self.image_token.repeat(self.tokens), self.after);
-        text.replace(&self.placeholder, &full)
+    /// Tokens an image resized to `width` x `height` takes in the prompt.
+    pub fn tokens_for(&self, width: u32, height: u32) -> usize {
+        match self.count {
+            TokenCount::Fixed(n) => n,
+            TokenCount::Grid { pixels } => (width / pixels) as usize * (height / pixels) as usize,
+        }
     }
 
-    /// The runs of image tokens in `prompt`, checked against the `images` given: one run per
-    /// image, each `tokens` long.
-    pub fn image_runs(&self, prompt: &[u32], images: usize) -> Result<Vec<Range<usize>>> {
+    /// The prompt text with each image placeholder expanded to its image's token sequence
+    /// (`counts`: tokens per image, in order; placeholders past them are left as they are).
+    pub fn expand(&self, text: &str, counts: &[usize]) -> String {
+        let mut pieces = text.split(self.placeholder.as_str());
+        let mut out = pieces.next().unwrap_or_default().to_string();
+        for (i, rest) in pieces.enumerate() {
+            match counts.get(i) {
+                Some(&n) => {
+                    out.push_str(&self.before);
+                    out.push_str(&self.image_token.repeat(n));
+                    out.push_str(&self.after);
+                }
+                None => out.push_str(&self.placeholder),
+            }
+            out.push_str(rest);
+        }
+        out
+    }
+
+    /// The runs of image tokens in `prompt`, checked against the images given (`counts`:
+    /// tokens per image): one run per image, each as long as its image's count.
+    pub fn image_runs(&self, prompt: &[u32], counts: &[usize]) -> Result<Vec<Range<usize>>> {
         let mut runs: Vec<Range<usize>> = Vec::new();
         for (i, &t) in prompt.iter().enumerate() {
             if t != self.image_token_id {
@@ -285,22 +444,42 @@ impl VisionInfo {
                 _ => runs.push(i..i + 1),
             }
         }
-        if runs.len() != images {
-            return Err(Error::InvalidRequest(format!("the prompt has places for {} images, but {images} were given", runs.len())));
+        if runs.len() != counts.len() {
+            return Err(Error::InvalidRequest(format!("the prompt has places for {} images, but {} were given", runs.len(), counts.len())));
         }
-        if let Some(bad) = runs.iter().find(|r| r.len() != self.tokens) {
-            return Err(Error::InvalidRequest(format!("an image takes {} tokens in the prompt; positions {bad:?} hold {}", self.tokens, bad.len())));
+        if let Some((bad, want)) = runs.iter().zip(counts).find(|(r, &n)| r.len() != n) {
+            return Err(Error::InvalidRequest(format!("an image takes {want} tokens in the prompt; positions {bad:?} hold {}", bad.len())));
         }
         Ok(runs)
     }
 
-    /// Where each image's embeddings go in `prompt` (`images`: embeddings and content key).
-    pub fn place(&self, prompt: &[u32], images: &[(Arc<[f32]>, u64)]) -> Result<Vec<crate::models::batch::ImageSpan>> {
-        let runs = self.image_runs(prompt, images.len())?;
+    /// Token counts of prepared images.
+    pub fn counts(&self, images: &[std::sync::Arc<PreparedImage>]) -> Vec<usize> {
+        images.iter().map(|i| self.tokens_for(i.width, i.height)).collect()
+    }
+}
+
+impl VisionModel {
+    /// Where each image's embeddings go in `prompt` (`images`: the prepared images with their
+    /// embeddings, in order).
+    pub fn place(&self, prompt: &[u32], images: &[(Arc<PreparedImage>, Arc<[f32]>)]) -> Result<Vec<crate::models::batch::ImageSpan>> {
+        let counts: Vec<usize> = images.iter().map(|(i, _)| self.info.tokens_for(i.width, i.height)).collect();
+        let runs = self.info.image_runs(prompt, &counts)?;
+        let pixels = match self.info.count {
+            TokenCount::Grid { pixels } => Some(pixels),
+            TokenCount::Fixed(_) => None,
+        };
         Ok(runs
             .into_iter()
             .zip(images)
-            .map(|(run, (embeddings, key))| crate::models::batch::ImageSpan { start: run.start, len: run.len(), embeddings: Arc::clone(embeddings), key: *key })
+            .map(|(run, (img, embeddings))| crate::models::batch::ImageSpan {
+                start: run.start,
+                len: run.len(),
+                embeddings: Arc::clone(embeddings),
+                key: img.key,
+                grid: pixels.map(|p| ((img.height / p) as usize, (img.width / p) as usize)),
+                bidirectional: self.bidirectional,
+            })
             .collect())
     }
 }
