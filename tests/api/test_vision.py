@@ -1,8 +1,9 @@
-"""Images through the router to a worker serving the tiny Gemma 3 vision-language fixture
-(worker/tests/fixtures/vision/gemma3, made with transformers by
+"""Images through the router to workers serving the tiny Gemma 3 and Qwen2.5-VL
+vision-language fixtures (worker/tests/fixtures/vision, made with transformers by
 scripts/goldens/make_vision_fixtures.py), with the official openai and anthropic clients:
 base64 images in chat, streamed and not, give transformers' greedy tokens for the same
-prompt; bad images (truncated, not an image, too many pixels, too many) get a 400 naming the
+prompt (Qwen2.5-VL's images take as many tokens as their size gives, which the router works
+out from the image header); bad images (truncated, not an image, too many pixels, too many) get a 400 naming the
 problem and the worker keeps serving; a text-only model given an image says so."""
 import base64
 import io
@@ -17,8 +18,7 @@ import pytest
 from conftest import ROOT, Router, Worker
 
 FIXTURE = ROOT / "worker/tests/fixtures/vision"
-REFERENCE = json.loads((FIXTURE / "gemma3/reference.json").read_text())
-CASES = {c["name"]: c for c in REFERENCE["cases"]}
+CASES = {m: {c["name"]: c for c in json.loads((FIXTURE / m / "reference.json").read_text())["cases"]} for m in ("gemma3", "qwen25vl")}
 
 
 def image_b64(name):
@@ -39,11 +39,12 @@ def png(width, height):
 
 @pytest.fixture(scope="module")
 def vision(worker):
-    w = Worker("vision", model=str(FIXTURE / "gemma3"))
-    r = Router("vision", [w.grpc, worker.grpc])
-    yield r, w
+    workers = [Worker(m, model=str(FIXTURE / m)) for m in ("gemma3", "qwen25vl")]
+    r = Router("vision", [w.grpc for w in workers] + [worker.grpc])
+    yield r, workers
     r.stop()
-    w.stop()
+    for w in workers:
+        w.stop()
 
 
 @pytest.fixture(scope="module")
@@ -56,9 +57,9 @@ def claude_v(vision):
     return anthropic.Anthropic(base_url=vision[0].url, api_key="unused", max_retries=0, timeout=120)
 
 
-def expected_text(case):
+def expected_text(case, model="gemma3"):
     from tokenizers import Tokenizer
-    tok = Tokenizer.from_file(str(FIXTURE / "gemma3/tokenizer.json"))
+    tok = Tokenizer.from_file(str(FIXTURE / model / "tokenizer.json"))
     return tok.decode(case["greedy"], skip_special_tokens=True)
 
 
@@ -73,21 +74,22 @@ def openai_messages(case):
     return [{"role": "user", "content": parts}]
 
 
+@pytest.mark.parametrize("model", ["gemma3", "qwen25vl"])
 @pytest.mark.parametrize("name", ["one_image", "two_images"])
-def test_openai_chat_with_images_gives_transformers_tokens(oai_v, name):
-    case = CASES[name]
-    want = expected_text(case)
-    r = oai_v.chat.completions.create(model="gemma3", messages=openai_messages(case), max_tokens=16, temperature=0,
+def test_openai_chat_with_images_gives_transformers_tokens(oai_v, model, name):
+    case = CASES[model][name]
+    want = expected_text(case, model)
+    r = oai_v.chat.completions.create(model=model, messages=openai_messages(case), max_tokens=16, temperature=0,
                                       extra_body={"ignore_eos": True})
     assert r.usage.prompt_tokens == len(case["ids"])
     assert r.choices[0].message.content == want
-    stream = oai_v.chat.completions.create(model="gemma3", messages=openai_messages(case), max_tokens=16, temperature=0,
+    stream = oai_v.chat.completions.create(model=model, messages=openai_messages(case), max_tokens=16, temperature=0,
                                            stream=True, extra_body={"ignore_eos": True})
     assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == want
 
 
 def test_anthropic_image_blocks_give_transformers_tokens(claude_v):
-    case = CASES["one_image"]
+    case = CASES["gemma3"]["one_image"]
     content = [{"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": image_b64("chelsea.png")}},
                {"type": "text", "text": "Describe this image."}]
     r = claude_v.messages.create(model="gemma3", max_tokens=16, extra_body={"temperature": 0}, messages=[{"role": "user", "content": content}])
@@ -103,7 +105,7 @@ def test_anthropic_image_blocks_give_transformers_tokens(claude_v):
 
 def test_models_say_which_take_images(oai_v):
     kinds = {m.id: m.model_extra["input_modalities"] for m in oai_v.models.list().data}
-    assert kinds["gemma3"] == ["text", "image"]
+    assert kinds["gemma3"] == kinds["qwen25vl"] == ["text", "image"]
     assert kinds["smollm2"] == ["text"]
 
 
@@ -135,6 +137,6 @@ def test_too_many_images_and_text_only_models_are_refused(oai_v):
         image_request(oai_v, data_url("strip.png"), model="smollm2")
     assert "does not take images" in str(e.value)
     # The worker keeps serving afterwards.
-    r = oai_v.chat.completions.create(model="gemma3", messages=openai_messages(CASES["one_image"]), max_tokens=16, temperature=0,
+    r = oai_v.chat.completions.create(model="gemma3", messages=openai_messages(CASES["gemma3"]["one_image"]), max_tokens=16, temperature=0,
                                       extra_body={"ignore_eos": True})
-    assert r.choices[0].message.content == expected_text(CASES["one_image"])
+    assert r.choices[0].message.content == expected_text(CASES["gemma3"]["one_image"])

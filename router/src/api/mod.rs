@@ -337,8 +337,8 @@ pub fn conversation_prompt(model: &ModelState, turns: &[Turn], tools: &[Tool], c
         if placed != images.len() {
             return Err(ApiError::field("messages", format!("the model's chat template placed {placed} of the {} images", images.len())));
         }
-        let full = format!("{}{}{}", vision.before, vision.image_token.repeat(vision.tokens_per_image as usize), vision.after);
-        text = text.replace(vision.placeholder.as_str(), &full);
+        let counts = images.iter().map(|(path, data)| image_tokens(vision, path, data)).collect::<Result<Vec<_>, _>>()?;
+        text = expand_images(vision, &text, &counts);
     }
     let grammar = crate::tools::grammar(tools, choice, parallel, format)
         .map(|lark| kiln_proto::v1::Constraint { kind: Some(kiln_proto::v1::constraint::Kind::Lark(lark)) });
@@ -348,6 +348,32 @@ pub fn conversation_prompt(model: &ModelState, turns: &[Turn], tools: &[Tool], c
         grammar,
         images: images.into_iter().map(|(_, data)| data).collect(),
     })
+}
+
+/// How many tokens an image takes in the prompt of a model that takes images: a fixed count,
+/// or (Qwen2-VL) one per square of the size the processor resizes it to, read from its header.
+fn image_tokens(vision: &kiln_proto::v1::Vision, path: &str, data: &[u8]) -> Result<usize, ApiError> {
+    if vision.tokens_per_image > 0 {
+        return Ok(vision.tokens_per_image as usize);
+    }
+    let p = vision.pixels_per_token.max(1);
+    let (width, height) = kiln_shared::image::dimensions(data, &Default::default()).map_err(|e| ApiError::field(path, format!("is not a usable image: {e}")))?;
+    let (h, w) = kiln_shared::image::smart_resize(height, width, p, vision.min_pixels, vision.max_pixels)
+        .ok_or_else(|| ApiError::field(path, format!("is not a usable image: {width}x{height} is too narrow (aspect ratio over 200)")))?;
+    Ok((h / p) as usize * (w / p) as usize)
+}
+
+/// The rendered prompt with each image placeholder replaced by its image's tokens.
+fn expand_images(vision: &kiln_proto::v1::Vision, text: &str, counts: &[usize]) -> String {
+    let mut pieces = text.split(vision.placeholder.as_str());
+    let mut out = pieces.next().unwrap_or_default().to_string();
+    for (rest, &n) in pieces.zip(counts) {
+        out.push_str(&vision.before);
+        out.push_str(&vision.image_token.repeat(n));
+        out.push_str(&vision.after);
+        out.push_str(rest);
+    }
+    out
 }
 
 /// Runs the chat or completions handler on `body` as a request to `route` would (the MCP
