@@ -29,11 +29,22 @@ pub struct RouterConfig {
     pub timeouts: generate::Timeouts,
     /// Rounds of MCP tool calls one request may run before the model must answer.
     pub max_tool_rounds: usize,
+    /// Whether image parts may name http(s) URLs for the router to fetch, and how long a
+    /// fetch may take (off by default: it lets clients make the router fetch any address).
+    pub image_urls: Option<std::time::Duration>,
 }
 
 impl Default for RouterConfig {
     fn default() -> Self {
-        RouterConfig { api_key: None, cors_origins: Vec::new(), max_queue: 256, limits: Limits::default(), timeouts: generate::Timeouts::default(), max_tool_rounds: 8 }
+        RouterConfig {
+            api_key: None,
+            cors_origins: Vec::new(),
+            max_queue: 256,
+            limits: Limits::default(),
+            timeouts: generate::Timeouts::default(),
+            max_tool_rounds: 8,
+            image_urls: None,
+        }
     }
 }
 

@@ -83,6 +83,13 @@ struct Args {
     /// Rounds of MCP tool calls one request may run before the model must answer in text
     #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..=64), env = "KILN_ROUTER_MAX_TOOL_ROUNDS")]
     max_tool_rounds: u32,
+    /// Fetch images that requests name by http(s) URL (off: only inline data: URLs and base64).
+    /// The router then fetches whatever address a client names, internal ones included
+    #[arg(long, env = "KILN_ROUTER_ALLOW_IMAGE_URLS")]
+    allow_image_urls: bool,
+    /// Seconds one image fetch may take, connection to last byte
+    #[arg(long, default_value_t = 10.0, env = "KILN_ROUTER_IMAGE_URL_TIMEOUT_SECS")]
+    image_url_timeout_secs: f64,
     /// Seconds an MCP server may take to start and list its tools, and to answer a ping
     #[arg(long, default_value_t = 10.0, env = "KILN_ROUTER_MCP_CONNECT_TIMEOUT_SECS")]
     mcp_connect_timeout_secs: f64,
@@ -159,6 +166,10 @@ fn main() -> anyhow::Result<()> {
             eject: secs("--eject-secs", args.eject_secs)?,
         },
         max_tool_rounds: args.max_tool_rounds as usize,
+        image_urls: match args.allow_image_urls {
+            true => Some(secs("--image-url-timeout-secs", args.image_url_timeout_secs)?),
+            false => None,
+        },
     };
     let mcp_servers = match &args.mcp_config {
         Some(path) => Some(kiln_router::mcp::client::load(path)?),

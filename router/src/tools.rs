@@ -54,6 +54,8 @@ pub enum Part {
     Text(String),
     /// An image's bytes; `path` names the request field it came from.
     Image { path: String, data: Vec<u8> },
+    /// An image named by an http(s) URL, until the router fetches it (`images::resolve`).
+    RemoteImage { path: String, url: String },
 }
 
 impl Turn {
@@ -68,7 +70,7 @@ impl Turn {
                 .iter()
                 .map(|p| match p {
                     Part::Text(t) => json!({"type": "text", "text": t}),
-                    Part::Image { .. } => json!({"type": "image"}),
+                    Part::Image { .. } | Part::RemoteImage { .. } => json!({"type": "image"}),
                 })
                 .collect(),
         )
@@ -82,7 +84,7 @@ pub fn images(turns: &[Turn]) -> Vec<(String, Vec<u8>)> {
         .flat_map(|t| &t.parts)
         .filter_map(|p| match p {
             Part::Image { path, data } => Some((path.clone(), data.clone())),
-            Part::Text(_) => None,
+            Part::Text(_) | Part::RemoteImage { .. } => None,
         })
         .collect()
 }

@@ -140,3 +140,78 @@ def test_too_many_images_and_text_only_models_are_refused(oai_v):
     r = oai_v.chat.completions.create(model="gemma3", messages=openai_messages(CASES["gemma3"]["one_image"]), max_tokens=16, temperature=0,
                                       extra_body={"ignore_eos": True})
     assert r.choices[0].message.content == expected_text(CASES["gemma3"]["one_image"])
+
+
+class ImageServer:
+    """A local HTTP server for image URLs: real images, a text file, a missing path, a
+    response claiming 30 MB, and one that never finishes."""
+
+    def __init__(self):
+        import http.server
+        import threading
+        import time
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_GET(self):
+                name = self.path.lstrip("/")
+                if name == "slow.png":
+                    time.sleep(6)
+                    return
+                if name == "huge.png":
+                    self.send_response(200)
+                    self.send_header("Content-Type", "image/png")
+                    self.send_header("Content-Length", str(30 << 20))
+                    self.end_headers()
+                    return
+                path = FIXTURE / "images" / name
+                if name == "notes.txt":
+                    body, kind = b"just some text", "text/plain; charset=utf-8"
+                elif path.is_file() and name.endswith(".png"):
+                    body, kind = path.read_bytes(), "image/png"
+                else:
+                    self.send_error(404)
+                    return
+                self.send_response(200)
+                self.send_header("Content-Type", kind)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+
+@pytest.fixture(scope="module")
+def fetching(vision):
+    """A router that fetches image URLs, over the same workers."""
+    server = ImageServer()
+    r = Router("vision-urls", [w.grpc for w in vision[1]], "--allow-image-urls", "--image-url-timeout-secs", "2")
+    yield openai.OpenAI(base_url=f"{r.url}/v1", api_key="unused", max_retries=0, timeout=120), server
+    r.stop()
+    server.server.shutdown()
+
+
+def test_image_urls_are_fetched_when_allowed(fetching, oai_v):
+    client, server = fetching
+    case = CASES["gemma3"]["one_image"]
+    messages = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": f"{server.url}/chelsea.png"}},
+                                             {"type": "text", "text": "Describe this image."}]}]
+    r = client.chat.completions.create(model="gemma3", messages=messages, max_tokens=16, temperature=0, extra_body={"ignore_eos": True})
+    assert r.choices[0].message.content == expected_text(case)
+
+
+@pytest.mark.parametrize("name,needle", [
+    ("notes.txt", "served as `text/plain; charset=utf-8`, not as an image"),
+    ("missing.png", "answered 404"),
+    ("huge.png", "is 31457280 bytes; the limit is 20971520"),
+    ("slow.png", "timed out"),
+])
+def test_image_url_failures_get_a_400_naming_the_problem(fetching, name, needle):
+    client, server = fetching
+    with pytest.raises(openai.BadRequestError) as e:
+        image_request(client, f"{server.url}/{name}")
+    assert needle in str(e.value) and f"{server.url}/{name}" in str(e.value), str(e.value)

@@ -125,7 +125,10 @@ fn image_blocks(blocks: &[Value], name: &str) -> Result<Turn, ApiError> {
                 let data = s.str("data")?.ok_or_else(|| ApiError::field(s.name("data"), "is required"))?;
                 super::images::from_base64(media_type, data, &s.name("data"), &Default::default())?
             }
-            Some("url") => super::images::from_url(s.str("url")?.ok_or_else(|| ApiError::field(s.name("url"), "is required"))?, &s.name("url"), &Default::default())?,
+            Some("url") => {
+                parts.push(super::images::from_url(s.str("url")?.ok_or_else(|| ApiError::field(s.name("url"), "is required"))?, &s.name("url"), &Default::default())?);
+                continue;
+            }
             Some(other) => return Err(ApiError::field(s.name("type"), format!("unknown image source `{other}`; expected base64 or url"))),
             None => return Err(ApiError::field(s.name("type"), "is required")),
         };
@@ -256,7 +259,8 @@ async fn messages_inner(state: &Arc<AppState>, headers: &HeaderMap, body: &[u8],
     let f = Fields::new(&map, "", MESSAGE_FIELDS, MESSAGE_UNSUPPORTED)?;
     let model = super::resolve_generator(state, f.str("model")?.ok_or_else(|| ApiError::field("model", "is required"))?)?;
     *model_id = Some(model.info.model_id.clone());
-    let conversation = conversation(&f, state.config.limits.max_messages)?;
+    let mut conversation = conversation(&f, state.config.limits.max_messages)?;
+    super::images::resolve(state, &mut conversation, &Default::default()).await?;
     let context = i64::from(model.info.context_length);
     let max_tokens = f.int("max_tokens", 1, context)?.ok_or_else(|| ApiError::field("max_tokens", "is required"))? as u32;
     if let Some(meta) = f.object("metadata")? {
@@ -480,7 +484,8 @@ pub async fn count_tokens(State(state): State<Arc<AppState>>, body: Bytes) -> Re
             let model = super::resolve_generator(&state, f.str("model")?.ok_or_else(|| ApiError::field("model", "is required"))?)?;
             model_id = Some(model.info.model_id.clone());
             let (tools, choice, parallel) = message_tools(&f)?;
-            let turns = conversation(&f, state.config.limits.max_messages)?;
+            let mut turns = conversation(&f, state.config.limits.max_messages)?;
+            super::images::resolve(&state, &mut turns, &Default::default()).await?;
             let prompt = super::conversation_prompt(&model, &turns, &tools, &choice, parallel, true)?.tokens;
             Ok(Json(json!({ "input_tokens": prompt.len() })).into_response())
         }

@@ -76,8 +76,7 @@ fn message_content(m: &Fields, i: usize, role: &str) -> Result<(String, Vec<Part
                             return Err(ApiError::field(u.name("detail"), format!("unknown value `{d}`; expected auto, low or high")));
                         }
                         let url = u.str("url")?.ok_or_else(|| ApiError::field(u.name("url"), "is required"))?;
-                        let data = super::images::from_url(url, &u.name("url"), &Default::default())?;
-                        parts.push(Part::Image { path: u.name("url"), data });
+                        parts.push(super::images::from_url(url, &u.name("url"), &Default::default())?);
                         images = true;
                     }
                     Some("image_url") => return Err(ApiError::field(format!("{path}type"), "images are only allowed in user messages")),
@@ -244,7 +243,8 @@ pub(crate) async fn chat_inner(state: &Arc<AppState>, headers: &HeaderMap, body:
     let f = fields(&map, CHAT_FIELDS, CHAT_UNSUPPORTED)?;
     let model = super::resolve_generator(state, &model_of(&f)?)?;
     *model_id = Some(model.info.model_id.clone());
-    let turns = chat_messages(&f, state.config.limits.max_messages)?;
+    let mut turns = chat_messages(&f, state.config.limits.max_messages)?;
+    super::images::resolve(state, &mut turns, &Default::default()).await?;
     let mcp_tools = super::mcp_loop::requested_tools(state, &f)?;
     let mcp_names: Vec<&str> = mcp_tools.iter().flatten().map(|t| t.name.as_str()).collect();
     let (tools, choice, parallel) = chat_tools(&f, &mcp_names)?;
