@@ -119,6 +119,7 @@ impl Worker for FakeWorker {
             weight_format: "F32".into(),
             kind: pb::ModelKind::Generate as i32,
             dimensions: 0,
+            vision: None,
         }))
     }
 

@@ -279,7 +279,7 @@ impl VisionModel {
                     rescale: true,
                     normalize: true,
                     mean: [0.481_454_66, 0.457_827_5, 0.408_210_73],
-                    std: [0.268_629_54, 0.261_302_58, 0.275_777_11],
+                    std: [0.268_629_54, 0.261_302_6, 0.275_777_1],
                 };
                 let processor = ImageProcessor::from_dir(dir, defaults)?;
                 if !matches!(processor.resize, Resize::Fit { factor, .. } if factor == pixels) {
