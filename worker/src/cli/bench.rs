@@ -41,6 +41,10 @@ pub struct BenchArgs {
     /// 1,64) of inputs of --n-prompt tokens
     #[arg(long, value_delimiter = ',', conflicts_with = "concurrency")]
     pub embed_batch: Vec<usize>,
+    /// Vision-language models: time preparing and encoding these images (PNG, JPEG, WebP,
+    /// GIF), one at a time, and the tokens each takes in the prompt
+    #[arg(long, value_delimiter = ',', conflicts_with_all = ["concurrency", "embed_batch"])]
+    pub image: Vec<std::path::PathBuf>,
 }
 
 #[derive(Serialize)]
@@ -77,6 +81,9 @@ pub fn main(args: BenchArgs) -> anyhow::Result<()> {
     }
     if !args.embed_batch.is_empty() {
         return embed(&args);
+    }
+    if !args.image.is_empty() {
+        return images(&args);
     }
     let model = super::load_model(&args.model, args.json, args.engine.isq, args.engine.tp.config()?.as_ref())?;
     let threads = args.threads.unwrap_or_else(super::default_threads);
@@ -158,6 +165,36 @@ pub fn main(args: BenchArgs) -> anyhow::Result<()> {
 
 /// `--embed-batch`: batches of random-token inputs of `n_prompt` tokens (with the model's
 /// special tokens at the ends), each size timed `repetitions` times after a warm-up.
+/// Time to prepare (decode, resize, normalize) and to encode each image, and its tokens.
+fn images(args: &BenchArgs) -> anyhow::Result<()> {
+    let model = super::load_model(&args.model, args.json, args.engine.isq, None)?;
+    let Some(vision) = model.vision.clone() else { anyhow::bail!("`{}` does not take images", args.model) };
+    let compute = super::compute(args.threads);
+    let mut scratch = kiln_worker::models::scratch::Scratch::default();
+    println!("| image | threads | resized | tokens | prepare ms | encode ms | encode ms per token |");
+    println!("|---|---|---|---|---|---|---|");
+    for path in &args.image {
+        let data = std::fs::read(path).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+        let limits = kiln_shared::image::ImageLimits::default();
+        let image = vision.processor.prepare(&data, &limits)?;
+        vision.encode(&compute, &[&image], &mut scratch)?;
+        let (mut prepare, mut encode) = (Vec::new(), Vec::new());
+        for _ in 0..args.repetitions {
+            let t = Instant::now();
+            let image = vision.processor.prepare(&data, &limits)?;
+            prepare.push(t.elapsed().as_secs_f64() * 1e3);
+            let t = Instant::now();
+            vision.encode(&compute, &[&image], &mut scratch)?;
+            encode.push(t.elapsed().as_secs_f64() * 1e3);
+        }
+        let tokens = vision.info.tokens_for(image.width, image.height);
+        let ((p, _), (e, sd)) = (mean_sd(&prepare), mean_sd(&encode));
+        let name = path.file_name().map_or_else(String::new, |n| n.to_string_lossy().into_owned());
+        println!("| {name} | {} | {}x{} | {tokens} | {p:.1} | {e:.1} ± {sd:.1} | {:.2} |", compute.pool.num_threads(), image.width, image.height, e / tokens as f64);
+    }
+    Ok(())
+}
+
 fn embed(args: &BenchArgs) -> anyhow::Result<()> {
     let path = kiln_worker::assets::resolve(&args.model, &mut |msg| eprintln!("kiln: {msg}"))?;
     let e = kiln_worker::embedding::Embedder::load(&path)?;
