@@ -11,6 +11,12 @@ Writes worker/tests/fixtures/vision/:
   rotary positions, window and full attention blocks and the 2x2 patch merger; a Qwen2 text
   model with M-RoPE), with the same kind of tokenizer, template and reference.json; the
   processor's `max_pixels` is small so images stay a few dozen tokens.
+- gemma3-gguf/ (when LLAMA_SRC names a llama.cpp source tree and kiln is built): the gemma3
+  checkpoint as a llama.cpp model pair: `mmproj.gguf` written by llama.cpp's own converter
+  (convert_hf_to_gguf.py --mmproj, f16 as released mmproj files are, from a copy with the
+  released `vision_tower.vision_model.` names it expects) and `text.gguf`, the language model
+  written by `kiln-worker quantize --isq q8_0` (llama.cpp's converter does not know this tiny
+  tokenizer).
 - gemma3/: a Gemma3ForConditionalGeneration checkpoint (SigLIP tower, projector, Gemma 3 text
   model) in the current transformers layout, with a tokenizer holding the image tokens, a
   chat template that emits `<start_of_image>` for image parts, and reference.json: for each
@@ -21,6 +27,7 @@ Needs: pip install torch transformers tokenizers safetensors pillow scikit-image
 """
 import json
 import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -249,6 +256,41 @@ def qwen25vl(images):
     print(f"qwen25vl: {sum(p.numel() for p in model.parameters())} parameters, vocab {vocab}, prompts {[len(c['ids']) for c in cases]}")
 
 
+def gemma3_gguf():
+    import os
+    import subprocess
+    from safetensors.torch import load_file, save_file
+
+    src = os.environ.get("LLAMA_SRC")
+    if not src:
+        print("gemma3-gguf: skipped (set LLAMA_SRC to a llama.cpp source tree)")
+        return
+    d, out = OUT / "gemma3", OUT / "gemma3-gguf"
+    out.mkdir(exist_ok=True)
+    work = Path(os.environ.get("TMPDIR", "/tmp")) / "kiln-gemma3-gguf"
+    shutil.rmtree(work, ignore_errors=True)
+    released, text = work / "released", work / "text"
+    released.mkdir(parents=True)
+    text.mkdir()
+    tensors = load_file(d / "model.safetensors")
+    save_file({k.replace("vision_tower.", "vision_tower.vision_model.", 1) if k.startswith("vision_tower.") else k: v for k, v in tensors.items()},
+              released / "model.safetensors")
+    for f in d.iterdir():
+        if f.suffix != ".safetensors":
+            shutil.copy(f, released / f.name)
+    subprocess.run([sys.executable, f"{src}/convert_hf_to_gguf.py", str(released), "--mmproj", "--outtype", "f16", "--outfile", str(out / "mmproj.gguf")],
+                   check=True, capture_output=True)
+    config = json.loads((d / "config.json").read_text())
+    (text / "config.json").write_text(json.dumps({**config["text_config"], "architectures": ["Gemma3ForCausalLM"], "torch_dtype": "float32"}))
+    save_file({k.replace("language_model.", "", 1): v for k, v in tensors.items() if k.startswith("language_model.")}, text / "model.safetensors")
+    for f in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json"):
+        shutil.copy(d / f, text / f)
+    subprocess.run([str(ROOT / "target/release/kiln-worker"), "quantize", "-m", str(text), "--isq", "q8_0", "-o", str(out / "text.gguf")],
+                   check=True, capture_output=True)
+    print(f"gemma3-gguf: {[(p.name, p.stat().st_size) for p in sorted(out.iterdir())]}")
+
+
 pictures = write_images()
 gemma3(pictures)
 qwen25vl(pictures)
+gemma3_gguf()

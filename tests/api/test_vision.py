@@ -40,6 +40,10 @@ def png(width, height):
 @pytest.fixture(scope="module")
 def vision(worker):
     workers = [Worker(m, model=str(FIXTURE / m)) for m in ("gemma3", "qwen25vl")]
+    # The Gemma 3 fixture as a llama.cpp model pair, and as the checkpoint quantized alike.
+    pair = FIXTURE / "gemma3-gguf"
+    workers.append(Worker("pair", "--mmproj", str(pair / "mmproj.gguf"), "--model-id", "gemma3-pair", model=str(pair / "text.gguf")))
+    workers.append(Worker("q8", "--isq", "q8_0", "--model-id", "gemma3-q8", model=str(FIXTURE / "gemma3")))
     r = Router("vision", [w.grpc for w in workers] + [worker.grpc])
     yield r, workers
     r.stop()
@@ -101,6 +105,17 @@ def test_anthropic_image_blocks_give_transformers_tokens(claude_v):
     assert text == streamed
     # Same prompt and image as the OpenAI case: the reference's tokens, up to an end of turn.
     assert expected_text(case).startswith(text)
+
+
+def test_a_llama_cpp_model_pair_serves_images(oai_v):
+    """`--mmproj` gives a GGUF language model llama.cpp's vision projector; it answers as
+    the checkpoint it was converted from, quantized the same way."""
+    for name in ("one_image", "two_images"):
+        case = CASES["gemma3"][name]
+        answers = [oai_v.chat.completions.create(model=m, messages=openai_messages(case), max_tokens=16, temperature=0,
+                                                 extra_body={"ignore_eos": True}) for m in ("gemma3-pair", "gemma3-q8")]
+        assert answers[0].usage.prompt_tokens == len(case["ids"])
+        assert answers[0].choices[0].message.content == answers[1].choices[0].message.content
 
 
 def test_models_say_which_take_images(oai_v):

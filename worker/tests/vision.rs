@@ -339,3 +339,56 @@ mod engine {
         assert!(err.contains("does not take images"), "{err}");
     }
 }
+
+/// The Gemma 3 fixture as a llama.cpp model pair (`gemma3-gguf/`: the language model as a
+/// Q8_0 GGUF, the vision side as an `mmproj` file written by llama.cpp's converter, f16)
+/// against the checkpoint quantized to Q8_0 at load: the same text weights, the same
+/// numerics, vision weights rounded to f16. The encoders agree to within f16 rounding and
+/// the answers are the same tokens.
+#[test]
+fn gemma3_llama_cpp_pair_matches_the_checkpoint() {
+    let dir = fixtures().join("gemma3-gguf");
+    let checkpoint = Arc::new(LoadedModel::load_quantized(&fixtures().join("gemma3"), Some(kiln_kernels::DType::Q8_0)).unwrap());
+    let mut pair = LoadedModel::load(&dir.join("text.gguf")).unwrap();
+    let hidden = pair.model.config().hidden_size;
+    pair.vision = Some(Arc::new(kiln_worker::vision::VisionModel::from_mmproj(&dir.join("mmproj.gguf"), hidden, &pair.tokenizer).unwrap()));
+    let pair = Arc::new(pair);
+    let (a, b) = (checkpoint.vision.as_ref().unwrap(), pair.vision.as_ref().unwrap());
+    assert_eq!(a.info, b.info, "the same image tokens");
+    assert_eq!(a.processor, b.processor, "the same image processing");
+    let image = a.processor.prepare(&image_bytes("chelsea.png"), &ImageLimits::default()).unwrap();
+    let (ea, eb) = (a.encode(&common::compute(), &[&image], &mut Scratch::default()).unwrap(), b.encode(&common::compute(), &[&image], &mut Scratch::default()).unwrap());
+    let scale = ea[0].iter().fold(0.0f32, |m, v| m.max(v.abs()));
+    let worst = ea[0].iter().zip(eb[0].iter()).map(|(x, y)| (x - y).abs()).fold(0.0f32, f32::max);
+    eprintln!("mmproj embeddings: largest difference {worst:.2e} of values up to {scale:.2}");
+    // f16 weights: a relative step of 2^-11 per product, over a few layers.
+    assert!(worst <= 1e-2 * scale, "mmproj embeddings differ by {worst} (values up to {scale})");
+    for case in reference("gemma3")["cases"].as_array().unwrap() {
+        let images: Vec<&str> = case["images"].as_array().unwrap().iter().map(|n| n.as_str().unwrap()).collect();
+        let answer = |model: &Arc<LoadedModel>| {
+            let vision = model.vision.as_ref().unwrap();
+            let prepared: Vec<_> = images.iter().map(|n| Arc::new(vision.processor.prepare(&image_bytes(n), &ImageLimits::default()).unwrap())).collect();
+            let prompt = vision.info.expand(case["prompt"].as_str().unwrap(), &vision.info.counts(&prepared));
+            let ids = model.tokenizer.encode(&prompt, false, true);
+            let engine = kiln_worker::engine::Engine::start(Arc::clone(model), common::compute(), Default::default()).unwrap();
+            let req = kiln_worker::engine::GenerationRequest {
+                prompt: ids,
+                sampling: kiln_shared::sampling::SamplingParams::greedy(),
+                max_tokens: Some(16),
+                ignore_eos: true,
+                images: prepared,
+                ..Default::default()
+            };
+            let mut tokens = Vec::new();
+            for e in engine.submit(req).unwrap() {
+                match e {
+                    kiln_worker::engine::Event::Token { id, .. } => tokens.push(id),
+                    kiln_worker::engine::Event::Failed(msg) => panic!("{msg}"),
+                    _ => {}
+                }
+            }
+            tokens
+        };
+        assert_eq!(answer(&pair), answer(&checkpoint), "{}: the llama.cpp pair answers as the checkpoint", case["name"]);
+    }
+}

@@ -36,10 +36,13 @@ pub fn default_threads() -> usize {
 /// Resolves a model argument (path, directory, known name or repo id, fetched on first use)
 /// and loads it, quantizing its projection weights to `isq` when given; with `tp`, rank 0's
 /// share of it, once every rank of the group has joined and loaded its own.
-pub fn load_model(arg: &str, quiet: bool, isq: Option<kiln_kernels::DType>, tp: Option<&kiln_worker::parallel::TpConfig>) -> anyhow::Result<Arc<LoadedModel>> {
+pub fn load_model(arg: &str, quiet: bool, isq: Option<kiln_kernels::DType>, tp: Option<&kiln_worker::parallel::TpConfig>, mmproj: Option<&std::path::Path>) -> anyhow::Result<Arc<LoadedModel>> {
     let path = kiln_worker::assets::resolve(arg, &mut |msg| eprintln!("kiln: {msg}"))?;
     let t = Instant::now();
-    let model = match tp {
+    if mmproj.is_some() && tp.is_some() {
+        anyhow::bail!("--mmproj: vision-language models cannot be split across ranks yet");
+    }
+    let mut model = match tp {
         Some(cfg) => {
             if !quiet {
                 eprintln!("kiln: rank 0 of group `{}`: waiting for {} more ranks at {}", cfg.group, cfg.size - 1, cfg.leader);
@@ -62,6 +65,14 @@ pub fn load_model(arg: &str, quiet: bool, isq: Option<kiln_kernels::DType>, tp: 
                 r.fallbacks.iter().map(|(n, d)| format!("{n} ({})", d.name())).collect::<Vec<_>>().join(", ")
             );
         }
+    }
+    if let Some(mmproj) = mmproj {
+        if model.vision.is_some() {
+            anyhow::bail!("--mmproj: {} already has its own vision encoder", path.display());
+        }
+        let hidden = model.model.config().hidden_size;
+        let vision = kiln_worker::vision::VisionModel::from_mmproj(mmproj, hidden, &model.tokenizer).map_err(|e| anyhow::anyhow!("--mmproj {}: {e}", mmproj.display()))?;
+        model.vision = Some(Arc::new(vision));
     }
     if !model.unused_tensors.is_empty() {
         eprintln!("kiln: warning: {} tensors in the file were not used: {}", model.unused_tensors.len(), model.unused_tensors.join(", "));
@@ -98,6 +109,10 @@ pub struct EngineArgs {
     /// (embeddings and the output head keep their precision)
     #[arg(long, value_parser = kiln_worker::loader::parse_isq, env = "KILN_WORKER_ISQ")]
     pub isq: Option<kiln_kernels::DType>,
+    /// A llama.cpp multimodal projector (`mmproj` GGUF) giving a GGUF language model its vision
+    /// encoder (Gemma 3)
+    #[arg(long, value_name = "FILE", env = "KILN_WORKER_MMPROJ")]
+    pub mmproj: Option<std::path::PathBuf>,
     #[command(flatten)]
     pub tp: tp::TpArgs,
 }

@@ -129,7 +129,7 @@ pub fn load_serving(args: &ServeArgs, source: &str, id: &str, tp: Option<&TpConf
         }
         return Ok((Serving::embedding(Arc::new(queue), id, args.max_seqs)?, None));
     }
-    let model = super::load_model(&path.to_string_lossy(), false, args.engine.isq, tp)?;
+    let model = super::load_model(&path.to_string_lossy(), false, args.engine.isq, tp, args.engine.mmproj.as_deref())?;
     let group = model.group.clone();
     let engine = Engine::start(Arc::clone(&model), compute, args.engine.config(args.max_seqs, args.ctx_size))?;
     Ok((Serving::new(engine, model, id, args.max_seqs)?, group))

@@ -184,6 +184,15 @@ impl Value {
             _ => self.as_u64().map(|v| v as f64),
         }
     }
+
+    /// An array of floats (f32 or f64) as f32 values.
+    pub fn as_f32_array(&self) -> Option<Vec<f32>> {
+        match self {
+            Value::Array(Array::F32(v)) => Some(v.clone()),
+            Value::Array(Array::F64(v)) => Some(v.iter().map(|&x| x as f32).collect()),
+            _ => None,
+        }
+    }
 }
 
 fn element_size(type_id: u32) -> Option<usize> {

@@ -1,7 +1,11 @@
 //! The one table between Hugging Face tensor names (which model code uses) and GGUF names.
 
-/// GGUF name of a Hugging Face tensor name, for architecture `arch`.
+/// GGUF name of a Hugging Face tensor name, for architecture `arch` (`clip`: the vision side
+/// of a llama.cpp `mmproj` file, named as kiln's vision encoders ask for it).
 pub fn gguf_name(arch: &str, hf: &str) -> Option<String> {
+    if arch == "clip" {
+        return clip_name(hf);
+    }
     let global = [
         ("model.embed_tokens.weight", "token_embd.weight"),
         ("model.norm.weight", "output_norm.weight"),
@@ -45,6 +49,38 @@ pub fn gguf_name(arch: &str, hf: &str) -> Option<String> {
         _ => return None,
     };
     Some(format!("blk.{layer}.{part}"))
+}
+
+/// llama.cpp's mmproj names for Gemma 3's SigLIP tower and projector.
+fn clip_name(hf: &str) -> Option<String> {
+    let fixed = [
+        ("vision_tower.embeddings.patch_embedding.weight", "v.patch_embd.weight"),
+        ("vision_tower.embeddings.patch_embedding.bias", "v.patch_embd.bias"),
+        ("vision_tower.embeddings.position_embedding.weight", "v.position_embd.weight"),
+        ("vision_tower.post_layernorm.weight", "v.post_ln.weight"),
+        ("vision_tower.post_layernorm.bias", "v.post_ln.bias"),
+        ("multi_modal_projector.mm_input_projection_weight", "mm.input_projection.weight"),
+        ("multi_modal_projector.mm_soft_emb_norm.weight", "mm.soft_emb_norm.weight"),
+    ];
+    if let Some((_, g)) = fixed.iter().find(|(h, _)| *h == hf) {
+        return Some(g.to_string());
+    }
+    let rest = hf.strip_prefix("vision_tower.encoder.layers.")?;
+    let (index, suffix) = rest.split_once('.')?;
+    let layer: usize = index.parse().ok()?;
+    let (module, kind) = suffix.rsplit_once('.')?;
+    let part = match module {
+        "layer_norm1" => "ln1",
+        "layer_norm2" => "ln2",
+        "self_attn.q_proj" => "attn_q",
+        "self_attn.k_proj" => "attn_k",
+        "self_attn.v_proj" => "attn_v",
+        "self_attn.out_proj" => "attn_out",
+        "mlp.fc1" => "ffn_up",
+        "mlp.fc2" => "ffn_down",
+        _ => return None,
+    };
+    Some(format!("v.blk.{layer}.{part}.{kind}"))
 }
 
 #[cfg(test)]

@@ -209,6 +209,19 @@ struct Gemma3Projector {
     projection: Linear,
 }
 
+/// What differs between Gemma 3's vision side in a checkpoint and in an mmproj file.
+struct Gemma3Parts {
+    cfg: siglip::SiglipConfig,
+    tokens: usize,
+    /// Begin-of-image, end-of-image and image token ids.
+    ids: (u32, u32, u32),
+    mean: [f32; 3],
+    std: [f32; 3],
+    /// Added to the stored soft-embedding norm weights (1 for checkpoints, 0 for mmproj files,
+    /// which hold `1 + w`).
+    norm_offset: f32,
+}
+
 /// The encoder that turns prepared images into language-model rows.
 enum Encoder {
     Gemma3 { tower: siglip::SiglipTower, projector: Gemma3Projector },
@@ -299,9 +312,56 @@ impl VisionModel {
         }
     }
 
+    /// Gemma 3's vision side from a llama.cpp `mmproj` file beside a GGUF language model (its
+    /// `tokenizer` holds the image tokens by name).
+    pub fn from_mmproj(path: &Path, text_hidden: usize, tokenizer: &kiln_shared::tokenizer::Tokenizer) -> Result<VisionModel> {
+        let gguf = Arc::new(crate::formats::gguf::GgufFile::open(path)?);
+        let projector = gguf.opt_string("clip.projector_type")?.or(gguf.opt_string("clip.vision.projector_type")?).unwrap_or("?").to_string();
+        if projector != "gemma3" {
+            return Err(bad("clip.projector_type", format!("`{projector}` mmproj files are not supported (gemma3)")));
+        }
+        let cfg = siglip::SiglipConfig::from_gguf(&gguf)?;
+        // llama.cpp pools the patch grid by `scale_factor` (4 unless the file says otherwise).
+        let scale = gguf.opt_u64("clip.vision.projector.scale_factor")?.unwrap_or(4) as usize;
+        let per_side = cfg.patches_per_side();
+        if scale == 0 || !per_side.is_multiple_of(scale) {
+            return Err(bad("clip.vision.projector.scale_factor", format!("{scale} does not divide the {per_side}x{per_side} patch grid")));
+        }
+        let tokens = (per_side / scale) * (per_side / scale);
+        let token = |text: &str| tokenizer.token_id(text).ok_or_else(|| bad("tokenizer", format!("the language model has no `{text}` token; is it Gemma 3?")));
+        let ids = (token("<start_of_image>")?, token("<end_of_image>")?, token("<image_soft_token>")?);
+        let mean_std = |key: &str| -> Result<[f32; 3]> {
+            match gguf.get(key) {
+                None => Ok([0.5; 3]),
+                Some(v) => v.as_f32_array().filter(|a| a.len() == 3).map(|a| [a[0], a[1], a[2]]).ok_or_else(|| bad(key, "is not three numbers")),
+            }
+        };
+        let w = WeightSource::new(Arc::clone(&gguf), "clip");
+        let parts = Gemma3Parts { cfg, tokens, ids, mean: mean_std("clip.vision.image_mean")?, std: mean_std("clip.vision.image_std")?, norm_offset: 0.0 };
+        let model = Self::gemma3(parts, None, &w, text_hidden, tokenizer)?;
+        let unused = w.unused();
+        if !unused.is_empty() {
+            tracing::warn!("{} tensors of {} were not used: {}", unused.len(), path.display(), unused.join(", "));
+        }
+        Ok(model)
+    }
+
     fn load_gemma3(config: &Value, dir: &Path, w: &WeightSource, text_hidden: usize, tokenizer: &kiln_shared::tokenizer::Tokenizer) -> Result<VisionModel> {
         let cfg = siglip::SiglipConfig::from_hf(&config["vision_config"])?;
+        let token_id = |key: &str| -> Result<u32> {
+            config[key].as_u64().filter(|&id| (id as usize) < tokenizer.vocab_size()).map(|id| id as u32).ok_or_else(|| bad(&format!("config.json: {key}"), "is missing or outside the vocabulary"))
+        };
+        let ids = (token_id("boi_token_index")?, token_id("eoi_token_index")?, token_id("image_token_index")?);
         let tokens = config["mm_tokens_per_image"].as_u64().unwrap_or(256) as usize;
+        // Checkpoints store the soft-embedding norm as `w` for `1 + w`.
+        let parts = Gemma3Parts { cfg, tokens, ids, mean: [0.5; 3], std: [0.5; 3], norm_offset: 1.0 };
+        Self::gemma3(parts, Some(dir), w, text_hidden, tokenizer)
+    }
+
+    /// Gemma 3's tower and projector from `w`, the processor's settings from `dir` (when
+    /// there is one) over `parts`' defaults.
+    fn gemma3(parts: Gemma3Parts, dir: Option<&Path>, w: &WeightSource, text_hidden: usize, tokenizer: &kiln_shared::tokenizer::Tokenizer) -> Result<VisionModel> {
+        let Gemma3Parts { cfg, tokens, ids: (boi, eoi, image), mean, std, norm_offset } = parts;
         let tokens_per_side = (tokens as f64).sqrt() as usize;
         let per_side = cfg.patches_per_side();
         if tokens_per_side * tokens_per_side != tokens || tokens_per_side == 0 || !per_side.is_multiple_of(tokens_per_side) {
@@ -318,12 +378,8 @@ impl VisionModel {
             }
         }
         let projection = Linear { weight: MatrixRef::from_f32("multi_modal_projector.mm_input_projection_weight", text_hidden, hv, &rows), bias: None };
-        let norm = RmsNorm { weight: crate::models::offset(w.vector("multi_modal_projector.mm_soft_emb_norm.weight", hv)?, 1.0), eps: cfg.eps };
-        let token_id = |key: &str| -> Result<u32> {
-            config[key].as_u64().filter(|&id| (id as usize) < tokenizer.vocab_size()).map(|id| id as u32).ok_or_else(|| bad(&format!("config.json: {key}"), "is missing or outside the vocabulary"))
-        };
+        let norm = RmsNorm { weight: crate::models::offset(w.vector("multi_modal_projector.mm_soft_emb_norm.weight", hv)?, norm_offset), eps: cfg.eps };
         let text = |id: u32| tokenizer.decode(&[id], true);
-        let (boi, eoi, image) = (token_id("boi_token_index")?, token_id("eoi_token_index")?, token_id("image_token_index")?);
         let info = VisionInfo {
             placeholder: text(boi),
             image_token: text(image),
@@ -339,10 +395,13 @@ impl VisionModel {
             rescale_factor: 1.0 / 255.0,
             rescale: true,
             normalize: true,
-            mean: [0.5; 3],
-            std: [0.5; 3],
+            mean,
+            std,
         };
-        let processor = ImageProcessor::from_dir(dir, defaults)?;
+        let processor = match dir {
+            Some(dir) => ImageProcessor::from_dir(dir, defaults)?,
+            None => defaults,
+        };
         if processor.resize != (Resize::Exact { width: size, height: size }) {
             return Err(bad("processor size", format!("{:?} differs from the vision tower's {size}x{size}", processor.resize)));
         }

@@ -28,6 +28,30 @@ fn bad(key: &str, what: impl Into<String>) -> Error {
 }
 
 impl SiglipConfig {
+    /// The tower of a llama.cpp `mmproj` file (`clip.vision.*` metadata).
+    pub fn from_gguf(g: &crate::formats::gguf::GgufFile) -> Result<SiglipConfig> {
+        let size = |key: &str| -> Result<usize> {
+            let v = g.u64(&format!("clip.vision.{key}"))?;
+            if v == 0 || v > 1 << 16 {
+                return Err(Error::Metadata { key: format!("clip.vision.{key}"), what: format!("{v} is out of range") });
+            }
+            Ok(v as usize)
+        };
+        let cfg = SiglipConfig {
+            hidden_size: size("embedding_length")?,
+            intermediate_size: size("feed_forward_length")?,
+            num_layers: size("block_count")?,
+            num_heads: size("attention.head_count")?,
+            image_size: size("image_size")?,
+            patch_size: size("patch_size")?,
+            eps: g.opt_f32("clip.vision.attention.layer_norm_epsilon")?.unwrap_or(1e-6),
+        };
+        if !cfg.hidden_size.is_multiple_of(cfg.num_heads) || !cfg.image_size.is_multiple_of(cfg.patch_size) {
+            return Err(Error::Metadata { key: "clip.vision".into(), what: "head count or patch size does not divide the tower".into() });
+        }
+        Ok(cfg)
+    }
+
     pub fn from_hf(c: &Value) -> Result<SiglipConfig> {
         let size = |key: &str, default: Option<u64>| -> Result<usize> {
             match c[key].as_u64().or(if c[key].is_null() { default } else { None }) {
