@@ -7,9 +7,12 @@ Qwen2.5-VL 7B's vision transformer (32 blocks of 1280, windows of 112 pixels, me
 each in front of a one-layer text model of the right width (speed of the text model is not
 what is measured). Weights are stored in bf16 as released; transformers runs them in f32.
 
-    python3 scripts/bench_vision.py [THREADS]      # needs torch transformers safetensors pillow scikit-image
+    python3 scripts/bench_vision.py [THREADS] [DEPTH]   # needs torch transformers safetensors pillow scikit-image
 
 Prints one table row per encoder: tokens per image, and milliseconds to encode one image.
+DEPTH (default: the released depth) builds the towers with that many layers only, the last
+Qwen2.5-VL block a full-attention one, and scales the times to the released depth (every
+layer of a tower costs the same but for Qwen2.5-VL's few full-attention blocks).
 """
 import json
 import os
@@ -29,6 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 FIXTURE = ROOT / "worker/tests/fixtures/vision"
 WORK = Path(os.environ.get("TMPDIR", "/tmp")) / "kiln-bench-vision"
 THREADS = int(sys.argv[1]) if len(sys.argv) > 1 else 2
+DEPTH = int(sys.argv[2]) if len(sys.argv) > 2 else None
 KILN = ROOT / "target/release/kiln-worker"
 torch.set_num_threads(THREADS)
 
@@ -76,13 +80,16 @@ def kiln_encode(d, image):
 
 def gemma3(image):
     ids = {s: i for i, s in enumerate(["<pad>", "<bos>", "<eos>", "<start_of_turn>", "<end_of_turn>", "<start_of_image>", "<end_of_image>", "<image_soft_token>"])}
-    text = dict(vocab_size=320, hidden_size=2560, intermediate_size=512, num_hidden_layers=1, num_attention_heads=8, num_key_value_heads=4,
-                head_dim=256, max_position_embeddings=1024, sliding_window=512, query_pre_attn_scalar=256, tie_word_embeddings=False)
-    vision = dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers=27, num_attention_heads=16, image_size=896, patch_size=14,
+    # Two text layers, one sliding and one global, as llama.cpp's gemma3 expects.
+    text = dict(vocab_size=320, hidden_size=2560, intermediate_size=512, num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=4,
+                head_dim=256, max_position_embeddings=1024, sliding_window=512, query_pre_attn_scalar=256, tie_word_embeddings=False,
+                layer_types=["sliding_attention", "full_attention"], bos_token_id=ids["<bos>"], eos_token_id=ids["<eos>"], pad_token_id=ids["<pad>"])
+    depth = DEPTH or 27
+    vision = dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers=depth, num_attention_heads=16, image_size=896, patch_size=14,
                   layer_norm_eps=1e-6, vision_use_head=False)
     config = transformers.Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=256, boi_token_index=ids["<start_of_image>"],
                                        eoi_token_index=ids["<end_of_image>"], image_token_index=ids["<image_soft_token>"], tie_word_embeddings=False)
-    d = checkpoint("gemma3-4b-vision", transformers.Gemma3ForConditionalGeneration, config, "gemma3")
+    d = checkpoint(f"gemma3-4b-vision-{depth}", transformers.Gemma3ForConditionalGeneration, config, "gemma3")
     (d / "processor_config.json").write_text(json.dumps({"image_processor": {"size": {"height": 896, "width": 896}, "image_mean": [0.5] * 3,
                                                                              "image_std": [0.5] * 3, "resample": 2}}))
     model = transformers.Gemma3ForConditionalGeneration.from_pretrained(d, torch_dtype=torch.float32).eval()
@@ -92,7 +99,8 @@ def gemma3(image):
         reference = time_it(lambda: model.get_image_features(pixel_values=pixels))
     tokens, kiln = kiln_encode(d, image)
     llama = llama_cpp_gemma3(d, image) if os.environ.get("LLAMA_BIN") else None
-    return "Gemma 3 4B SigLIP (896x896)", tokens, kiln, reference, llama
+    f = 27 / depth
+    return "Gemma 3 4B SigLIP (896x896)", tokens, kiln * f, reference * f, None if llama is None else llama * f
 
 
 def llama_cpp_gemma3(d, image):
@@ -137,12 +145,14 @@ def qwen25vl(image):
     specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
     ids = {s: i for i, s in enumerate(specials)}
     text = dict(vocab_size=320, hidden_size=3584, intermediate_size=512, num_hidden_layers=1, num_attention_heads=28, num_key_value_heads=4,
-                max_position_embeddings=1024, rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [16, 24, 24]}, tie_word_embeddings=False)
-    vision = dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, patch_size=14, spatial_merge_size=2, temporal_patch_size=2,
-                  window_size=112, out_hidden_size=3584, fullatt_block_indexes=[7, 15, 23, 31], hidden_act="silu")
+                max_position_embeddings=1024, rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [16, 24, 24]}, tie_word_embeddings=False,
+                bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"])
+    depth = DEPTH or 32
+    vision = dict(depth=depth, hidden_size=1280, intermediate_size=3420, num_heads=16, patch_size=14, spatial_merge_size=2, temporal_patch_size=2,
+                  window_size=112, out_hidden_size=3584, fullatt_block_indexes=[7, 15, 23, 31] if depth == 32 else [depth - 1], hidden_act="silu")
     config = transformers.Qwen2_5_VLConfig(text_config=text, vision_config=vision, image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
                                            vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"], tie_word_embeddings=False)
-    d = checkpoint("qwen25vl-7b-vision", transformers.Qwen2_5_VLForConditionalGeneration, config, "qwen25vl")
+    d = checkpoint(f"qwen25vl-7b-vision-{depth}", transformers.Qwen2_5_VLForConditionalGeneration, config, "qwen25vl")
     # The released processor's pixel bounds.
     (d / "preprocessor_config.json").write_text(json.dumps({"min_pixels": 3136, "max_pixels": 12845056, "patch_size": 14, "merge_size": 2,
                                                             "temporal_patch_size": 2, "resample": 3}))
@@ -152,12 +162,14 @@ def qwen25vl(image):
     with torch.no_grad():
         reference = time_it(lambda: model.get_image_features(pixel_values=out["pixel_values"], image_grid_thw=out["image_grid_thw"]))
     tokens, kiln = kiln_encode(d, image)
-    return "Qwen2.5-VL 7B vision (600x400 photo)", tokens, kiln, reference, None
+    f = 32 / depth
+    return "Qwen2.5-VL 7B vision (600x400 photo)", tokens, kiln * f, reference * f, None
 
 
 WORK.mkdir(parents=True, exist_ok=True)
 image = photo()
-print(f"| encoder | tokens per image | kiln ms | transformers ms (f32, {THREADS} threads) | kiln speed-up | llama.cpp ms |")
+scaled = f" (measured at depth {DEPTH}, scaled)" if DEPTH else ""
+print(f"| encoder | tokens per image | kiln ms{scaled} | transformers ms (f32, {THREADS} threads) | kiln speed-up | llama.cpp ms |")
 print("|---|---|---|---|---|---|")
 for bench in (gemma3, qwen25vl):
     name, tokens, kiln, reference, llama = bench(image)

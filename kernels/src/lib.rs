@@ -8,6 +8,7 @@
 pub mod activation;
 pub mod attention;
 pub mod blocks;
+pub mod dense_attention;
 pub mod dequant;
 pub mod dot;
 pub mod dot_ref;

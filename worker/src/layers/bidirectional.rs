@@ -4,8 +4,6 @@
 //! sequence's result does not depend on what it is batched with.
 
 use super::Compute;
-use kiln_kernels::ops::{axpy_f32, dot_f32, softmax_in_place};
-use kiln_kernels::pool::SharedMut;
 use std::ops::Range;
 
 /// The shape of one attention: `heads` heads of `head_dim`, scores scaled by `scale`.
@@ -20,33 +18,8 @@ pub struct Heads {
 /// sequence. `q`, `k`, `v` and `out` are `[rows, heads * head_dim]`; `seqs` are the row
 /// ranges of the sequences, in order and covering every row.
 pub fn attend(compute: &Compute, q: &[f32], k: &[f32], v: &[f32], seqs: &[Range<usize>], shape: Heads, out: &mut [f32]) {
-    let width = shape.heads * shape.head_dim;
-    let rows = seqs.last().map_or(0, |s| s.end);
-    let mut owner = Vec::with_capacity(rows);
-    for (i, s) in seqs.iter().enumerate() {
-        owner.extend(std::iter::repeat_n(i, s.len()));
-    }
-    let dst = SharedMut::new(&mut out[..rows * width]);
-    compute.pool.for_ranges(rows, 1, &|range| {
-        let mut scores = Vec::new();
-        for r in range {
-            let seq = seqs[owner[r]].clone();
-            // SAFETY: each row is written by the one thread its range went to.
-            let out_row = unsafe { dst.slice(r * width..(r + 1) * width) };
-            for h in 0..shape.heads {
-                let cols = h * shape.head_dim..(h + 1) * shape.head_dim;
-                let qh = &q[r * width..][cols.clone()];
-                scores.clear();
-                scores.extend(seq.clone().map(|s| dot_f32(compute.isa, qh, &k[s * width..][cols.clone()]) * shape.scale));
-                softmax_in_place(&mut scores);
-                let o = &mut out_row[cols.clone()];
-                o.fill(0.0);
-                for (s, &p) in seq.clone().zip(&scores) {
-                    axpy_f32(compute.isa, o, p, &v[s * width..][cols.clone()]);
-                }
-            }
-        }
-    });
+    let dense = kiln_kernels::dense_attention::DenseShape { heads: shape.heads, head_dim: shape.head_dim, scale: shape.scale };
+    kiln_kernels::dense_attention::dense_attention(compute, q, k, v, seqs, dense, out);
 }
 
 #[cfg(test)]

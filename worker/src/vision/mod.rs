@@ -16,6 +16,20 @@ use std::ops::Range;
 use std::path::Path;
 use std::sync::Arc;
 
+/// A vision encoder's projection with its bias. Half-precision weights (bf16, f16: how
+/// checkpoints and mmproj files ship) are widened to f32 once at load: an encoder multiplies
+/// thousands of rows by each matrix, where kiln's f32 product is 2.5x faster than its
+/// half-precision one (a 4-layer SigLIP at 896x896 on 2 threads: 13 s against 33 s), for
+/// twice the memory of the tower. Quantized weights stay as they are.
+pub(crate) fn encoder_linear(w: &WeightSource, name: &str, rows: usize, cols: usize) -> Result<Linear> {
+    let weight = w.linear(&format!("{name}.weight"), rows, cols)?;
+    let weight = match weight.dtype {
+        kiln_kernels::DType::BF16 | kiln_kernels::DType::F16 => MatrixRef::from_f32(&weight.name, rows, cols, &w.tensor_f32(&format!("{name}.weight"), &[rows, cols])?),
+        _ => weight,
+    };
+    Ok(Linear { weight, bias: Some(w.vector(&format!("{name}.bias"), rows)?) })
+}
+
 /// Most images one request may hold.
 pub const MAX_IMAGES: usize = 16;
 

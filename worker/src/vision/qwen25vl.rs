@@ -98,9 +98,7 @@ pub struct Qwen25Vision {
 /// Loads the vision transformer whose tensors are named `{p}patch_embed...`, `{p}blocks...`.
 pub fn load(cfg: &Qwen25VisionConfig, w: &WeightSource, p: &str) -> Result<Qwen25Vision> {
     let h = cfg.hidden_size;
-    let linear = |name: String, rows: usize, cols: usize| -> Result<Linear> {
-        Ok(Linear { weight: w.linear(&format!("{name}.weight"), rows, cols)?, bias: Some(w.vector(&format!("{name}.bias"), rows)?) })
-    };
+    let linear = |name: String, rows: usize, cols: usize| -> Result<Linear> { super::encoder_linear(w, &name, rows, cols) };
     let norm = |name: String, len: usize| -> Result<RmsNorm> { Ok(RmsNorm { weight: w.vector(&format!("{name}.weight"), len)?, eps: 1e-6 }) };
     let (t, ps) = (cfg.temporal_patch_size, cfg.patch_size);
     let name = format!("{p}patch_embed.proj.weight");

@@ -119,9 +119,7 @@ pub struct SiglipTower {
 /// Loads the tower whose tensors are named `{p}embeddings...`, `{p}encoder.layers...`.
 pub fn load(cfg: &SiglipConfig, w: &WeightSource, p: &str) -> Result<SiglipTower> {
     let h = cfg.hidden_size;
-    let linear = |name: String, rows: usize, cols: usize| -> Result<Linear> {
-        Ok(Linear { weight: w.linear(&format!("{name}.weight"), rows, cols)?, bias: Some(w.vector(&format!("{name}.bias"), rows)?) })
-    };
+    let linear = |name: String, rows: usize, cols: usize| -> Result<Linear> { super::encoder_linear(w, &name, rows, cols) };
     let norm = |name: String| -> Result<LayerNorm> {
         Ok(LayerNorm { weight: w.vector(&format!("{name}.weight"), h)?, bias: w.vector(&format!("{name}.bias"), h)?, eps: cfg.eps })
     };

@@ -1,0 +1,281 @@
+//! Attention of every query of a sequence to all of its keys (no mask, no cache): what
+//! encoders over whole inputs compute (vision towers over thousands of patches, BERT).
+//!
+//! Per head, keys are transposed once so that scores come from a register tile of 4 queries
+//! by 32 keys accumulating over the head dimension (no horizontal sums), and the weighted
+//! values from a tile of 4 queries by 16 value dimensions accumulating over the keys; the
+//! same Rust body is compiled for AVX-512, AVX2+FMA and plain x86/other CPUs.
+
+use crate::pool::SharedMut;
+use crate::{Compute, Isa};
+use std::ops::Range;
+
+/// Queries per tile.
+const QT: usize = 4;
+/// Keys per score tile.
+const KT: usize = 32;
+/// Value dimensions per output tile.
+const DT: usize = 16;
+
+/// The shape of one attention call: `heads` heads of `head_dim` values per row, scores scaled
+/// by `scale` before the softmax.
+#[derive(Clone, Copy, Debug)]
+pub struct DenseShape {
+    pub heads: usize,
+    pub head_dim: usize,
+    pub scale: f32,
+}
+
+/// `out[r] = softmax(q[r]·k[s]ᵀ · scale) v[s]` per head, `s` ranging over the rows of the
+/// sequence holding `r`. `q`, `k`, `v` and `out` are `[rows, heads * head_dim]`; `seqs` are
+/// the sequences' row ranges, in order, not overlapping, within the rows. A row's result
+/// depends only on its own sequence (tiles start at each sequence's first row).
+pub fn dense_attention(compute: &Compute, q: &[f32], k: &[f32], v: &[f32], seqs: &[Range<usize>], shape: DenseShape, out: &mut [f32]) {
+    let (heads, d) = (shape.heads, shape.head_dim);
+    let width = heads * d;
+    let rows = seqs.last().map_or(0, |s| s.end);
+    assert!(q.len() >= rows * width && k.len() >= rows * width && v.len() >= rows * width && out.len() >= rows * width, "attention inputs shorter than their rows");
+    assert!(seqs.windows(2).all(|w| w[0].end <= w[1].start) && seqs.iter().all(|s| s.start <= s.end), "sequences overlap or run backwards");
+    // Keys transposed per (sequence, head): `[head_dim, padded len]`, zero past the sequence.
+    let padded: Vec<usize> = seqs.iter().map(|s| s.len().div_ceil(KT) * KT).collect();
+    let mut offsets = Vec::with_capacity(seqs.len() * heads);
+    let mut total = 0;
+    for &p in &padded {
+        for _ in 0..heads {
+            offsets.push(total);
+            total += p * d;
+        }
+    }
+    let mut kt = vec![0.0f32; total];
+    for (si, s) in seqs.iter().enumerate() {
+        for h in 0..heads {
+            let base = offsets[si * heads + h];
+            for (i, r) in s.clone().enumerate() {
+                for j in 0..d {
+                    kt[base + j * padded[si] + i] = k[r * width + h * d + j];
+                }
+            }
+        }
+    }
+    // Work items: (sequence, head, tile of up to 4 queries).
+    let mut items = Vec::new();
+    for (si, s) in seqs.iter().enumerate() {
+        for h in 0..heads {
+            let mut r = s.start;
+            while r < s.end {
+                items.push((si, h, r..(r + QT).min(s.end)));
+                r += QT;
+            }
+        }
+    }
+    let dst = SharedMut::new(out);
+    let isa = compute.isa;
+    compute.pool.for_ranges(items.len(), 1, &|range| {
+        let mut scores = Vec::new();
+        for (si, h, tile) in &items[range] {
+            let s = &seqs[*si];
+            let task = Task { kt: &kt[offsets[si * heads + h]..], padded: padded[*si], len: s.len(), keys: s.start, q, v, width, col: h * d, d, scale: shape.scale };
+            scores.resize(QT * task.padded, 0.0);
+            // SAFETY: each (row, head) pair of `out` belongs to exactly one work item.
+            let outs: Vec<&mut [f32]> = tile.clone().map(|r| unsafe { dst.slice(r * width + h * d..r * width + (h + 1) * d) }).collect();
+            run(isa, &task, tile.clone(), &mut scores, outs);
+        }
+    });
+}
+
+/// One (sequence, head): its transposed keys, where its rows are, and the head's columns.
+struct Task<'a> {
+    kt: &'a [f32],
+    padded: usize,
+    len: usize,
+    /// First row of the sequence.
+    keys: usize,
+    q: &'a [f32],
+    v: &'a [f32],
+    width: usize,
+    col: usize,
+    d: usize,
+    scale: f32,
+}
+
+fn run(isa: Isa, t: &Task, tile: Range<usize>, scores: &mut [f32], outs: Vec<&mut [f32]>) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if isa.vnni() {
+            // SAFETY: AVX-512 F/VL are part of the VNNI level `Isa` detected.
+            return unsafe { tile_avx512(t, tile, scores, outs) };
+        }
+        if isa.avx2() {
+            // SAFETY: AVX2 and FMA are part of the level `Isa` detected.
+            return unsafe { tile_avx2(t, tile, scores, outs) };
+        }
+    }
+    let _ = isa;
+    tile_body(t, tile, scores, outs)
+}
+
+/// The AVX-512 tiles: 4 queries x 32 keys in 8 registers for the scores, 4 queries x 16
+/// value dimensions in 4 registers for the weighted values.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512vl,avx2,fma")]
+unsafe fn tile_avx512(t: &Task, tile: Range<usize>, scores: &mut [f32], mut outs: Vec<&mut [f32]>) {
+    use std::arch::x86_64::*;
+    let (d, n, p) = (t.d, t.len, t.padded);
+    let nq = tile.len();
+    let mut qs = vec![[0.0f32; QT]; d];
+    for (i, r) in tile.clone().enumerate() {
+        for (j, slot) in qs.iter_mut().enumerate() {
+            slot[i] = t.q[r * t.width + t.col + j] * t.scale;
+        }
+    }
+    assert!(t.kt.len() >= d * p && scores.len() >= QT * p, "tile buffers too short");
+    for kb in (0..p).step_by(KT) {
+        // SAFETY: kt holds d rows of p >= kb + 32 values; scores holds 4 rows of p.
+        unsafe {
+            let mut acc = [_mm512_setzero_ps(); 2 * QT];
+            for (j, qj) in qs.iter().enumerate() {
+                let row = t.kt.as_ptr().add(j * p + kb);
+                let (k0, k1) = (_mm512_loadu_ps(row), _mm512_loadu_ps(row.add(16)));
+                for i in 0..QT {
+                    let a = _mm512_set1_ps(qj[i]);
+                    acc[2 * i] = _mm512_fmadd_ps(a, k0, acc[2 * i]);
+                    acc[2 * i + 1] = _mm512_fmadd_ps(a, k1, acc[2 * i + 1]);
+                }
+            }
+            for i in 0..QT {
+                let dst = scores.as_mut_ptr().add(i * p + kb);
+                _mm512_storeu_ps(dst, acc[2 * i]);
+                _mm512_storeu_ps(dst.add(16), acc[2 * i + 1]);
+            }
+        }
+    }
+    softmax_rows(scores, nq, n, p);
+    // Weighted values: up to 5 tiles of 16 dimensions (80) in one pass over the keys, so each
+    // probability is broadcast once for all of them.
+    let mut col = 0;
+    while col < d {
+        let tiles = (d - col).div_ceil(DT).min(5);
+        let w = (d - col).min(tiles * DT);
+        // SAFETY: each value row holds `width` >= col + w values past the head's start (the
+        // masked loads read only those); scores holds 4 rows of p >= n; AVX-512 is enabled.
+        unsafe {
+            match tiles {
+                1 => weigh_values::<1>(t, col, w, scores, nq, &mut outs),
+                2 => weigh_values::<2>(t, col, w, scores, nq, &mut outs),
+                3 => weigh_values::<3>(t, col, w, scores, nq, &mut outs),
+                4 => weigh_values::<4>(t, col, w, scores, nq, &mut outs),
+                _ => weigh_values::<5>(t, col, w, scores, nq, &mut outs),
+            }
+        }
+        col += w;
+    }
+}
+
+/// `out[i][col..col + w] = Σ_key p[i][key] v[key][col..col + w]` for `T` tiles of 16
+/// dimensions (`w <= 16 T`), every probability broadcast once for all tiles.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn weigh_values<const T: usize>(t: &Task, col: usize, w: usize, scores: &[f32], nq: usize, outs: &mut [&mut [f32]]) {
+    use std::arch::x86_64::*;
+    let p = t.padded;
+    let masks: [__mmask16; T] = std::array::from_fn(|ti| {
+        let left = w.saturating_sub(ti * DT).min(DT);
+        if left == DT { 0xffff } else { ((1u32 << left) - 1) as u16 }
+    });
+    // SAFETY: as the caller promises.
+    unsafe {
+        let mut acc = [[_mm512_setzero_ps(); T]; QT];
+        for key in 0..t.len {
+            let row = t.v.as_ptr().add((t.keys + key) * t.width + t.col + col);
+            let vals: [__m512; T] = std::array::from_fn(|ti| _mm512_maskz_loadu_ps(masks[ti], row.add(ti * DT)));
+            for (i, a) in acc.iter_mut().enumerate() {
+                let pk = _mm512_set1_ps(if i < nq { *scores.get_unchecked(i * p + key) } else { 0.0 });
+                for ti in 0..T {
+                    a[ti] = _mm512_fmadd_ps(pk, vals[ti], a[ti]);
+                }
+            }
+        }
+        for (i, o) in outs.iter_mut().enumerate() {
+            let mut lanes = [0.0f32; 5 * DT];
+            for ti in 0..T {
+                _mm512_storeu_ps(lanes.as_mut_ptr().add(ti * DT), acc[i][ti]);
+            }
+            o[col..col + w].copy_from_slice(&lanes[..w]);
+        }
+    }
+}
+
+/// Softmax over the first `n` (real) keys of each of `nq` score rows of stride `p`.
+#[inline(always)]
+fn softmax_rows(scores: &mut [f32], nq: usize, n: usize, p: usize) {
+    for i in 0..nq {
+        let row = &mut scores[i * p..i * p + n];
+        let max = row.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+        for v in row.iter_mut() {
+            *v = (*v - max).exp();
+        }
+        let sum: f32 = row.iter().sum();
+        let inv = 1.0 / sum;
+        for v in row.iter_mut() {
+            *v *= inv;
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn tile_avx2(t: &Task, tile: Range<usize>, scores: &mut [f32], outs: Vec<&mut [f32]>) {
+    tile_body(t, tile, scores, outs)
+}
+
+/// Scores, softmax and weighted values of up to 4 queries; `scores` is `[4, padded]`.
+#[inline(always)]
+fn tile_body(t: &Task, tile: Range<usize>, scores: &mut [f32], mut outs: Vec<&mut [f32]>) {
+    let (d, n, p) = (t.d, t.len, t.padded);
+    let nq = tile.len();
+    // The tile's queries, scaled, `[head_dim][4]` (missing queries zero).
+    let mut qs = vec![[0.0f32; QT]; d];
+    for (i, r) in tile.clone().enumerate() {
+        for (j, slot) in qs.iter_mut().enumerate() {
+            slot[i] = t.q[r * t.width + t.col + j] * t.scale;
+        }
+    }
+    for kb in (0..p).step_by(KT) {
+        let mut acc = [[0.0f32; KT]; QT];
+        for (j, qj) in qs.iter().enumerate() {
+            let krow: &[f32; KT] = t.kt[j * p + kb..j * p + kb + KT].try_into().expect("tile of KT keys");
+            for i in 0..QT {
+                let a = qj[i];
+                for x in 0..KT {
+                    acc[i][x] = a.mul_add(krow[x], acc[i][x]);
+                }
+            }
+        }
+        for i in 0..QT {
+            scores[i * p + kb..i * p + kb + KT].copy_from_slice(&acc[i]);
+        }
+    }
+    // Softmax over the real keys of each query (padding is never read).
+    softmax_rows(scores, nq, n, p);
+    // Weighted values, 16 dimensions at a time (a shorter last tile).
+    let mut col = 0;
+    while col < d {
+        let w = (d - col).min(DT);
+        let mut acc = [[0.0f32; DT]; QT];
+        for key in 0..n {
+            let vrow = &t.v[(t.keys + key) * t.width + t.col + col..];
+            let mut vals = [0.0f32; DT];
+            vals[..w].copy_from_slice(&vrow[..w]);
+            for i in 0..QT {
+                let pk = if i < nq { scores[i * p + key] } else { 0.0 };
+                for x in 0..DT {
+                    acc[i][x] = pk.mul_add(vals[x], acc[i][x]);
+                }
+            }
+        }
+        for (i, o) in outs.iter_mut().enumerate() {
+            o[col..col + w].copy_from_slice(&acc[i][..w]);
+        }
+        col += w;
+    }
+}
