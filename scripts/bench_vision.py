@@ -133,7 +133,7 @@ def llama_cpp_gemma3(d, image):
     for _ in range(3):
         out = subprocess.run([str(Path(os.environ["LLAMA_BIN"]) / "llama-mtmd-cli"), "-m", str(gguf), "--mmproj", str(mmproj), "--image", str(image),
                               "-p", "Describe this image.", "-n", "1", "-t", str(THREADS), "--temp", "0"], capture_output=True, text=True)
-        found = re.search(r"image slice encoded in (\d+) ms", out.stdout + out.stderr)
+        found = re.search(r"(?:image slice encoded|mtmd batch encoding done) in (\d+) ms", out.stdout + out.stderr)
         if not found:
             print(out.stderr[-2000:], file=sys.stderr)
             return None
