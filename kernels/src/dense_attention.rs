@@ -98,6 +98,19 @@ struct Task<'a> {
     scale: f32,
 }
 
+impl Task<'_> {
+    /// The queries of `tile`, scaled, `[head_dim][4]` (missing queries zero).
+    fn queries(&self, tile: &Range<usize>) -> Vec<[f32; QT]> {
+        let mut qs = vec![[0.0f32; QT]; self.d];
+        for (i, r) in tile.clone().enumerate() {
+            for (j, slot) in qs.iter_mut().enumerate() {
+                slot[i] = self.q[r * self.width + self.col + j] * self.scale;
+            }
+        }
+        qs
+    }
+}
+
 fn run(isa: Isa, t: &Task, tile: Range<usize>, scores: &mut [f32], outs: Vec<&mut [f32]>) {
     #[cfg(target_arch = "x86_64")]
     {
@@ -122,12 +135,7 @@ unsafe fn tile_avx512(t: &Task, tile: Range<usize>, scores: &mut [f32], mut outs
     use std::arch::x86_64::*;
     let (d, n, p) = (t.d, t.len, t.padded);
     let nq = tile.len();
-    let mut qs = vec![[0.0f32; QT]; d];
-    for (i, r) in tile.clone().enumerate() {
-        for (j, slot) in qs.iter_mut().enumerate() {
-            slot[i] = t.q[r * t.width + t.col + j] * t.scale;
-        }
-    }
+    let qs = t.queries(&tile);
     assert!(t.kt.len() >= d * p && scores.len() >= QT * p, "tile buffers too short");
     for kb in (0..p).step_by(KT) {
         // SAFETY: kt holds d rows of p >= kb + 32 values; scores holds 4 rows of p.
@@ -233,13 +241,7 @@ unsafe fn tile_avx2(t: &Task, tile: Range<usize>, scores: &mut [f32], outs: Vec<
 fn tile_body(t: &Task, tile: Range<usize>, scores: &mut [f32], mut outs: Vec<&mut [f32]>) {
     let (d, n, p) = (t.d, t.len, t.padded);
     let nq = tile.len();
-    // The tile's queries, scaled, `[head_dim][4]` (missing queries zero).
-    let mut qs = vec![[0.0f32; QT]; d];
-    for (i, r) in tile.clone().enumerate() {
-        for (j, slot) in qs.iter_mut().enumerate() {
-            slot[i] = t.q[r * t.width + t.col + j] * t.scale;
-        }
-    }
+    let qs = t.queries(&tile);
     for kb in (0..p).step_by(KT) {
         let mut acc = [[0.0f32; KT]; QT];
         for (j, qj) in qs.iter().enumerate() {

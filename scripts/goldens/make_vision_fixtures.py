@@ -92,6 +92,19 @@ def write_images():
     return sorted(p for p in IMAGES.iterdir() if p.suffix in (".png", ".jpg", ".gif", ".webp"))
 
 
+def write_reference(name, d, model, reference, image_token_id, vocab):
+    """reference.json: one image, two images of different sizes, and text only."""
+    one = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe this image."}]}]
+    two = [{"role": "user", "content": [{"type": "text", "text": "Compare the two images."}, {"type": "image"}, {"type": "image"}]}]
+    text_only = [{"role": "user", "content": "What is in the picture?"}]
+    # Lossless images only: JPEG decoders differ by a step here and there, which logits show.
+    cases = [reference("one_image", one, ["chelsea.png"]), reference("two_images", two, ["gradient_alpha.png", "camera.png"]),
+             reference("text_only", text_only, [])]
+    (d / "reference.json").write_text(json.dumps({"transformers": transformers.__version__, "torch": torch.__version__,
+                                                   "image_token_id": image_token_id, "cases": cases}))
+    print(f"{name}: {sum(p.numel() for p in model.parameters())} parameters, vocab {vocab}, prompts {[len(c['ids']) for c in cases]}")
+
+
 def gemma3(images):
     from transformers import Gemma3Config, Gemma3ForConditionalGeneration, Gemma3Processor, PreTrainedTokenizerFast
     from transformers.models.gemma3.image_processing_pil_gemma3 import Gemma3ImageProcessorPil
@@ -152,15 +165,7 @@ def gemma3(images):
         return {"name": name, "messages": messages, "images": image_names, "prompt": prompt, "ids": input_ids[0].tolist(),
                 "last_logits": [[round(float(x), 7) for x in row] for row in logits[-8:]], "greedy": greedy}
 
-    one = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe this image."}]}]
-    two = [{"role": "user", "content": [{"type": "text", "text": "Compare the two images."}, {"type": "image"}, {"type": "image"}]}]
-    text_only = [{"role": "user", "content": "What is in the picture?"}]
-    # Lossless images only: JPEG decoders differ by a step here and there, which logits show.
-    cases = [reference("one_image", one, ["chelsea.png"]), reference("two_images", two, ["gradient_alpha.png", "camera.png"]),
-             reference("text_only", text_only, [])]
-    (d / "reference.json").write_text(json.dumps({"transformers": transformers.__version__, "torch": torch.__version__,
-                                                   "image_token_id": ids["<image_soft_token>"], "cases": cases}))
-    print(f"gemma3: {sum(p.numel() for p in model.parameters())} parameters, vocab {vocab}, prompts {[len(c['ids']) for c in cases]}")
+    write_reference("gemma3", d, model, reference, ids["<image_soft_token>"], vocab)
 
 
 def greedy_from_scratch(model, inputs, extra_keys, steps=16):
@@ -245,15 +250,7 @@ def qwen25vl(images):
                 "grids": inputs["image_grid_thw"].tolist() if "image_grid_thw" in inputs else [],
                 "last_logits": [[round(float(x), 7) for x in row] for row in logits[-8:]], "greedy": greedy}
 
-    one = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe this image."}]}]
-    two = [{"role": "user", "content": [{"type": "text", "text": "Compare the two images."}, {"type": "image"}, {"type": "image"}]}]
-    text_only = [{"role": "user", "content": "What is in the picture?"}]
-    # Lossless images only: JPEG decoders differ by a step here and there, which logits show.
-    cases = [reference("one_image", one, ["chelsea.png"]), reference("two_images", two, ["gradient_alpha.png", "camera.png"]),
-             reference("text_only", text_only, [])]
-    (d / "reference.json").write_text(json.dumps({"transformers": transformers.__version__, "torch": torch.__version__,
-                                                   "image_token_id": ids["<|image_pad|>"], "cases": cases}))
-    print(f"qwen25vl: {sum(p.numel() for p in model.parameters())} parameters, vocab {vocab}, prompts {[len(c['ids']) for c in cases]}")
+    write_reference("qwen25vl", d, model, reference, ids["<|image_pad|>"], vocab)
 
 
 def gemma3_gguf():
