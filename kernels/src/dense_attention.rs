@@ -205,8 +205,8 @@ unsafe fn weigh_values<const T: usize>(t: &Task, col: usize, w: usize, scores: &
         }
         for (i, o) in outs.iter_mut().enumerate() {
             let mut lanes = [0.0f32; 5 * DT];
-            for ti in 0..T {
-                _mm512_storeu_ps(lanes.as_mut_ptr().add(ti * DT), acc[i][ti]);
+            for (ti, tile) in acc[i].iter().enumerate() {
+                _mm512_storeu_ps(lanes.as_mut_ptr().add(ti * DT), *tile);
             }
             o[col..col + w].copy_from_slice(&lanes[..w]);
         }

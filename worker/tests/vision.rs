@@ -253,22 +253,29 @@ mod engine {
         // Together with text-only requests, steps of 10 tokens (an image is 16: a step may
         // not end inside one, so it stops before or takes all of it), blocks of 4 and a cache
         // small enough to preempt.
-        // (The cache holds the longest request with 12 blocks of 4 tokens to spare.)
+        // (The cache holds the longest request with 8 blocks of 4 tokens to spare.)
         let longest = cases.iter().map(|c| c["ids"].as_array().unwrap().len() + 16).max().unwrap();
-        let kv_cache_bytes = Some((longest.div_ceil(4) + 12) * 2048);
+        let kv_cache_bytes = Some((longest.div_ceil(4) + 8) * 2048);
         let tight = EngineConfig { max_batch_tokens: 10, block_size: 4, kv_cache_bytes, max_seqs: 8, ..EngineConfig::default() };
         let h = start(model, tight);
         let text_only: Vec<GenerationRequest> = (0..5)
             .map(|k| GenerationRequest { prompt: (0..12 + k).map(|i| 10 + ((i * 7 + k) % 200) as u32).collect(), sampling: SamplingParams::greedy(), max_tokens: Some(8), ignore_eos: true, ..Default::default() })
             .collect();
         let alone: Vec<Vec<u32>> = text_only.iter().map(|r| collect(h.submit(r.clone()).unwrap()).0).collect();
-        let streams: Vec<RequestStream> = cases.iter().map(|c| request(model, c)).chain(text_only.iter().cloned()).map(|r| h.submit(r).unwrap()).collect();
-        let outcomes: Vec<(Vec<u32>, Usage)> = streams.into_iter().map(collect).collect();
-        for (case, (tokens, _)) in cases.iter().zip(&outcomes) {
-            assert_eq!(tokens, &common::ids(&case["greedy"]), "{model} {} batched", case["name"]);
-        }
-        for (want, (got, _)) in alone.iter().zip(&outcomes[cases.len()..]) {
-            assert_eq!(got, want, "text-only request batched with images");
+        // Whether a burst preempts depends on how far the engine got while it was submitted;
+        // bursts repeat (each checked) until one has, a few at most.
+        for _ in 0..8 {
+            let streams: Vec<RequestStream> = cases.iter().map(|c| request(model, c)).chain(text_only.iter().cloned()).map(|r| h.submit(r).unwrap()).collect();
+            let outcomes: Vec<(Vec<u32>, Usage)> = streams.into_iter().map(collect).collect();
+            for (case, (tokens, _)) in cases.iter().zip(&outcomes) {
+                assert_eq!(tokens, &common::ids(&case["greedy"]), "{model} {} batched", case["name"]);
+            }
+            for (want, (got, _)) in alone.iter().zip(&outcomes[cases.len()..]) {
+                assert_eq!(got, want, "text-only request batched with images");
+            }
+            if h.stats().scheduler.preemptions > 0 {
+                break;
+            }
         }
         assert!(h.stats().scheduler.preemptions > 0, "{model}: the tight cache was meant to preempt");
     }
