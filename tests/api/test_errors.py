@@ -57,8 +57,15 @@ def test_message_errors(router, model):
     assert e["param"] == "messages"
     e = error_of(post(router, {"model": model, "messages": [{"role": "wizard", "content": "x"}]}), 400)
     assert "wizard" in e["message"] and e["param"] == "messages[0].role"
-    e = error_of(post(router, {"model": model, "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}), 400)
+    e = error_of(post(router, {"model": model, "messages": [{"role": "user", "content": [{"type": "input_audio", "input_audio": {}}]}]}), 400)
     assert e["param"] == "messages[0].content[0].type"
+    # Images are read (docs/vision.md): a URL that is neither data: nor http(s) is refused by
+    # its field, and a text-only model refuses an image.
+    e = error_of(post(router, {"model": model, "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}), 400)
+    assert e["param"] == "messages[0].content[0].image_url.url" and "data: URL" in e["message"]
+    tiny_png = "data:image/png;base64,iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAIAAACQd1PeAAAADElEQVR4nGP4z8AAAAMBAQDJ/pLvAAAAAElFTkSuQmCC"
+    e = error_of(post(router, {"model": model, "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": tiny_png}}]}]}), 400)
+    assert "does not take images" in e["message"] and e["param"] == "messages[0].content[0].image_url.url"
     e = error_of(post(router, {"messages": MSG}), 400)
     assert e["param"] == "model"
 
