@@ -330,7 +330,7 @@ mod tests {
                 assert!(worst < 2e-5, "{isa:?}, {heads}x{d}: differs from the reference by {worst}");
                 // The last sequence alone gives the same bits.
                 let mut alone = vec![0.0f32; 67 * width];
-                dense_attention(&compute, &q[38 * width..], &k[38 * width..], &v[38 * width..], &[0..67], shape, &mut alone);
+                dense_attention(&compute, &q[38 * width..], &k[38 * width..], &v[38 * width..], std::slice::from_ref(&(0..67)), shape, &mut alone);
                 assert_eq!(&out[38 * width..], &alone[..], "{isa:?}: a sequence's result depends on its neighbours");
             }
         }
