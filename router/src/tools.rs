@@ -78,12 +78,12 @@ impl Turn {
 }
 
 /// The images of a conversation in order, with the fields they came from.
-pub fn images(turns: &[Turn]) -> Vec<(String, Vec<u8>)> {
+pub fn images(turns: &[Turn]) -> Vec<(&str, &[u8])> {
     turns
         .iter()
         .flat_map(|t| &t.parts)
         .filter_map(|p| match p {
-            Part::Image { path, data } => Some((path.clone(), data.clone())),
+            Part::Image { path, data } => Some((path.as_str(), data.as_slice())),
             Part::Text(_) | Part::RemoteImage { .. } => None,
         })
         .collect()

@@ -278,6 +278,37 @@ pub fn smart_resize(height: u32, width: u32, factor: u32, min_pixels: u64, max_p
     Some((hb as u32, wb as u32))
 }
 
+/// How a prompt's text holds images: the chat template writes `placeholder` for each, which
+/// becomes `before`, the image's count of `token`, then `after` (what the Hugging Face
+/// processors do to the rendered text before tokenizing it).
+pub struct ImageMarkup<'a> {
+    pub placeholder: &'a str,
+    pub token: &'a str,
+    pub before: &'a str,
+    pub after: &'a str,
+}
+
+impl ImageMarkup<'_> {
+    /// `text` with its placeholders expanded, the i-th to `counts[i]` tokens (placeholders past
+    /// the counts are left as they are).
+    pub fn expand(&self, text: &str, counts: &[usize]) -> String {
+        let mut pieces = text.split(self.placeholder);
+        let mut out = pieces.next().unwrap_or_default().to_string();
+        for (i, rest) in pieces.enumerate() {
+            match counts.get(i) {
+                Some(&n) => {
+                    out.push_str(self.before);
+                    out.push_str(&self.token.repeat(n));
+                    out.push_str(self.after);
+                }
+                None => out.push_str(self.placeholder),
+            }
+            out.push_str(rest);
+        }
+        out
+    }
+}
+
 /// Channels-first f32 values of an RGB image: each byte times `rescale` (in f64, as
 /// transformers rescales), then `(v - mean[c]) / std[c]` in f32.
 pub fn normalize(img: &RgbImage, rescale: f64, mean: [f32; 3], std: [f32; 3]) -> Vec<f32> {

@@ -93,11 +93,12 @@ async fn fetch(client: &reqwest::Client, url: &str, path: &str, limits: &ImageLi
 
 /// Checks that every image decodes within the limits (on a blocking thread: decoding is CPU
 /// work); the error names the image's field.
-pub async fn check_all(images: &[(String, Vec<u8>)], limits: ImageLimits) -> Result<(), ApiError> {
+pub async fn check_all(images: &[(&str, &[u8])], limits: ImageLimits) -> Result<(), ApiError> {
     if images.is_empty() {
         return Ok(());
     }
-    let work: Vec<(String, Vec<u8>)> = images.to_vec();
+    // Owned for the blocking thread.
+    let work: Vec<(String, Vec<u8>)> = images.iter().map(|(path, data)| (path.to_string(), data.to_vec())).collect();
     let result = tokio::task::spawn_blocking(move || {
         for (path, data) in &work {
             if let Err(e) = kiln_shared::image::decode_rgb(data, &limits) {

@@ -322,7 +322,7 @@ pub fn conversation_prompt(model: &ModelState, turns: &[Turn], tools: &[Tool], c
     }
     if !images.is_empty() {
         let Some(vision) = &model.info.vision else {
-            return Err(ApiError::field(images[0].0.as_str(), format!("`{}` does not take images; it is a text-only model", model.info.model_id)));
+            return Err(ApiError::field(images[0].0, format!("`{}` does not take images; it is a text-only model", model.info.model_id)));
         };
         if images.len() > vision.max_images as usize {
             return Err(ApiError::field("messages", format!("{} images; at most {} per request", images.len(), vision.max_images)));
@@ -338,7 +338,8 @@ pub fn conversation_prompt(model: &ModelState, turns: &[Turn], tools: &[Tool], c
             return Err(ApiError::field("messages", format!("the model's chat template placed {placed} of the {} images", images.len())));
         }
         let counts = images.iter().map(|(path, data)| image_tokens(vision, path, data)).collect::<Result<Vec<_>, _>>()?;
-        text = expand_images(vision, &text, &counts);
+        let markup = kiln_shared::image::ImageMarkup { placeholder: &vision.placeholder, token: &vision.image_token, before: &vision.before, after: &vision.after };
+        text = markup.expand(&text, &counts);
     }
     let grammar = crate::tools::grammar(tools, choice, parallel, format)
         .map(|lark| kiln_proto::v1::Constraint { kind: Some(kiln_proto::v1::constraint::Kind::Lark(lark)) });
@@ -346,7 +347,7 @@ pub fn conversation_prompt(model: &ModelState, turns: &[Turn], tools: &[Tool], c
         tokens: kiln_shared::chat::encode_rendered(&model.tokenizer, &text),
         calls: (*choice != ToolChoice::None).then_some(format),
         grammar,
-        images: images.into_iter().map(|(_, data)| data).collect(),
+        images: images.into_iter().map(|(_, data)| data.to_vec()).collect(),
     })
 }
 
@@ -361,19 +362,6 @@ fn image_tokens(vision: &kiln_proto::v1::Vision, path: &str, data: &[u8]) -> Res
     let (h, w) = kiln_shared::image::smart_resize(height, width, p, vision.min_pixels, vision.max_pixels)
         .ok_or_else(|| ApiError::field(path, format!("is not a usable image: {width}x{height} is too narrow (aspect ratio over 200)")))?;
     Ok((h / p) as usize * (w / p) as usize)
-}
-
-/// The rendered prompt with each image placeholder replaced by its image's tokens.
-fn expand_images(vision: &kiln_proto::v1::Vision, text: &str, counts: &[usize]) -> String {
-    let mut pieces = text.split(vision.placeholder.as_str());
-    let mut out = pieces.next().unwrap_or_default().to_string();
-    for (rest, &n) in pieces.zip(counts) {
-        out.push_str(&vision.before);
-        out.push_str(&vision.image_token.repeat(n));
-        out.push_str(&vision.after);
-        out.push_str(rest);
-    }
-    out
 }
 
 /// Runs the chat or completions handler on `body` as a request to `route` would (the MCP

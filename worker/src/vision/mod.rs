@@ -282,13 +282,16 @@ pub fn renames(arch: &str, has: impl Fn(&str) -> bool) -> Result<Vec<(String, St
     Ok(renames)
 }
 
+/// A token id `config.json` names under `key`, checked to be in the vocabulary.
+fn config_token(config: &Value, key: &str, tokenizer: &kiln_shared::tokenizer::Tokenizer) -> Result<u32> {
+    config[key].as_u64().filter(|&id| (id as usize) < tokenizer.vocab_size()).map(|id| id as u32).ok_or_else(|| bad(&format!("config.json: {key}"), "is missing or outside the vocabulary"))
+}
+
 impl VisionModel {
     /// The vision side of a vision-language checkpoint (`arch`, its `config.json` as `config`),
     /// tensors renamed by `renames`, for a language model `text_hidden` wide.
     pub fn load(arch: &str, config: &Value, dir: &Path, w: &WeightSource, text_hidden: usize, tokenizer: &kiln_shared::tokenizer::Tokenizer) -> Result<VisionModel> {
-        let token_id = |key: &str| -> Result<u32> {
-            config[key].as_u64().filter(|&id| (id as usize) < tokenizer.vocab_size()).map(|id| id as u32).ok_or_else(|| bad(&format!("config.json: {key}"), "is missing or outside the vocabulary"))
-        };
+        let token_id = |key: &str| config_token(config, key, tokenizer);
         let text = |id: u32| tokenizer.decode(&[id], true);
         match arch {
             "Qwen2_5_VLForConditionalGeneration" => {
@@ -362,9 +365,7 @@ impl VisionModel {
 
     fn load_gemma3(config: &Value, dir: &Path, w: &WeightSource, text_hidden: usize, tokenizer: &kiln_shared::tokenizer::Tokenizer) -> Result<VisionModel> {
         let cfg = siglip::SiglipConfig::from_hf(&config["vision_config"])?;
-        let token_id = |key: &str| -> Result<u32> {
-            config[key].as_u64().filter(|&id| (id as usize) < tokenizer.vocab_size()).map(|id| id as u32).ok_or_else(|| bad(&format!("config.json: {key}"), "is missing or outside the vocabulary"))
-        };
+        let token_id = |key: &str| config_token(config, key, tokenizer);
         let ids = (token_id("boi_token_index")?, token_id("eoi_token_index")?, token_id("image_token_index")?);
         let tokens = config["mm_tokens_per_image"].as_u64().unwrap_or(256) as usize;
         // Checkpoints store the soft-embedding norm as `w` for `1 + w`.
@@ -488,20 +489,8 @@ impl VisionInfo {
     /// The prompt text with each image placeholder expanded to its image's token sequence
     /// (`counts`: tokens per image, in order; placeholders past them are left as they are).
     pub fn expand(&self, text: &str, counts: &[usize]) -> String {
-        let mut pieces = text.split(self.placeholder.as_str());
-        let mut out = pieces.next().unwrap_or_default().to_string();
-        for (i, rest) in pieces.enumerate() {
-            match counts.get(i) {
-                Some(&n) => {
-                    out.push_str(&self.before);
-                    out.push_str(&self.image_token.repeat(n));
-                    out.push_str(&self.after);
-                }
-                None => out.push_str(&self.placeholder),
-            }
-            out.push_str(rest);
-        }
-        out
+        let markup = kiln_shared::image::ImageMarkup { placeholder: &self.placeholder, token: &self.image_token, before: &self.before, after: &self.after };
+        markup.expand(text, counts)
     }
 
     /// The runs of image tokens in `prompt`, checked against the images given (`counts`:
