@@ -127,12 +127,11 @@ macro_rules! packed_product {
                 let mut one = [_mm256_setzero_si256(); unpacked_regs($dtype)];
                 let $blocks = |b: usize| {
                     let ($p, $u) = (group.add(b * bb), one.as_mut_ptr());
-                    if $h == 1 {
-                        // The first half brought this group in from memory and the second
-                        // reads it from cache: fetch the next group meanwhile, which keeps
-                        // memory busy while this one computes.
-                        prefetch_next_group(group.add(b * bb), acts.blocks * bb, bb);
-                    }
+                    // The first half brings this group in from memory and the second reads
+                    // it from cache: both ask for the next group meanwhile, which keeps
+                    // memory busy while this one computes (the first half's requests add to
+                    // the loads in flight; the second's retry any the first had dropped).
+                    prefetch_next_group(group.add(b * bb), acts.blocks * bb, bb);
                     $unpack;
                     one.as_ptr()
                 };
