@@ -66,6 +66,7 @@ test-containers: build
 # Prefill/decode speed of both models, side by side with llama-bench when it is on PATH;
 # `make bench ISA=avx2` (or avx512) builds llama.cpp for that instruction set and holds kiln
 # to it too.
+# ROUNDS=N repeats the comparison N times and reports medians (for machines shared with others).
 bench: build
 	scripts/bench.sh
 
