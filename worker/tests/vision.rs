@@ -136,8 +136,11 @@ fn prepare(model: &LoadedModel, case: &serde_json::Value) -> (Vec<u32>, Vec<Imag
     assert_eq!(ids, common::ids(&case["ids"]), "{}: prompt token ids", case["name"]);
     let refs: Vec<_> = prepared.iter().map(|p| p.as_ref()).collect();
     let embeddings = vision.encode(&common::compute(), &refs, &mut Scratch::default()).unwrap();
-    let placed: Vec<_> = prepared.into_iter().zip(embeddings).collect();
-    (ids.clone(), vision.place(&ids, &placed).unwrap())
+    let mut spans = vision.place(&ids, &prepared).unwrap();
+    for (span, e) in spans.iter_mut().zip(embeddings) {
+        span.embeddings = Some(e);
+    }
+    (ids, spans)
 }
 
 fn reference(name: &str) -> serde_json::Value {
@@ -291,15 +294,19 @@ mod engine {
             let h = start(model, EngineConfig { block_size: 4, ..EngineConfig::default() });
             let (miss, usage) = collect(h.submit(request(model, case)).unwrap());
             assert_eq!(usage.cached_tokens, 0);
+            assert_eq!(h.stats().images_encoded, 1, "{model}: the first request encodes its image");
             let (hit, usage) = collect(h.submit(request(model, case)).unwrap());
             assert!(usage.cached_tokens >= image_end, "{model}: cached {} tokens", usage.cached_tokens);
             assert_eq!(hit, miss, "{model}: a prefix-cache hit on the image equals the miss");
+            // The cache holds every token of the image, so the encoder did not run again.
+            assert_eq!(h.stats().images_encoded, 1, "{model}: an image the prefix cache holds is not encoded again");
             // Same tokens, another image of the same size: nothing from the image on may
             // come from the cache.
             let mut other = request(model, case);
             other.images = images(model, &["chelsea_flipped.png"]);
             let (tokens, usage) = collect(h.submit(other.clone()).unwrap());
             assert!(usage.cached_tokens <= first_image, "{model}: cached {} tokens, but the image starts at {first_image}", usage.cached_tokens);
+            assert_eq!(h.stats().images_encoded, 2, "{model}: another image is encoded");
             let fresh = start(model, EngineConfig { block_size: 4, ..EngineConfig::default() });
             assert_eq!(tokens, collect(fresh.submit(other).unwrap()).0, "{model}: another image answered as on a fresh engine");
             assert_ne!(tokens, miss, "{model}: another image should change this model's answer");

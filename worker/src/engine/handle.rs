@@ -69,6 +69,9 @@ pub struct EngineStats {
     pub completed: u64,
     /// Completions ended because their client left or asked to stop.
     pub cancelled: u64,
+    /// Images run through the vision encoder (an image several sequences share, or that the
+    /// prefix cache already holds, is encoded once or not at all).
+    pub images_encoded: u64,
 }
 
 pub(super) struct Shared {

@@ -79,8 +79,6 @@ pub struct Engine {
     pub(super) next_fork_id: SeqId,
     shared: Arc<Shared>,
     pub(super) stats: EngineStats,
-    /// Admitted sequences whose images are still to be encoded (together, before the next step).
-    awaiting_images: Vec<SeqState>,
     vision_scratch: Scratch,
 }
 
@@ -189,7 +187,6 @@ impl Engine {
             next_fork_id: 1 << 48,
             shared: Arc::clone(&shared),
             stats: EngineStats { kv_block_bytes, ..EngineStats::default() },
-            awaiting_images: Vec::new(),
             vision_scratch: Scratch::default(),
         };
         std::thread::Builder::new()
@@ -223,9 +220,6 @@ impl Engine {
                     Err(TryRecvError::Disconnected) if self.scheduler.is_idle() => return,
                     Err(TryRecvError::Disconnected) => break,
                 }
-            }
-            if !self.awaiting_images.is_empty() {
-                self.encode_images();
             }
             if !self.scheduler.is_idle() {
                 self.step();
@@ -264,11 +258,24 @@ impl Engine {
                     },
                 );
                 self.requests.insert(a.id, vec![a.id]);
+                let mut seq = seq;
                 if has_images {
-                    self.awaiting_images.push(seq);
-                } else {
-                    self.scheduler.add(seq);
+                    let placed = match (&self.model.vision, self.active.get(&a.id)) {
+                        (Some(vision), Some(active)) => vision.place(&seq.tokens, &active.req.images).map_err(|e| e.to_string()),
+                        _ => Err("this model does not take images".to_string()),
+                    };
+                    match placed {
+                        Ok(spans) => seq.images = spans,
+                        Err(msg) => {
+                            if let Some(a) = self.active.remove(&a.id) {
+                                let _ = a.events.send(Event::Failed(msg));
+                            }
+                            self.requests.remove(&a.id);
+                            return true;
+                        }
+                    }
                 }
+                self.scheduler.add(seq);
             }
             Command::Cancel(request) => self.cancel_request(request),
             Command::Shutdown => {
@@ -281,17 +288,29 @@ impl Engine {
         true
     }
 
-    /// Encodes the images of every sequence admitted since the last step in one batch (an
-    /// image sent by several requests once), places them, and lets the sequences run.
-    fn encode_images(&mut self) {
-        let waiting = std::mem::take(&mut self.awaiting_images);
+    /// Encodes the images whose rows this step computes and that have no embeddings yet, in
+    /// one batch (an image several sequences hold, once), and gives them to their sequences.
+    /// An image the prefix cache already holds is never computed, so never encoded. False
+    /// when encoding failed: the sequences that needed it have been failed, and the step must
+    /// be planned again.
+    fn encode_planned_images(&mut self, plan: &Plan) -> bool {
+        let mut needed: Vec<(SeqId, usize)> = Vec::new();
         let mut unique: Vec<Arc<crate::vision::PreparedImage>> = Vec::new();
-        for seq in &waiting {
-            for img in self.active.get(&seq.id).map(|a| a.req.images.as_slice()).unwrap_or_default() {
+        for e in &plan.entries {
+            let Some(seq) = self.scheduler.get(e.id) else { continue };
+            for (i, span) in seq.images.iter().enumerate() {
+                if span.embeddings.is_some() || !span.needed_by(e.start..e.start + e.len) {
+                    continue;
+                }
+                let Some(img) = self.active.get(&e.id).and_then(|a| a.req.images.get(i)) else { continue };
+                needed.push((e.id, i));
                 if !unique.iter().any(|u| u.key == img.key) {
                     unique.push(Arc::clone(img));
                 }
             }
+        }
+        if needed.is_empty() {
+            return true;
         }
         let encoded = match &self.model.vision {
             Some(vision) => {
@@ -301,30 +320,31 @@ impl Engine {
             }
             None => Err(Error::InvalidRequest("this model does not take images".into())),
         };
-        for mut seq in waiting {
-            if !self.active.contains_key(&seq.id) {
-                continue; // cancelled while waiting
-            }
-            let placed = encoded.as_ref().map_err(|e| e.to_string()).and_then(|embeddings| {
-                let images = self.active.get(&seq.id).map(|a| a.req.images.clone()).unwrap_or_default();
-                let with_embeddings: Vec<_> = images
-                    .iter()
-                    .map(|img| (Arc::clone(img), Arc::clone(&embeddings[unique.iter().position(|u| u.key == img.key).unwrap_or(0)])))
-                    .collect();
-                let vision = self.model.vision.as_ref().ok_or("this model does not take images")?;
-                vision.place(&seq.tokens, &with_embeddings).map_err(|e| e.to_string())
-            });
-            match placed {
-                Ok(spans) => {
-                    seq.images = spans;
-                    self.scheduler.add(seq);
-                }
-                Err(msg) => {
-                    if let Some(a) = self.active.remove(&seq.id) {
-                        let _ = a.events.send(Event::Failed(msg));
+        match encoded {
+            Ok(embeddings) => {
+                self.stats.images_encoded += unique.len() as u64;
+                for (id, i) in needed {
+                    let key = self.active.get(&id).and_then(|a| a.req.images.get(i)).map(|img| img.key);
+                    let Some(at) = unique.iter().position(|u| Some(u.key) == key) else { continue };
+                    if let Some(span) = self.scheduler.get_mut(id).and_then(|seq| seq.images.get_mut(i)) {
+                        span.embeddings = Some(Arc::clone(&embeddings[at]));
                     }
-                    self.requests.remove(&seq.id);
                 }
+                true
+            }
+            Err(e) => {
+                let msg = e.to_string();
+                for (id, _) in needed {
+                    let request = self.active.get(&id).map(|a| a.request);
+                    self.scheduler.remove(id);
+                    if let Some(a) = self.active.remove(&id) {
+                        let _ = a.events.send(Event::Failed(msg.clone()));
+                    }
+                    if let Some(r) = request {
+                        self.requests.remove(&r);
+                    }
+                }
+                false
             }
         }
     }
@@ -333,6 +353,9 @@ impl Engine {
         let plan = self.scheduler.schedule();
         if plan.entries.is_empty() {
             std::thread::yield_now();
+            return;
+        }
+        if !self.encode_planned_images(&plan) {
             return;
         }
         // Grammar masks of the constrained sequences sampling this step are computed on a

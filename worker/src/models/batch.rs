@@ -11,7 +11,9 @@ use std::sync::Arc;
 pub struct ImageSpan {
     pub start: usize,
     pub len: usize,
-    pub embeddings: Arc<[f32]>,
+    /// None until a step first computes one of the image's rows: an image whose tokens the
+    /// prefix cache already holds is never encoded.
+    pub embeddings: Option<Arc<[f32]>>,
     pub key: u64,
     /// Rows and columns of the image's token grid, for models whose rotary positions follow
     /// it (Qwen2.5-VL's M-RoPE); None where image tokens take plain positions.
@@ -23,6 +25,11 @@ pub struct ImageSpan {
 impl ImageSpan {
     pub fn positions(&self) -> Range<usize> {
         self.start..self.start + self.len
+    }
+
+    /// Whether computing positions `rows` needs this image's embeddings.
+    pub fn needed_by(&self, rows: Range<usize>) -> bool {
+        self.start < rows.end && rows.start < self.start + self.len
     }
 }
 
@@ -168,11 +175,14 @@ impl Batch {
     /// Overwrites the input rows of placed images in `x` (`[rows, hidden]`).
     pub fn apply_placed(&self, x: &mut [f32], hidden: usize) -> crate::error::Result<()> {
         for p in &self.placed {
-            let src = p.image.embeddings.get(p.index * hidden..(p.index + 1) * hidden);
+            let Some(embeddings) = &p.image.embeddings else {
+                return Err(crate::error::Error::InvalidRequest(format!("the image at positions {:?} was not encoded", p.image.positions())));
+            };
+            let src = embeddings.get(p.index * hidden..(p.index + 1) * hidden);
             let dst = x.get_mut(p.row * hidden..(p.row + 1) * hidden);
             match (src, dst) {
                 (Some(src), Some(dst)) => dst.copy_from_slice(src),
-                _ => return Err(crate::error::Error::InvalidRequest(format!("image embeddings of width {} do not fit row {} of width {hidden}", p.image.embeddings.len() / p.image.len.max(1), p.row))),
+                _ => return Err(crate::error::Error::InvalidRequest(format!("image embeddings of width {} do not fit row {} of width {hidden}", embeddings.len() / p.image.len.max(1), p.row))),
             }
         }
         Ok(())

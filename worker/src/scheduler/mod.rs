@@ -201,6 +201,10 @@ impl Scheduler {
         self.running.iter().chain(self.waiting.iter()).find(|s| s.id == id)
     }
 
+    pub fn get_mut(&mut self, id: SeqId) -> Option<&mut SeqState> {
+        self.running.iter_mut().chain(self.waiting.iter_mut()).find(|s| s.id == id)
+    }
+
     /// Appends a sampled token to a running sequence.
     pub fn push_token(&mut self, id: SeqId, token: u32) {
         if let Some(s) = self.running.iter_mut().find(|s| s.id == id) {

@@ -81,6 +81,7 @@ fn generation(engine: &crate::engine::EngineHandle, m: &str) -> String {
     metric("kiln_worker_generated_tokens_total", "counter", "Tokens generated.", &[(m.clone(), s.generated_tokens as f64)]);
     metric("kiln_worker_completions_total", "counter", "Completions that ended on their own.", &[(m.clone(), s.completed as f64)]);
     metric("kiln_worker_cancelled_total", "counter", "Completions cancelled because the client left or asked to stop.", &[(m.clone(), s.cancelled as f64)]);
+    metric("kiln_worker_images_encoded_total", "counter", "Images run through the vision encoder.", &[(m.clone(), s.images_encoded as f64)]);
     metric("kiln_worker_steps_total", "counter", "Engine steps run.", &[(m, s.steps as f64)]);
     drop(metric);
     out

@@ -522,10 +522,10 @@ impl VisionInfo {
 }
 
 impl VisionModel {
-    /// Where each image's embeddings go in `prompt` (`images`: the prepared images with their
-    /// embeddings, in order).
-    pub fn place(&self, prompt: &[u32], images: &[(Arc<PreparedImage>, Arc<[f32]>)]) -> Result<Vec<crate::models::batch::ImageSpan>> {
-        let counts: Vec<usize> = images.iter().map(|(i, _)| self.info.tokens_for(i.width, i.height)).collect();
+    /// Where each image's tokens are in `prompt` (`images`: the prepared images, in order);
+    /// the spans' embeddings are filled in when a step first computes their rows.
+    pub fn place(&self, prompt: &[u32], images: &[Arc<PreparedImage>]) -> Result<Vec<crate::models::batch::ImageSpan>> {
+        let counts: Vec<usize> = images.iter().map(|i| self.info.tokens_for(i.width, i.height)).collect();
         let runs = self.info.image_runs(prompt, &counts)?;
         let pixels = match self.info.count {
             TokenCount::Grid { pixels } => Some(pixels),
@@ -534,10 +534,10 @@ impl VisionModel {
         Ok(runs
             .into_iter()
             .zip(images)
-            .map(|(run, (img, embeddings))| crate::models::batch::ImageSpan {
+            .map(|(run, img)| crate::models::batch::ImageSpan {
                 start: run.start,
                 len: run.len(),
-                embeddings: Arc::clone(embeddings),
+                embeddings: None,
                 key: img.key,
                 grid: pixels.map(|p| ((img.height / p) as usize, (img.width / p) as usize)),
                 bidirectional: self.bidirectional,
