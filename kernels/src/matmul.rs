@@ -12,8 +12,7 @@ use crate::packed::{BlockTable, PackedMatrix, GROUP, ZERO_POINTS};
 
 /// `BlockTable::corrections` entries per Q8_0 block: eight lanes for each zero point.
 const CORRECTIONS: usize = 8 * ZERO_POINTS.len();
-use crate::pool::SharedMut;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use crate::pool::{split_range, SharedMut};
 use crate::{Compute, KernelError};
 
 /// A row-major `[rows, cols]` weight matrix viewed in place.
@@ -328,9 +327,6 @@ pub struct MatMulJob<'a, 'b> {
 /// a whole packed group.
 const ROW_TILE: usize = GROUP;
 
-/// The most tiles one claim takes (1024 rows: tens of microseconds for a decode step's rows).
-const MAX_CHUNK_TILES: usize = 64;
-
 /// The packed kernel for `m` on `isa`, where there is one.
 #[cfg(target_arch = "x86_64")]
 fn packed_kernel(m: &PackedMatrix, isa: crate::Isa) -> Option<crate::x86_packed::PackedFn> {
@@ -414,14 +410,8 @@ pub fn matmul_group(compute: &Compute, act: &Activations, jobs: &mut [MatMulJob]
     let n_threads = pool.num_threads();
     #[cfg(target_arch = "x86_64")]
     let packed_acts = act.packed_view();
-    // Rows are claimed in chunks from a shared counter rather than split in equal shares:
-    // a core slowed by anything else on the machine (another process, a neighbour on the
-    // same host, a frequency drop) then does less of the work instead of keeping the others
-    // waiting. Chunks are whole tiles, about eight per thread, and small enough to balance.
-    let units = total_rows.div_ceil(ROW_TILE);
-    let chunk = (units / (n_threads * 8)).clamp(1, MAX_CHUNK_TILES) * ROW_TILE;
-    let next = AtomicUsize::new(0);
-    let compute_rows = |range: std::ops::Range<usize>| {
+    let work = |thread: usize| {
+        let range = split_range(total_rows, ROW_TILE, n_threads, thread);
         for plan in &plans {
             let lo = range.start.max(plan.first_global_row);
             let hi = range.end.min(plan.first_global_row + plan.weight.rows);
@@ -471,13 +461,6 @@ pub fn matmul_group(compute: &Compute, act: &Activations, jobs: &mut [MatMulJob]
                 r0 = r1;
             }
         }
-    };
-    let work = |_thread: usize| loop {
-        let start = next.fetch_add(chunk, Ordering::Relaxed);
-        if start >= total_rows {
-            break;
-        }
-        compute_rows(start..(start + chunk).min(total_rows));
     };
     if total_rows <= ROW_TILE || n_threads == 1 {
         (0..n_threads).for_each(work);
