@@ -99,4 +99,8 @@ for name, rs in rows.items():
     if many:
         cells.append(" ".join(f"{x:.2f}" for x in ratios) or "-")
     print(f"| {name} | " + " | ".join(cells) + " |")
+ttft = [(name.split(" |")[0], statistics.median(r["ttft_ms"] for r in rs)) for name, rs in rows.items() if "ttft_ms" in rs[0]]
+if ttft:
+    print()
+    print("kiln mean time to first token: " + "; ".join(f"{name} {ms:.0f} ms" for name, ms in ttft))
 PY

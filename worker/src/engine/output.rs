@@ -166,14 +166,19 @@ impl Engine {
 
     pub(super) fn fail_plan(&mut self, plan: &Plan, msg: &str) {
         for e in &plan.entries {
-            let request = self.active.get(&e.id).map(|a| a.request);
-            self.scheduler.remove(e.id);
-            if let Some(a) = self.active.remove(&e.id) {
-                let _ = a.events.send(Event::Failed(msg.to_string()));
-            }
-            if let Some(r) = request {
-                self.requests.remove(&r);
-            }
+            self.fail_seq(e.id, msg);
+        }
+    }
+
+    /// Ends sequence `id` with an error: drops it from the scheduler and its request.
+    pub(super) fn fail_seq(&mut self, id: SeqId, msg: &str) {
+        let request = self.active.get(&id).map(|a| a.request);
+        self.scheduler.remove(id);
+        if let Some(a) = self.active.remove(&id) {
+            let _ = a.events.send(Event::Failed(msg.to_string()));
+        }
+        if let Some(r) = request {
+            self.requests.remove(&r);
         }
     }
 }

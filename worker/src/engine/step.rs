@@ -239,7 +239,7 @@ impl Engine {
                     tokens.extend_from_slice(&r.tokens);
                     r.index
                 });
-                let seq = SeqState::new(a.id, tokens, self.kv.groups.len());
+                let mut seq = SeqState::new(a.id, tokens, self.kv.groups.len());
                 let has_images = !a.req.images.is_empty();
                 let req = Arc::new(a.req);
                 let resumed = a.resumed.is_some();
@@ -258,7 +258,6 @@ impl Engine {
                     },
                 );
                 self.requests.insert(a.id, vec![a.id]);
-                let mut seq = seq;
                 if has_images {
                     let placed = match (&self.model.vision, self.active.get(&a.id)) {
                         (Some(vision), Some(active)) => vision.place(&seq.tokens, &active.req.images).map_err(|e| e.to_string()),
@@ -294,7 +293,8 @@ impl Engine {
     /// when encoding failed: the sequences that needed it have been failed, and the step must
     /// be planned again.
     fn encode_planned_images(&mut self, plan: &Plan) -> bool {
-        let mut needed: Vec<(SeqId, usize)> = Vec::new();
+        // (sequence, its image, that image's place in `unique`)
+        let mut needed: Vec<(SeqId, usize, usize)> = Vec::new();
         let mut unique: Vec<Arc<crate::vision::PreparedImage>> = Vec::new();
         for e in &plan.entries {
             let Some(seq) = self.scheduler.get(e.id) else { continue };
@@ -303,10 +303,11 @@ impl Engine {
                     continue;
                 }
                 let Some(img) = self.active.get(&e.id).and_then(|a| a.req.images.get(i)) else { continue };
-                needed.push((e.id, i));
-                if !unique.iter().any(|u| u.key == img.key) {
+                let at = unique.iter().position(|u| u.key == img.key).unwrap_or_else(|| {
                     unique.push(Arc::clone(img));
-                }
+                    unique.len() - 1
+                });
+                needed.push((e.id, i, at));
             }
         }
         if needed.is_empty() {
@@ -323,9 +324,7 @@ impl Engine {
         match encoded {
             Ok(embeddings) => {
                 self.stats.images_encoded += unique.len() as u64;
-                for (id, i) in needed {
-                    let key = self.active.get(&id).and_then(|a| a.req.images.get(i)).map(|img| img.key);
-                    let Some(at) = unique.iter().position(|u| Some(u.key) == key) else { continue };
+                for (id, i, at) in needed {
                     if let Some(span) = self.scheduler.get_mut(id).and_then(|seq| seq.images.get_mut(i)) {
                         span.embeddings = Some(Arc::clone(&embeddings[at]));
                     }
@@ -334,15 +333,8 @@ impl Engine {
             }
             Err(e) => {
                 let msg = e.to_string();
-                for (id, _) in needed {
-                    let request = self.active.get(&id).map(|a| a.request);
-                    self.scheduler.remove(id);
-                    if let Some(a) = self.active.remove(&id) {
-                        let _ = a.events.send(Event::Failed(msg.clone()));
-                    }
-                    if let Some(r) = request {
-                        self.requests.remove(&r);
-                    }
+                for (id, _, _) in needed {
+                    self.fail_seq(id, &msg);
                 }
                 false
             }

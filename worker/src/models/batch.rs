@@ -116,10 +116,10 @@ impl Batch {
         let Some(seq) = self.seqs.last_mut() else { return };
         let computed = seq.first_pos..seq.first_pos + seq.rows.len();
         for image in images {
-            let p = image.positions();
-            if p.end <= computed.start || p.start >= computed.end {
+            if !image.needed_by(computed.clone()) {
                 continue;
             }
+            let p = image.positions();
             if image.bidirectional {
                 seq.bidirectional.push(p.start.max(computed.start)..p.end);
             }
