@@ -7,7 +7,7 @@
 CARGO ?= cargo
 MODEL ?= smollm2
 
-.PHONY: all deps build run chat test test-rust test-api test-full test-containers images compose-up compose-down bench goldens clean
+.PHONY: all deps build build-cuda gpu-check-bundle run chat test test-rust test-api test-full test-containers images compose-up compose-down bench goldens clean
 
 all: build
 
@@ -16,6 +16,18 @@ deps:
 
 build: deps
 	$(CARGO) build --release --workspace --bins
+
+# The worker with the CUDA backend into target/cuda/release/ (docs/gpu.md); needs neither a
+# GPU nor a system CUDA toolkit to build. CUDA_COMPUTE_CAP picks the GPUs (default 90).
+build-cuda: deps
+	scripts/build-cuda.sh
+	scripts/cuda-build-check.sh
+
+# kiln-worker-cuda without debug information, small enough to carry to a GPU machine, where
+# scripts/gpu-check.sh runs the GPU checks.
+gpu-check-bundle: build-cuda
+	mkdir -p target/cuda/gpu-check
+	strip -o target/cuda/gpu-check/kiln-worker-cuda target/cuda/release/kiln-worker-cuda
 
 run: build
 	MODEL=$(MODEL) scripts/run-cluster.sh

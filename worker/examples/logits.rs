@@ -12,7 +12,7 @@ fn main() -> anyhow::Result<()> {
     let model = Arc::new(LoadedModel::load(std::path::Path::new(&args[1]))?);
     let tokens: Vec<u32> = args[2].split(',').map(|t| t.trim().parse()).collect::<Result<_, _>>()?;
     let vocab = model.model.config().vocab_size;
-    let mut session = Session::new(Arc::clone(&model), Arc::new(Compute::new(2)), tokens.len() + 1);
+    let mut session = Session::new(Arc::clone(&model), Arc::new(Compute::new(2)), tokens.len() + 1)?;
     let logits = session.score(&tokens)?;
     let rows: Vec<&[f32]> = logits.chunks(vocab).collect();
     println!("{}", serde_json::to_string(&rows)?);

@@ -14,7 +14,7 @@ fn main() -> anyhow::Result<()> {
     let model = Arc::new(LoadedModel::load(std::path::Path::new(&args[1]))?);
     let tokens: Vec<u32> = args[2].split(',').map(|t| t.trim().parse()).collect::<Result<_, _>>()?;
     let wanted: Vec<String> = args[3].split(',').map(str::to_string).collect();
-    let mut session = Session::new(Arc::clone(&model), Arc::new(Compute::new(2)), tokens.len() + 1);
+    let mut session = Session::new(Arc::clone(&model), Arc::new(Compute::new(2)), tokens.len() + 1)?;
     let store: Arc<Mutex<BTreeMap<String, Vec<f32>>>> = Arc::default();
     let step = Arc::new(Mutex::new(0usize));
     let (s2, st2) = (Arc::clone(&store), Arc::clone(&step));

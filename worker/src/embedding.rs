@@ -192,7 +192,7 @@ impl Encoder for DecoderStates {
                 return Err(Error::InvalidRequest(format!("{} tokens; the model has positions for {}", seq.len(), cfg.max_context_len)));
             }
             let blocks = seq.len().div_ceil(BLOCK);
-            let mut kv = crate::kv_cache::KvCache::new(cfg, BLOCK, &vec![blocks; groups]);
+            let mut kv = self.model.model.kv_cache(BLOCK, &vec![blocks; groups])?;
             let mut batch = Batch::new(BLOCK);
             batch.push_seq(seq, 0, vec![(0..blocks as u32).collect(); groups], Logits::All);
             self.model.model.run(compute, &batch, &mut kv, scratch, crate::models::Output::Hidden, &mut states)?;

@@ -50,6 +50,11 @@ pub enum Error {
     Collective(#[from] crate::parallel::CollectiveError),
 
     /// The model cannot be split as asked (heads, blocks or experts do not divide).
+    /// The device a model computes on failed or cannot do what was asked (out of device
+    /// memory, a format or layer the backend lacks).
+    #[error("{0}")]
+    Backend(String),
+
     #[error("cannot split the model over {size} tensor-parallel ranks: {what}")]
     Sharding { size: usize, what: String },
 

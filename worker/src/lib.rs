@@ -1,6 +1,7 @@
 //! kiln's worker: everything between model bytes on disk and sampled tokens.
 
 pub mod assets;
+pub mod backend;
 pub mod assets_dir;
 pub mod assets_hub;
 pub mod constraint;

@@ -5,6 +5,7 @@ use crate::formats::gguf::GgufFile;
 use crate::formats::gguf_vocab::tokenizer_spec;
 use crate::layers::WeightSource;
 use crate::models::config::ModelConfig;
+use crate::backend::Device;
 use crate::models::{registry, CausalLm};
 use crate::parallel::step::Leader;
 use crate::parallel::Shard;
@@ -122,19 +123,24 @@ impl LoadedModel {
     /// Loads tensor-parallel rank `shard`'s share of a model (the whole model for None). Rank
     /// 0's model sends each step to the other ranks before running it (`parallel::step`).
     pub fn load_shard(path: &Path, isq: Option<DType>, shard: Option<Shard>) -> Result<LoadedModel> {
+        Self::load_on(path, isq, shard, &Device::Cpu)
+    }
+
+    /// `load_shard`, computing on `device` (weights uploaded there once).
+    pub fn load_on(path: &Path, isq: Option<DType>, shard: Option<Shard>, device: &Device) -> Result<LoadedModel> {
         if path.is_dir() {
-            return Self::hf_dir(path, isq, shard);
+            return Self::hf_dir(path, isq, shard, device);
         }
-        Self::gguf(Arc::new(GgufFile::open(path)?), isq, shard)
+        Self::gguf(Arc::new(GgufFile::open(path)?), isq, shard, device)
     }
 
     /// Builds the model from a Hugging Face directory: config.json, safetensors weights
     /// (one file or shards), tokenizer.json with tokenizer_config.json.
     pub fn from_hf_dir(dir: &Path) -> Result<LoadedModel> {
-        Self::hf_dir(dir, None, None)
+        Self::hf_dir(dir, None, None, &Device::Cpu)
     }
 
-    fn hf_dir(dir: &Path, isq: Option<DType>, shard: Option<Shard>) -> Result<LoadedModel> {
+    fn hf_dir(dir: &Path, isq: Option<DType>, shard: Option<Shard>, device: &Device) -> Result<LoadedModel> {
         let config = crate::formats::hf_tokenizer::read_json(&dir.join("config.json"))?;
         if crate::embedding::is_encoder(&config) {
             return Err(Error::InvalidRequest(format!(
@@ -178,7 +184,7 @@ impl LoadedModel {
             vision = Some(Arc::new(crate::vision::VisionModel::load(arch, &config, dir, &weights, cfg.hidden_size, &tokenizer)?));
         }
         let weights = weights.with_shard(shard);
-        let mut model = Self::assemble(dir.to_path_buf(), &cfg, tokenizer, &weights, template, format, isq.is_some(), sampling_defaults)?;
+        let mut model = Self::assemble(dir.to_path_buf(), &cfg, tokenizer, &weights, template, format, isq.is_some(), sampling_defaults, device)?;
         model.vision = vision;
         Ok(model)
     }
@@ -194,8 +200,9 @@ impl LoadedModel {
         weight_format: String,
         quantized: bool,
         sampling_defaults: SamplingDefaults,
+        device: &Device,
     ) -> Result<LoadedModel> {
-        let (mut model, unused_tensors) = registry::build(cfg, weights)?;
+        let (mut model, unused_tensors) = registry::build(cfg, weights, device)?;
         if let Some(shard) = weights.shard().filter(|s| s.rank == 0 && s.size > 1) {
             model = Box::new(Leader { inner: model, shard: shard.clone() });
         }
@@ -225,10 +232,10 @@ impl LoadedModel {
 
     /// Builds the model from an opened (or in-memory) GGUF file.
     pub fn from_gguf(gguf: Arc<GgufFile>) -> Result<LoadedModel> {
-        Self::gguf(gguf, None, None)
+        Self::gguf(gguf, None, None, &Device::Cpu)
     }
 
-    fn gguf(gguf: Arc<GgufFile>, isq: Option<DType>, shard: Option<Shard>) -> Result<LoadedModel> {
+    fn gguf(gguf: Arc<GgufFile>, isq: Option<DType>, shard: Option<Shard>, device: &Device) -> Result<LoadedModel> {
         let path = gguf.path().to_path_buf();
         let arch = gguf.string("general.architecture")?.to_string();
         registry::check_supported(&arch)?;
@@ -244,7 +251,7 @@ impl LoadedModel {
         let format = weight_format(gguf.tensors().iter().map(|t| (t.dtype, t.dims.len(), t.num_elements())), isq);
         let weights = WeightSource::new(Arc::clone(&gguf), &arch).with_isq(isq).with_shard(shard);
         let template = gguf.opt_string("tokenizer.chat_template")?.map(str::to_string);
-        Self::assemble(path, &cfg, tokenizer, &weights, template, format, isq.is_some(), SamplingDefaults::default())
+        Self::assemble(path, &cfg, tokenizer, &weights, template, format, isq.is_some(), SamplingDefaults::default(), device)
     }
 
     /// Plain-text prompt: BOS as the model asks, control tokens in the text recognized.

@@ -28,10 +28,24 @@ enum Command {
     Quantize(cli::quantize::QuantizeArgs),
     /// Render a chat template for a conversation (a model's, or a template file)
     Template(cli::template::TemplateArgs),
+    /// Teacher-forced top logits and greedy continuations of fixed token sequences, as JSON
+    /// (to compare devices and implementations)
+    Eval(cli::eval::EvalArgs),
 }
 
 fn main() -> ExitCode {
     let args = Args::parse();
+    let device = match &args.command {
+        Command::Run(a) => Some(&a.engine.device),
+        Command::Serve(a) => Some(&a.engine.device),
+        Command::Bench(a) => Some(&a.engine.device),
+        Command::Eval(a) => Some(&a.engine.device),
+        _ => None,
+    };
+    if let Some(Err(e)) = device.map(cli::cuda::hand_over) {
+        eprintln!("error: {}", cli::describe(&e));
+        return ExitCode::FAILURE;
+    }
     let result = match args.command {
         Command::Run(a) => cli::run::main(a),
         Command::Serve(a) => cli::serve::main(a),
@@ -40,6 +54,7 @@ fn main() -> ExitCode {
         Command::Info(a) => cli::info::main(a),
         Command::Quantize(a) => cli::quantize::main(a),
         Command::Template(a) => cli::template::main(a),
+        Command::Eval(a) => cli::eval::main(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

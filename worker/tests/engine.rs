@@ -103,7 +103,7 @@ fn engine_matches_the_single_sequence_session() {
     let h = engine(Arc::clone(&model), EngineConfig::default());
     for p in prompts(3, 30) {
         let via_engine = collect(h.submit(greedy(p.clone(), 20)).unwrap());
-        let mut s = Session::new(Arc::clone(&model), common::compute(), 256);
+        let mut s = Session::new(Arc::clone(&model), common::compute(), 256).unwrap();
         let direct = s.generate(&greedy(p, 20), &AtomicBool::new(false), |_| {}).unwrap();
         assert_eq!(via_engine.tokens, direct.tokens);
         assert_eq!(via_engine.text, direct.text);
@@ -206,7 +206,7 @@ fn sliding_window_blocks_are_released_without_changing_output() {
     w.set("llama.attention.sliding_window", Value::U32(24));
     let model = Arc::new(tiny::build(&w).unwrap());
     let p = prompts(1, 70).remove(0);
-    let mut s = Session::new(Arc::clone(&model), common::compute(), 256);
+    let mut s = Session::new(Arc::clone(&model), common::compute(), 256).unwrap();
     let direct = s.generate(&greedy(p.clone(), 30), &AtomicBool::new(false), |_| {}).unwrap();
     let h = engine(Arc::clone(&model), EngineConfig::default());
     let mut stream = h.submit(greedy(p, 30)).unwrap();
@@ -231,7 +231,7 @@ fn gemma3_long_sequence_through_the_engine_matches_the_session() {
     let text = "The quick brown fox jumps over the lazy dog. ".repeat(60);
     let p = model.encode_raw(&text);
     assert!(p.len() > 540, "the prompt must pass the 512-token window");
-    let mut s = Session::new(Arc::clone(&model), common::compute(), 1024);
+    let mut s = Session::new(Arc::clone(&model), common::compute(), 1024).unwrap();
     let direct = s.generate(&greedy(p.clone(), 8), &AtomicBool::new(false), |_| {}).unwrap();
     let h = engine(model, EngineConfig::default());
     let out = collect(h.submit(greedy(p, 8)).unwrap());

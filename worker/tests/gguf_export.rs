@@ -12,7 +12,7 @@ use kiln_worker::loader::LoadedModel;
 use std::sync::Arc;
 
 fn logits(model: LoadedModel, ids: &[u32]) -> Vec<f32> {
-    Session::new(Arc::new(model), common::compute(), 64).score(ids).unwrap()
+    Session::new(Arc::new(model), common::compute(), 64).unwrap().score(ids).unwrap()
 }
 
 fn roundtrip(name: &str, isq: DType, arch: &str) {
@@ -148,7 +148,7 @@ fn greedy_text(model: &Arc<LoadedModel>, prompt: Vec<u32>, n: usize) -> String {
         ignore_eos: true,
         ..Default::default()
     };
-    let mut session = Session::new(Arc::clone(model), common::compute(), context);
+    let mut session = Session::new(Arc::clone(model), common::compute(), context).unwrap();
     let done = session.generate(&req, &std::sync::atomic::AtomicBool::new(false), |_| {}).unwrap();
     model.tokenizer.decode(&done.tokens, false)
 }

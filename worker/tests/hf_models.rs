@@ -36,7 +36,7 @@ fn check_within(name: &str, tolerance: f32) {
     assert_eq!(model.tokenizer.encode(prompt, true, true), ids, "{name}: prompt token ids");
 
     let vocab = model.model.config().vocab_size;
-    let mut session = Session::new(Arc::clone(&model), common::compute(), 256);
+    let mut session = Session::new(Arc::clone(&model), common::compute(), 256).unwrap();
     let logits = session.score(&ids).unwrap();
     let mut worst = (0.0f32, 0, 0);
     for (pos, row) in reference["logits"].as_array().unwrap().iter().enumerate() {

@@ -23,7 +23,7 @@ fn check(kind: &str) {
 
     let greedy = common::ids(&reference["greedy"]);
     let req = GenerationRequest { prompt: ids, sampling: SamplingParams::greedy(), max_tokens: Some(greedy.len()), ignore_eos: true, ..Default::default() };
-    let mut session = Session::new(Arc::clone(&model), common::compute(), 256);
+    let mut session = Session::new(Arc::clone(&model), common::compute(), 256).unwrap();
     let mut streamed = String::new();
     let out = session.generate(&req, &AtomicBool::new(false), |piece| streamed.push_str(piece)).unwrap();
     assert_eq!(out.tokens, greedy, "{name}: greedy tokens");
@@ -37,7 +37,7 @@ fn check(kind: &str) {
     if chars.len() >= 8 {
         let stop: String = chars[chars.len() / 2..chars.len() / 2 + 3].iter().collect();
         let req = GenerationRequest { stop: vec![stop.clone()], ..req };
-        let mut session = Session::new(Arc::clone(&model), common::compute(), 256);
+        let mut session = Session::new(Arc::clone(&model), common::compute(), 256).unwrap();
         let out = session.generate(&req, &AtomicBool::new(false), |_| {}).unwrap();
         let cut = continuation.find(&stop).unwrap();
         assert_eq!(out.text, continuation[..cut], "{name}: text before the stop string {stop:?}");

@@ -46,7 +46,7 @@ fn every_isq_type_quantizes_all_projections_with_bounded_drift() {
         let report = model.isq.clone().expect("a load-time quantization report");
         assert_eq!(report.quantized, 14, "{name}: every projection of both layers");
         assert!(report.fallbacks.is_empty(), "{name}: rows of 256 and 512 take every format: {:?}", report.fallbacks);
-        let mut session = Session::new(Arc::clone(&model), common::compute(), 64);
+        let mut session = Session::new(Arc::clone(&model), common::compute(), 64).unwrap();
         let got: Vec<f64> = session.score(&ids).unwrap().iter().map(|&v| v as f64).collect();
         let drift = (got.iter().zip(&want).map(|(a, b)| (a - b) * (a - b)).sum::<f64>() / want.len() as f64).sqrt() / rms;
         let max = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0.0, f64::max);

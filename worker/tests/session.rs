@@ -10,7 +10,7 @@ use kiln_worker::Error;
 use std::sync::atomic::AtomicBool;
 
 fn session(ctx: usize) -> Session {
-    Session::new(tiny::model(), common::compute(), ctx)
+    Session::new(tiny::model(), common::compute(), ctx).unwrap()
 }
 
 fn request(prompt: Vec<u32>, max_tokens: usize) -> GenerationRequest {

@@ -122,7 +122,7 @@ fn fixture_matches_the_whole_model(name: &str, tolerance: f32) {
     let dir = common::hf_fixture(name);
     let ids = common::ids(&common::hf_reference(name)["ids"]);
     let whole = Arc::new(LoadedModel::load(&dir).unwrap());
-    let mut s = Session::new(Arc::clone(&whole), common::compute(), 256);
+    let mut s = Session::new(Arc::clone(&whole), common::compute(), 256).unwrap();
     let want = s.score(&ids).unwrap();
     let want_tokens = s.generate(&greedy(ids.clone(), 12), &AtomicBool::new(false), |_| {}).unwrap().tokens;
     for layout in [Layout::Exact, Layout::Megatron] {
@@ -130,7 +130,7 @@ fn fixture_matches_the_whole_model(name: &str, tolerance: f32) {
             let (model, followers) = group(&dir, size, layout);
             let what = format!("{name} over {size} ranks, {} layout", layout.name());
             assert!(model.unused_tensors.is_empty(), "{what}: unused tensors {:?}", model.unused_tensors);
-            let mut s = Session::new(Arc::clone(&model), common::compute(), 256);
+            let mut s = Session::new(Arc::clone(&model), common::compute(), 256).unwrap();
             let got = s.score(&ids).unwrap();
             let diff = largest_difference(&want, &got);
             eprintln!("{what}: largest logit difference from the whole model {diff:.2e}");
@@ -186,7 +186,7 @@ fn real_model_keeps_its_greedy_tokens(name: &str) {
     let cases = common::golden(name)["greedy"].as_array().unwrap().clone();
     for size in [2, 3] {
         let (model, followers) = group(&path, size, Layout::Exact);
-        let mut s = Session::new(Arc::clone(&model), common::compute(), 256);
+        let mut s = Session::new(Arc::clone(&model), common::compute(), 256).unwrap();
         for case in &cases {
             let prompt = common::ids(&case["prompt_ids"]);
             let out = s.generate(&greedy(prompt, 32), &AtomicBool::new(false), |_| {}).unwrap();
@@ -319,7 +319,7 @@ fn a_rank_that_dies_fails_the_next_step_with_its_rank_named() {
     let dir = common::hf_fixture("llama");
     let ids = common::ids(&common::hf_reference("llama")["ids"]);
     let (model, mut followers) = group(&dir, 3, Layout::Megatron);
-    let mut s = Session::new(Arc::clone(&model), common::compute(), 256);
+    let mut s = Session::new(Arc::clone(&model), common::compute(), 256).unwrap();
     s.score(&ids).unwrap();
     followers.0[1].kill().unwrap();
     followers.0[1].wait().unwrap();
@@ -366,7 +366,7 @@ fn a_stopped_rank_fails_the_group_between_steps() {
     let dir = common::hf_fixture("llama");
     let ids = common::ids(&common::hf_reference("llama")["ids"]);
     let (model, followers) = group(&dir, 2, Layout::Exact);
-    let mut s = Session::new(Arc::clone(&model), common::compute(), 256);
+    let mut s = Session::new(Arc::clone(&model), common::compute(), 256).unwrap();
     s.score(&ids).unwrap();
     let group = model.group.clone().expect("a split model knows its group");
     group.check_alive().expect("every rank is up");

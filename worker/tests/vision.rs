@@ -153,7 +153,7 @@ fn logits_and_greedy_tokens_match_transformers(name: &str) {
     for case in reference(name)["cases"].as_array().unwrap() {
         let label = format!("{name} {}", case["name"].as_str().unwrap());
         let (ids, images) = prepare(&model, case);
-        let mut session = Session::new(Arc::clone(&model), common::compute(), 256);
+        let mut session = Session::new(Arc::clone(&model), common::compute(), 256).unwrap();
         let logits = session.score_with_images(&ids, &images).unwrap();
         let last = case["last_logits"].as_array().unwrap();
         let first_row = ids.len() - last.len();

@@ -85,11 +85,11 @@ pub fn main(args: BenchArgs) -> anyhow::Result<()> {
     if !args.image.is_empty() {
         return images(&args);
     }
-    let model = super::load_model(&args.model, args.json, args.engine.isq, args.engine.tp.config()?.as_ref(), args.engine.mmproj.as_deref())?;
+    let model = super::load_model(&args.model, args.json, args.engine.isq, args.engine.tp.config()?.as_ref(), args.engine.mmproj.as_deref(), &args.engine.device)?;
     let threads = args.threads.unwrap_or_else(super::default_threads);
     let compute = super::compute(Some(threads));
     let ctx = (args.n_prompt.max(args.n_gen) + 1).max(16);
-    let mut session = Session::new(Arc::clone(&model), compute, ctx);
+    let mut session = Session::new(Arc::clone(&model), compute, ctx)?;
     let cfg = model.model.config().clone();
     let vocab = cfg.vocab_size as u64;
     let mut rng = Rng::seeded(1234);
@@ -167,7 +167,7 @@ pub fn main(args: BenchArgs) -> anyhow::Result<()> {
 /// special tokens at the ends), each size timed `repetitions` times after a warm-up.
 /// Time to prepare (decode, resize, normalize) and to encode each image, and its tokens.
 fn images(args: &BenchArgs) -> anyhow::Result<()> {
-    let model = super::load_model(&args.model, args.json, args.engine.isq, None, args.engine.mmproj.as_deref())?;
+    let model = super::load_model(&args.model, args.json, args.engine.isq, None, args.engine.mmproj.as_deref(), &args.engine.device)?;
     let Some(vision) = model.vision.clone() else { anyhow::bail!("`{}` does not take images", args.model) };
     let compute = super::compute(args.threads);
     let mut scratch = kiln_worker::models::scratch::Scratch::default();

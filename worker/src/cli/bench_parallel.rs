@@ -114,7 +114,7 @@ pub fn main(args: &BenchArgs) -> anyhow::Result<()> {
     if args.n_gen < 2 || args.n_prompt == 0 {
         anyhow::bail!("--concurrency needs -p of at least 1 and -n of at least 2");
     }
-    let model = super::load_model(&args.model, args.json, args.engine.isq, args.engine.tp.config()?.as_ref(), args.engine.mmproj.as_deref())?;
+    let model = super::load_model(&args.model, args.json, args.engine.isq, args.engine.tp.config()?.as_ref(), args.engine.mmproj.as_deref(), &args.engine.device)?;
     let threads = args.threads.unwrap_or_else(super::default_threads);
     let compute = super::compute(Some(threads));
     let vocab = model.model.config().vocab_size as u64;

@@ -2,6 +2,8 @@
 
 pub mod bench;
 pub mod bench_parallel;
+pub mod cuda;
+pub mod eval;
 pub mod info;
 pub mod placement;
 pub mod pull;
@@ -36,7 +38,11 @@ pub fn default_threads() -> usize {
 /// Resolves a model argument (path, directory, known name or repo id, fetched on first use)
 /// and loads it, quantizing its projection weights to `isq` when given; with `tp`, rank 0's
 /// share of it, once every rank of the group has joined and loaded its own.
-pub fn load_model(arg: &str, quiet: bool, isq: Option<kiln_kernels::DType>, tp: Option<&kiln_worker::parallel::TpConfig>, mmproj: Option<&std::path::Path>) -> anyhow::Result<Arc<LoadedModel>> {
+#[allow(clippy::too_many_arguments)]
+pub fn load_model(arg: &str, quiet: bool, isq: Option<kiln_kernels::DType>, tp: Option<&kiln_worker::parallel::TpConfig>, mmproj: Option<&std::path::Path>, device: &kiln_worker::backend::Device) -> anyhow::Result<Arc<LoadedModel>> {
+    if tp.is_some() && *device != kiln_worker::backend::Device::Cpu {
+        anyhow::bail!("--device {device}: tensor-parallel groups compute on the CPU only for now (use --device cpu)");
+    }
     let path = kiln_worker::assets::resolve(arg, &mut |msg| eprintln!("kiln: {msg}"))?;
     let t = Instant::now();
     if mmproj.is_some() && tp.is_some() {
@@ -49,7 +55,7 @@ pub fn load_model(arg: &str, quiet: bool, isq: Option<kiln_kernels::DType>, tp: 
             }
             kiln_worker::parallel::load_rank(&path, isq, cfg)?.model
         }
-        None => LoadedModel::load_quantized(&path, isq)?,
+        None => LoadedModel::load_on(&path, isq, None, device)?,
     };
     if let (Some(r), Some(dtype)) = (&model.isq, isq) {
         if !quiet {
@@ -113,6 +119,15 @@ pub struct EngineArgs {
     /// encoder (Gemma 3)
     #[arg(long, value_name = "FILE", env = "KILN_WORKER_MMPROJ")]
     pub mmproj: Option<std::path::PathBuf>,
+    /// Where the model computes: cpu (kiln's kernels), cuda or cuda:N (a GPU; workers built
+    /// with `make build-cuda`), candle-cpu (the GPU backend's operations on the host: slow,
+    /// for checking them)
+    #[arg(long, default_value = "cpu", env = "KILN_WORKER_DEVICE")]
+    pub device: kiln_worker::backend::Device,
+    /// On a GPU without --kv-cache-mb: the share of the device memory left free by the
+    /// weights that the KV cache takes
+    #[arg(long, default_value_t = 0.9, env = "KILN_WORKER_GPU_MEMORY_FRACTION")]
+    pub gpu_memory_fraction: f64,
     #[command(flatten)]
     pub tp: tp::TpArgs,
 }
@@ -125,6 +140,7 @@ impl EngineArgs {
             block_size: self.block_size,
             kv_cache_bytes: self.kv_cache_mb.map(|mb| mb << 20),
             max_context_len,
+            gpu_memory_fraction: self.gpu_memory_fraction,
         }
     }
 }

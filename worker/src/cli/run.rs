@@ -140,7 +140,7 @@ pub fn main(mut args: RunArgs) -> anyhow::Result<()> {
         anyhow::bail!("--ctx-size must be positive");
     }
     let grammar = args.grammar()?;
-    let model = super::load_model(&args.model, args.input.is_some() && !args.verbose, args.engine.isq, args.engine.tp.config()?.as_ref(), args.engine.mmproj.as_deref())?;
+    let model = super::load_model(&args.model, args.input.is_some() && !args.verbose, args.engine.isq, args.engine.tp.config()?.as_ref(), args.engine.mmproj.as_deref(), &args.engine.device)?;
     args.constraint = grammar.map(|g| Grammars::new(Arc::clone(&model.tokenizer)).compile(&g)).transpose()?;
     args.fill_from(&model.sampling_defaults);
     args.sampling().validate()?;

@@ -129,7 +129,7 @@ pub fn load_serving(args: &ServeArgs, source: &str, id: &str, tp: Option<&TpConf
         }
         return Ok((Serving::embedding(Arc::new(queue), id, args.max_seqs)?, None));
     }
-    let model = super::load_model(&path.to_string_lossy(), false, args.engine.isq, tp, args.engine.mmproj.as_deref())?;
+    let model = super::load_model(&path.to_string_lossy(), false, args.engine.isq, tp, args.engine.mmproj.as_deref(), &args.engine.device)?;
     let group = model.group.clone();
     let engine = Engine::start(Arc::clone(&model), compute, args.engine.config(args.max_seqs, args.ctx_size))?;
     Ok((Serving::new(engine, model, id, args.max_seqs)?, group))
@@ -216,7 +216,12 @@ fn record(id: &str, addr: &str, args: &ServeArgs, slot: &ModelSlot, hosting: &Ho
         schema: SCHEMA_VERSION,
         id: id.to_string(),
         addr: addr.to_string(),
-        labels: args.labels.iter().cloned().collect::<BTreeMap<_, _>>(),
+        labels: {
+            // Placement can ask for GPU workers: `device` is cpu or cuda unless set by hand.
+            let mut labels = args.labels.iter().cloned().collect::<BTreeMap<_, _>>();
+            labels.entry("device".into()).or_insert_with(|| args.engine.device.kind().into());
+            labels
+        },
         placeable: args.model.is_none(),
         model: hosting.status(),
         max_seqs: args.max_seqs as u32,

@@ -33,7 +33,7 @@ pub struct TemplateArgs {
 
 pub fn main(args: TemplateArgs) -> anyhow::Result<()> {
     if args.source {
-        let model = super::load_model(args.model.as_deref().unwrap_or_default(), true, None, None, None)?;
+        let model = super::load_model(args.model.as_deref().unwrap_or_default(), true, None, None, None, &kiln_worker::backend::Device::Cpu)?;
         std::io::stdout().write_all(model.chat_template_source.as_bytes())?;
         return Ok(());
     }
@@ -55,7 +55,7 @@ pub fn main(args: TemplateArgs) -> anyhow::Result<()> {
             let source = std::fs::read_to_string(path).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
             ChatTemplate::new(&source, &args.bos_token, &args.eos_token)?.render_with(&variables)?
         }
-        (Some(name), None) => super::load_model(name, true, None, None, None)?.chat_template.render_with(&variables)?,
+        (Some(name), None) => super::load_model(name, true, None, None, None, &kiln_worker::backend::Device::Cpu)?.chat_template.render_with(&variables)?,
         (None, None) => anyhow::bail!("name a model (-m) or a template file (--template)"),
     };
     std::io::stdout().write_all(rendered.as_bytes())?;

@@ -37,12 +37,16 @@ impl Engine {
             let id = self.next_fork_id;
             self.next_fork_id += 1;
             match self.scheduler.fork(parent, id) {
-                Some(copies) => {
-                    for (g, from, to) in copies {
-                        self.kv.copy_block(g, from, to);
+                Some(copies) => match copies.into_iter().try_for_each(|(g, from, to)| self.kv.copy_block(g, from, to)) {
+                    Ok(()) => children.push(id),
+                    Err(e) => {
+                        // The copy of the shared last block failed on the device: the
+                        // completion computes its own prompt instead, as when no block is free.
+                        tracing::warn!(error = %e, "copying a forked sequence's last block failed; it runs its own prefill");
+                        self.scheduler.remove(id);
+                        self.scheduler.add(SeqState::new(id, req.prompt.clone(), self.kv.groups.len()));
                     }
-                    children.push(id);
-                }
+                },
                 None => {
                     // No free block for the copy of the partly filled last block: the
                     // completion waits as a sequence of its own over the same prompt, found

@@ -92,12 +92,13 @@ pub struct Session {
 }
 
 impl Session {
-    pub fn new(model: Arc<LoadedModel>, compute: Arc<Compute>, context_len: usize) -> Session {
+    /// A session whose cache holds `context_len` tokens, where the model computes.
+    pub fn new(model: Arc<LoadedModel>, compute: Arc<Compute>, context_len: usize) -> Result<Session> {
         let cfg = model.model.config();
         let num_blocks = context_len.div_ceil(BLOCK_SIZE);
         let groups = crate::kv_cache::group_layouts(cfg).len();
-        Session {
-            kv: KvCache::new(cfg, BLOCK_SIZE, &vec![num_blocks; groups]),
+        Ok(Session {
+            kv: model.model.kv_cache(BLOCK_SIZE, &vec![num_blocks; groups])?,
             block_table: (0..num_blocks as u32).collect(),
             model,
             compute,
@@ -105,7 +106,7 @@ impl Session {
             logits: Vec::new(),
             cached: Vec::new(),
             context_len,
-        }
+        })
     }
 
     /// Installs a receiver for intermediate tensors (see `Scratch::tap`).

@@ -26,11 +26,14 @@ pub struct EngineConfig {
     pub kv_cache_bytes: Option<usize>,
     /// Longest sequence (prompt and output); None uses the model's, at most 4096.
     pub max_context_len: Option<usize>,
+    /// For a model on a GPU without `kv_cache_bytes`: the share of the device's free memory
+    /// (after the weights) the cache takes.
+    pub gpu_memory_fraction: f64,
 }
 
 impl Default for EngineConfig {
     fn default() -> Self {
-        EngineConfig { max_seqs: 16, max_batch_tokens: 512, block_size: 16, kv_cache_bytes: None, max_context_len: None }
+        EngineConfig { max_seqs: 16, max_batch_tokens: 512, block_size: 16, kv_cache_bytes: None, max_context_len: None, gpu_memory_fraction: 0.9 }
     }
 }
 
@@ -117,11 +120,16 @@ fn size_cache(model: &LoadedModel, cfg: &EngineConfig, context_len: usize) -> Re
     };
     let budget = match cfg.kv_cache_bytes {
         Some(b) => b,
-        None => {
-            // Room for every sequence at full length, but at most a quarter of free memory.
-            let wanted = bytes_for(cfg.max_seqs * per_seq);
-            wanted.min(available_memory().map_or(wanted, |m| m / 4)).max(bytes_for(per_seq))
-        }
+        None => match model.model.device_memory() {
+            // On a GPU the cache takes its share of what the weights left: the more blocks,
+            // the more prefixes stay cached.
+            Some((free, _total)) => (free as f64 * cfg.gpu_memory_fraction.clamp(0.0, 1.0)) as usize,
+            None => {
+                // Room for every sequence at full length, but at most a quarter of free memory.
+                let wanted = bytes_for(cfg.max_seqs * per_seq);
+                wanted.min(available_memory().map_or(wanted, |m| m / 4)).max(bytes_for(per_seq))
+            }
+        },
     };
     // The largest block count whose groups fit the budget (bytes_for is monotonic).
     let (mut lo, mut hi) = (0usize, budget / block_bytes.iter().copied().min().unwrap_or(1).max(1) + 1);
@@ -155,7 +163,7 @@ impl Engine {
         let context_len = cfg.max_context_len.unwrap_or(mcfg.max_context_len.min(4096)).min(mcfg.max_context_len).max(2);
         let groups = size_cache(&model, &cfg, context_len)?;
         let blocks: Vec<usize> = groups.iter().map(|g| g.0).collect();
-        let kv = KvCache::new(mcfg, cfg.block_size, &blocks);
+        let kv = model.model.kv_cache(cfg.block_size, &blocks)?;
         let kv_block_bytes = KvCache::block_bytes(mcfg, cfg.block_size);
         let scheduler = Scheduler::new(
             SchedulerConfig { max_batch_tokens: cfg.max_batch_tokens, max_seqs: cfg.max_seqs, block_size: cfg.block_size },

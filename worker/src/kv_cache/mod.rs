@@ -10,6 +10,8 @@ pub mod prefix;
 
 pub use block_pool::{BlockId, BlockPool, NO_BLOCK};
 
+use crate::backend::{KvLayer, KvShape};
+use crate::error::Result;
 use crate::models::config::ModelConfig;
 use kiln_kernels::attention::KvStore;
 
@@ -38,7 +40,8 @@ pub fn group_layouts(cfg: &ModelConfig) -> Vec<GroupLayout> {
 pub struct KvGroup {
     pub layout: GroupLayout,
     pub num_blocks: usize,
-    stores: Vec<KvStore>,
+    /// One store per layer of the group, where the model computes.
+    stores: Vec<Box<dyn KvLayer>>,
 }
 
 pub struct KvCache {
@@ -54,43 +57,52 @@ pub struct KvCache {
 }
 
 impl KvCache {
-    /// A cache with `blocks[g]` blocks for group `g` of `group_layouts(cfg)`.
+    /// A cache on the host with `blocks[g]` blocks for group `g` of `group_layouts(cfg)`.
     pub fn new(cfg: &ModelConfig, block_size: usize, blocks: &[usize]) -> KvCache {
+        let host = |s: KvShape| -> std::result::Result<Box<dyn KvLayer>, std::convert::Infallible> { Ok(Box::new(KvStore::with_precision(s.slots, s.kv_heads, s.head_dim, s.precision))) };
+        match Self::build(cfg, block_size, blocks, host) {
+            Ok(cache) => cache,
+            Err(never) => match never {},
+        }
+    }
+
+    /// A cache whose layers' stores `make` creates (where the model computes).
+    pub fn with_stores(cfg: &ModelConfig, block_size: usize, blocks: &[usize], make: impl Fn(KvShape) -> Result<Box<dyn KvLayer>>) -> Result<KvCache> {
+        Self::build(cfg, block_size, blocks, make)
+    }
+
+    fn build<E>(cfg: &ModelConfig, block_size: usize, blocks: &[usize], make: impl Fn(KvShape) -> std::result::Result<Box<dyn KvLayer>, E>) -> std::result::Result<KvCache, E> {
         let layouts = group_layouts(cfg);
         assert_eq!(layouts.len(), blocks.len(), "one block count per group");
         let mut layer_slot = vec![(0, 0); cfg.num_layers];
-        let groups = layouts
-            .into_iter()
-            .zip(blocks)
-            .enumerate()
-            .map(|(g, (layout, &num_blocks))| {
-                for (j, &l) in layout.layers.iter().enumerate() {
-                    layer_slot[l] = (g, j);
-                }
-                let stores = layout.layers.iter().map(|_| KvStore::with_precision(num_blocks * block_size, cfg.num_kv_heads, cfg.head_dim, cfg.kv_precision)).collect();
-                KvGroup { layout, num_blocks, stores }
-            })
-            .collect();
-        KvCache { block_size, groups, layer_slot, record_copies: false, copies: Vec::new() }
+        let mut groups = Vec::with_capacity(layouts.len());
+        for (g, (layout, &num_blocks)) in layouts.into_iter().zip(blocks).enumerate() {
+            for (j, &l) in layout.layers.iter().enumerate() {
+                layer_slot[l] = (g, j);
+            }
+            let shape = KvShape { slots: num_blocks * block_size, kv_heads: cfg.num_kv_heads, head_dim: cfg.head_dim, precision: cfg.kv_precision };
+            let stores = layout.layers.iter().map(|_| make(shape)).collect::<std::result::Result<Vec<_>, E>>()?;
+            groups.push(KvGroup { layout, num_blocks, stores });
+        }
+        Ok(KvCache { block_size, groups, layer_slot, record_copies: false, copies: Vec::new() })
     }
 
     /// The group of `layer` and its storage.
-    pub fn layer(&mut self, layer: usize) -> (usize, &mut KvStore) {
+    pub fn layer(&mut self, layer: usize) -> (usize, &mut dyn KvLayer) {
         let (g, j) = self.layer_slot[layer];
-        (g, &mut self.groups[g].stores[j])
+        (g, self.groups[g].stores[j].as_mut())
     }
 
     /// Copies block `from` onto block `to` in every layer of group `g`.
-    pub fn copy_block(&mut self, g: usize, from: u32, to: u32) {
+    pub fn copy_block(&mut self, g: usize, from: u32, to: u32) -> Result<()> {
         let bs = self.block_size;
         if self.record_copies {
             self.copies.push((g, from, to));
         }
         for store in &mut self.groups[g].stores {
-            for i in 0..bs {
-                store.copy_slot(from as usize * bs + i, to as usize * bs + i);
-            }
+            store.copy_slots(from as usize * bs, to as usize * bs, bs)?;
         }
+        Ok(())
     }
 
     /// Bytes one block of each group occupies (keys and values).

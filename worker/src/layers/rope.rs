@@ -20,6 +20,11 @@ pub struct RopeTable {
 }
 
 impl RopeTable {
+    /// Angles per row (`rotary_dims / 2`).
+    pub fn half(&self) -> usize {
+        self.half
+    }
+
     pub fn fill(&mut self, rope: &Rope, positions: &[usize]) {
         self.half = rope.rotary_dims / 2;
         self.cos.resize(positions.len() * self.half, 0.0);

@@ -5,40 +5,47 @@
 
 use super::batch::Batch;
 use super::config::ModelConfig;
-use super::scratch::{tap, Scratch};
+use super::scratch::Scratch;
 use super::{CausalLm, HeadShare, LmHead, Output};
+use crate::backend::{kv_of, tap, tap_part, AttendInput, Backend, Device, Part};
 use crate::error::Result;
 use crate::kv_cache::KvCache;
-use crate::layers::attention::{AttentionConfig, AttentionInput};
+use crate::layers::attention::AttentionConfig;
 use crate::layers::mlp::{Activation, GatedMlp};
 use crate::layers::rope::Rope;
 use crate::layers::{Attention, Compute, Embedding, Linear, RmsNorm, WeightSource};
 
-struct DecoderLayer {
-    input_layernorm: RmsNorm,
-    self_attn: Attention,
-    post_attention_layernorm: RmsNorm,
-    pre_feedforward_layernorm: RmsNorm,
-    mlp: GatedMlp,
-    post_feedforward_layernorm: RmsNorm,
+struct DecoderLayer<B: Backend> {
+    input_layernorm: B::Norm,
+    self_attn: B::Attention,
+    post_attention_layernorm: B::Norm,
+    pre_feedforward_layernorm: B::Norm,
+    mlp: B::Mlp,
+    post_feedforward_layernorm: B::Norm,
     /// Index into the model's RoPE tables: 0 global, 1 local.
     rope_table: usize,
 }
 
-pub struct Gemma3 {
+pub struct Gemma3<B: Backend> {
+    backend: B,
     cfg: ModelConfig,
-    embed_tokens: Embedding,
-    layers: Vec<DecoderLayer>,
-    head: LmHead,
+    embed_tokens: B::Embedding,
+    layers: Vec<DecoderLayer<B>>,
+    head: B::Head,
     /// Global and local rotary settings.
     ropes: [Rope; 2],
 }
 
-pub fn load(cfg: &ModelConfig, w: &WeightSource) -> Result<Box<dyn CausalLm>> {
+pub fn load(cfg: &ModelConfig, w: &WeightSource, device: &Device) -> Result<Box<dyn CausalLm>> {
+    crate::on_device!(device, b => load_on(b, cfg, w))
+}
+
+fn load_on<B: Backend>(b: B, cfg: &ModelConfig, w: &WeightSource) -> Result<Box<dyn CausalLm>> {
     let (h, hd) = (cfg.hidden_size, cfg.head_dim);
     let global = Rope { base: cfg.rope_base, rotary_dims: cfg.rope_dims, style: cfg.rope_style };
     let local = Rope { base: cfg.rope_base_local.unwrap_or(cfg.rope_base), ..global };
     let norm = |name: String, len: usize| -> Result<RmsNorm> { Ok(RmsNorm { weight: super::offset(w.vector(&name, len)?, cfg.norm_offset), eps: cfg.rms_eps }) };
+    let upload_norm = |name: String| -> Result<B::Norm> { b.upload_norm(norm(name, h)?) };
     let head_norm = |name: String| -> Result<Option<RmsNorm>> { if cfg.qk_norm { norm(name, hd).map(Some) } else { Ok(None) } };
     // f32 checkpoints are checked against an f32 reference: GELU computed exactly rather
     // than through llama.cpp's half-precision table.
@@ -51,8 +58,8 @@ pub fn load(cfg: &ModelConfig, w: &WeightSource) -> Result<Box<dyn CausalLm>> {
         let p = format!("model.layers.{i}");
         let sliding = cfg.is_sliding[i];
         layers.push(DecoderLayer {
-            input_layernorm: norm(format!("{p}.input_layernorm.weight"), h)?,
-            self_attn: Attention {
+            input_layernorm: upload_norm(format!("{p}.input_layernorm.weight"))?,
+            self_attn: b.upload_attention(Attention {
                 q_proj: rows(format!("{p}.self_attn.q_proj.weight"), q_rows, &q_range)?,
                 k_proj: rows(format!("{p}.self_attn.k_proj.weight"), kv_rows, &kv_range)?,
                 v_proj: rows(format!("{p}.self_attn.v_proj.weight"), kv_rows, &kv_range)?,
@@ -71,63 +78,77 @@ pub fn load(cfg: &ModelConfig, w: &WeightSource) -> Result<Box<dyn CausalLm>> {
                     rope: if sliding { local } else { global },
                 },
                 combine: w.combine(),
-            },
-            post_attention_layernorm: norm(format!("{p}.post_attention_layernorm.weight"), h)?,
-            pre_feedforward_layernorm: norm(format!("{p}.pre_feedforward_layernorm.weight"), h)?,
-            mlp: GatedMlp::load(
+            })?,
+            post_attention_layernorm: upload_norm(format!("{p}.post_attention_layernorm.weight"))?,
+            pre_feedforward_layernorm: upload_norm(format!("{p}.pre_feedforward_layernorm.weight"))?,
+            mlp: b.upload_mlp(GatedMlp::load(
                 w,
                 ["gate_proj", "up_proj", "down_proj"].map(|n| format!("{p}.mlp.{n}.weight")).each_ref().map(String::as_str),
                 cfg.intermediate_size,
                 h,
                 gelu,
-            )?,
-            post_feedforward_layernorm: norm(format!("{p}.post_feedforward_layernorm.weight"), h)?,
+            )?)?,
+            post_feedforward_layernorm: upload_norm(format!("{p}.post_feedforward_layernorm.weight"))?,
             rope_table: usize::from(sliding),
         });
     }
-    let embed_tokens = Embedding::load(w, "model.embed_tokens.weight", cfg.vocab_size, h, Some((h as f32).sqrt()))?;
-    let head = LmHead::load(w, cfg)?;
-    Ok(Box::new(Gemma3 { cfg: share.local_config(cfg), embed_tokens, layers, head, ropes: [global, local] }))
+    let embed_tokens = b.upload_embedding(Embedding::load(w, "model.embed_tokens.weight", cfg.vocab_size, h, Some((h as f32).sqrt()))?)?;
+    let head = b.upload_head(LmHead::load(w, cfg)?)?;
+    Ok(Box::new(Gemma3 { backend: b, cfg: share.local_config(cfg), embed_tokens, layers, head, ropes: [global, local] }))
 }
 
-impl CausalLm for Gemma3 {
+impl<B: Backend> CausalLm for Gemma3<B> {
     fn config(&self) -> &ModelConfig {
         &self.cfg
     }
 
+    fn kv_cache(&self, block_size: usize, blocks: &[usize]) -> Result<KvCache> {
+        super::kv_cache_on(&self.backend, &self.cfg, block_size, blocks)
+    }
+
+    fn device(&self) -> String {
+        self.backend.name()
+    }
+
+    fn device_memory(&self) -> Option<(usize, usize)> {
+        self.backend.memory()
+    }
+
     fn run(&self, compute: &Compute, batch: &Batch, kv: &mut KvCache, s: &mut Scratch, output: Output, out: &mut Vec<f32>) -> Result<()> {
+        let b = &self.backend;
         let rows = batch.num_rows();
-        s.prepare(rows, self.cfg.hidden_size);
-        self.embed_tokens.forward(&batch.tokens, &mut s.x)?;
+        let f = b.flow(s, rows, self.cfg.hidden_size);
         // Image rows take the projected image embeddings as they are (not scaled).
-        batch.apply_placed(&mut s.x, self.cfg.hidden_size)?;
-        tap(&mut s.tap, || "inp_scaled".into(), &s.x);
-        s.rope.resize_with(2, Default::default);
-        for (table, rope) in s.rope.iter_mut().zip(&self.ropes) {
+        b.embed(compute, &self.embed_tokens, batch, f.x)?;
+        tap(b, f.tap, || "inp_scaled".into(), f.x);
+        f.rope.resize_with(2, Default::default);
+        f.rope_tables.resize_with(2, Default::default);
+        for ((table, on_device), rope) in f.rope.iter_mut().zip(f.rope_tables.iter_mut()).zip(&self.ropes) {
             table.fill(rope, &batch.positions);
+            b.rope_table(table, on_device)?;
         }
         for (i, layer) in self.layers.iter().enumerate() {
             let (group, kv_layer) = kv.layer(i);
-            layer.input_layernorm.forward_on(compute, &s.x, &mut s.xn);
-            let input = AttentionInput { x: &s.xn, batch, rope: &s.rope[layer.rope_table], group };
-            layer.self_attn.forward(compute, &input, kv_layer, &mut s.layer, &mut s.y)?;
-            tap(&mut s.tap, || format!("Qcur-{i}"), &s.layer.q);
-            tap(&mut s.tap, || format!("kqv_out-{i}"), &s.layer.attn);
-            tap(&mut s.tap, || format!("attn_out-{i}"), &s.y);
-            layer.post_attention_layernorm.forward_on(compute, &s.y, &mut s.xn);
-            tap(&mut s.tap, || format!("attn_post_norm-{i}"), &s.xn);
-            kiln_kernels::ops::add_in_place(&mut s.x, &s.xn);
-            tap(&mut s.tap, || format!("sa_out-{i}"), &s.x);
-            layer.pre_feedforward_layernorm.forward_on(compute, &s.x, &mut s.xn);
-            tap(&mut s.tap, || format!("ffn_norm-{i}"), &s.xn);
-            layer.mlp.forward(compute, &s.xn, rows, &mut s.layer, &mut s.y)?;
-            tap(&mut s.tap, || format!("ffn_up-{i}"), &s.layer.up);
-            tap(&mut s.tap, || format!("ffn_geglu-{i}"), &s.layer.gate);
-            tap(&mut s.tap, || format!("ffn_out-{i}"), &s.y);
-            layer.post_feedforward_layernorm.forward_on(compute, &s.y, &mut s.xn);
-            kiln_kernels::ops::add_in_place(&mut s.x, &s.xn);
-            tap(&mut s.tap, || format!("l_out-{i}"), &s.x);
+            b.rms_norm(compute, &layer.input_layernorm, f.x, f.xn)?;
+            let input = AttendInput { batch, rope: &f.rope[layer.rope_table], rope_table: &f.rope_tables[layer.rope_table], group };
+            b.attend(compute, &layer.self_attn, &input, f.xn, kv_of(kv_layer, b)?, f.work, f.y)?;
+            tap_part(b, f.tap, || format!("Qcur-{i}"), f.work, Part::Query);
+            tap_part(b, f.tap, || format!("kqv_out-{i}"), f.work, Part::AttnOut);
+            tap(b, f.tap, || format!("attn_out-{i}"), f.y);
+            b.rms_norm(compute, &layer.post_attention_layernorm, f.y, f.xn)?;
+            tap(b, f.tap, || format!("attn_post_norm-{i}"), f.xn);
+            b.add(f.x, f.xn)?;
+            tap(b, f.tap, || format!("sa_out-{i}"), f.x);
+            b.rms_norm(compute, &layer.pre_feedforward_layernorm, f.x, f.xn)?;
+            tap(b, f.tap, || format!("ffn_norm-{i}"), f.xn);
+            b.mlp(compute, &layer.mlp, f.xn, rows, f.work, f.y)?;
+            tap_part(b, f.tap, || format!("ffn_up-{i}"), f.work, Part::Up);
+            tap_part(b, f.tap, || format!("ffn_geglu-{i}"), f.work, Part::Gated);
+            tap(b, f.tap, || format!("ffn_out-{i}"), f.y);
+            b.rms_norm(compute, &layer.post_feedforward_layernorm, f.y, f.xn)?;
+            b.add(f.x, f.xn)?;
+            tap(b, f.tap, || format!("l_out-{i}"), f.x);
         }
-        self.head.output(compute, batch, s, output, out)
+        b.head(compute, &self.head, batch, f.x, f.work, output, out)
     }
 }

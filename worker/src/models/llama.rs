@@ -4,39 +4,44 @@
 //! RoPE, Phi-3 fuses q/k/v and gate/up into single matrices and may rotate part of each head.
 
 use super::batch::Batch;
-use super::config::ModelConfig;
-use super::scratch::{tap, Scratch};
+use super::config::{ModelConfig, MoeConfig, MoeNaming};
+use super::scratch::Scratch;
 use super::{CausalLm, HeadShare, LmHead, Output};
+use crate::backend::{kv_of, tap, tap_part, AttendInput, Backend, Device, Part};
 use crate::error::Result;
 use crate::kv_cache::KvCache;
-use crate::layers::attention::{AttentionConfig, AttentionInput};
+use crate::layers::attention::AttentionConfig;
 use crate::layers::mlp::{Activation, GatedMlp};
 use crate::layers::moe::MoeMlp;
-use super::config::{MoeConfig, MoeNaming};
 use crate::layers::rope::Rope;
 use crate::layers::{Attention, Compute, Embedding, Linear, RmsNorm, WeightSource};
 
-enum FeedForward {
-    Dense(GatedMlp),
-    Experts(MoeMlp),
+enum FeedForward<B: Backend> {
+    Dense(B::Mlp),
+    Experts(B::Moe),
 }
 
-struct DecoderLayer {
-    input_layernorm: RmsNorm,
-    self_attn: Attention,
-    post_attention_layernorm: RmsNorm,
-    mlp: FeedForward,
+struct DecoderLayer<B: Backend> {
+    input_layernorm: B::Norm,
+    self_attn: B::Attention,
+    post_attention_layernorm: B::Norm,
+    mlp: FeedForward<B>,
 }
 
-pub struct Llama {
+pub struct Llama<B: Backend> {
+    backend: B,
     cfg: ModelConfig,
-    embed_tokens: Embedding,
-    layers: Vec<DecoderLayer>,
-    head: LmHead,
+    embed_tokens: B::Embedding,
+    layers: Vec<DecoderLayer<B>>,
+    head: B::Head,
     rope: Rope,
 }
 
-pub fn load(cfg: &ModelConfig, w: &WeightSource) -> Result<Box<dyn CausalLm>> {
+pub fn load(cfg: &ModelConfig, w: &WeightSource, device: &Device) -> Result<Box<dyn CausalLm>> {
+    crate::on_device!(device, b => load_on(b, cfg, w))
+}
+
+fn load_on<B: Backend>(b: B, cfg: &ModelConfig, w: &WeightSource) -> Result<Box<dyn CausalLm>> {
     let (h, hd) = (cfg.hidden_size, cfg.head_dim);
     let share = HeadShare::new(cfg, w, "model.layers.0.self_attn.o_proj.weight")?;
     let (q_range, kv_range) = (share.q_rows(), share.kv_rows());
@@ -87,7 +92,7 @@ pub fn load(cfg: &ModelConfig, w: &WeightSource) -> Result<Box<dyn CausalLm>> {
             )
         };
         let mlp = match &cfg.moe {
-            Some(m) => FeedForward::Experts(load_moe(m, &p, h, w, &linear)?),
+            Some(m) => FeedForward::Experts(b.upload_moe(load_moe(m, &p, h, w, &linear)?)?),
             None if cfg.fused_projections => {
                 let inter = cfg.intermediate_size;
                 let down = format!("{p}.mlp.down_proj.weight");
@@ -97,16 +102,16 @@ pub fn load(cfg: &ModelConfig, w: &WeightSource) -> Result<Box<dyn CausalLm>> {
                     return Err(crate::error::Error::Tensor { name: format!("{p}.mlp.gate_up_proj.weight"), what: "split failed".into() });
                 };
                 let down_proj = Linear { weight: w.out_projection(&down, h, inter, range)?, bias: None };
-                FeedForward::Dense(GatedMlp { gate_proj, up_proj, down_proj, activation: Activation::Silu, combine: w.combine() })
+                FeedForward::Dense(b.upload_mlp(GatedMlp { gate_proj, up_proj, down_proj, activation: Activation::Silu, combine: w.combine() })?)
             }
             None => {
                 let names = ["gate_proj", "up_proj", "down_proj"].map(|n| format!("{p}.mlp.{n}.weight"));
-                FeedForward::Dense(GatedMlp::load(w, names.each_ref().map(String::as_str), cfg.intermediate_size, h, Activation::Silu)?)
+                FeedForward::Dense(b.upload_mlp(GatedMlp::load(w, names.each_ref().map(String::as_str), cfg.intermediate_size, h, Activation::Silu)?)?)
             }
         };
         layers.push(DecoderLayer {
-            input_layernorm: norm(&format!("{p}.input_layernorm.weight"))?,
-            self_attn: Attention {
+            input_layernorm: b.upload_norm(norm(&format!("{p}.input_layernorm.weight"))?)?,
+            self_attn: b.upload_attention(Attention {
                 q_proj,
                 k_proj,
                 v_proj,
@@ -124,14 +129,14 @@ pub fn load(cfg: &ModelConfig, w: &WeightSource) -> Result<Box<dyn CausalLm>> {
                     rope,
                 },
                 combine: w.combine(),
-            },
-            post_attention_layernorm: norm(&format!("{p}.post_attention_layernorm.weight"))?,
+            })?,
+            post_attention_layernorm: b.upload_norm(norm(&format!("{p}.post_attention_layernorm.weight"))?)?,
             mlp,
         });
     }
-    let embed_tokens = Embedding::load(w, "model.embed_tokens.weight", cfg.vocab_size, h, None)?;
-    let head = LmHead::load(w, cfg)?;
-    Ok(Box::new(Llama { cfg: share.local_config(cfg), embed_tokens, layers, head, rope }))
+    let embed_tokens = b.upload_embedding(Embedding::load(w, "model.embed_tokens.weight", cfg.vocab_size, h, None)?)?;
+    let head = b.upload_head(LmHead::load(w, cfg)?)?;
+    Ok(Box::new(Llama { backend: b, cfg: share.local_config(cfg), embed_tokens, layers, head, rope }))
 }
 
 /// A mixture-of-experts block of layer prefix `p`: the router and this rank's experts (all of
@@ -179,40 +184,54 @@ fn load_moe(m: &MoeConfig, p: &str, h: usize, w: &WeightSource, linear: &dyn Fn(
     Ok(MoeMlp { router, experts, first_expert: mine.start, combine: w.combine(), top_k: m.top_k, renormalize: m.renormalize })
 }
 
-impl CausalLm for Llama {
+impl<B: Backend> CausalLm for Llama<B> {
     fn config(&self) -> &ModelConfig {
         &self.cfg
     }
 
+    fn kv_cache(&self, block_size: usize, blocks: &[usize]) -> Result<KvCache> {
+        super::kv_cache_on(&self.backend, &self.cfg, block_size, blocks)
+    }
+
+    fn device(&self) -> String {
+        self.backend.name()
+    }
+
+    fn device_memory(&self) -> Option<(usize, usize)> {
+        self.backend.memory()
+    }
+
     fn run(&self, compute: &Compute, batch: &Batch, kv: &mut KvCache, s: &mut Scratch, output: Output, out: &mut Vec<f32>) -> Result<()> {
+        let b = &self.backend;
         let rows = batch.num_rows();
-        s.prepare(rows, self.cfg.hidden_size);
-        self.embed_tokens.forward(&batch.tokens, &mut s.x)?;
-        batch.apply_placed(&mut s.x, self.cfg.hidden_size)?;
-        s.rope.resize_with(1, Default::default);
+        let f = b.flow(s, rows, self.cfg.hidden_size);
+        b.embed(compute, &self.embed_tokens, batch, f.x)?;
+        f.rope.resize_with(1, Default::default);
+        f.rope_tables.resize_with(1, Default::default);
         match &self.cfg.mrope_sections {
-            Some(sections) => s.rope[0].fill_sections(&self.rope, &batch.rope3_positions(), sections),
-            None => s.rope[0].fill(&self.rope, &batch.positions),
+            Some(sections) => f.rope[0].fill_sections(&self.rope, &batch.rope3_positions(), sections),
+            None => f.rope[0].fill(&self.rope, &batch.positions),
         }
+        b.rope_table(&f.rope[0], &mut f.rope_tables[0])?;
         for (i, layer) in self.layers.iter().enumerate() {
             let (group, kv_layer) = kv.layer(i);
-            layer.input_layernorm.forward_on(compute, &s.x, &mut s.xn);
-            tap(&mut s.tap, || format!("attn_norm-{i}"), &s.xn);
-            let input = AttentionInput { x: &s.xn, batch, rope: &s.rope[0], group };
-            layer.self_attn.forward(compute, &input, kv_layer, &mut s.layer, &mut s.y)?;
-            tap(&mut s.tap, || format!("Qcur-{i}"), &s.layer.q);
-            tap(&mut s.tap, || format!("kqv_out-{i}"), &s.layer.attn);
-            tap(&mut s.tap, || format!("attn_out-{i}"), &s.y);
-            kiln_kernels::ops::add_in_place(&mut s.x, &s.y);
-            layer.post_attention_layernorm.forward_on(compute, &s.x, &mut s.xn);
+            b.rms_norm(compute, &layer.input_layernorm, f.x, f.xn)?;
+            tap(b, f.tap, || format!("attn_norm-{i}"), f.xn);
+            let input = AttendInput { batch, rope: &f.rope[0], rope_table: &f.rope_tables[0], group };
+            b.attend(compute, &layer.self_attn, &input, f.xn, kv_of(kv_layer, b)?, f.work, f.y)?;
+            tap_part(b, f.tap, || format!("Qcur-{i}"), f.work, Part::Query);
+            tap_part(b, f.tap, || format!("kqv_out-{i}"), f.work, Part::AttnOut);
+            tap(b, f.tap, || format!("attn_out-{i}"), f.y);
+            b.add(f.x, f.y)?;
+            b.rms_norm(compute, &layer.post_attention_layernorm, f.x, f.xn)?;
             match &layer.mlp {
-                FeedForward::Dense(mlp) => mlp.forward(compute, &s.xn, rows, &mut s.layer, &mut s.y)?,
-                FeedForward::Experts(moe) => moe.forward(compute, &s.xn, rows, &mut s.layer, &mut s.y)?,
+                FeedForward::Dense(mlp) => b.mlp(compute, mlp, f.xn, rows, f.work, f.y)?,
+                FeedForward::Experts(moe) => b.moe(compute, moe, f.xn, rows, f.work, f.y)?,
             }
-            tap(&mut s.tap, || format!("ffn_out-{i}"), &s.y);
-            kiln_kernels::ops::add_in_place(&mut s.x, &s.y);
-            tap(&mut s.tap, || format!("l_out-{i}"), &s.x);
+            tap(b, f.tap, || format!("ffn_out-{i}"), f.y);
+            b.add(f.x, f.y)?;
+            tap(b, f.tap, || format!("l_out-{i}"), f.x);
         }
-        self.head.output(compute, batch, s, output, out)
+        b.head(compute, &self.head, batch, f.x, f.work, output, out)
     }
 }

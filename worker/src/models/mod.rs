@@ -15,7 +15,7 @@ use crate::kv_cache::KvCache;
 use crate::layers::{Compute, Linear, Projection, RmsNorm, WeightSource};
 use batch::Batch;
 use config::ModelConfig;
-use scratch::Scratch;
+use scratch::{LayerScratch, Scratch};
 
 /// What a forward pass writes for the rows of `Batch::logit_rows`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -34,6 +34,22 @@ pub trait CausalLm: Send + Sync {
     /// `batch.logit_rows` to `out`.
     fn run(&self, compute: &Compute, batch: &Batch, kv: &mut KvCache, scratch: &mut Scratch, output: Output, out: &mut Vec<f32>) -> Result<()>;
 
+    /// A key/value cache for this model with `blocks[g]` blocks of `block_size` slots for
+    /// cache group `g`, kept where the model computes.
+    fn kv_cache(&self, block_size: usize, blocks: &[usize]) -> Result<KvCache> {
+        Ok(KvCache::new(self.config(), block_size, blocks))
+    }
+
+    /// Where the model computes ("cpu", "cuda:0 (...)").
+    fn device(&self) -> String {
+        "cpu".into()
+    }
+
+    /// Free and total bytes of the device's memory, for a model on a GPU; None on the host.
+    fn device_memory(&self) -> Option<(usize, usize)> {
+        None
+    }
+
     /// `run` for the logits of `batch.logit_rows` (`[logit_rows, vocab_size]`).
     fn forward(&self, compute: &Compute, batch: &Batch, kv: &mut KvCache, scratch: &mut Scratch, logits: &mut Vec<f32>) -> Result<()> {
         self.run(compute, batch, kv, scratch, Output::Logits, logits)
@@ -50,6 +66,11 @@ pub trait Encoder: Send + Sync {
     /// The hidden states of `seqs`, `[total tokens, hidden]`, sequences in order. A
     /// sequence's rows do not depend on the others in the batch.
     fn forward(&self, compute: &Compute, seqs: &[&[u32]], scratch: &mut Scratch, out: &mut Vec<f32>) -> Result<()>;
+}
+
+/// A cache for a model computing on `backend` (see `CausalLm::kv_cache`).
+pub fn kv_cache_on<B: crate::backend::Backend>(backend: &B, cfg: &ModelConfig, block_size: usize, blocks: &[usize]) -> Result<KvCache> {
+    KvCache::with_stores(cfg, block_size, blocks, |shape| Ok(Box::new(backend.kv_layer(shape)?)))
 }
 
 /// Norm weights as the model uses them: `w + offset` (see `ModelConfig::norm_offset`).
@@ -128,13 +149,13 @@ impl LmHead {
         })
     }
 
-    /// Writes `output` for `batch.logit_rows` from the residual stream `s.x`.
-    pub fn output(&self, compute: &Compute, batch: &Batch, s: &mut Scratch, output: Output, out: &mut Vec<f32>) -> Result<()> {
+    /// Writes `output` for `batch.logit_rows` from the residual stream `x`.
+    pub fn output(&self, compute: &Compute, batch: &Batch, x: &[f32], s: &mut LayerScratch, output: Output, out: &mut Vec<f32>) -> Result<()> {
         let hidden = self.norm.weight.len();
         let n = batch.logit_rows.len();
         s.head_in.resize(n * hidden, 0.0);
         for (i, &row) in batch.logit_rows.iter().enumerate() {
-            self.norm.forward(&s.x[row * hidden..(row + 1) * hidden], &mut s.head_in[i * hidden..(i + 1) * hidden]);
+            self.norm.forward(&x[row * hidden..(row + 1) * hidden], &mut s.head_in[i * hidden..(i + 1) * hidden]);
         }
         if output == Output::Hidden {
             out.clear();
@@ -143,7 +164,7 @@ impl LmHead {
         }
         let mut local = std::mem::take(&mut s.head_out);
         local.resize(n * self.lm_head.rows(), 0.0);
-        crate::layers::project(compute, &s.head_in, n, &mut s.layer.acts, &mut [Projection { linear: &self.lm_head, out: &mut local }])?;
+        crate::layers::project(compute, &s.head_in, n, &mut s.acts, &mut [Projection { linear: &self.lm_head, out: &mut local }])?;
         if let Some(cap) = self.softcap {
             for v in local.iter_mut() {
                 *v = cap * (*v / cap).tanh();

@@ -2,10 +2,11 @@
 
 use super::config::ModelConfig;
 use super::CausalLm;
+use crate::backend::Device;
 use crate::error::{Error, Result};
 use crate::layers::WeightSource;
 
-type Constructor = fn(&ModelConfig, &WeightSource) -> Result<Box<dyn CausalLm>>;
+type Constructor = fn(&ModelConfig, &WeightSource, &Device) -> Result<Box<dyn CausalLm>>;
 
 const ARCHITECTURES: &[(&str, Constructor)] =
     &[
@@ -30,10 +31,11 @@ pub fn check_supported(arch: &str) -> Result<()> {
     }
 }
 
-/// Builds the model; tensors the architecture did not use are returned for a warning.
-pub fn build(cfg: &ModelConfig, weights: &WeightSource) -> Result<(Box<dyn CausalLm>, Vec<String>)> {
+/// Builds the model on `device`; tensors the architecture did not use are returned for a
+/// warning.
+pub fn build(cfg: &ModelConfig, weights: &WeightSource, device: &Device) -> Result<(Box<dyn CausalLm>, Vec<String>)> {
     check_supported(&cfg.architecture)?;
     let (_, construct) = ARCHITECTURES.iter().find(|(name, _)| *name == cfg.architecture).expect("checked above");
-    let model = construct(cfg, weights)?;
+    let model = construct(cfg, weights, device)?;
     Ok((model, weights.unused()))
 }

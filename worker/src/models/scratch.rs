@@ -20,6 +20,10 @@ pub struct LayerScratch {
     pub gathered: Vec<f32>,
     /// This rank's share of a split block's output rows, before they are gathered.
     pub partial: Vec<f32>,
+    /// Rows that need logits, final-normed `[logit_rows, hidden]`.
+    pub head_in: Vec<f32>,
+    /// This rank's logits before they are gathered (or the logits themselves, moved out).
+    pub head_out: Vec<f32>,
 }
 
 #[derive(Default)]
@@ -30,13 +34,13 @@ pub struct Scratch {
     pub xn: Vec<f32>,
     /// Output of the current block `[rows, hidden]`.
     pub y: Vec<f32>,
-    /// Rows that need logits, final-normed `[logit_rows, hidden]`.
-    pub head_in: Vec<f32>,
-    /// This rank's logits before they are gathered (or the logits themselves, moved out).
-    pub head_out: Vec<f32>,
     /// Rotary angles, one table per distinct frequency base of the model.
     pub rope: Vec<RopeTable>,
+    /// What the CPU backend keeps of `rope` besides the tables themselves: nothing.
+    pub host_rope_tables: Vec<()>,
     pub layer: LayerScratch,
+    /// The buffers of a backend that keeps its rows off the host (see `backend::Flow`).
+    pub device: Option<Box<dyn std::any::Any + Send>>,
     /// Receives intermediate tensors by name (llama.cpp's names, e.g. `l_out-3`) when set;
     /// used by tools that compare kiln with a reference implementation step by step.
     pub tap: Option<TapFn>,

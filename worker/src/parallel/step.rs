@@ -24,6 +24,18 @@ impl CausalLm for Leader {
         self.inner.config()
     }
 
+    fn kv_cache(&self, block_size: usize, blocks: &[usize]) -> Result<KvCache> {
+        self.inner.kv_cache(block_size, blocks)
+    }
+
+    fn device(&self) -> String {
+        self.inner.device()
+    }
+
+    fn device_memory(&self) -> Option<(usize, usize)> {
+        self.inner.device_memory()
+    }
+
     fn run(&self, compute: &Compute, batch: &Batch, kv: &mut KvCache, scratch: &mut Scratch, output: Output, out: &mut Vec<f32>) -> Result<()> {
         kv.record_copies = true;
         let mut msg = encode(batch, kv, output);
@@ -54,14 +66,14 @@ pub fn follow(model: &dyn CausalLm, compute: &Compute, collective: &Arc<dyn Coll
         let cache = match kv.take() {
             Some(c) if c.block_size == step.block_size && c.groups.iter().map(|g| g.num_blocks).eq(step.blocks.iter().copied()) => c,
             // A new engine or session on rank 0: a cache of the same shape, for this rank's heads.
-            _ => KvCache::new(model.config(), step.block_size, &step.blocks),
+            _ => model.kv_cache(step.block_size, &step.blocks)?,
         };
         let cache = kv.insert(cache);
         for &(g, from, to) in &step.copies {
             if g >= cache.groups.len() || from as usize >= cache.groups[g].num_blocks || to as usize >= cache.groups[g].num_blocks {
                 return Err(Error::InvalidRequest(format!("rank 0 asked to copy block {from} to {to} of cache group {g}, which this rank does not have")));
             }
-            cache.copy_block(g, from, to);
+            cache.copy_block(g, from, to)?;
         }
         if !step.batch.seqs.iter().all(|s| s.block_tables.iter().zip(&cache.groups).all(|(t, g)| t.iter().all(|&b| b == crate::kv_cache::NO_BLOCK || (b as usize) < g.num_blocks))) {
             return Err(Error::InvalidRequest("rank 0 sent a step that names blocks outside the cache".into()));

@@ -53,6 +53,7 @@ impl Serving {
             eos_token: model.tokenizer.eos_text().unwrap_or("").to_string(),
             max_seqs: max_seqs as u32,
             weight_format: model.weight_format.clone(),
+            device: model.model.device(),
             kind: pb::ModelKind::Generate as i32,
             dimensions: 0,
             vision: model.vision.as_ref().map(|v| pb::Vision {
@@ -100,6 +101,8 @@ impl Serving {
             eos_token: e.tokenizer.eos_text().unwrap_or("").to_string(),
             max_seqs: max_seqs as u32,
             weight_format: e.weight_format.clone(),
+            // Encoders run on kiln's CPU kernels.
+            device: "cpu".into(),
             kind: pb::ModelKind::Embed as i32,
             dimensions: e.dimensions() as u32,
             vision: None,

@@ -35,6 +35,11 @@ pub fn render(serving: &Serving) -> String {
         }
         Backend::Embed(queue) => embedding(&queue.stats, &m),
     };
+    {
+        let mut metric = writer(&mut out);
+        let device = format!("{m},device=\"{}\"", serving.info.device.replace('"', "'"));
+        metric("kiln_worker_device_info", "gauge", "Where the model computes (the device label: cpu, or a GPU with its name, memory and compute capability); always 1.", &[(device, 1.0)]);
+    }
     if let Some((allocated, resident)) = kiln_telemetry::heap::figures() {
         let mut metric = writer(&mut out);
         metric("kiln_worker_heap_allocated_bytes", "gauge", "Heap bytes allocated and not yet freed (model weights mapped from the file are not heap).", &[(m.clone(), allocated as f64)]);

@@ -27,7 +27,7 @@ pub fn compute() -> Arc<Compute> {
 }
 
 pub fn session(name: &str, context_len: usize) -> Session {
-    Session::new(model(name), compute(), context_len)
+    Session::new(model(name), compute(), context_len).unwrap()
 }
 
 pub fn golden(name: &str) -> serde_json::Value {

@@ -1,0 +1,66 @@
+#!/usr/bin/env bash
+# The checks of the CUDA backend that need a GPU, in one run of under 8 minutes, on a machine
+# with the NVIDIA driver, Python with PyTorch and transformers (whose nvidia packages hold the
+# CUDA 13 libraries), and no Rust toolchain or network. The worker comes built: `make
+# build-cuda` on any machine, then `make gpu-check-bundle` strips kiln-worker-cuda into
+# target/cuda/gpu-check/ (small enough to carry).
+#
+#   scripts/gpu-check.sh [KILN_WORKER_CUDA]
+#
+# 1. Random-weight checkpoints of SmolLM2-135M's and Gemma 3 270M's shapes (bf16), made here
+#    with transformers, whose f32 outputs on the GPU are the reference (scripts/gpu_check.py).
+# 2. For each: `kiln-worker eval --device cuda` against transformers (teacher-forced top-1
+#    agreement >= 99%, greedy 32 tokens identical on >= 9/10 prompts) and the engine's own
+#    checks (batched == alone, prefix-cache hit == miss, preemption == alone).
+# 3. The same checkpoints quantized by kiln to Q4_K GGUF files: the GPU against kiln's CPU
+#    kernels (llama.cpp's arithmetic) on the same file, same thresholds.
+# 4. `kiln-worker bench --device cuda`: pp512, tg128, and 1/16/64 concurrent sequences.
+# Exit status 1 when any check fails; everything is printed.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+
+bin="${1:-target/cuda/gpu-check/kiln-worker-cuda}"
+out="${GPU_CHECK_DIR:-/tmp/kiln-gpu-check}"
+[ -x "$bin" ] || { echo "gpu-check: $bin not found: run make build-cuda and make gpu-check-bundle first" >&2; exit 1; }
+
+# The CUDA 13 libraries of PyTorch's environment (cuBLAS, cuRAND, NVRTC).
+libs="$(python3 - <<'EOF'
+import glob, os
+try:
+    import nvidia
+except ImportError:
+    raise SystemExit(0)
+dirs = {os.path.dirname(p) for base in nvidia.__path__ for p in glob.glob(os.path.join(base, "**", "lib*.so*"), recursive=True)}
+print(":".join(sorted(dirs)))
+EOF
+)"
+export LD_LIBRARY_PATH="${libs}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+
+nvidia-smi --query-gpu=name,memory.total,driver_version,compute_cap --format=csv,noheader || true
+"$bin" --version
+status=0
+step() {
+    local limit="$1"
+    shift
+    timeout "$limit" "$@" || { echo "gpu-check: FAILED (exit $?): $*"; status=1; }
+}
+
+start=$(date +%s)
+step 240 python3 scripts/gpu_check.py models "$out"
+for name in llama gemma3; do
+    step 120 "$bin" eval -m "$out/$name" --device cuda --input "$out/cases.json" > "$out/$name/cuda.json" \
+        && step 30 python3 scripts/gpu_check.py compare "$name bf16" "$out/$name/reference.json" "$out/$name/cuda.json" --engine
+    step 120 "$bin" quantize -m "$out/$name" --isq q4_k -o "$out/$name-q4k.gguf" >/dev/null
+    step 120 "$bin" eval -m "$out/$name-q4k.gguf" --device cpu --input "$out/cases.json" > "$out/$name/cpu-q4k.json"
+    step 120 "$bin" eval -m "$out/$name-q4k.gguf" --device cuda --input "$out/cases.json" > "$out/$name/cuda-q4k.json" \
+        && step 30 python3 scripts/gpu_check.py compare "$name Q4_K" "$out/$name/cpu-q4k.json" "$out/$name/cuda-q4k.json" --engine
+done
+echo "gpu-check: correctness checks took $(( $(date +%s) - start )) s"
+for name in llama gemma3; do
+    for weights in "$out/$name-q4k.gguf" "$out/$name"; do
+        step 90 "$bin" bench -m "$weights" --device cuda -p 512 -n 128 -r 3
+        step 90 "$bin" bench -m "$weights" --device cuda -p 128 -n 128 -r 1 --concurrency 1,16,64
+    done
+done
+echo "gpu-check: done in $(( $(date +%s) - start )) s, status $status"
+exit $status

@@ -1,0 +1,157 @@
+"""The GPU machine's half of scripts/gpu-check.sh: random-weight checkpoints of released
+models' shapes with transformers' outputs for them (computed on the GPU in f32), and the
+comparison of `kiln-worker eval` outputs with those and with each other.
+
+usage:
+  gpu_check.py models OUT              checkpoints OUT/<name>/ (bf16 safetensors, a word-level
+                                       tokenizer of the model's vocabulary size), OUT/cases.json
+                                       and OUT/<name>/reference.json
+  gpu_check.py compare NAME REF.json KILN.json [--engine]
+                                       top-1 agreement and logit gaps of KILN against REF (the
+                                       same shape: transformers' or another kiln run); with
+                                       --engine also checks KILN's engine runs against its own
+                                       one-at-a-time run. Exit status 1 when a check fails.
+
+Needs torch, transformers and tokenizers (the GPU machine has them).
+"""
+import json
+import random
+import sys
+from pathlib import Path
+
+# What a device must reach against its reference.
+TOP1_AGREEMENT = 0.99
+GREEDY_SAME = 9  # of 10 prompts
+GREEDY_TOKENS = 32
+
+SHAPES = {
+    # SmolLM2-135M's shape.
+    "llama": dict(arch="LlamaConfig", vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                  num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=8192, rms_norm_eps=1e-5,
+                  rope_theta=100000.0, tie_word_embeddings=True),
+    # Gemma 3 270M's shape (its sliding window shortened so the check's sequences cross it).
+    "gemma3": dict(arch="Gemma3TextConfig", vocab_size=262144, hidden_size=640, intermediate_size=2048, num_hidden_layers=18,
+                   num_attention_heads=4, num_key_value_heads=1, head_dim=256, max_position_embeddings=32768,
+                   rms_norm_eps=1e-6, rope_theta=1000000.0, rope_local_base_freq=10000.0, sliding_window=64,
+                   query_pre_attn_scalar=256, hidden_activation="gelu_pytorch_tanh", tie_word_embeddings=True),
+}
+
+
+def cases(vocab_limit=4000, seed=0):
+    rng = random.Random(seed)
+    score = [[rng.randrange(3, vocab_limit) for _ in range(n)] for n in (200, 120, 64, 17)]
+    greedy = [[rng.randrange(3, vocab_limit) for _ in range(rng.randrange(6, 40))] for _ in range(10)]
+    return {"score": score, "greedy": greedy, "max_tokens": GREEDY_TOKENS}
+
+
+def word_level_tokenizer(vocab_size):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2}
+    vocab.update({f"w{i}": i for i in range(3, vocab_size)})
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    return tok
+
+
+def top5(row):
+    import torch
+    values, ids = torch.topk(row, 5)
+    return ids.tolist(), values.tolist()
+
+
+def make_models(out):
+    import torch
+    import transformers
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    work = cases()
+    (out / "cases.json").write_text(json.dumps(work))
+    for name, shape in SHAPES.items():
+        shape = dict(shape)
+        config = getattr(transformers, shape.pop("arch"))(**shape, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+                                                           torch_dtype="bfloat16")
+        torch.manual_seed(0)
+        model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager")
+        with torch.no_grad():
+            # Larger than the default init, so logits are not all near zero (as the fixtures).
+            std = 0.2 * (64 / config.hidden_size) ** 0.5
+            for p in model.parameters():
+                p.normal_(0.0, std)
+        d = out / name
+        d.mkdir(exist_ok=True)
+        model = model.to(torch.bfloat16)
+        model.save_pretrained(d, safe_serialization=True)
+        word_level_tokenizer(config.vocab_size).save(str(d / "tokenizer.json"))
+        (d / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<s>", "eos_token": "</s>", "add_bos_token": False,
+                                                             "tokenizer_class": "PreTrainedTokenizerFast"}))
+        # The reference computes in f32 from the same rounded weights.
+        model = model.float().to(device).eval()
+        ref = {"device": f"transformers {transformers.__version__} on {device}", "score": []}
+        with torch.no_grad():
+            for seq in work["score"]:
+                logits = model(torch.tensor([seq], device=device)).logits[0].float().cpu()
+                ids, values = zip(*(top5(row) for row in logits))
+                ref["score"].append({"top_ids": list(ids), "top_logits": list(values)})
+            ref["greedy_alone"] = []
+            for prompt in work["greedy"]:
+                x = torch.tensor([prompt], device=device)
+                y = model.generate(x, max_new_tokens=GREEDY_TOKENS, do_sample=False, eos_token_id=None, pad_token_id=0)
+                ref["greedy_alone"].append(y[0, len(prompt):].tolist())
+        (d / "reference.json").write_text(json.dumps(ref))
+        print(f"gpu-check: {name}: {sum(p.numel() for p in model.parameters()) / 1e6:.0f}M parameters, reference on {device}", flush=True)
+        del model
+        if device == "cuda":
+            torch.cuda.empty_cache()
+
+
+def compare(name, ref_path, kiln_path, engine):
+    ref = json.loads(Path(ref_path).read_text())
+    got = json.loads(Path(kiln_path).read_text())
+    failures = []
+    positions = agree = 0
+    worst = 0.0
+    for r, k in zip(ref["score"], got["score"]):
+        for r_ids, r_vals, k_ids, k_vals in zip(r["top_ids"], r["top_logits"], k["top_ids"], k["top_logits"]):
+            positions += 1
+            agree += r_ids[0] == k_ids[0]
+            theirs = dict(zip(r_ids, r_vals))
+            for t, v in zip(k_ids, k_vals):
+                if t in theirs:
+                    worst = max(worst, abs(theirs[t] - v))
+    agreement = agree / max(positions, 1)
+    same = sum(a == b for a, b in zip(ref["greedy_alone"], got["greedy_alone"]))
+    print(f"gpu-check: {name}: {got['device']} against {ref['device']}: teacher-forced top-1 agreement {100 * agreement:.2f}% "
+          f"over {positions} positions, largest gap on shared top-5 logits {worst:.3g}; greedy {len(ref['greedy_alone'][0]) if ref['greedy_alone'] else 0} tokens identical on "
+          f"{same}/{len(ref['greedy_alone'])} prompts")
+    if agreement < TOP1_AGREEMENT:
+        failures.append(f"top-1 agreement {100 * agreement:.2f}% < {100 * TOP1_AGREEMENT:.0f}%")
+    if same < GREEDY_SAME:
+        failures.append(f"greedy identical on {same} < {GREEDY_SAME} prompts")
+    if engine:
+        alone = got["greedy_alone"]
+        for what in ("greedy_batched", "greedy_cached", "greedy_preempted"):
+            if got[what] != alone:
+                failures.append(f"{what} differs from running alone")
+        if got["prefix_hit_tokens"] == 0:
+            failures.append("the repeated prompts did not hit the prefix cache")
+        print(f"gpu-check: {name}: engine on {got['device']}: batched, prefix-cache hits ({got['prefix_hit_tokens']} tokens) and "
+              f"a cache with {got['preemptions']} preemptions {'all equal' if not failures else 'checked'} to running alone")
+    for f in failures:
+        print(f"gpu-check: {name}: FAILED: {f}", flush=True)
+    return not failures
+
+
+def main():
+    if len(sys.argv) >= 3 and sys.argv[1] == "models":
+        make_models(sys.argv[2])
+    elif len(sys.argv) >= 5 and sys.argv[1] == "compare":
+        sys.exit(0 if compare(sys.argv[2], sys.argv[3], sys.argv[4], "--engine" in sys.argv[5:]) else 1)
+    else:
+        sys.exit(__doc__)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,616 @@
+//! The layers composed of candle tensor operations on a candle device: its CUDA device in
+//! builds with the `cuda` feature, its CPU device everywhere (which checks the composition on
+//! machines without a GPU).
+//!
+//! Weights are uploaded once at load: the ggml formats candle's quantized matmuls support stay
+//! quantized, the rest are dequantized (with a warning naming them). Keys and values live in
+//! one device tensor per layer, `[slots, kv_heads * head_dim]`, in half precision for models
+//! whose reference caches in half (GGUF) and f32 otherwise; the block tables stay on the host
+//! and reach the device as slot indices each step. Activations are f32.
+//!
+//! Not yet on this backend: mixture-of-experts blocks and split (tensor-parallel) models;
+//! loading one fails with an error naming what is missing.
+
+use super::{AttendInput, Backend, Flow, KvLayer, KvShape, Part};
+use crate::error::{Error, Result};
+use crate::layers::attention::{Attention, AttentionConfig};
+use crate::layers::embedding::Embedding;
+use crate::layers::linear::Linear;
+use crate::layers::mlp::{Activation, GatedMlp};
+use crate::layers::moe::MoeMlp;
+use crate::layers::norm::RmsNorm;
+use crate::layers::rope::{RopeStyle, RopeTable};
+use crate::layers::Compute;
+use crate::models::batch::Batch;
+use crate::models::scratch::{Scratch, TapFn};
+use crate::models::{LmHead, Output};
+use crate::parallel::Combine;
+use candle_core::quantized::{ggml_file::qtensor_from_ggml, GgmlDType, QMatMul};
+use candle_core::{DType as TensorType, Device as TensorDevice, Module, Tensor};
+use kiln_kernels::attention::KvPrecision;
+use kiln_kernels::DType;
+use std::any::Any;
+
+pub struct Candle {
+    device: TensorDevice,
+    name: String,
+}
+
+/// Candle's errors as kiln's, with what was being done.
+trait OnDevice<T> {
+    fn on_device(self, what: &str) -> Result<T>;
+}
+
+impl<T> OnDevice<T> for candle_core::Result<T> {
+    fn on_device(self, what: &str) -> Result<T> {
+        self.map_err(|e| Error::Backend(format!("{what}: {e}")))
+    }
+}
+
+impl Candle {
+    /// candle's CPU device.
+    pub fn cpu() -> Candle {
+        Candle { device: TensorDevice::Cpu, name: "candle-cpu".into() }
+    }
+
+    /// CUDA device `ordinal`.
+    pub fn cuda(ordinal: usize) -> Result<Candle> {
+        #[cfg(feature = "cuda")]
+        {
+            use candle_core::cuda_backend::cudarc::driver::CudaContext;
+            let count = CudaContext::device_count().map_err(|e| Error::Backend(format!("--device cuda:{ordinal}: the NVIDIA driver reports no usable GPU ({e})")))?;
+            if ordinal >= count.max(0) as usize {
+                return Err(Error::Backend(format!("--device cuda:{ordinal}: this machine has {count} CUDA device(s)")));
+            }
+            let device = TensorDevice::new_cuda(ordinal).on_device(&format!("--device cuda:{ordinal}: cannot open the GPU"))?;
+            let name = match &device {
+                TensorDevice::Cuda(d) => {
+                    let ctx = d.cuda_stream().context().clone();
+                    let gpu = ctx.name().unwrap_or_else(|_| "unknown GPU".into());
+                    let (major, minor) = ctx.compute_capability().unwrap_or((0, 0));
+                    let total = ctx.total_mem().unwrap_or(0);
+                    format!("cuda:{ordinal} ({gpu}, {} MiB, sm_{major}{minor})", total >> 20)
+                }
+                _ => format!("cuda:{ordinal}"),
+            };
+            Ok(Candle { device, name })
+        }
+        #[cfg(not(feature = "cuda"))]
+        {
+            Err(Error::Backend(format!("--device cuda:{ordinal}: this worker was built without CUDA support (build it with `make build-cuda`)")))
+        }
+    }
+
+    fn tensor(&self, values: &[f32], shape: (usize, usize), what: &str) -> Result<Tensor> {
+        Tensor::from_slice(values, shape, &self.device).on_device(what)
+    }
+
+    fn linear(&self, l: Linear) -> Result<DeviceLinear> {
+        if self.device.is_cpu() {
+            // On the host the products are kiln's own: candle's CPU quantized matmul rounds its
+            // activation sums differently from ggml (and is not what runs on a GPU either), so
+            // using it would only blur what this device checks, the composition.
+            l.weight.packed();
+            return Ok(DeviceLinear { matmul: Product::Host(l.weight.name.clone(), l), bias: None });
+        }
+        let w = &l.weight;
+        let what = format!("uploading `{}`", w.name);
+        let stays = match w.dtype {
+            DType::F32 => Some(GgmlDType::F32),
+            DType::F16 => Some(GgmlDType::F16),
+            DType::BF16 => Some(GgmlDType::BF16),
+            DType::Q4_0 => Some(GgmlDType::Q4_0),
+            DType::Q4_1 => Some(GgmlDType::Q4_1),
+            DType::Q5_0 => Some(GgmlDType::Q5_0),
+            DType::Q5_1 => Some(GgmlDType::Q5_1),
+            DType::Q8_0 => Some(GgmlDType::Q8_0),
+            DType::Q2K => Some(GgmlDType::Q2K),
+            DType::Q3K => Some(GgmlDType::Q3K),
+            DType::Q4K => Some(GgmlDType::Q4K),
+            DType::Q5K => Some(GgmlDType::Q5K),
+            DType::Q6K => Some(GgmlDType::Q6K),
+            DType::Q8_1 | DType::Q8K => None,
+        };
+        let what = match self.memory() {
+            // An upload that fails for room says how much there was.
+            Some((free, total)) => format!("{what} ({} MiB, with {} MiB of {} MiB free on {})", w.bytes().len() >> 20, free >> 20, total >> 20, self.name),
+            None => what,
+        };
+        let matmul = match stays {
+            Some(format) => QMatMul::from_qtensor(qtensor_from_ggml(format, w.bytes(), vec![w.rows, w.cols], &self.device).on_device(&what)?).on_device(&what)?,
+            None => {
+                tracing::warn!(tensor = %w.name, format = ?w.dtype, "{} has no quantized matmul on this device: dequantized to f32", w.name);
+                let row_bytes = w.dtype.row_bytes(w.cols).ok_or_else(|| Error::Tensor { name: w.name.clone(), what: format!("{:?} rows of {} values", w.dtype, w.cols) })?;
+                let mut values = vec![0.0f32; w.rows * w.cols];
+                for (src, dst) in w.bytes().chunks_exact(row_bytes).zip(values.chunks_exact_mut(w.cols)) {
+                    kiln_kernels::dequant::dequantize_row(w.dtype, src, dst)?;
+                }
+                QMatMul::Tensor(self.tensor(&values, (w.rows, w.cols), &what)?)
+            }
+        };
+        let bias = match &l.bias {
+            Some(b) => Some(Tensor::from_slice(b, b.len(), &self.device).on_device(&what)?),
+            None => None,
+        };
+        Ok(DeviceLinear { matmul: Product::Device(w.name.clone(), matmul), bias })
+    }
+
+    fn norm(&self, n: &RmsNorm) -> Result<DeviceNorm> {
+        Ok(DeviceNorm { weight: Tensor::from_slice(&n.weight, n.weight.len(), &self.device).on_device("uploading a norm")?, eps: n.eps })
+    }
+}
+
+fn whole(combine: &Combine, what: &str) -> Result<()> {
+    match combine {
+        Combine::Whole => Ok(()),
+        _ => Err(Error::Backend(format!("{what}: split (tensor-parallel) models do not run on the candle backend yet"))),
+    }
+}
+
+/// How a linear layer's product is computed.
+enum Product {
+    /// candle's matmul on the device (quantized where the format allows).
+    Device(String, QMatMul),
+    /// kiln's kernels, on candle's CPU device (bias included).
+    Host(String, Linear),
+}
+
+pub struct DeviceLinear {
+    matmul: Product,
+    bias: Option<Tensor>,
+}
+
+impl DeviceLinear {
+    fn forward(&self, c: &Compute, x: &Tensor) -> Result<Tensor> {
+        let (name, y) = match &self.matmul {
+            Product::Device(name, m) => (name, m.forward(x).on_device(name)?),
+            Product::Host(name, l) => {
+                let (rows, cols) = x.dims2().on_device(name)?;
+                let input = x.flatten_all().and_then(|t| t.to_vec1::<f32>()).on_device(name)?;
+                let mut out = vec![0.0f32; rows * l.rows()];
+                let mut acts = kiln_kernels::matmul::Activations::default();
+                if cols != l.cols() {
+                    return Err(Error::Backend(format!("{name}: input of width {cols} for a matrix of {} columns", l.cols())));
+                }
+                crate::layers::project(c, &input, rows, &mut acts, &mut [crate::layers::Projection { linear: l, out: &mut out }])?;
+                (name, Tensor::from_vec(out, (rows, l.rows()), x.device()).on_device(name)?)
+            }
+        };
+        match &self.bias {
+            Some(b) => y.broadcast_add(b).on_device(name),
+            None => Ok(y),
+        }
+    }
+}
+
+pub struct DeviceNorm {
+    weight: Tensor,
+    eps: f32,
+}
+
+impl DeviceNorm {
+    /// Normalizes each `dim`-long piece of `x`'s rows.
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let dim = self.weight.dim(0).on_device("norm")?;
+        let shape = x.shape().clone();
+        let pieces = x.reshape(((), dim)).on_device("norm")?;
+        candle_nn::ops::rms_norm(&pieces.contiguous().on_device("norm")?, &self.weight, self.eps).and_then(|y| y.reshape(shape)).on_device("rms norm")
+    }
+}
+
+pub struct DeviceAttention {
+    q: DeviceLinear,
+    k: DeviceLinear,
+    v: DeviceLinear,
+    o: DeviceLinear,
+    q_norm: Option<DeviceNorm>,
+    k_norm: Option<DeviceNorm>,
+    cfg: AttentionConfig,
+}
+
+pub struct DeviceMlp {
+    gate: DeviceLinear,
+    up: DeviceLinear,
+    down: DeviceLinear,
+    activation: Activation,
+}
+
+pub struct DeviceHead {
+    norm: DeviceNorm,
+    lm_head: DeviceLinear,
+    softcap: Option<f32>,
+}
+
+/// Rows on the device; empty until a pass writes them.
+#[derive(Default)]
+pub struct Rows(Option<Tensor>);
+
+impl Rows {
+    fn get(&self) -> Result<&Tensor> {
+        self.0.as_ref().ok_or_else(|| Error::Backend("rows read before a pass wrote them".into()))
+    }
+}
+
+#[derive(Default)]
+pub struct DeviceRope {
+    cos: Option<Tensor>,
+    sin: Option<Tensor>,
+}
+
+/// What a block leaves behind for taps, and the host buffer embeddings are looked up in.
+#[derive(Default)]
+pub struct Work {
+    query: Option<Tensor>,
+    attn: Option<Tensor>,
+    up: Option<Tensor>,
+    gated: Option<Tensor>,
+    host: Vec<f32>,
+}
+
+/// The buffers of a pass, kept in `Scratch::device` between passes.
+#[derive(Default)]
+struct State {
+    x: Rows,
+    xn: Rows,
+    y: Rows,
+    rope: Vec<RopeTable>,
+    rope_tables: Vec<DeviceRope>,
+    work: Work,
+}
+
+/// One layer's keys and values, `[slots, kv_heads * head_dim]` each.
+pub struct DeviceKv {
+    k: Tensor,
+    v: Tensor,
+    precision: KvPrecision,
+}
+
+impl KvLayer for DeviceKv {
+    fn copy_slots(&mut self, from: usize, to: usize, n: usize) -> Result<()> {
+        for t in [&self.k, &self.v] {
+            let src = t.narrow(0, from, n).and_then(|s| s.copy()).on_device("copying cache slots")?;
+            t.slice_set(&src, 0, to).on_device("copying cache slots")?;
+        }
+        Ok(())
+    }
+
+    fn as_any_mut(&mut self) -> &mut dyn Any {
+        self
+    }
+}
+
+/// Mixture-of-experts blocks do not load on this backend, so none exists.
+pub enum NoMoe {}
+
+impl Backend for Candle {
+    type Rows = Rows;
+    type Rope = DeviceRope;
+    type Work = Work;
+    type Norm = DeviceNorm;
+    type Attention = DeviceAttention;
+    type Mlp = DeviceMlp;
+    type Moe = NoMoe;
+    type Embedding = Embedding;
+    type Head = DeviceHead;
+    type Kv = DeviceKv;
+
+    fn name(&self) -> String {
+        self.name.clone()
+    }
+
+    fn memory(&self) -> Option<(usize, usize)> {
+        match &self.device {
+            #[cfg(feature = "cuda")]
+            TensorDevice::Cuda(d) => d.cuda_stream().context().mem_get_info().ok(),
+            _ => None,
+        }
+    }
+
+    fn upload_norm(&self, n: RmsNorm) -> Result<DeviceNorm> {
+        self.norm(&n)
+    }
+
+    fn upload_attention(&self, a: Attention) -> Result<DeviceAttention> {
+        whole(&a.combine, &a.o_proj.weight.name)?;
+        Ok(DeviceAttention {
+            q: self.linear(a.q_proj)?,
+            k: self.linear(a.k_proj)?,
+            v: self.linear(a.v_proj)?,
+            o: self.linear(a.o_proj)?,
+            q_norm: a.q_norm.as_ref().map(|n| self.norm(n)).transpose()?,
+            k_norm: a.k_norm.as_ref().map(|n| self.norm(n)).transpose()?,
+            cfg: a.cfg,
+        })
+    }
+
+    fn upload_mlp(&self, m: GatedMlp) -> Result<DeviceMlp> {
+        whole(&m.combine, &m.down_proj.weight.name)?;
+        Ok(DeviceMlp { gate: self.linear(m.gate_proj)?, up: self.linear(m.up_proj)?, down: self.linear(m.down_proj)?, activation: m.activation })
+    }
+
+    fn upload_moe(&self, m: MoeMlp) -> Result<NoMoe> {
+        Err(Error::Backend(format!("{}: mixture-of-experts blocks do not run on {} yet (use --device cpu)", m.router.weight.name, self.name)))
+    }
+
+    fn upload_embedding(&self, e: Embedding) -> Result<Embedding> {
+        // Looked up on the host (rows of a quantized table dequantized as they are needed),
+        // and only the batch's rows are sent to the device.
+        whole(&e.combine, &e.table.weight.name)?;
+        Ok(e)
+    }
+
+    fn upload_head(&self, h: LmHead) -> Result<DeviceHead> {
+        if h.shard.is_some() {
+            return Err(Error::Backend(format!("{}: split (tensor-parallel) models do not run on the candle backend yet", h.lm_head.weight.name)));
+        }
+        Ok(DeviceHead { norm: self.norm(&h.norm)?, lm_head: self.linear(h.lm_head)?, softcap: h.softcap })
+    }
+
+    fn kv_layer(&self, s: KvShape) -> Result<DeviceKv> {
+        let dtype = match s.precision {
+            KvPrecision::Half => TensorType::F16,
+            KvPrecision::Full => TensorType::F32,
+        };
+        let shape = (s.slots, s.kv_heads * s.head_dim);
+        let what = format!("allocating a key/value cache of {} slots", s.slots);
+        Ok(DeviceKv {
+            k: Tensor::zeros(shape, dtype, &self.device).on_device(&what)?,
+            v: Tensor::zeros(shape, dtype, &self.device).on_device(&what)?,
+            precision: s.precision,
+        })
+    }
+
+    fn flow<'a>(&self, s: &'a mut Scratch, _rows: usize, _hidden: usize) -> Flow<'a, Candle> {
+        if !s.device.as_ref().is_some_and(|d| d.is::<State>()) {
+            s.device = Some(Box::new(State::default()));
+        }
+        let state = match s.device.as_mut().and_then(|d| d.downcast_mut::<State>()) {
+            Some(state) => state,
+            None => unreachable!("set just above"),
+        };
+        Flow { x: &mut state.x, xn: &mut state.xn, y: &mut state.y, rope: &mut state.rope, rope_tables: &mut state.rope_tables, work: &mut state.work, tap: &mut s.tap }
+    }
+
+    fn rope_table(&self, host: &RopeTable, out: &mut DeviceRope) -> Result<()> {
+        let half = host.half();
+        let rows = host.cos.len() / half.max(1);
+        out.cos = Some(self.tensor(&host.cos, (rows, half), "rotary angles")?);
+        out.sin = Some(self.tensor(&host.sin, (rows, half), "rotary angles")?);
+        Ok(())
+    }
+
+    fn embed(&self, _c: &Compute, e: &Embedding, batch: &Batch, out: &mut Rows) -> Result<()> {
+        let hidden = e.table.cols();
+        let mut host = vec![0.0; batch.tokens.len() * hidden];
+        e.forward(&batch.tokens, &mut host)?;
+        batch.apply_placed(&mut host, hidden)?;
+        out.0 = Some(Tensor::from_vec(host, (batch.tokens.len(), hidden), &self.device).on_device("embeddings")?);
+        Ok(())
+    }
+
+    fn rms_norm(&self, _c: &Compute, n: &DeviceNorm, x: &Rows, out: &mut Rows) -> Result<()> {
+        out.0 = Some(n.forward(x.get()?)?);
+        Ok(())
+    }
+
+    fn add(&self, x: &mut Rows, y: &Rows) -> Result<()> {
+        let sum = (x.get()? + y.get()?).on_device("residual add")?;
+        x.0 = Some(sum);
+        Ok(())
+    }
+
+    fn attend(&self, cc: &Compute, a: &DeviceAttention, input: &AttendInput<Candle>, x: &Rows, kv: &mut DeviceKv, work: &mut Work, out: &mut Rows) -> Result<()> {
+        let c = &a.cfg;
+        let batch = input.batch;
+        let rows = batch.num_rows();
+        let x = x.get()?;
+        let heads = |t: Tensor, n: usize| t.reshape((rows, n, c.head_dim)).on_device("attention heads");
+        let mut q = heads(a.q.forward(cc, x)?, c.num_heads)?;
+        let mut k = heads(a.k.forward(cc, x)?, c.num_kv_heads)?;
+        let v = a.v.forward(cc, x)?;
+        if let Some(n) = &a.q_norm {
+            q = n.forward(&q)?;
+        }
+        if let Some(n) = &a.k_norm {
+            k = n.forward(&k)?;
+        }
+        q = rotate(&q, input.rope_table, c)?;
+        k = rotate(&k, input.rope_table, c)?;
+        if let Some(scale) = c.query_scale {
+            q = q.affine(f64::from(scale), 0.0).on_device("query scale")?;
+        }
+        // New keys and values into their slots.
+        let kv_width = c.num_kv_heads * c.head_dim;
+        let slots: Vec<u32> = batch.slots[input.group].to_vec();
+        let index = Tensor::from_vec(slots, (rows, 1), &self.device)
+            .and_then(|i| i.broadcast_as((rows, kv_width)))
+            .and_then(|i| i.contiguous())
+            .on_device("cache slots")?;
+        let store = |cache: &Tensor, t: &Tensor| -> Result<()> {
+            let t = t.reshape((rows, kv_width)).and_then(|t| t.to_dtype(cache.dtype())).and_then(|t| t.contiguous()).on_device("cache write")?;
+            cache.scatter_set(&index, &t, 0).on_device("cache write")
+        };
+        store(&kv.k, &k)?;
+        store(&kv.v, &v)?;
+        // Each sequence's queries against its history, read back through its block table.
+        let mut spans: Vec<&crate::models::batch::SeqBatch> = batch.seqs.iter().collect();
+        spans.sort_by_key(|s| s.rows.start);
+        let mut outs = Vec::with_capacity(spans.len());
+        let mut next_row = 0;
+        for seq in spans {
+            if seq.rows.start != next_row {
+                return Err(Error::Backend(format!("a batch's sequences leave rows {next_row}..{} without a sequence", seq.rows.start)));
+            }
+            next_row = seq.rows.end;
+            let q_seq = q.narrow(0, seq.rows.start, seq.rows.len()).on_device("queries")?;
+            outs.push(self.attend_seq(c, kv, batch.block_size, &seq.block_tables[input.group], seq.first_pos, &seq.bidirectional, &q_seq)?);
+        }
+        if next_row != rows {
+            return Err(Error::Backend(format!("a batch's sequences cover {next_row} of its {rows} rows")));
+        }
+        let attn = Tensor::cat(&outs, 0).on_device("attention output")?;
+        work.query = Some(q.reshape((rows, c.num_heads * c.head_dim)).on_device("queries")?);
+        out.0 = Some(a.o.forward(cc, &attn)?);
+        work.attn = Some(attn);
+        Ok(())
+    }
+
+    fn mlp(&self, cc: &Compute, m: &DeviceMlp, x: &Rows, _rows: usize, work: &mut Work, out: &mut Rows) -> Result<()> {
+        let x = x.get()?;
+        let (gate, up) = (m.gate.forward(cc, x)?, m.up.forward(cc, x)?);
+        let act = match m.activation {
+            Activation::Silu => gate.silu(),
+            // candle's GELU is the tanh approximation, computed in f32.
+            Activation::GeluTanh | Activation::GeluTanhExact => gate.gelu(),
+        };
+        let gated = act.and_then(|g| g * &up).on_device("gated activation")?;
+        out.0 = Some(m.down.forward(cc, &gated)?);
+        work.up = Some(up);
+        work.gated = Some(gated);
+        Ok(())
+    }
+
+    fn moe(&self, _c: &Compute, m: &NoMoe, _x: &Rows, _rows: usize, _work: &mut Work, _out: &mut Rows) -> Result<()> {
+        match *m {}
+    }
+
+    fn head(&self, cc: &Compute, h: &DeviceHead, batch: &Batch, x: &Rows, work: &mut Work, output: Output, out: &mut Vec<f32>) -> Result<()> {
+        let picked: Vec<u32> = batch.logit_rows.iter().map(|&r| r as u32).collect();
+        let n = picked.len();
+        let index = Tensor::from_vec(picked, n, &self.device).on_device("logit rows")?;
+        let normed = h.norm.forward(&x.get()?.index_select(&index, 0).on_device("logit rows")?)?;
+        let result = match output {
+            Output::Hidden => normed,
+            Output::Logits => {
+                let logits = h.lm_head.forward(cc, &normed)?;
+                match h.softcap {
+                    Some(cap) => logits.affine(1.0 / f64::from(cap), 0.0).and_then(|l| l.tanh()).and_then(|l| l.affine(f64::from(cap), 0.0)).on_device("logit soft-cap")?,
+                    None => logits,
+                }
+            }
+        };
+        work.host.clear();
+        *out = result.flatten_all().and_then(|t| t.to_vec1::<f32>()).on_device("reading logits back")?;
+        Ok(())
+    }
+
+    fn tap(&self, tap: &mut TapFn, name: &str, x: &Rows) {
+        if let Some(values) = x.0.as_ref().and_then(|t| t.flatten_all().and_then(|t| t.to_vec1::<f32>()).ok()) {
+            tap(name, &values);
+        }
+    }
+
+    fn tap_part(&self, tap: &mut TapFn, name: &str, work: &Work, part: Part) {
+        let t = match part {
+            Part::Query => &work.query,
+            Part::AttnOut => &work.attn,
+            Part::Up => &work.up,
+            Part::Gated => &work.gated,
+        };
+        if let Some(values) = t.as_ref().and_then(|t| t.flatten_all().and_then(|t| t.to_vec1::<f32>()).ok()) {
+            tap(name, &values);
+        }
+    }
+}
+
+/// Rotates the first `rotary_dims` values of each head of `x` (`[rows, heads, head_dim]`)
+/// by the rows' angles.
+fn rotate(x: &Tensor, rope: &DeviceRope, c: &AttentionConfig) -> Result<Tensor> {
+    let (Some(cos), Some(sin)) = (&rope.cos, &rope.sin) else {
+        return Err(Error::Backend("rotary angles used before they were uploaded".into()));
+    };
+    let rot = c.rope.rotary_dims;
+    let part = x.narrow(2, 0, rot).on_device("rope")?;
+    let rotated = match c.rope.style {
+        // candle's kernels: (batch, rows, heads, dims) for halves, (batch, heads, rows, dims)
+        // for adjacent pairs.
+        RopeStyle::SplitHalf => part.unsqueeze(0).and_then(|p| p.contiguous()).and_then(|p| candle_nn::rotary_emb::rope_thd(&p, cos, sin)).and_then(|p| p.squeeze(0)),
+        RopeStyle::Interleaved => part
+            .transpose(0, 1)
+            .and_then(|p| p.unsqueeze(0))
+            .and_then(|p| p.contiguous())
+            .and_then(|p| candle_nn::rotary_emb::rope_i(&p, cos, sin))
+            .and_then(|p| p.squeeze(0))
+            .and_then(|p| p.transpose(0, 1)),
+    }
+    .on_device("rope")?;
+    if rot == c.head_dim {
+        return Ok(rotated);
+    }
+    let rest = x.narrow(2, rot, c.head_dim - rot).on_device("rope")?;
+    Tensor::cat(&[&rotated, &rest], 2).on_device("rope")
+}
+
+impl Candle {
+    /// One sequence's queries `[n, heads, head_dim]` against its keys and values, read from
+    /// the cache through `table`; the result is `[n, heads * head_dim]`.
+    #[allow(clippy::too_many_arguments)]
+    fn attend_seq(&self, c: &AttentionConfig, kv: &DeviceKv, block_size: usize, table: &[u32], first_pos: usize, bidirectional: &[std::ops::Range<usize>], q: &Tensor) -> Result<Tensor> {
+        let n = q.dim(0).on_device("queries")?;
+        let last_pos = first_pos + n - 1;
+        // The keys any of the queries sees: a window reaches back from the first query.
+        let first_key = c.sliding_window.map_or(0, |w| first_pos.saturating_sub(w.saturating_sub(1)));
+        let keys = last_pos + 1 - first_key;
+        let mut slots = Vec::with_capacity(keys);
+        for p in first_key..=last_pos {
+            let block = table.get(p / block_size).copied().filter(|&b| b != crate::kv_cache::NO_BLOCK);
+            let Some(block) = block else {
+                return Err(Error::Backend(format!("position {p} has no cache block (table of {} blocks)", table.len())));
+            };
+            slots.push(block * block_size as u32 + (p % block_size) as u32);
+        }
+        // Which keys each query sees: its own position and before, within the window, and the
+        // rest of an image it belongs to.
+        let mut mask = vec![f32::NEG_INFINITY; n * keys];
+        for i in 0..n {
+            let pos = first_pos + i;
+            let last = bidirectional.iter().find(|r| r.contains(&pos)).map_or(pos, |r| r.end - 1);
+            let first = c.sliding_window.map_or(0, |w| pos.saturating_sub(w.saturating_sub(1)));
+            for kp in first.max(first_key)..=last {
+                mask[i * keys + kp - first_key] = 0.0;
+            }
+        }
+        let (kvh, hd) = (c.num_kv_heads, c.head_dim);
+        let group = c.num_heads / kvh;
+        let index = Tensor::from_vec(slots, keys, &self.device).on_device("key slots")?;
+        let gather = |cache: &Tensor| {
+            cache
+                .index_select(&index, 0)
+                .and_then(|t| t.to_dtype(TensorType::F32))
+                .and_then(|t| t.reshape((keys, kvh, hd)))
+                .and_then(|t| t.transpose(0, 1))
+                .and_then(|t| t.contiguous())
+                .on_device("reading the cache")
+        };
+        let (k, v) = (gather(&kv.k)?, gather(&kv.v)?);
+        let half = kv.precision == KvPrecision::Half;
+        // Queries grouped by the key/value head they share: [kv_heads, group * n, head_dim].
+        let mut q = q
+            .reshape((n, kvh, group, hd))
+            .and_then(|t| t.permute((1, 2, 0, 3)))
+            .and_then(|t| t.reshape((kvh, group * n, hd)))
+            .and_then(|t| t.contiguous())
+            .on_device("queries")?;
+        if half {
+            // A half-precision cache multiplies half-precision queries (as llama.cpp does).
+            q = q.to_dtype(TensorType::F16).and_then(|t| t.to_dtype(TensorType::F32)).on_device("queries")?;
+        }
+        let mut scores = q.matmul(&k.t().on_device("keys")?).and_then(|s| s.affine(f64::from(c.score_scale), 0.0)).on_device("attention scores")?;
+        if let Some(cap) = c.softcap {
+            scores = scores.affine(1.0 / f64::from(cap), 0.0).and_then(|s| s.tanh()).and_then(|s| s.affine(f64::from(cap), 0.0)).on_device("score soft-cap")?;
+        }
+        let mask = Tensor::from_vec(mask, (1, 1, n, keys), &self.device).on_device("attention mask")?;
+        let scores = scores.reshape((kvh, group, n, keys)).and_then(|s| s.broadcast_add(&mask)).on_device("attention mask")?;
+        let mut probs = candle_nn::ops::softmax_last_dim(&scores).on_device("softmax")?;
+        if half {
+            probs = probs.to_dtype(TensorType::F16).and_then(|t| t.to_dtype(TensorType::F32)).on_device("softmax")?;
+        }
+        probs
+            .reshape((kvh, group * n, keys))
+            .and_then(|p| p.matmul(&v))
+            .and_then(|o| o.reshape((kvh, group, n, hd)))
+            .and_then(|o| o.permute((2, 0, 1, 3)))
+            .and_then(|o| o.reshape((n, kvh * group * hd)))
+            .on_device("attention output")
+    }
+}
