@@ -104,6 +104,45 @@ fn bad_inputs_give_one_line_errors() {
     assert_one_line_error(&run(&["run", "-m", "smollm2", "-i", "x", "--top-p", "2"]), "top_p");
     let long = "word ".repeat(300);
     assert_one_line_error(&run(&["run", "-m", "smollm2", "--raw", "-i", &long, "-c", "64"]), "context holds 64");
+
+    // A build without CUDA asked for a GPU, and devices that do not exist.
+    assert_one_line_error(&run(&["run", "-m", "smollm2", "-i", "x", "--device", "cuda"]), "--device cuda:0: this worker was built without CUDA support");
+    assert_one_line_error(&run(&["bench", "-m", "smollm2", "--device", "cuda:1"]), "--device cuda:1: this worker was built without CUDA support");
+    let out = run(&["run", "-m", "smollm2", "-i", "x", "--device", "tpu"]);
+    assert_eq!(out.status.code(), Some(2), "a usage error");
+    assert!(text(&out.stderr).contains("unknown device `tpu`: expected cpu, cuda, cuda:N or candle-cpu"), "{}", text(&out.stderr));
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
+fn eval_reports_the_same_answers_on_candle_as_on_the_cpu() {
+    let dir = std::env::temp_dir().join(format!("kiln-cli-eval-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let cases = dir.join("cases.json");
+    std::fs::write(&cases, r#"{"score": [[5, 9, 30, 41, 7, 300, 12]], "greedy": [[5, 6, 7], [40, 41, 42, 43, 44, 45, 46, 47, 48, 49, 50, 51, 52, 53, 54, 55, 56, 57]], "max_tokens": 8}"#).unwrap();
+    let model = common::hf_fixture("llama");
+    let eval = |device: &str| -> serde_json::Value {
+        let out = run(&["eval", "-m", model.to_str().unwrap(), "--input", cases.to_str().unwrap(), "--device", device]);
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        serde_json::from_str(&text(&out.stdout)).unwrap()
+    };
+    let (cpu, candle) = (eval("cpu"), eval("candle-cpu"));
+    assert_eq!(cpu["device"], "cpu");
+    assert_eq!(candle["device"], "candle-cpu");
+    assert_eq!(cpu["score"][0]["top_ids"].as_array().unwrap().len(), 7);
+    assert_eq!(cpu["score"][0]["top_ids"], candle["score"][0]["top_ids"]);
+    for run in [&cpu, &candle] {
+        let alone = &run["greedy_alone"];
+        assert_eq!(alone.as_array().unwrap().len(), 2);
+        assert_eq!(alone[0].as_array().unwrap().len(), 8);
+        for other in ["greedy_batched", "greedy_cached", "greedy_preempted"] {
+            assert_eq!(&run[other], alone, "{other} on {}", run["device"]);
+        }
+        assert!(run["prefix_hit_tokens"].as_u64().unwrap() > 0, "{}", run["device"]);
+    }
+    assert_eq!(cpu["greedy_alone"], candle["greedy_alone"]);
+    let out = run(&["eval", "-m", model.to_str().unwrap(), "--input", model.join("config.json").to_str().unwrap()]);
+    assert_one_line_error(&out, "expected {\"score\"");
     std::fs::remove_dir_all(&dir).ok();
 }
 

@@ -244,7 +244,20 @@ pub struct Work {
     attn: Option<Tensor>,
     up: Option<Tensor>,
     gated: Option<Tensor>,
-    host: Vec<f32>,
+    /// What the layers of a step share, made by the first that needs it: each sequence's key
+    /// slots and mask for a cache group and window, and the slots new keys go to (by group
+    /// and row width).
+    views: std::collections::HashMap<(usize, Option<usize>), Vec<SeqView>>,
+    write_slots: std::collections::HashMap<(usize, usize), Tensor>,
+}
+
+/// One sequence's keys as its queries see them in one step.
+struct SeqView {
+    /// Cache slots of the keys, oldest first.
+    index: Tensor,
+    /// `[1, 1, queries, keys]`: 0 where a query sees a key, -inf elsewhere.
+    mask: Tensor,
+    keys: usize,
 }
 
 /// The buffers of a pass, kept in `Scratch::device` between passes.
@@ -368,6 +381,8 @@ impl Backend for Candle {
             Some(state) => state,
             None => unreachable!("set just above"),
         };
+        state.work.views.clear();
+        state.work.write_slots.clear();
         Flow { x: &mut state.x, xn: &mut state.xn, y: &mut state.y, rope: &mut state.rope, rope_tables: &mut state.rope_tables, work: &mut state.work, tap: &mut s.tap }
     }
 
@@ -421,32 +436,33 @@ impl Backend for Candle {
         }
         // New keys and values into their slots.
         let kv_width = c.num_kv_heads * c.head_dim;
-        let slots: Vec<u32> = batch.slots[input.group].to_vec();
-        let index = Tensor::from_vec(slots, (rows, 1), &self.device)
-            .and_then(|i| i.broadcast_as((rows, kv_width)))
-            .and_then(|i| i.contiguous())
-            .on_device("cache slots")?;
+        let index = match work.write_slots.entry((input.group, kv_width)) {
+            std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+            std::collections::hash_map::Entry::Vacant(e) => {
+                let slots: Vec<u32> = batch.slots[input.group].to_vec();
+                e.insert(
+                    Tensor::from_vec(slots, (rows, 1), &self.device)
+                        .and_then(|i| i.broadcast_as((rows, kv_width)))
+                        .and_then(|i| i.contiguous())
+                        .on_device("cache slots")?,
+                )
+            }
+        };
         let store = |cache: &Tensor, t: &Tensor| -> Result<()> {
             let t = t.reshape((rows, kv_width)).and_then(|t| t.to_dtype(cache.dtype())).and_then(|t| t.contiguous()).on_device("cache write")?;
-            cache.scatter_set(&index, &t, 0).on_device("cache write")
+            cache.scatter_set(index, &t, 0).on_device("cache write")
         };
         store(&kv.k, &k)?;
         store(&kv.v, &v)?;
         // Each sequence's queries against its history, read back through its block table.
-        let mut spans: Vec<&crate::models::batch::SeqBatch> = batch.seqs.iter().collect();
-        spans.sort_by_key(|s| s.rows.start);
-        let mut outs = Vec::with_capacity(spans.len());
-        let mut next_row = 0;
-        for seq in spans {
-            if seq.rows.start != next_row {
-                return Err(Error::Backend(format!("a batch's sequences leave rows {next_row}..{} without a sequence", seq.rows.start)));
-            }
-            next_row = seq.rows.end;
+        let views = match work.views.entry((input.group, c.sliding_window)) {
+            std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+            std::collections::hash_map::Entry::Vacant(e) => e.insert(self.seq_views(batch, input.group, c.sliding_window)?),
+        };
+        let mut outs = Vec::with_capacity(views.len());
+        for (seq, view) in batch.seqs.iter().zip(views.iter()) {
             let q_seq = q.narrow(0, seq.rows.start, seq.rows.len()).on_device("queries")?;
-            outs.push(self.attend_seq(c, kv, batch.block_size, &seq.block_tables[input.group], seq.first_pos, &seq.bidirectional, &q_seq)?);
-        }
-        if next_row != rows {
-            return Err(Error::Backend(format!("a batch's sequences cover {next_row} of its {rows} rows")));
+            outs.push(self.attend_seq(c, kv, view, &q_seq)?);
         }
         let attn = Tensor::cat(&outs, 0).on_device("attention output")?;
         work.query = Some(q.reshape((rows, c.num_heads * c.head_dim)).on_device("queries")?);
@@ -474,7 +490,7 @@ impl Backend for Candle {
         match *m {}
     }
 
-    fn head(&self, cc: &Compute, h: &DeviceHead, batch: &Batch, x: &Rows, work: &mut Work, output: Output, out: &mut Vec<f32>) -> Result<()> {
+    fn head(&self, cc: &Compute, h: &DeviceHead, batch: &Batch, x: &Rows, _work: &mut Work, output: Output, out: &mut Vec<f32>) -> Result<()> {
         let picked: Vec<u32> = batch.logit_rows.iter().map(|&r| r as u32).collect();
         let n = picked.len();
         let index = Tensor::from_vec(picked, n, &self.device).on_device("logit rows")?;
@@ -489,7 +505,6 @@ impl Backend for Candle {
                 }
             }
         };
-        work.host.clear();
         *out = result.flatten_all().and_then(|t| t.to_vec1::<f32>()).on_device("reading logits back")?;
         Ok(())
     }
@@ -542,40 +557,62 @@ fn rotate(x: &Tensor, rope: &DeviceRope, c: &AttentionConfig) -> Result<Tensor> 
 }
 
 impl Candle {
-    /// One sequence's queries `[n, heads, head_dim]` against its keys and values, read from
-    /// the cache through `table`; the result is `[n, heads * head_dim]`.
-    #[allow(clippy::too_many_arguments)]
-    fn attend_seq(&self, c: &AttentionConfig, kv: &DeviceKv, block_size: usize, table: &[u32], first_pos: usize, bidirectional: &[std::ops::Range<usize>], q: &Tensor) -> Result<Tensor> {
-        let n = q.dim(0).on_device("queries")?;
-        let last_pos = first_pos + n - 1;
-        // The keys any of the queries sees: a window reaches back from the first query.
-        let first_key = c.sliding_window.map_or(0, |w| first_pos.saturating_sub(w.saturating_sub(1)));
-        let keys = last_pos + 1 - first_key;
-        let mut slots = Vec::with_capacity(keys);
-        for p in first_key..=last_pos {
-            let block = table.get(p / block_size).copied().filter(|&b| b != crate::kv_cache::NO_BLOCK);
-            let Some(block) = block else {
-                return Err(Error::Backend(format!("position {p} has no cache block (table of {} blocks)", table.len())));
-            };
-            slots.push(block * block_size as u32 + (p % block_size) as u32);
-        }
-        // Which keys each query sees: its own position and before, within the window, and the
-        // rest of an image it belongs to.
-        let mut mask = vec![f32::NEG_INFINITY; n * keys];
-        for i in 0..n {
-            let pos = first_pos + i;
-            let last = bidirectional.iter().find(|r| r.contains(&pos)).map_or(pos, |r| r.end - 1);
-            let first = c.sliding_window.map_or(0, |w| pos.saturating_sub(w.saturating_sub(1)));
-            for kp in first.max(first_key)..=last {
-                mask[i * keys + kp - first_key] = 0.0;
+    /// Each sequence's key slots and mask for cache group `group` under `window`, in the
+    /// order of `batch.seqs`, whose rows must follow one another from row 0.
+    fn seq_views(&self, batch: &Batch, group: usize, window: Option<usize>) -> Result<Vec<SeqView>> {
+        let mut next_row = 0;
+        let mut views = Vec::with_capacity(batch.seqs.len());
+        for seq in &batch.seqs {
+            if seq.rows.start != next_row || seq.rows.is_empty() {
+                return Err(Error::Backend(format!("a batch's sequence takes rows {:?} where row {next_row} was next", seq.rows)));
             }
+            next_row = seq.rows.end;
+            let (n, first_pos, table) = (seq.rows.len(), seq.first_pos, &seq.block_tables[group]);
+            let last_pos = first_pos + n - 1;
+            // The keys any of the queries sees: a window reaches back from the first query.
+            let first_key = window.map_or(0, |w| first_pos.saturating_sub(w.saturating_sub(1)));
+            let keys = last_pos + 1 - first_key;
+            let bs = batch.block_size;
+            let mut slots = Vec::with_capacity(keys);
+            for p in first_key..=last_pos {
+                let Some(block) = table.get(p / bs).copied().filter(|&b| b != crate::kv_cache::NO_BLOCK) else {
+                    return Err(Error::Backend(format!("position {p} has no cache block (table of {} blocks)", table.len())));
+                };
+                slots.push(block * bs as u32 + (p % bs) as u32);
+            }
+            // Which keys each query sees: its own position and before, within the window, and
+            // the rest of an image it belongs to.
+            let mut mask = vec![f32::NEG_INFINITY; n * keys];
+            for i in 0..n {
+                let pos = first_pos + i;
+                let last = seq.bidirectional.iter().find(|r| r.contains(&pos)).map_or(pos, |r| r.end - 1);
+                let first = window.map_or(0, |w| pos.saturating_sub(w.saturating_sub(1)));
+                for kp in first.max(first_key)..=last.min(last_pos) {
+                    mask[i * keys + kp - first_key] = 0.0;
+                }
+            }
+            views.push(SeqView {
+                index: Tensor::from_vec(slots, keys, &self.device).on_device("key slots")?,
+                mask: Tensor::from_vec(mask, (1, 1, n, keys), &self.device).on_device("attention mask")?,
+                keys,
+            });
         }
+        if next_row != batch.num_rows() {
+            return Err(Error::Backend(format!("a batch's sequences cover {next_row} of its {} rows", batch.num_rows())));
+        }
+        Ok(views)
+    }
+
+    /// One sequence's queries `[n, heads, head_dim]` against its keys and values, read from
+    /// the cache through `view`; the result is `[n, heads * head_dim]`.
+    fn attend_seq(&self, c: &AttentionConfig, kv: &DeviceKv, view: &SeqView, q: &Tensor) -> Result<Tensor> {
+        let n = q.dim(0).on_device("queries")?;
+        let (keys, index) = (view.keys, &view.index);
         let (kvh, hd) = (c.num_kv_heads, c.head_dim);
         let group = c.num_heads / kvh;
-        let index = Tensor::from_vec(slots, keys, &self.device).on_device("key slots")?;
         let gather = |cache: &Tensor| {
             cache
-                .index_select(&index, 0)
+                .index_select(index, 0)
                 .and_then(|t| t.to_dtype(TensorType::F32))
                 .and_then(|t| t.reshape((keys, kvh, hd)))
                 .and_then(|t| t.transpose(0, 1))
@@ -599,8 +636,7 @@ impl Candle {
         if let Some(cap) = c.softcap {
             scores = scores.affine(1.0 / f64::from(cap), 0.0).and_then(|s| s.tanh()).and_then(|s| s.affine(f64::from(cap), 0.0)).on_device("score soft-cap")?;
         }
-        let mask = Tensor::from_vec(mask, (1, 1, n, keys), &self.device).on_device("attention mask")?;
-        let scores = scores.reshape((kvh, group, n, keys)).and_then(|s| s.broadcast_add(&mask)).on_device("attention mask")?;
+        let scores = scores.reshape((kvh, group, n, keys)).and_then(|s| s.broadcast_add(&view.mask)).on_device("attention mask")?;
         let mut probs = candle_nn::ops::softmax_last_dim(&scores).on_device("softmax")?;
         if half {
             probs = probs.to_dtype(TensorType::F16).and_then(|t| t.to_dtype(TensorType::F32)).on_device("softmax")?;

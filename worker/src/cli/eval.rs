@@ -29,6 +29,7 @@ pub struct EvalArgs {
 }
 
 #[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 struct Input {
     #[serde(default)]
     score: Vec<Vec<u32>>,
@@ -99,6 +100,9 @@ fn greedy(prompt: &[u32], max_tokens: usize) -> GenerationRequest {
 pub fn main(args: EvalArgs) -> anyhow::Result<()> {
     let text = std::fs::read_to_string(&args.input).with_context(|| format!("reading {}", args.input.display()))?;
     let input: Input = serde_json::from_str(&text).with_context(|| format!("{}: expected {{\"score\": [[ids]], \"greedy\": [[ids]], \"max_tokens\": N}}", args.input.display()))?;
+    if input.score.is_empty() && input.greedy.is_empty() {
+        bail!("{}: no sequences to score and no prompts to continue", args.input.display());
+    }
     let model = super::load_model(&args.model, true, args.engine.isq, None, None, &args.engine.device)?;
     let compute = super::compute(args.threads);
     let vocab = model.model.config().vocab_size;
