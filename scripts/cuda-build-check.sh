@@ -31,6 +31,23 @@ else
     echo "cuda-build-check: --device cuda without a GPU: $msg"
 fi
 
+# The hand-over and the CUDA build's own start, with the driver stand-in made at build time
+# in place of a driver: kiln-worker-cuda starts, finds no GPU and says so in one line.
+home="$(scripts/cuda-toolkit.sh)"
+fake="$(mktemp -d)"
+ln -s "$home/lib/stubs/libcuda.so" "$fake/libcuda.so.1"
+set +e
+msg="$(LD_LIBRARY_PATH="$fake:$home/lib" "$dir/kiln-worker" run -m "$model" -i "hi" -n 2 --device cuda 2>&1 >/dev/null)"
+status=$?
+set -e
+rm -rf "$fake"
+if [ "$status" != 1 ] || ! printf '%s' "$msg" | grep -q "the NVIDIA driver reports no usable GPU"; then
+    echo "cuda-build-check: kiln-worker-cuda on a driver without devices should fail with one line and status 1; got status $status:" >&2
+    printf '%s\n' "$msg" >&2
+    exit 1
+fi
+echo "cuda-build-check: handed over to kiln-worker-cuda, which found no device: $msg"
+
 # The CUDA kernels are in the binary, compiled for the GPUs asked for.
 arch="sm_${CUDA_COMPUTE_CAP:-90}"
 if ! grep -a -q "$arch" "$dir/kiln-worker-cuda"; then

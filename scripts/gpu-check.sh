@@ -2,10 +2,10 @@
 # The checks of the CUDA backend that need a GPU, in one run of under 8 minutes, on a machine
 # with the NVIDIA driver, Python with PyTorch and transformers (whose nvidia packages hold the
 # CUDA 13 libraries), and no Rust toolchain or network. The worker comes built: `make
-# build-cuda` on any machine, then `make gpu-check-bundle` strips kiln-worker-cuda into
-# target/cuda/gpu-check/ (small enough to carry).
+# build-cuda` on any machine, then `make gpu-check-bundle` strips and compresses
+# kiln-worker-cuda into target/cuda/gpu-check/kiln-worker-cuda.gz (small enough to carry).
 #
-#   scripts/gpu-check.sh [KILN_WORKER_CUDA]
+#   scripts/gpu-check.sh [KILN_WORKER_CUDA[.gz]]
 #
 # 1. Random-weight checkpoints of SmolLM2-135M's and Gemma 3 270M's shapes (bf16), made here
 #    with transformers, whose f32 outputs on the GPU are the reference (scripts/gpu_check.py).
@@ -19,11 +19,15 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
-bin="${1:-target/cuda/gpu-check/kiln-worker-cuda}"
+bin="${1:-target/cuda/gpu-check/kiln-worker-cuda.gz}"
 out="${GPU_CHECK_DIR:-/tmp/kiln-gpu-check}"
-[ -x "$bin" ] || { echo "gpu-check: $bin not found: run make build-cuda and make gpu-check-bundle first" >&2; exit 1; }
+[ -f "$bin" ] || { echo "gpu-check: $bin not found: run make gpu-check-bundle first" >&2; exit 1; }
+mkdir -p "$out"
+if [ "${bin%.gz}" != "$bin" ]; then
+    gunzip -c "$bin" > "$out/kiln-worker-cuda" && chmod +x "$out/kiln-worker-cuda" && bin="$out/kiln-worker-cuda"
+fi
 
-# The CUDA 13 libraries of PyTorch's environment (cuBLAS, cuRAND, NVRTC).
+# The CUDA 13 libraries of PyTorch's environment (runtime, cuBLAS, cuRAND).
 libs="$(python3 - <<'EOF'
 import glob, os
 try:

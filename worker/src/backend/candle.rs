@@ -414,11 +414,11 @@ impl Backend for Candle {
         Ok(())
     }
 
-    fn attend(&self, cc: &Compute, a: &DeviceAttention, input: &AttendInput<Candle>, x: &Rows, kv: &mut DeviceKv, work: &mut Work, out: &mut Rows) -> Result<()> {
+    fn attend(&self, cc: &Compute, a: &DeviceAttention, input: &AttendInput<Candle>, kv: &mut DeviceKv, work: &mut Work, out: &mut Rows) -> Result<()> {
         let c = &a.cfg;
         let batch = input.batch;
         let rows = batch.num_rows();
-        let x = x.get()?;
+        let x = input.x.get()?;
         let heads = |t: Tensor, n: usize| t.reshape((rows, n, c.head_dim)).on_device("attention heads");
         let mut q = heads(a.q.forward(cc, x)?, c.num_heads)?;
         let mut k = heads(a.k.forward(cc, x)?, c.num_kv_heads)?;

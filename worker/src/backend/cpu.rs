@@ -101,8 +101,8 @@ impl Backend for Cpu {
         Ok(())
     }
 
-    fn attend(&self, c: &Compute, a: &Attention, i: &AttendInput<Cpu>, x: &Vec<f32>, kv: &mut KvStore, work: &mut LayerScratch, out: &mut Vec<f32>) -> Result<()> {
-        a.forward(c, &AttentionInput { x, batch: i.batch, rope: i.rope, group: i.group }, kv, work, out)
+    fn attend(&self, c: &Compute, a: &Attention, i: &AttendInput<Cpu>, kv: &mut KvStore, work: &mut LayerScratch, out: &mut Vec<f32>) -> Result<()> {
+        a.forward(c, &AttentionInput { x: i.x, batch: i.batch, rope: i.rope, group: i.group }, kv, work, out)
     }
 
     fn mlp(&self, c: &Compute, m: &GatedMlp, x: &Vec<f32>, rows: usize, work: &mut LayerScratch, out: &mut Vec<f32>) -> Result<()> {

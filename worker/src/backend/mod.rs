@@ -79,6 +79,8 @@ pub struct Flow<'a, B: Backend> {
 
 /// What an attention block reads besides its own weights.
 pub struct AttendInput<'a, B: Backend> {
+    /// The normed rows `[rows, hidden]`.
+    pub x: &'a B::Rows,
     pub batch: &'a Batch,
     pub rope: &'a RopeTable,
     pub rope_table: &'a B::Rope,
@@ -128,10 +130,11 @@ pub trait Backend: Sized + Send + Sync + 'static {
     /// `x += y`.
     fn add(&self, x: &mut Self::Rows, y: &Self::Rows) -> Result<()>;
     /// Writes the batch's keys and values into `kv` and the block's output to `out`.
-    fn attend(&self, c: &Compute, a: &Self::Attention, input: &AttendInput<Self>, x: &Self::Rows, kv: &mut Self::Kv, work: &mut Self::Work, out: &mut Self::Rows) -> Result<()>;
+    fn attend(&self, c: &Compute, a: &Self::Attention, input: &AttendInput<Self>, kv: &mut Self::Kv, work: &mut Self::Work, out: &mut Self::Rows) -> Result<()>;
     fn mlp(&self, c: &Compute, m: &Self::Mlp, x: &Self::Rows, rows: usize, work: &mut Self::Work, out: &mut Self::Rows) -> Result<()>;
     fn moe(&self, c: &Compute, m: &Self::Moe, x: &Self::Rows, rows: usize, work: &mut Self::Work, out: &mut Self::Rows) -> Result<()>;
     /// Writes `output` for `batch.logit_rows` of the residual stream `x` to `out`, on the host.
+    #[allow(clippy::too_many_arguments)]
     fn head(&self, c: &Compute, h: &Self::Head, batch: &Batch, x: &Self::Rows, work: &mut Self::Work, output: Output, out: &mut Vec<f32>) -> Result<()>;
 
     /// Hands `x` to the tap, as host values.

@@ -10,10 +10,10 @@ use kiln_worker::backend::Device;
 /// The CUDA libraries the CUDA build links, and what provides them.
 const LIBRARIES: &[(&str, &str)] = &[
     ("libcuda.so.1", "the NVIDIA driver"),
-    ("libcublas.so.13", "CUDA 13 cuBLAS"),
+    ("libcudart.so.13", "the CUDA 13 runtime"),
     ("libcublasLt.so.13", "CUDA 13 cuBLASLt"),
+    ("libcublas.so.13", "CUDA 13 cuBLAS"),
     ("libcurand.so.10", "CUDA 13 cuRAND"),
-    ("libnvrtc.so.13", "CUDA 13 NVRTC"),
 ];
 
 /// Replaces this process with `kiln-worker-cuda` and the same arguments when `device` is a GPU

@@ -130,8 +130,8 @@ impl<B: Backend> CausalLm for Gemma3<B> {
         for (i, layer) in self.layers.iter().enumerate() {
             let (group, kv_layer) = kv.layer(i);
             b.rms_norm(compute, &layer.input_layernorm, f.x, f.xn)?;
-            let input = AttendInput { batch, rope: &f.rope[layer.rope_table], rope_table: &f.rope_tables[layer.rope_table], group };
-            b.attend(compute, &layer.self_attn, &input, f.xn, kv_of(kv_layer, b)?, f.work, f.y)?;
+            let input = AttendInput { x: f.xn, batch, rope: &f.rope[layer.rope_table], rope_table: &f.rope_tables[layer.rope_table], group };
+            b.attend(compute, &layer.self_attn, &input, kv_of(kv_layer, b)?, f.work, f.y)?;
             tap_part(b, f.tap, || format!("Qcur-{i}"), f.work, Part::Query);
             tap_part(b, f.tap, || format!("kqv_out-{i}"), f.work, Part::AttnOut);
             tap(b, f.tap, || format!("attn_out-{i}"), f.y);
