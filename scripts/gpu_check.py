@@ -78,8 +78,12 @@ def make_models(out):
         with torch.no_grad():
             # Larger than the default init, so logits are not all near zero (as the fixtures).
             std = 0.2 * (64 / config.hidden_size) ** 0.5
-            for p in model.parameters():
-                p.normal_(0.0, std)
+            for pname, p in model.named_parameters():
+                if "norm" in pname:
+                    # Norm weights near their trained scale: 1, or 0 where the model adds 1 (Gemma).
+                    p.normal_(0.0 if name == "gemma3" else 1.0, 0.05)
+                else:
+                    p.normal_(0.0, std)
         d = out / name
         d.mkdir(exist_ok=True)
         model = model.to(torch.bfloat16)

@@ -95,10 +95,20 @@ impl Candle {
         }
         let w = &l.weight;
         let what = format!("uploading `{}`", w.name);
+        // Float weights are multiplied by cuBLAS in f32.
+        let float = match w.dtype {
+            DType::F32 => Some(TensorType::F32),
+            DType::F16 => Some(TensorType::F16),
+            DType::BF16 => Some(TensorType::BF16),
+            _ => None,
+        };
+        if let Some(dtype) = float {
+            let t = Tensor::from_raw_buffer(w.bytes(), dtype, &[w.rows, w.cols], &self.device).and_then(|t| t.to_dtype(TensorType::F32)).on_device(&what)?;
+            let bias = l.bias.as_ref().map(|b| Tensor::from_slice(b, b.len(), &self.device)).transpose().on_device(&what)?;
+            return Ok(DeviceLinear { matmul: Product::Device(w.name.clone(), QMatMul::Tensor(t)), bias });
+        }
         let stays = match w.dtype {
-            DType::F32 => Some(GgmlDType::F32),
-            DType::F16 => Some(GgmlDType::F16),
-            DType::BF16 => Some(GgmlDType::BF16),
+            DType::F32 | DType::F16 | DType::BF16 => None,
             DType::Q4_0 => Some(GgmlDType::Q4_0),
             DType::Q4_1 => Some(GgmlDType::Q4_1),
             DType::Q5_0 => Some(GgmlDType::Q5_0),
