@@ -383,17 +383,14 @@ impl Backend for Candle {
         })
     }
 
-    fn flow<'a>(&self, s: &'a mut Scratch, _rows: usize, _hidden: usize) -> Flow<'a, Candle> {
+    fn flow<'a>(&self, s: &'a mut Scratch, _rows: usize, _hidden: usize) -> Result<Flow<'a, Candle>> {
         if !s.device.as_ref().is_some_and(|d| d.is::<State>()) {
             s.device = Some(Box::new(State::default()));
         }
-        let state = match s.device.as_mut().and_then(|d| d.downcast_mut::<State>()) {
-            Some(state) => state,
-            None => unreachable!("set just above"),
-        };
+        let state = s.device.as_mut().and_then(|d| d.downcast_mut::<State>()).ok_or_else(|| Error::Backend("the pass's buffers are missing".into()))?;
         state.work.views.clear();
         state.work.write_slots.clear();
-        Flow { x: &mut state.x, xn: &mut state.xn, y: &mut state.y, rope: &mut state.rope, rope_tables: &mut state.rope_tables, work: &mut state.work, tap: &mut s.tap }
+        Ok(Flow { x: &mut state.x, xn: &mut state.xn, y: &mut state.y, rope: &mut state.rope, rope_tables: &mut state.rope_tables, work: &mut state.work, tap: &mut s.tap })
     }
 
     fn rope_table(&self, host: &RopeTable, out: &mut DeviceRope) -> Result<()> {

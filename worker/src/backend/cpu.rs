@@ -77,9 +77,9 @@ impl Backend for Cpu {
         Ok(KvStore::with_precision(s.slots, s.kv_heads, s.head_dim, s.precision))
     }
 
-    fn flow<'a>(&self, s: &'a mut Scratch, rows: usize, hidden: usize) -> Flow<'a, Cpu> {
+    fn flow<'a>(&self, s: &'a mut Scratch, rows: usize, hidden: usize) -> Result<Flow<'a, Cpu>> {
         s.prepare(rows, hidden);
-        Flow { x: &mut s.x, xn: &mut s.xn, y: &mut s.y, rope: &mut s.rope, rope_tables: &mut s.host_rope_tables, work: &mut s.layer, tap: &mut s.tap }
+        Ok(Flow { x: &mut s.x, xn: &mut s.xn, y: &mut s.y, rope: &mut s.rope, rope_tables: &mut s.host_rope_tables, work: &mut s.layer, tap: &mut s.tap })
     }
 
     fn rope_table(&self, _host: &RopeTable, _out: &mut ()) -> Result<()> {

@@ -121,7 +121,7 @@ pub trait Backend: Sized + Send + Sync + 'static {
     fn kv_layer(&self, shape: KvShape) -> Result<Self::Kv>;
 
     /// This backend's buffers in `s`, sized for `rows` rows of `hidden` values.
-    fn flow<'a>(&self, s: &'a mut Scratch, rows: usize, hidden: usize) -> Flow<'a, Self>;
+    fn flow<'a>(&self, s: &'a mut Scratch, rows: usize, hidden: usize) -> Result<Flow<'a, Self>>;
     /// Makes `host` readable by attention.
     fn rope_table(&self, host: &RopeTable, out: &mut Self::Rope) -> Result<()>;
     /// The embeddings of `batch`'s tokens, with placed image embeddings on their rows.

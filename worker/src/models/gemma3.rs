@@ -117,7 +117,7 @@ impl<B: Backend> CausalLm for Gemma3<B> {
     fn run(&self, compute: &Compute, batch: &Batch, kv: &mut KvCache, s: &mut Scratch, output: Output, out: &mut Vec<f32>) -> Result<()> {
         let b = &self.backend;
         let rows = batch.num_rows();
-        let f = b.flow(s, rows, self.cfg.hidden_size);
+        let f = b.flow(s, rows, self.cfg.hidden_size)?;
         // Image rows take the projected image embeddings as they are (not scaled).
         b.embed(compute, &self.embed_tokens, batch, f.x)?;
         tap(b, f.tap, || "inp_scaled".into(), f.x);

@@ -204,7 +204,7 @@ impl<B: Backend> CausalLm for Llama<B> {
     fn run(&self, compute: &Compute, batch: &Batch, kv: &mut KvCache, s: &mut Scratch, output: Output, out: &mut Vec<f32>) -> Result<()> {
         let b = &self.backend;
         let rows = batch.num_rows();
-        let f = b.flow(s, rows, self.cfg.hidden_size);
+        let f = b.flow(s, rows, self.cfg.hidden_size)?;
         b.embed(compute, &self.embed_tokens, batch, f.x)?;
         f.rope.resize_with(1, Default::default);
         f.rope_tables.resize_with(1, Default::default);
