@@ -6,7 +6,7 @@
 use super::batch::Batch;
 use super::config::ModelConfig;
 use super::scratch::Scratch;
-use super::{CausalLm, HeadShare, LmHead, Output};
+use super::{Architecture, CausalLm, HeadShare, LmHead, OnBackend, Output};
 use crate::backend::{kv_of, tap, tap_part, AttendInput, Backend, Device, Part};
 use crate::error::Result;
 use crate::kv_cache::KvCache;
@@ -27,8 +27,6 @@ struct DecoderLayer<B: Backend> {
 }
 
 pub struct Gemma3<B: Backend> {
-    backend: B,
-    cfg: ModelConfig,
     embed_tokens: B::Embedding,
     layers: Vec<DecoderLayer<B>>,
     head: B::Head,
@@ -94,30 +92,13 @@ fn load_on<B: Backend>(b: B, cfg: &ModelConfig, w: &WeightSource) -> Result<Box<
     }
     let embed_tokens = b.upload_embedding(Embedding::load(w, "model.embed_tokens.weight", cfg.vocab_size, h, Some((h as f32).sqrt()))?)?;
     let head = b.upload_head(LmHead::load(w, cfg)?)?;
-    Ok(Box::new(Gemma3 { backend: b, cfg: share.local_config(cfg), embed_tokens, layers, head, ropes: [global, local] }))
+    Ok(Box::new(OnBackend { backend: b, cfg: share.local_config(cfg), model: Gemma3 { embed_tokens, layers, head, ropes: [global, local] } }))
 }
 
-impl<B: Backend> CausalLm for Gemma3<B> {
-    fn config(&self) -> &ModelConfig {
-        &self.cfg
-    }
-
-    fn kv_cache(&self, block_size: usize, blocks: &[usize]) -> Result<KvCache> {
-        super::kv_cache_on(&self.backend, &self.cfg, block_size, blocks)
-    }
-
-    fn device(&self) -> String {
-        self.backend.name()
-    }
-
-    fn device_memory(&self) -> Option<(usize, usize)> {
-        self.backend.memory()
-    }
-
-    fn run(&self, compute: &Compute, batch: &Batch, kv: &mut KvCache, s: &mut Scratch, output: Output, out: &mut Vec<f32>) -> Result<()> {
-        let b = &self.backend;
+impl<B: Backend> Architecture<B> for Gemma3<B> {
+    fn run(&self, b: &B, cfg: &ModelConfig, compute: &Compute, batch: &Batch, kv: &mut KvCache, s: &mut Scratch, output: Output, out: &mut Vec<f32>) -> Result<()> {
         let rows = batch.num_rows();
-        let f = b.flow(s, rows, self.cfg.hidden_size)?;
+        let f = b.flow(s, rows, cfg.hidden_size)?;
         // Image rows take the projected image embeddings as they are (not scaled).
         b.embed(compute, &self.embed_tokens, batch, f.x)?;
         tap(b, f.tap, || "inp_scaled".into(), f.x);

@@ -6,7 +6,7 @@
 use super::batch::Batch;
 use super::config::{ModelConfig, MoeConfig, MoeNaming};
 use super::scratch::Scratch;
-use super::{CausalLm, HeadShare, LmHead, Output};
+use super::{Architecture, CausalLm, HeadShare, LmHead, OnBackend, Output};
 use crate::backend::{kv_of, tap, tap_part, AttendInput, Backend, Device, Part};
 use crate::error::Result;
 use crate::kv_cache::KvCache;
@@ -29,8 +29,6 @@ struct DecoderLayer<B: Backend> {
 }
 
 pub struct Llama<B: Backend> {
-    backend: B,
-    cfg: ModelConfig,
     embed_tokens: B::Embedding,
     layers: Vec<DecoderLayer<B>>,
     head: B::Head,
@@ -136,7 +134,7 @@ fn load_on<B: Backend>(b: B, cfg: &ModelConfig, w: &WeightSource) -> Result<Box<
     }
     let embed_tokens = b.upload_embedding(Embedding::load(w, "model.embed_tokens.weight", cfg.vocab_size, h, None)?)?;
     let head = b.upload_head(LmHead::load(w, cfg)?)?;
-    Ok(Box::new(Llama { backend: b, cfg: share.local_config(cfg), embed_tokens, layers, head, rope }))
+    Ok(Box::new(OnBackend { backend: b, cfg: share.local_config(cfg), model: Llama { embed_tokens, layers, head, rope } }))
 }
 
 /// A mixture-of-experts block of layer prefix `p`: the router and this rank's experts (all of
@@ -184,31 +182,14 @@ fn load_moe(m: &MoeConfig, p: &str, h: usize, w: &WeightSource, linear: &dyn Fn(
     Ok(MoeMlp { router, experts, first_expert: mine.start, combine: w.combine(), top_k: m.top_k, renormalize: m.renormalize })
 }
 
-impl<B: Backend> CausalLm for Llama<B> {
-    fn config(&self) -> &ModelConfig {
-        &self.cfg
-    }
-
-    fn kv_cache(&self, block_size: usize, blocks: &[usize]) -> Result<KvCache> {
-        super::kv_cache_on(&self.backend, &self.cfg, block_size, blocks)
-    }
-
-    fn device(&self) -> String {
-        self.backend.name()
-    }
-
-    fn device_memory(&self) -> Option<(usize, usize)> {
-        self.backend.memory()
-    }
-
-    fn run(&self, compute: &Compute, batch: &Batch, kv: &mut KvCache, s: &mut Scratch, output: Output, out: &mut Vec<f32>) -> Result<()> {
-        let b = &self.backend;
+impl<B: Backend> Architecture<B> for Llama<B> {
+    fn run(&self, b: &B, cfg: &ModelConfig, compute: &Compute, batch: &Batch, kv: &mut KvCache, s: &mut Scratch, output: Output, out: &mut Vec<f32>) -> Result<()> {
         let rows = batch.num_rows();
-        let f = b.flow(s, rows, self.cfg.hidden_size)?;
+        let f = b.flow(s, rows, cfg.hidden_size)?;
         b.embed(compute, &self.embed_tokens, batch, f.x)?;
         f.rope.resize_with(1, Default::default);
         f.rope_tables.resize_with(1, Default::default);
-        match &self.cfg.mrope_sections {
+        match &cfg.mrope_sections {
             Some(sections) => f.rope[0].fill_sections(&self.rope, &batch.rope3_positions(), sections),
             None => f.rope[0].fill(&self.rope, &batch.positions),
         }

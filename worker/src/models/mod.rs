@@ -10,6 +10,7 @@ pub mod llama;
 pub mod registry;
 pub mod scratch;
 
+use crate::backend::Backend;
 use crate::error::Result;
 use crate::kv_cache::KvCache;
 use crate::layers::{Compute, Linear, Projection, RmsNorm, WeightSource};
@@ -68,9 +69,42 @@ pub trait Encoder: Send + Sync {
     fn forward(&self, compute: &Compute, seqs: &[&[u32]], scratch: &mut Scratch, out: &mut Vec<f32>) -> Result<()>;
 }
 
-/// A cache for a model computing on `backend` (see `CausalLm::kv_cache`).
-pub fn kv_cache_on<B: crate::backend::Backend>(backend: &B, cfg: &ModelConfig, block_size: usize, blocks: &[usize]) -> Result<KvCache> {
-    KvCache::with_stores(cfg, block_size, blocks, |shape| Ok(Box::new(backend.kv_layer(shape)?)))
+/// An architecture's forward pass over the layers it loaded onto backend `B`.
+pub trait Architecture<B: Backend>: Send + Sync {
+    /// `CausalLm::run`, on `b`, for a model of configuration `cfg`.
+    #[allow(clippy::too_many_arguments)]
+    fn run(&self, b: &B, cfg: &ModelConfig, compute: &Compute, batch: &Batch, kv: &mut KvCache, s: &mut Scratch, output: Output, out: &mut Vec<f32>) -> Result<()>;
+}
+
+/// A loaded architecture with the backend it computes on: what every architecture's loader
+/// returns as its `CausalLm`.
+pub struct OnBackend<B: Backend, A: Architecture<B>> {
+    pub backend: B,
+    /// The configuration as this rank computes it (its share of the heads).
+    pub cfg: ModelConfig,
+    pub model: A,
+}
+
+impl<B: Backend, A: Architecture<B>> CausalLm for OnBackend<B, A> {
+    fn config(&self) -> &ModelConfig {
+        &self.cfg
+    }
+
+    fn run(&self, compute: &Compute, batch: &Batch, kv: &mut KvCache, s: &mut Scratch, output: Output, out: &mut Vec<f32>) -> Result<()> {
+        self.model.run(&self.backend, &self.cfg, compute, batch, kv, s, output, out)
+    }
+
+    fn kv_cache(&self, block_size: usize, blocks: &[usize]) -> Result<KvCache> {
+        KvCache::with_stores(&self.cfg, block_size, blocks, |shape| Ok(Box::new(self.backend.kv_layer(shape)?)))
+    }
+
+    fn device(&self) -> String {
+        self.backend.name()
+    }
+
+    fn device_memory(&self) -> Option<(usize, usize)> {
+        self.backend.memory()
+    }
 }
 
 /// Norm weights as the model uses them: `w + offset` (see `ModelConfig::norm_offset`).
