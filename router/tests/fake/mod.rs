@@ -117,6 +117,7 @@ impl Worker for FakeWorker {
             eos_token: "<|im_end|>".into(),
             max_seqs: 2,
             weight_format: "F32".into(),
+            device: "cpu".into(),
             kind: pb::ModelKind::Generate as i32,
             dimensions: 0,
             vision: None,
