@@ -3,7 +3,10 @@
 //! machines without a GPU).
 //!
 //! Weights are uploaded once at load: the ggml formats candle's quantized matmuls support stay
-//! quantized, the rest are dequantized (with a warning naming them). Keys and values live in
+//! quantized, f32/f16/bf16 weights are multiplied in f32, and the rest are dequantized (with a
+//! warning naming them). On candle's CPU device the products are kiln's own kernels instead:
+//! candle's CPU quantized matmul rounds differently from ggml and is not what runs on a GPU,
+//! so it would only blur what that device checks, the composition. Keys and values live in
 //! one device tensor per layer, `[slots, kv_heads * head_dim]`, in half precision for models
 //! whose reference caches in half (GGUF) and f32 otherwise; the block tables stay on the host
 //! and reach the device as slot indices each step. Activations are f32.
@@ -87,9 +90,8 @@ impl Candle {
 
     fn linear(&self, l: Linear) -> Result<DeviceLinear> {
         if self.device.is_cpu() {
-            // On the host the products are kiln's own: candle's CPU quantized matmul rounds its
-            // activation sums differently from ggml (and is not what runs on a GPU either), so
-            // using it would only blur what this device checks, the composition.
+            // On the host the products are kiln's own (see the module's notes), packed now as
+            // the CPU backend packs them.
             l.weight.packed();
             return Ok(DeviceLinear { matmul: Product::Host(l.weight.name.clone(), l), bias: None });
         }
