@@ -24,7 +24,9 @@ dir="${KILN_CUDA_TOOLKIT:-$HOME/.cache/kiln/cuda-13.0}"
 home="$dir/nvidia/cu13"
 if [ ! -x "$home/bin/nvcc" ]; then
     echo "cuda-toolkit: installing the CUDA 13.0 toolkit wheels into $dir (about 830 MB, once)" >&2
-    python3 -m pip install --quiet --no-deps --disable-pip-version-check --target "$dir" \
+    # pip from a virtual environment of its own: a system Python may refuse installs (PEP 668).
+    [ -x "$dir/.pip/bin/pip" ] || python3 -m venv "$dir/.pip" >&2
+    "$dir/.pip/bin/pip" install --quiet --no-deps --disable-pip-version-check --target "$dir" \
         nvidia-cuda-nvcc==13.0.88 nvidia-nvvm==13.0.88 nvidia-cuda-crt==13.0.88 \
         nvidia-cuda-runtime==13.0.96 nvidia-cuda-cccl==13.0.85 nvidia-cublas==13.0.2.14 \
         nvidia-cuda-nvrtc==13.0.88 nvidia-curand==10.4.0.35 >&2
