@@ -89,28 +89,20 @@ impl Candle {
     }
 
     fn linear(&self, l: Linear) -> Result<DeviceLinear> {
+        let name = l.weight.name.clone();
         if self.device.is_cpu() {
             // On the host the products are kiln's own (see the module's notes), packed now as
-            // the CPU backend packs them.
+            // the CPU backend packs them; the bias is added there too.
             l.weight.packed();
-            return Ok(DeviceLinear { matmul: Product::Host(l.weight.name.clone(), l), bias: None });
+            return Ok(DeviceLinear { name, product: Product::Host(l), bias: None });
         }
         let w = &l.weight;
-        let what = format!("uploading `{}`", w.name);
-        // Float weights are multiplied by cuBLAS in f32.
-        let float = match w.dtype {
-            DType::F32 => Some(TensorType::F32),
-            DType::F16 => Some(TensorType::F16),
-            DType::BF16 => Some(TensorType::BF16),
-            _ => None,
+        let what = match self.memory() {
+            // An upload that fails for room says how much there was.
+            Some((free, total)) => format!("uploading `{name}` ({} MiB, with {} MiB of {} MiB free on {})", w.bytes().len() >> 20, free >> 20, total >> 20, self.name),
+            None => format!("uploading `{name}`"),
         };
-        if let Some(dtype) = float {
-            let t = Tensor::from_raw_buffer(w.bytes(), dtype, &[w.rows, w.cols], &self.device).and_then(|t| t.to_dtype(TensorType::F32)).on_device(&what)?;
-            let bias = l.bias.as_ref().map(|b| Tensor::from_slice(b, b.len(), &self.device)).transpose().on_device(&what)?;
-            return Ok(DeviceLinear { matmul: Product::Device(w.name.clone(), QMatMul::Tensor(t)), bias });
-        }
-        let stays = match w.dtype {
-            DType::F32 | DType::F16 | DType::BF16 => None,
+        let quantized = match w.dtype {
             DType::Q4_0 => Some(GgmlDType::Q4_0),
             DType::Q4_1 => Some(GgmlDType::Q4_1),
             DType::Q5_0 => Some(GgmlDType::Q5_0),
@@ -121,18 +113,21 @@ impl Candle {
             DType::Q4K => Some(GgmlDType::Q4K),
             DType::Q5K => Some(GgmlDType::Q5K),
             DType::Q6K => Some(GgmlDType::Q6K),
-            DType::Q8_1 | DType::Q8K => None,
+            DType::F32 | DType::F16 | DType::BF16 | DType::Q8_1 | DType::Q8K => None,
         };
-        let what = match self.memory() {
-            // An upload that fails for room says how much there was.
-            Some((free, total)) => format!("{what} ({} MiB, with {} MiB of {} MiB free on {})", w.bytes().len() >> 20, free >> 20, total >> 20, self.name),
-            None => what,
+        let float = match w.dtype {
+            DType::F32 => Some(TensorType::F32),
+            DType::F16 => Some(TensorType::F16),
+            DType::BF16 => Some(TensorType::BF16),
+            _ => None,
         };
-        let matmul = match stays {
-            Some(format) => QMatMul::from_qtensor(qtensor_from_ggml(format, w.bytes(), vec![w.rows, w.cols], &self.device).on_device(&what)?).on_device(&what)?,
-            None => {
-                tracing::warn!(tensor = %w.name, format = ?w.dtype, "{} has no quantized matmul on this device: dequantized to f32", w.name);
-                let row_bytes = w.dtype.row_bytes(w.cols).ok_or_else(|| Error::Tensor { name: w.name.clone(), what: format!("{:?} rows of {} values", w.dtype, w.cols) })?;
+        let matmul = match (quantized, float) {
+            (Some(format), _) => QMatMul::from_qtensor(qtensor_from_ggml(format, w.bytes(), vec![w.rows, w.cols], &self.device).on_device(&what)?).on_device(&what)?,
+            // Float weights are multiplied by cuBLAS in f32.
+            (None, Some(dtype)) => QMatMul::Tensor(Tensor::from_raw_buffer(w.bytes(), dtype, &[w.rows, w.cols], &self.device).and_then(|t| t.to_dtype(TensorType::F32)).on_device(&what)?),
+            (None, None) => {
+                tracing::warn!(tensor = %name, format = ?w.dtype, "{name} has no quantized matmul on this device: dequantized to f32");
+                let row_bytes = w.dtype.row_bytes(w.cols).ok_or_else(|| Error::Tensor { name: name.clone(), what: format!("{:?} rows of {} values", w.dtype, w.cols) })?;
                 let mut values = vec![0.0f32; w.rows * w.cols];
                 for (src, dst) in w.bytes().chunks_exact(row_bytes).zip(values.chunks_exact_mut(w.cols)) {
                     kiln_kernels::dequant::dequantize_row(w.dtype, src, dst)?;
@@ -140,11 +135,8 @@ impl Candle {
                 QMatMul::Tensor(self.tensor(&values, (w.rows, w.cols), &what)?)
             }
         };
-        let bias = match &l.bias {
-            Some(b) => Some(Tensor::from_slice(b, b.len(), &self.device).on_device(&what)?),
-            None => None,
-        };
-        Ok(DeviceLinear { matmul: Product::Device(w.name.clone(), matmul), bias })
+        let bias = l.bias.as_ref().map(|b| Tensor::from_slice(b, b.len(), &self.device)).transpose().on_device(&what)?;
+        Ok(DeviceLinear { name, product: Product::Device(matmul), bias })
     }
 
     fn norm(&self, n: &RmsNorm) -> Result<DeviceNorm> {
@@ -162,30 +154,33 @@ fn whole(combine: &Combine, what: &str) -> Result<()> {
 /// How a linear layer's product is computed.
 enum Product {
     /// candle's matmul on the device (quantized where the format allows).
-    Device(String, QMatMul),
+    Device(QMatMul),
     /// kiln's kernels, on candle's CPU device (bias included).
-    Host(String, Linear),
+    Host(Linear),
 }
 
 pub struct DeviceLinear {
-    matmul: Product,
+    /// The weight's name, for errors.
+    name: String,
+    product: Product,
     bias: Option<Tensor>,
 }
 
 impl DeviceLinear {
     fn forward(&self, c: &Compute, x: &Tensor) -> Result<Tensor> {
-        let (name, y) = match &self.matmul {
-            Product::Device(name, m) => (name, m.forward(x).on_device(name)?),
-            Product::Host(name, l) => {
+        let name = &self.name;
+        let y = match &self.product {
+            Product::Device(m) => m.forward(x).on_device(name)?,
+            Product::Host(l) => {
                 let (rows, cols) = x.dims2().on_device(name)?;
-                let input = x.flatten_all().and_then(|t| t.to_vec1::<f32>()).on_device(name)?;
-                let mut out = vec![0.0f32; rows * l.rows()];
-                let mut acts = kiln_kernels::matmul::Activations::default();
                 if cols != l.cols() {
                     return Err(Error::Backend(format!("{name}: input of width {cols} for a matrix of {} columns", l.cols())));
                 }
+                let input = x.flatten_all().and_then(|t| t.to_vec1::<f32>()).on_device(name)?;
+                let mut out = vec![0.0f32; rows * l.rows()];
+                let mut acts = kiln_kernels::matmul::Activations::default();
                 crate::layers::project(c, &input, rows, &mut acts, &mut [crate::layers::Projection { linear: l, out: &mut out }])?;
-                (name, Tensor::from_vec(out, (rows, l.rows()), x.device()).on_device(name)?)
+                Tensor::from_vec(out, (rows, l.rows()), x.device()).on_device(name)?
             }
         };
         match &self.bias {
@@ -509,7 +504,7 @@ impl Backend for Candle {
             Output::Logits => {
                 let logits = h.lm_head.forward(cc, &normed)?;
                 match h.softcap {
-                    Some(cap) => logits.affine(1.0 / f64::from(cap), 0.0).and_then(|l| l.tanh()).and_then(|l| l.affine(f64::from(cap), 0.0)).on_device("logit soft-cap")?,
+                    Some(cap) => soft_cap(&logits, cap).on_device("logit soft-cap")?,
                     None => logits,
                 }
             }
@@ -519,7 +514,7 @@ impl Backend for Candle {
     }
 
     fn tap(&self, tap: &mut TapFn, name: &str, x: &Rows) {
-        if let Some(values) = x.0.as_ref().and_then(|t| t.flatten_all().and_then(|t| t.to_vec1::<f32>()).ok()) {
+        if let Some(values) = x.0.as_ref().and_then(host_values) {
             tap(name, &values);
         }
     }
@@ -531,10 +526,20 @@ impl Backend for Candle {
             Part::Up => &work.up,
             Part::Gated => &work.gated,
         };
-        if let Some(values) = t.as_ref().and_then(|t| t.flatten_all().and_then(|t| t.to_vec1::<f32>()).ok()) {
+        if let Some(values) = t.as_ref().and_then(host_values) {
             tap(name, &values);
         }
     }
+}
+
+/// `cap * tanh(t / cap)` (Gemma 2's soft-capping of scores and logits).
+fn soft_cap(t: &Tensor, cap: f32) -> candle_core::Result<Tensor> {
+    t.affine(1.0 / f64::from(cap), 0.0)?.tanh()?.affine(f64::from(cap), 0.0)
+}
+
+/// `t`'s values on the host, for a tap (which skips what cannot be read back).
+fn host_values(t: &Tensor) -> Option<Vec<f32>> {
+    t.flatten_all().and_then(|t| t.to_vec1::<f32>()).ok()
 }
 
 /// Rotates the first `rotary_dims` values of each head of `x` (`[rows, heads, head_dim]`)
@@ -643,7 +648,7 @@ impl Candle {
         }
         let mut scores = q.matmul(&k.t().on_device("keys")?).and_then(|s| s.affine(f64::from(c.score_scale), 0.0)).on_device("attention scores")?;
         if let Some(cap) = c.softcap {
-            scores = scores.affine(1.0 / f64::from(cap), 0.0).and_then(|s| s.tanh()).and_then(|s| s.affine(f64::from(cap), 0.0)).on_device("score soft-cap")?;
+            scores = soft_cap(&scores, cap).on_device("score soft-cap")?;
         }
         let scores = scores.reshape((kvh, group, n, keys)).and_then(|s| s.broadcast_add(&view.mask)).on_device("attention mask")?;
         let mut probs = candle_nn::ops::softmax_last_dim(&scores).on_device("softmax")?;

@@ -10,10 +10,9 @@ pub mod prefix;
 
 pub use block_pool::{BlockId, BlockPool, NO_BLOCK};
 
-use crate::backend::{KvLayer, KvShape};
+use crate::backend::{Backend, Cpu, KvLayer, KvShape};
 use crate::error::Result;
 use crate::models::config::ModelConfig;
-use kiln_kernels::attention::KvStore;
 
 /// One group's layers, and how much of each sequence's history they attend to.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -57,21 +56,14 @@ pub struct KvCache {
 }
 
 impl KvCache {
-    /// A cache on the host with `blocks[g]` blocks for group `g` of `group_layouts(cfg)`.
-    pub fn new(cfg: &ModelConfig, block_size: usize, blocks: &[usize]) -> KvCache {
-        let host = |s: KvShape| -> std::result::Result<Box<dyn KvLayer>, std::convert::Infallible> { Ok(Box::new(KvStore::with_precision(s.slots, s.kv_heads, s.head_dim, s.precision))) };
-        match Self::build(cfg, block_size, blocks, host) {
-            Ok(cache) => cache,
-            Err(never) => match never {},
-        }
+    /// A cache on the host (the CPU backend's stores) with `blocks[g]` blocks for group `g` of
+    /// `group_layouts(cfg)`.
+    pub fn new(cfg: &ModelConfig, block_size: usize, blocks: &[usize]) -> Result<KvCache> {
+        Self::with_stores(cfg, block_size, blocks, |shape| Ok(Box::new(Cpu.kv_layer(shape)?)))
     }
 
     /// A cache whose layers' stores `make` creates (where the model computes).
     pub fn with_stores(cfg: &ModelConfig, block_size: usize, blocks: &[usize], make: impl Fn(KvShape) -> Result<Box<dyn KvLayer>>) -> Result<KvCache> {
-        Self::build(cfg, block_size, blocks, make)
-    }
-
-    fn build<E>(cfg: &ModelConfig, block_size: usize, blocks: &[usize], make: impl Fn(KvShape) -> std::result::Result<Box<dyn KvLayer>, E>) -> std::result::Result<KvCache, E> {
         let layouts = group_layouts(cfg);
         assert_eq!(layouts.len(), blocks.len(), "one block count per group");
         let mut layer_slot = vec![(0, 0); cfg.num_layers];
@@ -81,7 +73,7 @@ impl KvCache {
                 layer_slot[l] = (g, j);
             }
             let shape = KvShape { slots: num_blocks * block_size, kv_heads: cfg.num_kv_heads, head_dim: cfg.head_dim, precision: cfg.kv_precision };
-            let stores = layout.layers.iter().map(|_| make(shape)).collect::<std::result::Result<Vec<_>, E>>()?;
+            let stores = layout.layers.iter().map(|_| make(shape)).collect::<Result<Vec<_>>>()?;
             groups.push(KvGroup { layout, num_blocks, stores });
         }
         Ok(KvCache { block_size, groups, layer_slot, record_copies: false, copies: Vec::new() })

@@ -38,7 +38,7 @@ pub trait CausalLm: Send + Sync {
     /// A key/value cache for this model with `blocks[g]` blocks of `block_size` slots for
     /// cache group `g`, kept where the model computes.
     fn kv_cache(&self, block_size: usize, blocks: &[usize]) -> Result<KvCache> {
-        Ok(KvCache::new(self.config(), block_size, blocks))
+        KvCache::new(self.config(), block_size, blocks)
     }
 
     /// Where the model computes ("cpu", "cuda:0 (...)").

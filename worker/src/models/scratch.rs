@@ -48,14 +48,6 @@ pub struct Scratch {
 
 pub type TapFn = Box<dyn FnMut(&str, &[f32]) + Send>;
 
-/// Hands `data` to the tap, if one is installed; `name` is only built when it is.
-#[inline]
-pub fn tap(tap: &mut Option<TapFn>, name: impl FnOnce() -> String, data: &[f32]) {
-    if let Some(f) = tap.as_mut() {
-        f(&name(), data);
-    }
-}
-
 impl Scratch {
 
     /// Sizes the row buffers for `rows` rows of `hidden` values.

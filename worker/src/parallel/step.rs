@@ -226,7 +226,7 @@ mod tests {
         let v = serde_json::json!({"architectures": ["LlamaForCausalLM"], "hidden_size": 8, "num_hidden_layers": 1, "num_attention_heads": 2,
             "intermediate_size": 16, "vocab_size": 32, "max_position_embeddings": 64, "rms_norm_eps": 1e-5});
         let cfg = crate::models::hf_config::from_hf(&v, "tiny").unwrap();
-        let mut kv = KvCache::new(&cfg, 4, &[8]);
+        let mut kv = KvCache::new(&cfg, 4, &[8]).unwrap();
         kv.copies.push((0, 1, 2));
         let mut batch = Batch::new(4);
         batch.push_seq(&[5, 6, 7], 0, vec![vec![3]], Logits::Last);
