@@ -112,6 +112,29 @@ impl KvStore {
         &self.kf[start..start + self.head_dim]
     }
 
+    /// Asks for the key and value of `kv_head` at `slot` ahead of use. A layer's cache is
+    /// far larger than the CPU's caches and a sequence's slots are gathered through its block
+    /// table, which the hardware prefetchers do not follow: without this, decode attention
+    /// waits on memory for most of its time.
+    #[inline(always)]
+    fn prefetch(&self, slot: usize, kv_head: usize) {
+        #[cfg(target_arch = "x86_64")]
+        {
+            use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+            let start = self.offset(slot, kv_head);
+            let (keys, values) = (self.k[start..start + self.head_dim].as_ptr(), self.v[start..start + self.head_dim].as_ptr());
+            for line in (0..self.head_dim * 2).step_by(64) {
+                // SAFETY: a prefetch never faults; both addresses lie inside this slot's row.
+                unsafe {
+                    _mm_prefetch::<_MM_HINT_T0>((keys as *const i8).add(line));
+                    _mm_prefetch::<_MM_HINT_T0>((values as *const i8).add(line));
+                }
+            }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        let _ = (slot, kv_head);
+    }
+
     fn value_f32(&self, slot: usize, kv_head: usize) -> &[f32] {
         let start = self.offset(slot, kv_head);
         &self.vf[start..start + self.head_dim]
@@ -325,6 +348,12 @@ struct Queries<'a> {
     kv_head: usize,
 }
 
+/// How many keys ahead of the ones being scored their keys and values are asked for: about
+/// 4 KiB of keys, which arrive while the keys before them are scored.
+fn prefetch_distance(head_dim: usize) -> usize {
+    (2048 / head_dim.max(1)).clamp(8, 32)
+}
+
 /// At most this many queries share one pass over the keys (their accumulators must fit in
 /// registers).
 const SHARED_QUERIES: usize = 4;
@@ -357,6 +386,13 @@ fn attend(isa: Isa, p: &AttentionParams, kv: &KvStore, span: &SeqSpan, queries: 
         let end = (key / bs + 1) * bs;
         ts.slots.extend((key..end.min(last + 1)).map(|k| (base + k % bs) as u32));
         key = end;
+    }
+    // The kernels below ask for keys `prefetch_distance` ahead of the ones they score; the first
+    // ones are asked for here.
+    if !full {
+        for &slot in ts.slots.iter().take(prefetch_distance(d)) {
+            kv.prefetch(slot as usize, kv_head);
+        }
     }
     ts.scores.resize(heads * n_keys, 0.0);
     #[cfg(target_arch = "x86_64")]
@@ -428,8 +464,11 @@ fn scores_shared(isa: Isa, qs: &[f32], d: usize, kv: &KvStore, slots: &[u32], kv
     fn run<const Q: usize>(isa: Isa, qs: &[f32], d: usize, kv: &KvStore, slots: &[u32], kv_head: usize, out: &mut [f32]) {
         let n = slots.len();
         let xs: [*const f32; Q] = std::array::from_fn(|h| qs[h * d..].as_ptr());
-        let mut j = 0;
+        let (mut j, ahead) = (0, prefetch_distance(d));
         while j + 8 <= n {
+            for &slot in slots.iter().skip(j + ahead).take(8) {
+                kv.prefetch(slot as usize, kv_head);
+            }
             let keys: [*const u16; 8] = std::array::from_fn(|k| kv.key(slots[j + k] as usize, kv_head).as_ptr());
             // SAFETY: the caller checked AVX2 (AVX-512 for the wide form); every key and
             // query holds `d` values.
@@ -636,7 +675,11 @@ pub fn scores(isa: Isa, q: &[f32], kv: &KvStore, slots: &[u32], kv_head: usize, 
     let mut j = 0;
     #[cfg(target_arch = "x86_64")]
     if isa.avx2() && q.len().is_multiple_of(64) {
+        let ahead = prefetch_distance(q.len());
         while j + 8 <= slots.len() {
+            for &slot in slots.iter().skip(j + ahead).take(8) {
+                kv.prefetch(slot as usize, kv_head);
+            }
             let keys: [*const u16; 8] = std::array::from_fn(|k| kv.key(slots[j + k] as usize, kv_head).as_ptr());
             // SAFETY: AVX2 implied by `isa`; every key holds `q.len()` values.
             let r = unsafe { crate::x86::dot8_f32_f16_ordered(q.as_ptr(), &keys, q.len(), isa.vnni()) };

@@ -14,6 +14,7 @@ pub mod dot;
 pub mod dot_ref;
 pub mod dtype;
 pub mod matmul;
+pub mod memory;
 pub mod numerics;
 pub mod ops;
 pub mod packed;

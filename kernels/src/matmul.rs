@@ -64,6 +64,16 @@ pub struct AlignedBuf {
 }
 
 impl AlignedBuf {
+    /// `len` zero bytes, in huge pages where the kernel allows (see `memory`): for the large
+    /// buffers that are written once and then streamed through every step.
+    pub fn zeroed_huge(len: usize) -> AlignedBuf {
+        // `vec!` of zeros leaves fresh pages untouched until written, so the advice applies
+        // to them from their first write.
+        let mut buf = AlignedBuf { words: vec![0; len.div_ceil(8)], len };
+        crate::memory::prefer_huge_pages(&mut buf.words);
+        buf
+    }
+
     pub fn resize(&mut self, len: usize) {
         let words = len.div_ceil(8);
         if self.words.len() < words {

@@ -152,8 +152,7 @@ impl PackedMatrix {
         }
         let blocks = w.cols / w.dtype.block_len();
         let bb = block_bytes(w.dtype);
-        let mut data = AlignedBuf::default();
-        data.resize(w.rows / GROUP * blocks * bb);
+        let mut data = AlignedBuf::zeroed_huge(w.rows / GROUP * blocks * bb);
         let out = data.bytes_mut();
         for g in 0..w.rows / GROUP {
             for b in 0..blocks {

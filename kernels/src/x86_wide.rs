@@ -40,6 +40,16 @@ pub unsafe fn fold64(x: *const f32, y: *const u16, n: usize) -> (__m256, __m256)
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c,avx512f")]
 unsafe fn fold64_queries<const Q: usize>(xs: &[*const f32; Q], y: *const u16, n: usize) -> [(__m256, __m256); Q] {
+    let halves = |s: __m512| (_mm512_castps512_ps256(s), _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(s), 1)));
+    if (64..128).contains(&n) {
+        // One product per lane: `a0 + a2` and `a1 + a3` as fused multiply-adds of exact
+        // products of half-precision values, as in `x86::fold64_once_queries`.
+        let ys: [__m512; 4] = std::array::from_fn(|c| _mm512_cvtph_ps(_mm256_loadu_si256(y.add(16 * c) as *const __m256i)));
+        return xs.map(|x| {
+            let pair = |c: usize| _mm512_fmadd_ps(_mm512_loadu_ps(x.add(16 * (c + 2))), ys[c + 2], _mm512_mul_ps(_mm512_loadu_ps(x.add(16 * c)), ys[c]));
+            halves(_mm512_add_ps(pair(0), pair(1)))
+        });
+    }
     let mut acc = [[_mm512_setzero_ps(); 4]; Q];
     let mut i = 0;
     while i + 64 <= n {
@@ -51,10 +61,7 @@ unsafe fn fold64_queries<const Q: usize>(xs: &[*const f32; Q], y: *const u16, n:
         }
         i += 64;
     }
-    acc.map(|a| {
-        let s = _mm512_add_ps(_mm512_add_ps(a[0], a[2]), _mm512_add_ps(a[1], a[3]));
-        (_mm512_castps512_ps256(s), _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(s), 1)))
-    })
+    acc.map(|a| halves(_mm512_add_ps(_mm512_add_ps(a[0], a[2]), _mm512_add_ps(a[1], a[3]))))
 }
 
 /// `x86::dot8_f32_f16_ordered` for `Q` queries against the same eight keys: each key chunk
