@@ -15,7 +15,7 @@
 # it with KILN_ISA, so an AVX-512 machine can measure the AVX2 paths of both.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-KILN=./target/release/kiln-worker
+KILN=${KILN:-./target/release/kiln-worker}  # another build for A/B comparisons
 THREADS=${THREADS:-$(nproc)}
 REPS=${REPS:-3}
 ROUNDS=${ROUNDS:-1}

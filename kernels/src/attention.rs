@@ -348,10 +348,12 @@ struct Queries<'a> {
     kv_head: usize,
 }
 
-/// How many keys ahead of the ones being scored their keys and values are asked for: about
-/// 4 KiB of keys, which arrive while the keys before them are scored.
-fn prefetch_distance(head_dim: usize) -> usize {
-    (2048 / head_dim.max(1)).clamp(8, 32)
+/// How many keys ahead of the ones being scored their keys and values are asked for (a
+/// sequence's only new row, as in decode: each of its keys is read once a step, and from
+/// memory), or None when the sequence has several rows in the batch, whose keys the rows
+/// share from cache. About 4 KiB of keys, which arrive while the keys before them are scored.
+fn prefetch_distance(span: &SeqSpan, head_dim: usize) -> Option<usize> {
+    (span.rows.len() == 1).then(|| (2048 / head_dim.max(1)).clamp(8, 32))
 }
 
 /// At most this many queries share one pass over the keys (their accumulators must fit in
@@ -387,12 +389,11 @@ fn attend(isa: Isa, p: &AttentionParams, kv: &KvStore, span: &SeqSpan, queries: 
         ts.slots.extend((key..end.min(last + 1)).map(|k| (base + k % bs) as u32));
         key = end;
     }
-    // The kernels below ask for keys `prefetch_distance` ahead of the ones they score; the first
-    // ones are asked for here.
-    if !full {
-        for &slot in ts.slots.iter().take(prefetch_distance(d)) {
-            kv.prefetch(slot as usize, kv_head);
-        }
+    // The kernels below ask for keys `ahead` of the ones they score; the first ones are asked
+    // for here.
+    let ahead = prefetch_distance(span, d).filter(|_| !full);
+    for &slot in ts.slots.iter().take(ahead.unwrap_or(0)) {
+        kv.prefetch(slot as usize, kv_head);
     }
     ts.scores.resize(heads * n_keys, 0.0);
     #[cfg(target_arch = "x86_64")]
@@ -403,7 +404,7 @@ fn attend(isa: Isa, p: &AttentionParams, kv: &KvStore, span: &SeqSpan, queries: 
         #[cfg(target_arch = "x86_64")]
         for h0 in (0..heads).step_by(SHARED_QUERIES) {
             let h1 = (h0 + SHARED_QUERIES).min(heads);
-            scores_shared(isa, &ts.q[h0 * d..h1 * d], d, kv, &ts.slots, kv_head, &mut ts.scores[h0 * n_keys..h1 * n_keys]);
+            scores_shared(isa, &ts.q[h0 * d..h1 * d], d, kv, (&ts.slots, ahead), kv_head, &mut ts.scores[h0 * n_keys..h1 * n_keys]);
         }
     } else {
         for (qh, sc) in ts.q.chunks(d).zip(ts.scores.chunks_mut(n_keys)) {
@@ -412,7 +413,7 @@ fn attend(isa: Isa, p: &AttentionParams, kv: &KvStore, span: &SeqSpan, queries: 
                     *o = qh.iter().zip(kv.key_f32(slot as usize, kv_head)).map(|(a, b)| a * b).sum();
                 }
             } else {
-                scores(isa, qh, kv, &ts.slots, kv_head, sc);
+                scores_prefetching(isa, qh, kv, (&ts.slots, ahead), kv_head, sc);
             }
         }
     }
@@ -460,14 +461,16 @@ fn attend(isa: Isa, p: &AttentionParams, kv: &KvStore, span: &SeqSpan, queries: 
 /// `scores` for up to `SHARED_QUERIES` queries (`qs` is `[queries, d]`) into `out`
 /// (`[queries, keys]`), eight keys at a time with every key widened once for all queries.
 #[cfg(target_arch = "x86_64")]
-fn scores_shared(isa: Isa, qs: &[f32], d: usize, kv: &KvStore, slots: &[u32], kv_head: usize, out: &mut [f32]) {
-    fn run<const Q: usize>(isa: Isa, qs: &[f32], d: usize, kv: &KvStore, slots: &[u32], kv_head: usize, out: &mut [f32]) {
+fn scores_shared(isa: Isa, qs: &[f32], d: usize, kv: &KvStore, slots: (&[u32], Option<usize>), kv_head: usize, out: &mut [f32]) {
+    fn run<const Q: usize>(isa: Isa, qs: &[f32], d: usize, kv: &KvStore, (slots, ahead): (&[u32], Option<usize>), kv_head: usize, out: &mut [f32]) {
         let n = slots.len();
         let xs: [*const f32; Q] = std::array::from_fn(|h| qs[h * d..].as_ptr());
-        let (mut j, ahead) = (0, prefetch_distance(d));
+        let mut j = 0;
         while j + 8 <= n {
-            for &slot in slots.iter().skip(j + ahead).take(8) {
-                kv.prefetch(slot as usize, kv_head);
+            if let Some(ahead) = ahead {
+                for &slot in slots.iter().skip(j + ahead).take(8) {
+                    kv.prefetch(slot as usize, kv_head);
+                }
             }
             let keys: [*const u16; 8] = std::array::from_fn(|k| kv.key(slots[j + k] as usize, kv_head).as_ptr());
             // SAFETY: the caller checked AVX2 (AVX-512 for the wide form); every key and
@@ -485,7 +488,7 @@ fn scores_shared(isa: Isa, qs: &[f32], d: usize, kv: &KvStore, slots: &[u32], kv
             j += 8;
         }
         for h in 0..Q {
-            scores(isa, &qs[h * d..(h + 1) * d], kv, &slots[j..], kv_head, &mut out[h * n + j..(h + 1) * n]);
+            scores_prefetching(isa, &qs[h * d..(h + 1) * d], kv, (&slots[j..], None), kv_head, &mut out[h * n + j..(h + 1) * n]);
         }
     }
     match qs.len() / d {
@@ -670,15 +673,21 @@ fn round_f16(isa: Isa, x: &mut [f32]) {
 /// Raw scores q·k of the keys in `slots`, for a query already rounded to half precision;
 /// the same values whichever kernel computes them.
 pub fn scores(isa: Isa, q: &[f32], kv: &KvStore, slots: &[u32], kv_head: usize, out: &mut [f32]) {
+    scores_prefetching(isa, q, kv, (slots, None), kv_head, out)
+}
+
+/// `scores`, asking for the keys and values `ahead` keys ahead of the ones scored.
+fn scores_prefetching(isa: Isa, q: &[f32], kv: &KvStore, (slots, ahead): (&[u32], Option<usize>), kv_head: usize, out: &mut [f32]) {
     // The vector kernels read `q.len()` values from each key.
     assert_eq!(q.len(), kv.head_dim, "a query of {} values against keys of {}", q.len(), kv.head_dim);
     let mut j = 0;
     #[cfg(target_arch = "x86_64")]
     if isa.avx2() && q.len().is_multiple_of(64) {
-        let ahead = prefetch_distance(q.len());
         while j + 8 <= slots.len() {
-            for &slot in slots.iter().skip(j + ahead).take(8) {
-                kv.prefetch(slot as usize, kv_head);
+            if let Some(ahead) = ahead {
+                for &slot in slots.iter().skip(j + ahead).take(8) {
+                    kv.prefetch(slot as usize, kv_head);
+                }
             }
             let keys: [*const u16; 8] = std::array::from_fn(|k| kv.key(slots[j + k] as usize, kv_head).as_ptr());
             // SAFETY: AVX2 implied by `isa`; every key holds `q.len()` values.
