@@ -5,6 +5,8 @@
 //! (query head, key) pair, the unit the kernels' cost is counted in, with the keys and
 //! values of one layer reused (from cache) and of LAYERS layers in turn (default 30, so they
 //! come from memory as in a decode step).
+mod common;
+
 use kiln_kernels::attention::{attention, AttentionParams, AttentionScratch, KvStore, SeqSpan};
 use kiln_kernels::Compute;
 use std::time::Instant;
@@ -38,13 +40,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             )
         })
         .collect();
-    let mut seed = 0x9e3779b97f4a7c15u64;
-    let mut next = move || {
-        seed ^= seed << 13;
-        seed ^= seed >> 7;
-        seed ^= seed << 17;
-        (seed >> 40) as f32 / (1u64 << 24) as f32 - 0.5
-    };
+    let mut next = common::uniform();
     let row: Vec<f32> = (0..kv_heads * head_dim).map(|_| next()).collect();
     for kv in &mut stores {
         for slot in 0..kv.num_slots() {

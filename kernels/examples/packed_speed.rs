@@ -1,6 +1,8 @@
 //! Products a second of one packed matrix against N activation rows on THREADS threads:
 //! `cargo run --release -p kiln-kernels --example packed_speed -- [DTYPE] [ROWS] [COLS] [N] [THREADS]`
 //! (defaults Q4_1 1536 576 16 1). The ISA is the one `KILN_ISA` or the CPU chooses.
+mod common;
+
 use kiln_kernels::matmul::{matmul_group, Activations, MatMulJob, WeightView};
 use kiln_kernels::packed::PackedMatrix;
 use kiln_kernels::quantize::quantize_row;
@@ -22,13 +24,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let cols: usize = args.get(2).map_or(Ok(576), |s| s.parse())?;
     let n: usize = args.get(3).map_or(Ok(16), |s| s.parse())?;
     let threads: usize = args.get(4).map_or(Ok(1), |s| s.parse())?;
-    let mut seed = 0x9e3779b97f4a7c15u64;
-    let mut next = move || {
-        seed ^= seed << 13;
-        seed ^= seed >> 7;
-        seed ^= seed << 17;
-        (seed >> 40) as f32 / (1u64 << 24) as f32 - 0.5
-    };
+    let mut next = common::uniform();
     let row_bytes = dtype.row_bytes(cols).ok_or("columns are not whole blocks")?;
     let mut bytes = vec![0u8; rows * row_bytes];
     for r in 0..rows {
