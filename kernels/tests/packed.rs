@@ -124,9 +124,9 @@ fn a_rows_result_does_not_depend_on_the_batch() {
     for (compute, dtype) in packed_isas("a_rows_result_does_not_depend_on_the_batch").iter().flat_map(|c| TYPES.map(|d| (c, d))) {
         let mut rng = Rng(13);
         let case = Case::new(dtype, 32, 768, 11, &mut rng);
-        let (all, _) = case.product(&compute, 0, case.tokens);
+        let (all, _) = case.product(compute, 0, case.tokens);
         for t in 0..case.tokens {
-            let (one, _) = case.product(&compute, t, 1);
+            let (one, _) = case.product(compute, t, 1);
             assert_eq!(one, all[t * case.rows..(t + 1) * case.rows], "{dtype} on {:?}: row {t} alone differs from row {t} in a batch of {}", compute.isa, case.tokens);
         }
     }

@@ -16,6 +16,9 @@ struct Job {
     reply: tokio::sync::oneshot::Sender<Result<Vec<Vec<f32>>>>,
 }
 
+/// Where one submission's vectors (one per input) arrive.
+pub type Embeddings = tokio::sync::oneshot::Receiver<Result<Vec<Vec<f32>>>>;
+
 /// Counters for `/metrics` and the load a worker reports.
 #[derive(Default)]
 pub struct EmbedStats {
@@ -51,7 +54,7 @@ impl EmbedQueue {
     /// Queues `inputs` (token ids with the model's special tokens), checked and, with
     /// `truncate`, cut to the longest input first; resolves to one vector per input. Also
     /// returns the number of tokens that will be read.
-    pub fn submit(&self, mut inputs: Vec<Vec<u32>>, truncate: bool) -> Result<(tokio::sync::oneshot::Receiver<Result<Vec<Vec<f32>>>>, usize)> {
+    pub fn submit(&self, mut inputs: Vec<Vec<u32>>, truncate: bool) -> Result<(Embeddings, usize)> {
         if inputs.is_empty() {
             return Err(Error::InvalidRequest("no inputs".into()));
         }

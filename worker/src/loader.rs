@@ -38,6 +38,16 @@ pub struct LoadedModel {
     pub vision: Option<Arc<crate::vision::VisionModel>>,
 }
 
+/// What a model file holds besides its weights and configuration, as `LoadedModel` keeps it.
+struct FileParts {
+    path: PathBuf,
+    tokenizer: Arc<Tokenizer>,
+    /// The file's chat template, if it has one.
+    template: Option<String>,
+    weight_format: String,
+    sampling_defaults: SamplingDefaults,
+}
+
 /// Sampling defaults from `generation_config.json`; unset fields are left to the caller.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct SamplingDefaults {
@@ -96,7 +106,7 @@ pub(crate) fn weight_format(tensors: impl Iterator<Item = (DType, usize, u64)>, 
             None => counts.push((dtype, elements)),
         }
     }
-    counts.sort_by(|a, b| b.1.cmp(&a.1));
+    counts.sort_by_key(|c| std::cmp::Reverse(c.1));
     let mut names = counts.iter().map(|c| c.0.name());
     let file = match (names.next(), names.collect::<Vec<_>>()) {
         (None, _) => "none".to_string(),
@@ -184,24 +194,16 @@ impl LoadedModel {
             vision = Some(Arc::new(crate::vision::VisionModel::load(arch, &config, dir, &weights, cfg.hidden_size, &tokenizer)?));
         }
         let weights = weights.with_shard(shard);
-        let mut model = Self::assemble(dir.to_path_buf(), &cfg, tokenizer, &weights, template, format, isq.is_some(), sampling_defaults, device)?;
+        let file = FileParts { path: dir.to_path_buf(), tokenizer, template, weight_format: format, sampling_defaults };
+        let mut model = Self::assemble(file, &cfg, &weights, isq.is_some(), device)?;
         model.vision = vision;
         Ok(model)
     }
 
     /// The model built from its weights, with its tokenizer and chat template (the file's, or
     /// kiln's built-in one for the architecture).
-    fn assemble(
-        path: PathBuf,
-        cfg: &ModelConfig,
-        tokenizer: Arc<Tokenizer>,
-        weights: &WeightSource,
-        template: Option<String>,
-        weight_format: String,
-        quantized: bool,
-        sampling_defaults: SamplingDefaults,
-        device: &Device,
-    ) -> Result<LoadedModel> {
+    fn assemble(file: FileParts, cfg: &ModelConfig, weights: &WeightSource, quantized: bool, device: &Device) -> Result<LoadedModel> {
+        let FileParts { path, tokenizer, template, weight_format, sampling_defaults } = file;
         let (mut model, unused_tensors) = registry::build(cfg, weights, device)?;
         if let Some(shard) = weights.shard().filter(|s| s.rank == 0 && s.size > 1) {
             model = Box::new(Leader { inner: model, shard: shard.clone() });
@@ -251,7 +253,8 @@ impl LoadedModel {
         let format = weight_format(gguf.tensors().iter().map(|t| (t.dtype, t.dims.len(), t.num_elements())), isq);
         let weights = WeightSource::new(Arc::clone(&gguf), &arch).with_isq(isq).with_shard(shard);
         let template = gguf.opt_string("tokenizer.chat_template")?.map(str::to_string);
-        Self::assemble(path, &cfg, tokenizer, &weights, template, format, isq.is_some(), SamplingDefaults::default(), device)
+        let file = FileParts { path, tokenizer, template, weight_format: format, sampling_defaults: SamplingDefaults::default() };
+        Self::assemble(file, &cfg, &weights, isq.is_some(), device)
     }
 
     /// Plain-text prompt: BOS as the model asks, control tokens in the text recognized.

@@ -39,7 +39,7 @@ mod tests {
         attend(&compute, &q, &k, &v, &[0..2, 2..5], shape, &mut together);
         // The second sequence alone gives the same rows, bit for bit.
         let mut alone = vec![0.0; 3 * width];
-        attend(&compute, &q[2 * width..], &k[2 * width..], &v[2 * width..], &[0..3], shape, &mut alone);
+        attend(&compute, &q[2 * width..], &k[2 * width..], &v[2 * width..], std::slice::from_ref(&(0..3)), shape, &mut alone);
         assert_eq!(&together[2 * width..], &alone[..]);
         // Row 0, head 0 by hand: softmax over rows 0 and 1 of its sequence only.
         let s: Vec<f32> = (0..2).map(|j| (0..3).map(|d| q[d] * k[j * width + d]).sum::<f32>() * 0.5).collect();
