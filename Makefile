@@ -7,7 +7,7 @@
 CARGO ?= cargo
 MODEL ?= smollm2
 
-.PHONY: all deps build build-cuda gpu-check-bundle run chat test test-rust test-api test-full test-containers images compose-up compose-down bench goldens clean
+.PHONY: all deps build build-cuda gpu-check-bundle run chat test test-rust test-api test-full lint test-containers images compose-up compose-down bench goldens clean
 
 all: build
 
@@ -46,6 +46,11 @@ test-rust: deps
 	@# On AVX-512 CPUs the run above used the AVX-512 kernels; the golden logits (bit for bit
 	@# llama.cpp's) are checked again through the AVX2 ones, which AVX2-only CPUs run.
 	if grep -qw avx512f /proc/cpuinfo; then KILN_ISA=avx2 $(CARGO) test --release -p kiln-worker --test goldens logits_match; fi
+
+# Clippy over every crate and target, warnings as errors (in CI; not part of `make test`,
+# whose time it would add to).
+lint: deps
+	$(CARGO) clippy --release --workspace --all-targets -- -D warnings
 
 # The HTTP API through the official openai and anthropic Python clients, and the cluster's
 # fault tests against real etcd servers.
