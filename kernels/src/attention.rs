@@ -122,7 +122,11 @@ impl KvStore {
         {
             use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
             let start = self.offset(slot, kv_head);
-            let (keys, values) = (self.k[start..start + self.head_dim].as_ptr(), self.v[start..start + self.head_dim].as_ptr());
+            // (A full-precision store keeps no half-precision rows: nothing to ask for.)
+            let (Some(keys), Some(values)) = (self.k.get(start..start + self.head_dim), self.v.get(start..start + self.head_dim)) else {
+                return;
+            };
+            let (keys, values) = (keys.as_ptr(), values.as_ptr());
             for line in (0..self.head_dim * 2).step_by(64) {
                 // SAFETY: a prefetch never faults; both addresses lie inside this slot's row.
                 unsafe {
@@ -133,6 +137,16 @@ impl KvStore {
         }
         #[cfg(not(target_arch = "x86_64"))]
         let _ = (slot, kv_head);
+    }
+
+    /// `prefetch` for the eight keys `ahead` past key `next` of `slots`, when asked to.
+    #[inline(always)]
+    fn prefetch_ahead(&self, slots: &[u32], next: usize, ahead: Option<usize>, kv_head: usize) {
+        if let Some(ahead) = ahead {
+            for &slot in slots.iter().skip(next + ahead).take(8) {
+                self.prefetch(slot as usize, kv_head);
+            }
+        }
     }
 
     fn value_f32(&self, slot: usize, kv_head: usize) -> &[f32] {
@@ -467,11 +481,7 @@ fn scores_shared(isa: Isa, qs: &[f32], d: usize, kv: &KvStore, slots: (&[u32], O
         let xs: [*const f32; Q] = std::array::from_fn(|h| qs[h * d..].as_ptr());
         let mut j = 0;
         while j + 8 <= n {
-            if let Some(ahead) = ahead {
-                for &slot in slots.iter().skip(j + ahead).take(8) {
-                    kv.prefetch(slot as usize, kv_head);
-                }
-            }
+            kv.prefetch_ahead(slots, j, ahead, kv_head);
             let keys: [*const u16; 8] = std::array::from_fn(|k| kv.key(slots[j + k] as usize, kv_head).as_ptr());
             // SAFETY: the caller checked AVX2 (AVX-512 for the wide form); every key and
             // query holds `d` values.
@@ -684,11 +694,7 @@ fn scores_prefetching(isa: Isa, q: &[f32], kv: &KvStore, (slots, ahead): (&[u32]
     #[cfg(target_arch = "x86_64")]
     if isa.avx2() && q.len().is_multiple_of(64) {
         while j + 8 <= slots.len() {
-            if let Some(ahead) = ahead {
-                for &slot in slots.iter().skip(j + ahead).take(8) {
-                    kv.prefetch(slot as usize, kv_head);
-                }
-            }
+            kv.prefetch_ahead(slots, j, ahead, kv_head);
             let keys: [*const u16; 8] = std::array::from_fn(|k| kv.key(slots[j + k] as usize, kv_head).as_ptr());
             // SAFETY: AVX2 implied by `isa`; every key holds `q.len()` values.
             let r = unsafe { crate::x86::dot8_f32_f16_ordered(q.as_ptr(), &keys, q.len(), isa.vnni()) };
