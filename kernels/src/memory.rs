@@ -1,10 +1,11 @@
-//! Large buffers the kernels stream through every step (repacked weights, the KV cache) in
-//! 2 MiB pages where the kernel allows it.
+//! Large buffers the kernels stream through every step (the repacked weights) in 2 MiB pages
+//! where the kernel allows it.
 //!
 //! With 4 KiB pages a decode step touches tens of thousands of pages, more than the TLB
-//! holds, and every new page costs a page walk before its data can even be requested; the
-//! gathered reads of paged attention suffer most. Linux's transparent huge pages are often
-//! enabled only for memory that asks (`madvise` mode), so these buffers ask.
+//! holds, and every new page costs a page walk before its data can even be requested.
+//! Linux's transparent huge pages are often enabled only for memory that asks (`madvise`
+//! mode), so these buffers ask. (The KV cache was tried too and gained nothing measurable:
+//! its reads wait on memory, not on page walks; see docs/perf.md.)
 
 /// Asks for huge pages over the whole 2 MiB pages inside `buf`. Best done before the buffer is
 /// first written (its pages are then faulted in large); otherwise the kernel may collapse them
