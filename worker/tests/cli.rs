@@ -17,6 +17,10 @@ fn run(args: &[&str]) -> Output {
     kiln().args(args).output().expect("kiln-worker runs")
 }
 
+fn run_with_env(args: &[&str], env: &[(&str, &str)]) -> Output {
+    kiln().args(args).envs(env.iter().copied()).output().expect("kiln-worker runs")
+}
+
 fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
 }
@@ -141,6 +145,19 @@ fn eval_reports_the_same_answers_on_candle_as_on_the_cpu() {
         assert!(run["prefix_hit_tokens"].as_u64().unwrap() > 0, "{}", run["device"]);
     }
     assert_eq!(cpu["greedy_alone"], candle["greedy_alone"]);
+    // The GPU backend's attention composed of candle operations (the cross-check for its
+    // kernels) against the kernels' path: the same tokens, logits within 1e-5.
+    let composed = run_with_env(&["eval", "-m", model.to_str().unwrap(), "--input", cases.to_str().unwrap(), "--device", "candle-cpu"], &[("KILN_CANDLE_ATTENTION", "composed")]);
+    assert!(composed.status.success(), "{}", text(&composed.stderr));
+    let composed: serde_json::Value = serde_json::from_str(&text(&composed.stdout)).unwrap();
+    assert_eq!(composed["score"][0]["top_ids"], candle["score"][0]["top_ids"]);
+    assert_eq!(composed["greedy_alone"], candle["greedy_alone"]);
+    assert_eq!(composed["greedy_preempted"], candle["greedy_alone"]);
+    let logits = |v: &serde_json::Value| -> Vec<f64> { v["score"][0]["top_logits"].as_array().unwrap().iter().flat_map(|r| r.as_array().unwrap().iter().map(|x| x.as_f64().unwrap())).collect() };
+    let gap = logits(&composed).iter().zip(logits(&candle)).map(|(a, b)| (a - b).abs()).fold(0.0, f64::max);
+    assert!(gap <= 1e-5, "composed and kernel attention differ by {gap}");
+    let out = run_with_env(&["eval", "-m", model.to_str().unwrap(), "--input", cases.to_str().unwrap(), "--device", "candle-cpu"], &[("KILN_CANDLE_ATTENTION", "flash")]);
+    assert_one_line_error(&out, "KILN_CANDLE_ATTENTION=flash: expected `kernels` or `composed`");
     let out = run(&["eval", "-m", model.to_str().unwrap(), "--input", model.join("config.json").to_str().unwrap()]);
     assert_one_line_error(&out, "expected {\"score\"");
     std::fs::remove_dir_all(&dir).ok();

@@ -8,12 +8,18 @@
 //! candle's CPU quantized matmul rounds differently from ggml and is not what runs on a GPU,
 //! so it would only blur what that device checks, the composition. Keys and values live in
 //! one device tensor per layer, `[slots, kv_heads * head_dim]`, in half precision for models
-//! whose reference caches in half (GGUF) and f32 otherwise; the block tables stay on the host
-//! and reach the device as slot indices each step. Activations are f32.
+//! whose reference caches in half (GGUF) and f32 otherwise. Activations are f32.
+//!
+//! Attention and the cache writes are kiln's own kernels (`paged`): the block tables and each
+//! row's key range reach the device once a step, and the kernel reads keys and values through
+//! them. `KILN_CANDLE_ATTENTION=composed` computes attention from candle operations instead
+//! (each sequence's keys gathered through its slots, a mask, a softmax): the cross-check the
+//! GPU checks run the kernels against.
 //!
 //! Not yet on this backend: mixture-of-experts blocks and split (tensor-parallel) models;
 //! loading one fails with an error naming what is missing.
 
+use super::paged::{self, StepKeys, StepSlots};
 use super::{AttendInput, Backend, Flow, KvLayer, KvShape, Part};
 use crate::error::{Error, Result};
 use crate::layers::attention::{Attention, AttentionConfig};
@@ -37,6 +43,27 @@ use std::any::Any;
 pub struct Candle {
     device: TensorDevice,
     name: String,
+    attention: AttentionPath,
+}
+
+/// How attention is computed on this backend.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AttentionPath {
+    /// kiln's paged-attention kernel (its Rust reference on candle's CPU device).
+    Kernels,
+    /// candle operations over each sequence's gathered keys.
+    Composed,
+}
+
+impl AttentionPath {
+    /// From `KILN_CANDLE_ATTENTION` (`kernels`, the default, or `composed`).
+    pub fn from_env() -> Result<AttentionPath> {
+        match std::env::var("KILN_CANDLE_ATTENTION").ok().as_deref() {
+            None | Some("") | Some("kernels") => Ok(AttentionPath::Kernels),
+            Some("composed") => Ok(AttentionPath::Composed),
+            Some(other) => Err(Error::Backend(format!("KILN_CANDLE_ATTENTION={other}: expected `kernels` or `composed`"))),
+        }
+    }
 }
 
 /// Candle's errors as kiln's, with what was being done.
@@ -51,9 +78,14 @@ impl<T> OnDevice<T> for candle_core::Result<T> {
 }
 
 impl Candle {
-    /// candle's CPU device.
-    pub fn cpu() -> Candle {
-        Candle { device: TensorDevice::Cpu, name: "candle-cpu".into() }
+    /// candle's CPU device, attention as `KILN_CANDLE_ATTENTION` says.
+    pub fn cpu() -> Result<Candle> {
+        Ok(Candle::cpu_with(AttentionPath::from_env()?))
+    }
+
+    /// candle's CPU device, attention by `path`.
+    pub fn cpu_with(attention: AttentionPath) -> Candle {
+        Candle { device: TensorDevice::Cpu, name: "candle-cpu".into(), attention }
     }
 
     /// CUDA device `ordinal`.
@@ -76,7 +108,7 @@ impl Candle {
                 }
                 _ => format!("cuda:{ordinal}"),
             };
-            Ok(Candle { device, name })
+            Ok(Candle { device, name, attention: AttentionPath::from_env()? })
         }
         #[cfg(not(feature = "cuda"))]
         {
@@ -256,6 +288,10 @@ pub struct Work {
     /// and row width).
     views: std::collections::HashMap<(usize, Option<usize>), Vec<SeqView>>,
     write_slots: std::collections::HashMap<(usize, usize), Tensor>,
+    /// The same for the kernels: key ranges by cache group, window and head shape; slots by
+    /// cache group.
+    step_keys: std::collections::HashMap<(usize, Option<usize>, [usize; 3]), StepKeys>,
+    step_slots: std::collections::HashMap<usize, StepSlots>,
 }
 
 /// One sequence's keys as its queries see them in one step.
@@ -387,6 +423,8 @@ impl Backend for Candle {
         let state = s.device.as_mut().and_then(|d| d.downcast_mut::<State>()).ok_or_else(|| Error::Backend("the pass's buffers are missing".into()))?;
         state.work.views.clear();
         state.work.write_slots.clear();
+        state.work.step_keys.clear();
+        state.work.step_slots.clear();
         Ok(Flow { x: &mut state.x, xn: &mut state.xn, y: &mut state.y, rope: &mut state.rope, rope_tables: &mut state.rope_tables, work: &mut state.work, tap: &mut s.tap })
     }
 
@@ -438,37 +476,10 @@ impl Backend for Candle {
         if let Some(scale) = c.query_scale {
             q = q.affine(f64::from(scale), 0.0).on_device("query scale")?;
         }
-        // New keys and values into their slots.
-        let kv_width = c.num_kv_heads * c.head_dim;
-        let index = match work.write_slots.entry((input.group, kv_width)) {
-            std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
-            std::collections::hash_map::Entry::Vacant(e) => {
-                let slots: Vec<u32> = batch.slots[input.group].to_vec();
-                e.insert(
-                    Tensor::from_vec(slots, (rows, 1), &self.device)
-                        .and_then(|i| i.broadcast_as((rows, kv_width)))
-                        .and_then(|i| i.contiguous())
-                        .on_device("cache slots")?,
-                )
-            }
+        let attn = match self.attention {
+            AttentionPath::Kernels => self.attend_kernels(a, input, &q, &k, &v, kv, work)?,
+            AttentionPath::Composed => self.attend_composed(a, input, &q, &k, &v, kv, work)?,
         };
-        let store = |cache: &Tensor, t: &Tensor| -> Result<()> {
-            let t = t.reshape((rows, kv_width)).and_then(|t| t.to_dtype(cache.dtype())).and_then(|t| t.contiguous()).on_device("cache write")?;
-            cache.scatter_set(index, &t, 0).on_device("cache write")
-        };
-        store(&kv.k, &k)?;
-        store(&kv.v, &v)?;
-        // Each sequence's queries against its history, read back through its block table.
-        let views = match work.views.entry((input.group, c.sliding_window)) {
-            std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
-            std::collections::hash_map::Entry::Vacant(e) => e.insert(self.seq_views(batch, input.group, c.sliding_window)?),
-        };
-        let mut outs = Vec::with_capacity(views.len());
-        for (seq, view) in batch.seqs.iter().zip(views.iter()) {
-            let q_seq = q.narrow(0, seq.rows.start, seq.rows.len()).on_device("queries")?;
-            outs.push(self.attend_seq(c, kv, view, &q_seq)?);
-        }
-        let attn = Tensor::cat(&outs, 0).on_device("attention output")?;
         work.query = Some(q.reshape((rows, c.num_heads * c.head_dim)).on_device("queries")?);
         out.0 = Some(a.o.forward(cc, &attn)?);
         work.attn = Some(attn);
@@ -571,6 +582,73 @@ fn rotate(x: &Tensor, rope: &DeviceRope, c: &AttentionConfig) -> Result<Tensor> 
 }
 
 impl Candle {
+    /// Attention through kiln's kernels: the new keys and values written into their slots,
+    /// then every row's queries against its key range, read through the block tables.
+    #[allow(clippy::too_many_arguments)]
+    fn attend_kernels(&self, a: &DeviceAttention, input: &AttendInput<Candle>, q: &Tensor, k: &Tensor, v: &Tensor, kv: &mut DeviceKv, work: &mut Work) -> Result<Tensor> {
+        let c = &a.cfg;
+        let batch = input.batch;
+        let rows = batch.num_rows();
+        let kv_width = c.num_kv_heads * c.head_dim;
+        let slots = match work.step_slots.entry(input.group) {
+            std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+            std::collections::hash_map::Entry::Vacant(e) => e.insert(StepSlots::new(&batch.slots[input.group], &self.device)?),
+        };
+        for (cache, new) in [(&kv.k, k), (&kv.v, v)] {
+            paged::write_cache(cache, &new.reshape((rows, kv_width)).on_device("cache write")?, slots)?;
+        }
+        let cache_slots = kv.k.dim(0).on_device("cache")?;
+        let keys = match work.step_keys.entry((input.group, c.sliding_window, [c.num_heads, c.num_kv_heads, c.head_dim])) {
+            std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+            std::collections::hash_map::Entry::Vacant(e) => e.insert(StepKeys::new(batch, input.group, c.sliding_window, c, cache_slots, &self.device)?),
+        };
+        if keys.shape().slots != cache_slots {
+            return Err(Error::Backend(format!("a layer's cache of {cache_slots} slots in a group of {}", keys.shape().slots)));
+        }
+        let scoring = kiln_cuda_kernels::Scoring { scale: c.score_scale, softcap: c.softcap, half_rounding: kv.precision == KvPrecision::Half };
+        paged::attention(&q.reshape((rows, c.num_heads * c.head_dim)).on_device("queries")?, &kv.k, &kv.v, keys, scoring)
+    }
+
+    /// Attention composed of candle operations: each sequence's keys gathered through its
+    /// slots, scored against its queries under a mask.
+    #[allow(clippy::too_many_arguments)]
+    fn attend_composed(&self, a: &DeviceAttention, input: &AttendInput<Candle>, q: &Tensor, k: &Tensor, v: &Tensor, kv: &mut DeviceKv, work: &mut Work) -> Result<Tensor> {
+        let c = &a.cfg;
+        let batch = input.batch;
+        let rows = batch.num_rows();
+        // New keys and values into their slots.
+        let kv_width = c.num_kv_heads * c.head_dim;
+        let index = match work.write_slots.entry((input.group, kv_width)) {
+            std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+            std::collections::hash_map::Entry::Vacant(e) => {
+                let slots: Vec<u32> = batch.slots[input.group].to_vec();
+                e.insert(
+                    Tensor::from_vec(slots, (rows, 1), &self.device)
+                        .and_then(|i| i.broadcast_as((rows, kv_width)))
+                        .and_then(|i| i.contiguous())
+                        .on_device("cache slots")?,
+                )
+            }
+        };
+        let store = |cache: &Tensor, t: &Tensor| -> Result<()> {
+            let t = t.reshape((rows, kv_width)).and_then(|t| t.to_dtype(cache.dtype())).and_then(|t| t.contiguous()).on_device("cache write")?;
+            cache.scatter_set(index, &t, 0).on_device("cache write")
+        };
+        store(&kv.k, &k)?;
+        store(&kv.v, &v)?;
+        // Each sequence's queries against its history, read back through its block table.
+        let views = match work.views.entry((input.group, c.sliding_window)) {
+            std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+            std::collections::hash_map::Entry::Vacant(e) => e.insert(self.seq_views(batch, input.group, c.sliding_window)?),
+        };
+        let mut outs = Vec::with_capacity(views.len());
+        for (seq, view) in batch.seqs.iter().zip(views.iter()) {
+            let q_seq = q.narrow(0, seq.rows.start, seq.rows.len()).on_device("queries")?;
+            outs.push(self.attend_seq(c, kv, view, &q_seq)?);
+        }
+        Tensor::cat(&outs, 0).on_device("attention output")
+    }
+
     /// Each sequence's key slots and mask for cache group `group` under `window`, in the
     /// order of `batch.seqs`, whose rows must follow one another from row 0.
     fn seq_views(&self, batch: &Batch, group: usize, window: Option<usize>) -> Result<Vec<SeqView>> {

@@ -11,6 +11,7 @@
 
 pub mod candle;
 pub mod cpu;
+mod paged;
 
 pub use self::candle::Candle;
 pub use cpu::Cpu;
@@ -224,7 +225,7 @@ macro_rules! on_device {
                 $body
             }
             $crate::backend::Device::CandleCpu => {
-                let $b = $crate::backend::Candle::cpu();
+                let $b = $crate::backend::Candle::cpu()?;
                 $body
             }
             $crate::backend::Device::Cuda(n) => {

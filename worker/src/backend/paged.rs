@@ -1,0 +1,282 @@
+//! kiln's attention kernels (crate `kiln-cuda-kernels`) as candle operations: attention over
+//! the paged cache through the block table, and the write of a step's new keys and values
+//! into their slots. On a CUDA device they launch the kernels' PTX; on candle's CPU device
+//! they run the kernels' Rust reference, so that the arguments prepared here (block tables,
+//! each row's key range, slots) are checked through whole models without a GPU.
+
+use crate::error::{Error, Result};
+use crate::kv_cache::NO_BLOCK;
+use crate::layers::attention::AttentionConfig;
+use crate::models::batch::Batch;
+use candle_core::{CpuStorage, CustomOp3, Device, InplaceOp2, Layout, Shape, Tensor};
+use kiln_cuda_kernels as kernels;
+
+/// Where the rows of one step read their keys, for one cache group, window and head shape:
+/// made by the first layer that needs it and shared by the others.
+pub struct StepKeys {
+    ranges: kernels::KeyRanges,
+    /// The same arrays on the device, for the kernel (None on candle's CPU device).
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    on_device: Option<[Tensor; 4]>,
+}
+
+impl StepKeys {
+    /// Rows of `batch` see their own position and before, within `window`, and the rest of
+    /// an image they belong to, as far as this step has computed it.
+    pub fn new(batch: &Batch, group: usize, window: Option<usize>, c: &AttentionConfig, slots: usize, device: &Device) -> Result<StepKeys> {
+        let max_blocks = batch.seqs.iter().map(|s| s.block_tables[group].len()).max().unwrap_or(0).max(1);
+        let mut tables = vec![NO_BLOCK; batch.seqs.len() * max_blocks];
+        let rows = batch.num_rows();
+        let (mut row_seq, mut row_lo, mut row_hi) = (vec![0u32; rows], vec![0u32; rows], vec![0u32; rows]);
+        for (s, seq) in batch.seqs.iter().enumerate() {
+            tables[s * max_blocks..][..seq.block_tables[group].len()].copy_from_slice(&seq.block_tables[group]);
+            let last_pos = seq.first_pos + seq.rows.len() - 1;
+            for (i, row) in seq.rows.clone().enumerate() {
+                let pos = seq.first_pos + i;
+                let last = seq.bidirectional.iter().find(|r| r.contains(&pos)).map_or(pos, |r| r.end - 1).min(last_pos);
+                let first = window.map_or(0, |w| pos.saturating_sub(w.saturating_sub(1)));
+                let (Some(r), Ok(lo), Ok(hi)) = (row_seq.get_mut(row), u32::try_from(first), u32::try_from(last + 1)) else {
+                    return Err(Error::Backend(format!("a batch's sequence takes rows {:?} of {rows}", seq.rows)));
+                };
+                *r = s as u32;
+                row_lo[row] = lo;
+                row_hi[row] = hi;
+            }
+        }
+        let shape = kernels::AttentionShape { heads: c.num_heads, kv_heads: c.num_kv_heads, head_dim: c.head_dim, block_size: batch.block_size, slots };
+        let ranges = kernels::KeyRanges::new(tables, max_blocks, row_seq, row_lo, row_hi, shape).map_err(|e| Error::Backend(e.to_string()))?;
+        let on_device = match device {
+            Device::Cpu => None,
+            _ => {
+                let upload = |v: &[u32]| Tensor::from_slice(v, v.len(), device).map_err(|e| Error::Backend(format!("key ranges: {e}")));
+                Some([upload(ranges.block_tables())?, upload(ranges.row_seq())?, upload(ranges.row_lo())?, upload(ranges.row_hi())?])
+            }
+        };
+        Ok(StepKeys { ranges, on_device })
+    }
+
+    pub fn shape(&self) -> kernels::AttentionShape {
+        self.ranges.shape()
+    }
+}
+
+/// The slots a step's new keys and values go to, for one cache group.
+pub struct StepSlots {
+    slots: Vec<u32>,
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    on_device: Option<Tensor>,
+}
+
+impl StepSlots {
+    pub fn new(slots: &[u32], device: &Device) -> Result<StepSlots> {
+        let on_device = match device {
+            Device::Cpu => None,
+            _ => Some(Tensor::from_slice(slots, slots.len(), device).map_err(|e| Error::Backend(format!("cache slots: {e}")))?),
+        };
+        Ok(StepSlots { slots: slots.to_vec(), on_device })
+    }
+}
+
+/// Attention of `q` (`[rows, heads * head_dim]`, f32) over the caches `k` and `v`
+/// (`[slots, kv_heads * head_dim]`, f16 or f32) through `keys`.
+pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, keys: &StepKeys, scoring: kernels::Scoring) -> Result<Tensor> {
+    let q = q.contiguous().map_err(|e| Error::Backend(format!("queries: {e}")))?;
+    q.apply_op3_no_bwd(k, v, &PagedAttention { keys, scoring }).map_err(|e| Error::Backend(format!("paged attention: {e}")))
+}
+
+/// Writes row `r` of `src` (`[rows, width]`, f32) into slot `r` of `slots` in `cache`.
+pub fn write_cache(cache: &Tensor, src: &Tensor, slots: &StepSlots) -> Result<()> {
+    let src = src.contiguous().map_err(|e| Error::Backend(format!("cache write: {e}")))?;
+    cache.inplace_op2(&src, &WriteCache { slots }).map_err(|e| Error::Backend(format!("cache write: {e}")))
+}
+
+struct PagedAttention<'a> {
+    keys: &'a StepKeys,
+    scoring: kernels::Scoring,
+}
+
+struct WriteCache<'a> {
+    slots: &'a StepSlots,
+}
+
+fn contiguous<'s, T>(values: &'s [T], layout: &Layout, what: &str) -> candle_core::Result<&'s [T]> {
+    match layout.contiguous_offsets() {
+        Some((start, end)) if end <= values.len() => Ok(&values[start..end]),
+        _ => candle_core::bail!("{what} is not contiguous"),
+    }
+}
+
+fn kernel_error(e: kernels::KernelError) -> candle_core::Error {
+    candle_core::Error::Msg(e.to_string())
+}
+
+impl CustomOp3 for PagedAttention<'_> {
+    fn name(&self) -> &'static str {
+        "kiln-paged-attention"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout, s3: &CpuStorage, l3: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let r = &self.keys.ranges;
+        let CpuStorage::F32(q) = s1 else { candle_core::bail!("queries must be f32") };
+        let q = contiguous(q, l1, "queries")?;
+        let out = match (s2, s3) {
+            (CpuStorage::F16(k), CpuStorage::F16(v)) => kernels::attention(r, &self.scoring, q, contiguous(k, l2, "key cache")?, contiguous(v, l3, "value cache")?),
+            (CpuStorage::F32(k), CpuStorage::F32(v)) => kernels::attention(r, &self.scoring, q, contiguous(k, l2, "key cache")?, contiguous(v, l3, "value cache")?),
+            _ => candle_core::bail!("the key and value caches must both be f16 or both f32"),
+        }
+        .map_err(kernel_error)?;
+        Ok((CpuStorage::F32(out), Shape::from((r.rows(), r.shape().q_width()))))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(&self, s1: &candle_core::CudaStorage, l1: &Layout, s2: &candle_core::CudaStorage, l2: &Layout, s3: &candle_core::CudaStorage, l3: &Layout) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        cuda::attention(self, s1, l1, s2, l2, s3, l3)
+    }
+}
+
+impl InplaceOp2 for WriteCache<'_> {
+    fn name(&self) -> &'static str {
+        "kiln-write-cache"
+    }
+
+    fn cpu_fwd(&self, s1: &mut CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> candle_core::Result<()> {
+        let width = l1.dims().last().copied().unwrap_or(0);
+        let CpuStorage::F32(src) = s2 else { candle_core::bail!("new keys and values must be f32") };
+        let src = contiguous(src, l2, "new keys and values")?;
+        if l1.contiguous_offsets() != Some((0, l1.shape().elem_count())) {
+            candle_core::bail!("the cache is not one contiguous tensor");
+        }
+        match s1 {
+            CpuStorage::F16(cache) => kernels::write_cache(cache, width, src, &self.slots.slots),
+            CpuStorage::F32(cache) => kernels::write_cache(cache, width, src, &self.slots.slots),
+            _ => candle_core::bail!("the cache must be f16 or f32"),
+        }
+        .map_err(kernel_error)
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(&self, s1: &mut candle_core::CudaStorage, l1: &Layout, s2: &candle_core::CudaStorage, l2: &Layout) -> candle_core::Result<()> {
+        cuda::write_cache(self, s1, l1, s2, l2)
+    }
+}
+
+#[cfg(feature = "cuda")]
+mod cuda {
+    //! The launches. Every size and index the kernels trust was checked on the host first
+    //! (`KeyRanges::new`, `check_buffers`, `check_write`, `Launch::check`).
+
+    use super::{kernel_error, PagedAttention, WriteCache};
+    use candle_core::backend::BackendStorage;
+    use candle_core::cuda_backend::cudarc::driver::{CudaSlice, CudaView, DeviceRepr, LaunchConfig, PushKernelArg};
+    use candle_core::cuda_backend::WrapErr;
+    use candle_core::{CudaStorage, DType, Layout, Shape, Storage, Tensor};
+    use kiln_cuda_kernels as kernels;
+
+    const MODULE: &str = "kiln_attention";
+
+    fn view<'a, T: DeviceRepr>(slice: &'a CudaSlice<T>, layout: &Layout, what: &str) -> candle_core::Result<CudaView<'a, T>> {
+        match layout.contiguous_offsets() {
+            Some((start, end)) if end <= slice.len() => Ok(slice.slice(start..end)),
+            _ => candle_core::bail!("{what} is not contiguous"),
+        }
+    }
+
+    /// Runs `f` on the u32 device slice of `t`.
+    fn with_u32<R>(t: &Tensor, f: impl FnOnce(&CudaSlice<u32>) -> candle_core::Result<R>) -> candle_core::Result<R> {
+        let (storage, _) = t.storage_and_layout();
+        match &*storage {
+            Storage::Cuda(s) => f(s.as_cuda_slice::<u32>()?),
+            _ => candle_core::bail!("key ranges are not on the GPU"),
+        }
+    }
+
+    pub fn attention(op: &PagedAttention, s1: &CudaStorage, l1: &Layout, s2: &CudaStorage, l2: &Layout, s3: &CudaStorage, l3: &Layout) -> candle_core::Result<(CudaStorage, Shape)> {
+        let r = &op.keys.ranges;
+        let shape = r.shape();
+        let launch = kernels::Launch::default();
+        launch.check(&shape).map_err(kernel_error)?;
+        let Some([tables, row_seq, row_lo, row_hi]) = &op.keys.on_device else { candle_core::bail!("key ranges are not on the GPU") };
+        let dev = s1.device().clone();
+        let q = view(s1.as_cuda_slice::<f32>()?, l1, "queries")?;
+        let (name, k_len, v_len) = match (s2.dtype(), s3.dtype()) {
+            (DType::F16, DType::F16) => (kernels::ATTENTION_F16, l2.shape().elem_count(), l3.shape().elem_count()),
+            (DType::F32, DType::F32) => (kernels::ATTENTION_F32, l2.shape().elem_count(), l3.shape().elem_count()),
+            _ => candle_core::bail!("the key and value caches must both be f16 or both f32"),
+        };
+        kernels::check_buffers(r, q.len(), k_len, v_len).map_err(kernel_error)?;
+        let func = dev.get_or_load_custom_func(name, MODULE, kernels::PTX)?;
+        let out = dev.alloc_zeros::<f32>(q.len())?;
+        let ints: [i32; 6] = [shape.heads, shape.kv_heads, shape.head_dim, shape.block_size, r.max_blocks(), launch.chunk].map(|v| v as i32);
+        let (scale, softcap, half) = (op.scoring.scale, op.scoring.softcap_arg(), i32::from(op.scoring.half_rounding));
+        let cfg = LaunchConfig { grid_dim: (shape.heads as u32, r.rows() as u32, 1), block_dim: (launch.threads as u32, 1, 1), shared_mem_bytes: launch.shared_bytes(&shape) as u32 };
+        with_u32(tables, |tables| {
+            with_u32(row_seq, |row_seq| {
+                with_u32(row_lo, |row_lo| {
+                    with_u32(row_hi, |row_hi| {
+                        let mut b = func.builder();
+                        b.arg(&out);
+                        b.arg(&q);
+                        match s2.dtype() {
+                            DType::F16 => {
+                                b.arg(s2.as_cuda_slice::<half::f16>()?);
+                                b.arg(s3.as_cuda_slice::<half::f16>()?);
+                            }
+                            _ => {
+                                b.arg(s2.as_cuda_slice::<f32>()?);
+                                b.arg(s3.as_cuda_slice::<f32>()?);
+                            }
+                        }
+                        b.arg(tables);
+                        b.arg(row_seq);
+                        b.arg(row_lo);
+                        b.arg(row_hi);
+                        for v in &ints {
+                            b.arg(v);
+                        }
+                        b.arg(&scale);
+                        b.arg(&softcap);
+                        b.arg(&half);
+                        // SAFETY: the arguments match the kernel's parameters in order and
+                        // type, and every index it follows was checked against these buffers.
+                        unsafe { b.launch(cfg) }.w()?;
+                        Ok(())
+                    })
+                })
+            })
+        })?;
+        Ok((CudaStorage::wrap_cuda_slice(out, dev), Shape::from((r.rows(), shape.q_width()))))
+    }
+
+    pub fn write_cache(op: &WriteCache, s1: &mut CudaStorage, l1: &Layout, s2: &CudaStorage, l2: &Layout) -> candle_core::Result<()> {
+        let width = l1.dims().last().copied().unwrap_or(0);
+        if l1.contiguous_offsets() != Some((0, l1.shape().elem_count())) {
+            candle_core::bail!("the cache is not one contiguous tensor");
+        }
+        let Some(slots) = &op.slots.on_device else { candle_core::bail!("cache slots are not on the GPU") };
+        let dev = s1.device().clone();
+        let src = view(s2.as_cuda_slice::<f32>()?, l2, "new keys and values")?;
+        kernels::check_write(l1.shape().elem_count(), width, src.len(), &op.slots.slots).map_err(kernel_error)?;
+        let name = match s1.dtype() {
+            DType::F16 => kernels::WRITE_F16,
+            DType::F32 => kernels::WRITE_F32,
+            _ => candle_core::bail!("the cache must be f16 or f32"),
+        };
+        let func = dev.get_or_load_custom_func(name, MODULE, kernels::PTX)?;
+        let cfg = LaunchConfig { grid_dim: (op.slots.slots.len() as u32, 1, 1), block_dim: (kernels::WRITE_THREADS as u32, 1, 1), shared_mem_bytes: 0 };
+        let width = width as i32;
+        with_u32(slots, |slots| {
+            let mut b = func.builder();
+            match s1.dtype() {
+                DType::F16 => b.arg(s1.as_cuda_slice_mut::<half::f16>()?),
+                _ => b.arg(s1.as_cuda_slice_mut::<f32>()?),
+            };
+            b.arg(&src);
+            b.arg(slots);
+            b.arg(&width);
+            // SAFETY: every slot is inside the cache, written once, and `src` holds `width`
+            // values per slot (check_write).
+            unsafe { b.launch(cfg) }.w()?;
+            Ok(())
+        })
+    }
+}
