@@ -7,14 +7,19 @@
 #
 #   scripts/gpu-check.sh [KILN_WORKER_CUDA[.gz]]
 #
-# 1. Random-weight checkpoints of SmolLM2-135M's and Gemma 3 270M's shapes (bf16), made here
-#    with transformers, whose f32 outputs on the GPU are the reference (scripts/gpu_check.py).
+# 1. Random-weight checkpoints of SmolLM2-135M's and Gemma 3 270M's shapes and a small Mixtral
+#    (bf16), made here with transformers, whose f32 outputs on the GPU are the reference
+#    (scripts/gpu_check.py).
 # 2. For each: `kiln-worker eval --device cuda` against transformers (teacher-forced top-1
 #    agreement >= 99%, greedy 32 tokens identical on >= 9/10 prompts) and the engine's own
-#    checks (batched == alone, prefix-cache hit == miss, preemption == alone).
+#    checks (batched == alone, prefix-cache hit == miss, preemption == alone). Attention is
+#    kiln's paged-attention kernel; the same eval with KILN_CANDLE_ATTENTION=composed (candle
+#    operations over gathered keys) is held to the same thresholds against it.
 # 3. The same checkpoints quantized by kiln to Q4_K GGUF files: the GPU against kiln's CPU
 #    kernels (llama.cpp's arithmetic) on the same file, same thresholds.
-# 4. `kiln-worker bench --device cuda`: pp512, tg128, and 1/16/64 concurrent sequences.
+#    The Mixtral checkpoint: its bf16 eval against transformers, same thresholds.
+# 4. `kiln-worker bench --device cuda`: pp512, tg128, and 1/16/64 concurrent sequences; and
+#    16 concurrent sequences with the composed attention, to set the kernel's speed beside.
 # Exit status 1 when any check fails; everything is printed.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -54,17 +59,24 @@ step 240 python3 scripts/gpu_check.py models "$out"
 for name in llama gemma3; do
     step 120 "$bin" eval -m "$out/$name" --device cuda --input "$out/cases.json" > "$out/$name/cuda.json" \
         && step 30 python3 scripts/gpu_check.py compare "$name bf16" "$out/$name/reference.json" "$out/$name/cuda.json" --engine
+    step 120 env KILN_CANDLE_ATTENTION=composed "$bin" eval -m "$out/$name" --device cuda --input "$out/cases.json" > "$out/$name/cuda-composed.json" \
+        && step 30 python3 scripts/gpu_check.py compare "$name bf16, composed attention against the kernel" "$out/$name/cuda.json" "$out/$name/cuda-composed.json" --engine
     step 120 "$bin" quantize -m "$out/$name" --isq q4_k -o "$out/$name-q4k.gguf" >/dev/null
     step 120 "$bin" eval -m "$out/$name-q4k.gguf" --device cpu --input "$out/cases.json" > "$out/$name/cpu-q4k.json"
     step 120 "$bin" eval -m "$out/$name-q4k.gguf" --device cuda --input "$out/cases.json" > "$out/$name/cuda-q4k.json" \
         && step 30 python3 scripts/gpu_check.py compare "$name Q4_K" "$out/$name/cpu-q4k.json" "$out/$name/cuda-q4k.json" --engine
 done
+# The mixture-of-experts block on the device, against transformers.
+step 120 "$bin" eval -m "$out/mixtral" --device cuda --input "$out/cases.json" > "$out/mixtral/cuda.json" \
+    && step 30 python3 scripts/gpu_check.py compare "mixtral bf16" "$out/mixtral/reference.json" "$out/mixtral/cuda.json" --engine
 echo "gpu-check: correctness checks took $(( $(date +%s) - start )) s"
 for name in llama gemma3; do
     for weights in "$out/$name-q4k.gguf" "$out/$name"; do
         step 90 "$bin" bench -m "$weights" --device cuda -p 512 -n 128 -r 3
         step 90 "$bin" bench -m "$weights" --device cuda -p 128 -n 128 -r 1 --concurrency 1,16,64
     done
+    echo "gpu-check: $name Q4_K, attention composed of candle operations (for comparison):"
+    step 90 env KILN_CANDLE_ATTENTION=composed "$bin" bench -m "$out/$name-q4k.gguf" --device cuda -p 128 -n 128 -r 1 --concurrency 16
 done
 echo "gpu-check: done in $(( $(date +%s) - start )) s, status $status"
 exit $status

@@ -34,6 +34,10 @@ SHAPES = {
                    num_attention_heads=4, num_key_value_heads=1, head_dim=256, max_position_embeddings=32768,
                    rms_norm_eps=1e-6, rope_theta=1000000.0, rope_local_base_freq=10000.0, sliding_window=64,
                    query_pre_attn_scalar=256, hidden_activation="gelu_pytorch_tanh", tie_word_embeddings=True),
+    # A small Mixtral (8 experts, 2 per token): the mixture-of-experts block on the device.
+    "mixtral": dict(arch="MixtralConfig", vocab_size=32000, hidden_size=512, intermediate_size=1024, num_hidden_layers=8,
+                    num_attention_heads=8, num_key_value_heads=2, num_local_experts=8, num_experts_per_tok=2,
+                    max_position_embeddings=4096, rms_norm_eps=1e-5, rope_theta=1000000.0, tie_word_embeddings=False),
 }
 
 

@@ -55,7 +55,8 @@ __device__ float block_sum(float v, float* red) {
     return r;
 }
 
-// One block per (query head, row): blockIdx.x is the head, blockIdx.y the row. Shared memory
+// One block per (row, query head): blockIdx.x is the row (a step's rows can outnumber
+// gridDim.y's limit of 65535), blockIdx.y the head. Shared memory
 // holds the query, the scores of `chunk` keys and the reduction buffer.
 //
 // The softmax is normalized before the values are summed, so that a half-precision cache
@@ -75,7 +76,7 @@ __device__ void paged_attention(float* out, const float* q, const T* k_cache, co
     float* scores = q_s + head_dim;
     float* red = scores + chunk;
 
-    const int head = blockIdx.x, row = blockIdx.y;
+    const int row = blockIdx.x, head = blockIdx.y;
     const int tid = threadIdx.x, threads = blockDim.x;
     const int kv_head = head / (heads / kv_heads);
     const size_t width = (size_t)kv_heads * head_dim;

@@ -9,7 +9,7 @@ extern "C" void kiln_emulate_paged_attention(int cache_is_half, float* out, cons
                                              int kv_heads, int head_dim, int block_size, int max_blocks, int chunk,
                                              float scale, float softcap, int half_rounding, int threads,
                                              size_t shared_bytes) {
-    emu::launch(dim3{(unsigned)heads, (unsigned)rows, 1}, dim3{(unsigned)threads, 1, 1}, shared_bytes, [&] {
+    emu::launch(dim3{(unsigned)rows, (unsigned)heads, 1}, dim3{(unsigned)threads, 1, 1}, shared_bytes, [&] {
         if (cache_is_half)
             kiln_paged_attention_f16(out, q, static_cast<const __half*>(k_cache), static_cast<const __half*>(v_cache),
                                      block_tables, row_seq, row_lo, row_hi, heads, kv_heads, head_dim, block_size,

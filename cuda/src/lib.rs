@@ -145,8 +145,9 @@ impl KeyRanges {
                 return Err(KernelError::Length { what, len: v.len(), expected: rows });
             }
         }
-        if i32::try_from(rows).is_err() || i32::try_from(max_blocks.saturating_mul(shape.block_size)).is_err() {
-            return Err(KernelError::Shape(format!("{rows} rows of up to {} keys exceed the kernels' 32-bit indices", max_blocks * shape.block_size)));
+        // Rows are the grid's x dimension (up to 2^31 - 1 blocks), heads its y (up to 65535).
+        if i32::try_from(rows).is_err() || shape.heads > 65535 || i32::try_from(max_blocks.saturating_mul(shape.block_size)).is_err() {
+            return Err(KernelError::Shape(format!("{rows} rows of {} heads and up to {} keys exceed what one launch can index", shape.heads, max_blocks.saturating_mul(shape.block_size))));
         }
         let seqs = block_tables.len() / max_blocks;
         let mut longest = 0;

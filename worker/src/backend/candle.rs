@@ -16,8 +16,8 @@
 //! (each sequence's keys gathered through its slots, a mask, a softmax): the cross-check the
 //! GPU checks run the kernels against.
 //!
-//! Not yet on this backend: mixture-of-experts blocks and split (tensor-parallel) models;
-//! loading one fails with an error naming what is missing.
+//! Not yet on this backend: split (tensor-parallel) models; loading one fails with an error
+//! naming what is missing.
 
 use super::paged::{self, StepKeys, StepSlots};
 use super::{AttendInput, Backend, Flow, KvLayer, KvShape, Part};
@@ -335,8 +335,15 @@ impl KvLayer for DeviceKv {
     }
 }
 
-/// Mixture-of-experts blocks do not load on this backend, so none exists.
-pub enum NoMoe {}
+/// A mixture-of-experts block: the router and every expert on the device. Routing is decided
+/// on the host (each row's top experts from the router's logits, the one read-back of the
+/// block), then each chosen expert runs once over the rows that chose it.
+pub struct DeviceMoe {
+    router: DeviceLinear,
+    experts: Vec<DeviceMlp>,
+    top_k: usize,
+    renormalize: bool,
+}
 
 impl Backend for Candle {
     type Rows = Rows;
@@ -345,7 +352,7 @@ impl Backend for Candle {
     type Norm = DeviceNorm;
     type Attention = DeviceAttention;
     type Mlp = DeviceMlp;
-    type Moe = NoMoe;
+    type Moe = DeviceMoe;
     type Embedding = Embedding;
     type Head = DeviceHead;
     type Kv = DeviceKv;
@@ -384,8 +391,10 @@ impl Backend for Candle {
         Ok(DeviceMlp { gate: self.linear(m.gate_proj)?, up: self.linear(m.up_proj)?, down: self.linear(m.down_proj)?, activation: m.activation })
     }
 
-    fn upload_moe(&self, m: MoeMlp) -> Result<NoMoe> {
-        Err(Error::Backend(format!("{}: mixture-of-experts blocks do not run on {} yet (use --device cpu)", m.router.weight.name, self.name)))
+    fn upload_moe(&self, m: MoeMlp) -> Result<DeviceMoe> {
+        whole(&m.combine, &m.router.weight.name)?;
+        let experts = m.experts.into_iter().map(|e| self.upload_mlp(e)).collect::<Result<Vec<_>>>()?;
+        Ok(DeviceMoe { router: self.linear(m.router)?, experts, top_k: m.top_k, renormalize: m.renormalize })
     }
 
     fn upload_embedding(&self, e: Embedding) -> Result<Embedding> {
@@ -487,22 +496,43 @@ impl Backend for Candle {
     }
 
     fn mlp(&self, cc: &Compute, m: &DeviceMlp, x: &Rows, _rows: usize, work: &mut Work, out: &mut Rows) -> Result<()> {
-        let x = x.get()?;
-        let (gate, up) = (m.gate.forward(cc, x)?, m.up.forward(cc, x)?);
-        let act = match m.activation {
-            Activation::Silu => gate.silu(),
-            // candle's GELU is the tanh approximation, computed in f32.
-            Activation::GeluTanh | Activation::GeluTanhExact => gate.gelu(),
-        };
-        let gated = act.and_then(|g| g * &up).on_device("gated activation")?;
-        out.0 = Some(m.down.forward(cc, &gated)?);
+        let (y, up, gated) = gated_mlp(cc, m, x.get()?)?;
+        out.0 = Some(y);
         work.up = Some(up);
         work.gated = Some(gated);
         Ok(())
     }
 
-    fn moe(&self, _c: &Compute, m: &NoMoe, _x: &Rows, _rows: usize, _work: &mut Work, _out: &mut Rows) -> Result<()> {
-        match *m {}
+    fn moe(&self, cc: &Compute, m: &DeviceMoe, x: &Rows, rows: usize, _work: &mut Work, out: &mut Rows) -> Result<()> {
+        let x = x.get()?;
+        let hidden = x.dim(1).on_device("expert input")?;
+        let n_experts = m.experts.len();
+        let logits = m.router.forward(cc, x)?.flatten_all().and_then(|t| t.to_vec1::<f32>()).on_device("router logits")?;
+        if logits.len() != rows * n_experts {
+            return Err(Error::Backend(format!("{}: {} router logits for {rows} rows of {n_experts} experts", m.router.name, logits.len())));
+        }
+        let mut assigned: Vec<(Vec<u32>, Vec<f32>)> = vec![(Vec::new(), Vec::new()); n_experts];
+        for (r, row) in logits.chunks_exact(n_experts).enumerate() {
+            for (e, w) in crate::layers::moe::route(row, m.top_k, m.renormalize) {
+                assigned[e].0.push(r as u32);
+                assigned[e].1.push(w);
+            }
+        }
+        // Each row's weighted expert outputs added in expert order, as the CPU backend adds them.
+        let mut sum = Tensor::zeros((rows, hidden), TensorType::F32, &self.device).on_device("expert outputs")?;
+        for (expert, (picked, weights)) in m.experts.iter().zip(assigned) {
+            if picked.is_empty() {
+                continue;
+            }
+            let n = picked.len();
+            let index = Tensor::from_vec(picked, n, &self.device).on_device("expert rows")?;
+            let (y, _, _) = gated_mlp(cc, expert, &x.index_select(&index, 0).on_device("expert rows")?)?;
+            let weights = Tensor::from_vec(weights, (n, 1), &self.device).on_device("expert weights")?;
+            let weighted = y.broadcast_mul(&weights).on_device("expert weights")?;
+            sum = sum.index_add(&index, &weighted, 0).on_device("expert outputs")?;
+        }
+        out.0 = Some(sum);
+        Ok(())
     }
 
     fn head(&self, cc: &Compute, h: &DeviceHead, batch: &Batch, x: &Rows, _work: &mut Work, output: Output, out: &mut Vec<f32>) -> Result<()> {
@@ -541,6 +571,18 @@ impl Backend for Candle {
             tap(name, &values);
         }
     }
+}
+
+/// A gated MLP over `x`: its output, and the up projection and gated activation (for taps).
+fn gated_mlp(cc: &Compute, m: &DeviceMlp, x: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
+    let (gate, up) = (m.gate.forward(cc, x)?, m.up.forward(cc, x)?);
+    let act = match m.activation {
+        Activation::Silu => gate.silu(),
+        // candle's GELU is the tanh approximation, computed in f32.
+        Activation::GeluTanh | Activation::GeluTanhExact => gate.gelu(),
+    };
+    let gated = act.and_then(|g| g * &up).on_device("gated activation")?;
+    Ok((m.down.forward(cc, &gated)?, up, gated))
 }
 
 /// `cap * tanh(t / cap)` (Gemma 2's soft-capping of scores and logits).

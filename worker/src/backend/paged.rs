@@ -208,7 +208,7 @@ mod cuda {
         let out = dev.alloc_zeros::<f32>(q.len())?;
         let ints: [i32; 6] = [shape.heads, shape.kv_heads, shape.head_dim, shape.block_size, r.max_blocks(), launch.chunk].map(|v| v as i32);
         let (scale, softcap, half) = (op.scoring.scale, op.scoring.softcap_arg(), i32::from(op.scoring.half_rounding));
-        let cfg = LaunchConfig { grid_dim: (shape.heads as u32, r.rows() as u32, 1), block_dim: (launch.threads as u32, 1, 1), shared_mem_bytes: launch.shared_bytes(&shape) as u32 };
+        let cfg = LaunchConfig { grid_dim: (r.rows() as u32, shape.heads as u32, 1), block_dim: (launch.threads as u32, 1, 1), shared_mem_bytes: launch.shared_bytes(&shape) as u32 };
         with_u32(tables, |tables| {
             with_u32(row_seq, |row_seq| {
                 with_u32(row_lo, |row_lo| {
@@ -251,6 +251,9 @@ mod cuda {
         let width = l1.dims().last().copied().unwrap_or(0);
         if l1.contiguous_offsets() != Some((0, l1.shape().elem_count())) {
             candle_core::bail!("the cache is not one contiguous tensor");
+        }
+        if op.slots.slots.is_empty() {
+            return Ok(());
         }
         let Some(slots) = &op.slots.on_device else { candle_core::bail!("cache slots are not on the GPU") };
         let dev = s1.device().clone();
