@@ -4,7 +4,9 @@
 # - on a machine without the NVIDIA driver, --device cuda fails with one line naming what is
 #   missing and exit status 1 (not a loader error or a crash); on a machine with a GPU it
 #   hands over to kiln-worker-cuda, whose device shows in `kiln-worker eval`'s output;
-# - kiln-worker-cuda holds candle's CUDA kernels for the architecture it was built for.
+# - kiln-worker-cuda holds candle's CUDA kernels for the architecture it was built for, and
+#   kiln's own (cuda/kernels/attention.cu) as PTX that ptxas assembles for it, as the driver
+#   will when it loads them.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -55,3 +57,12 @@ if ! grep -a -q "$arch" "$dir/kiln-worker-cuda"; then
     exit 1
 fi
 echo "cuda-build-check: kiln-worker-cuda ($(du -h "$dir/kiln-worker-cuda" | cut -f1)) holds $arch kernels"
+
+# kiln's kernels: every entry point in the binary, and their PTX assembling for the GPU.
+for kernel in kiln_paged_attention_f16 kiln_paged_attention_f32 kiln_write_cache_f16 kiln_write_cache_f32; do
+    grep -a -q "$kernel" "$dir/kiln-worker-cuda" || { echo "cuda-build-check: kiln-worker-cuda lacks the kernel $kernel" >&2; exit 1; }
+done
+ptx="$(ls -t target/cuda/release/build/kiln-cuda-kernels-*/out/attention.ptx | head -1)"
+toolkit="$(scripts/cuda-toolkit.sh)"
+"$toolkit/bin/ptxas" -arch="$arch" -o /dev/null "$ptx" || { echo "cuda-build-check: kiln's kernels do not assemble for $arch" >&2; exit 1; }
+echo "cuda-build-check: kiln's attention kernels assemble for $arch"
