@@ -76,7 +76,7 @@ impl AttentionShape {
         if s.heads == 0 || s.kv_heads == 0 || s.head_dim == 0 || s.block_size == 0 {
             return Err(KernelError::Shape(format!("{} heads, {} key/value heads, head dimension {}, blocks of {} slots: none may be 0", s.heads, s.kv_heads, s.head_dim, s.block_size)));
         }
-        if s.heads % s.kv_heads != 0 {
+        if !s.heads.is_multiple_of(s.kv_heads) {
             return Err(KernelError::Shape(format!("{} heads do not share {} key/value heads evenly", s.heads, s.kv_heads)));
         }
         // The kernels index with 32-bit integers where a GPU's are cheapest.
@@ -136,7 +136,7 @@ impl KeyRanges {
     /// and sees its keys at positions `row_lo[r]..row_hi[r]`.
     pub fn new(block_tables: Vec<u32>, max_blocks: usize, row_seq: Vec<u32>, row_lo: Vec<u32>, row_hi: Vec<u32>, shape: AttentionShape) -> Result<KeyRanges> {
         shape.check()?;
-        if max_blocks == 0 || block_tables.len() % max_blocks != 0 {
+        if max_blocks == 0 || !block_tables.len().is_multiple_of(max_blocks) {
             return Err(KernelError::Shape(format!("block tables of {} entries are not rows of {max_blocks} blocks", block_tables.len())));
         }
         let rows = row_seq.len();
@@ -163,8 +163,8 @@ impl KeyRanges {
                 return Err(KernelError::Row { row, what: format!("position {} is past its table of {max_blocks} blocks", hi - 1) });
             }
             let table = &block_tables[seq * max_blocks..(seq + 1) * max_blocks];
-            for b in lo / shape.block_size..=(hi - 1) / shape.block_size {
-                let block = table[b];
+            let (first, last) = (lo / shape.block_size, (hi - 1) / shape.block_size);
+            for (b, &block) in table.iter().enumerate().take(last + 1).skip(first) {
                 if block == NO_BLOCK || (block as usize + 1) * shape.block_size > shape.slots {
                     return Err(KernelError::Row { row, what: format!("reads block {b} of its table, which holds {} for a cache of {} slots", if block == NO_BLOCK { "no block".to_string() } else { format!("block {block}") }, shape.slots) });
                 }
@@ -303,7 +303,7 @@ pub fn check_buffers(ranges: &KeyRanges, q: usize, k: usize, v: usize) -> Result
 /// Checks a cache write: `src` is `[slots.len(), width]`, every slot inside a cache of
 /// `cache_len` values, and no slot written twice (which a GPU would race on).
 pub fn check_write(cache_len: usize, width: usize, src: usize, slots: &[u32]) -> Result<()> {
-    if width == 0 || cache_len % width != 0 || i32::try_from(width).is_err() {
+    if width == 0 || !cache_len.is_multiple_of(width) || i32::try_from(width).is_err() {
         return Err(KernelError::Write(format!("a cache of {cache_len} values is not slots of {width}")));
     }
     if src != slots.len() * width {

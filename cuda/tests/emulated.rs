@@ -37,7 +37,8 @@ struct Case {
     ranges: KeyRanges,
 }
 
-fn case(rng: &mut Rng, heads: usize, kv_heads: usize, head_dim: usize, block_size: usize, seqs: &[(usize, usize)], window: Option<usize>, bidirectional: bool) -> Case {
+/// `heads` is (query heads, key/value heads, head dimension).
+fn case(rng: &mut Rng, (heads, kv_heads, head_dim): (usize, usize, usize), block_size: usize, seqs: &[(usize, usize)], window: Option<usize>, bidirectional: bool) -> Case {
     let max_blocks = seqs.iter().map(|&(len, _)| len.div_ceil(block_size)).max().unwrap_or(1) + 1;
     let total_blocks = seqs.len() * max_blocks + 3;
     let mut order: Vec<u32> = (0..total_blocks as u32).collect();
@@ -98,7 +99,7 @@ const PLAIN: Scoring = Scoring { scale: 0.25, softcap: None, half_rounding: fals
 fn grouped_heads_prefill_and_decode_in_one_call() {
     let mut rng = Rng(1);
     // Two sequences prefilling, two decoding, 3 queries per key/value head.
-    let c = case(&mut rng, 6, 2, 16, 4, &[(9, 9), (13, 1), (6, 6), (21, 1)], None, false);
+    let c = case(&mut rng, (6, 2, 16), 4, &[(9, 9), (13, 1), (6, 6), (21, 1)], None, false);
     for launch in [Launch { threads: 32, chunk: 4096 }, Launch { threads: 64, chunk: 5 }, Launch { threads: 128, chunk: 7 }] {
         check::<f32>(&c, PLAIN, launch, 10, 1e-5);
         check::<f16>(&c, Scoring { half_rounding: true, ..PLAIN }, launch, 11, 1e-3);
@@ -111,7 +112,7 @@ fn multi_query_and_odd_head_dimensions() {
     // One key/value head for 5 query heads; 24 and 40 values per head (not a multiple of
     // the threads); blocks of 16 slots.
     for head_dim in [24, 40] {
-        let c = case(&mut rng, 5, 1, head_dim, 16, &[(37, 37), (50, 1)], None, false);
+        let c = case(&mut rng, (5, 1, head_dim), 16, &[(37, 37), (50, 1)], None, false);
         check::<f32>(&c, PLAIN, Launch { threads: 32, chunk: 16 }, 20, 1e-5);
         check::<f16>(&c, Scoring { half_rounding: true, ..PLAIN }, Launch::default(), 21, 1e-3);
     }
@@ -121,7 +122,7 @@ fn multi_query_and_odd_head_dimensions() {
 fn widest_heads_use_every_dimension_slot_of_a_thread() {
     let mut rng = Rng(3);
     // Gemma 3's 256 values per head over 32 threads: 8 dimensions each.
-    let c = case(&mut rng, 4, 1, 256, 16, &[(20, 20), (33, 1)], None, false);
+    let c = case(&mut rng, (4, 1, 256), 16, &[(20, 20), (33, 1)], None, false);
     check::<f16>(&c, Scoring { scale: 0.0625, softcap: None, half_rounding: true }, Launch { threads: 32, chunk: 4096 }, 30, 1e-3);
     check::<f32>(&c, Scoring { scale: 0.0625, softcap: None, half_rounding: false }, Launch { threads: 128, chunk: 3 }, 31, 1e-5);
 }
@@ -129,17 +130,17 @@ fn widest_heads_use_every_dimension_slot_of_a_thread() {
 #[test]
 fn sliding_windows_and_bidirectional_spans_are_key_ranges() {
     let mut rng = Rng(4);
-    let windowed = case(&mut rng, 4, 2, 32, 4, &[(30, 30), (41, 1)], Some(8), false);
+    let windowed = case(&mut rng, (4, 2, 32), 4, &[(30, 30), (41, 1)], Some(8), false);
     check::<f32>(&windowed, PLAIN, Launch { threads: 64, chunk: 3 }, 40, 1e-5);
     check::<f16>(&windowed, Scoring { half_rounding: true, ..PLAIN }, Launch::default(), 41, 1e-3);
-    let spans = case(&mut rng, 4, 2, 32, 4, &[(24, 24)], None, true);
+    let spans = case(&mut rng, (4, 2, 32), 4, &[(24, 24)], None, true);
     check::<f32>(&spans, PLAIN, Launch { threads: 32, chunk: 5 }, 42, 1e-5);
 }
 
 #[test]
 fn soft_capped_scores() {
     let mut rng = Rng(5);
-    let c = case(&mut rng, 8, 4, 32, 8, &[(19, 19), (40, 1)], None, false);
+    let c = case(&mut rng, (8, 4, 32), 8, &[(19, 19), (40, 1)], None, false);
     // A large scale and a cap of 2 saturate the tanh: a missing cap changes the result.
     let capped = Scoring { scale: 3.0, softcap: Some(2.0), half_rounding: false };
     check::<f32>(&c, capped, Launch { threads: 64, chunk: 6 }, 50, 1e-5);

@@ -642,7 +642,10 @@ impl Candle {
         let cache_slots = kv.k.dim(0).on_device("cache")?;
         let keys = match work.step_keys.entry((input.group, c.sliding_window, [c.num_heads, c.num_kv_heads, c.head_dim])) {
             std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
-            std::collections::hash_map::Entry::Vacant(e) => e.insert(StepKeys::new(batch, input.group, c.sliding_window, c, cache_slots, &self.device)?),
+            std::collections::hash_map::Entry::Vacant(e) => {
+                let shape = kiln_cuda_kernels::AttentionShape { heads: c.num_heads, kv_heads: c.num_kv_heads, head_dim: c.head_dim, block_size: batch.block_size, slots: cache_slots };
+                e.insert(StepKeys::new(batch, input.group, c.sliding_window, shape, &self.device)?)
+            }
         };
         if keys.shape().slots != cache_slots {
             return Err(Error::Backend(format!("a layer's cache of {cache_slots} slots in a group of {}", keys.shape().slots)));
@@ -676,8 +679,8 @@ impl Candle {
             let t = t.reshape((rows, kv_width)).and_then(|t| t.to_dtype(cache.dtype())).and_then(|t| t.contiguous()).on_device("cache write")?;
             cache.scatter_set(index, &t, 0).on_device("cache write")
         };
-        store(&kv.k, &k)?;
-        store(&kv.v, &v)?;
+        store(&kv.k, k)?;
+        store(&kv.v, v)?;
         // Each sequence's queries against its history, read back through its block table.
         let views = match work.views.entry((input.group, c.sliding_window)) {
             std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),

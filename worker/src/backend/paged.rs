@@ -6,7 +6,6 @@
 
 use crate::error::{Error, Result};
 use crate::kv_cache::NO_BLOCK;
-use crate::layers::attention::AttentionConfig;
 use crate::models::batch::Batch;
 use candle_core::{CpuStorage, CustomOp3, Device, InplaceOp2, Layout, Shape, Tensor};
 use kiln_cuda_kernels as kernels;
@@ -22,8 +21,9 @@ pub struct StepKeys {
 
 impl StepKeys {
     /// Rows of `batch` see their own position and before, within `window`, and the rest of
-    /// an image they belong to, as far as this step has computed it.
-    pub fn new(batch: &Batch, group: usize, window: Option<usize>, c: &AttentionConfig, slots: usize, device: &Device) -> Result<StepKeys> {
+    /// an image they belong to, as far as this step has computed it; `shape` is the layers'
+    /// (its block size the batch's).
+    pub fn new(batch: &Batch, group: usize, window: Option<usize>, shape: kernels::AttentionShape, device: &Device) -> Result<StepKeys> {
         let max_blocks = batch.seqs.iter().map(|s| s.block_tables[group].len()).max().unwrap_or(0).max(1);
         let mut tables = vec![NO_BLOCK; batch.seqs.len() * max_blocks];
         let rows = batch.num_rows();
@@ -43,7 +43,6 @@ impl StepKeys {
                 row_hi[row] = hi;
             }
         }
-        let shape = kernels::AttentionShape { heads: c.num_heads, kv_heads: c.num_kv_heads, head_dim: c.head_dim, block_size: batch.block_size, slots };
         let ranges = kernels::KeyRanges::new(tables, max_blocks, row_seq, row_lo, row_hi, shape).map_err(|e| Error::Backend(e.to_string()))?;
         let on_device = match device {
             Device::Cpu => None,
@@ -281,5 +280,48 @@ mod cuda {
             unsafe { b.launch(cfg) }.w()?;
             Ok(())
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::models::batch::Logits;
+
+    fn shape(slots: usize) -> kernels::AttentionShape {
+        kernels::AttentionShape { heads: 2, kv_heads: 1, head_dim: 4, block_size: 4, slots }
+    }
+
+    fn ranges(k: &StepKeys) -> Vec<(u32, u32, u32)> {
+        let r = &k.ranges;
+        (0..r.rows()).map(|i| (r.row_seq()[i], r.row_lo()[i], r.row_hi()[i])).collect()
+    }
+
+    #[test]
+    fn rows_see_their_past_their_window_and_their_image() {
+        let mut batch = Batch::new(4);
+        // A sequence decoding at position 9, then one prefilling positions 0..6 whose
+        // positions 2..8 are an image seen both ways (computed up to position 5 in this step).
+        batch.push_seq(&[7], 9, vec![vec![5, 2, 0]], Logits::Last);
+        batch.push_seq(&[1, 2, 3, 4, 5, 6], 0, vec![vec![1, 3]], Logits::Last);
+        batch.seqs[1].bidirectional.push(2..8);
+        let keys = StepKeys::new(&batch, 0, None, shape(24), &Device::Cpu).unwrap();
+        assert_eq!(ranges(&keys), [(0, 0, 10), (1, 0, 1), (1, 0, 2), (1, 0, 6), (1, 0, 6), (1, 0, 6), (1, 0, 6)]);
+        assert_eq!(keys.ranges.block_tables(), [5, 2, 0, 1, 3, NO_BLOCK]);
+        let windowed = StepKeys::new(&batch, 0, Some(3), shape(24), &Device::Cpu).unwrap();
+        assert_eq!(ranges(&windowed), [(0, 7, 10), (1, 0, 1), (1, 0, 2), (1, 0, 6), (1, 1, 6), (1, 2, 6), (1, 3, 6)]);
+    }
+
+    #[test]
+    fn a_row_reading_a_freed_or_foreign_block_is_an_error() {
+        let mut batch = Batch::new(4);
+        batch.push_seq(&[7], 9, vec![vec![NO_BLOCK, 2, 0]], Logits::Last);
+        // With a window of 4 the row reads positions 6..10, blocks 1 and 2 only.
+        assert!(StepKeys::new(&batch, 0, Some(4), shape(12), &Device::Cpu).is_ok());
+        let err = StepKeys::new(&batch, 0, None, shape(12), &Device::Cpu).err().unwrap().to_string();
+        assert!(err.contains("query row 0: reads block 0 of its table, which holds no block"), "{err}");
+        // Block 2 lies past a cache of 8 slots.
+        let err = StepKeys::new(&batch, 0, Some(4), shape(8), &Device::Cpu).err().unwrap().to_string();
+        assert!(err.contains("block 2 for a cache of 8 slots"), "{err}");
     }
 }
