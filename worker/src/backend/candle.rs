@@ -80,12 +80,7 @@ impl<T> OnDevice<T> for candle_core::Result<T> {
 impl Candle {
     /// candle's CPU device, attention as `KILN_CANDLE_ATTENTION` says.
     pub fn cpu() -> Result<Candle> {
-        Ok(Candle::cpu_with(AttentionPath::from_env()?))
-    }
-
-    /// candle's CPU device, attention by `path`.
-    pub fn cpu_with(attention: AttentionPath) -> Candle {
-        Candle { device: TensorDevice::Cpu, name: "candle-cpu".into(), attention }
+        Ok(Candle { device: TensorDevice::Cpu, name: "candle-cpu".into(), attention: AttentionPath::from_env()? })
     }
 
     /// CUDA device `ordinal`.

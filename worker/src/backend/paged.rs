@@ -197,14 +197,19 @@ mod cuda {
         let Some([tables, row_seq, row_lo, row_hi]) = &op.keys.on_device else { candle_core::bail!("key ranges are not on the GPU") };
         let dev = s1.device().clone();
         let q = view(s1.as_cuda_slice::<f32>()?, l1, "queries")?;
-        let (name, k_len, v_len) = match (s2.dtype(), s3.dtype()) {
-            (DType::F16, DType::F16) => (kernels::ATTENTION_F16, l2.shape().elem_count(), l3.shape().elem_count()),
-            (DType::F32, DType::F32) => (kernels::ATTENTION_F32, l2.shape().elem_count(), l3.shape().elem_count()),
+        let name = match (s2.dtype(), s3.dtype()) {
+            (DType::F16, DType::F16) => kernels::ATTENTION_F16,
+            (DType::F32, DType::F32) => kernels::ATTENTION_F32,
             _ => candle_core::bail!("the key and value caches must both be f16 or both f32"),
         };
+        // The kernel reads each cache from its start: they must be whole tensors.
+        let (k_len, v_len) = (l2.shape().elem_count(), l3.shape().elem_count());
+        if l2.contiguous_offsets() != Some((0, k_len)) || l3.contiguous_offsets() != Some((0, v_len)) {
+            candle_core::bail!("the key and value caches are not whole contiguous tensors");
+        }
         kernels::check_buffers(r, q.len(), k_len, v_len).map_err(kernel_error)?;
         let func = dev.get_or_load_custom_func(name, MODULE, kernels::PTX)?;
-        let out = dev.alloc_zeros::<f32>(q.len())?;
+        let mut out = dev.alloc_zeros::<f32>(q.len())?;
         let ints: [i32; 6] = [shape.heads, shape.kv_heads, shape.head_dim, shape.block_size, r.max_blocks(), launch.chunk].map(|v| v as i32);
         let (scale, softcap, half) = (op.scoring.scale, op.scoring.softcap_arg(), i32::from(op.scoring.half_rounding));
         let cfg = LaunchConfig { grid_dim: (r.rows() as u32, shape.heads as u32, 1), block_dim: (launch.threads as u32, 1, 1), shared_mem_bytes: launch.shared_bytes(&shape) as u32 };
@@ -213,7 +218,7 @@ mod cuda {
                 with_u32(row_lo, |row_lo| {
                     with_u32(row_hi, |row_hi| {
                         let mut b = func.builder();
-                        b.arg(&out);
+                        b.arg(&mut out);
                         b.arg(&q);
                         match s2.dtype() {
                             DType::F16 => {
