@@ -44,8 +44,10 @@ test-rust: deps
 	@rm -f target/tmp/kiln-skipped.txt target/tmp/soak-report.txt
 	$(CARGO) test --release --workspace
 	@# On AVX-512 CPUs the run above used the AVX-512 kernels; the golden logits (bit for bit
-	@# llama.cpp's) are checked again through the AVX2 ones, which AVX2-only CPUs run.
-	if grep -qw avx512f /proc/cpuinfo; then KILN_ISA=avx2 $(CARGO) test --release -p kiln-worker --test goldens logits_match; fi
+	@# llama.cpp's) are checked again through the AVX2 ones, which AVX2-only CPUs run. The
+	@# whole workspace is named so that the test binary above is reused (a single package
+	@# unifies its dependencies' features differently and rebuilds them).
+	if grep -qw avx512f /proc/cpuinfo; then KILN_ISA=avx2 $(CARGO) test --release --workspace --test goldens logits_match; fi
 
 # Clippy over every crate and target, warnings as errors (in CI; not part of `make test`,
 # whose time it would add to).
