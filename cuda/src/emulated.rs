@@ -2,7 +2,7 @@
 //! blocks one after another. For tests: it checks the kernels' own logic (indexing, masks,
 //! reductions, barriers) without a GPU, against [`crate::attention`].
 
-use crate::{check_buffers, check_write, CacheValue, KeyRanges, Launch, Result, Scoring, WRITE_THREADS};
+use crate::{check_buffers, check_write, CacheSlots, CacheValue, KeyRanges, Launch, Result, Scoring, WRITE_THREADS};
 use std::ffi::{c_float, c_int, c_uint, c_void};
 
 extern "C" {
@@ -72,13 +72,14 @@ pub fn attention<T: CacheValue>(ranges: &KeyRanges, scoring: &Scoring, q: &[f32]
 }
 
 /// The cache write kernel's result: row `r` of `src` into slot `slots[r]` of `cache`.
-pub fn write_cache<T: CacheValue>(cache: &mut [T], width: usize, src: &[f32], slots: &[u32]) -> Result<()> {
+pub fn write_cache<T: CacheValue>(cache: &mut [T], width: usize, src: &[f32], slots: &CacheSlots) -> Result<()> {
     check_write(cache.len(), width, src.len(), slots)?;
-    let rows = c_int::try_from(slots.len()).map_err(|_| crate::KernelError::Write(format!("{} rows in one call", slots.len())))?;
-    // SAFETY: every slot is inside the cache and `src` holds `width` values per slot
-    // (check_write); `T` is f32 or IEEE half.
+    let slots = slots.slots();
+    // SAFETY: every slot is inside the cache (CacheSlots::new, against the cache's slots that
+    // check_write matched), `src` holds `width` values per slot (check_write), and the row
+    // count fits an int (CacheSlots::new); `T` is f32 or IEEE half.
     unsafe {
-        kiln_emulate_write_cache(c_int::from(T::HALF), cache.as_mut_ptr().cast(), src.as_ptr(), slots.as_ptr(), rows, width as c_int, WRITE_THREADS as c_int);
+        kiln_emulate_write_cache(c_int::from(T::HALF), cache.as_mut_ptr().cast(), src.as_ptr(), slots.as_ptr(), slots.len() as c_int, width as c_int, WRITE_THREADS as c_int);
     }
     Ok(())
 }

@@ -300,23 +300,44 @@ pub fn check_buffers(ranges: &KeyRanges, q: usize, k: usize, v: usize) -> Result
     Ok(())
 }
 
-/// Checks a cache write: `src` is `[slots.len(), width]`, every slot inside a cache of
-/// `cache_len` values, and no slot written twice (which a GPU would race on).
-pub fn check_write(cache_len: usize, width: usize, src: usize, slots: &[u32]) -> Result<()> {
-    if width == 0 || !cache_len.is_multiple_of(width) || i32::try_from(width).is_err() {
-        return Err(KernelError::Write(format!("a cache of {cache_len} values is not slots of {width}")));
+/// The slots one cache write puts its rows in, checked once against a cache of `cache_slots`
+/// slots (the layers of a step share them): every slot inside it, none twice (a GPU would
+/// race on a repeated slot).
+#[derive(Clone, Debug)]
+pub struct CacheSlots {
+    slots: Vec<u32>,
+    cache_slots: usize,
+}
+
+impl CacheSlots {
+    pub fn new(slots: Vec<u32>, cache_slots: usize) -> Result<CacheSlots> {
+        if i32::try_from(slots.len()).is_err() {
+            return Err(KernelError::Write(format!("{} rows in one call", slots.len())));
+        }
+        if let Some(&slot) = slots.iter().find(|&&s| s as usize >= cache_slots) {
+            return Err(KernelError::Write(format!("slot {slot} of a cache of {cache_slots}")));
+        }
+        let mut sorted = slots.clone();
+        sorted.sort_unstable();
+        if let Some(pair) = sorted.windows(2).find(|p| p[0] == p[1]) {
+            return Err(KernelError::Write(format!("slot {} written twice in one call", pair[0])));
+        }
+        Ok(CacheSlots { slots, cache_slots })
     }
-    if src != slots.len() * width {
-        return Err(KernelError::Length { what: "new keys or values", len: src, expected: slots.len() * width });
+
+    pub fn slots(&self) -> &[u32] {
+        &self.slots
     }
-    let cache_slots = cache_len / width;
-    if let Some(&slot) = slots.iter().find(|&&s| s as usize >= cache_slots) {
-        return Err(KernelError::Write(format!("slot {slot} of a cache of {cache_slots}")));
+}
+
+/// Checks a cache write's buffers against its slots: the cache is `[cache_slots, width]`,
+/// `src` one row of `width` values per slot.
+pub fn check_write(cache_len: usize, width: usize, src: usize, slots: &CacheSlots) -> Result<()> {
+    if width == 0 || cache_len != slots.cache_slots * width || i32::try_from(width).is_err() {
+        return Err(KernelError::Write(format!("a cache of {cache_len} values is not {} slots of {width}", slots.cache_slots)));
     }
-    let mut sorted = slots.to_vec();
-    sorted.sort_unstable();
-    if let Some(pair) = sorted.windows(2).find(|p| p[0] == p[1]) {
-        return Err(KernelError::Write(format!("slot {} written twice in one call", pair[0])));
+    if src != slots.slots.len() * width {
+        return Err(KernelError::Length { what: "new keys or values", len: src, expected: slots.slots.len() * width });
     }
     Ok(())
 }

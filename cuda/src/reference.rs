@@ -1,6 +1,6 @@
 //! The kernels' contract in plain Rust: what attention.cu computes, in the plainest order.
 
-use crate::{check_buffers, check_write, CacheValue, KeyRanges, Result, Scoring};
+use crate::{check_buffers, check_write, CacheSlots, CacheValue, KeyRanges, Result, Scoring};
 
 fn round_half(v: f32) -> f32 {
     half::f16::from_f32(v).to_f32()
@@ -53,9 +53,9 @@ pub fn attention<T: CacheValue>(ranges: &KeyRanges, scoring: &Scoring, q: &[f32]
 
 /// Row `r` of `src` (`width` values) into slot `slots[r]` of `cache`, converted to the
 /// cache's type.
-pub fn write_cache<T: CacheValue>(cache: &mut [T], width: usize, src: &[f32], slots: &[u32]) -> Result<()> {
+pub fn write_cache<T: CacheValue>(cache: &mut [T], width: usize, src: &[f32], slots: &CacheSlots) -> Result<()> {
     check_write(cache.len(), width, src.len(), slots)?;
-    for (row, &slot) in src.chunks_exact(width).zip(slots) {
+    for (row, &slot) in src.chunks_exact(width).zip(slots.slots()) {
         for (dst, &x) in cache[slot as usize * width..][..width].iter_mut().zip(row) {
             *dst = T::from_f32(x);
         }

@@ -9,7 +9,7 @@
 //! the other way (one step is 2^-11 of it).
 
 use half::f16;
-use kiln_cuda_kernels::{attention, emulated, write_cache, AttentionShape, CacheValue, KernelError, KeyRanges, Launch, Scoring, NO_BLOCK};
+use kiln_cuda_kernels::{attention, emulated, write_cache, AttentionShape, CacheSlots, CacheValue, KernelError, KeyRanges, Launch, Scoring, NO_BLOCK};
 
 /// xorshift64*: reproducible values without a dependency.
 struct Rng(u64);
@@ -158,8 +158,8 @@ fn soft_capped_scores() {
 fn cache_writes_land_in_their_slots() {
     let mut rng = Rng(6);
     let (width, slots) = (48, 40);
-    let rows: Vec<u32> = vec![7, 0, 39, 12, 13];
-    let src: Vec<f32> = (0..rows.len() * width).map(|_| rng.uniform() * 100.0).collect();
+    let rows = CacheSlots::new(vec![7, 0, 39, 12, 13], slots).unwrap();
+    let src: Vec<f32> = (0..rows.slots().len() * width).map(|_| rng.uniform() * 100.0).collect();
     let mut by_kernel = vec![f16::from_f32(-1.0); slots * width];
     let mut by_reference = by_kernel.clone();
     emulated::write_cache(&mut by_kernel, width, &src, &rows).unwrap();
@@ -206,10 +206,14 @@ fn what_the_kernels_cannot_run_is_refused() {
     assert!(e.contains("head dimension 257 is over 8 per thread of 32"), "{e}");
 
     let mut cache = vec![0.0f32; 4 * 8];
-    let e = emulated::write_cache(&mut cache, 8, &[0.0; 16], &[1, 1]).unwrap_err().to_string();
+    let e = CacheSlots::new(vec![1, 1], 4).unwrap_err().to_string();
     assert!(e.contains("slot 1 written twice"), "{e}");
-    let e = emulated::write_cache(&mut cache, 8, &[0.0; 8], &[4]).unwrap_err().to_string();
+    let e = CacheSlots::new(vec![4], 4).unwrap_err().to_string();
     assert!(e.contains("slot 4 of a cache of 4"), "{e}");
-    let e = write_cache(&mut cache, 8, &[0.0; 9], &[0]).unwrap_err().to_string();
+    let one = CacheSlots::new(vec![0], 4).unwrap();
+    let e = write_cache(&mut cache, 8, &[0.0; 9], &one).unwrap_err().to_string();
     assert!(e.contains("9 values where 8 were expected"), "{e}");
+    // Slots checked against one cache do not pass for another of a different size.
+    let e = emulated::write_cache(&mut cache[..24], 8, &[0.0; 8], &one).unwrap_err().to_string();
+    assert!(e.contains("a cache of 24 values is not 4 slots of 8"), "{e}");
 }

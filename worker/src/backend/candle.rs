@@ -627,14 +627,14 @@ impl Candle {
         let batch = input.batch;
         let rows = batch.num_rows();
         let kv_width = c.num_kv_heads * c.head_dim;
+        let cache_slots = kv.k.dim(0).on_device("cache")?;
         let slots = match work.step_slots.entry(input.group) {
             std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
-            std::collections::hash_map::Entry::Vacant(e) => e.insert(StepSlots::new(&batch.slots[input.group], &self.device)?),
+            std::collections::hash_map::Entry::Vacant(e) => e.insert(StepSlots::new(&batch.slots[input.group], cache_slots, &self.device)?),
         };
         for (cache, new) in [(&kv.k, k), (&kv.v, v)] {
             paged::write_cache(cache, &new.reshape((rows, kv_width)).on_device("cache write")?, slots)?;
         }
-        let cache_slots = kv.k.dim(0).on_device("cache")?;
         let keys = match work.step_keys.entry((input.group, c.sliding_window, [c.num_heads, c.num_kv_heads, c.head_dim])) {
             std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
             std::collections::hash_map::Entry::Vacant(e) => {
@@ -702,7 +702,7 @@ impl Candle {
             let (n, first_pos, table) = (seq.rows.len(), seq.first_pos, &seq.block_tables[group]);
             let last_pos = first_pos + n - 1;
             // The keys any of the queries sees: a window reaches back from the first query.
-            let first_key = window.map_or(0, |w| first_pos.saturating_sub(w.saturating_sub(1)));
+            let first_key = paged::visible_keys(seq, first_pos, window).start;
             let keys = last_pos + 1 - first_key;
             let bs = batch.block_size;
             let mut slots = Vec::with_capacity(keys);
@@ -716,10 +716,7 @@ impl Candle {
             // the rest of an image it belongs to.
             let mut mask = vec![f32::NEG_INFINITY; n * keys];
             for i in 0..n {
-                let pos = first_pos + i;
-                let last = seq.bidirectional.iter().find(|r| r.contains(&pos)).map_or(pos, |r| r.end - 1);
-                let first = window.map_or(0, |w| pos.saturating_sub(w.saturating_sub(1)));
-                for kp in first.max(first_key)..=last.min(last_pos) {
+                for kp in paged::visible_keys(seq, first_pos + i, window) {
                     mask[i * keys + kp - first_key] = 0.0;
                 }
             }

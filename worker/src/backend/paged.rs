@@ -6,7 +6,7 @@
 
 use crate::error::{Error, Result};
 use crate::kv_cache::NO_BLOCK;
-use crate::models::batch::Batch;
+use crate::models::batch::{Batch, SeqBatch};
 use candle_core::{CpuStorage, CustomOp3, Device, InplaceOp2, Layout, Shape, Tensor};
 use kiln_cuda_kernels as kernels;
 
@@ -30,12 +30,9 @@ impl StepKeys {
         let (mut row_seq, mut row_lo, mut row_hi) = (vec![0u32; rows], vec![0u32; rows], vec![0u32; rows]);
         for (s, seq) in batch.seqs.iter().enumerate() {
             tables[s * max_blocks..][..seq.block_tables[group].len()].copy_from_slice(&seq.block_tables[group]);
-            let last_pos = seq.first_pos + seq.rows.len() - 1;
             for (i, row) in seq.rows.clone().enumerate() {
-                let pos = seq.first_pos + i;
-                let last = seq.bidirectional.iter().find(|r| r.contains(&pos)).map_or(pos, |r| r.end - 1).min(last_pos);
-                let first = window.map_or(0, |w| pos.saturating_sub(w.saturating_sub(1)));
-                let (Some(r), Ok(lo), Ok(hi)) = (row_seq.get_mut(row), u32::try_from(first), u32::try_from(last + 1)) else {
+                let keys = visible_keys(seq, seq.first_pos + i, window);
+                let (Some(r), Ok(lo), Ok(hi)) = (row_seq.get_mut(row), u32::try_from(keys.start), u32::try_from(keys.end)) else {
                     return Err(Error::Backend(format!("a batch's sequence takes rows {:?} of {rows}", seq.rows)));
                 };
                 *r = s as u32;
@@ -59,20 +56,31 @@ impl StepKeys {
     }
 }
 
+/// The positions of `seq` its row at position `pos` sees in this step: its own and before,
+/// within `window`, and the rest of an image it belongs to as far as the step computes it.
+pub fn visible_keys(seq: &SeqBatch, pos: usize, window: Option<usize>) -> std::ops::Range<usize> {
+    let computed_end = seq.first_pos + seq.rows.len();
+    let end = seq.bidirectional.iter().find(|r| r.contains(&pos)).map_or(pos + 1, |r| r.end).min(computed_end);
+    let start = window.map_or(0, |w| pos.saturating_sub(w.saturating_sub(1)));
+    start..end
+}
+
 /// The slots a step's new keys and values go to, for one cache group.
 pub struct StepSlots {
-    slots: Vec<u32>,
+    /// Checked once against the group's caches (inside them, none twice).
+    slots: kernels::CacheSlots,
     #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
     on_device: Option<Tensor>,
 }
 
 impl StepSlots {
-    pub fn new(slots: &[u32], device: &Device) -> Result<StepSlots> {
+    pub fn new(slots: &[u32], cache_slots: usize, device: &Device) -> Result<StepSlots> {
+        let slots = kernels::CacheSlots::new(slots.to_vec(), cache_slots).map_err(|e| Error::Backend(e.to_string()))?;
         let on_device = match device {
             Device::Cpu => None,
-            _ => Some(Tensor::from_slice(slots, slots.len(), device).map_err(|e| Error::Backend(format!("cache slots: {e}")))?),
+            _ => Some(Tensor::from_slice(slots.slots(), slots.slots().len(), device).map_err(|e| Error::Backend(format!("cache slots: {e}")))?),
         };
-        Ok(StepSlots { slots: slots.to_vec(), on_device })
+        Ok(StepSlots { slots, on_device })
     }
 }
 
@@ -162,13 +170,13 @@ impl InplaceOp2 for WriteCache<'_> {
 #[cfg(feature = "cuda")]
 mod cuda {
     //! The launches. Every size and index the kernels trust was checked on the host first
-    //! (`KeyRanges::new`, `check_buffers`, `check_write`, `Launch::check`).
+    //! (`KeyRanges::new`, `CacheSlots::new`, `check_buffers`, `check_write`, `Launch::check`).
 
     use super::{kernel_error, PagedAttention, WriteCache};
     use candle_core::backend::BackendStorage;
     use candle_core::cuda_backend::cudarc::driver::{CudaSlice, CudaView, DeviceRepr, LaunchConfig, PushKernelArg};
     use candle_core::cuda_backend::WrapErr;
-    use candle_core::{CudaStorage, DType, Layout, Shape, Storage, Tensor};
+    use candle_core::{CudaStorage, DType, Layout, Shape, Storage, StorageRef};
     use kiln_cuda_kernels as kernels;
 
     const MODULE: &str = "kiln_attention";
@@ -180,13 +188,15 @@ mod cuda {
         }
     }
 
-    /// Runs `f` on the u32 device slice of `t`.
-    fn with_u32<R>(t: &Tensor, f: impl FnOnce(&CudaSlice<u32>) -> candle_core::Result<R>) -> candle_core::Result<R> {
-        let (storage, _) = t.storage_and_layout();
-        match &*storage {
-            Storage::Cuda(s) => f(s.as_cuda_slice::<u32>()?),
-            _ => candle_core::bail!("key ranges are not on the GPU"),
-        }
+    /// The u32 device slices of `tensors`, through their storages held in `guards`.
+    fn u32_slices<'g>(guards: &'g [StorageRef<'_>]) -> candle_core::Result<Vec<&'g CudaSlice<u32>>> {
+        guards
+            .iter()
+            .map(|g| match &**g {
+                Storage::Cuda(s) => s.as_cuda_slice::<u32>(),
+                _ => candle_core::bail!("key ranges and slots must be on the GPU"),
+            })
+            .collect()
     }
 
     pub fn attention(op: &PagedAttention, s1: &CudaStorage, l1: &Layout, s2: &CudaStorage, l2: &Layout, s3: &CudaStorage, l3: &Layout) -> candle_core::Result<(CudaStorage, Shape)> {
@@ -213,41 +223,34 @@ mod cuda {
         let ints: [i32; 6] = [shape.heads, shape.kv_heads, shape.head_dim, shape.block_size, r.max_blocks(), launch.chunk].map(|v| v as i32);
         let (scale, softcap, half) = (op.scoring.scale, op.scoring.softcap_arg(), i32::from(op.scoring.half_rounding));
         let cfg = LaunchConfig { grid_dim: (r.rows() as u32, shape.heads as u32, 1), block_dim: (launch.threads as u32, 1, 1), shared_mem_bytes: launch.shared_bytes(&shape) as u32 };
-        with_u32(tables, |tables| {
-            with_u32(row_seq, |row_seq| {
-                with_u32(row_lo, |row_lo| {
-                    with_u32(row_hi, |row_hi| {
-                        let mut b = func.builder();
-                        b.arg(&mut out);
-                        b.arg(&q);
-                        match s2.dtype() {
-                            DType::F16 => {
-                                b.arg(s2.as_cuda_slice::<half::f16>()?);
-                                b.arg(s3.as_cuda_slice::<half::f16>()?);
-                            }
-                            _ => {
-                                b.arg(s2.as_cuda_slice::<f32>()?);
-                                b.arg(s3.as_cuda_slice::<f32>()?);
-                            }
-                        }
-                        b.arg(tables);
-                        b.arg(row_seq);
-                        b.arg(row_lo);
-                        b.arg(row_hi);
-                        for v in &ints {
-                            b.arg(v);
-                        }
-                        b.arg(&scale);
-                        b.arg(&softcap);
-                        b.arg(&half);
-                        // SAFETY: the arguments match the kernel's parameters in order and
-                        // type, and every index it follows was checked against these buffers.
-                        unsafe { b.launch(cfg) }.w()?;
-                        Ok(())
-                    })
-                })
-            })
-        })?;
+        let guards: Vec<StorageRef> = [tables, row_seq, row_lo, row_hi].iter().map(|t| t.storage_and_layout().0).collect();
+        let ranges = u32_slices(&guards)?;
+        let mut b = func.builder();
+        b.arg(&mut out);
+        b.arg(&q);
+        match s2.dtype() {
+            DType::F16 => {
+                b.arg(s2.as_cuda_slice::<half::f16>()?);
+                b.arg(s3.as_cuda_slice::<half::f16>()?);
+            }
+            _ => {
+                b.arg(s2.as_cuda_slice::<f32>()?);
+                b.arg(s3.as_cuda_slice::<f32>()?);
+            }
+        }
+        for slice in &ranges {
+            b.arg(*slice);
+        }
+        for v in &ints {
+            b.arg(v);
+        }
+        b.arg(&scale);
+        b.arg(&softcap);
+        b.arg(&half);
+        // SAFETY: the arguments match the kernel's parameters in order and type (the ranges
+        // in the kernel's order: tables, row_seq, row_lo, row_hi), and every index it follows
+        // was checked against these buffers.
+        unsafe { b.launch(cfg) }.w()?;
         Ok((CudaStorage::wrap_cuda_slice(out, dev), Shape::from((r.rows(), shape.q_width()))))
     }
 
@@ -256,10 +259,11 @@ mod cuda {
         if l1.contiguous_offsets() != Some((0, l1.shape().elem_count())) {
             candle_core::bail!("the cache is not one contiguous tensor");
         }
-        if op.slots.slots.is_empty() {
+        let slots = op.slots.slots.slots();
+        if slots.is_empty() {
             return Ok(());
         }
-        let Some(slots) = &op.slots.on_device else { candle_core::bail!("cache slots are not on the GPU") };
+        let Some(on_device) = &op.slots.on_device else { candle_core::bail!("cache slots are not on the GPU") };
         let dev = s1.device().clone();
         let src = view(s2.as_cuda_slice::<f32>()?, l2, "new keys and values")?;
         kernels::check_write(l1.shape().elem_count(), width, src.len(), &op.slots.slots).map_err(kernel_error)?;
@@ -269,22 +273,22 @@ mod cuda {
             _ => candle_core::bail!("the cache must be f16 or f32"),
         };
         let func = dev.get_or_load_custom_func(name, MODULE, kernels::PTX)?;
-        let cfg = LaunchConfig { grid_dim: (op.slots.slots.len() as u32, 1, 1), block_dim: (kernels::WRITE_THREADS as u32, 1, 1), shared_mem_bytes: 0 };
+        let cfg = LaunchConfig { grid_dim: (slots.len() as u32, 1, 1), block_dim: (kernels::WRITE_THREADS as u32, 1, 1), shared_mem_bytes: 0 };
         let width = width as i32;
-        with_u32(slots, |slots| {
-            let mut b = func.builder();
-            match s1.dtype() {
-                DType::F16 => b.arg(s1.as_cuda_slice_mut::<half::f16>()?),
-                _ => b.arg(s1.as_cuda_slice_mut::<f32>()?),
-            };
-            b.arg(&src);
-            b.arg(slots);
-            b.arg(&width);
-            // SAFETY: every slot is inside the cache, written once, and `src` holds `width`
-            // values per slot (check_write).
-            unsafe { b.launch(cfg) }.w()?;
-            Ok(())
-        })
+        let guards = [on_device.storage_and_layout().0];
+        let device_slots = u32_slices(&guards)?;
+        let mut b = func.builder();
+        match s1.dtype() {
+            DType::F16 => b.arg(s1.as_cuda_slice_mut::<half::f16>()?),
+            _ => b.arg(s1.as_cuda_slice_mut::<f32>()?),
+        };
+        b.arg(&src);
+        b.arg(device_slots[0]);
+        b.arg(&width);
+        // SAFETY: every slot is inside the cache and written once (CacheSlots::new, for the
+        // cache size check_write matched), and `src` holds `width` values per slot.
+        unsafe { b.launch(cfg) }.w()?;
+        Ok(())
     }
 }
 
