@@ -4,7 +4,8 @@
 //! through the path of kiln's paged-attention kernel (block tables, key ranges and slots
 //! prepared as for the GPU, the kernel's Rust reference computing), the default:
 //!
-//! - f32 and half-precision fixtures: every logit within 1e-5 and transformers' greedy
+//! - f32 fixtures: every logit within 1e-5, f16 and bf16 ones within the effect of one last-
+//!   place flip of a 16-bit rounding (`fixture_logit_tolerance`), and transformers' greedy
 //!   continuation. Here the two backends differ only by rounding (the composition is checked
 //!   exactly);
 //! - the quantized GGUF models: teacher-forced top-1 agreement over the golden prompts with
@@ -42,9 +43,22 @@ const GGUF_LOGIT_TOLERANCE: f32 = 10.0;
 /// go the other way. Measured: 0.43 (SmolLM2), 0.25 (Gemma 3).
 const CHOICE_MARGIN: f32 = 1.0;
 
-/// Largest |candle − kiln| allowed on a fixture's logit (two layers, logits of a few units).
-/// Measured: at most 3.0e-6.
-const FIXTURE_LOGIT_TOLERANCE: f32 = 1e-5;
+/// Largest |candle − kiln| allowed on a fixture's logit (two layers, logits of a few units),
+/// by the weights' format. f32: measured at most 3.0e-6. f16/bf16: both backends round each
+/// product's inputs to the weight's format (as ggml does), so a last-bit f32 difference
+/// upstream (a sum in another order) can move an input across a rounding boundary, one unit
+/// in the last place of the 16-bit format: 2^-11 relative for f16, 2^-8 for bf16 (rarer,
+/// as its boundaries lie further apart). Measured: 3.8e-4 (llama-f16), 1.8e-7 (qwen3-bf16,
+/// no input crossed a boundary).
+fn fixture_logit_tolerance(name: &str) -> f32 {
+    if name.ends_with("-f16") {
+        1e-3
+    } else if name.ends_with("-bf16") {
+        1e-2
+    } else {
+        1e-5
+    }
+}
 
 fn on_candle(path: &std::path::Path) -> Arc<LoadedModel> {
     Arc::new(LoadedModel::load_on(path, None, None, &Device::CandleCpu).unwrap_or_else(|e| panic!("{}: {e}", path.display())))
@@ -179,7 +193,7 @@ fn hf_fixtures_on_candle_agree_with_kiln() {
         let (worst, differs) = compare(name, &want, &got, vocab);
         eprintln!("{name}: candle vs kiln: largest logit gap {worst:.3e}");
         assert!(differs.is_empty(), "{name}: top-1 token differs at positions {differs:?}");
-        assert!(worst <= FIXTURE_LOGIT_TOLERANCE, "{name}: a logit differs by {worst:.3e}");
+        assert!(worst <= fixture_logit_tolerance(name), "{name}: a logit differs by {worst:.3e}");
         let reference = common::ids(&common::hf_reference(name)["greedy"]);
         let mut s = Session::new(Arc::clone(&candle), common::compute(), 256).unwrap();
         let out = s.generate(&greedy(ids.clone(), reference.len()), &AtomicBool::new(false), |_| {}).unwrap();

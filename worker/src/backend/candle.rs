@@ -3,10 +3,12 @@
 //! machines without a GPU).
 //!
 //! Weights are uploaded once at load: the ggml formats candle's quantized matmuls support stay
-//! quantized, f32/f16/bf16 weights are multiplied in f32, and the rest are dequantized (with a
-//! warning naming them). On candle's CPU device the products are kiln's own kernels instead:
-//! candle's CPU quantized matmul rounds differently from ggml and is not what runs on a GPU,
-//! so it would only blur what that device checks, the composition. Keys and values live in
+//! quantized, f16/bf16 weights stay 16-bit (`half_product`: inputs rounded to the weight's
+//! format, sums in f32, as kiln's CPU kernels and llama.cpp round them), f32 weights are
+//! multiplied in f32, and the rest are dequantized to f16 (with a warning naming them). On
+//! candle's CPU device the f16/bf16 products are that same operation; the others are kiln's
+//! own kernels: candle's CPU quantized matmul rounds differently from ggml and is not what
+//! runs on a GPU, so it would only blur what that device checks, the composition. Keys and values live in
 //! one device tensor per layer, `[slots, kv_heads * head_dim]`, in half precision for models
 //! whose reference caches in half (GGUF) and f32 otherwise. Activations are f32.
 //!
@@ -19,6 +21,7 @@
 //! Not yet on this backend: split (tensor-parallel) models; loading one fails with an error
 //! naming what is missing.
 
+use super::half_product::HalfProduct;
 use super::paged::{self, StepKeys, StepSlots};
 use super::{AttendInput, Backend, Flow, KvLayer, KvShape, Part};
 use crate::error::{Error, Result};
@@ -29,6 +32,7 @@ use crate::layers::mlp::{Activation, GatedMlp};
 use crate::layers::moe::MoeMlp;
 use crate::layers::norm::RmsNorm;
 use crate::layers::rope::{RopeStyle, RopeTable};
+use crate::layers::weights::MatrixRef;
 use crate::layers::Compute;
 use crate::models::batch::Batch;
 use crate::models::scratch::{Scratch, TapFn};
@@ -117,7 +121,12 @@ impl Candle {
 
     fn linear(&self, l: Linear) -> Result<DeviceLinear> {
         let name = l.weight.name.clone();
-        if self.device.is_cpu() {
+        let half = match l.weight.dtype {
+            DType::F16 => Some(TensorType::F16),
+            DType::BF16 => Some(TensorType::BF16),
+            _ => None,
+        };
+        if self.device.is_cpu() && half.is_none() {
             // On the host the products are kiln's own (see the module's notes), packed now as
             // the CPU backend packs them; the bias is added there too.
             l.weight.packed();
@@ -142,28 +151,36 @@ impl Candle {
             DType::Q6K => Some(GgmlDType::Q6K),
             DType::F32 | DType::F16 | DType::BF16 | DType::Q8_1 | DType::Q8K => None,
         };
-        let float = match w.dtype {
-            DType::F32 => Some(TensorType::F32),
-            DType::F16 => Some(TensorType::F16),
-            DType::BF16 => Some(TensorType::BF16),
-            _ => None,
-        };
-        let matmul = match (quantized, float) {
-            (Some(format), _) => QMatMul::from_qtensor(qtensor_from_ggml(format, w.bytes(), vec![w.rows, w.cols], &self.device).on_device(&what)?).on_device(&what)?,
-            // Float weights are multiplied by cuBLAS in f32.
-            (None, Some(dtype)) => QMatMul::Tensor(Tensor::from_raw_buffer(w.bytes(), dtype, &[w.rows, w.cols], &self.device).and_then(|t| t.to_dtype(TensorType::F32)).on_device(&what)?),
-            (None, None) => {
-                tracing::warn!(tensor = %name, format = ?w.dtype, "{name} has no quantized matmul on this device: dequantized to f32");
-                let row_bytes = w.dtype.row_bytes(w.cols).ok_or_else(|| Error::Tensor { name: name.clone(), what: format!("{:?} rows of {} values", w.dtype, w.cols) })?;
-                let mut values = vec![0.0f32; w.rows * w.cols];
-                for (src, dst) in w.bytes().chunks_exact(row_bytes).zip(values.chunks_exact_mut(w.cols)) {
-                    kiln_kernels::dequant::dequantize_row(w.dtype, src, dst)?;
+        let product = match (quantized, half, w.dtype) {
+            (Some(format), _, _) => Product::Device(QMatMul::from_qtensor(qtensor_from_ggml(format, w.bytes(), vec![w.rows, w.cols], &self.device).on_device(&what)?).on_device(&what)?),
+            // 16-bit weights stay 16-bit (`half_product`).
+            (None, Some(dtype), _) => Product::Half(Tensor::from_raw_buffer(w.bytes(), dtype, &[w.rows, w.cols], &self.device).on_device(&what)?),
+            (None, None, DType::F32) => Product::Device(QMatMul::Tensor(Tensor::from_raw_buffer(w.bytes(), TensorType::F32, &[w.rows, w.cols], &self.device).on_device(&what)?)),
+            (None, None, format) => {
+                let values = self.dequantized(w)?;
+                // f16 holds these formats' values (an 8-bit integer times an f16 or f32
+                // scale) to within its rounding unless a scale is huge; f32 then.
+                if values.iter().all(|v| v.abs() <= f32::from(half::f16::MAX)) {
+                    tracing::warn!(tensor = %name, ?format, "{name} has no quantized matmul on this device: dequantized to f16");
+                    Product::Half(self.tensor(&values, (w.rows, w.cols), &what).and_then(|t| t.to_dtype(TensorType::F16).on_device(&what))?)
+                } else {
+                    tracing::warn!(tensor = %name, ?format, "{name} has no quantized matmul on this device and values past f16's range: dequantized to f32");
+                    Product::Device(QMatMul::Tensor(self.tensor(&values, (w.rows, w.cols), &what)?))
                 }
-                QMatMul::Tensor(self.tensor(&values, (w.rows, w.cols), &what)?)
             }
         };
         let bias = l.bias.as_ref().map(|b| Tensor::from_slice(b, b.len(), &self.device)).transpose().on_device(&what)?;
-        Ok(DeviceLinear { name, product: Product::Device(matmul), bias })
+        Ok(DeviceLinear { name, product, bias })
+    }
+
+    /// Every value of a weight in a format the device has no product for, in f32.
+    fn dequantized(&self, w: &MatrixRef) -> Result<Vec<f32>> {
+        let row_bytes = w.dtype.row_bytes(w.cols).ok_or_else(|| Error::Tensor { name: w.name.clone(), what: format!("{:?} rows of {} values", w.dtype, w.cols) })?;
+        let mut values = vec![0.0f32; w.rows * w.cols];
+        for (src, dst) in w.bytes().chunks_exact(row_bytes).zip(values.chunks_exact_mut(w.cols)) {
+            kiln_kernels::dequant::dequantize_row(w.dtype, src, dst)?;
+        }
+        Ok(values)
     }
 
     fn norm(&self, n: &RmsNorm) -> Result<DeviceNorm> {
@@ -182,6 +199,8 @@ fn whole(combine: &Combine, what: &str) -> Result<()> {
 enum Product {
     /// candle's matmul on the device (quantized where the format allows).
     Device(QMatMul),
+    /// A 16-bit weight, times inputs rounded to its format, summed in f32 (`half_product`).
+    Half(Tensor),
     /// kiln's kernels, on candle's CPU device (bias included).
     Host(Linear),
 }
@@ -198,6 +217,7 @@ impl DeviceLinear {
         let name = &self.name;
         let y = match &self.product {
             Product::Device(m) => m.forward(x).on_device(name)?,
+            Product::Half(w) => x.to_dtype(w.dtype()).and_then(|x| x.contiguous()).and_then(|x| x.apply_op2_no_bwd(w, &HalfProduct)).on_device(name)?,
             Product::Host(l) => {
                 let (rows, cols) = x.dims2().on_device(name)?;
                 if cols != l.cols() {

@@ -11,6 +11,7 @@
 
 pub mod candle;
 pub mod cpu;
+mod half_product;
 mod paged;
 
 pub use self::candle::Candle;
