@@ -31,20 +31,35 @@ fn contiguous<'s, T>(values: &'s [T], layout: &Layout, what: &str) -> candle_cor
     }
 }
 
-/// The host version: each weight row widened to f32 once, dot products summed in f32.
+/// The host version: both operands widened to f32 (exactly), each output one dot product in
+/// a fixed order, so a row's result does not depend on the rows beside it (a blocked matmul's
+/// would, and with 16-bit roundings downstream that breaks batched == alone).
 fn host_product<T: Copy>(x: &[T], w: &[T], (rows, n, k): (usize, usize, usize), widen: impl Fn(T) -> f32) -> Vec<f32> {
     let x: Vec<f32> = x.iter().map(|&v| widen(v)).collect();
+    let w: Vec<f32> = w.iter().map(|&v| widen(v)).collect();
     let mut y = vec![0.0f32; rows * n];
-    let mut row = vec![0.0f32; k];
-    for (j, w_row) in w.chunks_exact(k.max(1)).take(n).enumerate() {
-        for (r, &v) in row.iter_mut().zip(w_row) {
-            *r = widen(v);
-        }
-        for (i, x_row) in x.chunks_exact(k.max(1)).take(rows).enumerate() {
-            y[i * n + j] = x_row.iter().zip(&row).map(|(a, b)| a * b).sum();
+    if k == 0 {
+        return y;
+    }
+    for (x_row, y_row) in x.chunks_exact(k).zip(y.chunks_exact_mut(n.max(1))) {
+        for (out, w_row) in y_row.iter_mut().zip(w.chunks_exact(k)) {
+            *out = dot(x_row, w_row);
         }
     }
     y
+}
+
+/// Eight running sums (which the compiler keeps in one vector register), then added in order.
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut lanes = [0.0f32; 8];
+    let (a8, b8) = (a.chunks_exact(8), b.chunks_exact(8));
+    let tail: f32 = a8.remainder().iter().zip(b8.remainder()).map(|(x, y)| x * y).sum();
+    for (ca, cb) in a8.zip(b8) {
+        for l in 0..8 {
+            lanes[l] += ca[l] * cb[l];
+        }
+    }
+    lanes.iter().sum::<f32>() + tail
 }
 
 impl CustomOp2 for HalfProduct {
@@ -214,6 +229,20 @@ mod tests {
             let got = xt.apply_op2_no_bwd(&wt, &HalfProduct).and_then(|t| t.flatten_all()).and_then(|t| t.to_vec1::<f32>()).unwrap();
             let worst = got.iter().zip(&want).map(|(a, b)| (a - b).abs() / b.abs().max(1.0)).fold(0.0f32, f32::max);
             assert!(worst < 1e-5, "{dtype:?}: worst relative difference from kiln's kernels {worst}");
+        }
+    }
+
+    #[test]
+    fn a_rows_result_does_not_depend_on_the_batch() {
+        let (n, k) = (24, 200);
+        let x: Vec<f32> = (0..9 * k).map(|i| ((i * 31 % 211) as f32 - 105.0) * 0.01).collect();
+        let w: Vec<f32> = (0..n * k).map(|i| ((i * 17 % 193) as f32 - 96.0) * 0.003).collect();
+        let wt = Tensor::from_slice(&w, (n, k), &Device::Cpu).and_then(|t| t.to_dtype(DType::BF16)).unwrap();
+        let all = Tensor::from_slice(&x, (9, k), &Device::Cpu).and_then(|t| t.to_dtype(DType::BF16)).unwrap();
+        let batched = all.apply_op2_no_bwd(&wt, &HalfProduct).and_then(|t| t.to_vec2::<f32>()).unwrap();
+        for (i, row) in batched.iter().enumerate() {
+            let alone = all.narrow(0, i, 1).and_then(|r| r.apply_op2_no_bwd(&wt, &HalfProduct)).and_then(|t| t.to_vec2::<f32>()).unwrap();
+            assert_eq!(&alone[0], row, "row {i}");
         }
     }
 
