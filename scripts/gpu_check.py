@@ -3,8 +3,8 @@ models' shapes with transformers' outputs for them (computed on the GPU in f32),
 comparison of `kiln-worker eval` outputs with those and with each other.
 
 usage:
-  gpu_check.py models OUT              checkpoints OUT/<name>/ (bf16 safetensors, a word-level
-                                       tokenizer of the model's vocabulary size), the same
+  gpu_check.py models OUT              checkpoints OUT/<name>/ (bf16 safetensors, a BPE tokenizer
+                                       of the model's vocabulary size), the same
                                        weights in f32 in OUT/<name>-f32/, OUT/cases.json and
                                        OUT/<name>/reference.json (transformers in f32)
   gpu_check.py compare NAME REF.json KILN.json [--engine] [--top1 FRACTION] [--greedy N] [--near-tie LOGITS]
@@ -49,12 +49,15 @@ def cases(vocab_limit=4000, seed=0):
     return {"score": score, "greedy": greedy, "max_tokens": GREEDY_TOKENS}
 
 
-def word_level_tokenizer(vocab_size):
-    from tokenizers import Tokenizer, models, pre_tokenizers
+def tokenizer_of_size(vocab_size):
+    """A byte-level BPE vocabulary of `vocab_size` made-up tokens and no merges: the checks
+    feed token ids, and `kiln-worker quantize` writes only BPE vocabularies into GGUF files."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     vocab = {"<unk>": 0, "<s>": 1, "</s>": 2}
     vocab.update({f"w{i}": i for i in range(3, vocab_size)})
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok = Tokenizer(models.BPE(vocab, [], unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
     return tok
 
 
@@ -100,7 +103,7 @@ def make_models(out):
         d.mkdir(exist_ok=True)
         model = model.to(torch.bfloat16)
         model.save_pretrained(d, safe_serialization=True)
-        word_level_tokenizer(config.vocab_size).save(str(d / "tokenizer.json"))
+        tokenizer_of_size(config.vocab_size).save(str(d / "tokenizer.json"))
         (d / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<s>", "eos_token": "</s>", "add_bos_token": False,
                                                              "tokenizer_class": "PreTrainedTokenizerFast"}))
         # The reference computes in f32 from the same rounded weights, loaded back from the
