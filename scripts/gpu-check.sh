@@ -17,7 +17,8 @@
 #    operations over gathered keys) is held to the same thresholds against it.
 # 3. The bf16 checkpoints (16-bit products on the device), and the same quantized by kiln to
 #    Q4_K GGUF files: the GPU against kiln's CPU kernels (llama.cpp's arithmetic) on the same
-#    files, top-1 agreement >= 99% where near-ties may go either way (below).
+#    files, top-1 agreement >= 99% (bf16) and >= 90% (Q4_K) where near-ties may go either
+#    way (below).
 # 4. `kiln-worker bench --device cuda`: pp512, tg128, and 1/16/64 concurrent sequences; and
 #    16 concurrent sequences with the composed attention, to set the kernel's speed beside.
 # Exit status 1 when any check fails; everything is printed.
@@ -66,8 +67,14 @@ step() {
 # ties of at most 0.12 (llama shape) and 0.01 (Gemma 3); Q4K_TIE: the GPU's quantized products
 # round inputs otherwise than ggml's (f32 above 8 rows, q8_1 below, against kiln's q8_K), as
 # kiln's bf16 inputs against transformers' f32 ones, which parted on ties of at most 0.22.
+# Q4K_TOP1: quantizing activations to 8 bits turns last-bit differences into whole steps, and
+# the random llama shape amplifies them: even with kiln's own quantized products on both
+# sides (the rehearsal on candle's CPU device, norms and softmax from candle) it agreed on
+# 96.3% counting ties within 0.5 (Gemma 3: 100%). A broken product lands near 0: the Q4_K
+# file against transformers' f32 outputs, in effect another model, agrees on 1.25%.
 BF16_TIE=0.25
 Q4K_TIE=0.5
+Q4K_TOP1=0.9
 
 start=$(date +%s)
 step 240 python3 scripts/gpu_check.py models "$out"
@@ -85,7 +92,7 @@ for name in llama gemma3; do
     step 120 "$bin" quantize -m "$out/$name" --isq q4_k -o "$out/$name-q4k.gguf" >/dev/null
     step 120 "$bin" eval -m "$out/$name-q4k.gguf" --device cpu --input "$out/cases.json" > "$out/$name/cpu-q4k.json"
     step 120 "$bin" eval -m "$out/$name-q4k.gguf" --device "$dev" --input "$out/cases.json" > "$out/$name/cuda-q4k.json" \
-        && step 30 python3 scripts/gpu_check.py compare "$name Q4_K against kiln's CPU kernels" "$out/$name/cpu-q4k.json" "$out/$name/cuda-q4k.json" --near-tie "$Q4K_TIE"
+        && step 30 python3 scripts/gpu_check.py compare "$name Q4_K against kiln's CPU kernels" "$out/$name/cpu-q4k.json" "$out/$name/cuda-q4k.json" --near-tie "$Q4K_TIE" --top1 "$Q4K_TOP1"
 done
 # The mixture-of-experts block on the device, against transformers.
 step 120 "$bin" eval -m "$out/mixtral-f32" --device "$dev" --input "$out/cases.json" > "$out/mixtral/cuda-f32.json" \

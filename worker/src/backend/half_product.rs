@@ -49,7 +49,7 @@ fn host_product<T: Copy>(x: &[T], w: &[T], (rows, n, k): (usize, usize, usize), 
     y
 }
 
-/// Eight running sums (which the compiler keeps in one vector register), then added in order.
+/// Eight running sums (one vector register once compiled), then added in a fixed order.
 fn dot(a: &[f32], b: &[f32]) -> f32 {
     let mut lanes = [0.0f32; 8];
     let (a8, b8) = (a.chunks_exact(8), b.chunks_exact(8));
