@@ -9,6 +9,7 @@
 //! to tie or swap the top tokens, and f16 outputs overflow past 65504. On the GPU this is one
 //! cuBLAS `GemmEx` call with half inputs and an f32 result.
 
+use super::paged::contiguous;
 use candle_core::{CpuStorage, CustomOp2, Layout, Shape};
 
 /// `y[rows, n] = x[rows, k] · w[n, k]ᵀ` for `x` and `w` both f16 or both bf16, `y` in f32.
@@ -22,13 +23,6 @@ fn sizes(x: &Layout, w: &Layout) -> candle_core::Result<(usize, usize, usize)> {
         candle_core::bail!("half product: inputs of width {k} for a weight of {wk} columns");
     }
     Ok((rows, n, k))
-}
-
-fn contiguous<'s, T>(values: &'s [T], layout: &Layout, what: &str) -> candle_core::Result<&'s [T]> {
-    match layout.contiguous_offsets() {
-        Some((start, end)) if end <= values.len() => Ok(&values[start..end]),
-        _ => candle_core::bail!("half product: the {what} are not contiguous"),
-    }
 }
 
 /// The host version: both operands widened to f32 (exactly), each output one dot product in
@@ -71,8 +65,8 @@ impl CustomOp2 for HalfProduct {
         let dims = sizes(l1, l2)?;
         let (rows, n, _) = dims;
         let y = match (s1, s2) {
-            (CpuStorage::F16(x), CpuStorage::F16(w)) => host_product(contiguous(x, l1, "inputs")?, contiguous(w, l2, "weights")?, dims, half::f16::to_f32),
-            (CpuStorage::BF16(x), CpuStorage::BF16(w)) => host_product(contiguous(x, l1, "inputs")?, contiguous(w, l2, "weights")?, dims, half::bf16::to_f32),
+            (CpuStorage::F16(x), CpuStorage::F16(w)) => host_product(contiguous(x, l1, "half product inputs")?, contiguous(w, l2, "half product weights")?, dims, half::f16::to_f32),
+            (CpuStorage::BF16(x), CpuStorage::BF16(w)) => host_product(contiguous(x, l1, "half product inputs")?, contiguous(w, l2, "half product weights")?, dims, half::bf16::to_f32),
             _ => candle_core::bail!("half product: inputs and weights must both be f16 or both bf16"),
         };
         Ok((CpuStorage::F32(y), Shape::from((rows, n))))
@@ -87,6 +81,7 @@ impl CustomOp2 for HalfProduct {
 #[cfg(feature = "cuda")]
 mod cuda {
     use super::sizes;
+    use crate::backend::paged::cuda::view;
     use candle_core::backend::BackendStorage;
     use candle_core::cuda_backend::cudarc::cublas::{result::gemm_ex, sys};
     use candle_core::cuda_backend::cudarc::driver::{CudaSlice, CudaView, DevicePtr, DevicePtrMut, DeviceRepr};
@@ -94,19 +89,12 @@ mod cuda {
     use candle_core::{CudaStorage, DType, Layout, Shape};
     use std::ffi::c_void;
 
-    fn view<'a, T: DeviceRepr>(slice: &'a CudaSlice<T>, layout: &Layout, what: &str) -> candle_core::Result<CudaView<'a, T>> {
-        match layout.contiguous_offsets() {
-            Some((start, end)) if end <= slice.len() => Ok(slice.slice(start..end)),
-            _ => candle_core::bail!("half product: the {what} are not contiguous"),
-        }
-    }
-
     pub fn product(s1: &CudaStorage, l1: &Layout, s2: &CudaStorage, l2: &Layout) -> candle_core::Result<(CudaStorage, Shape)> {
         let (rows, n, k) = sizes(l1, l2)?;
         let dev = s1.device().clone();
         let out = match (s1.dtype(), s2.dtype()) {
-            (DType::BF16, DType::BF16) => gemm(&dev, view(s1.as_cuda_slice::<half::bf16>()?, l1, "inputs")?, view(s2.as_cuda_slice::<half::bf16>()?, l2, "weights")?, sys::cudaDataType_t::CUDA_R_16BF, (rows, n, k))?,
-            (DType::F16, DType::F16) => gemm(&dev, view(s1.as_cuda_slice::<half::f16>()?, l1, "inputs")?, view(s2.as_cuda_slice::<half::f16>()?, l2, "weights")?, sys::cudaDataType_t::CUDA_R_16F, (rows, n, k))?,
+            (DType::BF16, DType::BF16) => gemm(&dev, view(s1.as_cuda_slice::<half::bf16>()?, l1, "half product inputs")?, view(s2.as_cuda_slice::<half::bf16>()?, l2, "half product weights")?, sys::cudaDataType_t::CUDA_R_16BF, (rows, n, k))?,
+            (DType::F16, DType::F16) => gemm(&dev, view(s1.as_cuda_slice::<half::f16>()?, l1, "half product inputs")?, view(s2.as_cuda_slice::<half::f16>()?, l2, "half product weights")?, sys::cudaDataType_t::CUDA_R_16F, (rows, n, k))?,
             _ => candle_core::bail!("half product: inputs and weights must both be f16 or both bf16"),
         };
         Ok((CudaStorage::wrap_cuda_slice(out, dev), Shape::from((rows, n))))

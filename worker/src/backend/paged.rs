@@ -106,7 +106,7 @@ struct WriteCache<'a> {
     slots: &'a StepSlots,
 }
 
-fn contiguous<'s, T>(values: &'s [T], layout: &Layout, what: &str) -> candle_core::Result<&'s [T]> {
+pub(super) fn contiguous<'s, T>(values: &'s [T], layout: &Layout, what: &str) -> candle_core::Result<&'s [T]> {
     match layout.contiguous_offsets() {
         Some((start, end)) if end <= values.len() => Ok(&values[start..end]),
         _ => candle_core::bail!("{what} is not contiguous"),
@@ -168,7 +168,7 @@ impl InplaceOp2 for WriteCache<'_> {
 }
 
 #[cfg(feature = "cuda")]
-mod cuda {
+pub(super) mod cuda {
     //! The launches. Every size and index the kernels trust was checked on the host first
     //! (`KeyRanges::new`, `CacheSlots::new`, `check_buffers`, `check_write`, `Launch::check`).
 
@@ -181,7 +181,7 @@ mod cuda {
 
     const MODULE: &str = "kiln_attention";
 
-    fn view<'a, T: DeviceRepr>(slice: &'a CudaSlice<T>, layout: &Layout, what: &str) -> candle_core::Result<CudaView<'a, T>> {
+    pub(in crate::backend) fn view<'a, T: DeviceRepr>(slice: &'a CudaSlice<T>, layout: &Layout, what: &str) -> candle_core::Result<CudaView<'a, T>> {
         match layout.contiguous_offsets() {
             Some((start, end)) if end <= slice.len() => Ok(slice.slice(start..end)),
             _ => candle_core::bail!("{what} is not contiguous"),
@@ -199,7 +199,7 @@ mod cuda {
             .collect()
     }
 
-    pub fn attention(op: &PagedAttention, s1: &CudaStorage, l1: &Layout, s2: &CudaStorage, l2: &Layout, s3: &CudaStorage, l3: &Layout) -> candle_core::Result<(CudaStorage, Shape)> {
+    pub(super) fn attention(op: &PagedAttention, s1: &CudaStorage, l1: &Layout, s2: &CudaStorage, l2: &Layout, s3: &CudaStorage, l3: &Layout) -> candle_core::Result<(CudaStorage, Shape)> {
         let r = &op.keys.ranges;
         let shape = r.shape();
         let launch = kernels::Launch::default();
@@ -254,7 +254,7 @@ mod cuda {
         Ok((CudaStorage::wrap_cuda_slice(out, dev), Shape::from((r.rows(), shape.q_width()))))
     }
 
-    pub fn write_cache(op: &WriteCache, s1: &mut CudaStorage, l1: &Layout, s2: &CudaStorage, l2: &Layout) -> candle_core::Result<()> {
+    pub(super) fn write_cache(op: &WriteCache, s1: &mut CudaStorage, l1: &Layout, s2: &CudaStorage, l2: &Layout) -> candle_core::Result<()> {
         let width = l1.dims().last().copied().unwrap_or(0);
         if l1.contiguous_offsets() != Some((0, l1.shape().elem_count())) {
             candle_core::bail!("the cache is not one contiguous tensor");
