@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 from types import SimpleNamespace
 
+import anthropic
 import httpx2 as httpx
 import openai
 import pytest
@@ -45,7 +46,8 @@ def env(tmp_path_factory, worker):
     router = Router("mcp-client", [worker.grpc], "--mcp-config", str(path), "--mcp-connect-timeout-secs", "3",
                     "--mcp-call-timeout-secs", "3", "--max-tool-rounds", "1")
     client = openai.OpenAI(base_url=f"{router.url}/v1", api_key="unused", max_retries=0, timeout=120)
-    yield SimpleNamespace(router=router, log=log, client=client)
+    messages = anthropic.Anthropic(base_url=router.url, api_key="unused", max_retries=0, timeout=120)
+    yield SimpleNamespace(router=router, log=log, client=client, messages=messages, web_url=f"http://127.0.0.1:{port}/mcp")
     router.stop()
     http_server.stop()
 
@@ -204,9 +206,6 @@ def test_bad_mcp_requests_are_refused_with_reasons(env, router, model):
     clash = [{"type": "function", "function": {"name": "notes__record"}}]
     assert "also the name of an MCP tool" in error(env.router.url, {"mcp": ["notes"], "tools": clash})
     assert "has no MCP servers" in error(router.url, {"mcp": True})
-    r = httpx.post(f"{env.router.url}/v1/messages", headers={"anthropic-version": "2023-06-01"},
-                   json={"model": model, "max_tokens": 8, "messages": [{"role": "user", "content": "Hi"}], "mcp": True})
-    assert r.status_code == 400 and "offered on /v1/chat/completions" in r.json()["error"]["message"], r.text
 
 
 @pytest.mark.parametrize("text, message", [
@@ -221,3 +220,117 @@ def test_a_bad_config_stops_the_router_with_a_clear_error(tmp_path, text, messag
                        capture_output=True, text=True, timeout=30)
     assert p.returncode == 1 and message in p.stderr and str(path) in p.stderr, p.stderr
     assert "panicked" not in p.stderr
+
+
+# /v1/messages: the shape of Anthropic's MCP connector (`mcp_servers`, `mcp_tool_use` and
+# `mcp_tool_result` blocks), through the official SDK's beta client.
+BETAS = ["mcp-client-2025-04-04"]
+# The SDK no longer takes `temperature` as a parameter.
+GREEDY = {"temperature": 0}
+
+
+def blocks(message):
+    return [b.type for b in message.content]
+
+
+def test_messages_call_a_server_and_return_its_blocks(env, model):
+    question = [{"role": "user", "content": "Please record the word apple in the archive."}]
+    before = len(received(env, "record"))
+    r = env.messages.beta.messages.create(model=model, max_tokens=40, extra_body=GREEDY, messages=question, betas=BETAS,
+                                          mcp_servers=[{"type": "url", "name": "notes"}], tool_choice={"type": "tool", "name": "notes__record"})
+    assert blocks(r) == ["mcp_tool_use", "mcp_tool_result", "text"], r.content
+    use, result, answer = r.content
+    assert use.name == "record" and use.server_name == "notes" and set(use.input) == {"word"} and use.id.startswith("mcptoolu_")
+    # The server really received the call, with the model's arguments.
+    calls = received(env, "record")
+    assert len(calls) == before + 1 and calls[-1]["word"] == use.input["word"]
+    assert result.tool_use_id == use.id and result.is_error is False
+    assert [c.text for c in result.content] == [f"Recorded '{use.input['word']}'. The archive code is 7316."]
+    assert "7316" in answer.text and r.stop_reason in ("end_turn", "max_tokens")
+    # A client continuing the conversation sends the blocks back: the model then reads the same
+    # prompt as the loop's last round, so it gives the same answer.
+    history = question + [{"role": "assistant", "content": [use.model_dump(exclude_none=True), result.model_dump(exclude_none=True)]}]
+    plain = env.messages.messages.create(model=model, max_tokens=40, extra_body=GREEDY, messages=history)
+    assert plain.content[0].text == answer.text
+    assert r.usage.input_tokens > plain.usage.input_tokens and r.usage.output_tokens > plain.usage.output_tokens
+
+
+def test_messages_stream_the_call_and_result_blocks(env, model):
+    request = dict(model=model, max_tokens=30, extra_body=GREEDY, messages=[{"role": "user", "content": "What is the weather in Paris?"}], betas=BETAS,
+                   mcp_servers=[{"type": "url", "name": "web", "url": env.web_url}], tool_choice={"type": "tool", "name": "web__weather"})
+    starts = []
+    with env.messages.beta.messages.stream(**request) as stream:
+        for event in stream:
+            if event.type == "content_block_start":
+                starts.append(event.content_block.type)
+        streamed = stream.get_final_message()
+    assert starts == ["mcp_tool_use", "mcp_tool_result", "text"], starts
+    use, result, text = streamed.content
+    city = use.input["city"]
+    assert use.name == "weather" and use.server_name == "web" and result.tool_use_id == use.id
+    assert [c.text for c in result.content] == [f"It is 21 degrees and sunny in {city}."] and not result.is_error
+    # The server got the call, with the configured headers (the client's request carried none).
+    assert received(env, "weather")[-1]["token"] == "s3cret" and received(env, "weather")[-1]["city"] == city
+    whole = env.messages.beta.messages.create(**request)
+    assert blocks(whole) == ["mcp_tool_use", "mcp_tool_result", "text"]
+    assert whole.content[0].input == use.input and whole.content[2].text == text.text
+    assert whole.stop_reason == streamed.stop_reason and whole.usage.output_tokens == streamed.usage.output_tokens
+
+
+def test_messages_take_kilns_mcp_field_and_return_client_calls(env, model):
+    r = env.messages.messages.create(model=model, max_tokens=40, messages=[{"role": "user", "content": "Record the word plum."}],
+                                     tool_choice={"type": "tool", "name": "notes__record"}, extra_body={"mcp": ["notes"], **GREEDY})
+    assert blocks(r)[:2] == ["mcp_tool_use", "mcp_tool_result"] and r.content[0].server_name == "notes"
+    before = env.log.read_text()
+    tool = {"name": "get_time", "strict": True, "input_schema": {"type": "object", "properties": {"zone": {"type": "string"}}, "required": ["zone"], "additionalProperties": False}}
+    r = env.messages.beta.messages.create(model=model, max_tokens=80, extra_body=GREEDY, messages=[{"role": "user", "content": "What time is it in Tokyo?"}],
+                                          betas=BETAS, mcp_servers=[{"type": "url", "name": "notes"}], tools=[tool],
+                                          tool_choice={"type": "tool", "name": "get_time", "disable_parallel_tool_use": True})
+    assert r.stop_reason == "tool_use" and blocks(r) == ["tool_use"] and r.content[0].name == "get_time" and set(r.content[0].input) == {"zone"}
+    assert r.content[0].id.startswith("toolu_")
+    assert env.log.read_text() == before, "no MCP tool was called"
+
+
+def count(env, model, **body):
+    r = httpx.post(f"{env.router.url}/v1/messages/count_tokens", json={"model": model, "messages": [{"role": "user", "content": "Hi"}], **body})
+    assert r.status_code == 200, r.text
+    return r.json()["input_tokens"]
+
+
+def test_messages_choose_among_a_servers_tools(env, model):
+    notes = {"type": "url", "name": "notes"}
+    every = count(env, model, mcp_servers=[notes])
+    only_record = count(env, model, mcp_servers=[{**notes, "tool_configuration": {"allowed_tools": ["record"]}}])
+    toolset = count(env, model, mcp_servers=[notes], tools=[{"type": "mcp_toolset", "mcp_server_name": "notes", "default_config": {"enabled": False},
+                                                             "configs": {"record": {"enabled": True}}}])
+    assert count(env, model) < only_record == toolset < every
+    assert count(env, model, mcp_servers=[{**notes, "tool_configuration": {"enabled": False}}]) == count(env, model)
+
+
+def test_bad_messages_mcp_requests_are_refused_with_reasons(env, router, model):
+    def error(url, body):
+        r = httpx.post(f"{url}/v1/messages", json={"model": model, "max_tokens": 8, "messages": [{"role": "user", "content": "Hi"}], **body})
+        assert r.status_code == 400, r.text
+        return r.json()["error"]["message"]
+
+    notes = {"type": "url", "name": "notes"}
+    assert "no MCP server `nope`; this router has notes, web, exits, garbage, hangs" in error(env.router.url, {"mcp_servers": [{"type": "url", "name": "nope"}]})
+    assert "`mcp_servers[0].url`: is not the URL of the router's MCP server `web`" in error(env.router.url, {"mcp_servers": [{"type": "url", "name": "web", "url": "https://elsewhere.example/mcp"}]})
+    assert "`notes` is a local program" in error(env.router.url, {"mcp_servers": [{**notes, "url": "https://notes.example/mcp"}]})
+    assert "`mcp_servers[0].authorization_token`: is not accepted" in error(env.router.url, {"mcp_servers": [{**notes, "authorization_token": "t"}]})
+    assert "`notes` is given twice" in error(env.router.url, {"mcp_servers": [notes, notes]})
+    assert "either `mcp` or `mcp_servers`" in error(env.router.url, {"mcp": True, "mcp_servers": [notes]})
+    assert "needs its server in `mcp_servers`" in error(env.router.url, {"tools": [{"type": "mcp_toolset", "mcp_server_name": "notes"}]})
+    assert "`web` is not one of `mcp_servers`" in error(env.router.url, {"mcp_servers": [notes], "tools": [{"type": "mcp_toolset", "mcp_server_name": "web"}]})
+    assert "the MCP server `notes` has no tool `nope`" in error(env.router.url, {"mcp_servers": [{**notes, "tool_configuration": {"allowed_tools": ["nope"]}}]})
+    assert "defer_loading`: is not supported" in error(env.router.url, {"mcp_servers": [notes], "tools": [
+        {"type": "mcp_toolset", "mcp_server_name": "notes", "default_config": {"defer_loading": True}}]})
+    # A tool the request leaves out cannot be chosen.
+    assert "`notes__record` is not one of the tools" in error(env.router.url, {"mcp_servers": [{**notes, "tool_configuration": {"allowed_tools": ["fail"]}}],
+                                                                                "tool_choice": {"type": "tool", "name": "notes__record"}})
+    clash = [{"name": "notes__record", "input_schema": {"type": "object"}}]
+    assert "also the name of an MCP tool" in error(env.router.url, {"mcp_servers": [notes], "tools": clash})
+    assert "has no MCP servers" in error(router.url, {"mcp_servers": [notes]})
+    assert "has no MCP servers" in error(router.url, {"mcp": True})
+    r = httpx.post(f"{env.router.url}/v1/messages", json={"model": model, "max_tokens": 8, "messages": [{"role": "user", "content": "Hi"}], "mcp": ["exits"]})
+    assert r.status_code == 503 and "the MCP server `exits` is not connected" in r.json()["error"]["message"], r.text

@@ -1,7 +1,8 @@
 //! Anthropic-compatible routes: `/v1/messages` (streamed with the Messages API's named
 //! events) and `/v1/messages/count_tokens`.
 
-use super::openai_format::validate_sampling;
+use super::mcp_loop::ToolLoop;
+use super::openai_format::{validate_sampling, Common};
 use super::sse::{self, Step};
 use super::{admit, answer, check_context, collect, random_id, route_key, Totals};
 use crate::error::{ApiError, Flavor};
@@ -36,19 +37,20 @@ const MESSAGE_FIELDS: &[&str] = &[
     "cache_control",
     "tools",
     "tool_choice",
+    "mcp_servers",
+    "mcp",
 ];
 const MESSAGE_UNSUPPORTED: &[&str] = &[
     "thinking",
     "service_tier",
     "container",
-    "mcp_servers",
     "context_management",
     "output_config",
     "output_format",
     "speed",
     "inference_geo",
 ];
-const COUNT_FIELDS: &[&str] = &["model", "messages", "system", "cache_control", "tools", "tool_choice"];
+const COUNT_FIELDS: &[&str] = &["model", "messages", "system", "cache_control", "tools", "tool_choice", "mcp_servers", "mcp"];
 
 /// Text of a `content` or `system` value: a string or an array of text blocks.
 fn blocks_text(value: &Value, name: &str) -> Result<String, ApiError> {
@@ -90,6 +92,9 @@ fn conversation(f: &Fields, max: usize) -> Result<Vec<Turn>, ApiError> {
         let content = m.require("content")?;
         let name = m.name("content");
         match content {
+            Value::Array(blocks) if role == "assistant" && blocks.iter().any(|b| matches!(b.get("type").and_then(Value::as_str), Some("mcp_tool_use" | "mcp_tool_result"))) => {
+                out.extend(mcp_blocks(blocks, &name)?);
+            }
             Value::Array(blocks) if blocks.iter().any(|b| matches!(b.get("type").and_then(Value::as_str), Some("tool_use" | "tool_result"))) => {
                 out.extend(tool_blocks(role, blocks, &name)?);
             }
@@ -175,12 +180,72 @@ fn tool_blocks(role: &str, blocks: &[Value], name: &str) -> Result<Vec<Turn>, Ap
     Ok(out)
 }
 
+/// An assistant message holding the `mcp_tool_use` and `mcp_tool_result` blocks of an earlier
+/// answer (with any text and client `tool_use` blocks), as the turns the router's tool loop
+/// had: text and calls, the results, text and calls again.
+fn mcp_blocks(blocks: &[Value], name: &str) -> Result<Vec<Turn>, ApiError> {
+    let mut out = Vec::new();
+    let mut current = Turn { role: "assistant".into(), ..Turn::default() };
+    for (j, block) in blocks.iter().enumerate() {
+        let path = format!("{name}[{j}].");
+        let Some(obj) = block.as_object() else { return Err(ApiError::field(format!("{name}[{j}]"), "expected a content block object")) };
+        match obj.get("type").and_then(Value::as_str) {
+            Some("text") => {
+                if !current.tool_calls.is_empty() {
+                    out.push(std::mem::replace(&mut current, Turn { role: "assistant".into(), ..Turn::default() }));
+                }
+                current.content.push_str(&blocks_text(&Value::Array(vec![block.clone()]), name)?);
+            }
+            Some(kind @ ("mcp_tool_use" | "tool_use")) => {
+                let known: &[&str] = if kind == "tool_use" { &["type", "id", "name", "input", "cache_control"] } else { &["type", "id", "name", "server_name", "input", "cache_control"] };
+                let b = Fields::new(obj, &path, known, &[])?;
+                let id = b.str("id")?.ok_or_else(|| ApiError::field(b.name("id"), "is required"))?;
+                let tool = b.str("name")?.ok_or_else(|| ApiError::field(b.name("name"), "is required"))?;
+                let input = b.object("input")?.ok_or_else(|| ApiError::field(b.name("input"), "is required (an object)"))?;
+                // The model knew the call by the name the router offered it under.
+                let offered = match kind {
+                    "tool_use" => tool.to_string(),
+                    _ => {
+                        let server = b.str("server_name")?.ok_or_else(|| ApiError::field(b.name("server_name"), "is required"))?;
+                        crate::mcp::client::offered_name(server, tool).ok_or_else(|| ApiError::field(b.name("name"), "is not a tool name the router could offer"))?
+                    }
+                };
+                current.tool_calls.push(ToolCall { id: id.into(), name: offered, arguments: Value::Object(input.clone()).to_string() });
+            }
+            Some("mcp_tool_result") => {
+                let b = Fields::new(obj, &path, &["type", "tool_use_id", "content", "is_error", "cache_control"], &[])?;
+                let id = b.str("tool_use_id")?.ok_or_else(|| ApiError::field(b.name("tool_use_id"), "is required"))?;
+                if !current.tool_calls.is_empty() || !current.content.is_empty() {
+                    out.push(std::mem::replace(&mut current, Turn { role: "assistant".into(), ..Turn::default() }));
+                }
+                let content = match b.get("content") {
+                    None => String::new(),
+                    Some(c) => blocks_text(c, &b.name("content"))?,
+                };
+                let content = if b.bool("is_error")?.unwrap_or(false) { format!("Error: {content}") } else { content };
+                out.push(Turn { role: "tool".into(), content, tool_call_id: Some(id.into()), ..Turn::default() });
+            }
+            Some(other) => return Err(ApiError::field(format!("{path}type"), format!("`{other}` blocks are not supported in assistant messages"))),
+            None => return Err(ApiError::field(format!("{path}type"), "is required (a string)")),
+        }
+    }
+    if !current.tool_calls.is_empty() || !current.content.is_empty() {
+        out.push(current);
+    }
+    Ok(out)
+}
+
 /// `tools` and `tool_choice`: `[{name, description?, input_schema, strict?}]`,
 /// `{type: auto | any | tool | none, name?, disable_parallel_tool_use?}`.
-fn message_tools(f: &Fields) -> Result<(Vec<Tool>, ToolChoice, bool), ApiError> {
+/// `mcp` names the MCP tools the request uses; its `mcp_toolset` entries of `tools` are read
+/// by `anthropic_mcp`.
+fn message_tools(f: &Fields, mcp: &[&str]) -> Result<(Vec<Tool>, ToolChoice, bool), ApiError> {
     let mut tools: Vec<Tool> = Vec::new();
     for (i, item) in f.array("tools")?.map(Vec::as_slice).unwrap_or_default().iter().enumerate() {
         let Some(obj) = item.as_object() else { return Err(ApiError::field(format!("tools[{i}]"), "expected an object")) };
+        if obj.get("type").and_then(Value::as_str) == Some("mcp_toolset") {
+            continue;
+        }
         let t = Fields::new(obj, &format!("tools[{i}]."), &["type", "name", "description", "input_schema", "strict", "cache_control"], &[])?;
         if t.str("type")?.is_some_and(|ty| ty != "custom") {
             return Err(ApiError::field(t.name("type"), "only custom tools are supported"));
@@ -189,6 +254,9 @@ fn message_tools(f: &Fields) -> Result<(Vec<Tool>, ToolChoice, bool), ApiError> 
         super::valid_tool_name(name).map_err(|e| ApiError::field(t.name("name"), e))?;
         if tools.iter().any(|x| x.name == name) {
             return Err(ApiError::field(t.name("name"), format!("`{name}` is given twice")));
+        }
+        if mcp.contains(&name) {
+            return Err(ApiError::field(t.name("name"), format!("`{name}` is also the name of an MCP tool this request uses")));
         }
         let schema = t.object("input_schema")?.ok_or_else(|| ApiError::field(t.name("input_schema"), "is required (a JSON Schema object)"))?;
         tools.push(Tool {
@@ -199,7 +267,7 @@ fn message_tools(f: &Fields) -> Result<(Vec<Tool>, ToolChoice, bool), ApiError> 
         });
     }
     let Some(tc) = f.object("tool_choice")? else {
-        let choice = if tools.is_empty() { ToolChoice::None } else { ToolChoice::Auto };
+        let choice = if tools.is_empty() && mcp.is_empty() { ToolChoice::None } else { ToolChoice::Auto };
         return Ok((tools, choice, true));
     };
     let c = Fields::new(tc, "tool_choice.", &["type", "name", "disable_parallel_tool_use"], &[])?;
@@ -210,7 +278,7 @@ fn message_tools(f: &Fields) -> Result<(Vec<Tool>, ToolChoice, bool), ApiError> 
         Some("none") => ToolChoice::None,
         Some("tool") => {
             let name = c.str("name")?.ok_or_else(|| ApiError::field(c.name("name"), "is required when type is tool"))?;
-            if !tools.iter().any(|t| t.name == name) {
+            if !tools.iter().any(|t| t.name == name) && !mcp.contains(&name) {
                 return Err(ApiError::field(c.name("name"), format!("`{name}` is not one of the tools")));
             }
             ToolChoice::Named(name.into())
@@ -218,13 +286,13 @@ fn message_tools(f: &Fields) -> Result<(Vec<Tool>, ToolChoice, bool), ApiError> 
         Some(other) => return Err(ApiError::field(c.name("type"), format!("unknown type `{other}`; expected auto, any, tool or none"))),
         None => return Err(ApiError::field(c.name("type"), "is required")),
     };
-    if choice != ToolChoice::None && tools.is_empty() {
+    if choice != ToolChoice::None && tools.is_empty() && mcp.is_empty() {
         return Err(ApiError::field("tool_choice", "needs `tools`"));
     }
     Ok((tools, choice, parallel))
 }
 
-fn stop_reason(d: &pb::DoneEvent) -> &'static str {
+pub(super) fn stop_reason(d: &pb::DoneEvent) -> &'static str {
     match pb::FinishReason::try_from(d.finish) {
         Ok(pb::FinishReason::Length | pb::FinishReason::ContextFull) => "max_tokens",
         _ if d.stop_sequence.is_some() => "stop_sequence",
@@ -232,7 +300,7 @@ fn stop_reason(d: &pb::DoneEvent) -> &'static str {
     }
 }
 
-fn usage(t: &Totals) -> Value {
+pub(super) fn usage(t: &Totals) -> Value {
     json!({
         "input_tokens": t.prompt_tokens - t.cached_tokens.min(t.prompt_tokens),
         "cache_read_input_tokens": t.cached_tokens,
@@ -253,9 +321,6 @@ pub async fn messages(State(state): State<Arc<AppState>>, headers: HeaderMap, bo
 async fn messages_inner(state: &Arc<AppState>, headers: &HeaderMap, body: &[u8], model_id: &mut Option<String>) -> Result<Response, ApiError> {
     let started = Instant::now();
     let map = parse_object(body)?;
-    if map.get("mcp").is_some_and(|v| !v.is_null()) {
-        return Err(ApiError::field("mcp", "MCP tools are offered on /v1/chat/completions; this route does not run the tool loop"));
-    }
     let f = Fields::new(&map, "", MESSAGE_FIELDS, MESSAGE_UNSUPPORTED)?;
     let model = super::resolve_generator(state, f.str("model")?.ok_or_else(|| ApiError::field("model", "is required"))?)?;
     *model_id = Some(model.info.model_id.clone());
@@ -282,7 +347,17 @@ async fn messages_inner(state: &Arc<AppState>, headers: &HeaderMap, body: &[u8],
     };
     validate_sampling(&sampling)?;
     let stream = f.bool("stream")?.unwrap_or(false);
-    let (tools, choice, parallel) = message_tools(&f)?;
+    let mcp_tools = super::anthropic_mcp::requested_tools(state, &f)?;
+    let mcp_names: Vec<&str> = mcp_tools.iter().flatten().map(|t| t.name.as_str()).collect();
+    let (tools, choice, parallel) = message_tools(&f, &mcp_names)?;
+    if let Some(remote) = mcp_tools {
+        super::images::check_all(&crate::tools::images(&conversation), Default::default()).await?;
+        admit(state)?;
+        let c = Common { sampling, max_tokens: Some(max_tokens), stop, n: 1, ignore_eos: false, stream, include_usage: false, user: None };
+        let session = headers.get(super::SESSION_HEADER).and_then(|v| v.to_str().ok()).map(str::to_string);
+        let run = ToolLoop { state: Arc::clone(state), model, turns: conversation, tools, remote, choice, parallel, c, session, started, call_ids: "mcptoolu_", arguments_as_objects: true };
+        return super::anthropic_mcp::respond(run, random_id("msg_")).await;
+    }
     let super::ConversationPrompt { tokens: prompt, calls: format, grammar, images } = super::conversation_prompt(&model, &conversation, &tools, &choice, parallel, true)?;
     check_context(&model, prompt.len(), Some(max_tokens), "messages")?;
     super::images::check_all(&crate::tools::images(&conversation), Default::default()).await?;
@@ -340,7 +415,7 @@ async fn messages_inner(state: &Arc<AppState>, headers: &HeaderMap, body: &[u8],
     .into_response())
 }
 
-fn named(name: &str, data: Value) -> Event {
+pub(super) fn named(name: &str, data: Value) -> Event {
     Event::default().event(name).data(data.to_string())
 }
 
@@ -471,7 +546,7 @@ fn stream_message(generation: Generation, model: &ModelState, id: String, prompt
     })
 }
 
-fn error_event(e: ApiError) -> Event {
+pub(super) fn error_event(e: ApiError) -> Event {
     named("error", e.with_flavor(Flavor::Anthropic).body())
 }
 
@@ -483,7 +558,10 @@ pub async fn count_tokens(State(state): State<Arc<AppState>>, body: Bytes) -> Re
             let f = Fields::new(&map, "", COUNT_FIELDS, &["thinking"])?;
             let model = super::resolve_generator(&state, f.str("model")?.ok_or_else(|| ApiError::field("model", "is required"))?)?;
             model_id = Some(model.info.model_id.clone());
-            let (tools, choice, parallel) = message_tools(&f)?;
+            let remote = super::anthropic_mcp::requested_tools(&state, &f)?.unwrap_or_default();
+            let mcp_names: Vec<&str> = remote.iter().map(|t| t.name.as_str()).collect();
+            let (mut tools, choice, parallel) = message_tools(&f, &mcp_names)?;
+            tools.extend(remote.iter().map(super::mcp_loop::offered));
             let mut turns = conversation(&f, state.config.limits.max_messages)?;
             super::images::resolve(&state, &mut turns, &Default::default()).await?;
             let prompt = super::conversation_prompt(&model, &turns, &tools, &choice, parallel, true)?.tokens;

@@ -2,6 +2,7 @@
 //! Anthropic handlers share (model lookup, admission, prompt building, result collection).
 
 mod anthropic;
+mod anthropic_mcp;
 mod collect;
 mod cors;
 mod embeddings;

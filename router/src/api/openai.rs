@@ -268,7 +268,7 @@ pub(crate) async fn chat_inner(state: &Arc<AppState>, headers: &HeaderMap, body:
         }
         admit(state)?;
         let session = headers.get(super::SESSION_HEADER).and_then(|v| v.to_str().ok()).map(str::to_string);
-        let run = super::mcp_loop::ToolLoop { state: Arc::clone(state), model, turns, tools, remote, choice, parallel, c, session, started };
+        let run = super::mcp_loop::ToolLoop { state: Arc::clone(state), model, turns, tools, remote, choice, parallel, c, session, started, call_ids: "call_", arguments_as_objects: false };
         return run.respond().await;
     }
     let conversation = super::conversation_prompt(&model, &turns, &tools, &choice, parallel, false)?;

@@ -250,6 +250,11 @@ impl McpHub {
         hub
     }
 
+    /// The configuration of the server called `name`.
+    pub fn spec(&self, name: &str) -> Option<&ServerSpec> {
+        self.servers.iter().map(|s| &s.spec).find(|spec| spec.name == name)
+    }
+
     pub fn names(&self) -> Vec<String> {
         self.servers.iter().map(|s| s.spec.name.clone()).collect()
     }
