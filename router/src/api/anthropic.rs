@@ -53,7 +53,7 @@ const MESSAGE_UNSUPPORTED: &[&str] = &[
 const COUNT_FIELDS: &[&str] = &["model", "messages", "system", "cache_control", "tools", "tool_choice", "mcp_servers", "mcp"];
 
 /// Text of a `content` or `system` value: a string or an array of text blocks.
-fn blocks_text(value: &Value, name: &str) -> Result<String, ApiError> {
+pub(super) fn blocks_text(value: &Value, name: &str) -> Result<String, ApiError> {
     match value {
         Value::String(s) => Ok(s.clone()),
         Value::Array(blocks) => {
@@ -93,7 +93,7 @@ fn conversation(f: &Fields, max: usize) -> Result<Vec<Turn>, ApiError> {
         let name = m.name("content");
         match content {
             Value::Array(blocks) if role == "assistant" && blocks.iter().any(|b| matches!(b.get("type").and_then(Value::as_str), Some("mcp_tool_use" | "mcp_tool_result"))) => {
-                out.extend(mcp_blocks(blocks, &name)?);
+                out.extend(super::anthropic_mcp::history(blocks, &name)?);
             }
             Value::Array(blocks) if blocks.iter().any(|b| matches!(b.get("type").and_then(Value::as_str), Some("tool_use" | "tool_result"))) => {
                 out.extend(tool_blocks(role, blocks, &name)?);
@@ -176,61 +176,6 @@ fn tool_blocks(role: &str, blocks: &[Value], name: &str) -> Result<Vec<Turn>, Ap
     let mut out = results;
     if role == "assistant" || !text.is_empty() {
         out.push(Turn { role: role.into(), content: text, tool_calls: calls, ..Turn::default() });
-    }
-    Ok(out)
-}
-
-/// An assistant message holding the `mcp_tool_use` and `mcp_tool_result` blocks of an earlier
-/// answer (with any text and client `tool_use` blocks), as the turns the router's tool loop
-/// had: text and calls, the results, text and calls again.
-fn mcp_blocks(blocks: &[Value], name: &str) -> Result<Vec<Turn>, ApiError> {
-    let mut out = Vec::new();
-    let mut current = Turn { role: "assistant".into(), ..Turn::default() };
-    for (j, block) in blocks.iter().enumerate() {
-        let path = format!("{name}[{j}].");
-        let Some(obj) = block.as_object() else { return Err(ApiError::field(format!("{name}[{j}]"), "expected a content block object")) };
-        match obj.get("type").and_then(Value::as_str) {
-            Some("text") => {
-                if !current.tool_calls.is_empty() {
-                    out.push(std::mem::replace(&mut current, Turn { role: "assistant".into(), ..Turn::default() }));
-                }
-                current.content.push_str(&blocks_text(&Value::Array(vec![block.clone()]), name)?);
-            }
-            Some(kind @ ("mcp_tool_use" | "tool_use")) => {
-                let known: &[&str] = if kind == "tool_use" { &["type", "id", "name", "input", "cache_control"] } else { &["type", "id", "name", "server_name", "input", "cache_control"] };
-                let b = Fields::new(obj, &path, known, &[])?;
-                let id = b.str("id")?.ok_or_else(|| ApiError::field(b.name("id"), "is required"))?;
-                let tool = b.str("name")?.ok_or_else(|| ApiError::field(b.name("name"), "is required"))?;
-                let input = b.object("input")?.ok_or_else(|| ApiError::field(b.name("input"), "is required (an object)"))?;
-                // The model knew the call by the name the router offered it under.
-                let offered = match kind {
-                    "tool_use" => tool.to_string(),
-                    _ => {
-                        let server = b.str("server_name")?.ok_or_else(|| ApiError::field(b.name("server_name"), "is required"))?;
-                        crate::mcp::client::offered_name(server, tool).ok_or_else(|| ApiError::field(b.name("name"), "is not a tool name the router could offer"))?
-                    }
-                };
-                current.tool_calls.push(ToolCall { id: id.into(), name: offered, arguments: Value::Object(input.clone()).to_string() });
-            }
-            Some("mcp_tool_result") => {
-                let b = Fields::new(obj, &path, &["type", "tool_use_id", "content", "is_error", "cache_control"], &[])?;
-                let id = b.str("tool_use_id")?.ok_or_else(|| ApiError::field(b.name("tool_use_id"), "is required"))?;
-                if !current.tool_calls.is_empty() || !current.content.is_empty() {
-                    out.push(std::mem::replace(&mut current, Turn { role: "assistant".into(), ..Turn::default() }));
-                }
-                let content = match b.get("content") {
-                    None => String::new(),
-                    Some(c) => blocks_text(c, &b.name("content"))?,
-                };
-                let content = if b.bool("is_error")?.unwrap_or(false) { format!("Error: {content}") } else { content };
-                out.push(Turn { role: "tool".into(), content, tool_call_id: Some(id.into()), ..Turn::default() });
-            }
-            Some(other) => return Err(ApiError::field(format!("{path}type"), format!("`{other}` blocks are not supported in assistant messages"))),
-            None => return Err(ApiError::field(format!("{path}type"), "is required (a string)")),
-        }
-    }
-    if !current.tool_calls.is_empty() || !current.content.is_empty() {
-        out.push(current);
     }
     Ok(out)
 }

@@ -5,12 +5,12 @@
 //! the answer. kiln's own `"mcp": true | [names]` works here as on the OpenAI route. The loop
 //! itself is the OpenAI route's (`mcp_loop`); only the request and the blocks differ.
 
-use super::anthropic::{error_event, named, usage};
+use super::anthropic::{blocks_text, error_event, named, usage};
 use super::mcp_loop::{Answer, Finished, LoopEvents, Step, ToolLoop};
 use crate::error::ApiError;
-use crate::mcp::client::{RemoteTool, Selection, ToolOutcome, Transport};
+use crate::mcp::client::{offered_name, McpHub, RemoteTool, Selection, ToolOutcome, Transport};
 use crate::params::Fields;
-use crate::tools::ToolCall;
+use crate::tools::{ToolCall, Turn};
 use crate::AppState;
 use axum::response::sse::Event;
 use axum::response::{IntoResponse, Response};
@@ -45,94 +45,35 @@ impl Allowed {
 /// The MCP tools a `/v1/messages` request asked for, or None when it asked for none.
 pub fn requested_tools(state: &AppState, f: &Fields) -> Result<Option<Vec<RemoteTool>>, ApiError> {
     let servers = f.array("mcp_servers")?;
+    let first_toolset = toolsets(f)?.next().map(|(path, _)| path);
     if f.get("mcp").is_some_and(|v| !v.is_null()) {
         if servers.is_some() {
             return Err(ApiError::field("mcp", "give either `mcp` or `mcp_servers`, not both"));
         }
-        if toolsets(f)?.next().is_some() {
-            return Err(ApiError::field("tools", "`mcp_toolset` entries go with `mcp_servers`"));
+        if let Some(path) = first_toolset {
+            return Err(ApiError::field(path, "an `mcp_toolset` goes with `mcp_servers`"));
         }
         return super::mcp_loop::requested_tools(state, f);
     }
     let Some(servers) = servers else {
-        if let Some((path, _)) = toolsets(f)?.next() {
-            return Err(ApiError::field(path, "an `mcp_toolset` needs its server in `mcp_servers`"));
-        }
-        return Ok(None);
+        return match first_toolset {
+            Some(path) => Err(ApiError::field(path, "an `mcp_toolset` needs its server in `mcp_servers`")),
+            None => Ok(None),
+        };
     };
-    let Some(hub) = &state.mcp else {
-        return Err(ApiError::field("mcp_servers", "this router has no MCP servers (it runs without --mcp-config)"));
-    };
+    let hub = super::mcp_loop::hub(state, "mcp_servers")?;
     let mut rules: Vec<(String, Allowed)> = Vec::new();
     for (i, item) in servers.iter().enumerate() {
-        let path = format!("mcp_servers[{i}].");
-        let Some(obj) = item.as_object() else { return Err(ApiError::field(format!("mcp_servers[{i}]"), "expected an object")) };
-        let s = Fields::new(obj, &path, &["type", "name", "url", "authorization_token", "tool_configuration"], &[])?;
-        if s.str("type")?.is_some_and(|t| t != "url") {
-            return Err(ApiError::field(s.name("type"), "must be `url`"));
+        let (name, allowed) = server_rule(hub, &format!("mcp_servers[{i}]"), item)?;
+        if rules.iter().any(|(n, _)| *n == name) {
+            return Err(ApiError::field(format!("mcp_servers[{i}].name"), format!("`{name}` is given twice")));
         }
-        let name = s.str("name")?.ok_or_else(|| ApiError::field(s.name("name"), "is required: the name of one of the router's MCP servers"))?;
-        if rules.iter().any(|(n, _)| n == name) {
-            return Err(ApiError::field(s.name("name"), format!("`{name}` is given twice")));
-        }
-        let Some(spec) = hub.spec(name) else {
-            return Err(ApiError::field(s.name("name"), format!("no MCP server `{name}`; this router has {}", known(&hub.names()))));
-        };
-        // The router connects only to the servers its operator configured; a URL that is not
-        // the configured one would otherwise be answered by another server than the client meant.
-        if let Some(url) = s.str("url")? {
-            match &spec.transport {
-                Transport::Http { url: configured, .. } if configured == url => {}
-                Transport::Http { .. } => {
-                    return Err(ApiError::field(s.name("url"), format!("is not the URL of the router's MCP server `{name}`; the router connects only to the servers of its --mcp-config")))
-                }
-                Transport::Stdio { .. } => {
-                    return Err(ApiError::field(s.name("url"), format!("the router's MCP server `{name}` is a local program, not a URL; give only its name")))
-                }
-            }
-        }
-        if s.get("authorization_token").is_some_and(|v| !v.is_null()) {
-            return Err(ApiError::field(s.name("authorization_token"), "is not accepted: the router's --mcp-config holds each server's credentials"));
-        }
-        let mut allowed = Allowed::default();
-        if let Some(config) = s.object("tool_configuration")? {
-            let c = Fields::new(config, &format!("{path}tool_configuration."), &["enabled", "allowed_tools"], &[])?;
-            allowed.all = c.bool("enabled")?;
-            if c.get("allowed_tools").is_some_and(|v| !v.is_null()) {
-                let only = c.strings("allowed_tools", 4096)?;
-                for tool in &only {
-                    allowed.paths.insert(tool.clone(), c.name("allowed_tools"));
-                }
-                allowed.only = Some(only);
-            }
-        }
-        rules.push((name.to_string(), allowed));
+        rules.push((name, allowed));
     }
     for (path, set) in toolsets(f)? {
-        let t = Fields::new(set, &path, &["type", "mcp_server_name", "default_config", "configs", "cache_control"], &["tools"])?;
-        let server = t.str("mcp_server_name")?.ok_or_else(|| ApiError::field(t.name("mcp_server_name"), "is required"))?;
-        let Some((_, allowed)) = rules.iter_mut().find(|(n, _)| n == server) else {
-            return Err(ApiError::field(t.name("mcp_server_name"), format!("`{server}` is not one of `mcp_servers`")));
-        };
-        if let Some(default) = t.object("default_config")? {
-            allowed.all = tool_config(default, &t.name("default_config"))?.or(allowed.all);
-        }
-        if let Some(configs) = t.object("configs")? {
-            for (tool, config) in configs {
-                let path = format!("{}.{tool}", t.name("configs"));
-                let Some(config) = config.as_object() else { return Err(ApiError::field(path, "expected an object")) };
-                if let Some(on) = tool_config(config, &path)? {
-                    allowed.tools.insert(tool.clone(), on);
-                }
-                allowed.paths.insert(tool.clone(), path);
-            }
-        }
+        apply_toolset(&path, set, &mut rules)?;
     }
-    let names: Vec<String> = rules.iter().map(|(n, _)| n.clone()).collect();
-    let offered = hub.tools(&Selection::Named(names)).map_err(|e| match e {
-        crate::mcp::client::SelectionError::Unknown { .. } => ApiError::field("mcp_servers", e.to_string()),
-        crate::mcp::client::SelectionError::Down { .. } => ApiError::unavailable(e.to_string()),
-    })?;
+    let offered = super::mcp_loop::select(hub, &Selection::Named(rules.iter().map(|(n, _)| n.clone()).collect()), "mcp_servers")?;
     for (server, allowed) in &rules {
         for (tool, path) in &allowed.paths {
             if !offered.iter().any(|t| &t.server == server && &t.remote == tool) {
@@ -142,6 +83,64 @@ pub fn requested_tools(state: &AppState, f: &Fields) -> Result<Option<Vec<Remote
     }
     let chosen = offered.into_iter().filter(|t| rules.iter().any(|(server, allowed)| *server == t.server && allowed.allows(&t.remote))).collect();
     Ok(Some(chosen))
+}
+
+/// One entry of `mcp_servers`: `{type: url, name, url?, tool_configuration?}`.
+fn server_rule(hub: &McpHub, path: &str, item: &Value) -> Result<(String, Allowed), ApiError> {
+    let Some(obj) = item.as_object() else { return Err(ApiError::field(path, "expected an object")) };
+    let s = Fields::new(obj, &format!("{path}."), &["type", "name", "url", "authorization_token", "tool_configuration"], &[])?;
+    if s.str("type")?.is_some_and(|t| t != "url") {
+        return Err(ApiError::field(s.name("type"), "must be `url`"));
+    }
+    let name = s.str("name")?.ok_or_else(|| ApiError::field(s.name("name"), "is required: the name of one of the router's MCP servers"))?;
+    let Some(spec) = hub.spec(name) else {
+        return Err(ApiError::field(s.name("name"), format!("no MCP server `{name}`; this router has {}", known(&hub.names()))));
+    };
+    // The router connects only to the servers its operator configured; a URL that is not the
+    // configured one would otherwise be answered by another server than the client meant.
+    match (s.str("url")?, &spec.transport) {
+        (None, _) => {}
+        (Some(url), Transport::Http { url: configured, .. }) if configured == url => {}
+        (Some(_), Transport::Http { .. }) => {
+            return Err(ApiError::field(s.name("url"), format!("is not the URL of the router's MCP server `{name}`; the router connects only to the servers of its --mcp-config")))
+        }
+        (Some(_), Transport::Stdio { .. }) => return Err(ApiError::field(s.name("url"), format!("the router's MCP server `{name}` is a local program, not a URL; give only its name"))),
+    }
+    if s.get("authorization_token").is_some_and(|v| !v.is_null()) {
+        return Err(ApiError::field(s.name("authorization_token"), "is not accepted: the router's --mcp-config holds each server's credentials"));
+    }
+    let mut allowed = Allowed::default();
+    if let Some(config) = s.object("tool_configuration")? {
+        let c = Fields::new(config, &format!("{path}.tool_configuration."), &["enabled", "allowed_tools"], &[])?;
+        allowed.all = c.bool("enabled")?;
+        if c.get("allowed_tools").is_some_and(|v| !v.is_null()) {
+            let only = c.strings("allowed_tools", 4096)?;
+            allowed.paths.extend(only.iter().map(|tool| (tool.clone(), c.name("allowed_tools"))));
+            allowed.only = Some(only);
+        }
+    }
+    Ok((name.to_string(), allowed))
+}
+
+/// An `mcp_toolset` entry of `tools`: `{mcp_server_name, default_config?, configs?}`.
+fn apply_toolset(path: &str, set: &Map<String, Value>, rules: &mut [(String, Allowed)]) -> Result<(), ApiError> {
+    let t = Fields::new(set, &format!("{path}."), &["type", "mcp_server_name", "default_config", "configs", "cache_control"], &["tools"])?;
+    let server = t.str("mcp_server_name")?.ok_or_else(|| ApiError::field(t.name("mcp_server_name"), "is required"))?;
+    let Some((_, allowed)) = rules.iter_mut().find(|(n, _)| n == server) else {
+        return Err(ApiError::field(t.name("mcp_server_name"), format!("`{server}` is not one of `mcp_servers`")));
+    };
+    if let Some(default) = t.object("default_config")? {
+        allowed.all = tool_config(default, &t.name("default_config"))?.or(allowed.all);
+    }
+    for (tool, config) in t.object("configs")?.into_iter().flatten() {
+        let path = format!("{}.{tool}", t.name("configs"));
+        let Some(config) = config.as_object() else { return Err(ApiError::field(path, "expected an object")) };
+        if let Some(on) = tool_config(config, &path)? {
+            allowed.tools.insert(tool.clone(), on);
+        }
+        allowed.paths.insert(tool.clone(), path);
+    }
+    Ok(())
 }
 
 fn known(names: &[String]) -> String {
@@ -166,8 +165,63 @@ fn toolsets<'a>(f: &Fields<'a>) -> Result<impl Iterator<Item = (String, &'a Map<
     let tools = f.array("tools")?.map(Vec::as_slice).unwrap_or_default();
     Ok(tools.iter().enumerate().filter_map(|(i, t)| {
         let obj = t.as_object()?;
-        (obj.get("type").and_then(Value::as_str) == Some("mcp_toolset")).then(|| (format!("tools[{i}]."), obj))
+        (obj.get("type").and_then(Value::as_str) == Some("mcp_toolset")).then(|| (format!("tools[{i}]"), obj))
     }))
+}
+
+/// An assistant message holding the `mcp_tool_use` and `mcp_tool_result` blocks of an earlier
+/// answer (with any text and client `tool_use` blocks), as the turns the router's tool loop
+/// had: text and calls, the results, text and calls again.
+pub fn history(blocks: &[Value], name: &str) -> Result<Vec<Turn>, ApiError> {
+    let mut out = Vec::new();
+    let mut current = Turn { role: "assistant".into(), ..Turn::default() };
+    for (j, block) in blocks.iter().enumerate() {
+        let path = format!("{name}[{j}].");
+        let Some(obj) = block.as_object() else { return Err(ApiError::field(format!("{name}[{j}]"), "expected a content block object")) };
+        match obj.get("type").and_then(Value::as_str) {
+            Some("text") => {
+                if !current.tool_calls.is_empty() {
+                    out.push(std::mem::replace(&mut current, Turn { role: "assistant".into(), ..Turn::default() }));
+                }
+                current.content.push_str(&blocks_text(&Value::Array(vec![block.clone()]), name)?);
+            }
+            Some(kind @ ("mcp_tool_use" | "tool_use")) => {
+                let known: &[&str] = if kind == "tool_use" { &["type", "id", "name", "input", "cache_control"] } else { &["type", "id", "name", "server_name", "input", "cache_control"] };
+                let b = Fields::new(obj, &path, known, &[])?;
+                let id = b.str("id")?.ok_or_else(|| ApiError::field(b.name("id"), "is required"))?;
+                let tool = b.str("name")?.ok_or_else(|| ApiError::field(b.name("name"), "is required"))?;
+                let input = b.object("input")?.ok_or_else(|| ApiError::field(b.name("input"), "is required (an object)"))?;
+                // The model knew the call by the name the router offered it under.
+                let offered = match kind {
+                    "tool_use" => tool.to_string(),
+                    _ => {
+                        let server = b.str("server_name")?.ok_or_else(|| ApiError::field(b.name("server_name"), "is required"))?;
+                        offered_name(server, tool).ok_or_else(|| ApiError::field(b.name("name"), "is not a tool name the router could offer"))?
+                    }
+                };
+                current.tool_calls.push(ToolCall { id: id.into(), name: offered, arguments: Value::Object(input.clone()).to_string() });
+            }
+            Some("mcp_tool_result") => {
+                let b = Fields::new(obj, &path, &["type", "tool_use_id", "content", "is_error", "cache_control"], &[])?;
+                let id = b.str("tool_use_id")?.ok_or_else(|| ApiError::field(b.name("tool_use_id"), "is required"))?;
+                if !current.tool_calls.is_empty() || !current.content.is_empty() {
+                    out.push(std::mem::replace(&mut current, Turn { role: "assistant".into(), ..Turn::default() }));
+                }
+                let content = match b.get("content") {
+                    None => String::new(),
+                    Some(c) => blocks_text(c, &b.name("content"))?,
+                };
+                let content = if b.bool("is_error")?.unwrap_or(false) { format!("Error: {content}") } else { content };
+                out.push(Turn { role: "tool".into(), content, tool_call_id: Some(id.into()), ..Turn::default() });
+            }
+            Some(other) => return Err(ApiError::field(format!("{path}type"), format!("`{other}` blocks are not supported in assistant messages"))),
+            None => return Err(ApiError::field(format!("{path}type"), "is required (a string)")),
+        }
+    }
+    if !current.tool_calls.is_empty() || !current.content.is_empty() {
+        out.push(current);
+    }
+    Ok(out)
 }
 
 fn tool_use_block(call: &ToolCall, server: Option<(&str, &str)>) -> Value {
@@ -334,4 +388,55 @@ pub async fn respond(run: ToolLoop, id: String) -> Result<Response, ApiError> {
         "usage": usage(&done.totals),
     }))
     .into_response())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_answer_sent_back_becomes_the_loops_turns() {
+        let blocks = json!([
+            {"type": "text", "text": "Let me look."},
+            {"type": "mcp_tool_use", "id": "mcptoolu_1", "name": "read file", "server_name": "files", "input": {"path": "a.txt"}},
+            {"type": "mcp_tool_result", "tool_use_id": "mcptoolu_1", "is_error": true, "content": [{"type": "text", "text": "no such file"}]},
+            {"type": "text", "text": "It is missing; "},
+            {"type": "tool_use", "id": "toolu_2", "name": "ask_user", "input": {}},
+        ]);
+        let turns = history(blocks.as_array().unwrap(), "messages[1].content").unwrap();
+        let shape: Vec<String> = turns
+            .iter()
+            .map(|t| {
+                let calls: Vec<String> = t.tool_calls.iter().map(|c| format!("{} {}", c.name, c.arguments)).collect();
+                format!("{}: {:?} {calls:?} {:?}", t.role, t.content, t.tool_call_id)
+            })
+            .collect();
+        assert_eq!(
+            shape,
+            [
+                r#"assistant: "Let me look." ["files__read_file {\"path\":\"a.txt\"}"] None"#,
+                r#"tool: "Error: no such file" [] Some("mcptoolu_1")"#,
+                r#"assistant: "It is missing; " ["ask_user {}"] None"#,
+            ]
+        );
+    }
+
+    #[test]
+    fn malformed_blocks_are_refused_by_path() {
+        let refused = |block: Value| history(&[block], "messages[1].content").unwrap_err().to_string();
+        assert!(refused(json!({"type": "mcp_tool_use", "id": "x", "name": "t", "input": {}})).contains("`messages[1].content[0].server_name`: is required"));
+        assert!(refused(json!({"type": "mcp_tool_use", "id": "x", "name": "t", "server_name": "s", "input": 3})).contains("input"));
+        assert!(refused(json!({"type": "mcp_tool_result", "content": "x"})).contains("tool_use_id"));
+        assert!(refused(json!({"type": "image"})).contains("`image` blocks are not supported in assistant messages"));
+    }
+
+    #[test]
+    fn allowed_tools_narrow_and_configs_override_the_default() {
+        let mut rules = Allowed { all: Some(false), ..Allowed::default() };
+        rules.tools.insert("read".into(), true);
+        assert!(rules.allows("read") && !rules.allows("write"));
+        let only = Allowed { only: Some(vec!["read".into()]), ..Allowed::default() };
+        assert!(only.allows("read") && !only.allows("write"));
+        assert!(Allowed::default().allows("anything"));
+    }
 }

@@ -12,7 +12,7 @@ use super::openai_format::{self as fmt, Common};
 use super::{check_context, random_id, Totals};
 use crate::error::ApiError;
 use crate::generate::{Generation, Update};
-use crate::mcp::client::{RemoteTool, Selection, ToolOutcome};
+use crate::mcp::client::{McpHub, RemoteTool, Selection, SelectionError, ToolOutcome};
 use crate::params::Fields;
 use crate::tools::{self, CallReader, Delta, Format, Tool, ToolCall, ToolChoice, Turn};
 use crate::upstream::ModelState;
@@ -39,12 +39,20 @@ pub fn requested_tools(state: &AppState, f: &Fields) -> Result<Option<Vec<Remote
         }
         Some(_) => return Err(ApiError::field("mcp", "expected true or an array of MCP server names")),
     };
-    let Some(hub) = &state.mcp else {
-        return Err(ApiError::field("mcp", "this router has no MCP servers (it runs without --mcp-config)"));
-    };
-    hub.tools(&selection).map(Some).map_err(|e| match e {
-        crate::mcp::client::SelectionError::Unknown { .. } => ApiError::field("mcp", e.to_string()),
-        crate::mcp::client::SelectionError::Down { .. } => ApiError::unavailable(e.to_string()),
+    select(hub(state, "mcp")?, &selection, "mcp").map(Some)
+}
+
+/// The router's MCP servers, for a request that asks for them in `field`.
+pub fn hub<'a>(state: &'a AppState, field: &str) -> Result<&'a McpHub, ApiError> {
+    state.mcp.as_deref().ok_or_else(|| ApiError::field(field, "this router has no MCP servers (it runs without --mcp-config)"))
+}
+
+/// The tools of the servers a request named in `field`: each must exist (400) and be
+/// connected (503).
+pub fn select(hub: &McpHub, selection: &Selection, field: &str) -> Result<Vec<RemoteTool>, ApiError> {
+    hub.tools(selection).map_err(|e| match e {
+        SelectionError::Unknown { .. } => ApiError::field(field, e.to_string()),
+        SelectionError::Down { .. } => ApiError::unavailable(e.to_string()),
     })
 }
 
