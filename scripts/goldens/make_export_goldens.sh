@@ -29,7 +29,7 @@ entries=()
 # name, fixture, quantization, prompt
 runs=()
 for f in qwen3 llama-wide mixtral qwen3moe; do runs+=("$f|$f|q8_0|$PROMPT"); done
-for f in qwen2 gemma2-tied; do runs+=("$f|$f|q8_0|$OTHER_PROMPT"); done
+for f in qwen2 gemma2-tied gemma3; do runs+=("$f|$f|q8_0|$OTHER_PROMPT"); done
 # Every quantization kiln writes, on the fixture whose rows take every format.
 for q in q4_0 q4_1 q5_0 q5_1 q2k q3k q4k q5k q6k; do runs+=("llama-wide-$q|llama-wide|$q|$PROMPT"); done
 for run in "${runs[@]}"; do
