@@ -1,6 +1,7 @@
 //! Products a second of one packed matrix against N activation rows on THREADS threads:
 //! `cargo run --release -p kiln-kernels --example packed_speed -- [DTYPE] [ROWS] [COLS] [N] [THREADS]`
-//! (defaults Q4_1 1536 576 16 1). The ISA is the one `KILN_ISA` or the CPU chooses.
+//! (defaults Q4_1 1536 576 16 1). The ISA is the one `KILN_ISA` or the CPU chooses. F32
+//! matrices are not packed: they time the many-row dot-product kernels.
 mod common;
 
 use kiln_kernels::matmul::{matmul_group, Activations, MatMulJob, WeightView};
@@ -18,6 +19,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "Q8_0" => DType::Q8_0,
         "Q4_K" => DType::Q4K,
         "Q6_K" => DType::Q6K,
+        "F32" => DType::F32,
         other => return Err(format!("unknown format {other}").into()),
     };
     let rows: usize = args.get(1).map_or(Ok(1536), |s| s.parse())?;
@@ -29,10 +31,15 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut bytes = vec![0u8; rows * row_bytes];
     for r in 0..rows {
         let w: Vec<f32> = (0..cols).map(|_| next()).collect();
-        quantize_row(dtype, &w, &mut bytes[r * row_bytes..(r + 1) * row_bytes])?;
+        let dst = &mut bytes[r * row_bytes..(r + 1) * row_bytes];
+        if dtype == DType::F32 {
+            dst.copy_from_slice(&w.iter().flat_map(|v| v.to_le_bytes()).collect::<Vec<u8>>());
+        } else {
+            quantize_row(dtype, &w, dst)?;
+        }
     }
     let view = WeightView::new(dtype, rows, cols, &bytes)?;
-    let packed = PackedMatrix::pack(&view)?;
+    let packed = if dtype == DType::F32 { None } else { Some(PackedMatrix::pack(&view)?) };
     let x: Vec<f32> = (0..n * cols).map(|_| next()).collect();
     let compute = Compute::new(threads);
     let mut act = Activations::default();
@@ -43,7 +50,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         let reps = (2_000_000_000 / (rows * cols * n)).max(3);
         let start = Instant::now();
         for _ in 0..reps {
-            matmul_group(&compute, &act, &mut [MatMulJob { weight: view, packed: Some(&packed), out: &mut out }])?;
+            matmul_group(&compute, &act, &mut [MatMulJob { weight: view, packed: packed.as_ref(), out: &mut out }])?;
         }
         let secs = start.elapsed().as_secs_f64();
         println!("{:.1} G products/s, {:.1} us a product, {:.1} GB/s of weights", (reps * rows * cols * n) as f64 / secs / 1e9, secs / reps as f64 * 1e6, (reps * bytes.len()) as f64 / secs / 1e9);
