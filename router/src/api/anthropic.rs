@@ -299,7 +299,7 @@ async fn messages_inner(state: &Arc<AppState>, headers: &HeaderMap, body: &[u8],
         super::images::check_all(&crate::tools::images(&conversation), Default::default()).await?;
         admit(state)?;
         let c = Common { sampling, max_tokens: Some(max_tokens), stop, n: 1, ignore_eos: false, stream, include_usage: false, user: None };
-        let session = headers.get(super::SESSION_HEADER).and_then(|v| v.to_str().ok()).map(str::to_string);
+        let session = super::session(headers).map(str::to_string);
         let run = ToolLoop { state: Arc::clone(state), model, turns: conversation, tools, remote, choice, parallel, c, session, started, call_ids: "mcptoolu_", arguments_as_objects: true };
         return super::anthropic_mcp::respond(run, random_id("msg_")).await;
     }

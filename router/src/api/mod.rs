@@ -413,9 +413,14 @@ pub fn check_context(model: &ModelState, prompt_tokens: usize, max_tokens: Optio
 /// Header naming a conversation whose requests should go to the same worker.
 pub const SESSION_HEADER: &str = "x-session-id";
 
+/// The request's session, when it names one.
+pub fn session(headers: &HeaderMap) -> Option<&str> {
+    headers.get(SESSION_HEADER).and_then(|v| v.to_str().ok())
+}
+
 /// What the routing policy may use to keep related requests on one worker.
 pub fn route_key(headers: &HeaderMap, prompt: &[u32]) -> crate::routing::RouteKey {
-    crate::routing::RouteKey::new(headers.get(SESSION_HEADER).and_then(|v| v.to_str().ok()), prompt)
+    crate::routing::RouteKey::new(session(headers), prompt)
 }
 
 /// A short random identifier for responses.

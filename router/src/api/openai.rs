@@ -267,7 +267,7 @@ pub(crate) async fn chat_inner(state: &Arc<AppState>, headers: &HeaderMap, body:
             return Err(ApiError::field("mcp", "MCP tools cannot be combined with a response_format or grammar"));
         }
         admit(state)?;
-        let session = headers.get(super::SESSION_HEADER).and_then(|v| v.to_str().ok()).map(str::to_string);
+        let session = super::session(headers).map(str::to_string);
         let run = super::mcp_loop::ToolLoop { state: Arc::clone(state), model, turns, tools, remote, choice, parallel, c, session, started, call_ids: "call_", arguments_as_objects: false };
         return run.respond().await;
     }
