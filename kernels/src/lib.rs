@@ -18,6 +18,7 @@ pub mod memory;
 pub mod numerics;
 pub mod ops;
 pub mod packed;
+pub mod packed_f32;
 pub mod pool;
 pub mod quantize;
 pub mod unpack;

@@ -9,6 +9,7 @@ use crate::blocks::{cast_blocks_mut, BlockQ8K, BlockQ8_0, BlockQ8_1};
 use crate::dot::{kernel_for_matrix, kernel_xn_for_matrix, ActScales, DotFn, DotManyFn};
 use crate::dtype::DType;
 use crate::packed::{BlockTable, PackedMatrix, GROUP, ZERO_POINTS};
+use crate::packed_f32::PackedF32Fn;
 
 /// `BlockTable::corrections` entries per Q8_0 block: eight lanes for each zero point.
 const CORRECTIONS: usize = 8 * ZERO_POINTS.len();
@@ -221,6 +222,11 @@ impl Activations {
         self.num_rows
     }
 
+    /// Row 0 of F32 rows (`cols` values apart), as the column-order kernels read them.
+    fn f32_rows(&self) -> Option<*const f32> {
+        (self.dtype == Some(DType::F32) && self.row_bytes == 4 * self.cols).then(|| self.buf.bytes().as_ptr() as *const f32)
+    }
+
     pub fn row(&self, t: usize) -> &[u8] {
         &self.buf.bytes()[t * self.row_bytes..(t + 1) * self.row_bytes]
     }
@@ -306,8 +312,15 @@ fn convert_row(at: DType, src: &[f32], dst: &mut [u8]) {
     const WHY: &str = "activation buffers are allocated aligned and sized in whole blocks";
     match at {
         DType::F32 => {
-            for (d, s) in dst.chunks_exact_mut(4).zip(src) {
-                d.copy_from_slice(&s.to_le_bytes());
+            let dst = &mut dst[..4 * src.len()];
+            if cfg!(target_endian = "little") {
+                // SAFETY: `dst` is exactly as many bytes as `src` holds, and the two are
+                // distinct buffers; f32s are their little-endian bytes on this target.
+                unsafe { std::ptr::copy_nonoverlapping(src.as_ptr() as *const u8, dst.as_mut_ptr(), dst.len()) };
+            } else {
+                for (d, s) in dst.chunks_exact_mut(4).zip(src) {
+                    d.copy_from_slice(&s.to_le_bytes());
+                }
             }
         }
         DType::F16 | DType::BF16 => {
@@ -381,6 +394,8 @@ pub fn matmul_group(compute: &Compute, act: &Activations, jobs: &mut [MatMulJob]
         many4: Option<DotManyFn<4>>,
         #[cfg(target_arch = "x86_64")]
         packed: Option<(&'a PackedMatrix, crate::x86_packed::PackedFn)>,
+        /// An F32 matrix packed for the column-order product (`packed_f32`).
+        columns: Option<(&'a PackedMatrix, PackedF32Fn)>,
         out: SharedMut<f32>,
         first_global_row: usize,
     }
@@ -412,6 +427,7 @@ pub fn matmul_group(compute: &Compute, act: &Activations, jobs: &mut [MatMulJob]
             many4: kernel_xn_for_matrix::<4>(w.dtype, w.rows, isa),
             #[cfg(target_arch = "x86_64")]
             packed: job.packed.and_then(|p| Some((p, packed_kernel(p, isa)?))),
+            columns: job.packed.filter(|p| p.dtype == DType::F32).and_then(|p| Some((p, crate::packed_f32::kernel(isa)?))),
             out: SharedMut::new(job.out),
             first_global_row: total_rows,
         });
@@ -427,6 +443,19 @@ pub fn matmul_group(compute: &Compute, act: &Activations, jobs: &mut [MatMulJob]
             let hi = range.end.min(plan.first_global_row + plan.weight.rows);
             let rows = plan.weight.rows;
             let cols = plan.weight.cols;
+            if let (Some((m, kernel)), Some(x)) = (plan.columns, act.f32_rows()) {
+                if lo >= hi {
+                    continue;
+                }
+                let (first, last) = ((lo - plan.first_global_row).div_ceil(GROUP), (hi - plan.first_global_row).div_ceil(GROUP));
+                for g in first..last {
+                    // SAFETY: the group holds 16 x cols values (the packed copy matches the
+                    // weight's shape), the input rows were validated against cols, and this
+                    // thread owns output columns 16g..16g + 16.
+                    unsafe { kernel(m.group(g).as_ptr() as *const f32, cols, x, cols, num_rows, plan.out.as_ptr().add(g * GROUP), rows) };
+                }
+                continue;
+            }
             #[cfg(target_arch = "x86_64")]
             if let (Some((m, kernel)), Some(acts)) = (plan.packed, packed_acts.as_ref()) {
                 // A group belongs to the thread whose range holds its first row (ranges need

@@ -132,6 +132,39 @@ pub fn gelu_mul(gate: &mut [f32], up: &[f32]) {
     }
 }
 
+/// erf(t) for t in [0, 4] as a polynomial in `t / 2 - 1`, highest degree first (made by
+/// `scripts/numerics/erf_poly.py`): at most 2.9e-7 from erf there; past 4, erf rounds to 1 in
+/// single precision, and the polynomial's value at 4 is exactly 1. Its value at 0 is -1.8e-7,
+/// so its sign is dropped before erf's is applied.
+pub(crate) const ERF_POLY: [u32; 17] = [
+    0xBB85_43B2, 0x3C99_1C52, 0x3B7C_74C4, 0xBDC5_EAE9, 0x3D98_B907, 0x3E33_0065, 0xBE98_5ED1, 0xBBA2_ACA5, 0x3ED5_447E, 0xBEE0_AA42,
+    0x3CE2_C46E, 0x3ED6_F7D2, 0xBF0D_0BA4, 0x3EC5_7BFB, 0xBE29_4F58, 0x3D29_4F63, 0x3F7E_CD71,
+];
+
+/// Exact GELU, `x * (1 + erf(x / sqrt 2)) / 2`, in place, with `ERF_POLY` for erf: every
+/// instruction set computes the same operations in the same order, so results are identical
+/// on all of them (and about 20 times faster than a scalar erf on AVX2 and AVX-512).
+pub fn gelu_erf(isa: crate::Isa, x: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if isa.avx2() {
+        // SAFETY: AVX2/FMA presence is implied by `isa`.
+        let done = unsafe { crate::x86::gelu_erf_groups(isa.vnni(), x) };
+        x[done..].iter_mut().for_each(|v| *v = gelu_erf_one(*v));
+        return;
+    }
+    let _ = isa;
+    x.iter_mut().for_each(|v| *v = gelu_erf_one(*v));
+}
+
+/// One value of `gelu_erf`, in the order the vector kernels keep.
+#[inline]
+pub fn gelu_erf_one(x: f32) -> f32 {
+    let z = x * std::f32::consts::FRAC_1_SQRT_2;
+    let u = z.abs().min(4.0).mul_add(0.5, -1.0);
+    let erf = ERF_POLY[1..].iter().fold(f32::from_bits(ERF_POLY[0]), |acc, &c| acc.mul_add(u, f32::from_bits(c)));
+    0.5 * x * (1.0 + erf.copysign(z))
+}
+
 /// Softmax of `x` in place; returns nothing, `x` sums to 1 afterwards (unless all -inf).
 pub fn softmax_in_place(x: &mut [f32]) {
     let max = x.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));

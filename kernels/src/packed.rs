@@ -41,6 +41,9 @@
 //! of high bits, register `8c + l` holding the two high bits of that quant for chunks
 //! `4c..4c + 4`, chunk `4c + u` at bits `2u`. Products keep ggml's single-row Q6_K order.
 //!
+//! F32 (only where a model asks for it, `packed_f32`): for each column, the sixteen rows'
+//! values, 64 bytes.
+//!
 //! Signed formats are stored with an offset (8, 16 or 128) that the kernel takes back exactly
 //! with sums of the activation quants. The lane `k` products of a register are exactly the
 //! eighth lane of ggml's single-row dot product, so the packed kernels keep its summation
@@ -57,7 +60,7 @@ use crate::KernelError;
 /// Rows interleaved per group.
 pub const GROUP: usize = 16;
 
-/// Formats with a packed layout.
+/// Formats whose packed copy every product prefers on CPUs with the packed kernels.
 pub fn supports(dtype: DType) -> bool {
     matches!(dtype, DType::Q4_0 | DType::Q4_1 | DType::Q5_0 | DType::Q5_1 | DType::Q8_0 | DType::Q2K | DType::Q3K | DType::Q4K | DType::Q5K | DType::Q6K)
 }
@@ -75,6 +78,7 @@ pub fn block_bytes(dtype: DType) -> usize {
         DType::Q6K => Q6K_LOWS + 2048 + 1024,
         DType::Q2K => Q2K_QUANTS + 1024,
         DType::Q3K => Q3K_HIGHS + 512,
+        DType::F32 => 4 * GROUP,
         _ => 0,
     }
 }
@@ -142,9 +146,10 @@ pub struct PackedMatrix {
 }
 
 impl PackedMatrix {
-    /// Repacks `w`; its row count must be a multiple of `GROUP` and its format supported.
+    /// Repacks `w`; its row count must be a multiple of `GROUP` and its format supported (or
+    /// F32, for `packed_f32`).
     pub fn pack(w: &WeightView) -> Result<PackedMatrix, KernelError> {
-        if !supports(w.dtype) {
+        if !supports(w.dtype) && w.dtype != DType::F32 {
             return Err(KernelError::Unsupported(format!("no packed layout for {}", w.dtype)));
         }
         if !w.rows.is_multiple_of(GROUP) {
@@ -245,6 +250,12 @@ fn pack_block(dtype: DType, rows: &[&[u8]; GROUP], b: usize, dst: &mut [u8]) {
         DType::Q5K => return pack_q5k(rows, b, dst),
         DType::Q6K => return pack_q6k(rows, b, dst),
         DType::Q2K | DType::Q3K => return pack_k2(dtype, rows, b, dst),
+        DType::F32 => {
+            for (j, row) in rows.iter().enumerate() {
+                dst[4 * j..4 * j + 4].copy_from_slice(&row[4 * b..4 * b + 4]);
+            }
+            return;
+        }
         _ => {}
     }
     let unpacked: [([u8; 32], u16, u16); GROUP] = std::array::from_fn(|j| unsigned_quants(dtype, rows[j], b));

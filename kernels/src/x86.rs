@@ -743,6 +743,54 @@ pub unsafe fn exp_poly8(x: __m256) -> __m256 {
     _mm256_loadu_ps(xs.map(crate::numerics::exp_poly).as_ptr())
 }
 
+/// `ops::gelu_erf` over the whole groups of 8 (16 with AVX-512) at the start of `x`; returns
+/// how many values it did.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn gelu_erf_groups(avx512: bool, x: &mut [f32]) -> usize {
+    if avx512 {
+        return gelu_erf_zmm(x);
+    }
+    let coeff = crate::ops::ERF_POLY.map(|c| _mm256_set1_ps(f32::from_bits(c)));
+    let sign = _mm256_set1_ps(-0.0);
+    let n = x.len() & !7;
+    for i in (0..n).step_by(8) {
+        let v = _mm256_loadu_ps(x.as_ptr().add(i));
+        let z = _mm256_mul_ps(v, _mm256_set1_ps(std::f32::consts::FRAC_1_SQRT_2));
+        let t = _mm256_min_ps(_mm256_andnot_ps(sign, z), _mm256_set1_ps(4.0));
+        let u = _mm256_fmadd_ps(t, _mm256_set1_ps(0.5), _mm256_set1_ps(-1.0));
+        let mut erf = coeff[0];
+        for c in &coeff[1..] {
+            erf = _mm256_fmadd_ps(erf, u, *c);
+        }
+        let erf = _mm256_or_ps(_mm256_andnot_ps(sign, erf), _mm256_and_ps(sign, z));
+        let half_x = _mm256_mul_ps(_mm256_set1_ps(0.5), v);
+        _mm256_storeu_ps(x.as_mut_ptr().add(i), _mm256_mul_ps(half_x, _mm256_add_ps(_mm256_set1_ps(1.0), erf)));
+    }
+    n
+}
+
+#[target_feature(enable = "avx2,fma,f16c,avx512f")]
+unsafe fn gelu_erf_zmm(x: &mut [f32]) -> usize {
+    let coeff = crate::ops::ERF_POLY.map(|c| _mm512_set1_ps(f32::from_bits(c)));
+    let sign = _mm512_set1_epi32(i32::MIN);
+    let n = x.len() & !15;
+    for i in (0..n).step_by(16) {
+        let v = _mm512_loadu_ps(x.as_ptr().add(i));
+        let z = _mm512_mul_ps(v, _mm512_set1_ps(std::f32::consts::FRAC_1_SQRT_2));
+        let bits = _mm512_castps_si512(z);
+        let t = _mm512_min_ps(_mm512_castsi512_ps(_mm512_andnot_si512(sign, bits)), _mm512_set1_ps(4.0));
+        let u = _mm512_fmadd_ps(t, _mm512_set1_ps(0.5), _mm512_set1_ps(-1.0));
+        let mut erf = coeff[0];
+        for c in &coeff[1..] {
+            erf = _mm512_fmadd_ps(erf, u, *c);
+        }
+        let erf = _mm512_castsi512_ps(_mm512_or_si512(_mm512_andnot_si512(sign, _mm512_castps_si512(erf)), _mm512_and_si512(sign, bits)));
+        let half_x = _mm512_mul_ps(_mm512_set1_ps(0.5), v);
+        _mm512_storeu_ps(x.as_mut_ptr().add(i), _mm512_mul_ps(half_x, _mm512_add_ps(_mm512_set1_ps(1.0), erf)));
+    }
+    n
+}
+
 /// Sum of 16 lanes held as (lanes 0-7, lanes 8-15), in `numerics::tree16` order.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]

@@ -364,3 +364,31 @@ fn attention_is_identical_on_every_isa_and_head_grouping() {
         }
     }
 }
+
+/// Exact GELU with kiln's erf polynomial: the same bits on every instruction set (and for
+/// any length, whose tail the vector kernels leave to the scalar form), within 3e-7 |x| of
+/// GELU with a double-precision erf, and the usual values at the edges.
+#[test]
+fn gelu_erf_is_identical_on_every_isa_and_close_to_exact_gelu() {
+    let mut xs: Vec<f32> = (-120_000..=120_000).map(|i| i as f32 * 1e-4).collect();
+    xs.extend([0.0, -0.0, 1e-30, -1e-30, 4.0 * std::f32::consts::SQRT_2, 30.0, -30.0, 1e6, -1e6, f32::MAX, f32::MIN]);
+    for &x in &xs {
+        let got = kiln_kernels::ops::gelu_erf_one(x) as f64;
+        let x64 = x as f64;
+        let want = 0.5 * x64 * (1.0 + libm::erf(x64 / std::f64::consts::SQRT_2));
+        assert!((got - want).abs() <= 3e-7 * x64.abs().min(1e30) + 1.2e-7 * want.abs(), "gelu({x}) = {got}, exact {want}");
+    }
+    assert_eq!(kiln_kernels::ops::gelu_erf_one(-30.0), 0.0);
+    assert_eq!(kiln_kernels::ops::gelu_erf_one(30.0), 30.0);
+    assert!(kiln_kernels::ops::gelu_erf_one(f32::NAN).is_nan());
+    let want: Vec<u32> = xs.iter().map(|&x| kiln_kernels::ops::gelu_erf_one(x).to_bits()).collect();
+    for isa in Isa::available() {
+        for len in [xs.len(), 1, 7, 8, 15, 17, 33] {
+            let mut got = xs[..len].to_vec();
+            kiln_kernels::ops::gelu_erf(isa, &mut got);
+            let got: Vec<u32> = got.iter().map(|v| v.to_bits()).collect();
+            assert!(got == want[..len], "gelu_erf on {isa:?} ({len} values) differs from the scalar form");
+        }
+    }
+    common::covered("gelu_erf_is_identical_on_every_isa_and_close_to_exact_gelu", &Isa::available());
+}

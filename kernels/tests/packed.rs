@@ -238,3 +238,47 @@ fn vector_activation_quantizers_equal_the_scalar_ones() {
         }
     }
 }
+
+/// F32 matrices packed for the column-order product: every output equals
+/// `packed_f32::reference` bit for bit (so AVX2 and AVX-512 agree), whatever the batch, and
+/// is within f32 rounding of the exact product.
+#[test]
+fn column_order_f32_products_equal_their_reference_on_every_isa_and_batch() {
+    let isas = packed_isas("column_order_f32_products_equal_their_reference_on_every_isa_and_batch");
+    assert!(!isas.is_empty() || !Isa::detect().avx2(), "an AVX2 CPU runs the column-order kernels");
+    let mut rng = Rng(15);
+    for (rows, cols, tokens) in [(16, 1, 1), (16, 7, 3), (32, 384, 1), (48, 384, 9), (16, 1536, 17), (384, 384, 130)] {
+        let w = random_matrix(DType::F32, rows, cols, &mut rng);
+        let view = WeightView::new(DType::F32, rows, cols, w.bytes()).unwrap();
+        let packed = PackedMatrix::pack(&view).unwrap();
+        let x = random_f32(cols * tokens, &mut rng);
+        let mut want = vec![0f32; tokens * rows];
+        for g in 0..rows / packed::GROUP {
+            let group: Vec<f32> = packed.group(g).chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect();
+            kiln_kernels::packed_f32::reference(&group, cols, &x, cols, tokens, &mut want[g * packed::GROUP..], rows);
+        }
+        for t in 0..tokens {
+            for r in 0..rows {
+                let (row, input) = (&view.row(r), &x[t * cols..(t + 1) * cols]);
+                let exact: f64 = (0..cols).map(|k| f32::from_le_bytes(row[4 * k..4 * k + 4].try_into().unwrap()) as f64 * input[k] as f64).sum();
+                let scale: f64 = (0..cols).map(|k| (f32::from_le_bytes(row[4 * k..4 * k + 4].try_into().unwrap()) as f64 * input[k] as f64).abs()).sum();
+                let got = want[t * rows + r] as f64;
+                assert!((got - exact).abs() <= 1e-6 * cols as f64 * scale.max(1e-30), "{rows}x{cols} t{t} r{r}: reference {got} vs exact {exact}");
+            }
+        }
+        for compute in &isas {
+            let product = |first: usize, n: usize| {
+                let (mut act, mut out) = (Activations::default(), vec![0f32; n * rows]);
+                matmul_packed(compute, view, Some(&packed), &x[first * cols..(first + n) * cols], n, &mut act, &mut out).unwrap();
+                out
+            };
+            let all = product(0, tokens);
+            for (i, (g, w)) in all.iter().zip(&want).enumerate() {
+                assert_eq!(g.to_bits(), w.to_bits(), "{rows}x{cols}, {tokens} rows on {:?}: output {i} is {g}, the reference {w}", compute.isa);
+            }
+            for t in [0, tokens / 2, tokens - 1] {
+                assert_eq!(product(t, 1), all[t * rows..(t + 1) * rows], "{rows}x{cols} on {:?}: row {t} alone differs from the batch", compute.isa);
+            }
+        }
+    }
+}

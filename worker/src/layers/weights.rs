@@ -114,6 +114,23 @@ impl MatrixRef {
             .as_ref()
     }
 
+    /// For an F32 matrix on a CPU with the column-order kernels (`kiln_kernels::packed_f32`):
+    /// the matrix packed for them, so every product with it takes their order whatever the
+    /// number of input rows. Faster on many rows than the dot-product order, which llama.cpp's
+    /// F32 products share; so for models with no llama.cpp results to match (encoders). Other
+    /// formats, and other CPUs, keep their products.
+    pub fn in_column_order(mut self) -> MatrixRef {
+        let wanted = std::env::var_os("KILN_REPACK").is_none_or(|v| v != "0")
+            && self.dtype == DType::F32
+            && self.rows.is_multiple_of(packed::GROUP)
+            && kiln_kernels::packed_f32::kernel(kiln_kernels::Isa::detect()).is_some();
+        if wanted {
+            // A fresh cell: the one loading filled (no packed copy for F32) may be shared.
+            self.packed = Arc::new(OnceLock::from(PackedMatrix::pack(&self.view()).ok()));
+        }
+        self
+    }
+
     pub fn view(&self) -> WeightView<'_> {
         WeightView::new(self.dtype, self.rows, self.cols, self.bytes()).expect("shape and layout checked when the weight was loaded")
     }

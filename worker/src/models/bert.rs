@@ -98,7 +98,9 @@ pub fn load(cfg: &BertConfig, w: &WeightSource) -> Result<Bert> {
     // Checkpoints saved from a task model (BertForMaskedLM and the like) nest the encoder.
     let root = if w.has("bert.embeddings.word_embeddings.weight") { "bert." } else { "" };
     let linear = |name: String, rows: usize, cols: usize| -> Result<Linear> {
-        Ok(Linear { weight: w.linear(&format!("{name}.weight"), rows, cols)?, bias: Some(w.vector(&format!("{name}.bias"), rows)?) })
+        // Many rows per product (whole inputs) and no llama.cpp results to match.
+        let weight = w.linear(&format!("{name}.weight"), rows, cols)?.in_column_order();
+        Ok(Linear { weight, bias: Some(w.vector(&format!("{name}.bias"), rows)?) })
     };
     let norm = |name: String| -> Result<LayerNorm> {
         Ok(LayerNorm { weight: w.vector(&format!("{name}.weight"), h)?, bias: w.vector(&format!("{name}.bias"), h)?, eps: cfg.eps })
@@ -139,13 +141,13 @@ pub(crate) fn gelu_on(compute: &Compute, activation: Gelu, x: &mut [f32], width:
     let dst = kiln_kernels::pool::SharedMut::new(x);
     compute.pool.for_ranges(rows, 8, &|r| {
         // SAFETY: each range of rows is written by one thread only.
-        gelu(activation, unsafe { dst.slice(r.start * width..r.end * width) });
+        gelu(compute.isa, activation, unsafe { dst.slice(r.start * width..r.end * width) });
     });
 }
 
-fn gelu(activation: Gelu, x: &mut [f32]) {
+fn gelu(isa: kiln_kernels::Isa, activation: Gelu, x: &mut [f32]) {
     match activation {
-        Gelu::Erf => x.iter_mut().for_each(|v| *v = 0.5 * *v * (1.0 + libm::erff(*v * std::f32::consts::FRAC_1_SQRT_2))),
+        Gelu::Erf => kiln_kernels::ops::gelu_erf(isa, x),
         Gelu::Tanh => x.iter_mut().for_each(|v| *v = 0.5 * *v * (1.0 + (0.797_884_6 * (*v + 0.044_715 * *v * *v * *v)).tanh())),
     }
 }

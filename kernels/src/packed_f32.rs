@@ -1,0 +1,133 @@
+//! Products of F32 weights in the column-order layout of `packed` (sixteen rows per group,
+//! each column's sixteen values in one 64-byte line) with f32 input rows.
+//!
+//! The dot-product kernels (`x86::*::f32`) read one weight row and one input row at a time
+//! and reduce eight or sixteen lanes at the end: about 1.25 loads per multiply-add, and the
+//! order llama.cpp's F32 `vec_dot` uses. Here a weight column is loaded once and multiplied by
+//! each of up to eight input values broadcast from their rows, so each load feeds several
+//! multiply-adds and nothing is reduced across lanes. Every output is the sum over the columns
+//! in order, one fused multiply-add at a time from zero (`reference`), whatever the number of
+//! input rows and on every instruction set: results do not depend on the batch and are the
+//! same on AVX2 and AVX-512 CPUs. That order is not llama.cpp's, so only models that ask for
+//! it use it (encoders: `MatrixRef::prefer_column_order` in the worker).
+
+use crate::packed::GROUP;
+
+/// Rows `0..count` of the inputs (`x`, rows `x_stride` values apart, `cols` values each)
+/// against one packed group; input row `t`'s sixteen outputs go to `out[t * stride..][..16]`.
+///
+/// # Safety
+/// `group` must hold `16 * cols` values, `x` `count` rows as described, and `out` room for
+/// `count` rows of `stride` values with sixteen at the start of each.
+pub type PackedF32Fn = unsafe fn(group: *const f32, cols: usize, x: *const f32, x_stride: usize, count: usize, out: *mut f32, stride: usize);
+
+/// The kernel for this instruction set (None below AVX2, where the dot-product kernels run).
+pub fn kernel(isa: crate::Isa) -> Option<PackedF32Fn> {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if isa.vnni() {
+            return Some(x86::rows_zmm);
+        }
+        if isa.avx2() {
+            return Some(x86::rows_ymm);
+        }
+    }
+    let _ = isa;
+    None
+}
+
+/// The order every kernel keeps: for each output, one fused multiply-add per column.
+pub fn reference(group: &[f32], cols: usize, x: &[f32], x_stride: usize, count: usize, out: &mut [f32], stride: usize) {
+    for t in 0..count {
+        let row = &x[t * x_stride..t * x_stride + cols];
+        for j in 0..GROUP {
+            let mut acc = 0.0f32;
+            for (k, &v) in row.iter().enumerate() {
+                acc = v.mul_add(group[k * GROUP + j], acc);
+            }
+            out[t * stride + j] = acc;
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use std::arch::x86_64::*;
+
+    /// AVX-512: sixteen outputs per register, eight input rows at a time.
+    #[target_feature(enable = "avx512f,avx2,fma")]
+    pub(super) unsafe fn rows_zmm(group: *const f32, cols: usize, x: *const f32, x_stride: usize, count: usize, out: *mut f32, stride: usize) {
+        let mut t = 0;
+        while t + 8 <= count {
+            tile_zmm::<8>(group, cols, x.add(t * x_stride), x_stride, out.add(t * stride), stride);
+            t += 8;
+        }
+        let (x, out) = (x.add(t * x_stride), out.add(t * stride));
+        match count - t {
+            0 => {}
+            1 => tile_zmm::<1>(group, cols, x, x_stride, out, stride),
+            2 => tile_zmm::<2>(group, cols, x, x_stride, out, stride),
+            3 => tile_zmm::<3>(group, cols, x, x_stride, out, stride),
+            4 => tile_zmm::<4>(group, cols, x, x_stride, out, stride),
+            5 => tile_zmm::<5>(group, cols, x, x_stride, out, stride),
+            6 => tile_zmm::<6>(group, cols, x, x_stride, out, stride),
+            _ => tile_zmm::<7>(group, cols, x, x_stride, out, stride),
+        }
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx512f,avx2,fma")]
+    unsafe fn tile_zmm<const M: usize>(group: *const f32, cols: usize, x: *const f32, x_stride: usize, out: *mut f32, stride: usize) {
+        let rows: [*const f32; M] = std::array::from_fn(|t| x.add(t * x_stride));
+        let mut acc = [_mm512_setzero_ps(); M];
+        for k in 0..cols {
+            let w = _mm512_loadu_ps(group.add(16 * k));
+            for t in 0..M {
+                acc[t] = _mm512_fmadd_ps(_mm512_set1_ps(*rows[t].add(k)), w, acc[t]);
+            }
+        }
+        for (t, a) in acc.into_iter().enumerate() {
+            _mm512_storeu_ps(out.add(t * stride), a);
+        }
+    }
+
+    /// AVX2: sixteen outputs in two registers, six input rows at a time (twelve accumulators,
+    /// the two weight halves and a broadcast fill AVX2's sixteen registers).
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn rows_ymm(group: *const f32, cols: usize, x: *const f32, x_stride: usize, count: usize, out: *mut f32, stride: usize) {
+        let mut t = 0;
+        while t + 6 <= count {
+            tile_ymm::<6>(group, cols, x.add(t * x_stride), x_stride, out.add(t * stride), stride);
+            t += 6;
+        }
+        let (x, out) = (x.add(t * x_stride), out.add(t * stride));
+        match count - t {
+            0 => {}
+            1 => tile_ymm::<1>(group, cols, x, x_stride, out, stride),
+            2 => tile_ymm::<2>(group, cols, x, x_stride, out, stride),
+            3 => tile_ymm::<3>(group, cols, x, x_stride, out, stride),
+            4 => tile_ymm::<4>(group, cols, x, x_stride, out, stride),
+            _ => tile_ymm::<5>(group, cols, x, x_stride, out, stride),
+        }
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn tile_ymm<const M: usize>(group: *const f32, cols: usize, x: *const f32, x_stride: usize, out: *mut f32, stride: usize) {
+        let rows: [*const f32; M] = std::array::from_fn(|t| x.add(t * x_stride));
+        let mut lo = [_mm256_setzero_ps(); M];
+        let mut hi = [_mm256_setzero_ps(); M];
+        for k in 0..cols {
+            let (wl, wh) = (_mm256_loadu_ps(group.add(16 * k)), _mm256_loadu_ps(group.add(16 * k + 8)));
+            for t in 0..M {
+                let v = _mm256_broadcast_ss(&*rows[t].add(k));
+                lo[t] = _mm256_fmadd_ps(v, wl, lo[t]);
+                hi[t] = _mm256_fmadd_ps(v, wh, hi[t]);
+            }
+        }
+        for t in 0..M {
+            _mm256_storeu_ps(out.add(t * stride), lo[t]);
+            _mm256_storeu_ps(out.add(t * stride + 8), hi[t]);
+        }
+    }
+}
