@@ -3,8 +3,9 @@
 //!
 //! Per head, keys are transposed once so that scores come from a register tile of 4 queries
 //! by 32 keys accumulating over the head dimension (no horizontal sums), and the weighted
-//! values from a tile of 4 queries by 16 value dimensions accumulating over the keys; the
-//! same Rust body is compiled for AVX-512, AVX2+FMA and plain x86/other CPUs.
+//! values from a tile of 4 queries by 16 value dimensions accumulating over the keys
+//! (AVX-512 registers; AVX2 holds half of either tile per register set, and `tile_body` is
+//! the portable form). Every form sums in the same order, so their results are identical.
 
 use crate::pool::SharedMut;
 use crate::{Compute, Isa};
@@ -230,10 +231,87 @@ fn softmax_rows(scores: &mut [f32], nq: usize, n: usize, p: usize) {
     }
 }
 
+/// The AVX2 tiles: 4 queries x 16 keys in 8 registers for the scores (twice per 32 keys),
+/// 4 queries x 8 value dimensions per register, up to 3 registers per query, for the weighted
+/// values. Sums run in the order of `tile_body`, so the results are its bits.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn tile_avx2(t: &Task, tile: Range<usize>, scores: &mut [f32], outs: Vec<&mut [f32]>) {
-    tile_body(t, tile, scores, outs)
+unsafe fn tile_avx2(t: &Task, tile: Range<usize>, scores: &mut [f32], mut outs: Vec<&mut [f32]>) {
+    use std::arch::x86_64::*;
+    let (d, n, p) = (t.d, t.len, t.padded);
+    let nq = tile.len();
+    let qs = t.queries(&tile);
+    assert!(t.kt.len() >= d * p && scores.len() >= QT * p, "tile buffers too short");
+    for kb in (0..p).step_by(KT / 2) {
+        // SAFETY: kt holds d rows of p >= kb + 16 values (p is a multiple of 32); scores holds
+        // 4 rows of p.
+        unsafe {
+            let mut acc = [_mm256_setzero_ps(); 2 * QT];
+            for (j, qj) in qs.iter().enumerate() {
+                let row = t.kt.as_ptr().add(j * p + kb);
+                let (k0, k1) = (_mm256_loadu_ps(row), _mm256_loadu_ps(row.add(8)));
+                for i in 0..QT {
+                    let a = _mm256_set1_ps(qj[i]);
+                    acc[2 * i] = _mm256_fmadd_ps(a, k0, acc[2 * i]);
+                    acc[2 * i + 1] = _mm256_fmadd_ps(a, k1, acc[2 * i + 1]);
+                }
+            }
+            for i in 0..QT {
+                let dst = scores.as_mut_ptr().add(i * p + kb);
+                _mm256_storeu_ps(dst, acc[2 * i]);
+                _mm256_storeu_ps(dst.add(8), acc[2 * i + 1]);
+            }
+        }
+    }
+    softmax_rows(scores, nq, n, p);
+    let mut col = 0;
+    while col < d {
+        let tiles = (d - col).div_ceil(8).min(3);
+        let w = (d - col).min(tiles * 8);
+        // SAFETY: each value row holds `width` >= col + w values past the head's start (the
+        // masked loads read only those); scores holds 4 rows of p >= n; AVX2 is enabled.
+        unsafe {
+            match tiles {
+                1 => weigh_values_avx2::<1>(t, col, w, scores, nq, &mut outs),
+                2 => weigh_values_avx2::<2>(t, col, w, scores, nq, &mut outs),
+                _ => weigh_values_avx2::<3>(t, col, w, scores, nq, &mut outs),
+            }
+        }
+        col += w;
+    }
+}
+
+/// `weigh_values` with `T` registers of 8 dimensions (`w <= 8 T`).
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn weigh_values_avx2<const T: usize>(t: &Task, col: usize, w: usize, scores: &[f32], nq: usize, outs: &mut [&mut [f32]]) {
+    use std::arch::x86_64::*;
+    let p = t.padded;
+    // SAFETY: as the caller promises.
+    unsafe {
+        let masks: [__m256i; T] = std::array::from_fn(|ti| {
+            let left = w.saturating_sub(ti * 8).min(8) as i32;
+            _mm256_cmpgt_epi32(_mm256_set1_epi32(left), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7))
+        });
+        let mut acc = [[_mm256_setzero_ps(); T]; QT];
+        for key in 0..t.len {
+            let row = t.v.as_ptr().add((t.keys + key) * t.width + t.col + col);
+            let vals: [__m256; T] = std::array::from_fn(|ti| _mm256_maskload_ps(row.add(ti * 8), masks[ti]));
+            for (i, a) in acc.iter_mut().enumerate() {
+                let pk = _mm256_set1_ps(if i < nq { *scores.get_unchecked(i * p + key) } else { 0.0 });
+                for ti in 0..T {
+                    a[ti] = _mm256_fmadd_ps(pk, vals[ti], a[ti]);
+                }
+            }
+        }
+        for (i, o) in outs.iter_mut().enumerate() {
+            let mut lanes = [0.0f32; 3 * 8];
+            for (ti, tile) in acc[i].iter().enumerate() {
+                _mm256_storeu_ps(lanes.as_mut_ptr().add(ti * 8), *tile);
+            }
+            o[col..col + w].copy_from_slice(&lanes[..w]);
+        }
+    }
 }
 
 /// Scores, softmax and weighted values of up to 4 queries; `scores` is `[4, padded]`.
@@ -322,6 +400,7 @@ mod tests {
             let (q, k, v): (Vec<f32>, Vec<f32>, Vec<f32>) =
                 ((0..rows * width).map(|i| val(i, 1)).collect(), (0..rows * width).map(|i| val(i, 7)).collect(), (0..rows * width).map(|i| val(i, 13)).collect());
             let want = reference(&q, &k, &v, &seqs, shape);
+            let mut first: Option<(Isa, Vec<f32>)> = None;
             for isa in Isa::available() {
                 let compute = Compute { pool: crate::pool::ThreadPool::new(2), isa };
                 let mut out = vec![0.0f32; rows * width];
@@ -332,6 +411,11 @@ mod tests {
                 let mut alone = vec![0.0f32; 67 * width];
                 dense_attention(&compute, &q[38 * width..], &k[38 * width..], &v[38 * width..], std::slice::from_ref(&(0..67)), shape, &mut alone);
                 assert_eq!(&out[38 * width..], &alone[..], "{isa:?}: a sequence's result depends on its neighbours");
+                // Every instruction set sums in the same order.
+                match &first {
+                    Some((other, bits)) => assert!(out == *bits, "{isa:?} and {other:?} differ, {heads}x{d}"),
+                    None => first = Some((isa, out)),
+                }
             }
         }
     }
