@@ -62,7 +62,8 @@ pub struct Limits {
     pub max_stop_sequences: usize,
     /// Bytes in one stop sequence.
     pub max_stop_bytes: usize,
-    /// Tokens one completion may ask for; the model's context length when unset.
+    /// Tokens one completion may generate (asked for, or given to a request that names no
+    /// budget); the model's context length when unset.
     pub max_tokens: Option<u32>,
 }
 

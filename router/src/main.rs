@@ -73,7 +73,8 @@ struct Args {
     /// Longest stop sequence, in bytes
     #[arg(long, default_value_t = 512, env = "KILN_ROUTER_MAX_STOP_BYTES")]
     max_stop_bytes: usize,
-    /// Most tokens one completion may ask for (default: the model's context length)
+    /// Most tokens one completion may generate: more asked for is a 400, and a request that
+    /// names no budget gets this one (default: the model's context length)
     #[arg(long, env = "KILN_ROUTER_MAX_TOKENS")]
     max_tokens: Option<u32>,
     /// MCP servers whose tools requests may use (`"mcp": true` or a list of server names in

@@ -252,6 +252,39 @@ async fn requests_beyond_the_queue_get_429() {
     drop(bodies);
 }
 
+/// What a completion may generate when the request leaves `max_tokens` out: chat until the
+/// context is full, legacy completions 16 tokens (OpenAI's default), and never past the
+/// router's `--max-tokens`, which such a request must not escape; always within the context
+/// the prompt leaves.
+#[tokio::test]
+async fn a_request_without_max_tokens_gets_the_default_budget_and_the_routers_cap() {
+    let sent_budget = |records: &[Arc<fake::Record>], i: usize| records[0].requests.lock().unwrap()[i].max_tokens;
+    let (app, _, records) = router_over(&[Mode::Reply], RouterConfig::default()).await;
+    assert_eq!(post(&app, "/v1/chat/completions", chat_body()).await.0, StatusCode::OK);
+    assert_eq!(sent_budget(&records, 0), None, "chat without a cap runs until the context is full");
+    let (status, body) = post(&app, "/v1/completions", json!({ "model": "fake", "prompt": "hi" })).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(sent_budget(&records, 1), Some(16));
+    // A prompt that leaves fewer than 16 tokens of the context gets what is left.
+    let (status, body) = post(&app, "/v1/completions", json!({ "model": "fake", "prompt": "x".repeat(fake::CONTEXT as usize - 5) })).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(sent_budget(&records, 2), Some(5));
+    let (status, _) = post(&app, "/v1/completions", json!({ "model": "fake", "prompt": "hi", "max_tokens": 40 })).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(sent_budget(&records, 3), Some(40), "an explicit budget is kept");
+
+    let mut config = RouterConfig::default();
+    config.limits.max_tokens = Some(8);
+    let (app, _, records) = router_over(&[Mode::Reply], config).await;
+    assert_eq!(post(&app, "/v1/chat/completions", chat_body()).await.0, StatusCode::OK);
+    assert_eq!(sent_budget(&records, 0), Some(8), "the cap bounds a chat that names no budget");
+    assert_eq!(post(&app, "/v1/completions", json!({ "model": "fake", "prompt": "hi" })).await.0, StatusCode::OK);
+    assert_eq!(sent_budget(&records, 1), Some(8));
+    let (status, body) = post(&app, "/v1/chat/completions", json!({ "model": "fake", "messages": [{ "role": "user", "content": "hi" }], "max_tokens": 9 })).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert!(body["error"]["message"].as_str().unwrap().contains("more than this server allows (8)"), "{body}");
+}
+
 #[tokio::test]
 async fn prompt_longer_than_the_context_reports_counts() {
     let (app, _, records) = router_over(&[Mode::Reply], RouterConfig::default()).await;

@@ -52,6 +52,13 @@ def test_completions_plain_prompt(oai, model):
     assert streamed == r.choices[0].text
 
 
+def test_completions_without_max_tokens_stop_at_openais_default(oai, model):
+    # OpenAI's legacy completions generate 16 tokens when the request names no budget; a
+    # rambling base-model continuation must not run on to the end of the context.
+    r = oai.completions.create(model=model, prompt="Once upon a time", temperature=0)
+    assert r.usage.completion_tokens == 16 and r.choices[0].finish_reason == "length", r
+
+
 def test_n_choices(oai, model):
     r = chat(oai, model, max_tokens=12, temperature=1.0, seed=11, n=3)
     assert sorted(c.index for c in r.choices) == [0, 1, 2]

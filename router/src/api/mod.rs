@@ -384,8 +384,12 @@ pub fn valid_tool_name(name: &str) -> Result<(), &'static str> {
     Ok(())
 }
 
-/// Checks that the prompt and the requested completion fit the model's context.
-pub fn check_context(model: &ModelState, prompt_tokens: usize, max_tokens: Option<u32>, param: &str) -> Result<(), ApiError> {
+/// Checks that the prompt and the requested completion fit the model's context, and returns
+/// the completion's budget: what the request asked for; else `default` (the router's
+/// `--max-tokens`, which a request leaving the field out must not escape; OpenAI's 16 for
+/// legacy completions) cut to the context the prompt leaves; else none (until the context
+/// is full).
+pub fn check_context(model: &ModelState, prompt_tokens: usize, max_tokens: Option<u32>, default: Option<u32>, param: &str) -> Result<Option<u32>, ApiError> {
     let context = model.info.context_length as usize;
     if prompt_tokens == 0 {
         return Err(ApiError::field(param, "the prompt is empty"));
@@ -407,7 +411,7 @@ pub fn check_context(model: &ModelState, prompt_tokens: usize, max_tokens: Optio
             ));
         }
     }
-    Ok(())
+    Ok(max_tokens.or_else(|| default.map(|d| d.min((context - prompt_tokens) as u32))))
 }
 
 /// Header naming a conversation whose requests should go to the same worker.

@@ -250,7 +250,7 @@ pub(crate) async fn chat_inner(state: &Arc<AppState>, headers: &HeaderMap, body:
     let (tools, choice, parallel) = chat_tools(&f, &mcp_names)?;
     let constraint = super::structured::chat(&f)?;
     let max_completion = f.int("max_completion_tokens", 1, i64::from(model.info.context_length))?.map(|m| m as u32);
-    let c = fmt::common(&f, &model, max_completion, &state.config.limits)?;
+    let mut c = fmt::common(&f, &model, max_completion, &state.config.limits)?;
     let logprobs = f.bool("logprobs")?.unwrap_or(false);
     let top_logprobs = f.int("top_logprobs", 0, 20)?;
     if top_logprobs.is_some() && !logprobs {
@@ -277,7 +277,7 @@ pub(crate) async fn chat_inner(state: &Arc<AppState>, headers: &HeaderMap, body:
     }
     let constraint = conversation.grammar.or(constraint);
     let (prompt, calls) = (conversation.tokens, conversation.calls);
-    check_context(&model, prompt.len(), c.max_tokens, "messages")?;
+    c.max_tokens = check_context(&model, prompt.len(), c.max_tokens, state.config.limits.max_tokens, "messages")?;
     super::images::check_all(&crate::tools::images(&turns), Default::default()).await?;
     admit(state)?;
     let id = random_id("chatcmpl-");
@@ -474,6 +474,9 @@ pub async fn completions(State(state): State<Arc<AppState>>, headers: HeaderMap,
     .await
 }
 
+/// `max_tokens` of a `/v1/completions` request that leaves it out.
+const LEGACY_DEFAULT_MAX_TOKENS: u32 = 16;
+
 pub(crate) async fn completions_inner(state: &Arc<AppState>, headers: &HeaderMap, body: &[u8], model_id: &mut Option<String>) -> Result<Response, ApiError> {
     let started = Instant::now();
     let map = parse_object(body)?;
@@ -481,7 +484,7 @@ pub(crate) async fn completions_inner(state: &Arc<AppState>, headers: &HeaderMap
     let model = super::resolve_generator(state, &model_of(&f)?)?;
     *model_id = Some(model.info.model_id.clone());
     let (prompt, prompt_text) = completion_prompt(&f, &model)?;
-    let c = fmt::common(&f, &model, None, &state.config.limits)?;
+    let mut c = fmt::common(&f, &model, None, &state.config.limits)?;
     let constraint = super::structured::completion(&f)?;
     let logprobs = f.int("logprobs", 0, 20)?;
     let echo = f.bool("echo")?.unwrap_or(false);
@@ -493,7 +496,9 @@ pub(crate) async fn completions_inner(state: &Arc<AppState>, headers: &HeaderMap
             return Err(ApiError::field("best_of", "only best_of equal to n is supported"));
         }
     }
-    check_context(&model, prompt.len(), c.max_tokens, "prompt")?;
+    // OpenAI's legacy completions default to 16 tokens (as vLLM's do).
+    let default = state.config.limits.max_tokens.map_or(LEGACY_DEFAULT_MAX_TOKENS, |cap| cap.min(LEGACY_DEFAULT_MAX_TOKENS));
+    c.max_tokens = check_context(&model, prompt.len(), c.max_tokens, Some(default), "prompt")?;
     admit(state)?;
     let id = random_id("cmpl-");
     let key = route_key(headers, &prompt);
