@@ -106,9 +106,7 @@ impl MatrixRef {
     pub fn packed(&self) -> Option<&PackedMatrix> {
         self.packed
             .get_or_init(|| {
-                let wanted = std::env::var_os("KILN_REPACK").is_none_or(|v| v != "0") && kiln_kernels::Isa::detect().avx2()
-                    && packed::supports(self.dtype)
-                    && self.rows.is_multiple_of(packed::GROUP);
+                let wanted = repacking_allowed() && kiln_kernels::Isa::detect().avx2() && packed::supports(self.dtype) && self.rows.is_multiple_of(packed::GROUP);
                 wanted.then(|| PackedMatrix::pack(&self.view()).ok()).flatten()
             })
             .as_ref()
@@ -120,7 +118,7 @@ impl MatrixRef {
     /// F32 products share; so for models with no llama.cpp results to match (encoders). Other
     /// formats, and other CPUs, keep their products.
     pub fn in_column_order(mut self) -> MatrixRef {
-        let wanted = std::env::var_os("KILN_REPACK").is_none_or(|v| v != "0")
+        let wanted = repacking_allowed()
             && self.dtype == DType::F32
             && self.rows.is_multiple_of(packed::GROUP)
             && kiln_kernels::packed_f32::kernel(kiln_kernels::Isa::detect()).is_some();
@@ -134,6 +132,12 @@ impl MatrixRef {
     pub fn view(&self) -> WeightView<'_> {
         WeightView::new(self.dtype, self.rows, self.cols, self.bytes()).expect("shape and layout checked when the weight was loaded")
     }
+}
+
+/// Whether weights may be repacked for the kernels: `KILN_REPACK=0` keeps every product on
+/// the weights as stored (for comparisons).
+fn repacking_allowed() -> bool {
+    std::env::var_os("KILN_REPACK").is_none_or(|v| v != "0")
 }
 
 enum Store {
