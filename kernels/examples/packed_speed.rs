@@ -1,7 +1,8 @@
 //! Products a second of one packed matrix against N activation rows on THREADS threads:
 //! `cargo run --release -p kiln-kernels --example packed_speed -- [DTYPE] [ROWS] [COLS] [N] [THREADS]`
 //! (defaults Q4_1 1536 576 16 1). The ISA is the one `KILN_ISA` or the CPU chooses. F32
-//! matrices are not packed: they time the many-row dot-product kernels.
+//! matrices are not packed (the many-row dot-product kernels); F32C packs them in the column
+//! order of encoders (`packed_f32`).
 mod common;
 
 use kiln_kernels::matmul::{matmul_group, Activations, MatMulJob, WeightView};
@@ -19,7 +20,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "Q8_0" => DType::Q8_0,
         "Q4_K" => DType::Q4K,
         "Q6_K" => DType::Q6K,
-        "F32" => DType::F32,
+        "F32" | "F32C" => DType::F32,
         other => return Err(format!("unknown format {other}").into()),
     };
     let rows: usize = args.get(1).map_or(Ok(1536), |s| s.parse())?;
@@ -39,7 +40,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         }
     }
     let view = WeightView::new(dtype, rows, cols, &bytes)?;
-    let packed = if dtype == DType::F32 { None } else { Some(PackedMatrix::pack(&view)?) };
+    let columns = args.first().is_some_and(|s| s == "F32C");
+    let packed = if dtype == DType::F32 && !columns { None } else { Some(PackedMatrix::pack(&view)?) };
     let x: Vec<f32> = (0..n * cols).map(|_| next()).collect();
     let compute = Compute::new(threads);
     let mut act = Activations::default();

@@ -158,7 +158,8 @@ unsafe fn tile_avx512(t: &Task, tile: Range<usize>, scores: &mut [f32], mut outs
             }
         }
     }
-    softmax_rows(scores, nq, n, p);
+    // SAFETY: AVX2 and FMA come with both vector tiles' instruction sets.
+    unsafe { softmax_rows_x86(scores, nq, n, p) };
     // Weighted values: up to 5 tiles of 16 dimensions (80) in one pass over the keys, so each
     // probability is broadcast once for all of them.
     let mut col = 0;
@@ -214,18 +215,73 @@ unsafe fn weigh_values<const T: usize>(t: &Task, col: usize, w: usize, scores: &
     }
 }
 
-/// Softmax over the first `n` (real) keys of each of `nq` score rows of stride `p`.
+/// Softmax over the first `n` (real) keys of each of `nq` score rows of stride `p`:
+/// exponentials by `numerics::exp_poly`, key `i` summed into lane `i % 16` in key order and the
+/// lanes folded by `tree16`, each value then multiplied by the sum's reciprocal. The vector
+/// form (`softmax_rows_x86`) computes the same operations, so every ISA gets the same bits.
 #[inline(always)]
 fn softmax_rows(scores: &mut [f32], nq: usize, n: usize, p: usize) {
+    use crate::numerics::{exp_poly, tree16};
     for i in 0..nq {
         let row = &mut scores[i * p..i * p + n];
         let max = row.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
-        for v in row.iter_mut() {
-            *v = (*v - max).exp();
+        let mut lanes = [0.0f32; 16];
+        for (key, v) in row.iter_mut().enumerate() {
+            *v = exp_poly(*v - max);
+            lanes[key % 16] += *v;
         }
-        let sum: f32 = row.iter().sum();
-        let inv = 1.0 / sum;
+        let inv = 1.0 / tree16(&lanes);
         for v in row.iter_mut() {
+            *v *= inv;
+        }
+    }
+}
+
+/// `softmax_rows` sixteen keys at a time (two eight-lane halves, for AVX2 and AVX-512 tiles
+/// alike: the exponentials, not the width, are the cost).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn softmax_rows_x86(scores: &mut [f32], nq: usize, n: usize, p: usize) {
+    use crate::numerics::{exp_poly, tree16};
+    use crate::x86::exp_poly8;
+    use std::arch::x86_64::*;
+    let whole = n & !15;
+    for i in 0..nq {
+        let row = &mut scores[i * p..i * p + n];
+        // The maximum does not depend on the order of comparisons (`max_ps` keeps the running
+        // value when a score is NaN, as `f32::max` does).
+        let mut m = _mm256_set1_ps(f32::NEG_INFINITY);
+        for c in (0..whole).step_by(8) {
+            m = _mm256_max_ps(_mm256_loadu_ps(row.as_ptr().add(c)), m);
+        }
+        let mut lanes = [0.0f32; 8];
+        _mm256_storeu_ps(lanes.as_mut_ptr(), m);
+        let max = lanes.iter().chain(&row[whole..]).fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+        let (mut lo, mut hi) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+        let shift = _mm256_set1_ps(max);
+        for c in (0..whole).step_by(16) {
+            let at = row.as_mut_ptr().add(c);
+            let e0 = exp_poly8(_mm256_sub_ps(_mm256_loadu_ps(at), shift));
+            let e1 = exp_poly8(_mm256_sub_ps(_mm256_loadu_ps(at.add(8)), shift));
+            _mm256_storeu_ps(at, e0);
+            _mm256_storeu_ps(at.add(8), e1);
+            lo = _mm256_add_ps(lo, e0);
+            hi = _mm256_add_ps(hi, e1);
+        }
+        let mut sums = [0.0f32; 16];
+        _mm256_storeu_ps(sums.as_mut_ptr(), lo);
+        _mm256_storeu_ps(sums.as_mut_ptr().add(8), hi);
+        for (key, v) in row.iter_mut().enumerate().skip(whole) {
+            *v = exp_poly(*v - max);
+            sums[key % 16] += *v;
+        }
+        let inv = _mm256_set1_ps(1.0 / tree16(&sums));
+        for c in (0..whole).step_by(8) {
+            let at = row.as_mut_ptr().add(c);
+            _mm256_storeu_ps(at, _mm256_mul_ps(_mm256_loadu_ps(at), inv));
+        }
+        let inv = 1.0 / tree16(&sums);
+        for v in &mut row[whole..] {
             *v *= inv;
         }
     }
@@ -263,7 +319,8 @@ unsafe fn tile_avx2(t: &Task, tile: Range<usize>, scores: &mut [f32], mut outs: 
             }
         }
     }
-    softmax_rows(scores, nq, n, p);
+    // SAFETY: AVX2 and FMA are enabled in this function.
+    unsafe { softmax_rows_x86(scores, nq, n, p) };
     let mut col = 0;
     while col < d {
         let tiles = (d - col).div_ceil(8).min(3);

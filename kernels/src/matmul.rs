@@ -349,6 +349,8 @@ pub struct MatMulJob<'a, 'b> {
 /// Rows of one weight matrix processed together so their bytes stay in L1 across inputs;
 /// a whole packed group.
 const ROW_TILE: usize = GROUP;
+/// Input rows per block of the column-order F32 product: about a quarter of a core's L2.
+const COLUMN_BLOCK_BYTES: usize = 128 << 10;
 
 /// The packed kernel for `m` on `isa`, where there is one.
 #[cfg(target_arch = "x86_64")]
@@ -448,11 +450,18 @@ pub fn matmul_group(compute: &Compute, act: &Activations, jobs: &mut [MatMulJob]
                     continue;
                 }
                 let (first, last) = ((lo - plan.first_global_row).div_ceil(GROUP), (hi - plan.first_global_row).div_ceil(GROUP));
-                for g in first..last {
-                    // SAFETY: the group holds 16 x cols values (the packed copy matches the
-                    // weight's shape), the input rows were validated against cols, and this
-                    // thread owns output columns 16g..16g + 16.
-                    unsafe { kernel(m.group(g).as_ptr() as *const f32, cols, x, cols, num_rows, plan.out.as_ptr().add(g * GROUP), rows) };
+                // Input rows in blocks of about 128 KiB, each against all of this thread's
+                // groups: the block stays in cache while the groups stream past it (a batch
+                // of encoder inputs is megabytes; read whole for every group, it would come
+                // from memory each time). Every row's outputs are computed the same way
+                // whatever its block, so the blocking does not change a bit.
+                let block = ((COLUMN_BLOCK_BYTES / (4 * cols)) & !7).max(8);
+                for t0 in (0..num_rows).step_by(block) {
+                    let count = block.min(num_rows - t0);
+                    // SAFETY: groups first..last hold 16 x cols values each (the packed copy
+                    // matches the weight's shape), input rows t0..t0 + count were validated
+                    // against cols, and this thread owns output columns 16 first..16 last.
+                    unsafe { kernel(m.groups(first..last).as_ptr() as *const f32, last - first, cols, x.add(t0 * cols), count, plan.out.as_ptr().add(t0 * rows + first * GROUP), rows) };
                 }
                 continue;
             }

@@ -175,8 +175,13 @@ impl PackedMatrix {
 
     /// The packed bytes of group `g` (rows `16g..16g + 16`).
     pub fn group(&self, g: usize) -> &[u8] {
+        self.groups(g..g + 1)
+    }
+
+    /// Consecutive groups, one after the other.
+    pub fn groups(&self, range: std::ops::Range<usize>) -> &[u8] {
         let n = self.blocks() * block_bytes(self.dtype);
-        &self.data.bytes()[g * n..(g + 1) * n]
+        &self.data.bytes()[range.start * n..range.end * n]
     }
 
     pub fn size_bytes(&self) -> usize {

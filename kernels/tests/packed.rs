@@ -247,7 +247,7 @@ fn column_order_f32_products_equal_their_reference_on_every_isa_and_batch() {
     let isas = packed_isas("column_order_f32_products_equal_their_reference_on_every_isa_and_batch");
     assert!(!isas.is_empty() || !Isa::detect().avx2(), "an AVX2 CPU runs the column-order kernels");
     let mut rng = Rng(15);
-    for (rows, cols, tokens) in [(16, 1, 1), (16, 7, 3), (32, 384, 1), (48, 384, 9), (16, 1536, 17), (384, 384, 130)] {
+    for (rows, cols, tokens) in [(16, 1, 1), (16, 7, 3), (32, 384, 1), (48, 384, 9), (16, 1536, 17), (80, 1536, 45), (384, 384, 130)] {
         let w = random_matrix(DType::F32, rows, cols, &mut rng);
         let view = WeightView::new(DType::F32, rows, cols, w.bytes()).unwrap();
         let packed = PackedMatrix::pack(&view).unwrap();
