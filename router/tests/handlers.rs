@@ -167,6 +167,31 @@ async fn a_worker_dying_mid_stream_with_nowhere_to_resume_ends_the_stream_with_a
 }
 
 #[tokio::test]
+async fn a_request_refused_mid_stream_is_neither_resumed_nor_held_against_the_worker() {
+    let (app, _, records) = router_over(&[Mode::RefusesMidStream, Mode::Reply], RouterConfig::default()).await;
+    let mut body = chat_body();
+    body["stream"] = json!(true);
+    // Round robin sends one of two requests to each worker.
+    let mut errors = vec![];
+    for _ in 0..2 {
+        let (_, text) = call(&app, "POST", "/v1/chat/completions", body.clone(), &[]).await;
+        let (data, _) = sse(&text);
+        if data.last().map(String::as_str) != Some("[DONE]") {
+            let last: Value = serde_json::from_str(data.last().unwrap()).unwrap();
+            errors.push(last["error"]["message"].as_str().unwrap().to_string());
+        }
+    }
+    assert_eq!(errors.len(), 1, "{errors:?}");
+    assert!(errors[0].contains("fake grammar") && !errors[0].contains("resumed"), "{errors:?}");
+    assert!(records[1].requests.lock().unwrap().iter().all(|r| r.resume.is_none()), "a refused request is not resumed elsewhere");
+    // Both workers stay in rotation: round robin reaches the refusing one again.
+    for _ in 0..2 {
+        post(&app, "/v1/chat/completions", chat_body()).await;
+    }
+    assert_eq!(records[0].requests.lock().unwrap().len(), 2, "the refusing worker was taken out of rotation");
+}
+
+#[tokio::test]
 async fn a_worker_dying_mid_stream_is_resumed_on_another_with_the_tokens_sent() {
     {
         let (app, _, records) = router_over(&[Mode::DiesMidStream, Mode::Reply], RouterConfig::default()).await;

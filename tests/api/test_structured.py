@@ -127,6 +127,12 @@ def test_openai_client_parse_with_pydantic(oai, model):
     ({"grammar": {"type": "regex", "value": "[a-"}}, ["regular expression"]),
     ({"grammar": {"type": "lark", "value": "start: missing_rule"}}, ["missing_rule"]),
     ({"grammar": {"type": "regex", "value": "a"}, "response_format": {"type": "json_object"}}, ["grammar", "cannot be combined"]),
+    # Compiles, but no text matches it: refused before it runs.
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "t", "schema": {"$ref": "#"}}}}, ["no output can match it"]),
+    ({"grammar": {"type": "lark", "value": "start: start"}}, ["no output can match it"]),
+    # Fails after its first token (an object that must contain itself): the request's error.
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "t", "schema": {
+        "type": "object", "properties": {"a": {"$ref": "#"}}, "required": ["a"]}}}}, ["constrained decoding failed"]),
 ])
 def test_bad_constraints_are_400s_naming_the_problem(router, model, extra, words):
     body = {"model": model, "messages": [{"role": "user", "content": "hi"}], **extra}

@@ -162,17 +162,50 @@ impl Grammars {
     pub fn compile(&self, spec: &GrammarSpec) -> Result<Arc<Constraint>, ConstraintError> {
         let factory = self.factory()?;
         let parser = factory.create_parser(spec.top_level()).map_err(|e| ConstraintError::Invalid { kind: spec.kind(), message: explain(spec, &e.to_string()) })?;
-        let matcher = Matcher::new(Ok(parser));
+        let mut matcher = Matcher::new(Ok(parser));
         if let Some(e) = matcher.get_error() {
             return Err(ConstraintError::Invalid { kind: spec.kind(), message: e });
         }
-        Ok(Arc::new(Constraint { start: Mutex::new(matcher), eog: self.tokenizer.eog_ids().into(), spec: spec.clone() }))
+        // A grammar can compile and still match nothing: a rule defined only through itself,
+        // or a required property whose schema requires itself, never reaches the end of any
+        // text. The first step's mask shows it; computed here, it makes that the request's
+        // error (rather than a failure at its first step) and serves every completion's first
+        // step.
+        let first_mask = if matcher.is_stopped() {
+            None
+        } else {
+            let mask = matcher.compute_mask().map_err(|e| no_output(spec, &e.to_string()))?;
+            if mask.is_zero() {
+                return Err(no_output(spec, "no token may start it"));
+            }
+            Some(mask)
+        };
+        Ok(Arc::new(Constraint { start: Mutex::new(matcher), first_mask, eog: self.tokenizer.eog_ids().into(), spec: spec.clone() }))
+    }
+}
+
+/// llguidance's reason for a failure, on one line and without the parser state it appends
+/// (dozens of lines of statistics that mean nothing to whoever sent the grammar).
+fn reason(message: &str) -> String {
+    let before_state = message.split("<state>").next().unwrap_or(message);
+    let lines: Vec<&str> = before_state.lines().map(str::trim).filter(|l| !l.is_empty()).collect();
+    if lines.is_empty() { "no reason given".to_string() } else { lines.join(" ") }
+}
+
+/// The error of a grammar that admits no output, with llguidance's reason.
+fn no_output(spec: &GrammarSpec, reason_given: &str) -> ConstraintError {
+    let reason = reason(reason_given);
+    ConstraintError::Invalid {
+        kind: spec.kind(),
+        message: format!("no output can match it ({reason}): a rule defined only through itself, or a required property that contains itself, never ends"),
     }
 }
 
 /// A compiled grammar in its initial state; each completion starts its own matcher from it.
 pub struct Constraint {
     start: Mutex<Matcher>,
+    /// The mask of the first token (None when the grammar is complete before any).
+    first_mask: Option<SimpleVob>,
     eog: Arc<[u32]>,
     pub spec: GrammarSpec,
 }
@@ -186,7 +219,7 @@ impl std::fmt::Debug for Constraint {
 impl Constraint {
     pub fn start(&self) -> TokenMatcher {
         let matcher = self.start.lock().unwrap_or_else(|e| e.into_inner()).deep_clone();
-        TokenMatcher { matcher, eog: Arc::clone(&self.eog), mask: None }
+        TokenMatcher { matcher, eog: Arc::clone(&self.eog), mask: self.first_mask.clone().map(Ok) }
     }
 }
 
@@ -210,7 +243,7 @@ impl TokenMatcher {
     /// allowed exactly when the grammar could end here.
     pub fn restrict(&mut self, logits: &mut [f32]) -> Result<(), ConstraintError> {
         self.prepare();
-        let mut mask = self.mask.take().unwrap_or_else(|| Err("no mask".into())).map_err(ConstraintError::Matcher)?;
+        let mut mask = self.mask.take().unwrap_or_else(|| Err("no mask".into())).map_err(|e| ConstraintError::Matcher(reason(&e)))?;
         let may_end = self.eog.iter().any(|&t| (t as usize) < mask.len() && mask.is_allowed(t));
         let size = mask.len();
         for &t in self.eog.iter().filter(|&&t| (t as usize) < size) {
@@ -243,7 +276,7 @@ impl TokenMatcher {
                 Err(ConstraintError::Matcher(format!("token {token} ends the output where the grammar cannot end")))
             };
         }
-        self.matcher.consume_token(token).map_err(|e| ConstraintError::Matcher(e.to_string()))
+        self.matcher.consume_token(token).map_err(|e| ConstraintError::Matcher(reason(&e.to_string())))
     }
 
     /// The grammar is complete and allows nothing more.

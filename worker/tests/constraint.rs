@@ -1,15 +1,17 @@
 //! Constrained decoding on the real SmolLM2 model: outputs match their regex, JSON schema or
 //! Lark grammar at any temperature and seed (n > 1 completions included), constrained and
 //! free sequences in one batch leave each other's outputs unchanged, a constrained
-//! completion resumes exactly, a token limit inside a value is `length`, and bad grammars
-//! are refused with the place of the problem.
+//! completion resumes exactly, a token limit inside a value is `length`, bad grammars are
+//! refused with the place of the problem, grammars that match no text are refused when
+//! compiled, and a grammar that fails while generating fails its request as the request's
+//! fault (not the worker's).
 
 mod common;
 
 use kiln_shared::chat::ChatMessage;
 use kiln_shared::sampling::SamplingParams;
 use kiln_worker::constraint::{GrammarSpec, Grammars};
-use kiln_worker::engine::{Engine, EngineConfig, EngineHandle, Event, FinishReason, GenerationRequest, Resume};
+use kiln_worker::engine::{Engine, EngineConfig, EngineHandle, Event, Failure, FinishReason, GenerationRequest, Resume};
 use kiln_worker::loader::LoadedModel;
 use serde_json::{json, Value};
 use std::sync::Arc;
@@ -216,4 +218,44 @@ fn bad_grammars_are_refused_with_the_place_of_the_problem() {
         assert!(e.contains(names), "{spec:?}: {e}");
         assert!(e.contains(&format!("(at {at})")) || at.is_empty(), "{spec:?}: {e}");
     }
+}
+
+#[test]
+fn grammars_that_match_no_text_are_refused_when_compiled() {
+    let model = common::model("smollm2");
+    let grammars = Grammars::new(Arc::clone(&model.tokenizer));
+    let cases = [
+        GrammarSpec::JsonSchema(json!({"$ref": "#"})),
+        GrammarSpec::JsonSchema(json!({"$defs": {"a": {"$ref": "#/$defs/b"}, "b": {"$ref": "#/$defs/a"}}, "$ref": "#/$defs/a"})),
+        GrammarSpec::Lark("start: start".into()),
+        GrammarSpec::Regex("[^\\s\\S]".into()),
+    ];
+    for spec in cases {
+        let e = grammars.compile(&spec).err().unwrap_or_else(|| panic!("{spec:?} compiled")).to_string();
+        assert!(e.contains("no output can match it"), "{spec:?}: {e}");
+        assert!(!e.contains('\n') && !e.contains("<state>"), "{spec:?}: one line without the parser's state: {e}");
+    }
+    // A grammar that matches only the empty text still compiles (its completions end at once).
+    grammars.compile(&GrammarSpec::Regex("a{0}".into())).expect("the empty language's one text");
+}
+
+#[test]
+fn a_grammar_failing_mid_generation_fails_the_request_as_its_own_fault() {
+    let (model, h, grammars) = setup();
+    // An object that must contain an object of the same kind: the first token is fine, then
+    // the parser exceeds its limits.
+    let schema = json!({"type": "object", "properties": {"a": {"$ref": "#"}}, "required": ["a"]});
+    let constraint = grammars.compile(&GrammarSpec::JsonSchema(schema)).unwrap();
+    let req = GenerationRequest { prompt: chat(&model, "JSON please."), sampling: SamplingParams::greedy(), max_tokens: Some(8), constraint: Some(constraint), ..Default::default() };
+    let failure = h.submit(req).expect("submit").find_map(|e| match e {
+        Event::Failed(f) => Some(f),
+        _ => None,
+    });
+    match failure {
+        Some(Failure::Request(m)) => assert!(m.contains("constrained decoding failed") && !m.contains("<state>"), "{m}"),
+        other => panic!("expected the request's own failure, got {other:?}"),
+    }
+    // The engine goes on serving.
+    let free = GenerationRequest { prompt: chat(&model, "Hi"), sampling: SamplingParams::greedy(), max_tokens: Some(3), ..Default::default() };
+    assert_eq!(run(&h, free).remove(0).tokens.len(), 3);
 }

@@ -1,6 +1,7 @@
 //! The worker's gRPC service over a real model: what it streams equals the engine's own
 //! output, closing a stream cancels the generation and frees its blocks, and bad requests
-//! get InvalidArgument with a specific message.
+//! get InvalidArgument with a specific message, including a grammar that fails only while
+//! generating (Internal would make a router retry it elsewhere and count it against workers).
 
 mod common;
 
@@ -151,6 +152,31 @@ async fn bad_requests_are_invalid_argument_with_specific_messages() {
         assert_eq!(err.code(), Code::InvalidArgument, "{}", err.message());
         assert!(err.message().contains(needle), "{:?} lacks {needle:?}", err.message());
     }
+    // A grammar that compiles but matches no text is refused before it runs; one that fails
+    // after its first token ends the stream with InvalidArgument.
+    let grammar = |schema: &str| pb::GenerateRequest {
+        constraint: Some(pb::Constraint { kind: Some(pb::constraint::Kind::JsonSchema(schema.into())) }),
+        ..request(vec![1, 2, 3], 8)
+    };
+    let err = s.client.generate(grammar(r##"{"$ref": "#"}"##)).await.err().expect("a grammar matching nothing must be refused");
+    assert_eq!(err.code(), Code::InvalidArgument, "{}", err.message());
+    assert!(err.message().contains("no output can match it"), "{}", err.message());
+    let failing = grammar(r##"{"type": "object", "properties": {"a": {"$ref": "#"}}, "required": ["a"]}"##);
+    let status = match s.client.generate(failing).await {
+        Err(status) => status,
+        Ok(stream) => {
+            let mut stream = stream.into_inner();
+            loop {
+                match stream.message().await {
+                    Err(status) => break status,
+                    Ok(Some(_)) => continue,
+                    Ok(None) => panic!("the stream ended without the grammar's failure"),
+                }
+            }
+        }
+    };
+    assert_eq!(status.code(), Code::InvalidArgument, "{}", status.message());
+    assert!(status.message().contains("constrained decoding failed"), "{}", status.message());
     let err = s.client.detokenize(pb::DetokenizeRequest { tokens: vec![u32::MAX], render_special: false }).await.unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
     // The service still serves after refusing.

@@ -27,6 +27,9 @@ pub enum Mode {
     Invalid,
     /// Sends two tokens, then fails.
     DiesMidStream,
+    /// Sends two tokens, then refuses the request (as a worker does when the request's
+    /// grammar fails while generating).
+    RefusesMidStream,
     /// Sends a token every 20 ms until the stream is closed.
     Endless,
     /// Sends two tokens, then nothing, keeping the stream open (a hung worker).
@@ -158,6 +161,11 @@ impl Worker for FakeWorker {
                     let _ = tx.send(Ok(token(0, b'H'))).await;
                     let _ = tx.send(Ok(token(0, b'e'))).await;
                     tx.send(Err(Status::internal("fake worker crashed"))).await.is_ok()
+                }
+                Mode::RefusesMidStream => {
+                    let _ = tx.send(Ok(token(0, b'H'))).await;
+                    let _ = tx.send(Ok(token(0, b'e'))).await;
+                    tx.send(Err(Status::invalid_argument("constrained decoding failed: fake grammar"))).await.is_ok()
                 }
                 Mode::StallsMidStream => {
                     let _ = tx.send(Ok(token(0, b'H'))).await;

@@ -62,7 +62,7 @@ fn run_once(engine: &kiln_worker::engine::EngineHandle, n: usize, n_prompt: usiz
                         tokens.push(id);
                     }
                     Event::Done { .. } => return Ok((times, tokens)),
-                    Event::Failed(m) => return Err(m),
+                    Event::Failed(m) => return Err(m.to_string()),
                 }
             }
             Err("stream ended early".into())

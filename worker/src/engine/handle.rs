@@ -21,7 +21,27 @@ pub enum Event {
     /// that ended it, if one did.
     Done { index: usize, finish: FinishReason, usage: Usage, tail: String, stop: Option<String> },
     /// The request failed; no more events follow.
-    Failed(String),
+    Failed(Failure),
+}
+
+/// Why a request failed: because of what it asks (another worker would fail it the same way,
+/// so the router must not retry it elsewhere nor take this worker out of rotation), or
+/// because this worker could not finish it.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Failure {
+    /// The request itself cannot go on: its grammar admits no continuation, its images do not
+    /// fit its prompt.
+    Request(String),
+    /// The worker could not complete it: the engine stopped or is shutting down, a step failed.
+    Worker(String),
+}
+
+impl std::fmt::Display for Failure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Failure::Request(m) | Failure::Worker(m) => f.write_str(m),
+        }
+    }
 }
 
 pub(super) enum Command {
@@ -236,7 +256,7 @@ impl Iterator for RequestStream {
             }
             Err(_) => {
                 self.remaining = 0;
-                Some(Event::Failed("the engine stopped".into()))
+                Some(Event::Failed(Failure::Worker("the engine stopped".into())))
             }
         }
     }

@@ -2,7 +2,7 @@
 //! requests, samples, streams tokens, and ends completions, releasing their blocks.
 
 use super::decoding::Decoding;
-use super::handle::Event;
+use super::handle::{Event, Failure};
 use super::step::{Active, Engine};
 use super::{FinishReason, Usage};
 use crate::scheduler::{Plan, SeqId, SeqState};
@@ -94,7 +94,7 @@ impl Engine {
             Err(e) => {
                 // The grammar cannot go on: the request fails rather than emit text outside it.
                 let request = a.request;
-                let _ = a.events.send(Event::Failed(e));
+                let _ = a.events.send(Event::Failed(Failure::Request(e)));
                 self.cancel_request(request);
                 return;
             }
@@ -179,7 +179,7 @@ impl Engine {
         let request = self.active.get(&id).map(|a| a.request);
         self.scheduler.remove(id);
         if let Some(a) = self.active.remove(&id) {
-            let _ = a.events.send(Event::Failed(msg.to_string()));
+            let _ = a.events.send(Event::Failed(Failure::Worker(msg.to_string())));
         }
         if let Some(r) = request {
             self.requests.remove(&r);

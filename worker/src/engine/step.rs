@@ -2,7 +2,7 @@
 //! commands → schedule → forward → sample → stream until shut down.
 
 use super::decoding::Decoding;
-use super::handle::{Capacity, Command, EngineHandle, EngineStats, Event, Shared};
+use super::handle::{Capacity, Command, EngineHandle, EngineStats, Event, Failure, Shared};
 use super::GenerationRequest;
 use crate::error::{Error, Result};
 use crate::kv_cache::{group_layouts, KvCache};
@@ -275,7 +275,7 @@ impl Engine {
                         Ok(spans) => seq.images = spans,
                         Err(msg) => {
                             if let Some(a) = self.active.remove(&a.id) {
-                                let _ = a.events.send(Event::Failed(msg));
+                                let _ = a.events.send(Event::Failed(Failure::Request(msg)));
                             }
                             self.requests.remove(&a.id);
                             return true;
@@ -287,7 +287,7 @@ impl Engine {
             Command::Cancel(request) => self.cancel_request(request),
             Command::Shutdown => {
                 for (_, a) in self.active.drain() {
-                    let _ = a.events.send(Event::Failed("the engine is shutting down".into()));
+                    let _ = a.events.send(Event::Failed(Failure::Worker("the engine is shutting down".into())));
                 }
                 return false;
             }

@@ -2,7 +2,7 @@
 //! from the network needs.
 
 use crate::constraint::GrammarSpec;
-use crate::engine::{Event, FinishReason, GenerationRequest, Usage};
+use crate::engine::{Event, Failure, FinishReason, GenerationRequest, Usage};
 use crate::error::Error;
 use kiln_proto::v1 as pb;
 use kiln_shared::tokenizer::Tokenizer;
@@ -92,7 +92,10 @@ pub fn event(e: Event, tokenizer: &Tokenizer) -> Result<pb::GenerateEvent, Statu
                 tail,
                 stop_sequence: stop,
             }),
-            Event::Failed(msg) => return Err(Status::internal(msg)),
+            // A request's own failure is its error (the router answers it, and neither retries
+            // it elsewhere nor counts it against this worker); the worker's is internal.
+            Event::Failed(Failure::Request(msg)) => return Err(Status::invalid_argument(msg)),
+            Event::Failed(Failure::Worker(msg)) => return Err(Status::internal(msg)),
         }),
     })
 }
