@@ -124,8 +124,10 @@ def test_a_resume_on_a_second_worker_is_in_the_same_trace(collector):
 
         def stream():
             headers = {"traceparent": f"00-{trace}-{CLIENT_SPAN}-01"}
-            body = {"model": MODEL, "messages": [{"role": "user", "content": "Tell me a long story."}], "max_tokens": 200,
-                    "temperature": 0, "stream": True}
+            # Long enough (no end-of-sequence) that the worker is still generating when it is
+            # killed, however fast this machine decodes.
+            body = {"model": MODEL, "messages": [{"role": "user", "content": "Tell me a long story."}], "max_tokens": 1000,
+                    "temperature": 0, "stream": True, "ignore_eos": True}
             with httpx.stream("POST", f"{router.url}/v1/chat/completions", json=body, headers=headers, timeout=120) as r:
                 result["text"] = "".join(r.iter_text())
 
@@ -133,7 +135,7 @@ def test_a_resume_on_a_second_worker_is_in_the_same_trace(collector):
         t.start()
         wait_until(lambda: a.metric("kiln_worker_running_sequences") + b.metric("kiln_worker_running_sequences") > 0, 30, "the stream to start")
         busy, spare = (a, b) if a.metric("kiln_worker_running_sequences") > 0 else (b, a)
-        time.sleep(0.5)
+        wait_until(lambda: busy.metric("kiln_worker_generated_tokens_total") >= 8, 30, "a few tokens before the kill")
         busy.stop(signal.SIGKILL)
         t.join(120)
         assert "[DONE]" in result.get("text", ""), result
