@@ -74,7 +74,8 @@ def valid_bodies(model, embedder):
     json_schema = dict(chat, response_format={"type": "json_schema", "json_schema": {
         "name": "w", "schema": {"type": "object", "properties": {"n": {"type": "integer"}},
                                 "required": ["n"]}}})
-    regex = dict(chat, response_format={"type": "json_object"})
+    json_object = dict(chat, response_format={"type": "json_object"})
+    regex = dict(chat, grammar={"type": "regex", "value": "[a-z]{1,8}( [a-z]{1,8}){0,3}"})
     messages = {
         "model": model, "max_tokens": 4, "system": [{"type": "text", "text": "Be brief."}],
         "messages": [{"role": "user", "content": "Hi"}], "temperature": 0.5, "top_k": 5,
@@ -88,7 +89,7 @@ def valid_bodies(model, embedder):
     forced = dict(tool_turns, tool_choice={"type": "tool", "name": "get_weather"},
                   messages=[{"role": "user", "content": "Weather in Oslo?"}])
     return {
-        "/v1/chat/completions": [chat, with_tools, forced_tool, json_schema, regex],
+        "/v1/chat/completions": [chat, with_tools, forced_tool, json_schema, json_object, regex],
         "/v1/completions": [{
             "model": model, "prompt": "Once upon a time", "max_tokens": 4, "echo": False,
             "logprobs": 2, "stop": "\n", "temperature": 0, "best_of": 1,
@@ -107,7 +108,7 @@ def valid_bodies(model, embedder):
 
 
 def paths(value, prefix=()):
-    """Every place in a JSON value that can be replaced: (path, container, key)."""
+    """Every place in a JSON value that can be replaced, as the keys leading to it."""
     out = []
     if isinstance(value, dict):
         for key, child in value.items():

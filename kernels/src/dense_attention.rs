@@ -275,12 +275,12 @@ unsafe fn softmax_rows_x86(scores: &mut [f32], nq: usize, n: usize, p: usize) {
             *v = exp_poly(*v - max);
             sums[key % 16] += *v;
         }
-        let inv = _mm256_set1_ps(1.0 / tree16(&sums));
+        let inv = 1.0 / tree16(&sums);
+        let inv8 = _mm256_set1_ps(inv);
         for c in (0..whole).step_by(8) {
             let at = row.as_mut_ptr().add(c);
-            _mm256_storeu_ps(at, _mm256_mul_ps(_mm256_loadu_ps(at), inv));
+            _mm256_storeu_ps(at, _mm256_mul_ps(_mm256_loadu_ps(at), inv8));
         }
-        let inv = 1.0 / tree16(&sums);
         for v in &mut row[whole..] {
             *v *= inv;
         }

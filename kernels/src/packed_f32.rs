@@ -66,10 +66,10 @@ mod x86 {
         while g < groups {
             let (w, o) = (group.add(g * 16 * cols), out.add(16 * g));
             if g + 2 <= groups {
-                rows_of::<2>(w, cols, x, cols, count, o, stride);
+                rows_of::<2>(w, cols, x, count, o, stride);
                 g += 2;
             } else {
-                rows_of::<1>(w, cols, x, cols, count, o, stride);
+                rows_of::<1>(w, cols, x, count, o, stride);
                 g += 1;
             }
         }
@@ -77,30 +77,30 @@ mod x86 {
 
     #[inline]
     #[target_feature(enable = "avx512f,avx2,fma")]
-    unsafe fn rows_of<const G: usize>(group: *const f32, cols: usize, x: *const f32, x_stride: usize, count: usize, out: *mut f32, stride: usize) {
+    unsafe fn rows_of<const G: usize>(group: *const f32, cols: usize, x: *const f32, count: usize, out: *mut f32, stride: usize) {
         let mut t = 0;
         while t + 8 <= count {
-            tile_zmm::<G, 8>(group, cols, x.add(t * x_stride), x_stride, out.add(t * stride), stride);
+            tile_zmm::<G, 8>(group, cols, x.add(t * cols), out.add(t * stride), stride);
             t += 8;
         }
-        let (x, out) = (x.add(t * x_stride), out.add(t * stride));
+        let (x, out) = (x.add(t * cols), out.add(t * stride));
         match count - t {
             0 => {}
-            1 => tile_zmm::<G, 1>(group, cols, x, x_stride, out, stride),
-            2 => tile_zmm::<G, 2>(group, cols, x, x_stride, out, stride),
-            3 => tile_zmm::<G, 3>(group, cols, x, x_stride, out, stride),
-            4 => tile_zmm::<G, 4>(group, cols, x, x_stride, out, stride),
-            5 => tile_zmm::<G, 5>(group, cols, x, x_stride, out, stride),
-            6 => tile_zmm::<G, 6>(group, cols, x, x_stride, out, stride),
-            _ => tile_zmm::<G, 7>(group, cols, x, x_stride, out, stride),
+            1 => tile_zmm::<G, 1>(group, cols, x, out, stride),
+            2 => tile_zmm::<G, 2>(group, cols, x, out, stride),
+            3 => tile_zmm::<G, 3>(group, cols, x, out, stride),
+            4 => tile_zmm::<G, 4>(group, cols, x, out, stride),
+            5 => tile_zmm::<G, 5>(group, cols, x, out, stride),
+            6 => tile_zmm::<G, 6>(group, cols, x, out, stride),
+            _ => tile_zmm::<G, 7>(group, cols, x, out, stride),
         }
     }
 
     /// `G` groups (consecutive, `16 * cols` values apart) by `M` input rows.
     #[inline]
     #[target_feature(enable = "avx512f,avx2,fma")]
-    unsafe fn tile_zmm<const G: usize, const M: usize>(group: *const f32, cols: usize, x: *const f32, x_stride: usize, out: *mut f32, stride: usize) {
-        let rows: [*const f32; M] = std::array::from_fn(|t| x.add(t * x_stride));
+    unsafe fn tile_zmm<const G: usize, const M: usize>(group: *const f32, cols: usize, x: *const f32, out: *mut f32, stride: usize) {
+        let rows: [*const f32; M] = std::array::from_fn(|t| x.add(t * cols));
         let lines: [*const f32; G] = std::array::from_fn(|g| group.add(g * 16 * cols));
         let mut acc = [[_mm512_setzero_ps(); M]; G];
         for k in 0..cols {
@@ -124,33 +124,33 @@ mod x86 {
     #[target_feature(enable = "avx2,fma")]
     pub(super) unsafe fn rows_ymm(group: *const f32, groups: usize, cols: usize, x: *const f32, count: usize, out: *mut f32, stride: usize) {
         for g in 0..groups {
-            group_ymm(group.add(g * 16 * cols), cols, x, cols, count, out.add(16 * g), stride);
+            group_ymm(group.add(g * 16 * cols), cols, x, count, out.add(16 * g), stride);
         }
     }
 
     #[inline]
     #[target_feature(enable = "avx2,fma")]
-    unsafe fn group_ymm(group: *const f32, cols: usize, x: *const f32, x_stride: usize, count: usize, out: *mut f32, stride: usize) {
+    unsafe fn group_ymm(group: *const f32, cols: usize, x: *const f32, count: usize, out: *mut f32, stride: usize) {
         let mut t = 0;
         while t + 6 <= count {
-            tile_ymm::<6>(group, cols, x.add(t * x_stride), x_stride, out.add(t * stride), stride);
+            tile_ymm::<6>(group, cols, x.add(t * cols), out.add(t * stride), stride);
             t += 6;
         }
-        let (x, out) = (x.add(t * x_stride), out.add(t * stride));
+        let (x, out) = (x.add(t * cols), out.add(t * stride));
         match count - t {
             0 => {}
-            1 => tile_ymm::<1>(group, cols, x, x_stride, out, stride),
-            2 => tile_ymm::<2>(group, cols, x, x_stride, out, stride),
-            3 => tile_ymm::<3>(group, cols, x, x_stride, out, stride),
-            4 => tile_ymm::<4>(group, cols, x, x_stride, out, stride),
-            _ => tile_ymm::<5>(group, cols, x, x_stride, out, stride),
+            1 => tile_ymm::<1>(group, cols, x, out, stride),
+            2 => tile_ymm::<2>(group, cols, x, out, stride),
+            3 => tile_ymm::<3>(group, cols, x, out, stride),
+            4 => tile_ymm::<4>(group, cols, x, out, stride),
+            _ => tile_ymm::<5>(group, cols, x, out, stride),
         }
     }
 
     #[inline]
     #[target_feature(enable = "avx2,fma")]
-    unsafe fn tile_ymm<const M: usize>(group: *const f32, cols: usize, x: *const f32, x_stride: usize, out: *mut f32, stride: usize) {
-        let rows: [*const f32; M] = std::array::from_fn(|t| x.add(t * x_stride));
+    unsafe fn tile_ymm<const M: usize>(group: *const f32, cols: usize, x: *const f32, out: *mut f32, stride: usize) {
+        let rows: [*const f32; M] = std::array::from_fn(|t| x.add(t * cols));
         let mut lo = [_mm256_setzero_ps(); M];
         let mut hi = [_mm256_setzero_ps(); M];
         for k in 0..cols {

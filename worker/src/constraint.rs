@@ -55,7 +55,7 @@ impl GrammarSpec {
 /// JSON pointer) when the message names one.
 fn explain(spec: &GrammarSpec, message: &str) -> String {
     // One line: errors travel in HTTP bodies and log lines.
-    let message = message.lines().map(str::trim).filter(|l| !l.is_empty()).collect::<Vec<_>>().join(" ");
+    let message = reason(message);
     let message = message.as_str();
     let GrammarSpec::JsonSchema(schema) = spec else { return message.to_string() };
     let quoted = |prefix: &str| message.split_once(prefix).map(|(_, rest)| rest.split(" (").next().unwrap_or("").trim().to_string());
@@ -184,7 +184,7 @@ impl Grammars {
     }
 }
 
-/// llguidance's reason for a failure, on one line and without the parser state it appends
+/// llguidance's message on one line, without the parser state it appends to runtime failures
 /// (dozens of lines of statistics that mean nothing to whoever sent the grammar).
 fn reason(message: &str) -> String {
     let before_state = message.split("<state>").next().unwrap_or(message);
