@@ -192,7 +192,7 @@ async fn grpc_request(target: &GrpcTarget, run: u64, i: usize, max_tokens: u32) 
             }
             Some(pb::generate_event::Event::Token(_)) => sample.tokens += 1,
             Some(pb::generate_event::Event::Done(_)) => break,
-            None => {}
+            Some(pb::generate_event::Event::PromptLogprobs(_)) | None => {}
         }
     }
     Ok(sample)

@@ -54,6 +54,11 @@ pub struct Generation {
     calls: u32,
     resumes: u32,
     generated: u32,
+    /// Log-probabilities of the prompt's tokens, by position, when the request asked for
+    /// them (the first token has none).
+    prompt_logprobs: Vec<Option<pb::PromptLogprob>>,
+    /// An update read ahead (see `prompt_logprobs`), returned next.
+    read_ahead: Option<Update>,
 }
 
 /// Whether a failed call may be retried on another worker: the worker could not be reached,
@@ -134,7 +139,12 @@ impl Generation {
             calls: 0,
             resumes: 0,
             generated: 0,
+            prompt_logprobs: Vec::new(),
+            read_ahead: None,
         };
+        if g.request.prompt_logprobs.is_some() {
+            g.prompt_logprobs = vec![None; g.request.prompt.len()];
+        }
         g.span.record("kiln.policy", format!("{:?}", state.pool.policy).to_lowercase());
         g.span.record("gen_ai.usage.input_tokens", g.request.prompt.len() as i64);
         g.open(g.request.clone(), (0..n).collect()).await?;
@@ -220,8 +230,29 @@ impl Generation {
         self.state.metrics.add("kiln_router_upstream_errors_total", vec![("worker", worker.to_string())], 1.0);
     }
 
+    /// The log-probabilities of the prompt's tokens by position, for a request that asked
+    /// for them. A worker sends them all before the first token, so they are complete once
+    /// this returns: it reads ahead to the first update (which `next` then returns).
+    pub async fn prompt_logprobs(&mut self) -> Result<&[Option<pb::PromptLogprob>], ApiError> {
+        if self.read_ahead.is_none() && self.done < self.n {
+            match self.next().await {
+                Some(Ok(update)) => self.read_ahead = Some(update),
+                Some(Err(e)) => return Err(e),
+                None => {}
+            }
+        }
+        Ok(&self.prompt_logprobs)
+    }
+
+    fn has_prompt_logprobs(&self) -> bool {
+        self.prompt_logprobs.iter().skip(1).all(Option::is_some)
+    }
+
     /// The next event; `None` once every completion has finished.
     pub async fn next(&mut self) -> Option<Result<Update, ApiError>> {
+        if let Some(update) = self.read_ahead.take() {
+            return Some(Ok(update));
+        }
         loop {
             if self.done == self.n {
                 return None;
@@ -232,7 +263,10 @@ impl Generation {
             }
             if let Some(i) = self.attempts.iter().position(|a| a.first.is_some()) {
                 let event = self.attempts[i].first.take()?;
-                return Some(self.handle(i, event));
+                match self.handle(i, event) {
+                    Ok(None) => continue,
+                    other => return other.transpose(),
+                }
             }
             if self.attempts.is_empty() {
                 return Some(Err(ApiError::upstream("the generation lost its workers")));
@@ -240,7 +274,10 @@ impl Generation {
             let (failed, failure) = match self.wait().await {
                 Ok((i, event)) => {
                     self.attempts[i].last_progress = Instant::now();
-                    return Some(self.handle(i, event));
+                    match self.handle(i, event) {
+                        Ok(None) => continue,
+                        other => return other.transpose(),
+                    }
                 }
                 Err((_, Err(e))) => return Some(Err(e)),
                 Err((i, Ok(failure))) => (i, failure),
@@ -314,6 +351,10 @@ impl Generation {
             }
             let mut request = self.request.clone();
             request.n = 1;
+            if self.has_prompt_logprobs() {
+                // Scoring the prompt again would only forgo the prefix cache.
+                request.prompt_logprobs = None;
+            }
             request.resume = Some(pb::Resume { index: index as u32, tokens: self.produced[index].clone() });
             self.state.metrics.add("kiln_router_resumed_total", self.model_label.clone(), 1.0);
             self.resumes += 1;
@@ -325,15 +366,25 @@ impl Generation {
         Ok(())
     }
 
-    fn handle(&mut self, attempt: usize, event: pb::GenerateEvent) -> Result<Update, ApiError> {
+    /// An event from stream `attempt`: the update it makes, or None for one kept here.
+    fn handle(&mut self, attempt: usize, event: pb::GenerateEvent) -> Result<Option<Update>, ApiError> {
         match event.event {
+            Some(Event::PromptLogprobs(p)) => {
+                // A resumed prefill may send some again; the values are the same.
+                for (i, t) in p.tokens.into_iter().enumerate() {
+                    if let Some(slot) = self.prompt_logprobs.get_mut(p.first as usize + i) {
+                        *slot = Some(t);
+                    }
+                }
+                Ok(None)
+            }
             Some(Event::Token(t)) => {
                 let index = t.index as usize;
                 if let Some(p) = self.produced.get_mut(index) {
                     p.push(t.token);
                 }
                 self.on_token(index);
-                Ok(Update::Token(t))
+                Ok(Some(Update::Token(t)))
             }
             Some(Event::Done(d)) => {
                 if let Some(f) = self.finished.get_mut(d.index as usize) {
@@ -351,7 +402,7 @@ impl Generation {
                 if self.done == self.n {
                     self.flush_gaps();
                 }
-                Ok(Update::Done(d))
+                Ok(Some(Update::Done(d)))
             }
             None => Err(ApiError::upstream("the worker sent an empty event")),
         }

@@ -354,3 +354,91 @@ async fn model_names_no_worker_serves_share_one_metrics_label() {
     assert_eq!(metrics.lines().filter(|l| l.starts_with("kiln_router_requests_total") && l.ends_with(r#"status="404"} 50"#)).count(), 1, "{metrics}");
     assert!(metrics.contains(r#"model="fake",status="200"} 1"#), "{metrics}");
 }
+
+/// A completions body scoring "abc" (one token per byte with the fake's tokenizer).
+fn scoring_body(stream: bool) -> Value {
+    json!({ "model": "fake", "prompt": "abc", "max_tokens": 11, "logprobs": 1, "echo": true, "stream": stream })
+}
+
+/// Checks `logprobs` of a choice that echoed "abc" and then generated REPLY.
+fn check_echoed_logprobs(lp: &Value) {
+    let prompt_len = 3;
+    let tokens: Vec<&str> = lp["tokens"].as_array().unwrap().iter().map(|t| t.as_str().unwrap()).collect();
+    let expected: Vec<String> = "abc".chars().chain(fake::REPLY.chars()).map(String::from).collect();
+    assert_eq!(tokens, expected, "prompt tokens, then the generated ones");
+    let values = lp["token_logprobs"].as_array().unwrap();
+    assert_eq!(values[0], Value::Null, "the first prompt token has no log-probability");
+    assert_eq!(lp["top_logprobs"][0], Value::Null);
+    for pos in 1..prompt_len {
+        assert_eq!(values[pos].as_f64().unwrap() as f32, fake::prompt_logprob(pos), "position {pos}");
+        let top = lp["top_logprobs"][pos].as_object().unwrap();
+        let name = &expected[pos];
+        assert_eq!(top.get(name.as_str()).and_then(Value::as_f64).map(|v| v as f32), Some(fake::prompt_logprob(pos)), "{top:?}");
+    }
+    assert!(values[prompt_len..].iter().all(|v| v.as_f64() == Some(-0.5)), "generated tokens keep theirs: {values:?}");
+    let offsets: Vec<u64> = lp["text_offset"].as_array().unwrap().iter().map(|o| o.as_u64().unwrap()).collect();
+    assert_eq!(offsets, (0..expected.len() as u64).collect::<Vec<_>>());
+}
+
+#[tokio::test]
+async fn echo_with_logprobs_scores_the_prompt() {
+    let (app, _, records) = router_over(&[Mode::Reply], RouterConfig::default()).await;
+    let (status, v) = post(&app, "/v1/completions", scoring_body(false)).await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    assert_eq!(v["choices"][0]["text"], format!("abc{}", fake::REPLY));
+    check_echoed_logprobs(&v["choices"][0]["logprobs"]);
+    assert_eq!(records[0].requests.lock().unwrap()[0].prompt_logprobs, Some(1));
+
+    // Streamed: the echo chunk carries the prompt's log-probabilities.
+    let (status, text) = call(&app, "POST", "/v1/completions", scoring_body(true), &[]).await;
+    assert_eq!(status, StatusCode::OK, "{text}");
+    let (data, _) = sse(&text);
+    let chunks: Vec<Value> = data.iter().filter_map(|d| serde_json::from_str(d).ok()).collect();
+    let mut joined = json!({ "tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": [] });
+    for c in &chunks {
+        let lp = &c["choices"][0]["logprobs"];
+        if lp.is_object() {
+            for key in ["tokens", "token_logprobs", "top_logprobs", "text_offset"] {
+                joined[key].as_array_mut().unwrap().extend(lp[key].as_array().unwrap().iter().cloned());
+            }
+        }
+    }
+    check_echoed_logprobs(&joined);
+
+    // Neither echo alone nor logprobs alone asks the worker to score the prompt.
+    for body in [json!({ "model": "fake", "prompt": "abc", "echo": true }), json!({ "model": "fake", "prompt": "abc", "logprobs": 1 })] {
+        let (status, v) = post(&app, "/v1/completions", body).await;
+        assert_eq!(status, StatusCode::OK, "{v}");
+    }
+    let requests = records[0].requests.lock().unwrap().clone();
+    assert_eq!(requests.iter().map(|r| r.prompt_logprobs).collect::<Vec<_>>(), [Some(1), Some(1), None, None]);
+}
+
+#[tokio::test]
+async fn a_scored_prompt_is_not_scored_again_when_its_generation_resumes() {
+    let (app, _, records) = router_over(&[Mode::DiesMidStream, Mode::Reply], RouterConfig::default()).await;
+    let mut body = scoring_body(false);
+    body["seed"] = json!(3);
+    let (status, v) = post(&app, "/v1/completions", body).await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    assert_eq!(v["choices"][0]["text"], format!("abc{}", fake::REPLY));
+    check_echoed_logprobs(&v["choices"][0]["logprobs"]);
+    let resumed = records[1].requests.lock().unwrap().clone();
+    assert_eq!(resumed.len(), 1);
+    assert!(resumed[0].resume.is_some());
+    assert_eq!(resumed[0].prompt_logprobs, None, "the first worker had already sent the prompt's");
+}
+
+#[tokio::test]
+async fn tokenizer_info_names_the_special_tokens_and_template() {
+    let (app, _, _) = router_over(&[Mode::Reply], RouterConfig::default()).await;
+    let (status, text) = call(&app, "GET", "/tokenizer_info", Value::Null, &[]).await;
+    assert_eq!(status, StatusCode::OK, "{text}");
+    let v: Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(v["eos_token"], "<|im_end|>");
+    assert_eq!(v["bos_token"], Value::Null);
+    assert_eq!(v["model_max_length"], fake::CONTEXT);
+    assert_eq!(v["chat_template"], kiln_shared::chat::builtin_template("llama"));
+    let (status, text) = call(&app, "GET", "/tokenizer_info?model=nope", Value::Null, &[]).await;
+    assert_eq!(status, StatusCode::NOT_FOUND, "{text}");
+}

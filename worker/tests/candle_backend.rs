@@ -97,6 +97,7 @@ fn collect(stream: RequestStream) -> Vec<u32> {
             Event::Token { id, .. } => tokens.push(id),
             Event::Done { .. } => return tokens,
             Event::Failed(msg) => panic!("request failed: {msg}"),
+            Event::PromptLogprobs { .. } => panic!("prompt log-probabilities were not asked for"),
         }
     }
     panic!("stream ended without Done")

@@ -36,6 +36,7 @@ fn run(h: &EngineHandle, req: GenerationRequest) -> Vec<Choice> {
                 out[index].finish = finish;
             }
             Event::Failed(m) => panic!("request failed: {m}"),
+            Event::PromptLogprobs { .. } => panic!("prompt log-probabilities were not asked for"),
         }
     }
     out

@@ -33,6 +33,7 @@ fn collect(stream: RequestStream) -> Outcome {
                 return Outcome { tokens, text, finish, usage };
             }
             Event::Failed(msg) => panic!("request failed: {msg}"),
+            Event::PromptLogprobs { .. } => panic!("prompt log-probabilities were not asked for"),
         }
     }
     panic!("stream ended without Done")
@@ -255,6 +256,7 @@ fn collect_n(stream: RequestStream, n: usize) -> Vec<(Vec<u32>, String, FinishRe
                 done += 1;
             }
             Event::Failed(m) => panic!("{m}"),
+            Event::PromptLogprobs { .. } => panic!("prompt log-probabilities were not asked for"),
         }
     }
     assert_eq!(done, n, "every completion ends");

@@ -34,6 +34,7 @@ fn run(h: &EngineHandle, req: GenerationRequest) -> Vec<Choice> {
                 out[index].prompt_tokens = usage.prompt_tokens;
             }
             Event::Failed(m) => panic!("{m}"),
+            Event::PromptLogprobs { .. } => panic!("prompt log-probabilities were not asked for"),
         }
     }
     out

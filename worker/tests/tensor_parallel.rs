@@ -214,6 +214,7 @@ fn collect(stream: RequestStream) -> Vec<(u32, Option<f32>)> {
             Event::Token { id, logprob, .. } => out.push((id, logprob)),
             Event::Done { .. } => return out,
             Event::Failed(msg) => panic!("request failed: {msg}"),
+            Event::PromptLogprobs { .. } => panic!("prompt log-probabilities were not asked for"),
         }
     }
     panic!("stream ended without Done")
@@ -242,6 +243,7 @@ fn batched_equals_alone_inside_a_group_and_forked_completions_share_the_cache() 
             Event::Done { .. } if by_choice.iter().all(|c| c.len() == 16) => break,
             Event::Done { .. } => {}
             Event::Failed(msg) => panic!("n = 3 failed: {msg}"),
+            Event::PromptLogprobs { .. } => panic!("prompt log-probabilities were not asked for"),
         }
     }
     for (i, c) in by_choice.iter().enumerate() {

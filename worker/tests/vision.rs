@@ -206,6 +206,7 @@ mod engine {
                 Event::Token { id, .. } => tokens.push(id),
                 Event::Done { usage, .. } => return (tokens, usage),
                 Event::Failed(msg) => panic!("request failed: {msg}"),
+                Event::PromptLogprobs { .. } => panic!("prompt log-probabilities were not asked for"),
             }
         }
         panic!("stream ended without Done")

@@ -323,6 +323,7 @@ async fn messages_inner(state: &Arc<AppState>, headers: &HeaderMap, body: &[u8],
         resume: None,
         constraint: grammar,
         images,
+        prompt_logprobs: None,
     };
     let mut generation = Generation::start(state, &model, request, key, started).await?;
     if stream {

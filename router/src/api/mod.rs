@@ -47,6 +47,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/messages/count_tokens", post(anthropic::count_tokens))
         .route("/tokenize", post(tokenize::tokenize))
         .route("/detokenize", post(tokenize::detokenize))
+        .route("/tokenizer_info", get(tokenize::tokenizer_info))
         .route_layer(middleware::from_fn_with_state(Arc::clone(&state), bounded_body))
         .route_layer(middleware::from_fn_with_state(Arc::clone(&state), require_api_key))
         .route_layer(middleware::from_fn_with_state(Arc::clone(&state), refuse_while_draining));

@@ -225,6 +225,7 @@ pub(super) fn generate_request(prompt: Vec<u32>, c: &Common, logprobs: bool, top
         resume: None,
         constraint,
         images: Vec::new(),
+        prompt_logprobs: None,
     }
 }
 
@@ -488,9 +489,6 @@ pub(crate) async fn completions_inner(state: &Arc<AppState>, headers: &HeaderMap
     let constraint = super::structured::completion(&f)?;
     let logprobs = f.int("logprobs", 0, 20)?;
     let echo = f.bool("echo")?.unwrap_or(false);
-    if echo && logprobs.is_some() {
-        return Err(ApiError::field("echo", "log-probabilities of echoed prompt tokens are not supported"));
-    }
     if let Some(best_of) = f.int("best_of", 1, 128)? {
         if best_of != i64::from(c.n) {
             return Err(ApiError::field("best_of", "only best_of equal to n is supported"));
@@ -502,22 +500,38 @@ pub(crate) async fn completions_inner(state: &Arc<AppState>, headers: &HeaderMap
     admit(state)?;
     let id = random_id("cmpl-");
     let key = route_key(headers, &prompt);
-    let request = generate_request(prompt, &c, logprobs.is_some(), logprobs.unwrap_or(0) as u32, &id, constraint);
+    let mut request = generate_request(prompt, &c, logprobs.is_some(), logprobs.unwrap_or(0) as u32, &id, constraint);
+    // Echoed prompt tokens come with their log-probabilities too (as lm-evaluation-harness
+    // scores continuations: `echo`, `logprobs` and one generated token).
+    if echo {
+        request.prompt_logprobs = logprobs.map(|k| k as u32);
+    }
+    let prompt_ids = request.prompt.clone();
     let mut generation = Generation::start(state, &model, request, key, started).await?;
     let created = unix_now();
     let echoed = if echo { prompt_text } else { String::new() };
+    // The echoed prompt's share of each choice's `logprobs`.
+    let prompt_lp = match (echo, logprobs) {
+        (true, Some(_)) => Some(fmt::prompt_logprobs(&model.tokenizer, &prompt_ids, generation.prompt_logprobs().await?)),
+        _ => None,
+    };
     if c.stream {
-        return Ok(stream_completion(generation, model, c, id, created, logprobs.is_some(), echoed));
+        return Ok(stream_completion(generation, model, c, id, created, logprobs.is_some(), echoed, prompt_lp));
     }
     let (choices, totals) = collect(&mut generation, c.n as usize, logprobs.is_some()).await?;
     let choices: Vec<Value> = choices
         .iter()
         .enumerate()
         .map(|(i, ch)| {
+            let lp = match (&prompt_lp, logprobs) {
+                (Some(p), _) => fmt::join_logprobs(p.clone(), fmt::completion_logprobs(&model.tokenizer, &ch.tokens, echoed.len())),
+                (None, Some(_)) => fmt::completion_logprobs(&model.tokenizer, &ch.tokens, echoed.len()),
+                (None, None) => Value::Null,
+            };
             json!({
                 "index": i,
                 "text": format!("{echoed}{}", ch.text),
-                "logprobs": if logprobs.is_some() { fmt::completion_logprobs(&model.tokenizer, &ch.tokens, echoed.len()) } else { Value::Null },
+                "logprobs": lp,
                 "finish_reason": ch.done.as_ref().map(fmt::finish_reason),
             })
         })
@@ -533,12 +547,14 @@ pub(crate) async fn completions_inner(state: &Arc<AppState>, headers: &HeaderMap
     .into_response())
 }
 
-fn stream_completion(generation: Generation, model: Arc<ModelState>, c: Common, id: String, created: u64, logprobs: bool, echoed: String) -> Response {
+#[allow(clippy::too_many_arguments)]
+fn stream_completion(generation: Generation, model: Arc<ModelState>, c: Common, id: String, created: u64, logprobs: bool, echoed: String, prompt_lp: Option<Value>) -> Response {
     let chunker = Chunker { id, object: "text_completion", created, model: model.info.model_id.clone(), include_usage: c.include_usage };
     let first = if echoed.is_empty() {
         Vec::new()
     } else {
-        (0..c.n).map(|i| chunker.chunk(json!([{ "index": i, "text": echoed, "logprobs": null, "finish_reason": null }]))).collect()
+        let lp = prompt_lp.unwrap_or(Value::Null);
+        (0..c.n).map(|i| chunker.chunk(json!([{ "index": i, "text": echoed, "logprobs": lp, "finish_reason": null }]))).collect()
     };
     let mut offsets = vec![echoed.len(); c.n as usize];
     let mut totals = Totals::default();

@@ -193,3 +193,41 @@ pub fn completion_logprobs(tokenizer: &Tokenizer, tokens: &[pb::TokenEvent], mut
     }
     json!({ "tokens": texts, "token_logprobs": logprobs, "top_logprobs": tops, "text_offset": offsets })
 }
+
+/// The legacy completions `logprobs` object for an echoed prompt: the first token has no
+/// log-probability (null, as OpenAI's), nor has any a worker did not report.
+pub fn prompt_logprobs(tokenizer: &Tokenizer, prompt: &[u32], scored: &[Option<pb::PromptLogprob>]) -> Value {
+    let mut texts = Vec::with_capacity(prompt.len());
+    let mut logprobs = Vec::with_capacity(prompt.len());
+    let mut tops = Vec::with_capacity(prompt.len());
+    let mut offsets = Vec::with_capacity(prompt.len());
+    let mut offset = 0;
+    for (i, &token) in prompt.iter().enumerate() {
+        let (text, _) = token_text(tokenizer, token);
+        offsets.push(offset);
+        offset += text.len();
+        texts.push(text);
+        match scored.get(i).and_then(Option::as_ref) {
+            Some(p) => {
+                logprobs.push(json!(p.logprob));
+                let top: serde_json::Map<String, Value> = p.top_logprobs.iter().map(|a| (token_text(tokenizer, a.token).0, json!(a.logprob))).collect();
+                tops.push(Value::Object(top));
+            }
+            None => {
+                logprobs.push(Value::Null);
+                tops.push(Value::Null);
+            }
+        }
+    }
+    json!({ "tokens": texts, "token_logprobs": logprobs, "top_logprobs": tops, "text_offset": offsets })
+}
+
+/// Two legacy `logprobs` objects as one, `first`'s tokens then `then`'s.
+pub fn join_logprobs(mut first: Value, then: Value) -> Value {
+    for key in ["tokens", "token_logprobs", "top_logprobs", "text_offset"] {
+        if let (Some(Value::Array(a)), Some(Value::Array(b))) = (first.get_mut(key), then.get(key)) {
+            a.extend(b.iter().cloned());
+        }
+    }
+    first
+}

@@ -1,4 +1,6 @@
-//! `/tokenize` and `/detokenize`, answered by the router from the model's tokenizer.
+//! `/tokenize`, `/detokenize` and `/tokenizer_info`, answered by the router from the model's
+//! tokenizer (the endpoints vLLM serves, which evaluation tools such as lm-evaluation-harness
+//! use to tokenize as the server does).
 
 use super::{chat_prompt, labelled, resolve_model};
 use crate::error::ApiError;
@@ -6,7 +8,7 @@ use crate::params::{parse_object, Fields};
 use crate::upstream::ModelState;
 use crate::AppState;
 use axum::body::Bytes;
-use axum::extract::State;
+use axum::extract::{Query, State};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use kiln_shared::chat::ChatMessage;
@@ -79,6 +81,31 @@ pub async fn detokenize(State(state): State<Arc<AppState>>, body: Bytes) -> Resp
             }
         }
         Ok(Json(json!({ "prompt": m.tokenizer.decode(&tokens, true) })).into_response())
+    })();
+    respond(id.as_deref(), result)
+}
+
+/// The tokenizer's special tokens and the chat template: `GET /tokenizer_info`, with
+/// `?model=` when several models are served.
+pub async fn tokenizer_info(State(state): State<Arc<AppState>>, Query(query): Query<std::collections::HashMap<String, String>>) -> Response {
+    let mut id = None;
+    let result = (|| {
+        let name = query.get("model").map(|m| Value::String(m.clone()));
+        let map: serde_json::Map<String, Value> = name.into_iter().map(|m| ("model".to_string(), m)).collect();
+        let f = Fields::new(&map, "", &["model"], &[])?;
+        let m = model(&state, &f)?;
+        id = Some(m.info.model_id.clone());
+        let template = (!m.info.chat_template.is_empty()).then_some(m.info.chat_template.as_str());
+        Ok(Json(json!({
+            "model": m.info.model_id,
+            "bos_token": m.tokenizer.bos_text(),
+            "eos_token": m.tokenizer.eos_text(),
+            "pad_token": null,
+            "chat_template": template,
+            "model_max_length": m.info.context_length,
+            "vocab_size": m.info.vocab_size,
+        }))
+        .into_response())
     })();
     respond(id.as_deref(), result)
 }

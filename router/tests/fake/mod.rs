@@ -93,6 +93,32 @@ fn token(index: u32, b: u8) -> pb::GenerateEvent {
     }
 }
 
+/// Log-probability the fake reports for prompt position `pos`.
+pub fn prompt_logprob(pos: usize) -> f32 {
+    -(pos as f32) / 8.0
+}
+
+/// Prompt log-probabilities for positions 1.. of a prompt of `len` tokens, in two events
+/// (as a worker sends a long prompt's, chunk by chunk); each names its token as the top one.
+fn prompt_logprobs(prompt: &[u32]) -> Vec<pb::GenerateEvent> {
+    let mid = (1 + prompt.len()) / 2;
+    [1..mid, mid..prompt.len()]
+        .into_iter()
+        .filter(|r| !r.is_empty())
+        .map(|r| pb::GenerateEvent {
+            event: Some(pb::generate_event::Event::PromptLogprobs(pb::PromptLogprobsEvent {
+                first: r.start as u32,
+                tokens: r
+                    .map(|pos| pb::PromptLogprob {
+                        logprob: prompt_logprob(pos),
+                        top_logprobs: vec![pb::TopLogprob { token: prompt[pos], text: String::new(), logprob: prompt_logprob(pos) }],
+                    })
+                    .collect(),
+            })),
+        })
+        .collect()
+}
+
 fn done(index: u32, prompt: usize, generated: usize) -> pb::GenerateEvent {
     pb::GenerateEvent {
         event: Some(pb::generate_event::Event::Done(pb::DoneEvent {
@@ -141,6 +167,11 @@ impl Worker for FakeWorker {
         let (mode, record, prompt) = (self.mode, Arc::clone(&self.record), req.prompt.len());
         tokio::spawn(async move {
             let n = req.n.max(1);
+            if req.prompt_logprobs.is_some() && matches!(mode, Mode::Reply | Mode::DiesMidStream) {
+                for e in prompt_logprobs(&req.prompt) {
+                    let _ = tx.send(Ok(e)).await;
+                }
+            }
             let ok = match mode {
                 Mode::Reply => {
                     let mut ok = true;

@@ -63,6 +63,7 @@ fn run_once(engine: &kiln_worker::engine::EngineHandle, n: usize, n_prompt: usiz
                     }
                     Event::Done { .. } => return Ok((times, tokens)),
                     Event::Failed(m) => return Err(m.to_string()),
+                    Event::PromptLogprobs { .. } => {}
                 }
             }
             Err("stream ended early".into())

@@ -83,6 +83,7 @@ fn collect(stream: RequestStream) -> anyhow::Result<Vec<u32>> {
             Event::Token { id, .. } => tokens.push(id),
             Event::Done { .. } => return Ok(tokens),
             Event::Failed(msg) => bail!("a request failed: {msg}"),
+            Event::PromptLogprobs { .. } => {}
         }
     }
     bail!("a request's stream ended without finishing")

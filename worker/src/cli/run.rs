@@ -195,7 +195,7 @@ fn stream(args: &RunArgs, engine: &EngineHandle, prompt: Vec<u32>) -> anyhow::Re
             stream.cancel();
         }
         match stream.next_timeout(Duration::from_millis(50)) {
-            None => continue,
+            None | Some(Event::PromptLogprobs { .. }) => continue,
             Some(Event::Token { text: t, .. }) => write(&t, &mut text),
             Some(Event::Done { finish, usage, tail, .. }) => {
                 write(&tail, &mut text);

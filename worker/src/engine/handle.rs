@@ -20,8 +20,18 @@ pub enum Event {
     /// character, or text that might have begun a stop string); `stop` is the stop string
     /// that ended it, if one did.
     Done { index: usize, finish: FinishReason, usage: Usage, tail: String, stop: Option<String> },
+    /// Log-probabilities of prompt tokens `first..first + tokens.len()` (each: the token's,
+    /// and the most likely alternatives), for a request that asked for them; all of them
+    /// come before the first `Token`.
+    PromptLogprobs { first: usize, tokens: Vec<PromptLogprob> },
     /// The request failed; no more events follow.
     Failed(Failure),
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct PromptLogprob {
+    pub logprob: f32,
+    pub top: Vec<(u32, f32)>,
 }
 
 /// Why a request failed: because of what it asks (another worker would fail it the same way,
@@ -140,6 +150,9 @@ impl EngineHandle {
         if req.top_logprobs > 20 {
             return Err(Error::InvalidRequest(format!("top_logprobs = {} is out of range (0 to 20)", req.top_logprobs)));
         }
+        if let Some(k) = req.prompt_logprobs.filter(|&k| k > 20) {
+            return Err(Error::InvalidRequest(format!("prompt_logprobs = {k} is out of range (0 to 20)")));
+        }
         if let Some(&(bad, _)) = req.sampling.logit_bias.iter().find(|(t, _)| *t as usize >= cap.vocab_size) {
             return Err(Error::InvalidRequest(format!("logit_bias names token {bad}, outside the vocabulary of {}", cap.vocab_size)));
         }
@@ -233,7 +246,7 @@ impl RequestStream {
         match e {
             Event::Done { .. } => self.remaining = self.remaining.saturating_sub(1),
             Event::Failed(_) => self.remaining = 0,
-            Event::Token { .. } => {}
+            Event::Token { .. } | Event::PromptLogprobs { .. } => {}
         }
     }
 

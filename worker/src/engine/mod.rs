@@ -7,6 +7,6 @@ mod output;
 pub mod session;
 pub mod step;
 
-pub use handle::{EngineHandle, EngineStats, Event, Failure, RequestStream};
+pub use handle::{EngineHandle, EngineStats, Event, Failure, PromptLogprob, RequestStream};
 pub use session::{Completion, FinishReason, GenerationRequest, Resume, Session, Usage};
 pub use step::{Engine, EngineConfig};

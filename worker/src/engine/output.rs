@@ -2,10 +2,11 @@
 //! requests, samples, streams tokens, and ends completions, releasing their blocks.
 
 use super::decoding::Decoding;
-use super::handle::{Event, Failure};
+use super::handle::{Event, Failure, PromptLogprob};
 use super::step::{Active, Engine};
 use super::{FinishReason, Usage};
-use crate::scheduler::{Plan, SeqId, SeqState};
+use crate::sampler::select::{log_sum_exp, top_log_probs};
+use crate::scheduler::{Plan, PlanEntry, SeqId, SeqState};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -13,7 +14,17 @@ impl Engine {
     pub(super) fn after_forward(&mut self, plan: &Plan) {
         self.scheduler.complete(plan);
         let vocab = self.model.model.config().vocab_size;
-        for (row, e) in plan.entries.iter().filter(|e| e.wants_logits).enumerate() {
+        let mut next_row = 0;
+        for e in &plan.entries {
+            let rows = next_row..next_row + e.logit_rows();
+            next_row = rows.end;
+            if !e.scored.is_empty() {
+                self.report_prompt_logprobs(e, rows.start);
+            }
+            if !e.wants_logits {
+                continue;
+            }
+            let row = rows.end - 1;
             let logits = self.logits[row * vocab..(row + 1) * vocab].to_vec();
             let mut members = vec![e.id];
             if self.active.get(&e.id).is_some_and(|a| a.forks_pending > 0) {
@@ -23,6 +34,32 @@ impl Engine {
                 // Each completion applies its own penalties to its own copy of the logits.
                 self.emit(id, &mut logits.clone());
             }
+        }
+    }
+
+    /// Sends the log-probabilities of the prompt tokens that entry `e` scored, from the
+    /// logits at `first_row` on, and records them as reported.
+    fn report_prompt_logprobs(&mut self, e: &PlanEntry, first_row: usize) {
+        let vocab = self.model.model.config().vocab_size;
+        let (Some(a), Some(seq)) = (self.active.get(&e.id), self.scheduler.get(e.id)) else { return };
+        let top = a.req.prompt_logprobs.unwrap_or(0).min(20);
+        let tokens = e
+            .scored
+            .clone()
+            .enumerate()
+            .map(|(i, pos)| {
+                let row = &self.logits[(first_row + i) * vocab..(first_row + i + 1) * vocab];
+                let next = seq.tokens[pos + 1];
+                PromptLogprob { logprob: row[next as usize] - log_sum_exp(row), top: top_log_probs(row, top) }
+            })
+            .collect();
+        let sent = a.events.send(Event::PromptLogprobs { first: e.scored.start + 1, tokens });
+        let request = a.request;
+        if let Some(seq) = self.scheduler.get_mut(e.id) {
+            seq.score_from = Some(e.scored.end);
+        }
+        if sent.is_err() {
+            self.cancel_request(request);
         }
     }
 

@@ -42,6 +42,10 @@ pub struct GenerationRequest {
     pub constraint: Option<Arc<crate::constraint::Constraint>>,
     /// Images of the prompt, in order: each fills one run of the model's image token.
     pub images: Vec<Arc<crate::vision::PreparedImage>>,
+    /// Report the log-probability of each prompt token after the first (given those before
+    /// it) with this many most likely alternatives (at most 20); see `Event::PromptLogprobs`.
+    /// The prompt is then computed in full, never taken from the prefix cache.
+    pub prompt_logprobs: Option<usize>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq)]

@@ -37,6 +37,11 @@ impl Default for EngineConfig {
     }
 }
 
+/// About how much memory the logits of rows scoring a prompt may take in one step (at least
+/// 16 rows are scored at a time): 64 MiB is 341 rows of SmolLM2's 49,152-token vocabulary,
+/// 64 of Gemma 3's 262,144.
+const SCORED_LOGITS_BYTES: usize = 64 << 20;
+
 /// A request accepted by `EngineHandle::submit`, on its way to the engine thread.
 pub(super) struct Admission {
     id: SeqId,
@@ -166,7 +171,12 @@ impl Engine {
         let kv = model.model.kv_cache(cfg.block_size, &blocks)?;
         let kv_block_bytes = KvCache::block_bytes(mcfg, cfg.block_size);
         let scheduler = Scheduler::new(
-            SchedulerConfig { max_batch_tokens: cfg.max_batch_tokens, max_seqs: cfg.max_seqs, block_size: cfg.block_size },
+            SchedulerConfig {
+                max_batch_tokens: cfg.max_batch_tokens,
+                max_seqs: cfg.max_seqs,
+                block_size: cfg.block_size,
+                max_scored_rows: (SCORED_LOGITS_BYTES / (mcfg.vocab_size.max(1) * 4)).clamp(16, cfg.max_batch_tokens),
+            },
             &groups,
         );
         let shared = Arc::new(Shared {
@@ -248,6 +258,10 @@ impl Engine {
                     r.index
                 });
                 let mut seq = SeqState::new(a.id, tokens, self.kv.groups.len());
+                seq.prompt_len = a.req.prompt.len();
+                if a.req.prompt_logprobs.is_some() {
+                    seq.score_from = Some(0);
+                }
                 let has_images = !a.req.images.is_empty();
                 let req = Arc::new(a.req);
                 let resumed = a.resumed.is_some();
@@ -387,8 +401,8 @@ impl Engine {
     }
 }
 
-/// Runs the model over a step's plan, leaving the logits of the sequences that sample in
-/// `logits` (one row each, in plan order).
+/// Runs the model over a step's plan, leaving in `logits` each entry's `logit_rows`, in plan
+/// order.
 fn forward(model: &LoadedModel, compute: &Compute, scheduler: &Scheduler, kv: &mut KvCache, scratch: &mut Scratch, logits: &mut Vec<f32>, plan: &Plan) -> Result<()> {
     let bs = kv.block_size;
     let mut batch = Batch::new(bs);
@@ -396,7 +410,11 @@ fn forward(model: &LoadedModel, compute: &Compute, scheduler: &Scheduler, kv: &m
         let seq = scheduler.get(e.id).expect("planned sequences are known to the scheduler");
         let blocks = (e.start + e.len).div_ceil(bs);
         let tables = seq.block_tables.iter().map(|t| t[..blocks].to_vec()).collect();
-        let wanted = if e.wants_logits { Logits::Last } else { Logits::None };
+        let wanted = match (e.scored.is_empty(), e.wants_logits) {
+            (false, _) => Logits::From(e.scored.start - e.start),
+            (true, true) => Logits::Last,
+            (true, false) => Logits::None,
+        };
         batch.push_seq(&seq.tokens[e.start..e.start + e.len], e.start, tables, wanted);
         batch.place_images(&seq.images);
     }

@@ -103,6 +103,7 @@ impl Batch {
         match logits {
             Logits::All => self.logit_rows.extend(start..end),
             Logits::Last if end > start => self.logit_rows.push(end - 1),
+            Logits::From(first) => self.logit_rows.extend((start + first).min(end)..end),
             _ => {}
         }
         self.seqs.push(SeqBatch { rows: start..end, first_pos, block_tables, bidirectional: Vec::new() });
@@ -195,4 +196,6 @@ pub enum Logits {
     None,
     Last,
     All,
+    /// The rows from this one (counted from the sequence's first new row) to the last.
+    From(usize),
 }

@@ -40,7 +40,8 @@ impl Scheduler {
     /// groups. At least one token is always left to compute.
     pub(super) fn reuse_prefix(&mut self, seq: &mut SeqState) {
         let bs = self.cfg.block_size;
-        let max_blocks = (seq.tokens.len() - 1) / bs;
+        // Positions whose logits score the prompt must be computed.
+        let max_blocks = ((seq.tokens.len() - 1) / bs).min(seq.score_from.map_or(usize::MAX, |from| from / bs));
         let keys = seq.cache_keys(0..max_blocks * bs).into_owned();
         let hashes = chain(&keys, bs);
         self.stats.prefix_query_tokens += seq.tokens.len() as u64;

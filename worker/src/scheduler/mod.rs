@@ -22,6 +22,9 @@ pub struct SchedulerConfig {
     /// Most sequences running at once.
     pub max_seqs: usize,
     pub block_size: usize,
+    /// Most rows of one sequence whose logits score its prompt in a step (each row's logits
+    /// are a vocabulary of floats, kept until the step ends).
+    pub max_scored_rows: usize,
 }
 
 /// Scheduling state of one sequence.
@@ -45,6 +48,11 @@ pub struct SeqState {
     /// Images placed in the prompt: a step never ends inside one (its tokens attend to each
     /// other), and the prefix cache tells them apart by content, not by their tokens.
     pub images: Vec<crate::models::batch::ImageSpan>,
+    /// For a request reporting its prompt's log-probabilities: positions before this have
+    /// had theirs reported. The logits at each position from here to the one before the
+    /// prompt's last score the next prompt token, so those positions are computed, never
+    /// taken from the prefix cache.
+    pub score_from: Option<usize>,
 }
 
 impl SeqState {
@@ -61,7 +69,35 @@ impl SeqState {
             admitted: 0,
             preemptions: 0,
             images: Vec::new(),
+            score_from: None,
         }
+    }
+
+    /// The positions in `start..end` whose logits score prompt tokens not yet reported.
+    pub fn scored_rows(&self, start: usize, end: usize) -> std::ops::Range<usize> {
+        let Some(from) = self.score_from else { return 0..0 };
+        let lo = start.max(from);
+        let hi = end.min(self.prompt_len.saturating_sub(1));
+        if lo < hi {
+            lo..hi
+        } else {
+            0..0
+        }
+    }
+
+    /// Tokens to compute in a step with `budget` tokens left: a chunk scoring prompt tokens
+    /// takes at most `max_scored` rows, and no image is cut.
+    fn chunk_len(&self, budget: usize, max_scored: usize) -> usize {
+        let mut n = self.pending().min(budget);
+        if !self.scored_rows(self.num_computed, self.num_computed + n).is_empty() {
+            n = n.min(max_scored.max(1));
+        }
+        self.image_safe_len(self.num_computed, n)
+    }
+
+    fn plan_entry(&self, len: usize) -> PlanEntry {
+        let (start, end) = (self.num_computed, self.num_computed + len);
+        PlanEntry { id: self.id, start, len, wants_logits: end == self.tokens.len(), scored: self.scored_rows(start, end) }
     }
 
     /// How many of `n` tokens from position `start` to compute in one step so that no image
@@ -113,6 +149,21 @@ pub struct PlanEntry {
     pub len: usize,
     /// True when the chunk ends at the sequence's last token, so its logits pick the next one.
     pub wants_logits: bool,
+    /// Positions whose logits score the next prompt token (see `SeqState::score_from`);
+    /// when not empty, every row from its start to the chunk's end gets logits.
+    pub scored: std::ops::Range<usize>,
+}
+
+impl PlanEntry {
+    /// Rows of logits the step returns for this entry: the scored rows first, and, when the
+    /// entry samples, the last row last.
+    pub fn logit_rows(&self) -> usize {
+        if !self.scored.is_empty() {
+            self.start + self.len - self.scored.start
+        } else {
+            usize::from(self.wants_logits)
+        }
+    }
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -277,14 +328,13 @@ impl Scheduler {
         self.running.sort_by_key(|s| s.admitted);
         let mut i = 0;
         while i < self.running.len() && budget > 0 {
-            let n = self.running[i].image_safe_len(self.running[i].num_computed, self.running[i].pending().min(budget));
+            let n = self.running[i].chunk_len(budget, self.cfg.max_scored_rows);
             let target = self.running[i].num_computed + n;
             if !self.grow_with_preemption(i, target, &mut plan) {
                 // The sequence preempted itself; nothing after it remains either.
                 break;
             }
-            let s = &self.running[i];
-            plan.entries.push(PlanEntry { id: s.id, start: s.num_computed, len: n, wants_logits: target == s.tokens.len() });
+            plan.entries.push(self.running[i].plan_entry(n));
             budget = budget.saturating_sub(n);
             i += 1;
         }
@@ -293,7 +343,7 @@ impl Scheduler {
             if seq.num_computed == 0 {
                 self.reuse_prefix(&mut seq);
             }
-            let n = seq.image_safe_len(seq.num_computed, seq.pending().min(budget));
+            let n = seq.chunk_len(budget, self.cfg.max_scored_rows);
             let target = seq.num_computed + n;
             if !self.grow(&mut seq, target) {
                 self.release_blocks(&mut seq);
@@ -303,7 +353,7 @@ impl Scheduler {
             }
             self.clock += 1;
             seq.admitted = self.clock;
-            plan.entries.push(PlanEntry { id: seq.id, start: seq.num_computed, len: n, wants_logits: seq.num_computed + n == seq.tokens.len() });
+            plan.entries.push(seq.plan_entry(n));
             budget = budget.saturating_sub(n);
             self.running.push(seq);
         }

@@ -6,7 +6,7 @@ fn below(rng: &mut Rng, n: u64) -> u64 {
 }
 
 fn cfg(max_batch_tokens: usize, max_seqs: usize) -> SchedulerConfig {
-    SchedulerConfig { max_batch_tokens, max_seqs, block_size: 4 }
+    SchedulerConfig { max_batch_tokens, max_seqs, block_size: 4, max_scored_rows: max_batch_tokens }
 }
 
 /// Runs a plan as the engine would: advance, then give each finished chunk a next token.
@@ -38,19 +38,19 @@ fn decodes_run_every_step_and_prefill_is_chunked() {
     let mut s = Scheduler::new(cfg(8, 4), &[(64, None)]);
     s.add(SeqState::new(1, (0..5).collect(), 1));
     let p = s.schedule();
-    assert_eq!(p.entries, [PlanEntry { id: 1, start: 0, len: 5, wants_logits: true }]);
+    assert_eq!(p.entries, [PlanEntry { id: 1, start: 0, len: 5, wants_logits: true, scored: 0..0 }]);
     step(&mut s, &p, 9);
     s.add(SeqState::new(2, (100..120).collect(), 1));
     let p = s.schedule();
     // The decode of 1 goes first, then 7 tokens of 2's prompt fill the budget of 8.
-    assert_eq!(p.entries[0], PlanEntry { id: 1, start: 5, len: 1, wants_logits: true });
-    assert_eq!(p.entries[1], PlanEntry { id: 2, start: 0, len: 7, wants_logits: false });
+    assert_eq!(p.entries[0], PlanEntry { id: 1, start: 5, len: 1, wants_logits: true, scored: 0..0 });
+    assert_eq!(p.entries[1], PlanEntry { id: 2, start: 0, len: 7, wants_logits: false, scored: 0..0 });
     step(&mut s, &p, 9);
     let p = s.schedule();
-    assert_eq!(p.entries[1], PlanEntry { id: 2, start: 7, len: 7, wants_logits: false });
+    assert_eq!(p.entries[1], PlanEntry { id: 2, start: 7, len: 7, wants_logits: false, scored: 0..0 });
     step(&mut s, &p, 9);
     let p = s.schedule();
-    assert_eq!(p.entries[1], PlanEntry { id: 2, start: 14, len: 6, wants_logits: true });
+    assert_eq!(p.entries[1], PlanEntry { id: 2, start: 14, len: 6, wants_logits: true, scored: 0..0 });
     check_refs(&s);
 }
 

@@ -38,6 +38,7 @@ pub fn generation_request(r: pb::GenerateRequest) -> Result<GenerationRequest, S
         constraint: None,
         // Decoded and prepared by the caller (CPU work, off the async runtime).
         images: Vec::new(),
+        prompt_logprobs: r.prompt_logprobs.map(|k| k as usize),
     })
 }
 
@@ -70,20 +71,25 @@ fn usage(u: &Usage) -> pb::Usage {
     }
 }
 
+/// Alternatives with the text of each token.
+fn top(alternatives: Vec<(u32, f32)>, tokenizer: &Tokenizer) -> Vec<pb::TopLogprob> {
+    alternatives
+        .into_iter()
+        .map(|(t, lp)| pb::TopLogprob { token: t, text: String::from_utf8_lossy(&tokenizer.token_bytes(t, false)).into_owned(), logprob: lp })
+        .collect()
+}
+
 /// One engine event as a gRPC event; a failure becomes the stream's error status.
 pub fn event(e: Event, tokenizer: &Tokenizer) -> Result<pb::GenerateEvent, Status> {
     use pb::generate_event::Event as E;
     Ok(pb::GenerateEvent {
         event: Some(match e {
-            Event::Token { index, id, text, logprob, top_logprobs } => E::Token(pb::TokenEvent {
-                index: index as u32,
-                token: id,
-                text,
-                logprob,
-                top_logprobs: top_logprobs
-                    .into_iter()
-                    .map(|(t, lp)| pb::TopLogprob { token: t, text: String::from_utf8_lossy(&tokenizer.token_bytes(t, false)).into_owned(), logprob: lp })
-                    .collect(),
+            Event::Token { index, id, text, logprob, top_logprobs } => {
+                E::Token(pb::TokenEvent { index: index as u32, token: id, text, logprob, top_logprobs: top(top_logprobs, tokenizer) })
+            }
+            Event::PromptLogprobs { first, tokens } => E::PromptLogprobs(pb::PromptLogprobsEvent {
+                first: first as u32,
+                tokens: tokens.into_iter().map(|p| pb::PromptLogprob { logprob: p.logprob, top_logprobs: top(p.top, tokenizer) }).collect(),
             }),
             Event::Done { index, finish, usage: u, tail, stop } => E::Done(pb::DoneEvent {
                 index: index as u32,

@@ -216,7 +216,7 @@ fn pump(mut events: RequestStream, tx: mpsc::Sender<Result<pb::GenerateEvent, St
                 span.record("kiln.outcome", "failed");
                 span.in_scope(|| tracing::warn!("generation failed: {msg}"));
             }
-            Event::Token { .. } => {}
+            Event::Token { .. } | Event::PromptLogprobs { .. } => {}
         }
         if tx.blocking_send(convert::event(e, &model.tokenizer)).is_err() {
             return;
