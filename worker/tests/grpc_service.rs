@@ -62,6 +62,7 @@ async fn drain(mut stream: tonic::Streaming<pb::GenerateEvent>) -> (Vec<u32>, St
                 assert!(stream.message().await.unwrap().is_none(), "events after the last Done");
                 return (tokens, text, d);
             }
+            pb::generate_event::Event::PromptLogprobs(_) => panic!("prompt log-probabilities were not asked for"),
         }
     }
     panic!("stream ended without Done");
@@ -134,6 +135,38 @@ async fn closing_the_stream_cancels_and_frees_blocks() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prompt_logprobs_come_before_the_first_token_with_their_texts() {
+    let mut s = serve().await;
+    let model = common::model("smollm2");
+    let prompt = model.tokenizer.encode("The capital of France is Paris. The capital of Spain is", false, true);
+    let req = pb::GenerateRequest { prompt_logprobs: Some(3), ..request(prompt.clone(), 2) };
+    let mut stream = s.client.generate(req).await.unwrap().into_inner();
+    let (mut scored, mut tokens) = (Vec::new(), 0);
+    while let Some(e) = stream.message().await.unwrap() {
+        match e.event.unwrap() {
+            pb::generate_event::Event::PromptLogprobs(p) => {
+                assert_eq!(tokens, 0, "all before the first token");
+                assert_eq!(p.first as usize, scored.len() + 1);
+                scored.extend(p.tokens);
+            }
+            pb::generate_event::Event::Token(_) => tokens += 1,
+            pb::generate_event::Event::Done(_) => break,
+        }
+    }
+    assert_eq!((scored.len(), tokens), (prompt.len() - 1, 2));
+    for (i, p) in scored.iter().enumerate() {
+        assert_eq!(p.top_logprobs.len(), 3);
+        assert!(p.logprob <= p.top_logprobs[0].logprob && p.top_logprobs.windows(2).all(|w| w[0].logprob >= w[1].logprob));
+        for t in &p.top_logprobs {
+            assert_eq!(t.text.as_bytes(), model.tokenizer.token_bytes(t.token, false), "position {}", i + 1);
+        }
+    }
+    // After "The capital of Spain", " is" is the model's most likely next token.
+    let last = scored.last().unwrap();
+    assert_eq!((last.top_logprobs[0].token, last.top_logprobs[0].logprob), (prompt[prompt.len() - 1], last.logprob));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_requests_are_invalid_argument_with_specific_messages() {
     let mut s = serve().await;
     let cases: Vec<(pb::GenerateRequest, &str)> = vec![
@@ -142,6 +175,7 @@ async fn bad_requests_are_invalid_argument_with_specific_messages() {
         (request(vec![1; 600], 4), "600"),
         (request(vec![1, 2], 0), "max_tokens"),
         (pb::GenerateRequest { top_logprobs: 50, logprobs: true, ..request(vec![1, 2], 4) }, "top_logprobs"),
+        (pb::GenerateRequest { prompt_logprobs: Some(21), ..request(vec![1, 2], 4) }, "prompt_logprobs = 21"),
         (
             pb::GenerateRequest { sampling: Some(pb::SamplingParams { temperature: -1.0, top_p: 1.0, ..Default::default() }), ..request(vec![1, 2], 4) },
             "temperature",

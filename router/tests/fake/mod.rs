@@ -101,7 +101,7 @@ pub fn prompt_logprob(pos: usize) -> f32 {
 /// Prompt log-probabilities for positions 1.. of a prompt of `len` tokens, in two events
 /// (as a worker sends a long prompt's, chunk by chunk); each names its token as the top one.
 fn prompt_logprobs(prompt: &[u32]) -> Vec<pb::GenerateEvent> {
-    let mid = (1 + prompt.len()) / 2;
+    let mid = prompt.len().div_ceil(2);
     [1..mid, mid..prompt.len()]
         .into_iter()
         .filter(|r| !r.is_empty())
