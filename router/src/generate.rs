@@ -244,6 +244,17 @@ impl Generation {
         Ok(&self.prompt_logprobs)
     }
 
+    /// How many prompt tokens the worker found in its prefix cache, as its first event says
+    /// (a first token says so, as does a completion that ended at once); None when the
+    /// worker does not tell, or once that event was taken by `next`.
+    pub fn cached_prompt_tokens(&self) -> Option<u32> {
+        self.attempts.iter().find_map(|a| match a.first.as_ref()?.event.as_ref()? {
+            Event::Token(t) => t.cached_tokens,
+            Event::Done(d) => d.usage.as_ref().map(|u| u.cached_tokens),
+            Event::PromptLogprobs(_) => None,
+        })
+    }
+
     fn has_prompt_logprobs(&self) -> bool {
         self.prompt_logprobs.iter().skip(1).all(Option::is_some)
     }

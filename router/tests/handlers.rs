@@ -119,6 +119,15 @@ async fn anthropic_message_and_stream_events() {
     assert_eq!(&names[names.len() - 3..], ["content_block_stop", "message_delta", "message_stop"]);
     let delta: Value = serde_json::from_str(&data[data.len() - 2]).unwrap();
     assert_eq!(delta["delta"]["stop_reason"], "end_turn");
+    // The cache hit is known from the first token, so message_start splits the prompt as the
+    // final usage does.
+    let start: Value = serde_json::from_str(&data[0]).unwrap();
+    let prompt = reply["usage"]["input_tokens"].as_u64().unwrap() + fake::CACHED as u64;
+    assert_eq!(reply["usage"]["cache_read_input_tokens"], fake::CACHED);
+    for usage in [&start["message"]["usage"], &delta["usage"]] {
+        assert_eq!(usage["input_tokens"].as_u64(), Some(prompt - fake::CACHED as u64), "{usage}");
+        assert_eq!(usage["cache_read_input_tokens"], fake::CACHED, "{usage}");
+    }
     let (_, count) = post(&app, "/v1/messages/count_tokens", json!({ "model": "fake", "messages": [{ "role": "user", "content": "hi" }] })).await;
     assert!(count["input_tokens"].as_u64().unwrap() > 2);
 }
@@ -419,13 +428,16 @@ async fn a_scored_prompt_is_not_scored_again_when_its_generation_resumes() {
     let (app, _, records) = router_over(&[Mode::DiesMidStream, Mode::Reply], RouterConfig::default()).await;
     let mut body = scoring_body(false);
     body["seed"] = json!(3);
-    let (status, v) = post(&app, "/v1/completions", body).await;
-    assert_eq!(status, StatusCode::OK, "{v}");
-    assert_eq!(v["choices"][0]["text"], format!("abc{}", fake::REPLY));
-    check_echoed_logprobs(&v["choices"][0]["logprobs"]);
-    let resumed = records[1].requests.lock().unwrap().clone();
+    // Round robin sends one of the two requests to the dying worker first.
+    for _ in 0..2 {
+        let (status, v) = post(&app, "/v1/completions", body.clone()).await;
+        assert_eq!(status, StatusCode::OK, "{v}");
+        assert_eq!(v["choices"][0]["text"], format!("abc{}", fake::REPLY));
+        check_echoed_logprobs(&v["choices"][0]["logprobs"]);
+    }
+    assert_eq!(records[0].requests.lock().unwrap().len(), 1);
+    let resumed: Vec<_> = records[1].requests.lock().unwrap().iter().filter(|r| r.resume.is_some()).cloned().collect();
     assert_eq!(resumed.len(), 1);
-    assert!(resumed[0].resume.is_some());
     assert_eq!(resumed[0].prompt_logprobs, None, "the first worker had already sent the prompt's");
 }
 

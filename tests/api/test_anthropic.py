@@ -28,6 +28,23 @@ def test_stream_event_sequence(router, model):
     assert names[-3:] == ["content_block_stop", "message_delta", "message_stop"]
 
 
+def test_message_start_reports_the_cache_hit_as_the_final_usage_does(claude, model):
+    # A long system prompt sent twice: the second time most of it comes from the prefix cache,
+    # and the stream's first event already says so.
+    system = "You answer questions about the rainbow. " * 20
+    claude.messages.create(model=model, max_tokens=2, system=system, messages=HELLO)
+    with claude.messages.stream(model=model, max_tokens=4, system=system, messages=HELLO) as stream:
+        events = list(stream)
+        final = stream.get_final_message()
+    start = events[0]
+    assert start.type == "message_start"
+    assert start.message.usage.cache_read_input_tokens >= 64, start.message.usage
+    assert start.message.usage.cache_read_input_tokens == final.usage.cache_read_input_tokens
+    assert start.message.usage.input_tokens == final.usage.input_tokens
+    counted = claude.messages.count_tokens(model=model, system=system, messages=HELLO).input_tokens
+    assert start.message.usage.input_tokens + start.message.usage.cache_read_input_tokens == counted
+
+
 def test_count_tokens_matches_usage(claude, model):
     system = "You are terse."
     counted = claude.messages.count_tokens(model=model, system=system, messages=HELLO).input_tokens

@@ -16,6 +16,9 @@ use tonic::{Request, Response, Status};
 
 pub const REPLY: &str = "Hello world";
 pub const CONTEXT: u32 = 64;
+/// Prompt tokens every generation reports as found in the prefix cache (fewer for a
+/// shorter prompt).
+pub const CACHED: usize = 3;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Mode {
@@ -89,8 +92,18 @@ fn token(index: u32, b: u8) -> pb::GenerateEvent {
             text: (b as char).to_string(),
             logprob: Some(-0.5),
             top_logprobs: vec![pb::TopLogprob { token: u32::from(b), text: (b as char).to_string(), logprob: -0.5 }],
+            cached_tokens: None,
         })),
     }
+}
+
+/// A completion's first token, which says how much of the prompt was cached.
+fn first_token(index: u32, b: u8, prompt: usize) -> pb::GenerateEvent {
+    let mut e = token(index, b);
+    if let Some(pb::generate_event::Event::Token(t)) = &mut e.event {
+        t.cached_tokens = Some(CACHED.min(prompt) as u32);
+    }
+    e
 }
 
 /// Log-probability the fake reports for prompt position `pos`.
@@ -124,7 +137,7 @@ fn done(index: u32, prompt: usize, generated: usize) -> pb::GenerateEvent {
         event: Some(pb::generate_event::Event::Done(pb::DoneEvent {
             index,
             finish: pb::FinishReason::Stop as i32,
-            usage: Some(pb::Usage { prompt_tokens: prompt as u32, cached_tokens: 0, completion_tokens: generated as u32, ..Default::default() }),
+            usage: Some(pb::Usage { prompt_tokens: prompt as u32, cached_tokens: CACHED.min(prompt) as u32, completion_tokens: generated as u32, ..Default::default() }),
             tail: String::new(),
             stop_sequence: None,
         })),
@@ -181,8 +194,9 @@ impl Worker for FakeWorker {
                         None => ((0..n).collect(), 0),
                     };
                     for index in indices {
-                        for &b in &REPLY.as_bytes()[skip.min(REPLY.len())..] {
-                            ok &= tx.send(Ok(token(index, b))).await.is_ok();
+                        for (i, &b) in REPLY.as_bytes()[skip.min(REPLY.len())..].iter().enumerate() {
+                            let event = if i == 0 { first_token(index, b, prompt) } else { token(index, b) };
+                            ok &= tx.send(Ok(event)).await.is_ok();
                         }
                         ok &= tx.send(Ok(done(index, prompt, REPLY.len()))).await.is_ok();
                     }

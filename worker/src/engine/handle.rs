@@ -14,8 +14,9 @@ use std::time::Duration;
 pub enum Event {
     /// A generated token and the text it completes; text may be empty while bytes of a
     /// character or a possible stop string are held back. `logprob` (and `top_logprobs`)
-    /// are set when the request asked for log-probabilities.
-    Token { index: usize, id: u32, text: String, logprob: Option<f32>, top_logprobs: Vec<(u32, f32)> },
+    /// are set when the request asked for log-probabilities. `cached` is set on a
+    /// completion's first token: how many prompt tokens the prefix cache held.
+    Token { index: usize, id: u32, text: String, logprob: Option<f32>, top_logprobs: Vec<(u32, f32)>, cached: Option<usize> },
     /// Completion `index` ended. `tail` is text held back until the end (part of a
     /// character, or text that might have begun a stop string); `stop` is the stop string
     /// that ended it, if one did.

@@ -136,12 +136,13 @@ impl Engine {
                 return;
             }
         };
+        let cached = a.first_token.is_none().then(|| seq.num_cached_prompt.min(a.req.prompt.len()));
         a.first_token.get_or_insert_with(Instant::now);
         if accepted.is_end_token {
             self.finish_with(id, FinishReason::Stop, accepted.text);
             return;
         }
-        let event = Event::Token { index: a.index, id: sampled.token, text: accepted.text, logprob: sampled.logprob, top_logprobs: sampled.top };
+        let event = Event::Token { index: a.index, id: sampled.token, text: accepted.text, logprob: sampled.logprob, top_logprobs: sampled.top, cached };
         if a.events.send(event).is_err() {
             let request = a.request;
             self.cancel_request(request);

@@ -84,9 +84,14 @@ pub fn event(e: Event, tokenizer: &Tokenizer) -> Result<pb::GenerateEvent, Statu
     use pb::generate_event::Event as E;
     Ok(pb::GenerateEvent {
         event: Some(match e {
-            Event::Token { index, id, text, logprob, top_logprobs } => {
-                E::Token(pb::TokenEvent { index: index as u32, token: id, text, logprob, top_logprobs: top(top_logprobs, tokenizer) })
-            }
+            Event::Token { index, id, text, logprob, top_logprobs, cached } => E::Token(pb::TokenEvent {
+                index: index as u32,
+                token: id,
+                text,
+                logprob,
+                top_logprobs: top(top_logprobs, tokenizer),
+                cached_tokens: cached.map(|c| c as u32),
+            }),
             Event::PromptLogprobs { first, tokens } => E::PromptLogprobs(pb::PromptLogprobsEvent {
                 first: first as u32,
                 tokens: tokens.into_iter().map(|p| pb::PromptLogprob { logprob: p.logprob, top_logprobs: top(p.top, tokenizer) }).collect(),
