@@ -20,6 +20,55 @@ pub enum Update {
     Done(pb::DoneEvent),
 }
 
+/// Where a response's updates come from: one generation, or several at once (`Batch`).
+pub trait Updates: Send + 'static {
+    /// The next update; `None` once everything has finished.
+    fn next_update(&mut self) -> impl std::future::Future<Output = Option<Result<Update, ApiError>>> + Send;
+}
+
+impl Updates for Generation {
+    fn next_update(&mut self) -> impl std::future::Future<Output = Option<Result<Update, ApiError>>> + Send {
+        self.next()
+    }
+}
+
+/// The generations of a completions request with several prompts, as one: prompt `p`'s
+/// completion `i` is choice `p * n + i`. The first failure ends it (dropping it cancels the
+/// rest).
+pub struct Batch {
+    merged: futures_util::stream::SelectAll<futures_util::stream::BoxStream<'static, Result<Update, ApiError>>>,
+}
+
+impl Batch {
+    pub fn new(generations: Vec<Generation>, n: u32) -> Batch {
+        use futures_util::StreamExt;
+        let streams = generations.into_iter().enumerate().map(|(p, g)| {
+            let offset = p as u32 * n;
+            futures_util::stream::unfold(g, |mut g| async move { g.next().await.map(|step| (step, g)) })
+                .map(move |step| {
+                    step.map(|update| match update {
+                        Update::Token(mut t) => {
+                            t.index += offset;
+                            Update::Token(t)
+                        }
+                        Update::Done(mut d) => {
+                            d.index += offset;
+                            Update::Done(d)
+                        }
+                    })
+                })
+                .boxed()
+        });
+        Batch { merged: futures_util::stream::select_all(streams) }
+    }
+}
+
+impl Updates for Batch {
+    fn next_update(&mut self) -> impl std::future::Future<Output = Option<Result<Update, ApiError>>> + Send {
+        futures_util::StreamExt::next(&mut self.merged)
+    }
+}
+
 /// One gRPC stream carrying some of the request's completions.
 struct Attempt {
     in_flight: InFlight,

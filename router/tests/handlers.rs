@@ -454,3 +454,70 @@ async fn tokenizer_info_names_the_special_tokens_and_template() {
     let (status, text) = call(&app, "GET", "/tokenizer_info?model=nope", Value::Null, &[]).await;
     assert_eq!(status, StatusCode::NOT_FOUND, "{text}");
 }
+
+#[tokio::test]
+async fn several_prompts_in_one_completions_request() {
+    let (app, _, records) = router_over(&[Mode::Reply], RouterConfig::default()).await;
+    let prompts = json!(["abc", [104, 105], "hello there"]);
+    let lens = [3u64, 2, 11];
+    let body = json!({ "model": "fake", "prompt": prompts, "n": 2, "max_tokens": 20, "echo": true });
+    let (status, v) = post(&app, "/v1/completions", body.clone()).await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    let choices = v["choices"].as_array().unwrap();
+    let echoed = ["abc", "hi", "hello there"];
+    assert_eq!(choices.len(), 6);
+    for (i, ch) in choices.iter().enumerate() {
+        assert_eq!(ch["index"], i);
+        assert_eq!(ch["text"], format!("{}{}", echoed[i / 2], fake::REPLY), "choice {i}: prompt {}'s", i / 2);
+    }
+    assert_eq!(v["usage"]["prompt_tokens"], lens.iter().sum::<u64>(), "each prompt counted once");
+    assert_eq!(v["usage"]["completion_tokens"], 6 * fake::REPLY.len());
+    let sent: Vec<Vec<u32>> = records[0].requests.lock().unwrap().iter().map(|r| r.prompt.clone()).collect();
+    assert_eq!(sent.len(), 3);
+    for p in [b"abc".to_vec(), b"hi".to_vec(), b"hello there".to_vec()] {
+        assert!(sent.contains(&p.iter().map(|&b| u32::from(b)).collect()), "{sent:?}");
+    }
+
+    // Streamed: the same choices, interleaved, then the usage of all of them.
+    let mut streamed = body;
+    streamed["stream"] = json!(true);
+    streamed["stream_options"] = json!({ "include_usage": true });
+    let (status, text) = call(&app, "POST", "/v1/completions", streamed, &[]).await;
+    assert_eq!(status, StatusCode::OK, "{text}");
+    let (data, _) = sse(&text);
+    let mut texts = vec![String::new(); 6];
+    let mut usage = Value::Null;
+    for chunk in data.iter().filter_map(|d| serde_json::from_str::<Value>(d).ok()) {
+        for ch in chunk["choices"].as_array().unwrap() {
+            texts[ch["index"].as_u64().unwrap() as usize].push_str(ch["text"].as_str().unwrap());
+        }
+        if !chunk["usage"].is_null() {
+            usage = chunk["usage"].clone();
+        }
+    }
+    for (i, t) in texts.iter().enumerate() {
+        assert_eq!(t, &format!("{}{}", echoed[i / 2], fake::REPLY), "streamed choice {i}");
+    }
+    assert_eq!(usage["prompt_tokens"], lens.iter().sum::<u64>());
+    assert_eq!(usage["completion_tokens"], 6 * fake::REPLY.len());
+}
+
+#[tokio::test]
+async fn malformed_prompt_lists_are_400_naming_the_prompt() {
+    let (app, _, records) = router_over(&[Mode::Reply], RouterConfig::default()).await;
+    let long = "x".repeat(fake::CONTEXT as usize + 5);
+    let cases = [
+        (json!([]), "prompt"),
+        (json!([1, "a"]), "prompt[0]"),
+        (json!(["ok", {"text": "no"}]), "prompt[1]"),
+        (json!(["ok", [1, 999]]), "prompt[1][1]"),
+        (json!(["ok", long]), "prompt[1]"),
+        (json!(vec!["a"; 257]), "prompt"),
+    ];
+    for (prompt, field) in cases {
+        let (status, v) = post(&app, "/v1/completions", json!({ "model": "fake", "prompt": prompt })).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{v}");
+        assert_eq!(v["error"]["param"], field, "{v}");
+    }
+    assert!(records[0].requests.lock().unwrap().is_empty(), "nothing reached the worker");
+}

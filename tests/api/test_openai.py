@@ -52,6 +52,21 @@ def test_completions_plain_prompt(oai, model):
     assert streamed == r.choices[0].text
 
 
+def test_several_prompts_in_one_request_equal_each_alone(oai, model):
+    prompts = ["The capital of France is", "Once upon a time", "1, 2, 3, 4,"]
+    alone = [oai.completions.create(model=model, prompt=p, max_tokens=8, temperature=0).choices[0].text for p in prompts]
+    r = oai.completions.create(model=model, prompt=prompts, max_tokens=8, temperature=0, n=2)
+    assert [c.index for c in r.choices] == list(range(6))
+    assert [c.text for c in r.choices] == [t for t in alone for _ in range(2)]
+    counted = sum(len(oai.completions.create(model=model, prompt=p, max_tokens=1, temperature=0, echo=True, logprobs=0).choices[0].logprobs.tokens) - 1 for p in prompts)
+    assert r.usage.prompt_tokens == counted
+    streamed = [""] * 6
+    for chunk in oai.completions.create(model=model, prompt=prompts, max_tokens=8, temperature=0, n=2, stream=True):
+        for c in chunk.choices:
+            streamed[c.index] += c.text
+    assert streamed == [c.text for c in r.choices]
+
+
 def test_completions_without_max_tokens_stop_at_openais_default(oai, model):
     # OpenAI's legacy completions generate 16 tokens when the request names no budget; a
     # rambling base-model continuation must not run on to the end of the context.

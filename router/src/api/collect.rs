@@ -1,7 +1,7 @@
 //! Gathering a whole generation for a non-streamed response.
 
 use crate::error::ApiError;
-use crate::generate::{Generation, Update};
+use crate::generate::{Update, Updates};
 use kiln_proto::v1 as pb;
 
 #[derive(Default)]
@@ -28,6 +28,17 @@ impl Totals {
         self.completion_tokens += other.completion_tokens;
     }
 
+    /// The counts of a request with several prompts, each with `n` of `choices`.
+    pub fn of_prompts(choices: &[Choice], n: usize) -> Totals {
+        let mut all = Totals::default();
+        for prompt in choices.chunks(n.max(1)) {
+            let mut t = Totals::default();
+            prompt.iter().filter_map(|c| c.done.as_ref()).for_each(|d| t.add(d));
+            all.plus(&t);
+        }
+        all
+    }
+
     pub fn add(&mut self, done: &pb::DoneEvent) {
         if let Some(u) = &done.usage {
             self.prompt_tokens = u.prompt_tokens;
@@ -39,10 +50,10 @@ impl Totals {
 
 /// Runs a generation to its end. A completion the worker had to cancel is an error: its
 /// text would be silently cut short.
-pub async fn collect(generation: &mut Generation, n: usize, keep_tokens: bool) -> Result<(Vec<Choice>, Totals), ApiError> {
+pub async fn collect(generation: &mut impl Updates, n: usize, keep_tokens: bool) -> Result<(Vec<Choice>, Totals), ApiError> {
     let mut choices: Vec<Choice> = (0..n).map(|_| Choice::default()).collect();
     let mut totals = Totals::default();
-    while let Some(update) = generation.next().await {
+    while let Some(update) = generation.next_update().await {
         match update? {
             Update::Token(t) => {
                 let Some(c) = choices.get_mut(t.index as usize) else { continue };

@@ -4,7 +4,7 @@ use super::openai_format::{self as fmt, Common, COMMON_FIELDS};
 use super::sse::{self, json_event, Step};
 use super::{admit, answer, check_context, collect, labelled, random_id, resolve_model, route_key, unix_now, Totals};
 use crate::error::{ApiError, Flavor};
-use crate::generate::{Generation, Update};
+use crate::generate::{Batch, Generation, Update, Updates};
 use crate::params::{parse_object, Fields};
 use crate::tools::{self, CallReader, Delta, Format, Part, Tool, ToolCall, ToolChoice, Turn};
 use crate::upstream::ModelState;
@@ -431,9 +431,13 @@ fn stream_chat(generation: Generation, model: Arc<ModelState>, c: Common, id: St
     })
 }
 
-/// A completions prompt: a string, or token ids; arrays of one prompt are accepted.
-fn completion_prompt(f: &Fields, model: &ModelState) -> Result<(Vec<u32>, String), ApiError> {
-    let one = |v: &Value| -> Result<Option<(Vec<u32>, String)>, ApiError> {
+/// Most prompts in one completions request (each is a generation of its own).
+const MAX_PROMPTS: usize = 256;
+
+/// A completions request's prompts: a string or an array of token ids, or an array of those
+/// (several prompts); each with the text it echoes.
+fn completion_prompts(f: &Fields, model: &ModelState) -> Result<Vec<(Vec<u32>, String)>, ApiError> {
+    let one = |v: &Value, path: &str| -> Result<Option<(Vec<u32>, String)>, ApiError> {
         match v {
             Value::String(s) => Ok(Some((model.tokenizer.encode(s, true, true), s.clone()))),
             Value::Array(ids) if ids.iter().all(Value::is_number) && !ids.is_empty() => {
@@ -442,7 +446,7 @@ fn completion_prompt(f: &Fields, model: &ModelState) -> Result<(Vec<u32>, String
                 for (i, id) in ids.iter().enumerate() {
                     match id.as_u64() {
                         Some(t) if t < u64::from(vocab) => tokens.push(t as u32),
-                        _ => return Err(ApiError::field(format!("prompt[{i}]"), format!("{id} is not a token id of this model (0 to {})", vocab - 1))),
+                        _ => return Err(ApiError::field(format!("{path}[{i}]"), format!("{id} is not a token id of this model (0 to {})", vocab - 1))),
                     }
                 }
                 let text = model.tokenizer.decode(&tokens, true);
@@ -452,18 +456,22 @@ fn completion_prompt(f: &Fields, model: &ModelState) -> Result<(Vec<u32>, String
         }
     };
     let value = f.require("prompt")?;
-    if let Some(p) = one(value)? {
-        return Ok(p);
+    if let Some(p) = one(value, "prompt")? {
+        return Ok(vec![p]);
     }
-    if let Value::Array(items) = value {
-        if items.len() > 1 {
-            return Err(ApiError::field("prompt", format!("one prompt per request is supported, got {}", items.len())));
-        }
-        if let Some(p) = items.first().map(one).transpose()?.flatten() {
-            return Ok(p);
-        }
+    match value {
+        Value::Array(items) if items.is_empty() => Err(ApiError::field("prompt", "is empty")),
+        Value::Array(items) if items.len() > MAX_PROMPTS => Err(ApiError::field("prompt", format!("{} prompts is more than the {MAX_PROMPTS} one request may hold", items.len()))),
+        Value::Array(items) => items
+            .iter()
+            .enumerate()
+            .map(|(i, item)| {
+                let path = format!("prompt[{i}]");
+                one(item, &path)?.ok_or_else(|| ApiError::field(path, "expected a string or an array of token ids"))
+            })
+            .collect(),
+        _ => Err(ApiError::field("prompt", "expected a string, an array of token ids, or an array of those")),
     }
-    Err(ApiError::field("prompt", "expected a string, an array of token ids, or an array holding one of those"))
 }
 
 pub async fn completions(State(state): State<Arc<AppState>>, headers: HeaderMap, body: Bytes) -> Response {
@@ -478,14 +486,21 @@ pub async fn completions(State(state): State<Arc<AppState>>, headers: HeaderMap,
 /// `max_tokens` of a `/v1/completions` request that leaves it out.
 const LEGACY_DEFAULT_MAX_TOKENS: u32 = 16;
 
+/// What a completions response echoes before each prompt's completions: its text and, with
+/// `logprobs`, its tokens' log-probabilities.
+struct Echo {
+    text: String,
+    logprobs: Option<Value>,
+}
+
 pub(crate) async fn completions_inner(state: &Arc<AppState>, headers: &HeaderMap, body: &[u8], model_id: &mut Option<String>) -> Result<Response, ApiError> {
     let started = Instant::now();
     let map = parse_object(body)?;
     let f = fields(&map, COMPLETION_FIELDS, COMPLETION_UNSUPPORTED)?;
     let model = super::resolve_generator(state, &model_of(&f)?)?;
     *model_id = Some(model.info.model_id.clone());
-    let (prompt, prompt_text) = completion_prompt(&f, &model)?;
-    let mut c = fmt::common(&f, &model, None, &state.config.limits)?;
+    let prompts = completion_prompts(&f, &model)?;
+    let c = fmt::common(&f, &model, None, &state.config.limits)?;
     let constraint = super::structured::completion(&f)?;
     let logprobs = f.int("logprobs", 0, 20)?;
     let echo = f.bool("echo")?.unwrap_or(false);
@@ -496,41 +511,63 @@ pub(crate) async fn completions_inner(state: &Arc<AppState>, headers: &HeaderMap
     }
     // OpenAI's legacy completions default to 16 tokens (as vLLM's do).
     let default = state.config.limits.max_tokens.map_or(LEGACY_DEFAULT_MAX_TOKENS, |cap| cap.min(LEGACY_DEFAULT_MAX_TOKENS));
-    c.max_tokens = check_context(&model, prompt.len(), c.max_tokens, Some(default), "prompt")?;
-    admit(state)?;
     let id = random_id("cmpl-");
-    let key = route_key(headers, &prompt);
-    let mut request = generate_request(prompt, &c, logprobs.is_some(), logprobs.unwrap_or(0) as u32, &id, constraint);
-    // Echoed prompt tokens come with their log-probabilities too (as lm-evaluation-harness
-    // scores continuations: `echo`, `logprobs` and one generated token).
-    if echo {
-        request.prompt_logprobs = logprobs.map(|k| k as u32);
+    let mut requests = Vec::with_capacity(prompts.len());
+    for (i, (prompt, _)) in prompts.iter().enumerate() {
+        let field = if prompts.len() == 1 { "prompt".to_string() } else { format!("prompt[{i}]") };
+        let budget = check_context(&model, prompt.len(), c.max_tokens, Some(default), &field)?;
+        let mut request = generate_request(prompt.clone(), &c, logprobs.is_some(), logprobs.unwrap_or(0) as u32, &id, constraint.clone());
+        request.max_tokens = budget;
+        // Echoed prompt tokens come with their log-probabilities too (as lm-evaluation-harness
+        // scores continuations: `echo`, `logprobs` and one generated token).
+        if echo {
+            request.prompt_logprobs = logprobs.map(|k| k as u32);
+        }
+        requests.push(request);
     }
-    let prompt_ids = request.prompt.clone();
-    let mut generation = Generation::start(state, &model, request, key, started).await?;
+    admit(state)?;
+    // Each prompt is routed on its own, and they all run at once.
+    let starts = requests.into_iter().map(|r| {
+        let key = route_key(headers, &r.prompt);
+        Generation::start(state, &model, r, key, started)
+    });
+    let mut generations = futures_util::future::try_join_all(starts).await?;
     let created = unix_now();
-    let echoed = if echo { prompt_text } else { String::new() };
-    // The echoed prompt's share of each choice's `logprobs`.
-    let prompt_lp = match (echo, logprobs) {
-        (true, Some(_)) => Some(fmt::prompt_logprobs(&model.tokenizer, &prompt_ids, generation.prompt_logprobs().await?)),
-        _ => None,
-    };
-    if c.stream {
-        return Ok(stream_completion(generation, model, c, id, created, logprobs.is_some(), echoed, prompt_lp));
+    let mut echoes = Vec::with_capacity(prompts.len());
+    for (g, (prompt, text)) in generations.iter_mut().zip(prompts) {
+        let logprobs = match (echo, logprobs) {
+            (true, Some(_)) => Some(fmt::prompt_logprobs(&model.tokenizer, &prompt, g.prompt_logprobs().await?)),
+            _ => None,
+        };
+        echoes.push(Echo { text: if echo { text } else { String::new() }, logprobs });
     }
-    let (choices, totals) = collect(&mut generation, c.n as usize, logprobs.is_some()).await?;
+    let n = c.n as usize;
+    let choices_count = n * generations.len();
+    if c.stream {
+        return Ok(match <[Generation; 1]>::try_from(generations) {
+            Ok([one]) => stream_completion(one, model, c, id, created, logprobs.is_some(), echoes),
+            Err(many) => stream_completion(Batch::new(many, c.n), model, c, id, created, logprobs.is_some(), echoes),
+        });
+    }
+    let choices = match <[Generation; 1]>::try_from(generations) {
+        Ok([mut one]) => collect(&mut one, choices_count, logprobs.is_some()).await?.0,
+        Err(many) => collect(&mut Batch::new(many, c.n), choices_count, logprobs.is_some()).await?.0,
+    };
+    let totals = Totals::of_prompts(&choices, n);
     let choices: Vec<Value> = choices
         .iter()
         .enumerate()
         .map(|(i, ch)| {
-            let lp = match (&prompt_lp, logprobs) {
-                (Some(p), _) => fmt::join_logprobs(p.clone(), fmt::completion_logprobs(&model.tokenizer, &ch.tokens, echoed.len())),
-                (None, Some(_)) => fmt::completion_logprobs(&model.tokenizer, &ch.tokens, echoed.len()),
+            let echoed = &echoes[i / n];
+            let generated = || fmt::completion_logprobs(&model.tokenizer, &ch.tokens, echoed.text.len());
+            let lp = match (&echoed.logprobs, logprobs) {
+                (Some(p), _) => fmt::join_logprobs(p.clone(), generated()),
+                (None, Some(_)) => generated(),
                 (None, None) => Value::Null,
             };
             json!({
                 "index": i,
-                "text": format!("{echoed}{}", ch.text),
+                "text": format!("{}{}", echoed.text, ch.text),
                 "logprobs": lp,
                 "finish_reason": ch.done.as_ref().map(fmt::finish_reason),
             })
@@ -547,18 +584,22 @@ pub(crate) async fn completions_inner(state: &Arc<AppState>, headers: &HeaderMap
     .into_response())
 }
 
-#[allow(clippy::too_many_arguments)]
-fn stream_completion(generation: Generation, model: Arc<ModelState>, c: Common, id: String, created: u64, logprobs: bool, echoed: String, prompt_lp: Option<Value>) -> Response {
+/// A streamed completions response: each choice first echoes its prompt (when asked), then
+/// its tokens; choices of several prompts interleave, told apart by `index`.
+fn stream_completion(updates: impl Updates, model: Arc<ModelState>, c: Common, id: String, created: u64, logprobs: bool, echoes: Vec<Echo>) -> Response {
     let chunker = Chunker { id, object: "text_completion", created, model: model.info.model_id.clone(), include_usage: c.include_usage };
-    let first = if echoed.is_empty() {
-        Vec::new()
-    } else {
-        let lp = prompt_lp.unwrap_or(Value::Null);
-        (0..c.n).map(|i| chunker.chunk(json!([{ "index": i, "text": echoed, "logprobs": lp, "finish_reason": null }]))).collect()
-    };
-    let mut offsets = vec![echoed.len(); c.n as usize];
-    let mut totals = Totals::default();
-    sse::stream(generation, first, move |step: Step| match step {
+    let n = c.n as usize;
+    let mut first = Vec::new();
+    for (i, echo) in echoes.iter().flat_map(|e| std::iter::repeat_n(e, n)).enumerate() {
+        if !echo.text.is_empty() {
+            let lp = echo.logprobs.clone().unwrap_or(Value::Null);
+            first.push(chunker.chunk(json!([{ "index": i, "text": echo.text, "logprobs": lp, "finish_reason": null }])));
+        }
+    }
+    let mut offsets: Vec<usize> = echoes.iter().flat_map(|e| std::iter::repeat_n(e.text.len(), n)).collect();
+    // Usage counts each prompt once, whatever its number of completions.
+    let mut per_prompt = vec![Totals::default(); echoes.len()];
+    sse::stream(updates, first, move |step: Step| match step {
         Some(Ok(Update::Token(t))) => {
             if t.text.is_empty() && !logprobs {
                 return Vec::new();
@@ -574,11 +615,17 @@ fn stream_completion(generation: Generation, model: Arc<ModelState>, c: Common, 
             if let Err(e) = super::collect::cancelled_is_error(&d) {
                 return error_event(&e);
             }
-            totals.add(&d);
+            if let Some(t) = per_prompt.get_mut(d.index as usize / n.max(1)) {
+                t.add(&d);
+            }
             vec![chunker.chunk(json!([{ "index": d.index, "text": d.tail, "logprobs": null, "finish_reason": fmt::finish_reason(&d) }]))]
         }
         Some(Err(e)) => error_event(&e),
-        None => chunker.end(&totals),
+        None => {
+            let mut totals = Totals::default();
+            per_prompt.iter().for_each(|t| totals.plus(t));
+            chunker.end(&totals)
+        }
     })
 }
 

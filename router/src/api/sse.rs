@@ -3,7 +3,7 @@
 //! cancels it on the worker.
 
 use crate::error::ApiError;
-use crate::generate::{Generation, Update};
+use crate::generate::{Update, Updates};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use std::convert::Infallible;
@@ -15,7 +15,7 @@ pub type Step = Option<Result<Update, ApiError>>;
 
 /// Streams `first`, then the events `on` makes of each step, until the generation ends or
 /// fails.
-pub fn stream(mut generation: Generation, first: Vec<Event>, mut on: impl FnMut(Step) -> Vec<Event> + Send + 'static) -> Response {
+pub fn stream(mut generation: impl Updates, first: Vec<Event>, mut on: impl FnMut(Step) -> Vec<Event> + Send + 'static) -> Response {
     let (tx, rx) = mpsc::channel::<Result<Event, Infallible>>(64);
     tokio::spawn(async move {
         for e in first {
@@ -26,7 +26,7 @@ pub fn stream(mut generation: Generation, first: Vec<Event>, mut on: impl FnMut(
         loop {
             let step = tokio::select! {
                 _ = tx.closed() => return,
-                step = generation.next() => step,
+                step = generation.next_update() => step,
             };
             let last = !matches!(step, Some(Ok(_)));
             for e in on(step) {
