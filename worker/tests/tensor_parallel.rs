@@ -224,8 +224,11 @@ fn collect(stream: RequestStream) -> Vec<(u32, Option<f32>)> {
 fn batched_equals_alone_inside_a_group_and_forked_completions_share_the_cache() {
     let dir = common::hf_fixture("qwen3");
     let (model, followers) = group(&dir, 2, Layout::Exact);
-    let h = Engine::start(Arc::clone(&model), common::compute(), EngineConfig::default()).unwrap();
     let prompts: Vec<Vec<u32>> = (0..4).map(|k| (0..17 + 5 * k).map(|i| ((i * 31 + k * 7) % 300) as u32 + 3).collect()).collect();
+    // Teacher-forced logits of one prompt through the group, before the engine takes it.
+    let vocab = model.model.config().vocab_size;
+    let scored_logits = kiln_worker::engine::Session::new(Arc::clone(&model), common::compute(), 64).unwrap().score(&prompts[3]).unwrap();
+    let h = Engine::start(Arc::clone(&model), common::compute(), EngineConfig::default()).unwrap();
     let request = |p: &Vec<u32>| GenerationRequest { logprobs: true, ..greedy(p.clone(), 16) };
     let alone: Vec<_> = prompts.iter().map(|p| collect(h.submit(request(p)).unwrap())).collect();
     let streams: Vec<_> = prompts.iter().map(|p| h.submit(request(p)).unwrap()).collect();
@@ -248,6 +251,20 @@ fn batched_equals_alone_inside_a_group_and_forked_completions_share_the_cache() 
     }
     for (i, c) in by_choice.iter().enumerate() {
         assert_eq!(c, &alone[1], "completion {i} of n = 3 differs from the prompt alone");
+    }
+    // Prompt log-probabilities: every prompt row's logits gathered from the ranks.
+    let mut scored = Vec::new();
+    for e in h.submit(GenerationRequest { prompt_logprobs: Some(0), ..greedy(prompts[3].clone(), 2) }).unwrap() {
+        match e {
+            Event::PromptLogprobs { tokens, .. } => scored.extend(tokens),
+            Event::Failed(msg) => panic!("scoring failed: {msg}"),
+            _ => {}
+        }
+    }
+    assert_eq!(scored.len(), prompts[3].len() - 1);
+    for (pos, (p, row)) in scored.iter().zip(scored_logits.chunks(vocab)).enumerate() {
+        let want = kiln_worker::sampler::select::log_prob(row, prompts[3][pos + 1]);
+        assert!((p.logprob - want).abs() <= 1e-5, "token {}: {} vs {want}", pos + 1, p.logprob);
     }
     h.shutdown();
     drop(h);
