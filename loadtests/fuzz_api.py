@@ -93,7 +93,10 @@ def valid_bodies(model, embedder):
         "/v1/completions": [{
             "model": model, "prompt": "Once upon a time", "max_tokens": 4, "echo": False,
             "logprobs": 2, "stop": "\n", "temperature": 0, "best_of": 1,
-        }, {"model": model, "prompt": [1, 2, 3], "max_tokens": 3, "echo": True}],
+        }, {"model": model, "prompt": [1, 2, 3], "max_tokens": 3, "echo": True},
+            # Scoring, as evaluation harnesses do, and several prompts at once.
+            {"model": model, "prompt": [[1, 2, 3, 4], [5, 6]], "max_tokens": 1, "echo": True, "logprobs": 1},
+            {"model": model, "prompt": ["One", [7, 8, 9], "Three"], "max_tokens": 3, "n": 2, "logprobs": 0}],
         "/v1/messages": [messages, tool_turns, forced],
         "/v1/messages/count_tokens": [{
             "model": model, "messages": [{"role": "user", "content": "Hi"}],

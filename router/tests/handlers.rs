@@ -519,5 +519,12 @@ async fn malformed_prompt_lists_are_400_naming_the_prompt() {
         assert_eq!(status, StatusCode::BAD_REQUEST, "{v}");
         assert_eq!(v["error"]["param"], field, "{v}");
     }
+    // Bounds on what one request may make the router hold.
+    let (status, v) = post(&app, "/v1/completions", json!({ "model": "fake", "prompt": vec!["a"; 20], "n": 13 })).await;
+    assert_eq!((status, v["error"]["param"].as_str()), (StatusCode::BAD_REQUEST, Some("n")), "{v}");
+    let scored = vec![vec![1; 60]; 256];
+    let (status, v) = post(&app, "/v1/completions", json!({ "model": "fake", "prompt": scored, "echo": true, "logprobs": 20, "max_tokens": 1 })).await;
+    assert_eq!((status, v["error"]["param"].as_str()), (StatusCode::BAD_REQUEST, Some("prompt")), "{v}");
+    assert!(v["error"]["message"].as_str().unwrap().contains("322560 log-probabilities"), "{v}");
     assert!(records[0].requests.lock().unwrap().is_empty(), "nothing reached the worker");
 }

@@ -431,8 +431,14 @@ fn stream_chat(generation: Generation, model: Arc<ModelState>, c: Common, id: St
     })
 }
 
-/// Most prompts in one completions request (each is a generation of its own).
+/// Most prompts in one completions request (each is a generation of its own), and most
+/// choices (prompts times `n`).
 const MAX_PROMPTS: usize = 256;
+
+/// Most prompt log-probabilities one request may ask for, alternatives included (each is a
+/// JSON entry of the response, held by the router until it is written): 262,144, which is 64
+/// prompts of 2,048 tokens with `logprobs: 1`.
+const MAX_SCORED_ENTRIES: usize = 1 << 18;
 
 /// A completions request's prompts: a string or an array of token ids, or an array of those
 /// (several prompts); each with the text it echoes.
@@ -507,6 +513,15 @@ pub(crate) async fn completions_inner(state: &Arc<AppState>, headers: &HeaderMap
     if let Some(best_of) = f.int("best_of", 1, 128)? {
         if best_of != i64::from(c.n) {
             return Err(ApiError::field("best_of", "only best_of equal to n is supported"));
+        }
+    }
+    if prompts.len() * c.n as usize > MAX_PROMPTS {
+        return Err(ApiError::field("n", format!("{} prompts of {} completions each is more than the {MAX_PROMPTS} choices one request may hold", prompts.len(), c.n)));
+    }
+    if let (true, Some(k)) = (echo, logprobs) {
+        let entries = prompts.iter().map(|p| p.0.len()).sum::<usize>() * (1 + k as usize);
+        if entries > MAX_SCORED_ENTRIES {
+            return Err(ApiError::field("prompt", format!("scoring these prompts takes {entries} log-probabilities (alternatives included), more than the {MAX_SCORED_ENTRIES} one request may ask for; send fewer prompts or fewer `logprobs`")));
         }
     }
     // OpenAI's legacy completions default to 16 tokens (as vLLM's do).
