@@ -528,3 +528,23 @@ async fn malformed_prompt_lists_are_400_naming_the_prompt() {
     assert!(v["error"]["message"].as_str().unwrap().contains("322560 log-probabilities"), "{v}");
     assert!(records[0].requests.lock().unwrap().is_empty(), "nothing reached the worker");
 }
+
+#[tokio::test]
+async fn a_request_without_model_goes_to_the_only_model_served() {
+    let (app, _, _) = router_over(&[Mode::Reply], RouterConfig::default()).await;
+    let (status, v) = post(&app, "/v1/completions", json!({ "prompt": "abc", "max_tokens": 4 })).await;
+    assert_eq!((status, v["model"].as_str()), (StatusCode::OK, Some("fake")), "{v}");
+    let (status, v) = post(&app, "/v1/chat/completions", json!({ "messages": [{ "role": "user", "content": "hi" }] })).await;
+    assert_eq!((status, v["model"].as_str()), (StatusCode::OK, Some("fake")), "{v}");
+
+    // With two models the request must say which.
+    let (a, _) = fake::spawn_serving(Mode::Reply, "first").await;
+    let (b, _) = fake::spawn_serving(Mode::Reply, "second").await;
+    let pool = WorkerPool::new(&[a, b]).unwrap();
+    pool.refresh_all().await;
+    let app = api::router(Arc::new(AppState::new(pool, RouterConfig::default())));
+    let (status, v) = post(&app, "/v1/completions", json!({ "prompt": "abc" })).await;
+    assert_eq!((status, v["error"]["param"].as_str()), (StatusCode::BAD_REQUEST, Some("model")), "{v}");
+    let message = v["error"]["message"].as_str().unwrap();
+    assert!(message.contains("first") && message.contains("second"), "{message}");
+}

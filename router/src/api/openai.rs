@@ -44,8 +44,19 @@ fn fields<'a>(map: &'a Map<String, Value>, own: &[&str], unsupported: &[&str]) -
 }
 
 /// Runs a handler and answers its error, labelling the response with the model either way.
-fn model_of(f: &Fields) -> Result<String, ApiError> {
-    f.str("model")?.map(str::to_string).ok_or_else(|| ApiError::field("model", "is required"))
+/// The request's `model`; left out, the one text-generation model served (as vLLM and
+/// llama.cpp's server take it, so clients written for them work unchanged).
+fn model_of(state: &AppState, f: &Fields) -> Result<String, ApiError> {
+    if let Some(id) = f.str("model")? {
+        return Ok(id.to_string());
+    }
+    let generators: Vec<String> =
+        state.pool.models().iter().filter(|m| m.info.kind != pb::ModelKind::Embed as i32).map(|m| m.info.model_id.clone()).collect();
+    match generators.as_slice() {
+        [only] => Ok(only.clone()),
+        [] => Err(ApiError::field("model", "is required")),
+        several => Err(ApiError::field("model", format!("is required when several models are served ({})", several.join(", ")))),
+    }
 }
 
 /// A message's `content`: a string, or an array of text parts and (in user messages)
@@ -242,7 +253,7 @@ pub(crate) async fn chat_inner(state: &Arc<AppState>, headers: &HeaderMap, body:
     let started = Instant::now();
     let map = parse_object(body)?;
     let f = fields(&map, CHAT_FIELDS, CHAT_UNSUPPORTED)?;
-    let model = super::resolve_generator(state, &model_of(&f)?)?;
+    let model = super::resolve_generator(state, &model_of(state, &f)?)?;
     *model_id = Some(model.info.model_id.clone());
     let mut turns = chat_messages(&f, state.config.limits.max_messages)?;
     super::images::resolve(state, &mut turns, &Default::default()).await?;
@@ -503,7 +514,7 @@ pub(crate) async fn completions_inner(state: &Arc<AppState>, headers: &HeaderMap
     let started = Instant::now();
     let map = parse_object(body)?;
     let f = fields(&map, COMPLETION_FIELDS, COMPLETION_UNSUPPORTED)?;
-    let model = super::resolve_generator(state, &model_of(&f)?)?;
+    let model = super::resolve_generator(state, &model_of(state, &f)?)?;
     *model_id = Some(model.info.model_id.clone());
     let prompts = completion_prompts(&f, &model)?;
     let c = fmt::common(&f, &model, None, &state.config.limits)?;

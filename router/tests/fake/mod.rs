@@ -256,8 +256,13 @@ impl Worker for FakeWorker {
 
 /// Serves a fake worker on a free port; returns its address and what it saw.
 pub async fn spawn(mode: Mode) -> (String, Arc<Record>) {
+    spawn_serving(mode, "fake").await
+}
+
+/// A fake worker whose model is called `model_id`.
+pub async fn spawn_serving(mode: Mode, model_id: &str) -> (String, Arc<Record>) {
     let record = Arc::new(Record::default());
-    let worker = FakeWorker { mode, record: Arc::clone(&record), model_id: "fake".into() };
+    let worker = FakeWorker { mode, record: Arc::clone(&record), model_id: model_id.into() };
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap().to_string();
     tokio::spawn(
