@@ -60,8 +60,13 @@ fn reference(session: &mut Session, prompt: &[u32], top: usize) -> Vec<(f32, Vec
             let lse = max + row.iter().map(|&x| (x as f64 - max).exp()).sum::<f64>().ln();
             let lp = |id: u32| (row[id as usize] as f64 - lse) as f32;
             let mut ids: Vec<u32> = (0..vocab as u32).collect();
-            ids.sort_by(|&a, &b| row[b as usize].total_cmp(&row[a as usize]).then(a.cmp(&b)));
-            (lp(prompt[pos + 1]), ids[..top].iter().map(|&id| (id, lp(id))).collect())
+            let by_logit = |a: &u32, b: &u32| row[*b as usize].total_cmp(&row[*a as usize]).then(a.cmp(b));
+            if top > 0 {
+                ids.select_nth_unstable_by(top - 1, by_logit);
+            }
+            ids.truncate(top);
+            ids.sort_by(by_logit);
+            (lp(prompt[pos + 1]), ids.iter().map(|&id| (id, lp(id))).collect())
         })
         .collect()
 }
@@ -171,16 +176,16 @@ fn out_of_range_alternatives_are_refused() {
     assert!(err.to_string().contains("prompt_logprobs = 21 is out of range (0 to 20)"), "{err}");
 }
 
-/// SmolLM2 against llama.cpp: the most likely token and its log-probability at every
+/// A real model against llama.cpp: the most likely token and its log-probability at every
 /// position of the golden text (llama.cpp's logits, see goldens.rs), through the engine; and
-/// a prompt longer than the rows one step scores (341 for a 49,152-token vocabulary) against
+/// a prompt longer than the rows one step scores (341 for SmolLM2's 49,152-token vocabulary,
+/// 64 for Gemma 3's 262,144) and than Gemma 3's 512-token sliding window, against
 /// teacher-forced scoring.
-#[test]
-fn smollm2_prompt_logprobs_match_llama_cpp() {
-    let g = common::golden("smollm2");
+fn prompt_logprobs_match_llama_cpp(name: &str) {
+    let g = common::golden(name);
     let ids = common::ids(&g["logits"]["ids"]);
     let positions = g["logits"]["positions"].as_array().unwrap();
-    let model = common::model("smollm2");
+    let model = common::model(name);
     let h = engine(Arc::clone(&model), EngineConfig::default());
     let scored = collect(h.submit(scoring(ids.clone(), 1, 1)).unwrap());
     assert_eq!(scored.prompt.len(), ids.len() - 1);
@@ -195,12 +200,22 @@ fn smollm2_prompt_logprobs_match_llama_cpp() {
             assert_eq!(p.logprob, p.top[0].1, "token {} is the most likely one", pos + 1);
         }
     }
-    eprintln!("smollm2: top-1 agreement {agree}/{}, max |Δ log p(top)| {gap:.2e}", scored.prompt.len());
+    eprintln!("{name}: top-1 agreement {agree}/{}, max |Δ log p(top)| {gap:.2e}", scored.prompt.len());
     assert_eq!(agree, scored.prompt.len(), "the most likely token at every position");
     assert!(gap <= 1e-4, "log-probabilities of the top token within 1e-4 of llama.cpp's: {gap}");
 
     let long: Vec<u32> = ids.iter().chain(&ids).chain(&ids).copied().collect();
     let mut session = Session::new(model, common::compute(), long.len() + 1).unwrap();
     let wanted = reference(&mut session, &long, 2);
-    assert_matches(&collect(h.submit(scoring(long.clone(), 2, 1)).unwrap()).prompt, &wanted, "771 tokens");
+    assert_matches(&collect(h.submit(scoring(long.clone(), 2, 1)).unwrap()).prompt, &wanted, &format!("{name}, {} tokens", long.len()));
+}
+
+#[test]
+fn smollm2_prompt_logprobs_match_llama_cpp() {
+    prompt_logprobs_match_llama_cpp("smollm2");
+}
+
+#[test]
+fn gemma3_prompt_logprobs_match_llama_cpp() {
+    prompt_logprobs_match_llama_cpp("gemma3");
 }
