@@ -182,3 +182,79 @@ fn a_decoder_embedding_model_matches_sentence_transformers() {
     let err = Embedder::load(&common::hf_fixture("qwen3")).err().expect("refused").to_string();
     assert!(err.contains("not an embedding model"), "{err}");
 }
+
+/// Copies of all-MiniLM-L6-v2 whose floats went through f16: one stores them as F16 (a
+/// half-precision checkpoint), the other the same values as F32.
+fn half_precision_copies() -> (std::path::PathBuf, std::path::PathBuf) {
+    let d = kiln_worker::assets_dir::known_directory("minilm").unwrap();
+    let src = kiln_worker::assets_dir::pull_directory(d, &mut |_| {}).unwrap();
+    let bytes = std::fs::read(src.join("model.safetensors")).unwrap();
+    let header_len = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let header: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(&bytes[8..8 + header_len]).unwrap();
+    let data = &bytes[8 + header_len..];
+    let mut made = Vec::new();
+    for (tag, as_f16) in [("f16", true), ("f16-as-f32", false)] {
+        let dir = std::env::temp_dir().join(format!("kiln-minilm-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(dir.join("1_Pooling")).unwrap();
+        for f in ["config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "modules.json", "sentence_bert_config.json", "1_Pooling/config.json"] {
+            if src.join(f).exists() {
+                std::fs::copy(src.join(f), dir.join(f)).unwrap();
+            }
+        }
+        let (mut out_header, mut out_data) = (serde_json::Map::new(), Vec::new());
+        for (name, info) in &header {
+            if name == "__metadata__" {
+                continue;
+            }
+            let (start, end) = (info["data_offsets"][0].as_u64().unwrap() as usize, info["data_offsets"][1].as_u64().unwrap() as usize);
+            let raw = &data[start..end];
+            let mut entry = info.clone();
+            let begin = out_data.len();
+            if info["dtype"] == "F32" {
+                for c in raw.chunks_exact(4) {
+                    let h = half::f16::from_f32(f32::from_le_bytes(c.try_into().unwrap()));
+                    if as_f16 {
+                        out_data.extend_from_slice(&h.to_le_bytes());
+                    } else {
+                        out_data.extend_from_slice(&h.to_f32().to_le_bytes());
+                    }
+                }
+                entry["dtype"] = serde_json::json!(if as_f16 { "F16" } else { "F32" });
+            } else {
+                out_data.extend_from_slice(raw);
+            }
+            entry["data_offsets"] = serde_json::json!([begin, out_data.len()]);
+            out_header.insert(name.clone(), entry);
+        }
+        let header_bytes = serde_json::to_vec(&out_header).unwrap();
+        let mut file = (header_bytes.len() as u64).to_le_bytes().to_vec();
+        file.extend_from_slice(&header_bytes);
+        file.extend_from_slice(&out_data);
+        std::fs::write(dir.join("model.safetensors"), file).unwrap();
+        made.push(dir);
+    }
+    (made.remove(0), made.remove(0))
+}
+
+/// A half-precision encoder is widened to f32 at load and takes the column-order products:
+/// its vectors are those of an f32 checkpoint holding the same values, bit for bit, and stay
+/// within cosine 0.9999 of sentence-transformers' (full-precision) vectors.
+#[test]
+fn a_half_precision_encoder_computes_as_its_f32_values_do() {
+    let (f16_dir, f32_dir) = half_precision_copies();
+    let half = Embedder::load(&f16_dir).unwrap_or_else(|e| panic!("{e}"));
+    let widened = Embedder::load(&f32_dir).unwrap_or_else(|e| panic!("{e}"));
+    let cases = cases();
+    let compute = common::compute();
+    let mut scratch = Scratch::default();
+    let inputs: Vec<&[u32]> = cases.iter().map(|c| c.ids.as_slice()).collect();
+    let a = half.embed(&compute, &inputs, &mut scratch).unwrap();
+    let b = widened.embed(&compute, &inputs, &mut scratch).unwrap();
+    assert_eq!(a, b, "F16 storage computes as its values in F32 do");
+    let worst = a.iter().zip(&cases).map(|(v, c)| cosine(v, &c.embedding)).fold(1.0f64, f64::min);
+    eprintln!("half-precision MiniLM: lowest cosine to sentence-transformers {worst:.9}");
+    assert!(worst >= 0.9999, "{worst}");
+    let _ = std::fs::remove_dir_all(f16_dir);
+    let _ = std::fs::remove_dir_all(f32_dir);
+}
