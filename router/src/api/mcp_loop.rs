@@ -114,6 +114,13 @@ pub struct Start {
     pub prompt_tokens: u32,
 }
 
+impl Start {
+    /// Prompt tokens of the first round the worker found in its prefix cache, when it said.
+    pub fn cached_prompt_tokens(&self) -> u32 {
+        self.generation.cached_prompt_tokens().unwrap_or(0).min(self.prompt_tokens)
+    }
+}
+
 /// How a route shows a loop's progress to a streaming client.
 pub trait LoopEvents: Send + 'static {
     /// Answer text as it comes (never a call's markup).
