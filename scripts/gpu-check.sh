@@ -12,7 +12,8 @@
 #    the GPU are the reference (scripts/gpu_check.py).
 # 2. The f32 checkpoints: `kiln-worker eval --device cuda` against transformers (teacher-forced
 #    top-1 agreement >= 99%, greedy 32 tokens identical on >= 9/10 prompts) and the engine's
-#    own checks (batched == alone, prefix-cache hit == miss, preemption == alone). Attention is
+#    own checks (batched == alone, prefix-cache hit == miss, preemption == alone, prompt
+#    log-probabilities through the engine within 1e-3 of teacher forcing). Attention is
 #    kiln's paged-attention kernel; the same eval with KILN_CANDLE_ATTENTION=composed (candle
 #    operations over gathered keys) is held to the same thresholds against it.
 # 3. The bf16 checkpoints (16-bit products on the device), and the same quantized by kiln to

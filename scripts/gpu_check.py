@@ -22,6 +22,10 @@ from pathlib import Path
 
 # What a device must reach against its reference.
 TOP1_AGREEMENT = 0.99
+# The engine's prompt log-probabilities (rows of batched steps) against the same device's
+# teacher-forced ones: equal on kiln's CPU kernels and candle's CPU device; on a GPU the
+# products of another number of rows may take another cuBLAS algorithm.
+PROMPT_LOGPROB_GAP = 1e-3
 GREEDY_SAME = 9  # of 10 prompts
 GREEDY_TOKENS = 32
 
@@ -177,8 +181,11 @@ def compare(name, ref_path, kiln_path, engine, top1=TOP1_AGREEMENT, greedy_same=
                 failures.append(f"{what} differs from running alone")
         if got["prefix_hit_tokens"] == 0:
             failures.append("the repeated prompts did not hit the prefix cache")
+        if got["prompt_logprob_gap"] > PROMPT_LOGPROB_GAP:
+            failures.append(f"prompt log-probabilities through the engine lie {got['prompt_logprob_gap']:.3g} from teacher forcing (> {PROMPT_LOGPROB_GAP})")
         print(f"gpu-check: {name}: engine on {got['device']}: batched, prefix-cache hits ({got['prefix_hit_tokens']} tokens) and "
-              f"a cache with {got['preemptions']} preemptions {'all equal' if not failures else 'checked'} to running alone")
+              f"a cache with {got['preemptions']} preemptions {'all equal' if not failures else 'checked'} to running alone; "
+              f"prompt log-probabilities within {got['prompt_logprob_gap']:.3g} of teacher forcing")
     for f in failures:
         print(f"gpu-check: {name}: FAILED: {f}", flush=True)
     return not failures

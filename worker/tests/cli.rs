@@ -143,6 +143,8 @@ fn eval_reports_the_same_answers_on_candle_as_on_the_cpu() {
             assert_eq!(&run[other], alone, "{other} on {}", run["device"]);
         }
         assert!(run["prefix_hit_tokens"].as_u64().unwrap() > 0, "{}", run["device"]);
+        // The engine's prompt log-probabilities equal teacher forcing on either device.
+        assert!(run["prompt_logprob_gap"].as_f64().unwrap() <= 1e-5, "{}: {}", run["device"], run["prompt_logprob_gap"]);
     }
     assert_eq!(cpu["greedy_alone"], candle["greedy_alone"]);
     // The GPU backend's attention composed of candle operations (the cross-check for its

@@ -7,7 +7,8 @@
 //! (teacher-forced), and for the `greedy` prompts the greedy continuations computed four ways
 //! through the batching engine: one request at a time, all at once, all at once again (their
 //! prompts now in the prefix cache), and all at once in a cache too small for them together
-//! (preemption).
+//! (preemption); and how far the engine's prompt log-probabilities for the `score` sequences
+//! (every row's logits through batched steps) lie from their teacher-forced logits.
 
 use anyhow::{bail, Context};
 use kiln_shared::sampling::SamplingParams;
@@ -60,6 +61,8 @@ struct Output {
     greedy_preempted: Vec<Vec<u32>>,
     prefix_hit_tokens: u64,
     preemptions: u64,
+    /// Largest |engine prompt log-probability − teacher-forced one| over the `score` sequences.
+    prompt_logprob_gap: f32,
 }
 
 fn top5(row: &[f32]) -> ([u32; 5], [f32; 5]) {
@@ -89,6 +92,20 @@ fn collect(stream: RequestStream) -> anyhow::Result<Vec<u32>> {
     bail!("a request's stream ended without finishing")
 }
 
+/// The prompt log-probabilities a scoring request's stream carries.
+fn prompt_logprobs(stream: RequestStream) -> anyhow::Result<Vec<f32>> {
+    let mut out = Vec::new();
+    for e in stream {
+        match e {
+            Event::PromptLogprobs { tokens, .. } => out.extend(tokens.iter().map(|t| t.logprob)),
+            Event::Done { .. } => return Ok(out),
+            Event::Failed(msg) => bail!("a scoring request failed: {msg}"),
+            Event::Token { .. } => {}
+        }
+    }
+    bail!("a scoring request's stream ended without finishing")
+}
+
 fn all_at_once(h: &EngineHandle, prompts: &[Vec<u32>], max_tokens: usize) -> anyhow::Result<Vec<Vec<u32>>> {
     let streams = prompts.iter().map(|p| h.submit(greedy(p, max_tokens))).collect::<Result<Vec<_>, _>>()?;
     streams.into_iter().map(collect).collect()
@@ -108,6 +125,8 @@ pub fn main(args: EvalArgs) -> anyhow::Result<()> {
     let compute = super::compute(args.threads);
     let vocab = model.model.config().vocab_size;
     let mut score = Vec::with_capacity(input.score.len());
+    // Each sequence's teacher-forced log-probability of every token after the first.
+    let mut forced = Vec::with_capacity(input.score.len());
     for tokens in &input.score {
         if tokens.is_empty() {
             bail!("an empty sequence to score");
@@ -115,6 +134,7 @@ pub fn main(args: EvalArgs) -> anyhow::Result<()> {
         let logits = Session::new(Arc::clone(&model), Arc::clone(&compute), tokens.len() + 1)?.score(tokens)?;
         let (top_ids, top_logits) = logits.chunks(vocab).map(top5).unzip();
         score.push(Scored { top_ids, top_logits });
+        forced.push(logits.chunks(vocab).zip(&tokens[1..]).map(|(row, &next)| kiln_worker::sampler::select::log_prob(row, next)).collect::<Vec<f32>>());
     }
     let longest = input.greedy.iter().map(Vec::len).max().unwrap_or(0) + input.max_tokens + 1;
     let cfg = EngineConfig { max_context_len: Some(longest.max(16)), ..args.engine.config(16, None) };
@@ -123,6 +143,21 @@ pub fn main(args: EvalArgs) -> anyhow::Result<()> {
     let greedy_batched = all_at_once(&h, &input.greedy, input.max_tokens)?;
     let greedy_cached = all_at_once(&h, &input.greedy, input.max_tokens)?;
     let prefix_hit_tokens = h.stats().scheduler.prefix_hit_tokens;
+    let mut prompt_logprob_gap = 0f32;
+    let longest_scored = input.score.iter().map(Vec::len).max().unwrap_or(0);
+    if longest_scored >= 2 {
+        // The sequences scored through the engine, all at once.
+        let scoring = EngineConfig { max_context_len: Some(longest_scored + 2), ..cfg.clone() };
+        let hs = Engine::start(Arc::clone(&model), Arc::clone(&compute), scoring)?;
+        let streams = input.score.iter().filter(|t| t.len() >= 2).map(|t| hs.submit(GenerationRequest { prompt_logprobs: Some(0), ..greedy(t, 1) })).collect::<Result<Vec<_>, _>>()?;
+        for (stream, want) in streams.into_iter().zip(forced.iter().filter(|f| !f.is_empty())) {
+            let got = prompt_logprobs(stream)?;
+            if got.len() != want.len() {
+                bail!("the engine scored {} prompt tokens of {}", got.len(), want.len());
+            }
+            prompt_logprob_gap = got.iter().zip(want).map(|(a, b)| (a - b).abs()).fold(prompt_logprob_gap, f32::max);
+        }
+    }
     drop(h);
     // Room for about two of the sequences at a time, so the rest wait or are preempted.
     let blocks_per_seq = longest.div_ceil(cfg.block_size) + 1;
@@ -131,7 +166,7 @@ pub fn main(args: EvalArgs) -> anyhow::Result<()> {
     let h = Engine::start(Arc::clone(&model), compute, tight)?;
     let greedy_preempted = all_at_once(&h, &input.greedy, input.max_tokens)?;
     let preemptions = h.stats().scheduler.preemptions;
-    let out = Output { device: model.model.device(), score, greedy_alone, greedy_batched, greedy_cached, greedy_preempted, prefix_hit_tokens, preemptions };
+    let out = Output { device: model.model.device(), score, greedy_alone, greedy_batched, greedy_cached, greedy_preempted, prefix_hit_tokens, preemptions, prompt_logprob_gap };
     println!("{}", serde_json::to_string(&out)?);
     Ok(())
 }
