@@ -548,3 +548,30 @@ async fn a_request_without_model_goes_to_the_only_model_served() {
     let message = v["error"]["message"].as_str().unwrap();
     assert!(message.contains("first") && message.contains("second"), "{message}");
 }
+
+#[tokio::test]
+async fn max_tokens_zero_with_echo_scores_the_prompt_alone() {
+    let (app, _, records) = router_over(&[Mode::Reply], RouterConfig::default()).await;
+    let body = json!({ "model": "fake", "prompt": "abc", "max_tokens": 0, "echo": true, "logprobs": 1 });
+    let (status, v) = post(&app, "/v1/completions", body.clone()).await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    let choice = &v["choices"][0];
+    assert_eq!((choice["text"].as_str(), choice["finish_reason"].as_str()), (Some("abc"), Some("length")), "{v}");
+    assert_eq!(choice["logprobs"]["tokens"], json!(["a", "b", "c"]));
+    assert_eq!(choice["logprobs"]["token_logprobs"][2].as_f64().map(|x| x as f32), Some(fake::prompt_logprob(2)));
+    assert_eq!((v["usage"]["prompt_tokens"].as_u64(), v["usage"]["completion_tokens"].as_u64()), (Some(3), Some(0)));
+    assert_eq!(records[0].requests.lock().unwrap()[0].max_tokens, Some(1), "the worker samples one token, which is dropped");
+
+    let mut streamed = body;
+    streamed["stream"] = json!(true);
+    let (_, text) = call(&app, "POST", "/v1/completions", streamed, &[]).await;
+    let (data, _) = sse(&text);
+    let chunks: Vec<Value> = data.iter().filter_map(|d| serde_json::from_str(d).ok()).collect();
+    let joined: String = chunks.iter().flat_map(|c| c["choices"].as_array().unwrap().iter().map(|ch| ch["text"].as_str().unwrap().to_string())).collect();
+    assert_eq!(joined, "abc");
+    assert!(chunks.iter().any(|c| c["choices"][0]["finish_reason"] == "length"), "{text}");
+
+    // Without echo there is nothing to return: still a 400.
+    let (status, v) = post(&app, "/v1/completions", json!({ "model": "fake", "prompt": "abc", "max_tokens": 0 })).await;
+    assert_eq!((status, v["error"]["param"].as_str()), (StatusCode::BAD_REQUEST, Some("max_tokens")), "{v}");
+}

@@ -88,6 +88,16 @@ def test_a_continuation_scores_as_lm_evaluation_harness_reads_it(oai, router, mo
     assert score("The capital of France is", " Paris") == (right, right_greedy)
 
 
+def test_max_tokens_zero_with_echo_returns_the_scored_prompt_alone(oai, model):
+    prompt = "The capital of France is Paris"
+    one = oai.completions.create(model=model, prompt=prompt, max_tokens=1, temperature=0, logprobs=1, echo=True).choices[0]
+    zero = oai.completions.create(model=model, prompt=prompt, max_tokens=0, logprobs=1, echo=True)
+    assert zero.choices[0].text == prompt and zero.choices[0].finish_reason == "length"
+    assert zero.usage.completion_tokens == 0
+    assert zero.choices[0].logprobs.token_logprobs == one.logprobs.token_logprobs[:-1]
+    assert zero.choices[0].logprobs.tokens == one.logprobs.tokens[:-1]
+
+
 def test_tokenizer_info_gives_what_lm_evaluation_harness_reads(router, model):
     info = httpx.get(f"{router.url}/tokenizer_info").json()
     assert info["model"] == model

@@ -517,10 +517,13 @@ pub(crate) async fn completions_inner(state: &Arc<AppState>, headers: &HeaderMap
     let model = super::resolve_generator(state, &model_of(state, &f)?)?;
     *model_id = Some(model.info.model_id.clone());
     let prompts = completion_prompts(&f, &model)?;
-    let c = fmt::common(&f, &model, None, &state.config.limits)?;
+    let echo = f.bool("echo")?.unwrap_or(false);
+    // `max_tokens: 0` with `echo` scores the prompt and generates nothing (the legacy API's
+    // idiom): the worker samples one token as always, and it is dropped.
+    let score_only = echo && f.int("max_tokens", 0, i64::from(model.info.context_length))? == Some(0);
+    let c = fmt::common(&f, &model, score_only.then_some(1), &state.config.limits)?;
     let constraint = super::structured::completion(&f)?;
     let logprobs = f.int("logprobs", 0, 20)?;
-    let echo = f.bool("echo")?.unwrap_or(false);
     if let Some(best_of) = f.int("best_of", 1, 128)? {
         if best_of != i64::from(c.n) {
             return Err(ApiError::field("best_of", "only best_of equal to n is supported"));
@@ -571,14 +574,21 @@ pub(crate) async fn completions_inner(state: &Arc<AppState>, headers: &HeaderMap
     let choices_count = n * generations.len();
     if c.stream {
         return Ok(match <[Generation; 1]>::try_from(generations) {
-            Ok([one]) => stream_completion(one, model, c, id, created, logprobs.is_some(), echoes),
-            Err(many) => stream_completion(Batch::new(many, c.n), model, c, id, created, logprobs.is_some(), echoes),
+            Ok([one]) => stream_completion(one, model, c, (id, created), logprobs.is_some(), echoes, score_only),
+            Err(many) => stream_completion(Batch::new(many, c.n), model, c, (id, created), logprobs.is_some(), echoes, score_only),
         });
     }
-    let choices = match <[Generation; 1]>::try_from(generations) {
+    let mut choices = match <[Generation; 1]>::try_from(generations) {
         Ok([mut one]) => collect(&mut one, choices_count, logprobs.is_some()).await?.0,
         Err(many) => collect(&mut Batch::new(many, c.n), choices_count, logprobs.is_some()).await?.0,
     };
+    if score_only {
+        for ch in &mut choices {
+            ch.text.clear();
+            ch.tokens.clear();
+            ch.done.iter_mut().for_each(drop_generated);
+        }
+    }
     let totals = Totals::of_prompts(&choices, n);
     let choices: Vec<Value> = choices
         .iter()
@@ -610,9 +620,19 @@ pub(crate) async fn completions_inner(state: &Arc<AppState>, headers: &HeaderMap
     .into_response())
 }
 
+/// Makes a completion's end that of a prompt scored without generating (`max_tokens: 0`).
+fn drop_generated(d: &mut pb::DoneEvent) {
+    d.tail.clear();
+    d.stop_sequence = None;
+    d.finish = pb::FinishReason::Length as i32;
+    if let Some(u) = d.usage.as_mut() {
+        u.completion_tokens = 0;
+    }
+}
+
 /// A streamed completions response: each choice first echoes its prompt (when asked), then
 /// its tokens; choices of several prompts interleave, told apart by `index`.
-fn stream_completion(updates: impl Updates, model: Arc<ModelState>, c: Common, id: String, created: u64, logprobs: bool, echoes: Vec<Echo>) -> Response {
+fn stream_completion(updates: impl Updates, model: Arc<ModelState>, c: Common, (id, created): (String, u64), logprobs: bool, echoes: Vec<Echo>, score_only: bool) -> Response {
     let chunker = Chunker { id, object: "text_completion", created, model: model.info.model_id.clone(), include_usage: c.include_usage };
     let n = c.n as usize;
     let mut first = Vec::new();
@@ -627,7 +647,7 @@ fn stream_completion(updates: impl Updates, model: Arc<ModelState>, c: Common, i
     let mut per_prompt = vec![Totals::default(); echoes.len()];
     sse::stream(updates, first, move |step: Step| match step {
         Some(Ok(Update::Token(t))) => {
-            if t.text.is_empty() && !logprobs {
+            if (t.text.is_empty() && !logprobs) || score_only {
                 return Vec::new();
             }
             let offset = offsets.get(t.index as usize).copied().unwrap_or(0);
@@ -637,9 +657,12 @@ fn stream_completion(updates: impl Updates, model: Arc<ModelState>, c: Common, i
             }
             vec![chunker.chunk(json!([{ "index": t.index, "text": t.text, "logprobs": lp, "finish_reason": null }]))]
         }
-        Some(Ok(Update::Done(d))) => {
+        Some(Ok(Update::Done(mut d))) => {
             if let Err(e) = super::collect::cancelled_is_error(&d) {
                 return error_event(&e);
+            }
+            if score_only {
+                drop_generated(&mut d);
             }
             if let Some(t) = per_prompt.get_mut(d.index as usize / n.max(1)) {
                 t.add(&d);
