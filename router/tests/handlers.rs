@@ -575,3 +575,20 @@ async fn max_tokens_zero_with_echo_scores_the_prompt_alone() {
     let (status, v) = post(&app, "/v1/completions", json!({ "model": "fake", "prompt": "abc", "max_tokens": 0 })).await;
     assert_eq!((status, v["error"]["param"].as_str()), (StatusCode::BAD_REQUEST, Some("max_tokens")), "{v}");
 }
+
+#[tokio::test]
+async fn a_worker_that_does_not_score_the_prompt_is_an_error_not_nulls() {
+    // The endless fake streams tokens and never reports prompt log-probabilities, as a worker
+    // of a kiln before them would.
+    let (app, _, records) = router_over(&[Mode::Endless], RouterConfig::default()).await;
+    let (status, v) = post(&app, "/v1/completions", scoring_body(false)).await;
+    assert_eq!(status, StatusCode::BAD_GATEWAY, "{v}");
+    assert!(v["error"]["message"].as_str().unwrap().contains("did not report the prompt's log-probabilities"), "{v}");
+    for _ in 0..100 {
+        if records[0].closed_early.load(Ordering::SeqCst) == 1 {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("the worker's stream was not closed");
+}

@@ -565,7 +565,14 @@ pub(crate) async fn completions_inner(state: &Arc<AppState>, headers: &HeaderMap
     let mut echoes = Vec::with_capacity(prompts.len());
     for (g, (prompt, text)) in generations.iter_mut().zip(prompts) {
         let logprobs = match (echo, logprobs) {
-            (true, Some(_)) => Some(fmt::prompt_logprobs(&model.tokenizer, &prompt, g.prompt_logprobs().await?)),
+            (true, Some(_)) => {
+                let scored = g.prompt_logprobs().await?;
+                // A worker of a kiln before prompt scoring ignores the request for it.
+                if scored.iter().skip(1).any(Option::is_none) {
+                    return Err(ApiError::upstream("the worker did not report the prompt's log-probabilities (it may run an older kiln)"));
+                }
+                Some(fmt::prompt_logprobs(&model.tokenizer, &prompt, scored))
+            }
             _ => None,
         };
         echoes.push(Echo { text: if echo { text } else { String::new() }, logprobs });
