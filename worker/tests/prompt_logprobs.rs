@@ -90,6 +90,15 @@ fn prompt(len: usize, salt: usize) -> Vec<u32> {
     (0..len).map(|i| ((i * 37 + salt * 11) % 250) as u32 + 3).collect()
 }
 
+/// The tiny model, a prompt for it, and that prompt's teacher-forced scores with `top`
+/// alternatives.
+fn tiny_case(len: usize, salt: usize, top: usize) -> (Arc<LoadedModel>, Vec<u32>, Vec<(f32, Vec<(u32, f32)>)>) {
+    let model = tiny::model();
+    let p = prompt(len, salt);
+    let wanted = reference(&mut Session::new(Arc::clone(&model), common::compute(), 256).unwrap(), &p, top);
+    (model, p, wanted)
+}
+
 #[test]
 fn the_engine_scores_prompts_as_teacher_forcing_does_whatever_the_chunks_and_batch() {
     let model = tiny::model();
@@ -112,10 +121,7 @@ fn the_engine_scores_prompts_as_teacher_forcing_does_whatever_the_chunks_and_bat
 
 #[test]
 fn a_cached_prefix_is_recomputed_for_scoring_and_scoring_fills_the_cache() {
-    let model = tiny::model();
-    let mut session = Session::new(Arc::clone(&model), common::compute(), 256).unwrap();
-    let p = prompt(100, 1);
-    let wanted = reference(&mut session, &p, 2);
+    let (model, p, wanted) = tiny_case(100, 1, 2);
     let h = engine(model, EngineConfig::default());
     let greedy = |p: Vec<u32>| GenerationRequest { prompt: p, sampling: SamplingParams::greedy(), max_tokens: Some(4), ignore_eos: true, ..Default::default() };
     let first = collect(h.submit(greedy(p.clone())).unwrap());
@@ -131,10 +137,7 @@ fn a_cached_prefix_is_recomputed_for_scoring_and_scoring_fills_the_cache() {
 
 #[test]
 fn n_completions_get_the_prompt_scored_once() {
-    let model = tiny::model();
-    let mut session = Session::new(Arc::clone(&model), common::compute(), 256).unwrap();
-    let p = prompt(50, 2);
-    let wanted = reference(&mut session, &p, 1);
+    let (model, p, wanted) = tiny_case(50, 2, 1);
     let h = engine(model, EngineConfig::default());
     let mut req = scoring(p, 1, 6);
     req.n = 3;
