@@ -105,8 +105,8 @@ fn the_engine_scores_prompts_as_teacher_forcing_does_whatever_the_chunks_and_bat
     let mut session = Session::new(Arc::clone(&model), common::compute(), 256).unwrap();
     let prompts: Vec<Vec<u32>> = (0..4).map(|k| prompt(40 + 9 * k, k)).collect();
     let wanted: Vec<_> = prompts.iter().map(|p| reference(&mut session, p, 3)).collect();
-    // Whole prompts in one step, and chunks of 16 tokens shared with other sequences.
-    for max_batch_tokens in [512, 16] {
+    // Whole prompts in one step, and chunks of 16 and 5 tokens shared with other sequences.
+    for max_batch_tokens in [512, 16, 5] {
         let h = engine(Arc::clone(&model), EngineConfig { max_batch_tokens, ..EngineConfig::default() });
         let plain = h.submit(GenerationRequest { prompt: prompt(30, 9), sampling: SamplingParams::greedy(), max_tokens: Some(20), ..Default::default() }).unwrap();
         let streams: Vec<RequestStream> = prompts.iter().map(|p| h.submit(scoring(p.clone(), 3, 8)).unwrap()).collect();

@@ -175,7 +175,8 @@ impl Engine {
                 max_batch_tokens: cfg.max_batch_tokens,
                 max_seqs: cfg.max_seqs,
                 block_size: cfg.block_size,
-                max_scored_rows: (SCORED_LOGITS_BYTES / (mcfg.vocab_size.max(1) * 4)).clamp(16, cfg.max_batch_tokens),
+                // At least 16 rows, and no more than a step computes (which may be fewer than 16).
+                max_scored_rows: (SCORED_LOGITS_BYTES / (mcfg.vocab_size.max(1) * 4)).max(16).min(cfg.max_batch_tokens),
             },
             &groups,
         );
