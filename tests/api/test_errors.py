@@ -66,7 +66,11 @@ def test_message_errors(router, model):
     tiny_png = "data:image/png;base64,iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAIAAACQd1PeAAAADElEQVR4nGP4z8AAAAMBAQDJ/pLvAAAAAElFTkSuQmCC"
     e = error_of(post(router, {"model": model, "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": tiny_png}}]}]}), 400)
     assert "does not take images" in e["message"] and e["param"] == "messages[0].content[0].image_url.url"
-    e = error_of(post(router, {"messages": MSG}), 400)
+    # `model` may be left out while one text-generation model is served (as vLLM's and
+    # llama.cpp's servers allow); a wrong type is still refused.
+    r = post(router, {"messages": MSG, "max_tokens": 2})
+    assert r.status_code == 200 and r.json()["model"] == model, r.text
+    e = error_of(post(router, {"model": 7, "messages": MSG}), 400)
     assert e["param"] == "model"
 
 
@@ -87,8 +91,12 @@ def test_prompt_longer_than_context(router, model):
 
 
 def test_completions_errors(router, model):
-    e = error_of(post(router, {"model": model, "prompt": ["a", "b"]}, path="/v1/completions"), 400)
+    e = error_of(post(router, {"model": model, "prompt": ["a", {"b": 1}]}, path="/v1/completions"), 400)
+    assert e["param"] == "prompt[1]"
+    e = error_of(post(router, {"model": model, "prompt": []}, path="/v1/completions"), 400)
     assert e["param"] == "prompt"
+    e = error_of(post(router, {"model": model, "prompt": ["a"] * 257}, path="/v1/completions"), 400)
+    assert e["param"] == "prompt" and "256" in e["message"]
     e = error_of(post(router, {"model": model, "prompt": [1, 99999999]}, path="/v1/completions"), 400)
     assert e["param"] == "prompt[1]"
     e = error_of(post(router, {"model": model, "prompt": "x", "suffix": "y"}, path="/v1/completions"), 400)
