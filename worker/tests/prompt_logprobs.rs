@@ -16,6 +16,10 @@ use std::sync::Arc;
 /// kernels in the same order).
 const TOLERANCE: f32 = 1e-5;
 
+/// Per prompt token after the first: its log-probability, and the most likely tokens with
+/// theirs.
+type Scores = Vec<(f32, Vec<(u32, f32)>)>;
+
 struct Scored {
     prompt: Vec<PromptLogprob>,
     tokens: Vec<u32>,
@@ -48,7 +52,7 @@ fn scoring(prompt: Vec<u32>, top: usize, max_tokens: usize) -> GenerationRequest
 /// What teacher-forced scoring gives: for each prompt token after the first, its
 /// log-probability and the `top` most likely tokens (by logit, then id) with theirs, from a
 /// log-softmax in f64.
-fn reference(session: &mut Session, prompt: &[u32], top: usize) -> Vec<(f32, Vec<(u32, f32)>)> {
+fn reference(session: &mut Session, prompt: &[u32], top: usize) -> Scores {
     let vocab = session.model().model.config().vocab_size;
     let logits = session.score(prompt).unwrap();
     logits
@@ -71,7 +75,7 @@ fn reference(session: &mut Session, prompt: &[u32], top: usize) -> Vec<(f32, Vec
         .collect()
 }
 
-fn assert_matches(got: &[PromptLogprob], want: &[(f32, Vec<(u32, f32)>)], what: &str) {
+fn assert_matches(got: &[PromptLogprob], want: &Scores, what: &str) {
     assert_eq!(got.len(), want.len(), "{what}: one per prompt token after the first");
     for (pos, (g, (lp, top))) in got.iter().zip(want).enumerate() {
         assert!((g.logprob - lp).abs() <= TOLERANCE, "{what}: token {}: {} vs {lp}", pos + 1, g.logprob);
@@ -92,7 +96,7 @@ fn prompt(len: usize, salt: usize) -> Vec<u32> {
 
 /// The tiny model, a prompt for it, and that prompt's teacher-forced scores with `top`
 /// alternatives.
-fn tiny_case(len: usize, salt: usize, top: usize) -> (Arc<LoadedModel>, Vec<u32>, Vec<(f32, Vec<(u32, f32)>)>) {
+fn tiny_case(len: usize, salt: usize, top: usize) -> (Arc<LoadedModel>, Vec<u32>, Scores) {
     let model = tiny::model();
     let p = prompt(len, salt);
     let wanted = reference(&mut Session::new(Arc::clone(&model), common::compute(), 256).unwrap(), &p, top);
