@@ -94,7 +94,7 @@ impl Decoding {
             return Sampled { token, logprob: None, top: Vec::new(), error: None };
         }
         let lse = log_sum_exp(logits);
-        Sampled { token, logprob: Some(logits[token as usize] - lse), top: top_log_probs(logits, req.top_logprobs.min(20)), error: None }
+        Sampled { token, logprob: Some(logits[token as usize] - lse), top: top_log_probs(logits, req.top_logprobs.min(20), lse), error: None }
     }
 
     /// Takes a sampled token: end-of-generation, stop strings, the token limit and the end of

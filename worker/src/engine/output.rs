@@ -50,7 +50,8 @@ impl Engine {
             .map(|(i, pos)| {
                 let row = &self.logits[(first_row + i) * vocab..(first_row + i + 1) * vocab];
                 let next = seq.tokens[pos + 1];
-                PromptLogprob { logprob: row[next as usize] - log_sum_exp(row), top: top_log_probs(row, top) }
+                let lse = log_sum_exp(row);
+                PromptLogprob { logprob: row[next as usize] - lse, top: top_log_probs(row, top, lse) }
             })
             .collect();
         let sent = a.events.send(Event::PromptLogprobs { first: e.scored.start + 1, tokens });

@@ -84,12 +84,12 @@ pub fn log_sum_exp(logits: &[f32]) -> f32 {
     max + sum.ln() as f32
 }
 
-/// The `k` most likely tokens with their log-probabilities, most likely first.
-pub fn top_log_probs(logits: &[f32], k: usize) -> Vec<(u32, f32)> {
+/// The `k` most likely tokens with their log-probabilities, most likely first; `lse` is
+/// `log_sum_exp(logits)`, which callers have already computed for the chosen token.
+pub fn top_log_probs(logits: &[f32], k: usize, lse: f32) -> Vec<(u32, f32)> {
     if k == 0 {
         return Vec::new();
     }
-    let lse = log_sum_exp(logits);
     let mut idx: Vec<u32> = (0..logits.len() as u32).collect();
     let by_logit = |a: &u32, b: &u32| logits[*b as usize].total_cmp(&logits[*a as usize]).then(a.cmp(b));
     let k = k.min(idx.len());
@@ -152,7 +152,7 @@ mod tests {
     #[test]
     fn top_log_probs_are_sorted_and_normalized() {
         let logits = [1.0f32, 3.0, 2.0, 3.0];
-        let top = top_log_probs(&logits, 3);
+        let top = top_log_probs(&logits, 3, log_sum_exp(&logits));
         assert_eq!(top.iter().map(|t| t.0).collect::<Vec<_>>(), [1, 3, 2]);
         let total: f32 = (0..4).map(|i| log_prob(&logits, i).exp()).sum();
         assert!((total - 1.0).abs() < 1e-6);
