@@ -32,7 +32,7 @@ impl Updates for Generation {
     }
 }
 
-/// The generations of a completions request with several prompts, as one: prompt `p`'s
+/// The generations of a completions request, one per prompt, as one: prompt `p`'s
 /// completion `i` is choice `p * n + i`. The first failure ends it (dropping it cancels the
 /// rest).
 pub struct Batch {
@@ -279,9 +279,10 @@ impl Generation {
         self.state.metrics.add("kiln_router_upstream_errors_total", vec![("worker", worker.to_string())], 1.0);
     }
 
-    /// The log-probabilities of the prompt's tokens by position, for a request that asked
-    /// for them. A worker sends them all before the first token, so they are complete once
-    /// this returns: it reads ahead to the first update (which `next` then returns).
+    /// The log-probabilities of the prompt's tokens by position (none for the first), for a
+    /// request that asked for them. A worker sends them all before the first token, so they
+    /// are complete once this reads ahead to the first update (which `next` then returns);
+    /// a worker that sent none is one of a kiln before prompt scoring, which ignores the ask.
     pub async fn prompt_logprobs(&mut self) -> Result<&[Option<pb::PromptLogprob>], ApiError> {
         if self.read_ahead.is_none() && self.done < self.n {
             match self.next().await {
@@ -289,6 +290,9 @@ impl Generation {
                 Some(Err(e)) => return Err(e),
                 None => {}
             }
+        }
+        if !self.has_prompt_logprobs() {
+            return Err(ApiError::upstream("the worker did not report the prompt's log-probabilities (it may run an older kiln)"));
         }
         Ok(&self.prompt_logprobs)
     }

@@ -437,7 +437,7 @@ impl Blocks {
 
 fn stream_message(generation: Generation, model: &ModelState, id: String, prompt_tokens: u32, calls: Option<Format>) -> Response {
     // Split as the final usage is, when the worker said how much of the prompt was cached.
-    let cached = generation.cached_prompt_tokens().unwrap_or(0).min(prompt_tokens);
+    let start = Totals { prompt_tokens, cached_tokens: generation.cached_prompt_tokens().unwrap_or(0), completion_tokens: 0 };
     let mut first = vec![named(
         "message_start",
         json!({
@@ -445,7 +445,7 @@ fn stream_message(generation: Generation, model: &ModelState, id: String, prompt
             "message": {
                 "id": id, "type": "message", "role": "assistant", "model": model.info.model_id,
                 "content": [], "stop_reason": null, "stop_sequence": null,
-                "usage": { "input_tokens": prompt_tokens - cached, "cache_read_input_tokens": cached, "cache_creation_input_tokens": 0, "output_tokens": 0 },
+                "usage": usage(&start),
             },
         }),
     )];

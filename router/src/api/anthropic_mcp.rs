@@ -357,12 +357,7 @@ pub async fn respond(run: ToolLoop, id: String) -> Result<Response, ApiError> {
                     "message": {
                         "id": id, "type": "message", "role": "assistant", "model": model_id,
                         "content": [], "stop_reason": null, "stop_sequence": null,
-                        "usage": {
-                            "input_tokens": start.prompt_tokens - start.cached_prompt_tokens(),
-                            "cache_read_input_tokens": start.cached_prompt_tokens(),
-                            "cache_creation_input_tokens": 0,
-                            "output_tokens": 0,
-                        },
+                        "usage": usage(&start.totals()),
                     },
                 }),
             ),

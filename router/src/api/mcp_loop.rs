@@ -115,9 +115,10 @@ pub struct Start {
 }
 
 impl Start {
-    /// Prompt tokens of the first round the worker found in its prefix cache, when it said.
-    pub fn cached_prompt_tokens(&self) -> u32 {
-        self.generation.cached_prompt_tokens().unwrap_or(0).min(self.prompt_tokens)
+    /// The first round's prompt, with the part the worker found in its prefix cache (when
+    /// it said) and nothing generated yet.
+    pub fn totals(&self) -> Totals {
+        Totals { prompt_tokens: self.prompt_tokens, cached_tokens: self.generation.cached_prompt_tokens().unwrap_or(0), completion_tokens: 0 }
     }
 }
 

@@ -565,30 +565,18 @@ pub(crate) async fn completions_inner(state: &Arc<AppState>, headers: &HeaderMap
     let mut echoes = Vec::with_capacity(prompts.len());
     for (g, (prompt, text)) in generations.iter_mut().zip(prompts) {
         let logprobs = match (echo, logprobs) {
-            (true, Some(_)) => {
-                let scored = g.prompt_logprobs().await?;
-                // A worker of a kiln before prompt scoring ignores the request for it.
-                if scored.iter().skip(1).any(Option::is_none) {
-                    return Err(ApiError::upstream("the worker did not report the prompt's log-probabilities (it may run an older kiln)"));
-                }
-                Some(fmt::prompt_logprobs(&model.tokenizer, &prompt, scored))
-            }
+            (true, Some(_)) => Some(fmt::prompt_logprobs(&model.tokenizer, &prompt, g.prompt_logprobs().await?)),
             _ => None,
         };
         echoes.push(Echo { text: if echo { text } else { String::new() }, logprobs });
     }
     let n = c.n as usize;
     let choices_count = n * generations.len();
+    let mut updates = Batch::new(generations, c.n);
     if c.stream {
-        return Ok(match <[Generation; 1]>::try_from(generations) {
-            Ok([one]) => stream_completion(one, model, c, (id, created), logprobs.is_some(), echoes, score_only),
-            Err(many) => stream_completion(Batch::new(many, c.n), model, c, (id, created), logprobs.is_some(), echoes, score_only),
-        });
+        return Ok(stream_completion(updates, model, c, (id, created), logprobs.is_some(), echoes, score_only));
     }
-    let mut choices = match <[Generation; 1]>::try_from(generations) {
-        Ok([mut one]) => collect(&mut one, choices_count, logprobs.is_some()).await?.0,
-        Err(many) => collect(&mut Batch::new(many, c.n), choices_count, logprobs.is_some()).await?.0,
-    };
+    let mut choices = collect(&mut updates, choices_count, logprobs.is_some()).await?.0;
     if score_only {
         for ch in &mut choices {
             ch.text.clear();

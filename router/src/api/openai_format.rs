@@ -176,6 +176,11 @@ pub fn chat_logprobs(tokenizer: &Tokenizer, tokens: &[pb::TokenEvent]) -> Value 
     json!({ "content": content, "refusal": null })
 }
 
+/// A legacy `top_logprobs` entry: each alternative's text and log-probability.
+fn top_object(tokenizer: &Tokenizer, alternatives: &[pb::TopLogprob]) -> Value {
+    Value::Object(alternatives.iter().map(|a| (token_text(tokenizer, a.token).0, json!(a.logprob))).collect())
+}
+
 /// The legacy completions `logprobs` object; `offset` is where the first token's text starts.
 pub fn completion_logprobs(tokenizer: &Tokenizer, tokens: &[pb::TokenEvent], mut offset: usize) -> Value {
     let mut texts = Vec::with_capacity(tokens.len());
@@ -188,14 +193,13 @@ pub fn completion_logprobs(tokenizer: &Tokenizer, tokens: &[pb::TokenEvent], mut
         offset += text.len();
         texts.push(text);
         logprobs.push(t.logprob.unwrap_or(0.0));
-        let top: serde_json::Map<String, Value> = t.top_logprobs.iter().map(|a| (token_text(tokenizer, a.token).0, json!(a.logprob))).collect();
-        tops.push(Value::Object(top));
+        tops.push(top_object(tokenizer, &t.top_logprobs));
     }
     json!({ "tokens": texts, "token_logprobs": logprobs, "top_logprobs": tops, "text_offset": offsets })
 }
 
-/// The legacy completions `logprobs` object for an echoed prompt: the first token has no
-/// log-probability (null, as OpenAI's), nor has any a worker did not report.
+/// The legacy completions `logprobs` object for an echoed prompt (`scored` by position): the
+/// first token has no log-probability (null, as OpenAI's).
 pub fn prompt_logprobs(tokenizer: &Tokenizer, prompt: &[u32], scored: &[Option<pb::PromptLogprob>]) -> Value {
     let mut texts = Vec::with_capacity(prompt.len());
     let mut logprobs = Vec::with_capacity(prompt.len());
@@ -210,8 +214,7 @@ pub fn prompt_logprobs(tokenizer: &Tokenizer, prompt: &[u32], scored: &[Option<p
         match scored.get(i).and_then(Option::as_ref) {
             Some(p) => {
                 logprobs.push(json!(p.logprob));
-                let top: serde_json::Map<String, Value> = p.top_logprobs.iter().map(|a| (token_text(tokenizer, a.token).0, json!(a.logprob))).collect();
-                tops.push(Value::Object(top));
+                tops.push(top_object(tokenizer, &p.top_logprobs));
             }
             None => {
                 logprobs.push(Value::Null);
