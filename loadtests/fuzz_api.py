@@ -88,8 +88,20 @@ def valid_bodies(model, embedder):
         {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t1", "content": "sunny"}]}])
     forced = dict(tool_turns, tool_choice={"type": "tool", "name": "get_weather"},
                   messages=[{"role": "user", "content": "Weather in Oslo?"}])
+    response = {
+        "model": model, "instructions": "Be brief.", "input": "Hi", "max_output_tokens": 4, "temperature": 0.7,
+        "top_p": 0.9, "include": ["message.output_text.logprobs"], "top_logprobs": 2, "metadata": {"k": "v"},
+        "prompt_cache_key": "fuzz", "store": False,
+    }
+    response_items = dict(response, tools=[dict(TOOL["function"], type="function")], tool_choice="auto", input=[
+        {"role": "user", "content": [{"type": "input_text", "text": "Weather?"}]},
+        {"type": "function_call", "call_id": "c1", "name": "get_weather", "arguments": "{\"city\":\"Oslo\"}"},
+        {"type": "function_call_output", "call_id": "c1", "output": "sunny"}])
+    response_schema = dict(response, text={"format": {"type": "json_schema", "name": "w", "schema": {
+        "type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]}}})
     return {
         "/v1/chat/completions": [chat, with_tools, forced_tool, json_schema, json_object, regex],
+        "/v1/responses": [response, response_items, response_schema],
         "/v1/completions": [{
             "model": model, "prompt": "Once upon a time", "max_tokens": 4, "echo": False,
             "logprobs": 2, "stop": "\n", "temperature": 0, "best_of": 1,

@@ -48,6 +48,10 @@ impl ApiError {
         ApiError { param: Some("model".into()), ..ApiError::new(StatusCode::NOT_FOUND, format!("model `{model}` does not exist; available: {list}")) }
     }
 
+    pub fn not_found(message: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::NOT_FOUND, message)
+    }
+
     pub fn overloaded(queued: usize) -> ApiError {
         ApiError {
             retry_after: Some(1),

@@ -5,57 +5,18 @@ mod fake;
 
 use axum::body::Body;
 use axum::http::{Request, StatusCode};
-use fake::Mode;
-use http_body_util::BodyExt;
-use kiln_router::routing::Policy;
+use fake::{call, post, router_over, sse, Mode};
 use kiln_router::upstream::WorkerPool;
 use kiln_router::{api, AppState, RouterConfig};
 use serde_json::{json, Value};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
+use http_body_util::BodyExt;
 use tower::ServiceExt;
-
-async fn router_over(modes: &[Mode], config: RouterConfig) -> (axum::Router, Arc<AppState>, Vec<Arc<fake::Record>>) {
-    let mut addrs = vec![];
-    let mut records = vec![];
-    for &m in modes {
-        let (addr, record) = fake::spawn(m).await;
-        addrs.push(addr);
-        records.push(record);
-    }
-    // Round robin visits every worker first within as many requests as there are workers.
-    let pool = WorkerPool::new(&addrs).unwrap().with_policy(Policy::RoundRobin);
-    pool.refresh_all().await;
-    let state = Arc::new(AppState::new(pool, config));
-    (api::router(Arc::clone(&state)), state, records)
-}
-
-async fn call(app: &axum::Router, method: &str, path: &str, body: Value, headers: &[(&str, &str)]) -> (StatusCode, String) {
-    let mut req = Request::builder().method(method).uri(path).header("content-type", "application/json");
-    for (k, v) in headers {
-        req = req.header(*k, *v);
-    }
-    let response = app.clone().oneshot(req.body(Body::from(body.to_string())).unwrap()).await.unwrap();
-    let status = response.status();
-    let bytes = response.into_body().collect().await.unwrap().to_bytes();
-    (status, String::from_utf8(bytes.to_vec()).unwrap())
-}
-
-async fn post(app: &axum::Router, path: &str, body: Value) -> (StatusCode, Value) {
-    let (status, text) = call(app, "POST", path, body, &[]).await;
-    (status, serde_json::from_str(&text).unwrap_or(Value::String(text)))
-}
 
 fn chat_body() -> Value {
     json!({ "model": "fake", "messages": [{ "role": "user", "content": "hi" }] })
-}
-
-/// The `data:` payloads of an SSE body, and its event names.
-fn sse(text: &str) -> (Vec<String>, Vec<String>) {
-    let data = text.lines().filter_map(|l| l.strip_prefix("data: ")).map(str::to_string).collect();
-    let names = text.lines().filter_map(|l| l.strip_prefix("event: ")).map(str::to_string).collect();
-    (data, names)
 }
 
 #[tokio::test]

@@ -304,7 +304,7 @@ async fn messages_inner(state: &Arc<AppState>, headers: &HeaderMap, body: &[u8],
         return super::anthropic_mcp::respond(run, random_id("msg_")).await;
     }
     let super::ConversationPrompt { tokens: prompt, calls: format, grammar, images } = super::conversation_prompt(&model, &conversation, &tools, &choice, parallel, true)?;
-    check_context(&model, prompt.len(), Some(max_tokens), None, "messages")?;
+    check_context(&model, prompt.len(), Some(max_tokens), None, ("messages", "max_tokens"))?;
     super::images::check_all(&crate::tools::images(&conversation), Default::default()).await?;
     admit(state)?;
     let id = random_id("msg_");

@@ -257,7 +257,7 @@ impl ToolLoop {
         let max_rounds = self.state.config.max_tool_rounds;
         let choice = if round >= max_rounds { ToolChoice::None } else { self.choice.clone() };
         let conversation = super::conversation_prompt(&self.model, &self.turns, &self.all_tools(), &choice, self.parallel, false)?;
-        let budget = check_context(&self.model, conversation.tokens.len(), self.c.max_tokens, self.state.config.limits.max_tokens, "messages")?;
+        let budget = check_context(&self.model, conversation.tokens.len(), self.c.max_tokens, self.state.config.limits.max_tokens, ("messages", "max_tokens"))?;
         let key = crate::routing::RouteKey::new(self.session.as_deref(), &conversation.tokens);
         let prompt_tokens = conversation.tokens.len() as u32;
         let mut request = generate_request(conversation.tokens, &self.c, false, 0, &random_id("chatcmpl-"), conversation.grammar);

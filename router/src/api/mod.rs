@@ -10,6 +10,7 @@ mod images;
 mod mcp_loop;
 pub(crate) mod openai;
 mod openai_format;
+mod responses;
 mod sse;
 mod structured;
 mod tokenize;
@@ -23,7 +24,7 @@ use axum::extract::{MatchedPath, Request, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{any, get, post};
 use axum::Router;
 use kiln_shared::chat::ChatMessage;
 use std::sync::atomic::Ordering;
@@ -43,6 +44,8 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/embeddings", post(embeddings::embeddings))
         .route("/v1/models", get(openai::models))
         .route("/v1/models/{id}", get(openai::model))
+        .route("/v1/responses", post(responses::create))
+        .route("/v1/responses/{*rest}", any(responses::not_stored))
         .route("/v1/messages", post(anthropic::messages))
         .route("/v1/messages/count_tokens", post(anthropic::count_tokens))
         .route("/tokenize", post(tokenize::tokenize))
@@ -386,11 +389,11 @@ pub fn valid_tool_name(name: &str) -> Result<(), &'static str> {
 }
 
 /// Checks that the prompt and the requested completion fit the model's context, and returns
-/// the completion's budget: what the request asked for; else `default` (the router's
+/// the completion's budget: what the request asked for (in the field named `budget`); else `default` (the router's
 /// `--max-tokens`, which a request leaving the field out must not escape; OpenAI's 16 for
 /// legacy completions) cut to the context the prompt leaves; else none (until the context
 /// is full).
-pub fn check_context(model: &ModelState, prompt_tokens: usize, max_tokens: Option<u32>, default: Option<u32>, param: &str) -> Result<Option<u32>, ApiError> {
+pub fn check_context(model: &ModelState, prompt_tokens: usize, max_tokens: Option<u32>, default: Option<u32>, (param, budget): (&str, &str)) -> Result<Option<u32>, ApiError> {
     let context = model.info.context_length as usize;
     if prompt_tokens == 0 {
         return Err(ApiError::field(param, "the prompt is empty"));
@@ -404,7 +407,7 @@ pub fn check_context(model: &ModelState, prompt_tokens: usize, max_tokens: Optio
     if let Some(max) = max_tokens {
         if prompt_tokens + max as usize > context {
             return Err(ApiError::field(
-                "max_tokens",
+                budget,
                 format!(
                     "the model's context is {context} tokens, but {} were requested ({prompt_tokens} in the prompt, {max} for the completion)",
                     prompt_tokens + max as usize

@@ -46,7 +46,7 @@ fn fields<'a>(map: &'a Map<String, Value>, own: &[&str], unsupported: &[&str]) -
 /// Runs a handler and answers its error, labelling the response with the model either way.
 /// The request's `model`; left out, the one text-generation model served (as vLLM and
 /// llama.cpp's server take it, so clients written for them work unchanged).
-fn model_of(state: &AppState, f: &Fields) -> Result<String, ApiError> {
+pub(super) fn model_of(state: &AppState, f: &Fields) -> Result<String, ApiError> {
     if let Some(id) = f.str("model")? {
         return Ok(id.to_string());
     }
@@ -289,7 +289,8 @@ pub(crate) async fn chat_inner(state: &Arc<AppState>, headers: &HeaderMap, body:
     }
     let constraint = conversation.grammar.or(constraint);
     let (prompt, calls) = (conversation.tokens, conversation.calls);
-    c.max_tokens = check_context(&model, prompt.len(), c.max_tokens, state.config.limits.max_tokens, "messages")?;
+    let budget = if max_completion.is_some() { "max_completion_tokens" } else { "max_tokens" };
+    c.max_tokens = check_context(&model, prompt.len(), c.max_tokens, state.config.limits.max_tokens, ("messages", budget))?;
     super::images::check_all(&crate::tools::images(&turns), Default::default()).await?;
     admit(state)?;
     let id = random_id("chatcmpl-");
@@ -544,7 +545,7 @@ pub(crate) async fn completions_inner(state: &Arc<AppState>, headers: &HeaderMap
     let mut requests = Vec::with_capacity(prompts.len());
     for (i, (prompt, _)) in prompts.iter().enumerate() {
         let field = if prompts.len() == 1 { "prompt".to_string() } else { format!("prompt[{i}]") };
-        let budget = check_context(&model, prompt.len(), c.max_tokens, Some(default), &field)?;
+        let budget = check_context(&model, prompt.len(), c.max_tokens, Some(default), (&field, "max_tokens"))?;
         let mut request = generate_request(prompt.clone(), &c, logprobs.is_some(), logprobs.unwrap_or(0) as u32, &id, constraint.clone());
         request.max_tokens = budget;
         // Echoed prompt tokens come with their log-probabilities too (as lm-evaluation-harness

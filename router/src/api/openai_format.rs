@@ -158,7 +158,13 @@ fn token_text(tokenizer: &Tokenizer, id: u32) -> (String, Vec<u8>) {
 
 /// Chat's `logprobs.content` entries for some tokens.
 pub fn chat_logprobs(tokenizer: &Tokenizer, tokens: &[pb::TokenEvent]) -> Value {
-    let content: Vec<Value> = tokens
+    json!({ "content": token_logprobs(tokenizer, tokens), "refusal": null })
+}
+
+/// Each token's text, bytes, log-probability and alternatives (chat's `logprobs.content`
+/// entries, the Responses API's `logprobs`).
+pub fn token_logprobs(tokenizer: &Tokenizer, tokens: &[pb::TokenEvent]) -> Vec<Value> {
+    tokens
         .iter()
         .map(|t| {
             let (text, bytes) = token_text(tokenizer, t.token);
@@ -172,8 +178,7 @@ pub fn chat_logprobs(tokenizer: &Tokenizer, tokens: &[pb::TokenEvent]) -> Value 
                 .collect();
             json!({ "token": text, "logprob": t.logprob.unwrap_or(0.0), "bytes": bytes, "top_logprobs": top })
         })
-        .collect();
-    json!({ "content": content, "refusal": null })
+        .collect()
 }
 
 /// A legacy `top_logprobs` entry: each alternative's text and log-probability.

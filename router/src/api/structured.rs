@@ -1,7 +1,7 @@
-//! Structured output: OpenAI's `response_format` and kiln's `grammar` extension, read into
-//! the constraint the worker enforces token by token (docs/api.md). The grammar itself is
-//! checked by the worker, which compiles it against the model's vocabulary; its complaints
-//! come back as 400s naming the problem.
+//! Structured output: OpenAI's `response_format` (the Responses API's `text.format`) and
+//! kiln's `grammar` extension, read into the constraint the worker enforces token by token
+//! (docs/api.md). The grammar itself is checked by the worker, which compiles it against the
+//! model's vocabulary; its complaints come back as 400s naming the problem.
 
 use crate::error::ApiError;
 use crate::params::Fields;
@@ -24,22 +24,50 @@ fn response_format(f: &Fields) -> Result<Option<pb::Constraint>, ApiError> {
         Some("json_schema") => {
             let Some(js) = rf.object("json_schema")? else { return Err(ApiError::field(rf.name("json_schema"), "is required when type is json_schema")) };
             let js = Fields::new(js, "response_format.json_schema.", &["name", "schema", "strict", "description"], &[])?;
-            let name = js.str("name")?.ok_or_else(|| ApiError::field(js.name("name"), "is required"))?;
-            if name.is_empty() || name.len() > 64 || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-') {
-                return Err(ApiError::field(js.name("name"), "must be 1 to 64 letters, digits, underscores or dashes"));
-            }
-            js.bool("strict")?;
-            js.str("description")?;
-            // Without a schema any JSON value is allowed.
-            let schema = match js.get("schema") {
-                None => Value::Object(Default::default()),
-                Some(s @ (Value::Object(_) | Value::Bool(_))) => s.clone(),
-                Some(_) => return Err(ApiError::field(js.name("schema"), "expected a JSON Schema object")),
-            };
-            Ok(constraint(Kind::JsonSchema(schema.to_string())))
+            named_schema(&js).map(Some)
         }
         Some(other) => Err(ApiError::field(rf.name("type"), format!("unknown type `{other}`; expected text, json_object or json_schema"))),
         None => Err(ApiError::field(rf.name("type"), "is required")),
+    }
+}
+
+/// A named JSON Schema (`name`, `schema`?, `strict`?, `description`?): chat's
+/// `response_format.json_schema`, and the Responses API's `text.format` beside its `type`.
+fn named_schema(js: &Fields) -> Result<pb::Constraint, ApiError> {
+    let name = js.str("name")?.ok_or_else(|| ApiError::field(js.name("name"), "is required"))?;
+    if name.is_empty() || name.len() > 64 || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-') {
+        return Err(ApiError::field(js.name("name"), "must be 1 to 64 letters, digits, underscores or dashes"));
+    }
+    js.bool("strict")?;
+    js.str("description")?;
+    // Without a schema any JSON value is allowed.
+    let schema = match js.get("schema") {
+        None => Value::Object(Default::default()),
+        Some(s @ (Value::Object(_) | Value::Bool(_))) => s.clone(),
+        Some(_) => return Err(ApiError::field(js.name("schema"), "expected a JSON Schema object")),
+    };
+    Ok(pb::Constraint { kind: Some(Kind::JsonSchema(schema.to_string())) })
+}
+
+/// The Responses API's `text`: `{"format": {"type": "text"} | {"type": "json_object"} |
+/// {"type": "json_schema", "name", "schema"?, "strict"?, "description"?}, "verbosity"?}`.
+/// `verbosity` is a hint for OpenAI's reasoning models, accepted and not acted on.
+pub fn text_format(f: &Fields) -> Result<Option<pb::Constraint>, ApiError> {
+    let Some(text) = f.object("text")? else { return Ok(None) };
+    let t = Fields::new(text, "text.", &["format", "verbosity"], &[])?;
+    if let Some(v) = t.str("verbosity")?.filter(|v| !matches!(*v, "low" | "medium" | "high")) {
+        return Err(ApiError::field(t.name("verbosity"), format!("unknown value `{v}`; expected low, medium or high")));
+    }
+    let Some(format) = t.object("format")? else { return Ok(None) };
+    let kind = format.get("type").and_then(Value::as_str);
+    let known: &[&str] = if kind == Some("json_schema") { &["type", "name", "schema", "strict", "description"] } else { &["type"] };
+    let format = Fields::new(format, "text.format.", known, &[])?;
+    match format.str("type")? {
+        Some("text") => Ok(None),
+        Some("json_object") => Ok(constraint(Kind::JsonObject(true))),
+        Some("json_schema") => named_schema(&format).map(Some),
+        Some(other) => Err(ApiError::field(format.name("type"), format!("unknown type `{other}`; expected text, json_object or json_schema"))),
+        None => Err(ApiError::field(format.name("type"), "is required")),
     }
 }
 

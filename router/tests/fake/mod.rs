@@ -4,8 +4,16 @@
 
 #![allow(dead_code)]
 
+use axum::body::Body;
+use axum::http::{Request as HttpRequest, StatusCode};
+use http_body_util::BodyExt;
 use kiln_proto::v1 as pb;
 use kiln_proto::v1::worker_server::{Worker, WorkerServer};
+use kiln_router::routing::Policy;
+use kiln_router::upstream::WorkerPool;
+use kiln_router::{api, AppState, RouterConfig};
+use serde_json::Value;
+use tower::ServiceExt;
 use kiln_shared::tokenizer::{PreTokenizer, TokenKind, TokenizerModel, TokenizerSpec};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -15,15 +23,22 @@ use tokio::sync::mpsc;
 use tonic::{Request, Response, Status};
 
 pub const REPLY: &str = "Hello world";
+/// What Mode::Calls answers: one call in the Hermes format kiln's generic tool prompt asks for.
+pub const CALL_REPLY: &str = "<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Paris\"}}\n</tool_call>";
 pub const CONTEXT: u32 = 64;
+/// The context of a worker that must take a prompt describing tools.
+pub const LONG_CONTEXT: u32 = 4096;
 /// Prompt tokens every generation reports as found in the prefix cache (fewer for a
 /// shorter prompt).
 pub const CACHED: usize = 3;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Mode {
-    /// Streams REPLY, one byte per token, for each of the n completions.
+    /// Streams REPLY, one byte per token, for each of the n completions; cut off (finish
+    /// `length`) at the request's `max_tokens`.
     Reply,
+    /// As Reply, with CALL_REPLY.
+    Calls,
     /// Refuses every call as if down.
     Unavailable,
     /// Refuses every generation as a bad request.
@@ -80,6 +95,7 @@ pub struct FakeWorker {
     pub mode: Mode,
     pub record: Arc<Record>,
     pub model_id: String,
+    pub context: u32,
 }
 
 type Events = Pin<Box<dyn tokio_stream::Stream<Item = Result<pb::GenerateEvent, Status>> + Send>>;
@@ -151,7 +167,7 @@ impl Worker for FakeWorker {
             model_id: self.model_id.clone(),
             display_name: "fake".into(),
             architecture: "llama".into(),
-            context_length: CONTEXT,
+            context_length: self.context,
             vocab_size: 258,
             tokenizer_json: serde_json::to_vec(&tokenizer_spec()).unwrap(),
             chat_template: kiln_shared::chat::builtin_template("llama").into(),
@@ -180,25 +196,32 @@ impl Worker for FakeWorker {
         let (mode, record, prompt) = (self.mode, Arc::clone(&self.record), req.prompt.len());
         tokio::spawn(async move {
             let n = req.n.max(1);
-            if req.prompt_logprobs.is_some() && matches!(mode, Mode::Reply | Mode::DiesMidStream) {
+            if req.prompt_logprobs.is_some() && matches!(mode, Mode::Reply | Mode::Calls | Mode::DiesMidStream) {
                 for e in prompt_logprobs(&req.prompt) {
                     let _ = tx.send(Ok(e)).await;
                 }
             }
             let ok = match mode {
-                Mode::Reply => {
+                Mode::Reply | Mode::Calls => {
+                    let reply = if mode == Mode::Calls { CALL_REPLY } else { REPLY };
                     let mut ok = true;
                     // A resumed completion continues the reply after the bytes already sent.
                     let (indices, skip) = match &req.resume {
                         Some(r) => (vec![r.index], r.tokens.len()),
                         None => ((0..n).collect(), 0),
                     };
+                    let budget = req.max_tokens.map_or(reply.len(), |m| m as usize);
+                    let end = reply.len().min(skip + budget);
                     for index in indices {
-                        for (i, &b) in REPLY.as_bytes()[skip.min(REPLY.len())..].iter().enumerate() {
+                        for (i, &b) in reply.as_bytes()[skip.min(end)..end].iter().enumerate() {
                             let event = if i == 0 { first_token(index, b, prompt) } else { token(index, b) };
                             ok &= tx.send(Ok(event)).await.is_ok();
                         }
-                        ok &= tx.send(Ok(done(index, prompt, REPLY.len()))).await.is_ok();
+                        let mut last = done(index, prompt, end);
+                        if let Some(pb::generate_event::Event::Done(d)) = last.event.as_mut().filter(|_| end < reply.len()) {
+                            d.finish = pb::FinishReason::Length as i32;
+                        }
+                        ok &= tx.send(Ok(last)).await.is_ok();
                     }
                     ok
                 }
@@ -261,8 +284,13 @@ pub async fn spawn(mode: Mode) -> (String, Arc<Record>) {
 
 /// A fake worker whose model is called `model_id`.
 pub async fn spawn_serving(mode: Mode, model_id: &str) -> (String, Arc<Record>) {
+    spawn_with_context(mode, model_id, CONTEXT).await
+}
+
+/// A fake worker whose model has a context of `context` tokens.
+pub async fn spawn_with_context(mode: Mode, model_id: &str, context: u32) -> (String, Arc<Record>) {
     let record = Arc::new(Record::default());
-    let worker = FakeWorker { mode, record: Arc::clone(&record), model_id: model_id.into() };
+    let worker = FakeWorker { mode, record: Arc::clone(&record), model_id: model_id.into(), context };
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap().to_string();
     tokio::spawn(
@@ -271,4 +299,45 @@ pub async fn spawn_serving(mode: Mode, model_id: &str) -> (String, Arc<Record>) 
             .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
     );
     (addr, record)
+}
+
+// What the tests drive the router with.
+
+pub async fn router_over(modes: &[Mode], config: RouterConfig) -> (axum::Router, Arc<AppState>, Vec<Arc<Record>>) {
+    let mut addrs = vec![];
+    let mut records = vec![];
+    for &m in modes {
+        let context = if m == Mode::Calls { LONG_CONTEXT } else { CONTEXT };
+        let (addr, record) = spawn_with_context(m, "fake", context).await;
+        addrs.push(addr);
+        records.push(record);
+    }
+    // Round robin visits every worker first within as many requests as there are workers.
+    let pool = WorkerPool::new(&addrs).unwrap().with_policy(Policy::RoundRobin);
+    pool.refresh_all().await;
+    let state = Arc::new(AppState::new(pool, config));
+    (api::router(Arc::clone(&state)), state, records)
+}
+
+pub async fn call(app: &axum::Router, method: &str, path: &str, body: Value, headers: &[(&str, &str)]) -> (StatusCode, String) {
+    let mut req = HttpRequest::builder().method(method).uri(path).header("content-type", "application/json");
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    let response = app.clone().oneshot(req.body(Body::from(body.to_string())).unwrap()).await.unwrap();
+    let status = response.status();
+    let bytes = response.into_body().collect().await.unwrap().to_bytes();
+    (status, String::from_utf8(bytes.to_vec()).unwrap())
+}
+
+pub async fn post(app: &axum::Router, path: &str, body: Value) -> (StatusCode, Value) {
+    let (status, text) = call(app, "POST", path, body, &[]).await;
+    (status, serde_json::from_str(&text).unwrap_or(Value::String(text)))
+}
+
+/// The `data:` payloads of an SSE body, and its event names.
+pub fn sse(text: &str) -> (Vec<String>, Vec<String>) {
+    let data = text.lines().filter_map(|l| l.strip_prefix("data: ")).map(str::to_string).collect();
+    let names = text.lines().filter_map(|l| l.strip_prefix("event: ")).map(str::to_string).collect();
+    (data, names)
 }
