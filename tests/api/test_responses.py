@@ -131,3 +131,43 @@ def test_what_kiln_cannot_do_is_refused_by_field(oai, model):
     with pytest.raises(openai.BadRequestError) as e:
         oai.responses.create(model=model, input=[{"type": "function_call_output", "call_id": "call_1", "output": "x"}])
     assert e.value.body["param"] == "input[0].call_id"
+
+
+class Forecast(pydantic.BaseModel):
+    city: str = pydantic.Field(max_length=20)
+    celsius: int
+
+
+def test_an_openai_agents_sdk_agent_runs_on_kiln(router, model):
+    """OpenAI's Agents SDK talks to the Responses API: a tool-using agent (whole and streamed)
+    and an agent with a typed output run unchanged."""
+    import asyncio
+    from agents import Agent, ModelSettings, Runner, function_tool, set_tracing_disabled
+    from agents.models.openai_responses import OpenAIResponsesModel
+
+    set_tracing_disabled(True)
+    called = []
+
+    @function_tool
+    def get_weather(city: str) -> str:
+        """Current weather in a city."""
+        called.append(city)
+        return f"18 degrees celsius and sunny in {city}"
+
+    async def run():
+        llm = OpenAIResponsesModel(model=model, openai_client=openai.AsyncOpenAI(base_url=f"{router.url}/v1", api_key="unused", max_retries=0))
+        agent = Agent(name="weather", instructions="Use the tool to answer weather questions.", tools=[get_weather], model=llm,
+                      model_settings=ModelSettings(temperature=0, max_tokens=120, tool_choice="required", parallel_tool_calls=False),
+                      tool_use_behavior="stop_on_first_tool")
+        whole = await Runner.run(agent, "What is the weather in Paris?", max_turns=2)
+        streamed = Runner.run_streamed(agent, "What is the weather in Rome?", max_turns=2)
+        deltas = [e async for e in streamed.stream_events() if e.type == "raw_response_event" and e.data.type == "response.function_call_arguments.delta"]
+        typed = Agent(name="typed", instructions="Report the weather: Paris, 18 degrees celsius.", model=llm, output_type=Forecast,
+                      model_settings=ModelSettings(temperature=0, max_tokens=80))
+        return whole, streamed, deltas, await Runner.run(typed, "Weather report please.", max_turns=1)
+
+    whole, streamed, deltas, typed = asyncio.run(run())
+    assert len(called) == 2 and all(called), called
+    assert whole.final_output == f"18 degrees celsius and sunny in {called[0]}"
+    assert streamed.final_output == f"18 degrees celsius and sunny in {called[1]}" and deltas
+    assert isinstance(typed.final_output, Forecast)
