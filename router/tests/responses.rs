@@ -222,7 +222,7 @@ async fn what_cannot_work_is_refused_naming_the_field() {
         (with("tool_choice", json!("required")), "tool_choice", "needs `tools`"),
         (with("text", json!({ "format": { "type": "json_schema", "schema": {} } })), "text.format.name", "is required"),
         (with("text", json!({ "format": { "type": "xml" } })), "text.format.type", "unknown type"),
-        (with("truncation", json!("auto")), "truncation", "not supported"),
+        (with("truncation", json!("middle")), "truncation", "unknown value"),
         (with("include", json!(["file_search_call.results"])), "include[0]", "not supported"),
         (with("reasoning", json!({ "effort": "high" })), "reasoning", "not supported"),
         (with("max_output_tokens", json!(1000)), "max_output_tokens", "out of range"),
@@ -263,4 +263,38 @@ async fn a_json_schema_text_format_becomes_the_constraint() {
     let sent = records[0].requests.lock().unwrap()[0].clone();
     let Some(kiln_proto::v1::constraint::Kind::JsonSchema(schema)) = sent.constraint.and_then(|c| c.kind) else { panic!("a JSON Schema constraint") };
     assert_eq!(serde_json::from_str::<Value>(&schema).unwrap(), format["schema"]);
+}
+
+#[tokio::test]
+async fn truncation_auto_drops_the_oldest_exchanges_until_the_conversation_fits() {
+    let (app, _, records) = router_over(&[Mode::Reply], RouterConfig::default()).await;
+    let old = "a".repeat(30);
+    let input = json!([
+        { "role": "user", "content": old },
+        { "type": "function_call", "call_id": "c1", "name": "get_weather", "arguments": "{}" },
+        { "type": "function_call_output", "call_id": "c1", "output": "b".repeat(20) },
+        { "role": "assistant", "content": "c".repeat(20) },
+        { "role": "user", "content": "hi" },
+    ]);
+    let body = json!({ "model": "fake", "instructions": "sys", "input": input, "max_output_tokens": 4, "tools": [weather_tool()], "tool_choice": "none" });
+    let (status, v) = post(&app, "/v1/responses", body.clone()).await;
+    assert_eq!((status, v["error"]["param"].as_str()), (StatusCode::BAD_REQUEST, Some("input")), "too long without truncation: {v}");
+    assert!(v["error"]["message"].as_str().unwrap().contains("context"), "{v}");
+    let mut auto = body;
+    auto["truncation"] = json!("auto");
+    let (status, r) = post(&app, "/v1/responses", auto).await;
+    assert_eq!(status, StatusCode::OK, "{r}");
+    assert_eq!(r["truncation"], "auto");
+    // The first exchange went whole (the call's output with its call); the instructions and
+    // the last message stayed.
+    let sent = records[0].requests.lock().unwrap()[0].clone();
+    let prompt: String = sent.prompt.iter().filter(|&&t| t < 256).map(|&t| t as u8 as char).collect();
+    assert!(prompt.contains("sys") && prompt.contains("hi"), "{prompt}");
+    assert!(!prompt.contains(&old), "{prompt}");
+    assert!(!prompt.contains("bbbb") && !prompt.contains("cccc"), "{prompt}");
+    assert!(sent.prompt.len() + 4 <= fake::CONTEXT as usize);
+    // Even the last exchange alone does not fit: refused with its size.
+    let long = json!({ "model": "fake", "input": "x".repeat(80), "truncation": "auto" });
+    let (status, v) = post(&app, "/v1/responses", long).await;
+    assert_eq!((status, v["error"]["param"].as_str()), (StatusCode::BAD_REQUEST, Some("input")), "{v}");
 }

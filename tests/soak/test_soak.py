@@ -173,6 +173,25 @@ class Soak:
                 self.counts[kind] += 1
             else:
                 self.fail(f"{kind} {p!r}: {got!r}")
+        elif kind == "valid response":
+            # The Responses API, streamed: the deltas make the chat reference's text.
+            body = {"model": MODEL, "input": p, "max_output_tokens": 8, "temperature": 0, "stream": True}
+            text, last = [], None
+            async with client.stream("POST", f"{self.url}/v1/responses", json=body) as r:
+                async for line in r.aiter_lines():
+                    if line.startswith("data: "):
+                        event = json.loads(line[6:])
+                        last = event["type"]
+                        if last == "response.output_text.delta":
+                            text.append(event["delta"])
+            got = "".join(text)
+            if got == self.ref[("chat", p, 8)] and last in ("response.completed", "response.incomplete"):
+                self.counts[kind] += 1
+            else:
+                self.fail(f"{kind} {p!r}: {got!r} ending {last}")
+        elif kind == "responses stored state":
+            r = await client.post(f"{self.url}/v1/responses", json={"model": MODEL, "input": p, "previous_response_id": "resp_1"})
+            self.expect_error(kind, r, 400, needle="previous_response_id")
         elif kind == "stream dropped mid-way":
             await self.stream_text(client, chat_body(p, 16), drop_after=rng.randint(1, 12))
             self.counts[kind] += 1
@@ -215,7 +234,7 @@ class Soak:
 MIX = {
     "malformed JSON": 10, "wrong type": 8, "out of range": 8, "unknown model": 8, "prompt over the context": 3,
     "body over the limit": 2, "invalid UTF-8": 6, "anthropic bad request": 6, "upload abandoned half-way": 5,
-    "valid chat": 10, "valid anthropic": 4, "stream dropped mid-way": 6, "slow reader": 2, "n at its limit": 2, "tokenize": 7,
+    "valid chat": 10, "valid anthropic": 4, "valid response": 4, "responses stored state": 3, "stream dropped mid-way": 6, "slow reader": 2, "n at its limit": 2, "tokenize": 7,
 }
 
 

@@ -8,12 +8,13 @@
 
 use super::openai_format::{self as fmt, Common};
 use super::sse::{self, Step};
-use super::{admit, answer, check_context, collect, random_id, unix_now, Totals};
+use super::{admit, answer, check_context, collect, random_id, unix_now, ConversationPrompt, Totals};
 use crate::error::{ApiError, Flavor};
 use crate::generate::{Generation, Update};
 use crate::params::{parse_object, Fields};
 use crate::routing::RouteKey;
 use crate::tools::{CallReader, Delta, Format, Part, Tool, ToolCall, ToolChoice, Turn};
+use crate::upstream::ModelState;
 use crate::AppState;
 use axum::body::Bytes;
 use axum::extract::{Path, State};
@@ -94,18 +95,22 @@ async fn create_inner(state: &Arc<AppState>, headers: &HeaderMap, body: &[u8], m
     let max_output = f.int("max_output_tokens", 1, i64::from(model.info.context_length))?.map(|m| m as u32);
     fmt::check_max_tokens(max_output, "max_output_tokens", limits)?;
     let (logprobs, top_logprobs) = logprobs_wanted(&f)?;
-    match f.str("truncation")? {
-        None | Some("disabled") => {}
-        Some("auto") => return Err(ApiError::field("truncation", "`auto` is not supported: kiln does not drop input items; a conversation longer than the context is refused with its size")),
-        Some(other) => return Err(ApiError::field("truncation", format!("unknown value `{other}`; expected disabled"))),
-    }
+    let truncate = match f.str("truncation")? {
+        None | Some("disabled") => false,
+        Some("auto") => true,
+        Some(other) => return Err(ApiError::field("truncation", format!("unknown value `{other}`; expected disabled or auto"))),
+    };
     f.int("max_tool_calls", 1, i64::from(u32::MAX))?;
     f.bool("store")?;
     for key in ["safety_identifier", "prompt_cache_key"] {
         f.str(key)?;
     }
     let metadata = metadata(&f)?;
-    let conversation = super::conversation_prompt(&model, &turns, &tools, &choice, parallel, false)?;
+    let conversation = if truncate {
+        fitted(&model, &mut turns, &tools, &choice, parallel, max_output)?
+    } else {
+        super::conversation_prompt(&model, &turns, &tools, &choice, parallel, false).map_err(named_input)?
+    };
     if conversation.grammar.is_some() && format.is_some() {
         return Err(ApiError::field("tool_choice", "function calls cannot be combined with a json_object or json_schema `text.format`; set tool_choice to none"));
     }
@@ -145,6 +150,37 @@ async fn create_inner(state: &Arc<AppState>, headers: &HeaderMap, body: &[u8], m
     let status = Status::of(&done);
     output.finish(status);
     Ok(Json(head.finished(status, &output.items, &totals)).into_response())
+}
+
+/// The prompt builder's errors name chat's `messages`; here the conversation is `input`.
+fn named_input(e: ApiError) -> ApiError {
+    match e.param.as_deref() {
+        Some("messages") => ApiError::field("input", e.message.strip_prefix("`messages`: ").unwrap_or(&e.message)),
+        _ => e,
+    }
+}
+
+/// `truncation: "auto"`: while the prompt and `max_output_tokens` (at least one token) do not
+/// fit the context, drops the oldest exchange (a user message and what follows it up to the
+/// next user message: answers, calls and their outputs go together, so no output is left
+/// without its call). Leading system messages (`instructions`) stay, and so does the last
+/// exchange: a conversation that does not fit even then is refused with its size.
+fn fitted(model: &ModelState, turns: &mut Vec<Turn>, tools: &[Tool], choice: &ToolChoice, parallel: bool, max_output: Option<u32>) -> Result<ConversationPrompt, ApiError> {
+    let context = model.info.context_length as usize;
+    loop {
+        let conversation = super::conversation_prompt(model, turns, tools, choice, parallel, false).map_err(named_input)?;
+        if conversation.tokens.len() + max_output.unwrap_or(1) as usize <= context || !drop_oldest_exchange(turns) {
+            return Ok(conversation);
+        }
+    }
+}
+
+/// Drops the first exchange after the leading system messages; false when it is the last.
+fn drop_oldest_exchange(turns: &mut Vec<Turn>) -> bool {
+    let Some(first) = turns.iter().position(|t| t.role != "system") else { return false };
+    let Some(next) = turns[first + 1..].iter().position(|t| t.role == "user") else { return false };
+    turns.drain(first..first + 1 + next);
+    true
 }
 
 /// The conversation in `instructions` and `input`: a string (one user message) or an array
@@ -408,7 +444,7 @@ fn echo(f: &Fields, model: &str, c: &Common, max_output: Option<u32>, tools: &[T
         "tools": tools,
         "top_logprobs": f.get("top_logprobs").cloned().unwrap_or(json!(0)),
         "top_p": c.sampling.top_p,
-        "truncation": "disabled",
+        "truncation": f.str("truncation")?.unwrap_or("disabled"),
         "user": c.user,
     });
     Ok(match echoed {
@@ -670,4 +706,44 @@ fn stream(generation: Generation, head: Head, mut output: Output, entries: impl 
         let response = head.failed(&output.items, &error);
         vec![output.event("response.failed", json!({ "response": response }))]
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn truncation_drops_whole_exchanges_and_keeps_the_instructions_and_the_last() {
+        let turn = |role: &str, content: &str| Turn { role: role.into(), content: content.into(), ..Turn::default() };
+        let mut turns = vec![
+            turn("system", "instructions"),
+            turn("user", "q1"),
+            Turn { role: "assistant".into(), tool_calls: vec![ToolCall { id: "c".into(), name: "f".into(), arguments: "{}".into() }], ..Turn::default() },
+            turn("tool", "out"),
+            turn("assistant", "a1"),
+            turn("user", "q2"),
+            turn("assistant", "a2"),
+            turn("user", "q3"),
+        ];
+        let contents = |turns: &[Turn]| turns.iter().map(|t| t.content.clone()).collect::<Vec<_>>();
+        assert!(drop_oldest_exchange(&mut turns));
+        assert_eq!(contents(&turns), ["instructions", "q2", "a2", "q3"]);
+        assert!(drop_oldest_exchange(&mut turns));
+        assert_eq!(contents(&turns), ["instructions", "q3"]);
+        assert!(!drop_oldest_exchange(&mut turns));
+        assert_eq!(contents(&turns), ["instructions", "q3"]);
+        // A conversation that opens with an answer loses it up to the first question.
+        let mut turns = vec![turn("assistant", "hello"), turn("tool", "x"), turn("user", "q")];
+        assert!(drop_oldest_exchange(&mut turns));
+        assert_eq!(contents(&turns), ["q"]);
+    }
+
+    #[test]
+    fn prompt_errors_name_input_not_messages() {
+        let e = named_input(ApiError::field("messages", "the template failed: roles must alternate"));
+        assert_eq!(e.param.as_deref(), Some("input"));
+        assert_eq!(e.message, "`input`: the template failed: roles must alternate");
+        let other = ApiError::field("input[0].content[1].image_url", "is not a usable image");
+        assert_eq!(named_input(other.clone()), other);
+    }
 }
