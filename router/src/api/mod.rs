@@ -388,6 +388,36 @@ pub fn valid_tool_name(name: &str) -> Result<(), &'static str> {
     Ok(())
 }
 
+/// A function tool: `name`, `description`, `parameters` (no arguments when left out) and
+/// `strict` (`strict_by_default` when left out) of chat's `function` object or of a Responses
+/// API tool; its name must differ from the tools before it and the request's MCP tools.
+pub fn function_tool(fun: &crate::params::Fields, earlier: &[Tool], mcp: &[&str], strict_by_default: bool) -> Result<Tool, ApiError> {
+    let name = fun.str("name")?.ok_or_else(|| ApiError::field(fun.name("name"), "is required"))?;
+    valid_tool_name(name).map_err(|e| ApiError::field(fun.name("name"), e))?;
+    if earlier.iter().any(|t| t.name == name) {
+        return Err(ApiError::field(fun.name("name"), format!("`{name}` is given twice")));
+    }
+    if mcp.contains(&name) {
+        return Err(ApiError::field(fun.name("name"), format!("`{name}` is also the name of an MCP tool this request uses")));
+    }
+    let parameters = match fun.get("parameters") {
+        None => serde_json::json!({"type": "object", "properties": {}}),
+        Some(p @ serde_json::Value::Object(_)) => p.clone(),
+        Some(_) => return Err(ApiError::field(fun.name("parameters"), "expected a JSON Schema object")),
+    };
+    Ok(Tool { name: name.to_string(), description: fun.str("description")?.map(str::to_string), parameters, strict: fun.bool("strict")?.unwrap_or(strict_by_default) })
+}
+
+/// OpenAI's `tool_choice` given as a word.
+pub fn tool_choice_word(word: &str) -> Result<ToolChoice, ApiError> {
+    match word {
+        "none" => Ok(ToolChoice::None),
+        "auto" => Ok(ToolChoice::Auto),
+        "required" => Ok(ToolChoice::Required),
+        other => Err(ApiError::field("tool_choice", format!("unknown value `{other}`; expected none, auto, required or a function"))),
+    }
+}
+
 /// Checks that the prompt and the requested completion fit the model's context, and returns
 /// the completion's budget: what the request asked for (in the field named `budget`); else `default` (the router's
 /// `--max-tokens`, which a request leaving the field out must not escape; OpenAI's 16 for

@@ -168,36 +168,13 @@ fn chat_tools(f: &Fields, mcp: &[&str]) -> Result<(Vec<Tool>, ToolChoice, bool),
         }
         let Some(function) = t.object("function")? else { return Err(ApiError::field(t.name("function"), "is required")) };
         let fun = Fields::new(function, &format!("{p}function."), &["name", "description", "parameters", "strict"], &[])?;
-        let name = fun.str("name")?.ok_or_else(|| ApiError::field(fun.name("name"), "is required"))?;
-        super::valid_tool_name(name).map_err(|e| ApiError::field(fun.name("name"), e))?;
-        if tools.iter().any(|t| t.name == name) {
-            return Err(ApiError::field(fun.name("name"), format!("`{name}` is given twice")));
-        }
-        if mcp.contains(&name) {
-            return Err(ApiError::field(fun.name("name"), format!("`{name}` is also the name of an MCP tool this request uses")));
-        }
-        let parameters = match fun.get("parameters") {
-            None => json!({"type": "object", "properties": {}}),
-            Some(p @ Value::Object(_)) => p.clone(),
-            Some(_) => return Err(ApiError::field(fun.name("parameters"), "expected a JSON Schema object")),
-        };
-        tools.push(Tool {
-            name: name.to_string(),
-            description: fun.str("description")?.map(str::to_string),
-            parameters,
-            strict: fun.bool("strict")?.unwrap_or(false),
-        });
+        tools.push(super::function_tool(&fun, &tools, mcp, false)?);
     }
     let none_offered = tools.is_empty() && mcp.is_empty();
     let choice = match f.get("tool_choice") {
         None if none_offered => ToolChoice::None,
         None => ToolChoice::Auto,
-        Some(Value::String(s)) => match s.as_str() {
-            "none" => ToolChoice::None,
-            "auto" => ToolChoice::Auto,
-            "required" => ToolChoice::Required,
-            other => return Err(ApiError::field("tool_choice", format!("unknown value `{other}`; expected none, auto, required or a function"))),
-        },
+        Some(Value::String(s)) => super::tool_choice_word(s)?,
         Some(Value::Object(o)) => {
             let c = Fields::new(o, "tool_choice.", &["type", "function"], &[])?;
             if c.str("type")? != Some("function") {

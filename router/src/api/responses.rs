@@ -129,19 +129,18 @@ async fn create_inner(state: &Arc<AppState>, headers: &HeaderMap, body: &[u8], m
     let mut request = super::openai::generate_request(prompt, &c, logprobs, top_logprobs, &head.id, constraint);
     request.images = conversation.images;
     let mut generation = Generation::start(state, &model, request, key, started).await?;
-    let tokenizer = Arc::clone(&model);
-    let entries = move |t: &pb::TokenEvent| if logprobs { fmt::token_logprobs(&tokenizer.tokenizer, std::slice::from_ref(t)) } else { Vec::new() };
-    let output = Output::new(conversation.calls);
+    let vocabulary = Arc::clone(&model);
+    let logprobs_of = move |t: &pb::TokenEvent| if logprobs { fmt::token_logprobs(&vocabulary.tokenizer, std::slice::from_ref(t)) } else { Vec::new() };
+    let mut output = Output::new(conversation.calls);
     if c.stream {
-        return Ok(stream(generation, head, output, entries));
+        return Ok(stream(generation, head, output, logprobs_of));
     }
     let (choices, totals) = collect(&mut generation, 1, logprobs).await?;
     let choice = choices.into_iter().next().unwrap_or_default();
     let done = choice.done.unwrap_or_default();
-    let mut output = output;
     if logprobs {
         for t in &choice.tokens {
-            output.push(&t.text, entries(t));
+            output.push(&t.text, logprobs_of(t));
         }
         output.push(&done.tail, Vec::new());
     } else {
@@ -328,27 +327,12 @@ fn response_tools(f: &Fields) -> Result<(Vec<Tool>, ToolChoice, bool), ApiError>
             None => return Err(ApiError::field(format!("{p}type"), "is required (a string)")),
         }
         let t = Fields::new(obj, &p, &["type", "name", "description", "parameters", "strict"], &[])?;
-        let name = t.str("name")?.ok_or_else(|| ApiError::field(t.name("name"), "is required"))?;
-        super::valid_tool_name(name).map_err(|e| ApiError::field(t.name("name"), e))?;
-        if tools.iter().any(|x| x.name == name) {
-            return Err(ApiError::field(t.name("name"), format!("`{name}` is given twice")));
-        }
-        let parameters = match t.get("parameters") {
-            None => json!({"type": "object", "properties": {}}),
-            Some(p @ Value::Object(_)) => p.clone(),
-            Some(_) => return Err(ApiError::field(t.name("parameters"), "expected a JSON Schema object")),
-        };
-        tools.push(Tool { name: name.into(), description: t.str("description")?.map(str::to_string), parameters, strict: t.bool("strict")?.unwrap_or(true) });
+        tools.push(super::function_tool(&t, &tools, &[], true)?);
     }
     let choice = match f.get("tool_choice") {
         None if tools.is_empty() => ToolChoice::None,
         None => ToolChoice::Auto,
-        Some(Value::String(s)) => match s.as_str() {
-            "none" => ToolChoice::None,
-            "auto" => ToolChoice::Auto,
-            "required" => ToolChoice::Required,
-            other => return Err(ApiError::field("tool_choice", format!("unknown value `{other}`; expected none, auto, required or a function"))),
-        },
+        Some(Value::String(s)) => super::tool_choice_word(s)?,
         Some(Value::Object(o)) => {
             let c = Fields::new(o, "tool_choice.", &["type", "name"], &[])?;
             match c.str("type")? {
@@ -668,7 +652,7 @@ impl Output {
     }
 }
 
-fn stream(generation: Generation, head: Head, mut output: Output, entries: impl Fn(&pb::TokenEvent) -> Vec<Value> + Send + 'static) -> Response {
+fn stream(generation: Generation, head: Head, mut output: Output, logprobs_of: impl Fn(&pb::TokenEvent) -> Vec<Value> + Send + 'static) -> Response {
     let first = vec![
         output.event("response.created", json!({ "response": head.object("in_progress", &[]) })),
         output.event("response.in_progress", json!({ "response": head.object("in_progress", &[]) })),
@@ -681,7 +665,7 @@ fn stream(generation: Generation, head: Head, mut output: Output, entries: impl 
             return Vec::new();
         }
         let error = match step {
-            Some(Ok(Update::Token(t))) => return output.push(&t.text, entries(&t)),
+            Some(Ok(Update::Token(t))) => return output.push(&t.text, logprobs_of(&t)),
             Some(Ok(Update::Done(d))) => match super::collect::cancelled_is_error(&d) {
                 Ok(()) => {
                     totals.add(&d);
