@@ -447,9 +447,10 @@ enum Status {
 
 impl Status {
     fn of(done: &pb::DoneEvent) -> Status {
-        match pb::FinishReason::try_from(done.finish) {
-            Ok(pb::FinishReason::Length | pb::FinishReason::ContextFull) => Status::Incomplete,
-            _ => Status::Completed,
+        if fmt::finish_reason(done) == "length" {
+            Status::Incomplete
+        } else {
+            Status::Completed
         }
     }
 
@@ -563,8 +564,8 @@ impl Output {
                     let logprobs = std::mem::take(&mut self.pending);
                     let index = self.items.len() - 1;
                     let part = &mut self.items[index]["content"][0];
-                    if let Some(s) = part["text"].as_str() {
-                        part["text"] = json!(format!("{s}{t}"));
+                    if let Value::String(s) = &mut part["text"] {
+                        s.push_str(&t);
                     }
                     if let Some(all) = part["logprobs"].as_array_mut() {
                         all.extend(logprobs.iter().cloned());
@@ -585,8 +586,8 @@ impl Output {
                 Delta::Arguments { fragment, .. } => {
                     let Some(index) = self.items.len().checked_sub(1) else { continue };
                     let item = &mut self.items[index];
-                    if let Some(s) = item["arguments"].as_str() {
-                        item["arguments"] = json!(format!("{s}{fragment}"));
+                    if let Value::String(s) = &mut item["arguments"] {
+                        s.push_str(&fragment);
                     }
                     let id = item["id"].clone();
                     out.push(self.event("response.function_call_arguments.delta", json!({ "item_id": id, "output_index": index, "delta": fragment })));
