@@ -20,6 +20,9 @@ export LIBRARY_PATH="$home/lib:$home/lib/stubs${LIBRARY_PATH:+:$LIBRARY_PATH}"
 
 cargo build --release -p kiln-worker --features cuda --target-dir target/cuda
 mv -f target/cuda/release/kiln-worker target/cuda/release/kiln-worker-cuda
-cargo build --release -p kiln-worker
+# The CPU build as `make build` makes it (the whole workspace: a single package would unify
+# its dependencies' features differently and rebuild them), so after `make test` this links
+# nothing new.
+cargo build --release --workspace --bins
 cp -f target/release/kiln-worker target/cuda/release/kiln-worker
 echo "build-cuda: target/cuda/release/kiln-worker (run this) and target/cuda/release/kiln-worker-cuda (sm_${CUDA_COMPUTE_CAP})" >&2
