@@ -64,7 +64,7 @@ test-api: build
 # soak of 50,000 requests.
 test-full: test-api
 	$(CARGO) test --release --workspace -- --include-ignored
-	KILN_SOAK_REQUESTS=50000 KILN_PYTEST_PATHS=tests/soak scripts/api-tests.sh -s
+	KILN_SOAK_REQUESTS=50000 KILN_SOAK_WARM_UP=6000 KILN_PYTEST_PATHS=tests/soak scripts/api-tests.sh -s
 
 # Container images from the release binaries (docker/); the base image is made locally when
 # no registry has it.

@@ -13,16 +13,23 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 home="$(scripts/cuda-toolkit.sh)"
-export CUDA_HOME="$home" CUDA_PATH="$home" PATH="$home/bin:$PATH"
-export CUDA_COMPUTE_CAP="${CUDA_COMPUTE_CAP:-90}"
-# Linking looks in the toolkit (and at the driver stub when the machine has no driver).
-export LIBRARY_PATH="$home/lib:$home/lib/stubs${LIBRARY_PATH:+:$LIBRARY_PATH}"
-
-cargo build --release -p kiln-worker --features cuda --target-dir target/cuda
-mv -f target/cuda/release/kiln-worker target/cuda/release/kiln-worker-cuda
-# The CPU build as `make build` makes it (the whole workspace: a single package would unify
-# its dependencies' features differently and rebuild them), so after `make test` this links
-# nothing new.
+cap="${CUDA_COMPUTE_CAP:-90}"
+mkdir -p target/cuda/release
+# The CUDA build shares target/ with the CPU build. Resolved as `make build` resolves (the
+# whole workspace, so every dependency gets the same features, the `cuda` feature added) but
+# building only the worker binary, it compiles again only what the feature reaches: candle,
+# cudarc, kiln's kernels, the worker, and the few workspace crates whose build scripts share
+# build dependencies with candle's. Its worker binary is moved out of target/release at once,
+# and the CPU build after it puts the CPU worker back (cargo only copies the up-to-date binary
+# again).
+(
+    export CUDA_HOME="$home" CUDA_PATH="$home" PATH="$home/bin:$PATH" CUDA_COMPUTE_CAP="$cap"
+    # Linking looks in the toolkit (and at the driver stub when the machine has no driver).
+    export LIBRARY_PATH="$home/lib:$home/lib/stubs${LIBRARY_PATH:+:$LIBRARY_PATH}"
+    cargo build --release --workspace --bin kiln-worker --features kiln-worker/cuda
+    mv -f target/release/kiln-worker target/cuda/release/kiln-worker-cuda
+)
+# Outside the toolkit's environment, so that nothing the CPU build depends on sees a change.
 cargo build --release --workspace --bins
 cp -f target/release/kiln-worker target/cuda/release/kiln-worker
-echo "build-cuda: target/cuda/release/kiln-worker (run this) and target/cuda/release/kiln-worker-cuda (sm_${CUDA_COMPUTE_CAP})" >&2
+echo "build-cuda: target/cuda/release/kiln-worker (run this) and target/cuda/release/kiln-worker-cuda (sm_${cap})" >&2

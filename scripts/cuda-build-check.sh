@@ -62,7 +62,7 @@ echo "cuda-build-check: kiln-worker-cuda ($(du -h "$dir/kiln-worker-cuda" | cut 
 for kernel in kiln_paged_attention_f16 kiln_paged_attention_f32 kiln_write_cache_f16 kiln_write_cache_f32; do
     grep -a -q "$kernel" "$dir/kiln-worker-cuda" || { echo "cuda-build-check: kiln-worker-cuda lacks the kernel $kernel" >&2; exit 1; }
 done
-ptx="$(ls -t target/cuda/release/build/kiln-cuda-kernels-*/out/attention.ptx | head -1)"
+ptx="$(ls -t target/release/build/kiln-cuda-kernels-*/out/attention.ptx | head -1)"
 toolkit="$(scripts/cuda-toolkit.sh)"
 "$toolkit/bin/ptxas" -arch="$arch" -o /dev/null "$ptx" || { echo "cuda-build-check: kiln's kernels do not assemble for $arch" >&2; exit 1; }
 echo "cuda-build-check: kiln's attention kernels assemble for $arch"

@@ -118,7 +118,9 @@ pub fn skip(test: &str, reason: &str) {
     eprintln!("{test}: skipped: {reason}");
     let path = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("kiln-skipped.txt");
     if let Ok(mut f) = std::fs::OpenOptions::new().create(true).append(true).open(path) {
-        let _ = writeln!(f, "kernels: {test}: {reason}");
+        // One write per line: tests run on several threads, and `writeln!` on a file writes
+        // each piece of the format separately, so lines written at once would interleave.
+        let _ = f.write_all(format!("kernels: {test}: {reason}\n").as_bytes());
     }
 }
 
