@@ -18,10 +18,10 @@ mkdir -p target/cuda/release
 # The CUDA build shares target/ with the CPU build. Resolved as `make build` resolves (the
 # whole workspace, so every dependency gets the same features, the `cuda` feature added) but
 # building only the worker binary, it compiles again only what the feature reaches: candle,
-# cudarc, kiln's kernels, the worker, and the few workspace crates (kiln-proto and two that use
-# it) whose build dependencies candle's change. Its worker binary is moved out of target/release at once,
-# and the CPU build after it puts the CPU worker back (cargo only copies the up-to-date binary
-# again).
+# cudarc, kiln's kernels, the worker, and the few workspace crates (kiln-proto and two that
+# use it) whose build dependencies candle's change. Its worker binary is moved out of
+# target/release at once, and the CPU build after it puts the CPU worker back (cargo only
+# copies the up-to-date binary again).
 (
     export CUDA_HOME="$home" CUDA_PATH="$home" PATH="$home/bin:$PATH" CUDA_COMPUTE_CAP="$cap"
     # Linking looks in the toolkit (and at the driver stub when the machine has no driver).
