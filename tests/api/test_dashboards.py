@@ -38,7 +38,8 @@ def live(tmp_path_factory):
     mcp = tmp / "mcp.json"
     mcp.write_text('{"mcpServers": {"absent": {"command": "/nonexistent/mcp-server"}}}')
     router = Router("dash", [], "--max-queue", "1", "--stall-timeout-secs", "2", "--eject-secs", "2", "--mcp-config", str(mcp), etcd=etcd.url)
-    wait_until(lambda: httpx.get(f"{router.url}/metrics").text.count('kiln_router_worker_up{') == 2, 30, "the router to see both workers")
+    wait_until(lambda: len(re.findall(r'^kiln_router_worker_up\{.*\} 1$', httpx.get(f"{router.url}/metrics").text, re.M)) == 2, 60,
+               "the router to see both workers up")
     port = free_port()
     config = tmp / "prometheus.yml"
     targets = {"kiln-router": [router.url.removeprefix("http://")], "kiln-worker": [w.metrics_url.removeprefix("http://") for w in workers]}
@@ -71,7 +72,10 @@ def traffic(router, workers):
     threads = [threading.Thread(target=stream, args=(router, 120, results)) for _ in range(3)]
     for t in threads:
         t.start()
-    wait_until(lambda: sum(w.metric("kiln_worker_running_sequences") for w in workers) == 2, 30, "both workers busy")
+    try:
+        wait_until(lambda: sum(w.metric("kiln_worker_running_sequences") for w in workers) == 2, 30, "both workers busy")
+    except TimeoutError:
+        pytest.fail(f"both workers were never busy at once\n{cluster_state(router, workers, results)}")
     refused = []
     wait_until(lambda: refused.append(httpx.post(f"{router.url}/v1/chat/completions", json=chat, timeout=60).status_code) or refused[-1] == 429,
                30, "a 429")
@@ -89,6 +93,15 @@ def traffic(router, workers):
     finally:
         busy.proc.send_signal(signal.SIGCONT)
     assert results and results[0][0] == 200 and results[0][1].rstrip().endswith("data: [DONE]"), results
+
+
+def cluster_state(router, workers, results):
+    """What the router and workers say, for a failure message: the streams' statuses, the
+    router's routing gauges, each process's last log lines."""
+    gauges = [line for line in httpx.get(f"{router.url}/metrics").text.splitlines()
+              if line.startswith(("kiln_router_worker_", "kiln_router_in_flight"))]
+    logs = [f"--- {p.log_path.name}\n" + "\n".join(p.log_text().splitlines()[-25:]) for p in (router, *workers)]
+    return "\n".join([f"streams: {[(status, body[-300:]) for status, body in results]}", *gauges, *logs])
 
 
 def query(url, expr):
