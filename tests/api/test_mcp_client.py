@@ -1,9 +1,10 @@
 """kiln as an MCP client: a router started with --mcp-config connects to MCP servers written
 with the official `mcp` SDK (tests/api/mcp_tool_server.py, over stdio and streamable HTTP) and
 to broken ones (one exits at once, one writes garbage, one hangs). Requests that opt in with
-`"mcp"` get the servers' tools; the model is tiny, so calls are forced with `tool_choice`, and
-the tests check the server's own log of what it received, that the result reached the final
-answer, and that failures of every kind leave the router serving."""
+`"mcp"` (chat), `mcp_servers` (messages) or `mcp` tools (responses) get the servers' tools; the
+model is tiny, so calls are forced with `tool_choice`, and the tests check the server's own log
+of what it received, that the result reached the final answer, and that failures of every
+kind leave the router serving."""
 import json
 import subprocess
 import sys
@@ -334,3 +335,135 @@ def test_bad_messages_mcp_requests_are_refused_with_reasons(env, router, model):
     assert "has no MCP servers" in error(router.url, {"mcp": True})
     r = httpx.post(f"{env.router.url}/v1/messages", json={"model": model, "max_tokens": 8, "messages": [{"role": "user", "content": "Hi"}], "mcp": ["exits"]})
     assert r.status_code == 503 and "the MCP server `exits` is not connected" in r.json()["error"]["message"], r.text
+
+
+NOTES = {"type": "mcp", "server_label": "notes", "require_approval": "never"}
+
+
+def item_types(response):
+    return [i.type for i in response.output]
+
+
+def test_responses_call_a_server_and_return_its_items(env, model):
+    question = "Please record the word apple in the archive."
+    before = len(received(env, "record"))
+    r = env.client.responses.create(model=model, input=question, tools=[NOTES], tool_choice={"type": "mcp", "server_label": "notes", "name": "record"},
+                                    temperature=0, max_output_tokens=40)
+    assert item_types(r) == ["mcp_list_tools", "mcp_call", "message"], r.output
+    listing, call, answer = r.output
+    assert listing.server_label == "notes" and {t.name for t in listing.tools} == {"record", "fail", "slow", "crash", "weather"}
+    assert next(t for t in listing.tools if t.name == "record").input_schema["required"] == ["word"]
+    word = json.loads(call.arguments)["word"]
+    assert call.name == "record" and call.server_label == "notes" and call.status == "completed" and call.error is None
+    assert call.output == f"Recorded '{word}'. The archive code is 7316."
+    # The server really received the call, with the model's arguments.
+    calls = received(env, "record")
+    assert len(calls) == before + 1 and calls[-1]["word"] == word
+    assert "7316" in r.output_text and r.status in ("completed", "incomplete")
+    assert [t["type"] for t in r.model_dump()["tools"]] == ["mcp"] and r.tool_choice.type == "mcp"
+    # A client continuing the conversation passes the items back: the model then reads the
+    # prompt of the loop's last round (no tool left to call: --max-tool-rounds 1), so it gives
+    # the same answer, and the tools are not listed again.
+    history = [{"role": "user", "content": question}, listing.model_dump(exclude_none=True), call.model_dump(exclude_none=True)]
+    again = env.client.responses.create(model=model, input=history, tools=[NOTES], tool_choice="none", temperature=0, max_output_tokens=40)
+    assert item_types(again) == ["message"] and again.output_text == r.output_text
+    assert len(received(env, "record")) == before + 1
+    assert r.usage.input_tokens > again.usage.input_tokens and r.usage.output_tokens > again.usage.output_tokens
+
+
+def test_responses_stream_the_list_call_and_answer_events(env, model):
+    request = dict(model=model, input="What is the weather in Paris?", temperature=0, max_output_tokens=30,
+                   tools=[{"type": "mcp", "server_label": "web", "server_url": env.web_url, "allowed_tools": ["weather"], "require_approval": "never"}],
+                   tool_choice={"type": "mcp", "server_label": "web", "name": "weather"})
+    kinds = []
+    for event in env.client.responses.create(stream=True, **request):
+        kinds.append(event.type)
+        if event.type in ("response.completed", "response.incomplete"):
+            streamed = event.response
+    assert [k for k in kinds if "output_text.delta" not in k] == [
+        "response.created", "response.in_progress",
+        "response.output_item.added", "response.mcp_list_tools.in_progress", "response.mcp_list_tools.completed", "response.output_item.done",
+        "response.output_item.added", "response.mcp_call_arguments.delta", "response.mcp_call_arguments.done", "response.mcp_call.in_progress",
+        "response.mcp_call.completed", "response.output_item.done",
+        "response.output_item.added", "response.content_part.added", "response.output_text.done", "response.content_part.done", "response.output_item.done",
+        streamed.status == "completed" and "response.completed" or "response.incomplete",
+    ], kinds
+    listing, call, _ = streamed.output
+    city = json.loads(call.arguments)["city"]
+    assert [t.name for t in listing.tools] == ["weather"]
+    assert call.output == f"It is 21 degrees and sunny in {city}."
+    # The server got the call, with the configured headers (the request carried none).
+    assert received(env, "weather")[-1]["token"] == "s3cret" and received(env, "weather")[-1]["city"] == city
+    whole = env.client.responses.create(**request)
+    assert item_types(whole) == item_types(streamed) and whole.output[1].arguments == call.arguments
+    assert whole.output_text == streamed.output_text and whole.usage.output_tokens == streamed.usage.output_tokens
+
+
+def test_responses_tool_errors_are_failed_calls_and_client_calls_come_back(env, model):
+    r = env.client.responses.create(model=model, input="Fail because the disk is full.", tools=[NOTES], temperature=0, max_output_tokens=40,
+                                    tool_choice={"type": "mcp", "server_label": "notes", "name": "fail"})
+    call = r.output[1]
+    assert call.type == "mcp_call" and call.status == "failed" and call.output is None
+    assert call.error.type == "mcp_tool_execution_error" and "the archive is locked" in call.error.content[0]["text"]
+    before = env.log.read_text()
+    tool = {"type": "function", "name": "get_time", "strict": True,
+            "parameters": {"type": "object", "properties": {"zone": {"type": "string"}}, "required": ["zone"], "additionalProperties": False}}
+    r = env.client.responses.create(model=model, input="What time is it in Tokyo?", tools=[NOTES, tool], tool_choice={"type": "function", "name": "get_time"},
+                                    parallel_tool_calls=False, temperature=0, max_output_tokens=40)
+    assert item_types(r) == ["mcp_list_tools", "function_call"] and r.output[1].name == "get_time" and r.output[1].call_id.startswith("call_")
+    assert set(json.loads(r.output[1].arguments)) == {"zone"}
+    assert env.log.read_text() == before, "no MCP tool was called"
+
+
+def test_bad_responses_mcp_requests_are_refused_with_reasons(env, router, model):
+    def error(url, body):
+        r = httpx.post(f"{url}/v1/responses", json={"model": model, "input": "Hi", "max_output_tokens": 8, **body})
+        assert r.status_code == 400, r.text
+        return r.json()["error"]["message"]
+
+    assert "no MCP server `nope`; this router has notes, web, exits, garbage, hangs" in error(env.router.url, {"tools": [{**NOTES, "server_label": "nope"}]})
+    assert "`tools[0].server_url`: is not the URL of the router's MCP server `web`" in error(
+        env.router.url, {"tools": [{"type": "mcp", "server_label": "web", "server_url": "https://elsewhere.example/mcp"}]})
+    assert "`notes` is a local program" in error(env.router.url, {"tools": [{**NOTES, "server_url": "https://notes.example/mcp"}]})
+    assert "`tools[0].headers`: is not accepted" in error(env.router.url, {"tools": [{**NOTES, "headers": {"Authorization": "Bearer x"}}]})
+    assert "`tools[0].authorization`: is not accepted" in error(env.router.url, {"tools": [{**NOTES, "authorization": "t"}]})
+    assert "`tools[0].require_approval`: only `never` is supported" in error(env.router.url, {"tools": [{**NOTES, "require_approval": "always"}]})
+    assert "only `never` is supported" in error(env.router.url, {"tools": [{**NOTES, "require_approval": {"always": {"tool_names": ["record"]}}}]})
+    assert "`notes` is given twice" in error(env.router.url, {"tools": [NOTES, NOTES]})
+    assert "the MCP server `notes` has no tool `nope`" in error(env.router.url, {"tools": [{**NOTES, "allowed_tools": ["nope"]}]})
+    assert "`tools[0].allowed_tools.read_only`: is not supported" in error(env.router.url, {"tools": [{**NOTES, "allowed_tools": {"read_only": True}}]})
+    assert "`record` is not a tool of an MCP server" in error(env.router.url, {"tools": [{**NOTES, "allowed_tools": ["fail"]}],
+                                                                                "tool_choice": {"type": "mcp", "server_label": "notes", "name": "record"}})
+    assert "also the name of an MCP tool" in error(env.router.url, {"tools": [NOTES, {"type": "function", "name": "notes__record"}]})
+    assert "log-probabilities are not returned" in error(env.router.url, {"tools": [NOTES], "include": ["message.output_text.logprobs"]})
+    assert "approvals are not supported" in error(env.router.url, {"tools": [NOTES], "input": [
+        {"type": "mcp_approval_response", "approval_request_id": "mcpr_1", "approve": True}]})
+    assert "needs its output or error" in error(env.router.url, {"tools": [NOTES], "input": [
+        {"role": "user", "content": "Hi"}, {"type": "mcp_call", "id": "mcp_1", "server_label": "notes", "name": "record", "arguments": "{}"}]})
+    assert "has no MCP servers" in error(router.url, {"tools": [NOTES]})
+    r = httpx.post(f"{env.router.url}/v1/responses", json={"model": model, "input": "Hi", "tools": [{"type": "mcp", "server_label": "exits"}]})
+    assert r.status_code == 503 and "the MCP server `exits` is not connected" in r.json()["error"]["message"], r.text
+
+
+def test_responses_max_tool_calls_caps_the_calls_the_router_makes(tmp_path, worker, model):
+    log = tmp_path / "calls.jsonl"
+    log.touch()
+    config = tmp_path / "mcp.json"
+    config.write_text(json.dumps({"mcpServers": {"notes": {"command": PY, "args": [str(SERVER), str(log), "stdio"]}}}))
+    router = Router("mcp-calls", [worker.grpc], "--mcp-config", str(config), "--max-tool-rounds", "4")
+    try:
+        body = {"model": model, "input": "Please record the word apple in the archive.", "tools": [NOTES], "temperature": 0, "max_output_tokens": 60,
+                "tool_choice": {"type": "mcp", "server_label": "notes", "name": "record"}}
+
+        def calls(**extra):
+            r = httpx.post(f"{router.url}/v1/responses", json={**body, **extra}, timeout=300)
+            assert r.status_code == 200, r.text
+            return [i for i in r.json()["output"] if i["type"] == "mcp_call"]
+
+        # Left to itself, this model calls the tool again in every round it may.
+        assert len(calls()) == 4 and len(log.read_text().splitlines()) == 4
+        capped = calls(max_tool_calls=2)
+        assert len(capped) == 2 and all(c["status"] == "completed" for c in capped)
+        assert len(log.read_text().splitlines()) == 6
+    finally:
+        router.stop()

@@ -300,7 +300,7 @@ async fn messages_inner(state: &Arc<AppState>, headers: &HeaderMap, body: &[u8],
         admit(state)?;
         let c = Common { sampling, max_tokens: Some(max_tokens), stop, n: 1, ignore_eos: false, stream, include_usage: false, user: None };
         let session = super::session(headers).map(str::to_string);
-        let run = ToolLoop { state: Arc::clone(state), model, turns: conversation, tools, remote, choice, parallel, c, session, started, call_ids: "mcptoolu_", arguments_as_objects: true };
+        let run = ToolLoop { state: Arc::clone(state), model, turns: conversation, tools, remote, choice, parallel, c, session, started, call_ids: "mcptoolu_", arguments_as_objects: true, context_fields: ("messages", "max_tokens"), max_calls: None };
         return super::anthropic_mcp::respond(run, random_id("msg_")).await;
     }
     let super::ConversationPrompt { tokens: prompt, calls: format, grammar, images } = super::conversation_prompt(&model, &conversation, &tools, &choice, parallel, true)?;

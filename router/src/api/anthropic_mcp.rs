@@ -8,7 +8,7 @@
 use super::anthropic::{blocks_text, error_event, named, usage};
 use super::mcp_loop::{Answer, Finished, LoopEvents, Step, ToolLoop};
 use crate::error::ApiError;
-use crate::mcp::client::{offered_name, McpHub, RemoteTool, Selection, ToolOutcome, Transport};
+use crate::mcp::client::{offered_name, McpHub, RemoteTool, Selection, ToolOutcome};
 use crate::params::Fields;
 use crate::tools::{ToolCall, Turn};
 use crate::AppState;
@@ -93,19 +93,10 @@ fn server_rule(hub: &McpHub, path: &str, item: &Value) -> Result<(String, Allowe
         return Err(ApiError::field(s.name("type"), "must be `url`"));
     }
     let name = s.str("name")?.ok_or_else(|| ApiError::field(s.name("name"), "is required: the name of one of the router's MCP servers"))?;
-    let Some(spec) = hub.spec(name) else {
+    if hub.spec(name).is_none() {
         return Err(ApiError::field(s.name("name"), format!("no MCP server `{name}`; this router has {}", known(&hub.names()))));
-    };
-    // The router connects only to the servers its operator configured; a URL that is not the
-    // configured one would otherwise be answered by another server than the client meant.
-    match (s.str("url")?, &spec.transport) {
-        (None, _) => {}
-        (Some(url), Transport::Http { url: configured, .. }) if configured == url => {}
-        (Some(_), Transport::Http { .. }) => {
-            return Err(ApiError::field(s.name("url"), format!("is not the URL of the router's MCP server `{name}`; the router connects only to the servers of its --mcp-config")))
-        }
-        (Some(_), Transport::Stdio { .. }) => return Err(ApiError::field(s.name("url"), format!("the router's MCP server `{name}` is a local program, not a URL; give only its name"))),
     }
+    super::mcp_loop::check_server_url(hub, name, s.str("url")?, &s.name("url"))?;
     if s.get("authorization_token").is_some_and(|v| !v.is_null()) {
         return Err(ApiError::field(s.name("authorization_token"), "is not accepted: the router's --mcp-config holds each server's credentials"));
     }

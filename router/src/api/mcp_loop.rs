@@ -12,7 +12,7 @@ use super::openai_format::{self as fmt, Common};
 use super::{check_context, random_id, Totals};
 use crate::error::ApiError;
 use crate::generate::{Generation, Update};
-use crate::mcp::client::{McpHub, RemoteTool, Selection, SelectionError, ToolOutcome};
+use crate::mcp::client::{McpHub, RemoteTool, Selection, SelectionError, ToolOutcome, Transport};
 use crate::params::Fields;
 use crate::tools::{self, CallReader, Delta, Format, Tool, ToolCall, ToolChoice, Turn};
 use crate::upstream::ModelState;
@@ -56,6 +56,21 @@ pub fn select(hub: &McpHub, selection: &Selection, field: &str) -> Result<Vec<Re
     })
 }
 
+/// Checks the `url` a request gave for the router's MCP server `name` (in `field`): the router
+/// connects only to the servers its operator configured, and a URL that is not the configured
+/// one would otherwise be answered by another server than the client meant.
+pub fn check_server_url(hub: &McpHub, name: &str, url: Option<&str>, field: &str) -> Result<(), ApiError> {
+    let Some(spec) = hub.spec(name) else { return Err(ApiError::internal(format!("the MCP server `{name}` has no configuration"))) };
+    match (url, &spec.transport) {
+        (None, _) => Ok(()),
+        (Some(url), Transport::Http { url: configured, .. }) if configured == url => Ok(()),
+        (Some(_), Transport::Http { .. }) => {
+            Err(ApiError::field(field, format!("is not the URL of the router's MCP server `{name}`; the router connects only to the servers of its --mcp-config")))
+        }
+        (Some(_), Transport::Stdio { .. }) => Err(ApiError::field(field, format!("the router's MCP server `{name}` is a local program, not a URL; give only its name"))),
+    }
+}
+
 /// One request's loop.
 pub struct ToolLoop {
     pub state: Arc<AppState>,
@@ -75,6 +90,11 @@ pub struct ToolLoop {
     /// back serialized anew: the loop's own history holds them in that form too, so that a
     /// continued conversation puts the same prompt to the model.
     pub arguments_as_objects: bool,
+    /// The route's names for the conversation and the answer's budget, in context errors.
+    pub context_fields: (&'static str, &'static str),
+    /// The most MCP calls the loop makes (the Responses API's `max_tool_calls`); a round that
+    /// asks for more makes only the first ones, and the model then answers without tools.
+    pub max_calls: Option<usize>,
 }
 
 pub enum Answer {
@@ -252,12 +272,14 @@ impl ToolLoop {
         self.tools.iter().cloned().chain(self.remote.iter().map(offered)).collect()
     }
 
-    /// Starts round `round`: past the last round of calls, no tool may be called.
-    async fn start_round(&self, round: usize) -> Result<Start, ApiError> {
+    /// Starts round `round` after `calls` MCP calls: past the last round of calls, or with
+    /// no calls left, no tool may be called.
+    async fn start_round(&self, round: usize, calls: usize) -> Result<Start, ApiError> {
         let max_rounds = self.state.config.max_tool_rounds;
-        let choice = if round >= max_rounds { ToolChoice::None } else { self.choice.clone() };
+        let spent = self.max_calls.is_some_and(|max| calls >= max);
+        let choice = if round >= max_rounds || spent { ToolChoice::None } else { self.choice.clone() };
         let conversation = super::conversation_prompt(&self.model, &self.turns, &self.all_tools(), &choice, self.parallel, false)?;
-        let budget = check_context(&self.model, conversation.tokens.len(), self.c.max_tokens, self.state.config.limits.max_tokens, ("messages", "max_tokens"))?;
+        let budget = check_context(&self.model, conversation.tokens.len(), self.c.max_tokens, self.state.config.limits.max_tokens, self.context_fields)?;
         let key = crate::routing::RouteKey::new(self.session.as_deref(), &conversation.tokens);
         let prompt_tokens = conversation.tokens.len() as u32;
         let mut request = generate_request(conversation.tokens, &self.c, false, 0, &random_id("chatcmpl-"), conversation.grammar);
@@ -269,7 +291,7 @@ impl ToolLoop {
 
     /// Starts the first round.
     pub async fn start(&self) -> Result<Start, ApiError> {
-        self.start_round(0).await
+        self.start_round(0, 0).await
     }
 
     /// Reads one round's answer, streaming its text (never its calls) as it comes.
@@ -311,6 +333,7 @@ impl ToolLoop {
         let mut messages = Vec::new();
         let mut steps = Vec::new();
         let mut round = 0;
+        let mut calls_made = 0;
         let Start { mut generation, mut calls, .. } = start;
         loop {
             let (text, last) = Self::read_round(&mut generation, calls, sink, &mut totals).await?;
@@ -332,7 +355,11 @@ impl ToolLoop {
                     ToolCall { id: random_id(self.call_ids), name, arguments }
                 })
                 .collect();
-            let (ours, theirs): (Vec<ToolCall>, Vec<ToolCall>) = made.into_iter().partition(|c| self.remote.iter().any(|t| t.name == c.name));
+            let (mut ours, theirs): (Vec<ToolCall>, Vec<ToolCall>) = made.into_iter().partition(|c| self.remote.iter().any(|t| t.name == c.name));
+            if let Some(max) = self.max_calls {
+                ours.truncate(max.saturating_sub(calls_made));
+            }
+            calls_made += ours.len();
             if !ours.is_empty() {
                 let targets: Vec<&RemoteTool> = ours.iter().filter_map(|c| self.remote.iter().find(|t| t.name == c.name)).collect();
                 for (call, tool) in ours.iter().zip(&targets) {
@@ -364,7 +391,7 @@ impl ToolLoop {
             if matches!(self.choice, ToolChoice::Named(_) | ToolChoice::Required) {
                 self.choice = ToolChoice::Auto;
             }
-            Start { generation, calls, .. } = self.start_round(round).await?;
+            Start { generation, calls, .. } = self.start_round(round, calls_made).await?;
         }
     }
 

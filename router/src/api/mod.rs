@@ -11,6 +11,7 @@ mod mcp_loop;
 pub(crate) mod openai;
 mod openai_format;
 mod responses;
+mod responses_mcp;
 mod sse;
 mod structured;
 mod tokenize;

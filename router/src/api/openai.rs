@@ -257,7 +257,8 @@ pub(crate) async fn chat_inner(state: &Arc<AppState>, headers: &HeaderMap, body:
         }
         admit(state)?;
         let session = super::session(headers).map(str::to_string);
-        let run = super::mcp_loop::ToolLoop { state: Arc::clone(state), model, turns, tools, remote, choice, parallel, c, session, started, call_ids: "call_", arguments_as_objects: false };
+        let budget = if max_completion.is_some() { "max_completion_tokens" } else { "max_tokens" };
+        let run = super::mcp_loop::ToolLoop { state: Arc::clone(state), model, turns, tools, remote, choice, parallel, c, session, started, call_ids: "call_", arguments_as_objects: false, context_fields: ("messages", budget), max_calls: None };
         return run.respond().await;
     }
     let conversation = super::conversation_prompt(&model, &turns, &tools, &choice, parallel, false)?;

@@ -4,7 +4,7 @@
 //! passed back as they are), every response says `store: false`, and `previous_response_id`
 //! is refused with that advice. Function tools, structured output (`text.format`) and token
 //! log-probabilities work as in chat, over the prompt a chat request with the same
-//! conversation gets.
+//! conversation gets; `mcp` tools (the router's own MCP servers) run in `responses_mcp`.
 
 use super::openai_format::{self as fmt, Common};
 use super::sse::{self, Step};
@@ -13,6 +13,7 @@ use crate::error::{ApiError, Flavor};
 use crate::generate::{Generation, Update};
 use crate::params::{parse_object, Fields};
 use crate::routing::RouteKey;
+use crate::mcp::client::RemoteTool;
 use crate::tools::{CallReader, Delta, Format, Part, Tool, ToolCall, ToolChoice, Turn};
 use crate::upstream::ModelState;
 use crate::AppState;
@@ -87,9 +88,10 @@ async fn create_inner(state: &Arc<AppState>, headers: &HeaderMap, body: &[u8], m
     let model = super::resolve_generator(state, &super::openai::model_of(state, &f)?)?;
     *model_id = Some(model.info.model_id.clone());
     let limits = &state.config.limits;
-    let mut turns = input_turns(&f, limits.max_messages)?;
+    let (mut turns, listed) = input_turns(&f, limits.max_messages)?;
     super::images::resolve(state, &mut turns, &Default::default()).await?;
-    let (tools, choice, parallel) = response_tools(&f)?;
+    let remote = super::responses_mcp::requested_tools(state, &f)?;
+    let (tools, choice, parallel) = response_tools(&f, remote.as_deref().unwrap_or_default())?;
     let format = super::structured::text_format(&f)?;
     let mut c = fmt::common(&f, &model, None, limits)?;
     let max_output = f.int("max_output_tokens", 1, i64::from(model.info.context_length))?.map(|m| m as u32);
@@ -100,12 +102,47 @@ async fn create_inner(state: &Arc<AppState>, headers: &HeaderMap, body: &[u8], m
         Some("auto") => true,
         Some(other) => return Err(ApiError::field("truncation", format!("unknown value `{other}`; expected disabled or auto"))),
     };
-    f.int("max_tool_calls", 1, i64::from(u32::MAX))?;
+    let max_tool_calls = f.int("max_tool_calls", 1, i64::from(u32::MAX))?.map(|m| m as usize);
     f.bool("store")?;
     for key in ["safety_identifier", "prompt_cache_key"] {
         f.str(key)?;
     }
     let metadata = metadata(&f)?;
+    // Requests sharing a `prompt_cache_key` go to the same worker, as a session does.
+    let session = super::session(headers).or(f.str("prompt_cache_key")?);
+    if let Some(remote) = remote {
+        if logprobs {
+            return Err(ApiError::field("include", "log-probabilities are not returned for requests using MCP tools"));
+        }
+        if format.is_some() {
+            return Err(ApiError::field("text.format", "MCP tools cannot be combined with a json_object or json_schema format"));
+        }
+        if truncate {
+            let offered: Vec<Tool> = tools.iter().cloned().chain(remote.iter().map(super::mcp_loop::offered)).collect();
+            fitted(&model, &mut turns, &offered, &choice, parallel, max_output)?;
+        }
+        super::images::check_all(&crate::tools::images(&turns), Default::default()).await?;
+        admit(state)?;
+        let head = Head { id: random_id("resp_"), created_at: unix_now(), echo: echo(&f, &model.info.model_id, &c, max_output, &tools, &choice, parallel, metadata)? };
+        c.max_tokens = max_output;
+        let run = super::mcp_loop::ToolLoop {
+            state: Arc::clone(state),
+            model,
+            turns,
+            tools,
+            remote,
+            choice,
+            parallel,
+            c,
+            session: session.map(str::to_string),
+            started,
+            call_ids: "mcp_",
+            arguments_as_objects: false,
+            context_fields: ("input", "max_output_tokens"),
+            max_calls: max_tool_calls,
+        };
+        return super::responses_mcp::respond(run, head, listed).await;
+    }
     let conversation = if truncate {
         fitted(&model, &mut turns, &tools, &choice, parallel, max_output)?
     } else {
@@ -124,8 +161,7 @@ async fn create_inner(state: &Arc<AppState>, headers: &HeaderMap, body: &[u8], m
         created_at: unix_now(),
         echo: echo(&f, &model.info.model_id, &c, max_output, &tools, &choice, parallel, metadata)?,
     };
-    // Requests sharing a `prompt_cache_key` go to the same worker, as a session does.
-    let key = RouteKey::new(super::session(headers).or(f.str("prompt_cache_key")?), &prompt);
+    let key = RouteKey::new(session, &prompt);
     let mut request = super::openai::generate_request(prompt, &c, logprobs, top_logprobs, &head.id, constraint);
     request.images = conversation.images;
     let mut generation = Generation::start(state, &model, request, key, started).await?;
@@ -152,7 +188,7 @@ async fn create_inner(state: &Arc<AppState>, headers: &HeaderMap, body: &[u8], m
 }
 
 /// The prompt builder's errors name chat's `messages`; here the conversation is `input`.
-fn named_input(e: ApiError) -> ApiError {
+pub(super) fn named_input(e: ApiError) -> ApiError {
     match e.param.as_deref() {
         Some("messages") => ApiError::field("input", e.message.strip_prefix("`messages`: ").unwrap_or(&e.message)),
         _ => e,
@@ -183,16 +219,18 @@ fn drop_oldest_exchange(turns: &mut Vec<Turn>) -> bool {
 }
 
 /// The conversation in `instructions` and `input`: a string (one user message) or an array
-/// of items: messages, the function calls of earlier answers and their outputs.
-fn input_turns(f: &Fields, max: usize) -> Result<Vec<Turn>, ApiError> {
+/// of items: messages, the function calls of earlier answers and their outputs, the MCP calls
+/// the router made in them. Also the servers whose `mcp_list_tools` items the input holds.
+fn input_turns(f: &Fields, max: usize) -> Result<(Vec<Turn>, Vec<String>), ApiError> {
     let mut turns = Vec::new();
+    let mut listed = Vec::new();
     if let Some(text) = f.str("instructions")? {
         turns.push(Turn { role: "system".into(), content: text.into(), ..Turn::default() });
     }
     let items = match f.require("input")? {
         Value::String(s) => {
             turns.push(Turn { role: "user".into(), content: s.clone(), ..Turn::default() });
-            return Ok(turns);
+            return Ok((turns, listed));
         }
         Value::Array(items) if items.is_empty() => return Err(ApiError::field("input", "must contain at least one item")),
         Value::Array(items) if items.len() > max => return Err(ApiError::field("input", format!("{} items; at most {max} are allowed", items.len()))),
@@ -245,12 +283,25 @@ fn input_turns(f: &Fields, max: usize) -> Result<Vec<Turn>, ApiError> {
                 };
                 turns.push(Turn { role: "tool".into(), content, tool_call_id: Some(call_id.into()), ..Turn::default() });
             }
+            "mcp_call" => {
+                let c = Fields::new(obj, &path, &["type", "id", "server_label", "name", "arguments", "output", "error", "status", "approval_request_id"], &[])?;
+                super::responses_mcp::call_item(&c, &mut turns)?;
+            }
+            // What the model was offered is the request's `tools`; the list only says which
+            // servers need no new one.
+            "mcp_list_tools" => {
+                let l = Fields::new(obj, &path, &["type", "id", "server_label", "tools", "error"], &[])?;
+                listed.push(l.str("server_label")?.ok_or_else(|| ApiError::field(l.name("server_label"), "is required"))?.to_string());
+            }
+            "mcp_approval_request" | "mcp_approval_response" => {
+                return Err(ApiError::field(format!("{path}type"), "approvals are not supported: kiln asks none before calling the tools of the MCP servers its operator configured"))
+            }
             "reasoning" => return Err(ApiError::field(format!("{path}type"), "reasoning items are not supported: the models kiln serves produce none")),
             "item_reference" => return Err(ApiError::field(format!("{path}type"), "item references are not supported: kiln keeps no items; send the item itself")),
-            other => return Err(ApiError::field(format!("{path}type"), format!("unknown item type `{other}`; expected message, function_call or function_call_output"))),
+            other => return Err(ApiError::field(format!("{path}type"), format!("unknown item type `{other}`; expected message, function_call, function_call_output, mcp_call or mcp_list_tools"))),
         }
     }
-    Ok(turns)
+    Ok((turns, listed))
 }
 
 /// A message item: `role` (`developer` counts as system) and `content`, a string or an array
@@ -315,29 +366,34 @@ fn text_parts(parts: &[Value], name: &str) -> Result<String, ApiError> {
 }
 
 /// `tools` (`{type: "function", name, description?, parameters?, strict?}`, strict unless
-/// `strict: false`, as OpenAI's), `tool_choice` and `parallel_tool_calls`.
-fn response_tools(f: &Fields) -> Result<(Vec<Tool>, ToolChoice, bool), ApiError> {
+/// `strict: false`, as OpenAI's; `mcp` entries are `responses_mcp`'s, and `remote` their
+/// tools), `tool_choice` and `parallel_tool_calls`.
+fn response_tools(f: &Fields, remote: &[RemoteTool]) -> Result<(Vec<Tool>, ToolChoice, bool), ApiError> {
+    let mcp: Vec<&str> = remote.iter().map(|t| t.name.as_str()).collect();
     let mut tools: Vec<Tool> = Vec::new();
     for (i, item) in f.array("tools")?.map(Vec::as_slice).unwrap_or_default().iter().enumerate() {
         let p = format!("tools[{i}].");
         let Some(obj) = item.as_object() else { return Err(ApiError::field(format!("tools[{i}]"), "expected an object")) };
         match obj.get("type").and_then(Value::as_str) {
             Some("function") => {}
-            Some(other) => return Err(ApiError::field(format!("{p}type"), format!("`{other}` tools are not supported; only function tools"))),
+            Some("mcp") => continue,
+            Some(other) => return Err(ApiError::field(format!("{p}type"), format!("`{other}` tools are not supported; only function and mcp tools"))),
             None => return Err(ApiError::field(format!("{p}type"), "is required (a string)")),
         }
         let t = Fields::new(obj, &p, &["type", "name", "description", "parameters", "strict"], &[])?;
-        tools.push(super::function_tool(&t, &tools, &[], true)?);
+        tools.push(super::function_tool(&t, &tools, &mcp, true)?);
     }
+    let none_offered = tools.is_empty() && remote.is_empty();
     let choice = match f.get("tool_choice") {
-        None if tools.is_empty() => ToolChoice::None,
+        None if none_offered => ToolChoice::None,
         None => ToolChoice::Auto,
         Some(Value::String(s)) => super::tool_choice_word(s)?,
         Some(Value::Object(o)) => {
-            let c = Fields::new(o, "tool_choice.", &["type", "name"], &[])?;
+            let c = Fields::new(o, "tool_choice.", &["type", "name", "server_label"], &[])?;
             match c.str("type")? {
                 Some("function") => {}
-                Some(other) => return Err(ApiError::field(c.name("type"), format!("`{other}` is not supported; expected function"))),
+                Some("mcp") => return Ok((tools, ToolChoice::Named(super::responses_mcp::choice(&c, remote)?), f.bool("parallel_tool_calls")?.unwrap_or(true))),
+                Some(other) => return Err(ApiError::field(c.name("type"), format!("`{other}` is not supported; expected function or mcp"))),
                 None => return Err(ApiError::field(c.name("type"), "is required")),
             }
             let name = c.str("name")?.ok_or_else(|| ApiError::field(c.name("name"), "is required"))?;
@@ -348,7 +404,7 @@ fn response_tools(f: &Fields) -> Result<(Vec<Tool>, ToolChoice, bool), ApiError>
         }
         Some(_) => return Err(ApiError::field("tool_choice", "expected a string or an object")),
     };
-    if choice != ToolChoice::None && tools.is_empty() {
+    if choice != ToolChoice::None && none_offered {
         return Err(ApiError::field("tool_choice", "needs `tools`"));
     }
     Ok((tools, choice, f.bool("parallel_tool_calls")?.unwrap_or(true)))
@@ -394,15 +450,26 @@ fn metadata(f: &Fields) -> Result<Value, ApiError> {
 /// The request's settings as every response object repeats them.
 #[allow(clippy::too_many_arguments)]
 fn echo(f: &Fields, model: &str, c: &Common, max_output: Option<u32>, tools: &[Tool], choice: &ToolChoice, parallel: bool, metadata: Value) -> Result<Map<String, Value>, ApiError> {
-    let tools: Vec<Value> = tools
+    // In the request's order: functions as the router read them, MCP servers as given.
+    let mut functions = tools.iter();
+    let tools: Vec<Value> = f
+        .array("tools")?
+        .map(Vec::as_slice)
+        .unwrap_or_default()
         .iter()
-        .map(|t| json!({ "type": "function", "name": t.name, "description": t.description, "parameters": t.parameters, "strict": t.strict }))
+        .filter_map(|item| match item.get("type").and_then(Value::as_str) {
+            Some("mcp") => Some(item.clone()),
+            _ => functions.next().map(|t| json!({ "type": "function", "name": t.name, "description": t.description, "parameters": t.parameters, "strict": t.strict })),
+        })
         .collect();
     let tool_choice = match choice {
         ToolChoice::None => json!("none"),
         ToolChoice::Auto => json!("auto"),
         ToolChoice::Required => json!("required"),
-        ToolChoice::Named(name) => json!({ "type": "function", "name": name }),
+        ToolChoice::Named(name) => match f.object("tool_choice")? {
+            Some(given) if given.get("type").and_then(Value::as_str) == Some("mcp") => Value::Object(given.clone()),
+            _ => json!({ "type": "function", "name": name }),
+        },
     };
     let text = match f.object("text")?.and_then(|t| t.get("format")).filter(|v| !v.is_null()) {
         Some(format) => json!({ "format": format }),
@@ -439,14 +506,14 @@ fn echo(f: &Fields, model: &str, c: &Common, max_output: Option<u32>, tools: &[T
 
 /// How a response ended.
 #[derive(Clone, Copy, PartialEq, Eq)]
-enum Status {
+pub(super) enum Status {
     Completed,
     /// Cut off by `max_output_tokens` or the context.
     Incomplete,
 }
 
 impl Status {
-    fn of(done: &pb::DoneEvent) -> Status {
+    pub(super) fn of(done: &pb::DoneEvent) -> Status {
         if fmt::finish_reason(done) == "length" {
             Status::Incomplete
         } else {
@@ -463,14 +530,14 @@ impl Status {
 }
 
 /// The response object's fixed part.
-struct Head {
+pub(super) struct Head {
     id: String,
     created_at: u64,
     echo: Map<String, Value>,
 }
 
 impl Head {
-    fn object(&self, status: &str, output: &[Value]) -> Value {
+    pub(super) fn object(&self, status: &str, output: &[Value]) -> Value {
         let mut v = self.echo.clone();
         for (key, value) in [
             ("id", json!(self.id)),
@@ -487,7 +554,7 @@ impl Head {
         Value::Object(v)
     }
 
-    fn finished(&self, status: Status, output: &[Value], totals: &Totals) -> Value {
+    pub(super) fn finished(&self, status: Status, output: &[Value], totals: &Totals) -> Value {
         let mut v = self.object(status.name(), output);
         match status {
             Status::Completed => v["completed_at"] = json!(unix_now()),
@@ -497,7 +564,7 @@ impl Head {
         v
     }
 
-    fn failed(&self, output: &[Value], e: &ApiError) -> Value {
+    pub(super) fn failed(&self, output: &[Value], e: &ApiError) -> Value {
         let mut v = self.object("failed", output);
         let code = if e.status.is_server_error() { "server_error" } else { "invalid_prompt" };
         v["error"] = json!({ "code": code, "message": e.message });
@@ -517,9 +584,9 @@ fn usage(t: &Totals) -> Value {
 
 /// The response's output items as the answer is read: a message whose text grows, or
 /// function calls whose arguments do; every change is also the stream event that tells it.
-struct Output {
+pub(super) struct Output {
     reader: Option<CallReader>,
-    items: Vec<Value>,
+    pub(super) items: Vec<Value>,
     /// The last item is still being written.
     open: bool,
     /// Log-probabilities of tokens whose text is not shown yet (held back by the call reader).
@@ -528,11 +595,11 @@ struct Output {
 }
 
 impl Output {
-    fn new(calls: Option<Format>) -> Output {
+    pub(super) fn new(calls: Option<Format>) -> Output {
         Output { reader: calls.map(CallReader::new), items: Vec::new(), open: false, pending: Vec::new(), sequence: 0 }
     }
 
-    fn event(&mut self, kind: &str, mut body: Value) -> Event {
+    pub(super) fn event(&mut self, kind: &str, mut body: Value) -> Event {
         body["type"] = json!(kind);
         body["sequence_number"] = json!(self.sequence);
         self.sequence += 1;
@@ -540,7 +607,7 @@ impl Output {
     }
 
     /// Text the model wrote, with its tokens' log-probabilities.
-    fn push(&mut self, text: &str, logprobs: Vec<Value>) -> Vec<Event> {
+    pub(super) fn push(&mut self, text: &str, logprobs: Vec<Value>) -> Vec<Event> {
         self.pending.extend(logprobs);
         let deltas = match &mut self.reader {
             Some(r) => r.push(text),
@@ -597,6 +664,21 @@ impl Output {
         out
     }
 
+    /// Adds a finished item that is not written piece by piece (an MCP tool list or call).
+    pub(super) fn add(&mut self, item: Value) -> (usize, Event) {
+        let index = self.items.len();
+        self.items.push(item.clone());
+        (index, self.event("response.output_item.added", json!({ "output_index": index, "item": item })))
+    }
+
+    /// A function call known whole (the last round of an MCP tool loop).
+    pub(super) fn function_call(&mut self, id: &str, call_id: &str, name: &str, arguments: &str) -> Vec<Event> {
+        let mut out = self.close(Status::Completed);
+        out.extend(self.open_item(json!({ "id": id, "type": "function_call", "status": "in_progress", "call_id": call_id, "name": name, "arguments": "" })));
+        out.extend(self.apply(vec![Delta::Arguments { index: 0, fragment: arguments.to_string() }]));
+        out
+    }
+
     /// Adds an item (a message gets its one `output_text` part at once).
     fn open_item(&mut self, item: Value) -> Vec<Event> {
         let index = self.items.len();
@@ -614,7 +696,7 @@ impl Output {
     }
 
     /// Closes the item being written, with `status`.
-    fn close(&mut self, status: Status) -> Vec<Event> {
+    pub(super) fn close(&mut self, status: Status) -> Vec<Event> {
         if !std::mem::take(&mut self.open) {
             return Vec::new();
         }
@@ -642,7 +724,7 @@ impl Output {
 
     /// The answer is over: text the call reader held back, at least one item (an empty
     /// message when nothing was written), and the last item closed.
-    fn finish(&mut self, status: Status) -> Vec<Event> {
+    pub(super) fn finish(&mut self, status: Status) -> Vec<Event> {
         let deltas = self.reader.as_mut().map(CallReader::finish).unwrap_or_default();
         let mut out = self.apply(deltas);
         if self.items.is_empty() {
