@@ -467,3 +467,28 @@ def test_responses_max_tool_calls_caps_the_calls_the_router_makes(tmp_path, work
         assert len(log.read_text().splitlines()) == 6
     finally:
         router.stop()
+
+
+def test_an_agents_sdk_agent_uses_a_hosted_mcp_tool(env, model):
+    """OpenAI's Agents SDK with a HostedMCPTool: the router lists and calls the server's tool
+    and the agent gets the answer, the list and the call as its run's items."""
+    import asyncio
+    from agents import Agent, HostedMCPTool, ModelSettings, Runner, set_tracing_disabled
+    from agents.model_settings import MCPToolChoice
+    from agents.models.openai_responses import OpenAIResponsesModel
+
+    set_tracing_disabled(True)
+    before = len(received(env, "record"))
+
+    async def run():
+        llm = OpenAIResponsesModel(model=model, openai_client=openai.AsyncOpenAI(base_url=f"{env.router.url}/v1", api_key="unused", max_retries=0))
+        agent = Agent(name="archivist", instructions="Use the archive tools.", model=llm, tools=[HostedMCPTool(tool_config=NOTES)],
+                      model_settings=ModelSettings(temperature=0, max_tokens=40, tool_choice=MCPToolChoice(server_label="notes", name="record")))
+        return await Runner.run(agent, "Please record the word apple in the archive.", max_turns=1)
+
+    result = asyncio.run(run())
+    kinds = [item.type for item in result.new_items]
+    assert kinds == ["mcp_list_tools_item", "tool_call_item", "message_output_item"], kinds
+    call = result.new_items[1].raw_item
+    assert call.type == "mcp_call" and call.name == "record" and "7316" in call.output
+    assert len(received(env, "record")) == before + 1 and "7316" in result.final_output
