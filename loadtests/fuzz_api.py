@@ -99,9 +99,16 @@ def valid_bodies(model, embedder):
         {"type": "function_call_output", "call_id": "c1", "output": "sunny"}])
     response_schema = dict(response, text={"format": {"type": "json_schema", "name": "w", "schema": {
         "type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]}}})
+    # MCP items passed back (the fuzzed router has no MCP servers: the items are parsed first).
+    response_mcp = dict(response, tools=[{"type": "mcp", "server_label": "notes", "allowed_tools": ["record"], "require_approval": "never"}], input=[
+        {"role": "user", "content": "Record apple."},
+        {"type": "mcp_list_tools", "id": "mcpl_1", "server_label": "notes", "tools": [{"name": "record", "input_schema": {"type": "object"}}]},
+        {"type": "mcp_call", "id": "mcp_1", "server_label": "notes", "name": "record", "arguments": "{\"word\":\"apple\"}", "output": "ok"},
+        {"type": "mcp_call", "id": "mcp_2", "server_label": "notes", "name": "record", "arguments": "{}",
+         "error": {"type": "mcp_tool_execution_error", "content": [{"type": "text", "text": "locked"}]}}])
     return {
         "/v1/chat/completions": [chat, with_tools, forced_tool, json_schema, json_object, regex],
-        "/v1/responses": [response, response_items, response_schema],
+        "/v1/responses": [response, response_items, response_schema, response_mcp],
         "/v1/completions": [{
             "model": model, "prompt": "Once upon a time", "max_tokens": 4, "echo": False,
             "logprobs": 2, "stop": "\n", "temperature": 0, "best_of": 1,
