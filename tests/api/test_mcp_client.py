@@ -436,7 +436,7 @@ def test_bad_responses_mcp_requests_are_refused_with_reasons(env, router, model)
                                                                                 "tool_choice": {"type": "mcp", "server_label": "notes", "name": "record"}})
     assert "also the name of an MCP tool" in error(env.router.url, {"tools": [NOTES, {"type": "function", "name": "notes__record"}]})
     assert "log-probabilities are not returned" in error(env.router.url, {"tools": [NOTES], "include": ["message.output_text.logprobs"]})
-    assert "approvals are not supported" in error(env.router.url, {"tools": [NOTES], "input": [
+    assert "approval items are not supported: kiln asks no approval" in error(env.router.url, {"tools": [NOTES], "input": [
         {"type": "mcp_approval_response", "approval_request_id": "mcpr_1", "approve": True}]})
     assert "needs its output or error" in error(env.router.url, {"tools": [NOTES], "input": [
         {"role": "user", "content": "Hi"}, {"type": "mcp_call", "id": "mcp_1", "server_label": "notes", "name": "record", "arguments": "{}"}]})

@@ -11,9 +11,9 @@ use super::sse::{self, Step};
 use super::{admit, answer, check_context, collect, random_id, unix_now, ConversationPrompt, Totals};
 use crate::error::{ApiError, Flavor};
 use crate::generate::{Generation, Update};
+use crate::mcp::client::RemoteTool;
 use crate::params::{parse_object, Fields};
 use crate::routing::RouteKey;
-use crate::mcp::client::RemoteTool;
 use crate::tools::{CallReader, Delta, Format, Part, Tool, ToolCall, ToolChoice, Turn};
 use crate::upstream::ModelState;
 use crate::AppState;
@@ -294,7 +294,7 @@ fn input_turns(f: &Fields, max: usize) -> Result<(Vec<Turn>, Vec<String>), ApiEr
                 listed.push(l.str("server_label")?.ok_or_else(|| ApiError::field(l.name("server_label"), "is required"))?.to_string());
             }
             "mcp_approval_request" | "mcp_approval_response" => {
-                return Err(ApiError::field(format!("{path}type"), "approvals are not supported: kiln asks none before calling the tools of the MCP servers its operator configured"))
+                return Err(ApiError::field(format!("{path}type"), format!("approval items are not supported: {}", super::responses_mcp::NO_APPROVALS)))
             }
             "reasoning" => return Err(ApiError::field(format!("{path}type"), "reasoning items are not supported: the models kiln serves produce none")),
             "item_reference" => return Err(ApiError::field(format!("{path}type"), "item references are not supported: kiln keeps no items; send the item itself")),

@@ -19,7 +19,7 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde_json::{json, Map, Value};
 
-const NO_APPROVALS: &str = "kiln asks no approval before calling the tools of the MCP servers its operator configured";
+pub(super) const NO_APPROVALS: &str = "kiln asks no approval before calling the tools of the MCP servers its operator configured";
 
 /// One `mcp` entry of `tools`.
 struct Server {
