@@ -186,7 +186,8 @@ def test_sigterm_drains_router_and_worker(model):
     with pytest.raises(grpc.RpcError) as unknown:
         grpc_health(w.grpc, "no.such.Service")
     assert unknown.value.code() == grpc.StatusCode.NOT_FOUND
-    r = Router("drain", [w.grpc])
+    # A grace period no busy machine runs out of: what is tested is that draining waits.
+    r = Router("drain", [w.grpc], "--grace-secs", "300")
     results = []
     t = stream_in_thread(r.url, model, 400, results)
     wait_until(lambda: w.metric("kiln_worker_running_sequences") == 1, 30, "the request to start")
