@@ -2,6 +2,7 @@
 
 use crate::schema::{now_unix_ms, DrainMark, Keys, Placement, Snapshot, SCHEMA_VERSION};
 use etcd_client::{Client, ConnectOptions, GetOptions};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 #[derive(Debug, thiserror::Error)]
@@ -37,25 +38,51 @@ impl EtcdConfig {
     }
 }
 
-/// A client that has reached a member (checked with a read, since connecting is lazy).
+/// The endpoint that answered last: connecting starts there, so a member that is down costs
+/// one refused (or timed-out) attempt after it fails, not one per reconnection.
+static LAST_ANSWERED: AtomicUsize = AtomicUsize::new(0);
+
+/// A client of one member that answers a read (connecting is lazy, so the read is the check),
+/// trying the endpoints in turn from the last that answered. A client of all the endpoints at
+/// once would spread its requests over them, so with one member down a share of every
+/// process's requests (lease keep-alives, the router's watch probes) would fail; bound to one
+/// member that answers, a process goes on undisturbed, and moves to another member only when
+/// its own stops answering (its caller reconnects).
 pub async fn connect(cfg: &EtcdConfig) -> Result<Client> {
     if cfg.endpoints.is_empty() {
         return Err(ClusterError::Invalid("no etcd endpoint given".into()));
     }
+    let n = cfg.endpoints.len();
+    let first = LAST_ANSWERED.load(Ordering::Relaxed) % n;
+    let mut reasons = Vec::new();
+    for i in (0..n).map(|k| (first + k) % n) {
+        let endpoint = &cfg.endpoints[i];
+        match connect_one(cfg, endpoint).await {
+            Ok(client) => {
+                LAST_ANSWERED.store(i, Ordering::Relaxed);
+                return Ok(client);
+            }
+            Err(reason) if n == 1 => reasons.push(reason),
+            Err(reason) => reasons.push(format!("{endpoint}: {reason}")),
+        }
+    }
+    Err(ClusterError::Unreachable { endpoints: cfg.describe(), reason: reasons.join("; ") })
+}
+
+async fn connect_one(cfg: &EtcdConfig, endpoint: &str) -> std::result::Result<Client, String> {
     let options = ConnectOptions::new()
         .with_connect_timeout(Duration::from_secs(2))
         .with_timeout(cfg.timeout)
         .with_keep_alive(Duration::from_secs(2), Duration::from_secs(2))
         .with_keep_alive_while_idle(true);
-    let unreachable = |reason: String| ClusterError::Unreachable { endpoints: cfg.describe(), reason };
-    let mut client = tokio::time::timeout(cfg.timeout, Client::connect(&cfg.endpoints, Some(options)))
+    let mut client = tokio::time::timeout(cfg.timeout, Client::connect([endpoint], Some(options)))
         .await
-        .map_err(|_| unreachable("no answer".into()))?
-        .map_err(|e| unreachable(e.to_string()))?;
+        .map_err(|_| "no answer".to_string())?
+        .map_err(|e| e.to_string())?;
     tokio::time::timeout(cfg.timeout, client.get(cfg.keys.prefix.as_bytes(), Some(GetOptions::new().with_count_only())))
         .await
-        .map_err(|_| unreachable("no answer".into()))?
-        .map_err(|e| unreachable(e.to_string()))?;
+        .map_err(|_| "no answer".to_string())?
+        .map_err(|e| e.to_string())?;
     Ok(client)
 }
 

@@ -353,6 +353,14 @@ def test_one_etcd_member_of_three_down(tmp_path):
         late = Worker("tlate", *WORKER_ARGS, etcd=urls)
         wait_until(lambda: router_sees(r, late), 30, "a new worker to register with two members of three")
         assert "etcd: connected" in httpx.get(f"{r.url}/health").text
+        # Settled on the members that answer: over three of the router's probe intervals and
+        # six of the workers' keep-alives, no process loses etcd again (a client spreading its
+        # requests over all three members would see a third of them fail).
+        syncs = metric(r, "kiln_router_etcd_syncs")
+        registrations = [w.log_text().count("registered in etcd as") for w in (a, late)]
+        time.sleep(6)
+        assert metric(r, "kiln_router_etcd_syncs") == syncs and metric(r, "kiln_router_etcd_connected") == 1
+        assert [w.log_text().count("registered in etcd as") for w in (a, late)] == registrations
         reply = client(r).chat.completions.create(model="smollm2", messages=messages("Hi"), max_tokens=3)
         assert reply.choices[0].message.content
     finally:
