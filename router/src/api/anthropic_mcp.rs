@@ -93,10 +93,7 @@ fn server_rule(hub: &McpHub, path: &str, item: &Value) -> Result<(String, Allowe
         return Err(ApiError::field(s.name("type"), "must be `url`"));
     }
     let name = s.str("name")?.ok_or_else(|| ApiError::field(s.name("name"), "is required: the name of one of the router's MCP servers"))?;
-    if hub.spec(name).is_none() {
-        return Err(ApiError::field(s.name("name"), format!("no MCP server `{name}`; this router has {}", known(&hub.names()))));
-    }
-    super::mcp_loop::check_server_url(hub, name, s.str("url")?, &s.name("url"))?;
+    super::mcp_loop::configured_server(hub, name, &s.name("name"), s.str("url")?, &s.name("url"))?;
     if s.get("authorization_token").is_some_and(|v| !v.is_null()) {
         return Err(ApiError::field(s.name("authorization_token"), "is not accepted: the router's --mcp-config holds each server's credentials"));
     }
@@ -132,14 +129,6 @@ fn apply_toolset(path: &str, set: &Map<String, Value>, rules: &mut [(String, All
         allowed.paths.insert(tool.clone(), path);
     }
     Ok(())
-}
-
-fn known(names: &[String]) -> String {
-    if names.is_empty() {
-        "none".to_string()
-    } else {
-        names.join(", ")
-    }
 }
 
 /// `{enabled?, defer_loading?}`: whether the tools it covers are offered.

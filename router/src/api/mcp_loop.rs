@@ -56,18 +56,23 @@ pub fn select(hub: &McpHub, selection: &Selection, field: &str) -> Result<Vec<Re
     })
 }
 
-/// Checks the `url` a request gave for the router's MCP server `name` (in `field`): the router
-/// connects only to the servers its operator configured, and a URL that is not the configured
-/// one would otherwise be answered by another server than the client meant.
-pub fn check_server_url(hub: &McpHub, name: &str, url: Option<&str>, field: &str) -> Result<(), ApiError> {
-    let Some(spec) = hub.spec(name) else { return Err(ApiError::internal(format!("the MCP server `{name}` has no configuration"))) };
+/// The router's MCP server a request named in `field`, with the `url` it gave for it (in
+/// `url_field`) checked: the router connects only to the servers its operator configured, and
+/// a URL that is not the configured one would otherwise be answered by another server than
+/// the client meant.
+pub fn configured_server(hub: &McpHub, name: &str, field: &str, url: Option<&str>, url_field: &str) -> Result<(), ApiError> {
+    let Some(spec) = hub.spec(name) else {
+        let names = hub.names();
+        let known = if names.is_empty() { "none".to_string() } else { names.join(", ") };
+        return Err(ApiError::field(field, format!("no MCP server `{name}`; this router has {known}")));
+    };
     match (url, &spec.transport) {
         (None, _) => Ok(()),
         (Some(url), Transport::Http { url: configured, .. }) if configured == url => Ok(()),
         (Some(_), Transport::Http { .. }) => {
-            Err(ApiError::field(field, format!("is not the URL of the router's MCP server `{name}`; the router connects only to the servers of its --mcp-config")))
+            Err(ApiError::field(url_field, format!("is not the URL of the router's MCP server `{name}`; the router connects only to the servers of its --mcp-config")))
         }
-        (Some(_), Transport::Stdio { .. }) => Err(ApiError::field(field, format!("the router's MCP server `{name}` is a local program, not a URL; give only its name"))),
+        (Some(_), Transport::Stdio { .. }) => Err(ApiError::field(url_field, format!("the router's MCP server `{name}` is a local program, not a URL; give only its name"))),
     }
 }
 

@@ -47,11 +47,9 @@ pub fn requested_tools(state: &AppState, f: &Fields) -> Result<Option<Vec<Remote
     let hub = mcp_loop::hub(state, "tools")?;
     let offered = mcp_loop::select(hub, &Selection::Named(servers.iter().map(|s| s.label.clone()).collect()), "tools")?;
     for server in &servers {
-        for tool in server.only.iter().flat_map(|(only, _)| only) {
-            if !offered.iter().any(|t| t.server == server.label && &t.remote == tool) {
-                let path = server.only.as_ref().map(|(_, path)| path.clone()).unwrap_or_default();
-                return Err(ApiError::field(path, format!("the MCP server `{}` has no tool `{tool}`", server.label)));
-            }
+        let Some((only, path)) = &server.only else { continue };
+        if let Some(tool) = only.iter().find(|tool| !offered.iter().any(|t| t.server == server.label && &t.remote == *tool)) {
+            return Err(ApiError::field(path.clone(), format!("the MCP server `{}` has no tool `{tool}`", server.label)));
         }
     }
     let allowed = |t: &RemoteTool| servers.iter().any(|s| s.label == t.server && s.only.as_ref().is_none_or(|(only, _)| only.contains(&t.remote)));
@@ -63,12 +61,7 @@ fn server_entry(hub: &crate::mcp::client::McpHub, path: &str, obj: &Map<String, 
     let known = ["type", "server_label", "server_url", "server_description", "allowed_tools", "require_approval", "headers", "authorization", "connector_id"];
     let s = Fields::new(obj, path, &known, &["defer_loading", "allowed_callers", "tunnel_id"])?;
     let label = s.str("server_label")?.ok_or_else(|| ApiError::field(s.name("server_label"), "is required: the name of one of the router's MCP servers"))?;
-    if hub.spec(label).is_none() {
-        let names = hub.names();
-        let known = if names.is_empty() { "none".to_string() } else { names.join(", ") };
-        return Err(ApiError::field(s.name("server_label"), format!("no MCP server `{label}`; this router has {known}")));
-    }
-    mcp_loop::check_server_url(hub, label, s.str("server_url")?, &s.name("server_url"))?;
+    mcp_loop::configured_server(hub, label, &s.name("server_label"), s.str("server_url")?, &s.name("server_url"))?;
     s.str("server_description")?;
     for key in ["headers", "authorization"] {
         if s.get(key).is_some() {
